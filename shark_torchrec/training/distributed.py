@@ -1,0 +1,69 @@
+"""Process-group set-up for ``torchrun`` and for a single plain process."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process runs: rank, world size and device of a (possibly 1-process) group."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str = "auto") -> DistEnv:
+    """Initialise ``torch.distributed`` (gloo on CPU, nccl on CUDA) and return the env.
+
+    Under ``torchrun`` the rendezvous comes from its environment variables.  In a plain
+    process (no ``RANK`` in the environment) a 1-process group is created on a private file
+    store, so that the same code path (DMP, planner, collectives) runs either way.
+
+    Args:
+        device: ``"cpu"``, ``"cuda"`` or ``"auto"`` (CUDA when available).
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu, cuda or auto, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but CUDA is not available")
+    backend = "nccl" if device == "cuda" else "gloo"
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if not dist.is_initialized():
+        if "RANK" in os.environ:
+            dist.init_process_group(backend=backend)
+        else:
+            store_file = tempfile.NamedTemporaryFile(prefix="shark_pg_", delete=False).name
+            store = dist.FileStore(store_file, 1)
+            dist.init_process_group(backend=backend, store=store, rank=0, world_size=1)
+    return DistEnv(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=local_rank,
+        device=dev,
+        backend=backend,
+    )
+
+
+def destroy_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

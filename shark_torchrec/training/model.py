@@ -1,0 +1,94 @@
+"""Building TorchRec's DLRM / DLRM_DCN over an ``EmbeddingBagCollection``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Sequence
+
+import torch
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRMTrain
+from torchrec.modules.embedding_configs import PoolingType
+
+#: Module path of the embedding collection inside ``DLRMTrain`` (the sharding-plan key).
+EBC_FQN = "model.sparse_arch.embedding_bag_collection"
+
+
+@dataclass(frozen=True)
+class DLRMConfig:
+    """Shape of a DLRM.
+
+    Attributes:
+        feature_names: sparse features, one embedding table each (``t_<feature>``).
+        num_embeddings_per_feature: rows of each feature's table.
+        embedding_dim: dimension of every table (DLRM needs one dimension).
+        dense_in_features: number of dense inputs.
+        dense_arch_layer_sizes: dense MLP; its last size must equal ``embedding_dim``.
+        over_arch_layer_sizes: over-arch MLP; its last size must be 1.
+        interaction: ``"dot"`` (``DLRM``) or ``"dcn"`` (``DLRM_DCN``).
+        dcn_num_layers, dcn_low_rank_dim: DCN settings.
+    """
+
+    feature_names: Sequence[str]
+    num_embeddings_per_feature: Sequence[int]
+    embedding_dim: int = 16
+    dense_in_features: int = 13
+    dense_arch_layer_sizes: Sequence[int] = (64, 16)
+    over_arch_layer_sizes: Sequence[int] = (64, 32, 1)
+    interaction: str = "dot"
+    dcn_num_layers: int = 3
+    dcn_low_rank_dim: int = 16
+
+    def __post_init__(self) -> None:
+        if len(self.feature_names) != len(self.num_embeddings_per_feature):
+            raise ValueError(
+                f"DLRMConfig: {len(self.num_embeddings_per_feature)} num_embeddings values "
+                f"for {len(self.feature_names)} features"
+            )
+        if self.dense_arch_layer_sizes[-1] != self.embedding_dim:
+            raise ValueError(
+                f"DLRMConfig: dense_arch_layer_sizes[-1] ({self.dense_arch_layer_sizes[-1]}) "
+                f"must equal embedding_dim ({self.embedding_dim})"
+            )
+        if self.over_arch_layer_sizes[-1] != 1:
+            raise ValueError("DLRMConfig: over_arch_layer_sizes must end with 1")
+        if self.interaction not in ("dot", "dcn"):
+            raise ValueError(f"DLRMConfig.interaction must be dot or dcn, got {self.interaction!r}")
+        if self.dense_in_features < 1:
+            raise ValueError("DLRMConfig.dense_in_features must be >= 1")
+
+    def tables(self) -> List[EmbeddingBagConfig]:
+        return [
+            EmbeddingBagConfig(
+                name=f"t_{f}",
+                embedding_dim=self.embedding_dim,
+                num_embeddings=int(n),
+                feature_names=[f],
+                pooling=PoolingType.SUM,
+            )
+            for f, n in zip(self.feature_names, self.num_embeddings_per_feature)
+        ]
+
+
+def build_dlrm_train(config: DLRMConfig, device: torch.device, seed: int) -> DLRMTrain:
+    """A ``DLRMTrain`` whose embedding tables are on the meta device (DMP materialises the
+    shards; see :func:`shark_torchrec.training.init.init_embedding_shards`) and whose dense
+    layers are initialised from ``seed`` on ``device``, identically on every rank."""
+    torch.manual_seed(seed)
+    ebc = EmbeddingBagCollection(tables=config.tables(), device=torch.device("meta"))
+    common = dict(
+        embedding_bag_collection=ebc,
+        dense_in_features=config.dense_in_features,
+        dense_arch_layer_sizes=list(config.dense_arch_layer_sizes),
+        over_arch_layer_sizes=list(config.over_arch_layer_sizes),
+        dense_device=device,
+    )
+    if config.interaction == "dcn":
+        model = DLRM_DCN(
+            dcn_num_layers=config.dcn_num_layers,
+            dcn_low_rank_dim=config.dcn_low_rank_dim,
+            **common,
+        )
+    else:
+        model = DLRM(**common)
+    return DLRMTrain(model)

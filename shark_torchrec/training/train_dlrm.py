@@ -1,0 +1,285 @@
+"""The DLRM training job: command-line options → sharded training → ``metrics.json``.
+
+``recipes/train_dlrm.py`` is the launcher; this module holds the job so that other recipes
+and the tests can reuse its pieces (:func:`build_parser`, :func:`data_spec_from_args`,
+:func:`run`).  Flags follow TorchRec's DLRM example (``torchrec/examples/dlrm``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from shark_torchrec.data import SyntheticConfig
+from shark_torchrec.training.checkpoint import CheckpointManager
+from shark_torchrec.training.datasets import (
+    DATASETS,
+    DataSpec,
+    SCHEMAS,
+    expand_files,
+    find_split_files,
+)
+from shark_torchrec.training.distributed import DistEnv, destroy_distributed, init_distributed
+from shark_torchrec.training.model import DLRMConfig
+from shark_torchrec.training.sharding import plan_summary
+from shark_torchrec.training.trainer import (
+    DENSE_OPTIMIZERS,
+    EMBEDDING_OPTIMIZERS,
+    DLRMTrainer,
+    OptimConfig,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def _int_list(text: str) -> List[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Train TorchRec's DLRM / DLRM_DCN, sharded with DistributedModelParallel. "
+        "Launch with `torchrun --nproc_per_node N recipes/train_dlrm.py ...` or as one process."
+    )
+    d = p.add_argument_group("data")
+    d.add_argument("--data", choices=DATASETS, default="synthetic")
+    d.add_argument("--data_path", help="directory with train.* and test.* files (criteo/avazu)")
+    d.add_argument("--train_files", nargs="+", help="train files or globs (overrides --data_path)")
+    d.add_argument("--test_files", nargs="+", help="test files or globs (overrides --data_path)")
+    d.add_argument("--num_embeddings", type=int, default=100_000,
+                   help="rows per table when --num_embeddings_per_feature is not given")
+    d.add_argument("--num_embeddings_per_feature", type=_int_list,
+                   help="comma-separated rows per sparse feature, in feature order")
+    d.add_argument("--skip_malformed", action="store_true",
+                   help="skip and count malformed lines instead of stopping at the first")
+    d.add_argument("--int32_ids", action="store_true", help="int32 ids/lengths in the KJT")
+    d.add_argument("--num_workers", type=int, default=0, help="data-loader workers per rank")
+    d.add_argument("--limit_train_batches", type=int, help="global train batches per epoch")
+    d.add_argument("--limit_test_batches", type=int, help="global test batches")
+    s = p.add_argument_group("synthetic data")
+    s.add_argument("--synthetic_num_fields", type=int, default=26)
+    s.add_argument("--synthetic_informative", type=int, default=6,
+                   help="number of planted informative fields (cat_0..)")
+    s.add_argument("--synthetic_cardinality", type=int, default=10_000)
+    s.add_argument("--synthetic_train_batches", type=int, default=200,
+                   help="global batches per training epoch")
+    s.add_argument("--synthetic_test_batches", type=int, default=20)
+    m = p.add_argument_group("model")
+    m.add_argument("--embedding_dim", type=int, default=16)
+    m.add_argument("--dense_arch_layer_sizes", type=_int_list, default=[64, 16])
+    m.add_argument("--over_arch_layer_sizes", type=_int_list, default=[64, 32, 1])
+    m.add_argument("--interaction_type", choices=["original", "dcn"], default="original",
+                   help="original: DLRM dot interaction; dcn: DLRM_DCN")
+    m.add_argument("--dcn_num_layers", type=int, default=3)
+    m.add_argument("--dcn_low_rank_dim", type=int, default=16)
+    t = p.add_argument_group("training")
+    t.add_argument("--batch_size", type=int, default=256, help="per-rank batch size")
+    t.add_argument("--test_batch_size", type=int, help="per-rank eval batch size")
+    t.add_argument("--epochs", type=int, default=1)
+    t.add_argument("--learning_rate", type=float, default=0.05)
+    t.add_argument("--embedding_learning_rate", type=float)
+    t.add_argument("--embedding_optimizer", choices=sorted(EMBEDDING_OPTIMIZERS),
+                   default="rowwise_adagrad")
+    t.add_argument("--dense_optimizer", choices=sorted(DENSE_OPTIMIZERS), default="adagrad")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    t.add_argument("--max_steps", type=int,
+                   help="stop after this many steps in total (the run can be resumed)")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", default="runs/train_dlrm", help="output directory")
+    o.add_argument("--checkpoint_every", type=int, default=0,
+                   help="also checkpoint every N steps (0: at the end of every epoch only)")
+    o.add_argument("--resume", action="store_true", help="resume from the newest checkpoint")
+    o.add_argument("--log_level", default="INFO")
+    return p
+
+
+def data_spec_from_args(args: argparse.Namespace) -> DataSpec:
+    id_dtype = torch.int32 if args.int32_ids else torch.int64
+    if args.data == "synthetic":
+        cfg = SyntheticConfig.default(
+            num_fields=args.synthetic_num_fields,
+            num_informative=args.synthetic_informative,
+            cardinality=args.synthetic_cardinality,
+            seed=args.seed,
+        )
+        return DataSpec(
+            kind="synthetic", feature_names=cfg.feature_names,
+            num_embeddings_per_feature=cfg.num_embeddings_per_feature,
+            num_dense=cfg.num_dense, train_files=[], test_files=[], synthetic=cfg,
+            synthetic_train_batches=args.synthetic_train_batches,
+            synthetic_test_batches=args.synthetic_test_batches, id_dtype=id_dtype,
+        )
+    schema = SCHEMAS[args.data]
+    if args.train_files:
+        train = expand_files(args.train_files, "--train_files")
+    elif args.data_path:
+        train = find_split_files(args.data_path, "train")
+    else:
+        raise SystemExit(f"--data {args.data} needs --data_path or --train_files")
+    if args.test_files:
+        test = expand_files(args.test_files, "--test_files")
+    elif args.data_path:
+        test = find_split_files(args.data_path, "test")
+    else:
+        raise SystemExit(f"--data {args.data} needs --data_path or --test_files")
+    features = schema.sparse_feature_names
+    sizes = args.num_embeddings_per_feature or [args.num_embeddings] * len(features)
+    if len(sizes) != len(features):
+        raise SystemExit(
+            f"--num_embeddings_per_feature has {len(sizes)} values; --data {args.data} has "
+            f"{len(features)} sparse features"
+        )
+    return DataSpec(
+        kind=args.data, feature_names=features, num_embeddings_per_feature=list(sizes),
+        num_dense=len(schema.dense), train_files=train, test_files=test,
+        skip_malformed=args.skip_malformed, id_dtype=id_dtype,
+    )
+
+
+def model_config_from_args(args: argparse.Namespace, spec: DataSpec) -> DLRMConfig:
+    return DLRMConfig(
+        feature_names=spec.feature_names,
+        num_embeddings_per_feature=spec.num_embeddings_per_feature,
+        embedding_dim=args.embedding_dim,
+        dense_in_features=spec.dense_in_features,
+        dense_arch_layer_sizes=tuple(args.dense_arch_layer_sizes),
+        over_arch_layer_sizes=tuple(args.over_arch_layer_sizes),
+        interaction="dcn" if args.interaction_type == "dcn" else "dot",
+        dcn_num_layers=args.dcn_num_layers,
+        dcn_low_rank_dim=args.dcn_low_rank_dim,
+    )
+
+
+def _fingerprint(args: argparse.Namespace, model_config: DLRMConfig) -> Dict:
+    return {
+        "data": args.data,
+        "feature_names": list(model_config.feature_names),
+        "num_embeddings_per_feature": list(model_config.num_embeddings_per_feature),
+        "embedding_dim": model_config.embedding_dim,
+        "dense_arch_layer_sizes": list(model_config.dense_arch_layer_sizes),
+        "over_arch_layer_sizes": list(model_config.over_arch_layer_sizes),
+        "interaction": model_config.interaction,
+        "embedding_optimizer": args.embedding_optimizer,
+        "dense_optimizer": args.dense_optimizer,
+        "global_batch_size": args.batch_size * int(os.environ.get("WORLD_SIZE", 1)),
+    }
+
+
+def run(argv: Optional[Sequence[str]] = None) -> Dict:
+    """Run the job; returns the metrics (also written to ``OUT/metrics.json`` by rank 0)."""
+    args = build_parser().parse_args(argv)
+    env = init_distributed(args.device)
+    logging.basicConfig(
+        level=logging.WARNING,
+        format=f"%(asctime)s [rank {env.rank}] %(name)s: %(message)s",
+        force=True,  # torchrec/fbgemm configure the root logger on import
+    )
+    logging.getLogger("shark_torchrec").setLevel(
+        getattr(logging, args.log_level.upper()) if env.is_main else logging.WARNING
+    )
+    try:
+        return _run(args, env)
+    finally:
+        destroy_distributed()
+
+
+def _run(args: argparse.Namespace, env: DistEnv) -> Dict:
+    if env.device.type == "cpu":
+        # One intra-op thread per rank: torchrun puts N ranks on the same cores.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.world_size))
+    spec = data_spec_from_args(args)
+    model_config = model_config_from_args(args, spec)
+    optim_config = OptimConfig(
+        embedding_optimizer=args.embedding_optimizer, dense_optimizer=args.dense_optimizer,
+        learning_rate=args.learning_rate, embedding_learning_rate=args.embedding_learning_rate,
+    )
+    trainer = DLRMTrainer(model_config, optim_config, env, args.batch_size, seed=args.seed)
+    ckpt = CheckpointManager(os.path.join(args.out, "checkpoints"), _fingerprint(args, model_config))
+    progress = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "train_examples": 0,
+                "train_seconds": 0.0, "history": []}
+    if args.resume and ckpt.latest() is not None:
+        state = trainer.state_dict()
+        progress = ckpt.load(state)  # DCP loads in place, into these very tensors
+        trainer.load_state_dict(state)
+        logger.info("resumed from %s at %s", ckpt.latest(), progress)
+    logger.info("training on %d rank(s), %s, global batch %d", env.world_size, env.device,
+                args.batch_size * env.world_size)
+
+    def save() -> None:
+        ckpt.save(trainer.state_dict(), dict(progress))
+
+    stopped = False
+    while progress["epoch"] < args.epochs and not stopped:
+        ds = spec.dataset("train", args.batch_size, env.rank, env.world_size,
+                          start_batch=progress["step_in_epoch"],
+                          max_batches=args.limit_train_batches)
+        total = len(ds) if hasattr(ds, "__len__") else None
+        remaining = None if args.max_steps is None else args.max_steps - progress["global_step"]
+        t0 = time.perf_counter()
+        step_t0 = [t0]
+
+        def on_step(_: int, loss: torch.Tensor) -> None:
+            now = time.perf_counter()
+            progress["train_seconds"] += now - step_t0[0]
+            step_t0[0] = now
+            progress["step_in_epoch"] += 1
+            progress["global_step"] += 1
+            progress["train_examples"] += args.batch_size * env.world_size
+            if args.checkpoint_every and progress["global_step"] % args.checkpoint_every == 0:
+                save()
+                step_t0[0] = time.perf_counter()  # checkpoint time is not training time
+
+        trainer.train(spec.batches(ds, args.num_workers), max_steps=remaining, on_step=on_step,
+                      total=total, desc=f"epoch {progress['epoch']}")
+        if args.max_steps is not None and progress["global_step"] >= args.max_steps:
+            stopped = True
+            save()
+            break
+        metrics = trainer.evaluate(_test_batches(args, spec, env), desc="test")
+        metrics["epoch"] = progress["epoch"]
+        progress["history"].append(metrics)
+        logger.info("epoch %d: test %s", progress["epoch"], metrics)
+        progress["epoch"] += 1
+        progress["step_in_epoch"] = 0
+        save()
+
+    final = progress["history"][-1] if progress["history"] and not stopped else None
+    result = {
+        "finished": not stopped,
+        "test_auc": final["auc"] if final else None,
+        "test_log_loss": final["log_loss"] if final else None,
+        "test_examples": final["examples"] if final else None,
+        "steps": progress["global_step"],
+        "epochs_done": progress["epoch"],
+        "train_examples": progress["train_examples"],
+        "train_seconds": progress["train_seconds"],
+        "examples_per_second": progress["train_examples"] / max(progress["train_seconds"], 1e-9),
+        "history": progress["history"],
+        "world_size": env.world_size,
+        "rank": env.rank,
+        "device": str(env.device),
+        "args": vars(args),
+        "sharding_plan": plan_summary(trainer.plan),
+    }
+    if env.is_main:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "metrics.json"), "w") as f:
+            json.dump(result, f, indent=1, default=str)
+        logger.info("wrote %s", os.path.join(args.out, "metrics.json"))
+    return result
+
+
+def _test_batches(args: argparse.Namespace, spec: DataSpec, env: DistEnv):
+    ds = spec.dataset("test", args.test_batch_size or args.batch_size, env.rank,
+                      env.world_size, max_batches=args.limit_test_batches)
+    return spec.batches(ds, args.num_workers)

@@ -1,0 +1,222 @@
+"""Training and evaluating a sharded DLRM: the engine behind ``recipes/train_dlrm.py``.
+
+The model is TorchRec's ``DLRMTrain`` (``DLRM`` or ``DLRM_DCN`` plus BCE loss), its tables
+sharded by ``DistributedModelParallel`` with a plan from ``EmbeddingShardingPlanner``.  The
+embedding optimizer is fused into FBGEMM's TBE (declared with
+``_apply_optimizer_in_backward`` before sharding, so the planner sees its state); the dense
+layers have their own optimizer; both sit in one ``CombinedOptimizer``.
+
+A sharded step is equivalent to an unsharded step on the global batch: DDP averages the
+dense gradients and TorchRec divides the embedding gradients by the world size in the
+all-to-all backward (``torchrec-cpu-facts.md`` section 3.1).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from torch.distributed.optim import _apply_optimizer_in_backward
+from torchmetrics.classification import BinaryAUROC
+from torchrec.datasets.utils import Batch
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+from tqdm import tqdm
+
+from shark_torchrec.training.distributed import DistEnv
+from shark_torchrec.training.init import init_embedding_shards
+from shark_torchrec.training.model import EBC_FQN, DLRMConfig, build_dlrm_train
+from shark_torchrec.training.sharding import plan_sharding, shard_model
+
+logger = logging.getLogger(__name__)
+
+#: Fused (in-backward) embedding optimizers that FBGEMM runs on CPU and CUDA.
+EMBEDDING_OPTIMIZERS: Dict[str, Callable] = {
+    "rowwise_adagrad": RowWiseAdagrad,
+    "adagrad": torch.optim.Adagrad,
+    "sgd": torch.optim.SGD,
+}
+DENSE_OPTIMIZERS: Dict[str, Callable] = {
+    "adagrad": torch.optim.Adagrad,
+    "sgd": torch.optim.SGD,
+    "adam": torch.optim.Adam,
+}
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimizers and learning rates.
+
+    Attributes:
+        embedding_optimizer: fused TBE optimizer, one of :data:`EMBEDDING_OPTIMIZERS`.
+        dense_optimizer: one of :data:`DENSE_OPTIMIZERS`.
+        learning_rate: dense learning rate.
+        embedding_learning_rate: embedding learning rate (defaults to ``learning_rate``).
+        eps: epsilon of the Adagrad variants.
+    """
+
+    embedding_optimizer: str = "rowwise_adagrad"
+    dense_optimizer: str = "adagrad"
+    learning_rate: float = 0.05
+    embedding_learning_rate: Optional[float] = None
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        if self.embedding_optimizer not in EMBEDDING_OPTIMIZERS:
+            raise ValueError(
+                f"embedding_optimizer must be one of {sorted(EMBEDDING_OPTIMIZERS)}, "
+                f"got {self.embedding_optimizer!r}"
+            )
+        if self.dense_optimizer not in DENSE_OPTIMIZERS:
+            raise ValueError(
+                f"dense_optimizer must be one of {sorted(DENSE_OPTIMIZERS)}, "
+                f"got {self.dense_optimizer!r}"
+            )
+        if self.learning_rate <= 0:
+            raise ValueError("learning_rate must be > 0")
+
+    def _kwargs(self, name: str, lr: float) -> dict:
+        return {"lr": lr} if name == "sgd" else {"lr": lr, "eps": self.eps}
+
+    def embedding_kwargs(self) -> dict:
+        lr = self.embedding_learning_rate or self.learning_rate
+        return self._kwargs(self.embedding_optimizer, lr)
+
+    def dense_kwargs(self) -> dict:
+        return self._kwargs(self.dense_optimizer, self.learning_rate)
+
+
+class DLRMTrainer:
+    """A DLRM sharded over the process group, with its optimizer, train step and evaluation.
+
+    Args:
+        model_config: the DLRM's shape.
+        optim_config: optimizers.
+        env: the process group (from :func:`~shark_torchrec.training.init_distributed`).
+        batch_size: per-rank batch size (the planner's estimate of the load).
+        seed: seeds the dense layers and the embedding tables (placement-independent).
+        constraints: optional ``ParameterConstraints`` per table, handed to the planner.
+        sharders: optional sharders (default: TorchRec's ``EmbeddingBagCollectionSharder``).
+    """
+
+    def __init__(
+        self,
+        model_config: DLRMConfig,
+        optim_config: OptimConfig,
+        env: DistEnv,
+        batch_size: int,
+        seed: int = 0,
+        constraints=None,
+        sharders=None,
+    ) -> None:
+        self.model_config = model_config
+        self.optim_config = optim_config
+        self.env = env
+        model = build_dlrm_train(model_config, env.device, seed)
+        ebc = model.model.sparse_arch.embedding_bag_collection
+        # Declared before sharding: the TBE then fuses it, and the planner counts its state.
+        # A fresh dict: sharding adds an "optimizer" key to it (torchrec-cpu-facts.md 7.11).
+        _apply_optimizer_in_backward(
+            EMBEDDING_OPTIMIZERS[optim_config.embedding_optimizer],
+            ebc.parameters(),
+            dict(optim_config.embedding_kwargs()),
+        )
+        self.plan = plan_sharding(model, env, batch_size, constraints, sharders)
+        self.model: DistributedModelParallel = shard_model(model, env, self.plan, sharders)
+        init_embedding_shards(self.model, EBC_FQN, model_config.tables(), seed)
+        dense_cls = DENSE_OPTIMIZERS[optim_config.dense_optimizer]
+        dense_kwargs = optim_config.dense_kwargs()
+        dense_opt = KeyedOptimizerWrapper(
+            dict(in_backward_optimizer_filter(self.model.named_parameters())),
+            lambda params: dense_cls(params, **dense_kwargs),
+        )
+        self.optimizer = CombinedOptimizer([self.model.fused_optimizer, dense_opt])
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> Dict[str, Dict]:
+        """``{"model", "optim"}``: the sharded model's and the combined optimizer's state
+        (``ShardedTensor`` shards for the embedding tables and the fused optimizer)."""
+        return {"model": self.model.state_dict(), "optim": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: Dict[str, Dict]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optim"])
+
+    # ------------------------------------------------------------------ steps
+    def _to_device(self, batch: Batch) -> Batch:
+        return batch.to(self.env.device, non_blocking=True)
+
+    def train_step(self, batch: Batch) -> torch.Tensor:
+        """One optimizer step on this rank's part of a global batch; returns the local loss."""
+        self.model.train()
+        self.optimizer.zero_grad()
+        loss, _ = self.model(self._to_device(batch))
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+    def train(
+        self,
+        batches: Iterable[Batch],
+        max_steps: Optional[int] = None,
+        on_step: Optional[Callable[[int, torch.Tensor], None]] = None,
+        total: Optional[int] = None,
+        desc: str = "train",
+    ) -> int:
+        """Run train steps over ``batches`` (at most ``max_steps``); returns the step count.
+
+        ``on_step(step_index, loss)`` is called after every step (checkpointing, logging).
+        """
+        steps = 0
+        bar = tqdm(total=total, desc=desc, disable=not self.env.is_main, dynamic_ncols=True)
+        try:
+            for batch in batches:
+                if max_steps is not None and steps >= max_steps:
+                    break
+                loss = self.train_step(batch)
+                steps += 1
+                bar.update(1)
+                if steps % 10 == 0:
+                    bar.set_postfix(loss=f"{loss.item():.4f}")
+                if on_step is not None:
+                    on_step(steps, loss)
+        finally:
+            bar.close()
+        return steps
+
+    @torch.no_grad()
+    def predict(self, batch: Batch) -> torch.Tensor:
+        """Logits for this rank's part of a batch."""
+        self.model.eval()
+        _, (_, logits, _) = self.model(self._to_device(batch))
+        return logits
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable[Batch], desc: str = "eval") -> Dict[str, float]:
+        """AUC (torchmetrics, synchronised over ranks) and log loss over all ranks' examples."""
+        self.model.eval()
+        auroc = BinaryAUROC().to(self.env.device)
+        loss_sum = torch.zeros(2, dtype=torch.float64, device=self.env.device)  # [sum, count]
+        for batch in tqdm(batches, desc=desc, disable=not self.env.is_main, dynamic_ncols=True):
+            _, (_, logits, labels) = self.model(self._to_device(batch))
+            auroc.update(torch.sigmoid(logits), labels.long())
+            loss_sum[0] += torch.nn.functional.binary_cross_entropy_with_logits(
+                logits.double(), labels.double(), reduction="sum"
+            )
+            loss_sum[1] += labels.numel()
+        if dist.is_initialized() and self.env.world_size > 1:
+            dist.all_reduce(loss_sum)
+        examples = int(loss_sum[1].item())
+        if examples == 0:
+            raise RuntimeError("evaluate: the evaluation data is empty")
+        return {
+            "auc": float(auroc.compute().item()),
+            "log_loss": float((loss_sum[0] / loss_sum[1]).item()),
+            "examples": examples,
+        }
