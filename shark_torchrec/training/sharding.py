@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -10,7 +11,8 @@ import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
-from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
+from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
 from torchrec.distributed.types import ShardingEnv, ShardingPlan
 
 from shark_torchrec.training.distributed import DistEnv
@@ -30,10 +32,12 @@ def plan_sharding(
     The topology is the process group's: ``env.world_size`` devices of ``env.device``'s type
     (on CPU the planner places tables in DDR; see ``torchrec-cpu-facts.md`` section 3.3).
     """
-    topology = Topology(
-        world_size=env.world_size,
-        compute_device=env.device.type,
-        local_world_size=env.world_size if env.device.type == "cpu" else None,
+    topology = TopologyFactory.create_topology(
+        trainer_config=TrainerConfig(
+            world_size=env.world_size,
+            local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size)),
+        ),
+        kernel_config=KernelConfig(compute_device=env.device.type),
     )
     planner = EmbeddingShardingPlanner(
         topology=topology, batch_size=batch_size, constraints=constraints

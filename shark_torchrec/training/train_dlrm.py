@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -178,6 +179,9 @@ def _fingerprint(args: argparse.Namespace, model_config: DLRMConfig) -> Dict:
 def run(argv: Optional[Sequence[str]] = None) -> Dict:
     """Run the job; returns the metrics (also written to ``OUT/metrics.json`` by rank 0)."""
     args = build_parser().parse_args(argv)
+    # torchrec 1.8 warns about its own internals (DDP's broadcast_buffers, the planner's
+    # default storage reservation) on every run; nothing a user of this recipe can change.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torchrec")
     env = init_distributed(args.device)
     logging.basicConfig(
         level=logging.WARNING,
