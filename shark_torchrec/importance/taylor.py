@@ -1,0 +1,389 @@
+"""SHARK's F-Permutation: field importance from the gradients of ordinary training steps.
+
+For every feature ``f`` and sample ``n`` with pooled embedding ``e[n,f]`` (the slice of the
+``KeyedTensor`` an ``EmbeddingBagCollection`` returns) and per-sample gradient
+``g[n,f] = dℓ_n / de[n,f]``, the tracker accumulates (``shark-method.md`` section 1)::
+
+    S_f = (1 / N_seen) · Σ_n | < g[n,f] , b[n,f] − e[n,f] > |
+
+with the baseline ``b`` one of:
+
+* ``"mean"``: the running mean of ``e[·,f]`` over every sample seen so far, the current
+  batch included (over all ranks);
+* ``"shuffle"``: ``e[π(n),f]`` for a random permutation ``π`` of the *global* batch (drawn
+  from ``(seed, step)``, so every world size draws the same one);
+* ``"zero"``: ``0``, i.e. ``|<g, e>|``, the Taylor estimate of removing the field.
+
+Per-sample gradients: with ``loss_reduction="mean"`` (TorchRec's ``DLRMTrain``, any
+``BCEWithLogitsLoss()``), the gradient the hook sees is ``1/B`` of the per-sample one, ``B``
+being the batch the loss was averaged over.  In a ``DistributedModelParallel`` model the hook
+on the sharded collection sees the gradient of the rank's *local* mean loss (the division by
+the world size happens later, in TorchRec's all-to-all backward), so ``B`` is the local batch.
+Either way the score does not depend on batch size or world size.
+
+Non-finite contributions (NaN/Inf gradients or embeddings) are skipped per (sample, feature)
+and counted in :attr:`TaylorFieldImportance.skipped`; they never enter a score.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec.distributed.types import Awaitable
+from torchrec.sparse.jagged_tensor import KeyedTensor
+
+from shark_torchrec.importance.base import (
+    FieldImportance,
+    collection_tables,
+    embedding_collections,
+)
+
+logger = logging.getLogger(__name__)
+
+BASELINES = ("mean", "shuffle", "zero")
+
+
+class _Accumulator:
+    """Per-collection running sums (float64), kept per rank until :meth:`scores` reduces."""
+
+    def __init__(self, features: List[str], dim_per_feature: List[int]) -> None:
+        self.features = features
+        self.dims = dim_per_feature
+        F = len(features)
+        self.col_to_feature = torch.repeat_interleave(
+            torch.arange(F), torch.tensor(dim_per_feature)
+        )
+        self.score_sum = torch.zeros(F, dtype=torch.float64)
+        self.count = torch.zeros(F, dtype=torch.float64)
+        self.skipped = torch.zeros(F, dtype=torch.float64)
+        self.mean_sum = torch.zeros(sum(dim_per_feature), dtype=torch.float64)
+        self.mean_count = torch.zeros((), dtype=torch.float64)
+        self.steps = 0
+        self.layouts: Dict[tuple, torch.Tensor] = {}  # output layout -> column features
+        self.mean_columns: Dict[int, torch.Tensor] = {}
+
+
+class TaylorFieldImportance(FieldImportance):
+    """Accumulates SHARK's Taylor field importance during training.
+
+    Attach it to a model (plain, or wrapped in ``DistributedModelParallel``) and train as
+    usual; every training forward/backward through an ``EmbeddingBagCollection`` adds to the
+    scores.  Hooks exist only while attached::
+
+        tracker = TaylorFieldImportance(dmp_model, baseline="mean")
+        with tracker:                      # registers hooks; always removes them
+            for batch in loader:
+                train_step(batch)
+        print(tracker.scores())            # collective under torch.distributed
+
+    Args:
+        model: the model; every plain or sharded ``EmbeddingBagCollection`` in it is tracked.
+            A sharded model must already be wrapped (hooks on an unsharded collection are
+            lost when DMP swaps it for the sharded one).
+        baseline: ``"mean"``, ``"shuffle"`` or ``"zero"`` (see the module docstring).
+        loss_reduction: ``"mean"`` if the loss averages over the batch, ``"sum"`` if it sums.
+        seed: seeds the ``shuffle`` permutations.
+        process_group: the group scores are reduced over (default: the world, when
+            ``torch.distributed`` is initialised).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        baseline: str = "mean",
+        loss_reduction: str = "mean",
+        seed: int = 0,
+        process_group: Optional[Any] = None,
+    ) -> None:
+        if baseline not in BASELINES:
+            raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        self.baseline = baseline
+        self.name = f"shark-{baseline}"
+        self.loss_reduction = loss_reduction
+        self.seed = seed
+        self._pg = process_group
+        self._modules = embedding_collections(model)
+        self._acc: Dict[str, _Accumulator] = {}
+        self._tables = {}
+        for path, module in self._modules.items():
+            tables = collection_tables(module)
+            self._tables[path] = tables
+            feats = [f for t in tables for f in t.feature_names]
+            dims = [t.embedding_dim for t in tables for _ in t.feature_names]
+            self._acc[path] = _Accumulator(feats, dims)
+        self._handles: List[Any] = []
+        self._generation = 0  # tensor hooks of a detached generation do nothing
+
+    # ------------------------------------------------------------------ attach / detach
+    def attach(self) -> "TaylorFieldImportance":
+        """Register the forward hooks (idempotent)."""
+        if not self._handles:
+            self._generation += 1
+            for path, module in self._modules.items():
+                self._handles.append(
+                    module.register_forward_hook(self._make_forward_hook(path, self._generation))
+                )
+        return self
+
+    def detach(self) -> None:
+        """Remove every hook; gradients of forwards already taken are ignored."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._generation += 1
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def __enter__(self) -> "TaylorFieldImportance":
+        return self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    # ------------------------------------------------------------------ distributed helpers
+    def _world(self) -> int:
+        if not dist.is_initialized():
+            return 1
+        return dist.get_world_size(self._pg)
+
+    def _all_reduce(self, t: torch.Tensor, device: torch.device) -> torch.Tensor:
+        if self._world() == 1:
+            return t
+        moved = t.to(device)
+        dist.all_reduce(moved, group=self._pg)
+        return moved.to(t.device)
+
+    # ------------------------------------------------------------------ hooks
+    def _make_forward_hook(self, path: str, generation: int):
+        def hook(module: nn.Module, inputs: Tuple, output: Any) -> Any:
+            # A sharded collection returns an awaitable: wait for it and hand the KeyedTensor
+            # on (returning it is required: downstream must not wait a second time).
+            kt = output.wait() if isinstance(output, Awaitable) else output
+            if not isinstance(kt, KeyedTensor):
+                raise TypeError(f"{path}: expected a KeyedTensor output, got {type(kt)}")
+            values = kt.values()
+            if torch.is_grad_enabled() and values.requires_grad and self._generation == generation:
+                self._on_forward(path, kt, generation)
+            return kt
+
+        return hook
+
+    def _on_forward(self, path: str, kt: KeyedTensor, generation: int) -> None:
+        acc = self._acc[path]
+        keys = kt.keys()
+        if keys != acc.features:
+            # The output order can differ from the config order (sharded collections):
+            # remember the permutation from output columns to our features.
+            unknown = sorted(set(keys) - set(acc.features))
+            if unknown:
+                raise KeyError(f"{path}: output features {unknown} are not in its tables")
+        col_to_feature = self._columns(acc, keys, kt.length_per_key())
+        e = kt.values().detach()
+        base = self._baseline(acc, e, col_to_feature)
+        step = acc.steps
+        acc.steps += 1
+
+        def grad_hook(g: torch.Tensor) -> None:
+            if self._generation == generation:
+                self._accumulate(acc, e, base, g, col_to_feature, step)
+
+        kt.values().register_hook(grad_hook)
+
+    def _columns(self, acc: _Accumulator, keys: List[str], lengths: List[int]) -> torch.Tensor:
+        """Feature index of every output column (cached per output layout)."""
+        key = (tuple(keys), tuple(lengths))
+        if key not in acc.layouts:
+            index = {f: i for i, f in enumerate(acc.features)}
+            acc.layouts[key] = torch.repeat_interleave(
+                torch.tensor([index[k] for k in keys]), torch.tensor(lengths)
+            )
+        return acc.layouts[key]
+
+    def _baseline(
+        self, acc: _Accumulator, e: torch.Tensor, col_to_feature: torch.Tensor
+    ) -> Optional[torch.Tensor]:
+        if self.baseline == "zero":
+            return None
+        if self.baseline == "mean":
+            stats = torch.cat([e.double().sum(0).cpu(), torch.tensor([float(e.shape[0])], dtype=torch.float64)])
+            stats = self._all_reduce(stats, e.device)
+            # Means are kept in our feature order (columns of e may be ordered differently).
+            order = self._feature_columns(acc, col_to_feature)
+            acc.mean_sum[order] += stats[:-1]
+            acc.mean_count += stats[-1]
+            mean = (acc.mean_sum[order] / acc.mean_count).to(e.device)
+            return mean.unsqueeze(0)
+        # shuffle: a permutation of the global batch, the same draw for every world size
+        local = e.double()
+        if self._world() > 1:
+            sizes = torch.zeros(self._world(), dtype=torch.long)
+            sizes[dist.get_rank(self._pg)] = e.shape[0]
+            sizes = self._all_reduce(sizes, e.device)
+            offset = int(sizes[: dist.get_rank(self._pg)].sum())
+            padded = torch.zeros(int(sizes.max()), e.shape[1], dtype=torch.float64, device=e.device)
+            padded[: e.shape[0]] = local
+            parts = [torch.empty_like(padded) for _ in range(self._world())]
+            dist.all_gather(parts, padded, group=self._pg)
+            everything = torch.cat([p[: int(n)] for p, n in zip(parts, sizes.tolist())])
+        else:
+            offset, everything = 0, local
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + acc.steps)
+        perm = torch.randperm(everything.shape[0], generator=gen)
+        return everything[perm[offset : offset + e.shape[0]].to(e.device)]
+
+    @staticmethod
+    def _feature_columns(acc: _Accumulator, col_to_feature: torch.Tensor) -> torch.Tensor:
+        """For each output column, its column in our feature-ordered layout (cached)."""
+        cached = acc.mean_columns.get(id(col_to_feature))
+        if cached is not None:
+            return cached
+        starts = torch.cumsum(torch.tensor([0] + acc.dims[:-1]), 0)
+        out = torch.empty_like(col_to_feature)
+        seen: Dict[int, int] = {}
+        for c, f in enumerate(col_to_feature.tolist()):
+            k = seen.get(f, 0)
+            out[c] = starts[f] + k
+            seen[f] = k + 1
+        acc.mean_columns[id(col_to_feature)] = out  # keyed by the cached layout tensor
+        return out
+
+    def _accumulate(
+        self,
+        acc: _Accumulator,
+        e: torch.Tensor,
+        base: Optional[torch.Tensor],
+        g: torch.Tensor,
+        col_to_feature: torch.Tensor,
+        step: int,
+    ) -> None:
+        B = g.shape[0]
+        per_sample = g.detach().double()
+        if self.loss_reduction == "mean":
+            per_sample = per_sample * B
+        diff = -e.double() if base is None else base.double() - e.double()
+        prod = (per_sample * diff).cpu()
+        s = torch.zeros(B, len(acc.features), dtype=torch.float64)
+        s.index_add_(1, col_to_feature, prod)
+        finite = torch.isfinite(s)
+        acc.score_sum += torch.where(finite, s.abs(), torch.zeros((), dtype=torch.float64)).sum(0)
+        acc.count += finite.sum(0)
+        bad = (~finite).sum(0)
+        if bad.any():
+            acc.skipped += bad
+            logger.warning(
+                "importance: skipped %d non-finite (sample, feature) contributions at step %d",
+                int(bad.sum()), step,
+            )
+
+    # ------------------------------------------------------------------ results
+    def _reduced(self) -> Dict[str, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        out = {}
+        for path, acc in self._acc.items():
+            packed = torch.cat([acc.score_sum, acc.count, acc.skipped])
+            packed = self._all_reduce(packed, self._device())
+            F = len(acc.features)
+            out[path] = (packed[:F], packed[F : 2 * F], packed[2 * F :])
+        return out
+
+    def _device(self) -> torch.device:
+        if dist.is_initialized() and dist.get_backend(self._pg) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def _keyed(self) -> Dict[str, Tuple[str, int]]:
+        """Public feature name → (collection path, index); names are qualified with the
+        collection path only where two collections share a feature name."""
+        names: Dict[str, List[Tuple[str, int]]] = {}
+        for path, acc in self._acc.items():
+            for i, f in enumerate(acc.features):
+                names.setdefault(f, []).append((path, i))
+        out = {}
+        for f, places in names.items():
+            if len(places) == 1:
+                out[f] = places[0]
+            else:
+                for path, i in places:
+                    out[f"{path}:{f}"] = (path, i)
+        return out
+
+    def scores(self) -> Dict[str, float]:
+        """``S_f`` per feature, over all ranks (a collective when distributed).  A feature
+        with no finite contribution yet scores NaN."""
+        red = self._reduced()
+        out = {}
+        for name, (path, i) in self._keyed().items():
+            total, count, _ = red[path]
+            out[name] = float(total[i] / count[i]) if count[i] > 0 else float("nan")
+        return out
+
+    @property
+    def skipped(self) -> Dict[str, int]:
+        """Non-finite (sample, feature) contributions skipped, per feature, over all ranks."""
+        red = self._reduced()
+        return {name: int(red[path][2][i]) for name, (path, i) in self._keyed().items()}
+
+    def samples_seen(self) -> Dict[str, int]:
+        red = self._reduced()
+        return {name: int(red[path][1][i]) for name, (path, i) in self._keyed().items()}
+
+    def reset(self) -> None:
+        """Forget every accumulated score (the hooks stay as they are)."""
+        for path, acc in self._acc.items():
+            self._acc[path] = _Accumulator(acc.features, acc.dims)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> Dict[str, Any]:
+        """The totals over all ranks (a collective when distributed): identical on every rank,
+        so it can be saved by any of them and loaded under any world size."""
+        red = self._reduced()
+        state: Dict[str, Any] = {"baseline": self.baseline, "collections": {}}
+        for path, acc in self._acc.items():
+            total, count, skipped = red[path]
+            state["collections"][path] = {
+                "features": list(acc.features),
+                "score_sum": total.clone(),
+                "count": count.clone(),
+                "skipped": skipped.clone(),
+                "mean_sum": acc.mean_sum.clone(),
+                "mean_count": acc.mean_count.clone(),
+                "steps": torch.tensor(acc.steps),
+            }
+        return state
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore totals saved by :meth:`state_dict` (on every rank)."""
+        if state.get("baseline") != self.baseline:
+            raise ValueError(
+                f"importance state was collected with baseline {state.get('baseline')!r}, "
+                f"this tracker uses {self.baseline!r}"
+            )
+        saved = state["collections"]
+        if set(saved) != set(self._acc):
+            raise ValueError(
+                f"importance state covers collections {sorted(saved)}, the model has "
+                f"{sorted(self._acc)}"
+            )
+        rank0 = not dist.is_initialized() or dist.get_rank(self._pg) == 0
+        for path, acc in self._acc.items():
+            s = saved[path]
+            if list(s["features"]) != acc.features:
+                raise ValueError(
+                    f"importance state for {path} has features {list(s['features'])}, "
+                    f"the model has {acc.features}"
+                )
+            # Totals live on rank 0 only, so that the next reduction counts them once.
+            scale = 1.0 if rank0 else 0.0
+            acc.score_sum = s["score_sum"].double().cpu() * scale
+            acc.count = s["count"].double().cpu() * scale
+            acc.skipped = s["skipped"].double().cpu() * scale
+            acc.mean_sum = s["mean_sum"].double().cpu().clone()
+            acc.mean_count = s["mean_count"].double().cpu().clone()
+            acc.steps = int(s["steps"])

@@ -1,0 +1,27 @@
+"""Field pruning: plans chosen from field scores, and applying them to TorchRec models.
+
+* :func:`choose_plan` / :class:`PruningPlan` — keep ``k`` fields, drop a fraction, or reach a
+  byte target; protected fields; JSON files validated against the model.
+* :func:`prune_dlrm`, :func:`prune_embedding_collection`, :func:`prune_model`,
+  :class:`ZeroFilledEmbeddingBagCollection` — applying a plan.
+"""
+
+from shark_torchrec.pruning.apply import (
+    ZeroFilledEmbeddingBagCollection,
+    prune_dlrm,
+    prune_embedding_collection,
+    prune_model,
+    pruned_tables,
+)
+from shark_torchrec.pruning.plan import PruningPlan, choose_plan, table_bytes
+
+__all__ = [
+    "PruningPlan",
+    "ZeroFilledEmbeddingBagCollection",
+    "choose_plan",
+    "prune_dlrm",
+    "prune_embedding_collection",
+    "prune_model",
+    "pruned_tables",
+    "table_bytes",
+]

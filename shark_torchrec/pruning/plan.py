@@ -1,0 +1,243 @@
+"""Pruning plans: which feature fields (and so which tables) to drop, chosen from scores.
+
+A plan is chosen by exactly one criterion:
+
+* ``keep=k``: keep the ``k`` highest-scoring fields;
+* ``drop_fraction=x``: drop ``floor(x · F)`` of the ``F`` fields, lowest scores first;
+* ``byte_target=b``: drop fields, lowest scores first, until the tables still needed take at
+  most ``b`` bytes.
+
+Protected fields are never dropped.  A table is removed only when every feature it serves is
+dropped (a shared table with one surviving feature stays whole).  Plans are JSON files and are
+validated against the model they are applied to.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+from torchrec.modules.embedding_configs import DATA_TYPE_NUM_BITS, EmbeddingBagConfig
+
+PLAN_FORMAT = "shark-torchrec/pruning-plan/v1"
+
+
+def table_bytes(table: EmbeddingBagConfig) -> int:
+    """Bytes of a table's weights in its ``data_type`` (optimizer state not included)."""
+    return table.num_embeddings * table.embedding_dim * DATA_TYPE_NUM_BITS[table.data_type] // 8
+
+
+@dataclass
+class PruningPlan:
+    """Which fields of a model to drop.
+
+    Attributes:
+        tables: every table of the model, ``{table: [features]}``, in model order.
+        table_bytes: bytes of every table.
+        dropped_features: the fields to drop.
+        scores: the scores the plan was chosen from.
+        method: the scorer's name (``"shark-mean"``, ``"permutation"``, ...).
+        criterion: ``{"keep": k}``, ``{"drop_fraction": x}`` or ``{"byte_target": b}``.
+        protected: fields that were never candidates for dropping.
+    """
+
+    tables: Dict[str, List[str]]
+    table_bytes: Dict[str, int]
+    dropped_features: List[str]
+    scores: Dict[str, float] = field(default_factory=dict)
+    method: str = ""
+    criterion: Dict[str, float] = field(default_factory=dict)
+    protected: List[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        features = self.features
+        if len(set(features)) != len(features):
+            raise ValueError("PruningPlan: a feature is listed under two tables")
+        unknown = sorted(set(self.dropped_features) - set(features))
+        if unknown:
+            raise ValueError(f"PruningPlan: dropped_features names unknown fields {unknown}")
+        if not self.kept_features:
+            raise ValueError("PruningPlan: every field would be dropped; at least one must remain")
+        clash = sorted(set(self.protected) & set(self.dropped_features))
+        if clash:
+            raise ValueError(f"PruningPlan: protected fields are dropped: {clash}")
+
+    # ------------------------------------------------------------------ views
+    @property
+    def features(self) -> List[str]:
+        return [f for feats in self.tables.values() for f in feats]
+
+    @property
+    def kept_features(self) -> List[str]:
+        dropped = set(self.dropped_features)
+        return [f for f in self.features if f not in dropped]
+
+    @property
+    def dropped_tables(self) -> List[str]:
+        dropped = set(self.dropped_features)
+        return [t for t, feats in self.tables.items() if all(f in dropped for f in feats)]
+
+    @property
+    def kept_tables(self) -> List[str]:
+        gone = set(self.dropped_tables)
+        return [t for t in self.tables if t not in gone]
+
+    @property
+    def bytes_before(self) -> int:
+        return sum(self.table_bytes.values())
+
+    @property
+    def bytes_after(self) -> int:
+        return sum(self.table_bytes[t] for t in self.kept_tables)
+
+    def summary(self) -> Dict[str, object]:
+        return {
+            "fields_before": len(self.features),
+            "fields_after": len(self.kept_features),
+            "tables_before": len(self.tables),
+            "tables_after": len(self.kept_tables),
+            "bytes_before": self.bytes_before,
+            "bytes_after": self.bytes_after,
+            "dropped_features": list(self.dropped_features),
+            "dropped_tables": self.dropped_tables,
+        }
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, tables: Sequence[EmbeddingBagConfig], source: str = "model") -> None:
+        """Check that the plan was made for a model with exactly these tables and features."""
+        theirs = {t.name: list(t.feature_names) for t in tables}
+        if theirs == self.tables:
+            return
+        plan_feats, model_feats = set(self.features), {f for fs in theirs.values() for f in fs}
+        problems = []
+        if plan_feats - model_feats:
+            problems.append(f"fields unknown to the {source}: {sorted(plan_feats - model_feats)}")
+        if model_feats - plan_feats:
+            problems.append(f"{source} fields missing from the plan: {sorted(model_feats - plan_feats)}")
+        if set(theirs) != set(self.tables):
+            problems.append(
+                f"tables differ (plan {sorted(self.tables)}, {source} {sorted(theirs)})"
+            )
+        elif not problems:
+            problems.append("tables serve different features")
+        raise ValueError("pruning plan does not match the model: " + "; ".join(problems))
+
+    # ------------------------------------------------------------------ JSON
+    def to_json(self) -> str:
+        return json.dumps({"format": PLAN_FORMAT, **asdict(self)}, indent=1)
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as f:
+            f.write(self.to_json())
+
+    @staticmethod
+    def from_json(text: str, source: str = "plan") -> "PruningPlan":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{source}: not a JSON pruning plan ({e})") from e
+        if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
+            raise ValueError(f"{source}: not a pruning plan (format must be {PLAN_FORMAT!r})")
+        data.pop("format")
+        required = {"tables", "table_bytes", "dropped_features"}
+        missing = sorted(required - set(data))
+        if missing:
+            raise ValueError(f"{source}: pruning plan lacks {missing}")
+        unknown = sorted(set(data) - set(PruningPlan.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"{source}: unknown keys in pruning plan: {unknown}")
+        try:
+            return PruningPlan(**data)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from e
+
+    @staticmethod
+    def load(path: str) -> "PruningPlan":
+        with open(path) as f:
+            return PruningPlan.from_json(f.read(), source=path)
+
+
+def choose_plan(
+    scores: Dict[str, float],
+    tables: Sequence[EmbeddingBagConfig],
+    keep: Optional[int] = None,
+    drop_fraction: Optional[float] = None,
+    byte_target: Optional[int] = None,
+    protected: Sequence[str] = (),
+    method: str = "",
+) -> PruningPlan:
+    """Choose the fields to drop from ``scores`` (higher = more important).
+
+    Args:
+        scores: a score for every feature of ``tables`` (no others, no NaN).
+        tables: the model's tables.
+        keep, drop_fraction, byte_target: exactly one criterion (see the module docstring).
+        protected: fields never dropped.
+        method: the scorer's name, recorded in the plan.
+    """
+    criteria = {k: v for k, v in
+                {"keep": keep, "drop_fraction": drop_fraction, "byte_target": byte_target}.items()
+                if v is not None}
+    if len(criteria) != 1:
+        raise ValueError(f"choose exactly one of keep, drop_fraction, byte_target (got {criteria})")
+    table_map = {t.name: list(t.feature_names) for t in tables}
+    features = [f for fs in table_map.values() for f in fs]
+    unknown = sorted(set(scores) - set(features))
+    missing = [f for f in features if f not in scores]
+    if unknown or missing:
+        raise ValueError(f"scores do not match the model's fields: unknown {unknown}, missing {missing}")
+    bad = sorted(f for f, v in scores.items() if not math.isfinite(v))
+    if bad:
+        raise ValueError(f"scores are not finite for fields {bad}")
+    unknown_protected = sorted(set(protected) - set(features))
+    if unknown_protected:
+        raise ValueError(f"protected names unknown fields {unknown_protected}")
+    candidates = sorted((f for f in features if f not in set(protected)),
+                        key=lambda f: (scores[f], f))  # lowest first
+    sizes = {t.name: table_bytes(t) for t in tables}
+    F = len(features)
+    if keep is not None:
+        if not 1 <= keep <= F:
+            raise ValueError(f"keep must be in [1, {F}], got {keep}")
+        n_drop = F - keep
+        if n_drop > len(candidates):
+            raise ValueError(
+                f"keep={keep} needs dropping {n_drop} fields but only {len(candidates)} are not "
+                f"protected"
+            )
+        dropped = candidates[:n_drop]
+    elif drop_fraction is not None:
+        if not 0 <= drop_fraction < 1:
+            raise ValueError(f"drop_fraction must be in [0, 1), got {drop_fraction}")
+        dropped = candidates[: min(int(math.floor(drop_fraction * F)), len(candidates))]
+    else:
+        if byte_target < 0:
+            raise ValueError(f"byte_target must be >= 0, got {byte_target}")
+        dropped = []
+
+        def needed(drop: List[str]) -> int:
+            gone = set(drop)
+            return sum(sizes[t] for t, fs in table_map.items() if not all(f in gone for f in fs))
+
+        for f in candidates:
+            if needed(dropped) <= byte_target:
+                break
+            if len(dropped) + 1 == F:
+                break
+            dropped.append(f)
+        if needed(dropped) > byte_target:
+            raise ValueError(
+                f"byte_target {byte_target} cannot be reached: {needed(dropped)} bytes remain "
+                f"after dropping every unprotected field but one"
+            )
+    return PruningPlan(
+        tables=table_map,
+        table_bytes=sizes,
+        dropped_features=sorted(dropped, key=features.index),
+        scores=dict(scores),
+        method=method,
+        criterion=criteria,
+        protected=list(protected),
+    )

@@ -1,0 +1,248 @@
+"""SHARK field importance on an unsharded model, against a per-sample reference; the
+reference scorers; hooks, non-finite gradients and state round trips."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+from torchrec.datasets.utils import Batch
+from torchrec.models.dlrm import DLRM, DLRMTrain
+
+from shark_torchrec.data import SyntheticClickDataset, SyntheticConfig
+from shark_torchrec.importance import (
+    PermutationImportance,
+    RandomImportance,
+    TaylorFieldImportance,
+    dlrm_per_sample_loss,
+    shuffle_feature,
+)
+
+CFG = SyntheticConfig.default(num_fields=4, num_informative=2, cardinality=50,
+                              multi_hot_fields=1, max_hot=3, seed=1)
+
+
+def _model(shared: bool = False) -> DLRMTrain:
+    torch.manual_seed(0)
+    feats = CFG.feature_names
+    if shared:  # one table serves cat_0 and cat_1
+        tables = [EmbeddingBagConfig(name="t01", embedding_dim=4, num_embeddings=50, feature_names=feats[:2])]
+        tables += [EmbeddingBagConfig(name=f"t{i}", embedding_dim=4, num_embeddings=50, feature_names=[f])
+                   for i, f in enumerate(feats) if i >= 2]
+    else:
+        tables = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=4, num_embeddings=50, feature_names=[f])
+                  for i, f in enumerate(feats)]
+    return DLRMTrain(DLRM(embedding_bag_collection=EmbeddingBagCollection(tables=tables),
+                          dense_in_features=13, dense_arch_layer_sizes=[8, 4], over_arch_layer_sizes=[8, 1]))
+
+
+def _batches(n: int, B: int = 16):
+    return [SyntheticClickDataset(CFG, B, n).global_batch(g) for g in range(n)]
+
+
+def _reference_scores(model: DLRMTrain, batches, baseline: str, seed: int = 0):
+    """Per-sample losses, one autograd.grad each (batch size 1, as the ERASE benchmark does)."""
+    dlrm = model.model
+    feats = dlrm.sparse_arch.sparse_feature_names
+    total = torch.zeros(len(feats), dtype=torch.float64)
+    count = 0
+    mean_sum, mean_n = torch.zeros(4 * len(feats), dtype=torch.float64), 0
+    for step, b in enumerate(batches):
+        kt = dlrm.sparse_arch.embedding_bag_collection(b.sparse_features)
+        vals = kt.values()
+        e = vals.detach().double()
+        B = e.shape[0]
+        mean_sum += e.sum(0)
+        mean_n += B
+        if baseline == "zero":
+            base = torch.zeros_like(e)
+        elif baseline == "mean":
+            base = (mean_sum / mean_n).expand_as(e)
+        else:
+            perm = torch.randperm(B, generator=torch.Generator().manual_seed(seed * 1_000_003 + step))
+            base = e[perm]
+        d = dlrm.dense_arch(b.dense_features)
+        sp = torch.stack([kt.to_dict()[f] for f in feats], 1)
+        logits = dlrm.over_arch(dlrm.inter_arch(d, sp)).squeeze(-1)
+        for n in range(B):
+            ln = F.binary_cross_entropy_with_logits(logits[n], b.labels[n])
+            (g,) = torch.autograd.grad(ln, vals, retain_graph=True)
+            for i in range(len(feats)):
+                c = slice(4 * i, 4 * i + 4)
+                total[i] += (g[n, c].double() * (base[n, c] - e[n, c])).sum().abs()
+        count += B
+    return {f: float(total[i] / count) for i, f in enumerate(feats)}
+
+
+@pytest.mark.parametrize("baseline", ["mean", "shuffle", "zero"])
+def test_scores_equal_per_sample_reference(baseline: str) -> None:
+    model = _model()
+    batches = _batches(3)
+    tracker = TaylorFieldImportance(model, baseline=baseline, seed=5)
+    with tracker:
+        for b in batches:
+            loss, _ = model(b)
+            loss.backward()  # no optimizer step: the reference sees the same weights
+    ref = _reference_scores(model, batches, baseline, seed=5)
+    got = tracker.scores()
+    assert got.keys() == ref.keys()
+    for f in ref:
+        assert got[f] == pytest.approx(ref[f], rel=1e-5), (f, got, ref)
+    assert tracker.samples_seen() == {f: 48 for f in ref}
+    assert tracker.skipped == {f: 0 for f in ref}
+
+
+def test_zero_baseline_does_not_depend_on_batch_size() -> None:
+    model = _model()
+    big = _batches(1, B=32)[0]
+    halves = [Batch(dense_features=big.dense_features[s], labels=big.labels[s],
+                    sparse_features=_slice_kjt(big.sparse_features, s)) for s in (slice(0, 16), slice(16, 32))]
+    scores = []
+    for batches in ([big], halves):
+        t = TaylorFieldImportance(model, baseline="zero")
+        with t:
+            for b in batches:
+                model(b)[0].backward()
+        scores.append(t.scores())
+    for f in scores[0]:
+        assert scores[1][f] == pytest.approx(scores[0][f], rel=1e-6)
+
+
+def _slice_kjt(kjt, s):
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+    d = kjt.to_dict()
+    vals, lens = [], []
+    for k in kjt.keys():
+        jt = d[k]
+        o = jt.offsets()
+        vals.append(jt.values()[o[s.start]:o[s.stop]])
+        lens.append(jt.lengths()[s])
+    return KeyedJaggedTensor.from_lengths_sync(kjt.keys(), torch.cat(vals), torch.cat(lens))
+
+
+def test_shared_table_scores_each_feature_and_table_takes_the_max() -> None:
+    model = _model(shared=True)
+    t = TaylorFieldImportance(model, baseline="zero")
+    with t:
+        for b in _batches(2):
+            model(b)[0].backward()
+    s = t.scores()
+    assert set(s) == set(CFG.feature_names) and s["cat_0"] != s["cat_1"]
+    tables = model.model.sparse_arch.embedding_bag_collection.embedding_bag_configs()
+    assert t.table_scores(tables)["t01"] == max(s["cat_0"], s["cat_1"])
+
+
+def test_non_finite_gradients_are_skipped_and_counted() -> None:
+    model = _model()
+    b = _batches(1)[0]
+    labels = b.labels.clone()
+    labels[3] = float("nan")  # sample 3's loss (and so its gradient) is NaN
+    bad = Batch(dense_features=b.dense_features, sparse_features=b.sparse_features, labels=labels)
+    t = TaylorFieldImportance(model, baseline="zero")
+    with t:
+        model(bad)[0].backward()
+    ref = TaylorFieldImportance(model, baseline="zero")
+    keep = torch.arange(16) != 3
+    clean = Batch(dense_features=b.dense_features[keep], labels=b.labels[keep],
+                  sparse_features=_slice_kjt_mask(b.sparse_features, keep))
+    with ref:
+        model(clean)[0].backward()
+    assert t.skipped == {f: 1 for f in CFG.feature_names}
+    assert t.samples_seen() == {f: 15 for f in CFG.feature_names}
+    got, want = t.scores(), ref.scores()
+    for f in want:  # per-sample gradients: the NaN sample changes nothing else
+        assert got[f] == pytest.approx(want[f], rel=1e-5)
+
+
+def _slice_kjt_mask(kjt, keep):
+    idx = keep.nonzero().flatten().tolist()
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+    d = kjt.to_dict()
+    vals, lens = [], []
+    for k in kjt.keys():
+        jt = d[k]
+        o = jt.offsets()
+        vals += [jt.values()[o[i]:o[i + 1]] for i in idx]
+        lens.append(jt.lengths()[keep])
+    return KeyedJaggedTensor.from_lengths_sync(kjt.keys(), torch.cat(vals), torch.cat(lens))
+
+
+def test_hooks_are_removed_even_on_error_and_detached_costs_nothing() -> None:
+    model = _model()
+    ebc = model.model.sparse_arch.embedding_bag_collection
+    t = TaylorFieldImportance(model, baseline="mean")
+    with pytest.raises(RuntimeError, match="boom"):
+        with t:
+            assert len(ebc._forward_hooks) == 1
+            raise RuntimeError("boom")
+    assert len(ebc._forward_hooks) == 0 and not t.attached
+    model(_batches(1)[0])[0].backward()
+    assert t.samples_seen() == {f: 0 for f in CFG.feature_names}
+    # A forward taken while attached, backpropagated after detaching, is not counted.
+    t.attach()
+    loss = model(_batches(1)[0])[0]
+    t.detach()
+    loss.backward()
+    assert t.samples_seen() == {f: 0 for f in CFG.feature_names}
+
+
+@pytest.mark.parametrize("baseline", ["mean", "shuffle"])
+def test_state_dict_round_trip_resumes_scoring(baseline: str) -> None:
+    model = _model()
+    batches = _batches(4)
+    full = TaylorFieldImportance(model, baseline=baseline, seed=2)
+    with full:
+        for b in batches:
+            model(b)[0].backward()
+    first = TaylorFieldImportance(model, baseline=baseline, seed=2)
+    with first:
+        for b in batches[:2]:
+            model(b)[0].backward()
+    state = first.state_dict()
+    resumed = TaylorFieldImportance(model, baseline=baseline, seed=2)
+    resumed.load_state_dict(state)
+    with resumed:
+        for b in batches[2:]:
+            model(b)[0].backward()
+    for f, v in full.scores().items():
+        assert resumed.scores()[f] == pytest.approx(v, rel=1e-9)
+    other = TaylorFieldImportance(model, baseline="zero")
+    with pytest.raises(ValueError, match="baseline"):
+        other.load_state_dict(state)
+
+
+def test_shuffle_feature_moves_only_that_feature() -> None:
+    b = _batches(1)[0]
+    perm = torch.randperm(16, generator=torch.Generator().manual_seed(0))
+    s = shuffle_feature(b.sparse_features, "cat_3", perm)
+    before, after = b.sparse_features.to_dict(), s.to_dict()
+    for k in CFG.feature_names:
+        if k == "cat_3":
+            dense_b = before[k].to_padded_dense(3, padding_value=-1)
+            assert torch.equal(after[k].to_padded_dense(3, padding_value=-1), dense_b[perm])
+        else:
+            assert torch.equal(after[k].values(), before[k].values())
+            assert torch.equal(after[k].lengths(), before[k].lengths())
+
+
+def test_permutation_importance_against_a_direct_computation() -> None:
+    model = _model()
+    model.eval()
+    batches = _batches(2)
+    pi = PermutationImportance(dlrm_per_sample_loss(model), CFG.feature_names, seed=3).evaluate(batches)
+    got = pi.scores()
+    # Direct: the same permutations (generator per batch, fields in order), loss differences.
+    want = {f: 0.0 for f in CFG.feature_names}
+    with torch.no_grad():
+        for g, b in enumerate(batches):
+            gen = torch.Generator().manual_seed(3 * 1_000_003 + g)
+            base = dlrm_per_sample_loss(model)(b)
+            for f in CFG.feature_names:
+                perm = torch.randperm(16, generator=gen)
+                shuffled = Batch(b.dense_features, shuffle_feature(b.sparse_features, f, perm), b.labels)
+                want[f] += float((dlrm_per_sample_loss(model)(shuffled) - base).sum()) / 32
+    for f in want:
+        assert got[f] == pytest.approx(want[f], rel=1e-9, abs=1e-12)
+    r = RandomImportance(CFG.feature_names, seed=0)
+    assert r.scores() == RandomImportance(CFG.feature_names, seed=0).scores()
+    assert len(set(r.ranking())) == 4
