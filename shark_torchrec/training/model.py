@@ -70,12 +70,19 @@ class DLRMConfig:
         ]
 
 
-def build_dlrm_train(config: DLRMConfig, device: torch.device, seed: int) -> DLRMTrain:
-    """A ``DLRMTrain`` whose embedding tables are on the meta device (DMP materialises the
-    shards; see :func:`shark_torchrec.training.init.init_embedding_shards`) and whose dense
-    layers are initialised from ``seed`` on ``device``, identically on every rank."""
+def build_dlrm_train(
+    config: DLRMConfig,
+    device: torch.device,
+    seed: int,
+    embedding_device: torch.device = torch.device("meta"),
+) -> DLRMTrain:
+    """A ``DLRMTrain`` whose dense layers are initialised from ``seed`` on ``device``,
+    identically on every rank.  Its embedding tables are on ``embedding_device``: the meta
+    device by default (DMP materialises the shards; see
+    :func:`shark_torchrec.training.init.init_embedding_shards`), or a real device for an
+    unsharded model."""
     torch.manual_seed(seed)
-    ebc = EmbeddingBagCollection(tables=config.tables(), device=torch.device("meta"))
+    ebc = EmbeddingBagCollection(tables=config.tables(), device=embedding_device)
     common = dict(
         embedding_bag_collection=ebc,
         dense_in_features=config.dense_in_features,

@@ -18,6 +18,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from shark_torchrec.data import SyntheticConfig
+from shark_torchrec.importance import BASELINES, TaylorFieldImportance
 from shark_torchrec.training.checkpoint import CheckpointManager
 from shark_torchrec.training.datasets import (
     DATASETS,
@@ -95,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     t.add_argument("--max_steps", type=int,
                    help="stop after this many steps in total (the run can be resumed)")
+    t.add_argument("--score_fields", choices=BASELINES,
+                   help="collect SHARK field scores with this baseline while training "
+                   "(written to OUT/field_scores.json)")
     o = p.add_argument_group("output")
     o.add_argument("--out", default="runs/train_dlrm", help="output directory")
     o.add_argument("--checkpoint_every", type=int, default=0,
@@ -161,7 +165,8 @@ def model_config_from_args(args: argparse.Namespace, spec: DataSpec) -> DLRMConf
     )
 
 
-def _fingerprint(args: argparse.Namespace, model_config: DLRMConfig) -> Dict:
+def fingerprint(args: argparse.Namespace, model_config: DLRMConfig) -> Dict:
+    """What identifies the model of a checkpoint (a checkpoint of another model is refused)."""
     return {
         "data": args.data,
         "feature_names": list(model_config.feature_names),
@@ -170,9 +175,32 @@ def _fingerprint(args: argparse.Namespace, model_config: DLRMConfig) -> Dict:
         "dense_arch_layer_sizes": list(model_config.dense_arch_layer_sizes),
         "over_arch_layer_sizes": list(model_config.over_arch_layer_sizes),
         "interaction": model_config.interaction,
-        "embedding_optimizer": args.embedding_optimizer,
-        "dense_optimizer": args.dense_optimizer,
-        "global_batch_size": args.batch_size * int(os.environ.get("WORLD_SIZE", 1)),
+        "dcn": [model_config.dcn_num_layers, model_config.dcn_low_rank_dim]
+        if model_config.interaction == "dcn" else None,
+    }
+
+
+def optim_config_from_args(args: argparse.Namespace) -> OptimConfig:
+    return OptimConfig(
+        embedding_optimizer=args.embedding_optimizer, dense_optimizer=args.dense_optimizer,
+        learning_rate=args.learning_rate, embedding_learning_rate=args.embedding_learning_rate,
+    )
+
+
+FIELD_SCORES_FILE = "field_scores.json"
+
+
+def field_scores_document(tracker: TaylorFieldImportance, config: DLRMConfig) -> Dict:
+    """The JSON document of a tracker's scores (a collective under torch.distributed)."""
+    scores = tracker.scores()
+    return {
+        "method": tracker.name,
+        "baseline": tracker.baseline,
+        "scores": scores,
+        "table_scores": tracker.table_scores(config.tables()),
+        "samples": tracker.samples_seen(),
+        "skipped_non_finite": tracker.skipped,
+        "ranking": tracker.ranking(),
     }
 
 
@@ -203,24 +231,33 @@ def _run(args: argparse.Namespace, env: DistEnv) -> Dict:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.world_size))
     spec = data_spec_from_args(args)
     model_config = model_config_from_args(args, spec)
-    optim_config = OptimConfig(
-        embedding_optimizer=args.embedding_optimizer, dense_optimizer=args.dense_optimizer,
-        learning_rate=args.learning_rate, embedding_learning_rate=args.embedding_learning_rate,
-    )
-    trainer = DLRMTrainer(model_config, optim_config, env, args.batch_size, seed=args.seed)
-    ckpt = CheckpointManager(os.path.join(args.out, "checkpoints"), _fingerprint(args, model_config))
+    trainer = DLRMTrainer(model_config, optim_config_from_args(args), env, args.batch_size, seed=args.seed)
+    tracker = None
+    if args.score_fields:
+        # Attached after DMP: hooks go on the sharded collection (see importance.taylor).
+        tracker = TaylorFieldImportance(trainer.model, baseline=args.score_fields, seed=args.seed)
+
+    def full_state() -> Dict:
+        state = trainer.state_dict()
+        if tracker is not None:
+            state["importance"] = tracker.state_dict()
+        return state
+
+    ckpt = CheckpointManager(os.path.join(args.out, "checkpoints"), fingerprint(args, model_config))
     progress = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "train_examples": 0,
                 "train_seconds": 0.0, "history": []}
     if args.resume and ckpt.latest() is not None:
-        state = trainer.state_dict()
+        state = full_state()
         progress = ckpt.load(state)  # DCP loads in place, into these very tensors
         trainer.load_state_dict(state)
+        if tracker is not None:
+            tracker.load_state_dict(state["importance"])
         logger.info("resumed from %s at %s", ckpt.latest(), progress)
     logger.info("training on %d rank(s), %s, global batch %d", env.world_size, env.device,
                 args.batch_size * env.world_size)
 
     def save() -> None:
-        ckpt.save(trainer.state_dict(), dict(progress))
+        ckpt.save(full_state(), dict(progress))
 
     stopped = False
     while progress["epoch"] < args.epochs and not stopped:
@@ -243,13 +280,19 @@ def _run(args: argparse.Namespace, env: DistEnv) -> Dict:
                 save()
                 step_t0[0] = time.perf_counter()  # checkpoint time is not training time
 
-        trainer.train(spec.batches(ds, args.num_workers), max_steps=remaining, on_step=on_step,
-                      total=total, desc=f"epoch {progress['epoch']}")
+        if tracker is not None:
+            tracker.attach()
+        try:
+            trainer.train(spec.batches(ds, args.num_workers), max_steps=remaining,
+                          on_step=on_step, total=total, desc=f"epoch {progress['epoch']}")
+        finally:
+            if tracker is not None:
+                tracker.detach()
         if args.max_steps is not None and progress["global_step"] >= args.max_steps:
             stopped = True
             save()
             break
-        metrics = trainer.evaluate(_test_batches(args, spec, env), desc="test")
+        metrics = trainer.evaluate(test_batches(args, spec, env), desc="test")
         metrics["epoch"] = progress["epoch"]
         progress["history"].append(metrics)
         logger.info("epoch %d: test %s", progress["epoch"], metrics)
@@ -275,6 +318,13 @@ def _run(args: argparse.Namespace, env: DistEnv) -> Dict:
         "args": vars(args),
         "sharding_plan": plan_summary(trainer.plan),
     }
+    if tracker is not None:
+        scores_doc = field_scores_document(tracker, model_config)  # collective
+        result["field_scores_file"] = os.path.join(args.out, FIELD_SCORES_FILE)
+        if env.is_main:
+            os.makedirs(args.out, exist_ok=True)
+            with open(result["field_scores_file"], "w") as f:
+                json.dump(scores_doc, f, indent=1)
     if env.is_main:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "metrics.json"), "w") as f:
@@ -283,7 +333,7 @@ def _run(args: argparse.Namespace, env: DistEnv) -> Dict:
     return result
 
 
-def _test_batches(args: argparse.Namespace, spec: DataSpec, env: DistEnv):
+def test_batches(args: argparse.Namespace, spec: DataSpec, env: DistEnv):
     ds = spec.dataset("test", args.test_batch_size or args.batch_size, env.rank,
                       env.world_size, max_batches=args.limit_test_batches)
     return spec.batches(ds, args.num_workers)

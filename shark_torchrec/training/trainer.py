@@ -13,10 +13,9 @@ all-to-all backward (``torchrec-cpu-facts.md`` section 3.1).
 
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Iterator, Optional
+from typing import Callable, Dict, Iterable, Optional
 
 import torch
 import torch.distributed as dist
@@ -24,6 +23,7 @@ from torch.distributed.optim import _apply_optimizer_in_backward
 from torchmetrics.classification import BinaryAUROC
 from torchrec.datasets.utils import Batch
 from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.models.dlrm import DLRMTrain
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
@@ -99,6 +99,9 @@ class DLRMTrainer:
         model_config: the DLRM's shape.
         optim_config: optimizers.
         env: the process group (from :func:`~shark_torchrec.training.init_distributed`).
+        model: an already built ``DLRMTrain`` matching ``model_config`` (embedding tables on the
+            meta device, dense layers on ``env.device``), e.g. a pruned one; its dense weights
+            are kept.  By default one is built from ``model_config`` and ``seed``.
         batch_size: per-rank batch size (the planner's estimate of the load).
         seed: seeds the dense layers and the embedding tables (placement-independent).
         constraints: optional ``ParameterConstraints`` per table, handed to the planner.
@@ -114,11 +117,14 @@ class DLRMTrainer:
         seed: int = 0,
         constraints=None,
         sharders=None,
+        model: Optional[DLRMTrain] = None,
     ) -> None:
         self.model_config = model_config
         self.optim_config = optim_config
         self.env = env
-        model = build_dlrm_train(model_config, env.device, seed)
+        self.features = list(model_config.feature_names)
+        if model is None:
+            model = build_dlrm_train(model_config, env.device, seed)
         ebc = model.model.sparse_arch.embedding_bag_collection
         # Declared before sharding: the TBE then fuses it, and the planner counts its state.
         # A fresh dict: sharding adds an "optimizer" key to it (torchrec-cpu-facts.md 7.11).
@@ -150,6 +156,20 @@ class DLRMTrainer:
 
     # ------------------------------------------------------------------ steps
     def _to_device(self, batch: Batch) -> Batch:
+        kjt = batch.sparse_features
+        keys = kjt.keys()
+        if keys != self.features:
+            # Data may carry more fields than the model (a pruned model reads the original
+            # data): hand the model exactly its own features, in its order.
+            index = {k: i for i, k in enumerate(keys)}
+            missing = [f for f in self.features if f not in index]
+            if missing:
+                raise KeyError(f"the batch lacks features the model needs: {missing}")
+            batch = Batch(
+                dense_features=batch.dense_features,
+                sparse_features=kjt.permute([index[f] for f in self.features]),
+                labels=batch.labels,
+            )
         return batch.to(self.env.device, non_blocking=True)
 
     def train_step(self, batch: Batch) -> torch.Tensor:
@@ -174,11 +194,11 @@ class DLRMTrainer:
         ``on_step(step_index, loss)`` is called after every step (checkpointing, logging).
         """
         steps = 0
+        if max_steps is not None and max_steps <= 0:
+            return 0
         bar = tqdm(total=total, desc=desc, disable=not self.env.is_main, dynamic_ncols=True)
         try:
             for batch in batches:
-                if max_steps is not None and steps >= max_steps:
-                    break
                 loss = self.train_step(batch)
                 steps += 1
                 bar.update(1)
@@ -186,6 +206,9 @@ class DLRMTrainer:
                     bar.set_postfix(loss=f"{loss.item():.4f}")
                 if on_step is not None:
                     on_step(steps, loss)
+                # Checked after the step, so that no batch is pulled from an iterator and lost.
+                if max_steps is not None and steps >= max_steps:
+                    break
         finally:
             bar.close()
         return steps

@@ -1,0 +1,168 @@
+"""The field-pruning job behind ``recipes/prune_dlrm.py``.
+
+From a finished ``recipes/train_dlrm.py`` run (its checkpoint, and its ``field_scores.json``
+when it ran with ``--score_fields``): choose or load a pruning plan, prune the sharded DLRM,
+fine-tune it, evaluate before and after, and write ``plan.json``, ``metrics.json`` and the
+pruned model's checkpoints.  With ``--rounds R`` it prunes iteratively instead (scores are
+re-collected while training before every round).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import warnings
+from typing import Dict, List, Optional, Sequence
+
+from shark_torchrec.importance import BASELINES
+from shark_torchrec.pruning.plan import PruningPlan, choose_plan, table_bytes
+from shark_torchrec.pruning.sharded import PruningRound, iterative_prune, prune_trainer, pruned_config
+from shark_torchrec.training.checkpoint import CheckpointManager
+from shark_torchrec.training.distributed import DistEnv, destroy_distributed, init_distributed
+from shark_torchrec.training.train_dlrm import (
+    FIELD_SCORES_FILE,
+    build_parser as build_train_parser,
+    data_spec_from_args,
+    fingerprint,
+    model_config_from_args,
+    optim_config_from_args,
+    test_batches,
+)
+from shark_torchrec.training.trainer import DLRMTrainer
+
+logger = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = build_train_parser()
+    p.description = (
+        "Prune feature fields of a DLRM trained by recipes/train_dlrm.py (same data and model "
+        "flags), fine-tune the smaller model sharded, and evaluate it."
+    )
+    g = p.add_argument_group("pruning")
+    g.add_argument("--from_run", required=True,
+                   help="output directory of the train_dlrm.py run to prune")
+    g.add_argument("--scores", help=f"field scores JSON (default: FROM_RUN/{FIELD_SCORES_FILE})")
+    g.add_argument("--plan", help="apply this saved pruning plan instead of choosing one")
+    c = g.add_mutually_exclusive_group()
+    c.add_argument("--keep_fields", type=int, help="keep this many fields")
+    c.add_argument("--drop_fraction", type=float, help="drop this fraction of the fields")
+    c.add_argument("--byte_target", type=int, help="embedding-table bytes to reach")
+    g.add_argument("--protect", default="", help="comma-separated fields never dropped")
+    g.add_argument("--finetune_epochs", type=int, default=1)
+    g.add_argument("--rounds", type=int, default=0,
+                   help="iterative pruning: rounds of (score → drop → fine-tune); "
+                   "needs --keep_fields")
+    g.add_argument("--score_batches", type=int, default=20, help="scoring steps per round")
+    g.add_argument("--finetune_steps", type=int, default=20, help="fine-tuning steps per round")
+    g.add_argument("--prune_baseline", choices=BASELINES, default="mean",
+                   help="SHARK baseline used by the iterative rounds")
+    return p
+
+
+def run(argv: Optional[Sequence[str]] = None) -> Dict:
+    args = build_parser().parse_args(argv)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torchrec")
+    env = init_distributed(args.device)
+    logging.basicConfig(level=logging.WARNING, force=True,
+                        format=f"%(asctime)s [rank {env.rank}] %(name)s: %(message)s")
+    logging.getLogger("shark_torchrec").setLevel(
+        getattr(logging, args.log_level.upper()) if env.is_main else logging.WARNING)
+    try:
+        return _run(args, env)
+    finally:
+        destroy_distributed()
+
+
+def _load_plan_or_scores(args: argparse.Namespace, trainer: DLRMTrainer) -> PruningPlan:
+    tables = trainer.model_config.tables()
+    protected = [p for p in args.protect.split(",") if p]
+    if args.plan:
+        plan = PruningPlan.load(args.plan)
+        plan.validate(tables, source=f"model of {args.from_run}")
+        return plan
+    path = args.scores or os.path.join(args.from_run, FIELD_SCORES_FILE)
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: no field scores (train with --score_fields, or pass --scores/--plan)")
+    with open(path) as f:
+        doc = json.load(f)
+    if not isinstance(doc, dict) or not isinstance(doc.get("scores"), dict):
+        raise SystemExit(f"{path}: not a field-scores file (no 'scores' object)")
+    if args.keep_fields is None and args.drop_fraction is None and args.byte_target is None:
+        raise SystemExit("choose a criterion: --keep_fields, --drop_fraction or --byte_target")
+    try:
+        return choose_plan(doc["scores"], tables, keep=args.keep_fields,
+                           drop_fraction=args.drop_fraction, byte_target=args.byte_target,
+                           protected=protected, method=doc.get("method", ""))
+    except ValueError as e:
+        raise SystemExit(f"{path}: {e}") from e
+
+
+def _run(args: argparse.Namespace, env: DistEnv) -> Dict:
+    spec = data_spec_from_args(args)
+    config = model_config_from_args(args, spec)
+    trainer = DLRMTrainer(config, optim_config_from_args(args), env, args.batch_size, seed=args.seed)
+    source = CheckpointManager(os.path.join(args.from_run, "checkpoints"), fingerprint(args, config))
+    source_path = source.latest()
+    if source_path is None:
+        raise SystemExit(f"{args.from_run}/checkpoints: no checkpoint to prune")
+    state = trainer.state_dict()
+    source.load(state, source_path)
+    trainer.load_state_dict(state)
+    before = trainer.evaluate(test_batches(args, spec, env), desc="test (before)")
+    logger.info("before pruning: %s", before)
+
+    rounds: List[Dict] = []
+    if args.rounds:
+        if args.keep_fields is None:
+            raise SystemExit("--rounds needs --keep_fields (the number of fields at the end)")
+        train = spec.dataset("train", args.batch_size, env.rank, env.world_size)
+
+        def endless():
+            while True:  # rounds may need more steps than one pass over the data
+                yield from spec.batches(train, args.num_workers)
+
+        def on_round(r: PruningRound, t: DLRMTrainer) -> None:
+            rounds.append({"round": r.round, "kept": r.plan.kept_features,
+                           "dropped": r.plan.dropped_features, "scores": r.scores,
+                           "scoring_seconds": r.scoring_seconds})
+
+        first_features = list(config.feature_names)
+        trainer = iterative_prune(
+            trainer, endless(), rounds=args.rounds, score_batches=args.score_batches,
+            finetune_steps=args.finetune_steps, keep_fields=args.keep_fields,
+            work_dir=os.path.join(args.out, "rounds"), batch_size=args.batch_size,
+            baseline=args.prune_baseline, protected=[p for p in args.protect.split(",") if p],
+            seed=args.seed, on_round=on_round)
+        dropped = [f for f in first_features if f not in trainer.features]
+        plan = PruningPlan(tables={t.name: list(t.feature_names) for t in config.tables()},
+                           table_bytes={t.name: table_bytes(t) for t in config.tables()},
+                           dropped_features=dropped, method=f"iterative shark-{args.prune_baseline}",
+                           criterion={"keep": args.keep_fields, "rounds": args.rounds})
+    else:
+        plan = _load_plan_or_scores(args, trainer)
+        logger.info("plan: %s", plan.summary())
+        trainer = prune_trainer(trainer, plan, source_path, args.batch_size, seed=args.seed)
+        for epoch in range(args.finetune_epochs):
+            ds = spec.dataset("train", args.batch_size, env.rank, env.world_size,
+                              max_batches=args.limit_train_batches)
+            trainer.train(spec.batches(ds, args.num_workers), desc=f"fine-tune {epoch}")
+    after = trainer.evaluate(test_batches(args, spec, env), desc="test (after)")
+    logger.info("after pruning: %s", after)
+
+    new_config = pruned_config(config, plan)
+    ckpt = CheckpointManager(os.path.join(args.out, "checkpoints"), fingerprint(args, new_config))
+    ckpt.save(trainer.state_dict(), {"global_step": 0, "pruned_from": source_path})
+    result = {"before": before, "after": after, "plan": plan.summary(), "rounds": rounds,
+              "world_size": env.world_size, "rank": env.rank, "args": vars(args)}
+    if env.is_main:
+        os.makedirs(args.out, exist_ok=True)
+        plan.save(os.path.join(args.out, "plan.json"))
+        with open(os.path.join(args.out, "metrics.json"), "w") as f:
+            json.dump(result, f, indent=1, default=str)
+        logger.info("wrote %s and plan.json", os.path.join(args.out, "metrics.json"))
+    return result
+
+

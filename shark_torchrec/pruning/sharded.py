@@ -1,0 +1,148 @@
+"""Pruning a sharded DLRM (a :class:`~shark_torchrec.training.DLRMTrainer`) and the
+iterative schedule: R rounds of (score M batches → drop → fine-tune S steps).
+
+The pruned model is planned and sharded anew (fewer tables, so the planner may place them
+differently).  Its dense layers come from :func:`~shark_torchrec.pruning.prune_dlrm` applied to
+the old dense weights (replicated on every rank); its surviving tables are read from a
+``torch.distributed.checkpoint`` of the old model, which reshards them to the new placement
+without ever gathering a whole table.  The optimizer state starts afresh for fine-tuning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torchrec.datasets.utils import Batch
+
+from shark_torchrec.importance import TaylorFieldImportance
+from shark_torchrec.pruning.apply import prune_dlrm
+from shark_torchrec.pruning.plan import PruningPlan, choose_plan
+from shark_torchrec.training.model import DLRMConfig, build_dlrm_train
+from shark_torchrec.training.trainer import DLRMTrainer
+
+logger = logging.getLogger(__name__)
+
+
+def pruned_config(config: DLRMConfig, plan: PruningPlan) -> DLRMConfig:
+    """The DLRM config without the fields ``plan`` drops."""
+    plan.validate(config.tables())
+    kept = [(f, n) for f, n in zip(config.feature_names, config.num_embeddings_per_feature)
+            if f not in set(plan.dropped_features)]
+    return dataclasses.replace(
+        config,
+        feature_names=[f for f, _ in kept],
+        num_embeddings_per_feature=[n for _, n in kept],
+    )
+
+
+def _dense_state(trainer: DLRMTrainer) -> Dict[str, torch.Tensor]:
+    out = {}
+    for key, value in trainer.model.state_dict().items():
+        if isinstance(value, ShardedTensor) or ".embedding_bags." in key:
+            continue
+        out[key[len("module."):] if key.startswith("module.") else key] = value
+    return out
+
+
+def prune_trainer(
+    trainer: DLRMTrainer,
+    plan: PruningPlan,
+    checkpoint_path: str,
+    batch_size: int,
+    seed: int = 0,
+) -> DLRMTrainer:
+    """A new sharded trainer for the pruned model, weights carried over.
+
+    Args:
+        trainer: the trainer of the model to prune.
+        plan: the pruning plan (validated against the model).
+        checkpoint_path: a DCP checkpoint of ``trainer.state_dict()`` (as written by
+            :class:`~shark_torchrec.training.CheckpointManager`) holding the current weights.
+        batch_size: per-rank batch size (for the planner).
+        seed: seeds nothing that survives (every weight is carried over), kept for the planner.
+    """
+    config = trainer.model_config
+    new_config = pruned_config(config, plan)
+    # Old model skeleton: dense layers with the trained weights, tables on meta.
+    skeleton = build_dlrm_train(config, trainer.env.device, seed)
+    missing, unexpected = skeleton.load_state_dict(_dense_state(trainer), strict=False)
+    if unexpected or any(".embedding_bags." not in k for k in missing):
+        raise RuntimeError(f"dense state mismatch: missing {missing}, unexpected {unexpected}")
+    pruned = prune_dlrm(skeleton, plan)
+    new = DLRMTrainer(new_config, trainer.optim_config, trainer.env, batch_size, seed=seed,
+                      model=pruned)
+    tables = {k: v for k, v in new.model.state_dict().items() if ".embedding_bags." in k}
+    state = {"model": tables}
+    dcp.load(state, checkpoint_id=checkpoint_path)
+    new.model.load_state_dict(state["model"], strict=False)
+    return new
+
+
+@dataclasses.dataclass
+class PruningRound:
+    """What one round of iterative pruning did."""
+
+    round: int
+    scores: Dict[str, float]
+    plan: PruningPlan
+    scoring_seconds: float
+    finetune_steps: int
+
+
+def iterative_prune(
+    trainer: DLRMTrainer,
+    batches: Iterator[Batch],
+    rounds: int,
+    score_batches: int,
+    finetune_steps: int,
+    keep_fields: int,
+    work_dir: str,
+    batch_size: int,
+    baseline: str = "mean",
+    protected: Sequence[str] = (),
+    seed: int = 0,
+    on_round: Optional[Callable[[PruningRound, DLRMTrainer], None]] = None,
+) -> DLRMTrainer:
+    """R rounds of: train ``score_batches`` steps with a SHARK tracker attached → drop fields
+    (the count kept shrinks evenly from the current one to ``keep_fields`` over the rounds) →
+    fine-tune ``finetune_steps`` steps.  Returns the final (pruned, fine-tuned) trainer.
+
+    ``batches`` is one iterator of training batches consumed by every phase (scoring steps are
+    ordinary training steps).  Each round checkpoints the model under ``work_dir`` (the new
+    model's tables are read from it).
+    """
+    from shark_torchrec.training.checkpoint import CheckpointManager
+
+    if rounds < 1:
+        raise ValueError("rounds must be >= 1")
+    start = len(trainer.features)
+    if not 1 <= keep_fields <= start:
+        raise ValueError(f"keep_fields must be in [1, {start}], got {keep_fields}")
+    for r in range(1, rounds + 1):
+        target = start - round((start - keep_fields) * r / rounds)
+        tracker = TaylorFieldImportance(trainer.model, baseline=baseline, seed=seed + r)
+        t0 = time.perf_counter()
+        with tracker:
+            steps = trainer.train(batches, max_steps=score_batches, desc=f"round {r}: score")
+        if steps < score_batches:
+            raise RuntimeError(f"round {r}: the data ran out while scoring ({steps} batches)")
+        scores = tracker.scores()
+        scoring_seconds = time.perf_counter() - t0
+        plan = choose_plan(scores, trainer.model_config.tables(), keep=target,
+                           protected=[p for p in protected if p in scores], method=tracker.name)
+        ckpt = CheckpointManager(os.path.join(work_dir, f"round_{r}"), {"round": r})
+        path = ckpt.save(trainer.state_dict(), {"global_step": r})
+        logger.info("round %d: keeping %d fields, dropping %s", r, target, plan.dropped_features)
+        trainer = prune_trainer(trainer, plan, path, batch_size, seed=seed)
+        done = trainer.train(batches, max_steps=finetune_steps, desc=f"round {r}: fine-tune")
+        result = PruningRound(r, scores, plan, scoring_seconds, done)
+        if on_round is not None:
+            on_round(result, trainer)
+    return trainer

@@ -1,0 +1,59 @@
+"""recipes/train_dlrm.py --score_fields + recipes/prune_dlrm.py, sharded, end to end."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, run_torchrun
+
+SMALL = ["--data", "synthetic", "--synthetic_num_fields", 8, "--synthetic_informative", 3,
+         "--synthetic_cardinality", 500, "--synthetic_train_batches", 40,
+         "--synthetic_test_batches", 4, "--embedding_dim", 8, "--dense_arch_layer_sizes", "16,8",
+         "--over_arch_layer_sizes", "16,1", "--batch_size", 64, "--log_level", "WARNING"]
+
+
+@pytest.mark.slow
+def test_score_while_training_then_prune_and_fine_tune(tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    run_torchrun(ROOT / "recipes" / "train_dlrm.py", [*SMALL, "--score_fields", "shuffle",
+                                                      "--out", base], nproc=2)
+    scores = json.loads((base / "field_scores.json").read_text())
+    assert scores["method"] == "shark-shuffle" and len(scores["scores"]) == 8
+    assert set(scores["ranking"][:3]) == {"cat_0", "cat_1", "cat_2"}  # the planted fields
+    assert all(n == 40 * 128 for n in scores["samples"].values())
+
+    pruned = tmp_path / "pruned"
+    run_torchrun(ROOT / "recipes" / "prune_dlrm.py", [*SMALL, "--from_run", base, "--keep_fields", 3,
+                                                      "--protect", "cat_7", "--out", pruned], nproc=2)
+    m = json.loads((pruned / "metrics.json").read_text())
+    plan = json.loads((pruned / "plan.json").read_text())
+    assert m["plan"]["fields_after"] == 3 and "cat_7" not in plan["dropped_features"]
+    assert m["plan"]["bytes_after"] == 3 * 500 * 8 * 4
+    assert m["after"]["examples"] == m["before"]["examples"] == 4 * 128
+    assert m["after"]["auc"] > 0.6
+
+    # The saved plan applies again as is; a plan for another model is refused.
+    again = tmp_path / "again"
+    run_torchrun(ROOT / "recipes" / "prune_dlrm.py", [*SMALL, "--from_run", base, "--plan",
+                                                      pruned / "plan.json", "--out", again], nproc=1)
+    assert json.loads((again / "plan.json").read_text())["dropped_features"] == plan["dropped_features"]
+    other = dict(plan, tables={"t_x": ["x"]}, table_bytes={"t_x": 1}, dropped_features=[])
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(AssertionError, match=r"fields unknown to the model of .*: \['x'\]"):
+        run_torchrun(ROOT / "recipes" / "prune_dlrm.py", [*SMALL, "--from_run", base, "--plan",
+                                                          tmp_path / "other.json", "--out", tmp_path / "x"], nproc=1)
+
+
+@pytest.mark.slow
+def test_iterative_pruning_recipe(tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    run_torchrun(ROOT / "recipes" / "train_dlrm.py", [*SMALL, "--out", base], nproc=2)
+    out = tmp_path / "iter"
+    run_torchrun(ROOT / "recipes" / "prune_dlrm.py", [*SMALL, "--from_run", base, "--rounds", 2,
+                                                      "--keep_fields", 3, "--score_batches", 15,
+                                                      "--finetune_steps", 5, "--out", out], nproc=2)
+    m = json.loads((out / "metrics.json").read_text())
+    assert [len(r["kept"]) for r in m["rounds"]] == [6, 3]
+    assert set(m["rounds"][-1]["kept"]) == {"cat_0", "cat_1", "cat_2"}
+    assert m["plan"]["fields_after"] == 3
