@@ -54,17 +54,33 @@ class _Accumulator:
         self.features = features
         self.dims = dim_per_feature
         F = len(features)
-        self.col_to_feature = torch.repeat_interleave(
-            torch.arange(F), torch.tensor(dim_per_feature)
-        )
         self.score_sum = torch.zeros(F, dtype=torch.float64)
         self.count = torch.zeros(F, dtype=torch.float64)
         self.skipped = torch.zeros(F, dtype=torch.float64)
         self.mean_sum = torch.zeros(sum(dim_per_feature), dtype=torch.float64)
         self.mean_count = torch.zeros((), dtype=torch.float64)
         self.steps = 0
-        self.layouts: Dict[tuple, torch.Tensor] = {}  # output layout -> column features
-        self.mean_columns: Dict[int, torch.Tensor] = {}
+        self.layouts: Dict[tuple, "_Layout"] = {}  # by output (keys, dims)
+
+
+class _Layout:
+    """How the columns of a collection's output map onto the tracker's features."""
+
+    def __init__(self, acc: _Accumulator, keys: List[str], lengths: List[int]) -> None:
+        index = {f: i for i, f in enumerate(acc.features)}
+        unknown = sorted(set(keys) - set(index))
+        if unknown:
+            raise KeyError(f"output features {unknown} are not in the collection's tables")
+        self.out_features = torch.tensor([index[k] for k in keys])
+        self.num_out = len(keys)
+        # Equal dims (the usual case, and DLRM's) allow a fused batched dot product.
+        self.dim = lengths[0] if len(set(lengths)) == 1 else None
+        self.col_to_out = torch.repeat_interleave(torch.arange(len(keys)), torch.tensor(lengths))
+        starts = torch.cumsum(torch.tensor([0] + acc.dims[:-1]), 0)
+        # Column of each output column in the tracker's feature-ordered layout (mean baseline).
+        self.our_columns = torch.cat(
+            [starts[index[k]] + torch.arange(n) for k, n in zip(keys, lengths)]
+        )
 
 
 class TaylorFieldImportance(FieldImportance):
@@ -178,82 +194,52 @@ class TaylorFieldImportance(FieldImportance):
 
     def _on_forward(self, path: str, kt: KeyedTensor, generation: int) -> None:
         acc = self._acc[path]
-        keys = kt.keys()
-        if keys != acc.features:
-            # The output order can differ from the config order (sharded collections):
-            # remember the permutation from output columns to our features.
-            unknown = sorted(set(keys) - set(acc.features))
-            if unknown:
-                raise KeyError(f"{path}: output features {unknown} are not in its tables")
-        col_to_feature = self._columns(acc, keys, kt.length_per_key())
+        key = (tuple(kt.keys()), tuple(kt.length_per_key()))
+        layout = acc.layouts.get(key)
+        if layout is None:  # output order can differ from the config order (sharded)
+            layout = acc.layouts[key] = _Layout(acc, kt.keys(), kt.length_per_key())
         e = kt.values().detach()
-        base = self._baseline(acc, e, col_to_feature)
+        base = self._baseline(acc, e, layout)
         step = acc.steps
         acc.steps += 1
 
         def grad_hook(g: torch.Tensor) -> None:
             if self._generation == generation:
-                self._accumulate(acc, e, base, g, col_to_feature, step)
+                self._accumulate(acc, e, base, g, layout, step)
 
         kt.values().register_hook(grad_hook)
 
-    def _columns(self, acc: _Accumulator, keys: List[str], lengths: List[int]) -> torch.Tensor:
-        """Feature index of every output column (cached per output layout)."""
-        key = (tuple(keys), tuple(lengths))
-        if key not in acc.layouts:
-            index = {f: i for i, f in enumerate(acc.features)}
-            acc.layouts[key] = torch.repeat_interleave(
-                torch.tensor([index[k] for k in keys]), torch.tensor(lengths)
-            )
-        return acc.layouts[key]
-
     def _baseline(
-        self, acc: _Accumulator, e: torch.Tensor, col_to_feature: torch.Tensor
+        self, acc: _Accumulator, e: torch.Tensor, layout: _Layout
     ) -> Optional[torch.Tensor]:
         if self.baseline == "zero":
             return None
         if self.baseline == "mean":
-            stats = torch.cat([e.double().sum(0).cpu(), torch.tensor([float(e.shape[0])], dtype=torch.float64)])
+            stats = torch.cat(
+                [e.sum(0).double().cpu(), torch.tensor([float(e.shape[0])], dtype=torch.float64)]
+            )
             stats = self._all_reduce(stats, e.device)
-            # Means are kept in our feature order (columns of e may be ordered differently).
-            order = self._feature_columns(acc, col_to_feature)
-            acc.mean_sum[order] += stats[:-1]
+            acc.mean_sum[layout.our_columns] += stats[:-1]
             acc.mean_count += stats[-1]
-            mean = (acc.mean_sum[order] / acc.mean_count).to(e.device)
-            return mean.unsqueeze(0)
+            mean = acc.mean_sum[layout.our_columns] / acc.mean_count
+            return mean.to(device=e.device, dtype=e.dtype).unsqueeze(0)
         # shuffle: a permutation of the global batch, the same draw for every world size
-        local = e.double()
         if self._world() > 1:
+            rank = dist.get_rank(self._pg)
             sizes = torch.zeros(self._world(), dtype=torch.long)
-            sizes[dist.get_rank(self._pg)] = e.shape[0]
+            sizes[rank] = e.shape[0]
             sizes = self._all_reduce(sizes, e.device)
-            offset = int(sizes[: dist.get_rank(self._pg)].sum())
-            padded = torch.zeros(int(sizes.max()), e.shape[1], dtype=torch.float64, device=e.device)
-            padded[: e.shape[0]] = local
+            offset = int(sizes[:rank].sum())
+            padded = e.new_zeros(int(sizes.max()), e.shape[1])
+            padded[: e.shape[0]] = e
             parts = [torch.empty_like(padded) for _ in range(self._world())]
             dist.all_gather(parts, padded, group=self._pg)
             everything = torch.cat([p[: int(n)] for p, n in zip(parts, sizes.tolist())])
         else:
-            offset, everything = 0, local
+            offset, everything = 0, e
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + acc.steps)
         perm = torch.randperm(everything.shape[0], generator=gen)
         return everything[perm[offset : offset + e.shape[0]].to(e.device)]
-
-    @staticmethod
-    def _feature_columns(acc: _Accumulator, col_to_feature: torch.Tensor) -> torch.Tensor:
-        """For each output column, its column in our feature-ordered layout (cached)."""
-        cached = acc.mean_columns.get(id(col_to_feature))
-        if cached is not None:
-            return cached
-        starts = torch.cumsum(torch.tensor([0] + acc.dims[:-1]), 0)
-        out = torch.empty_like(col_to_feature)
-        seen: Dict[int, int] = {}
-        for c, f in enumerate(col_to_feature.tolist()):
-            k = seen.get(f, 0)
-            out[c] = starts[f] + k
-            seen[f] = k + 1
-        acc.mean_columns[id(col_to_feature)] = out  # keyed by the cached layout tensor
-        return out
 
     def _accumulate(
         self,
@@ -261,23 +247,33 @@ class TaylorFieldImportance(FieldImportance):
         e: torch.Tensor,
         base: Optional[torch.Tensor],
         g: torch.Tensor,
-        col_to_feature: torch.Tensor,
+        layout: _Layout,
         step: int,
     ) -> None:
         B = g.shape[0]
-        per_sample = g.detach().double()
+        g = g.detach()
+        # |<g, 0 - e>| = |<g, e>|: the zero baseline needs no difference tensor.
+        x = e if base is None else base - e
+        if layout.dim is not None:
+            # Batched dot products: no [B, sum D] product tensor is materialised.
+            s = torch.bmm(
+                g.reshape(B * layout.num_out, 1, layout.dim),
+                x.reshape(B * layout.num_out, layout.dim, 1),
+            ).view(B, layout.num_out)
+        else:
+            s = torch.zeros(B, layout.num_out, dtype=g.dtype, device=g.device)
+            s.index_add_(1, layout.col_to_out.to(g.device), g * x)
+        s = s.double()
         if self.loss_reduction == "mean":
-            per_sample = per_sample * B
-        diff = -e.double() if base is None else base.double() - e.double()
-        prod = (per_sample * diff).cpu()
-        s = torch.zeros(B, len(acc.features), dtype=torch.float64)
-        s.index_add_(1, col_to_feature, prod)
+            s = s * B  # per-sample gradients: the loss was averaged over this batch
         finite = torch.isfinite(s)
-        acc.score_sum += torch.where(finite, s.abs(), torch.zeros((), dtype=torch.float64)).sum(0)
-        acc.count += finite.sum(0)
-        bad = (~finite).sum(0)
-        if bad.any():
-            acc.skipped += bad
+        sums = torch.where(finite, s.abs(), torch.zeros((), dtype=s.dtype, device=s.device)).sum(0)
+        counts = finite.sum(0).double()
+        acc.score_sum.index_add_(0, layout.out_features, sums.cpu())
+        acc.count.index_add_(0, layout.out_features, counts.cpu())
+        bad = B - counts
+        if bool((bad > 0).any()):
+            acc.skipped.index_add_(0, layout.out_features, bad.cpu())
             logger.warning(
                 "importance: skipped %d non-finite (sample, feature) contributions at step %d",
                 int(bad.sum()), step,
