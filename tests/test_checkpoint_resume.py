@@ -14,7 +14,7 @@ SMALL = ["--data", "synthetic", "--synthetic_num_fields", 5, "--synthetic_inform
          "--synthetic_cardinality", 200, "--synthetic_train_batches", 6,
          "--synthetic_test_batches", 2, "--embedding_dim", 8, "--dense_arch_layer_sizes", "16,8",
          "--over_arch_layer_sizes", "16,1", "--batch_size", 32, "--epochs", 2,
-         "--log_level", "WARNING"]
+         "--score_fields", "mean", "--log_level", "WARNING"]
 
 
 def _final_state(out: Path) -> dict:
@@ -46,6 +46,12 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path: Path) -> Non
     a, b = json.loads((full / "metrics.json").read_text()), json.loads((part / "metrics.json").read_text())
     assert a["finished"] and b["finished"] and a["steps"] == b["steps"] == 12
     assert b["test_auc"] == a["test_auc"] and b["test_log_loss"] == a["test_log_loss"]
+    # Field scoring survives the interruption too (its state is in the checkpoint).
+    sa_scores = json.loads((full / "field_scores.json").read_text())
+    sb_scores = json.loads((part / "field_scores.json").read_text())
+    assert sb_scores["samples"] == sa_scores["samples"] == {f"cat_{i}": 12 * 64 for i in range(5)}
+    for f, v in sa_scores["scores"].items():
+        assert sb_scores["scores"][f] == pytest.approx(v, rel=1e-9)
 
     sa = _flatten("", _final_state(full), {})
     sb = _flatten("", _final_state(part), {})

@@ -40,8 +40,9 @@ def main() -> None:
 
     env = init_distributed("auto")
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.world_size))
-    cfg = SyntheticConfig.default(num_fields=args.fields, num_informative=6, cardinality=args.rows,
-                                  multi_hot_fields=4, max_hot=10)
+    cfg = SyntheticConfig.default(num_fields=args.fields, num_informative=min(6, args.fields),
+                                  cardinality=args.rows, multi_hot_fields=min(4, args.fields),
+                                  max_hot=10)
     config = DLRMConfig(feature_names=cfg.feature_names,
                         num_embeddings_per_feature=cfg.num_embeddings_per_feature,
                         embedding_dim=args.dim, dense_arch_layer_sizes=(256, args.dim),

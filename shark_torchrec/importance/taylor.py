@@ -28,6 +28,7 @@ and counted in :attr:`TaylorFieldImportance.skipped`; they never enter a score.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -126,15 +127,15 @@ class TaylorFieldImportance(FieldImportance):
         self._pg = process_group
         self._modules = embedding_collections(model)
         self._acc: Dict[str, _Accumulator] = {}
-        self._tables = {}
         for path, module in self._modules.items():
             tables = collection_tables(module)
-            self._tables[path] = tables
             feats = [f for t in tables for f in t.feature_names]
             dims = [t.embedding_dim for t in tables for _ in t.feature_names]
             self._acc[path] = _Accumulator(feats, dims)
         self._handles: List[Any] = []
         self._generation = 0  # tensor hooks of a detached generation do nothing
+        #: wall time spent in this tracker's hooks on this rank (its direct cost)
+        self.hook_seconds = 0.0
 
     # ------------------------------------------------------------------ attach / detach
     def attach(self) -> "TaylorFieldImportance":
@@ -187,7 +188,9 @@ class TaylorFieldImportance(FieldImportance):
                 raise TypeError(f"{path}: expected a KeyedTensor output, got {type(kt)}")
             values = kt.values()
             if torch.is_grad_enabled() and values.requires_grad and self._generation == generation:
+                t0 = time.perf_counter()
                 self._on_forward(path, kt, generation)
+                self.hook_seconds += time.perf_counter() - t0
             return kt
 
         return hook
@@ -205,7 +208,9 @@ class TaylorFieldImportance(FieldImportance):
 
         def grad_hook(g: torch.Tensor) -> None:
             if self._generation == generation:
+                t0 = time.perf_counter()
                 self._accumulate(acc, e, base, g, layout, step)
+                self.hook_seconds += time.perf_counter() - t0
 
         kt.values().register_hook(grad_hook)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Iterator, List, Optional, Sequence
 
 import torch
@@ -25,10 +25,11 @@ SCHEMAS = {"criteo": CRITEO_SCHEMA, "avazu": AVAZU_SCHEMA}
 _SPLIT_PATTERNS = {
     "train": ["train.*", "train", "day_[0-9]*"],
     "test": ["test.*", "test"],
+    "dev": ["dev.*", "dev", "valid*", "val.*"],
 }
 
-#: Held-out synthetic batches are drawn from a far-away batch index range.
-SYNTHETIC_TEST_OFFSET = 10_000_000
+#: Held-out synthetic batches are drawn from far-away batch index ranges.
+SYNTHETIC_OFFSETS = {"train": 0, "test": 10_000_000, "dev": 20_000_000}
 
 
 def find_split_files(data_path: str, split: str) -> List[str]:
@@ -68,6 +69,7 @@ class DataSpec:
         num_embeddings_per_feature: rows per feature.
         num_dense: dense inputs the data provides (0 for Avazu).
         train_files, test_files: click-log files (empty for synthetic).
+        dev_files: optional validation files (scoring references, tuning).
         synthetic: the generator's config (synthetic only).
         synthetic_train_batches, synthetic_test_batches: global batches per split.
     """
@@ -79,6 +81,7 @@ class DataSpec:
     train_files: List[str]
     test_files: List[str]
     synthetic: Optional[SyntheticConfig] = None
+    dev_files: List[str] = field(default_factory=list)
     synthetic_train_batches: int = 0
     synthetic_test_batches: int = 0
     skip_malformed: bool = False
@@ -98,6 +101,8 @@ class DataSpec:
         max_batches: Optional[int] = None,
     ):
         """The ``IterableDataset`` of one split for this rank."""
+        if split not in SYNTHETIC_OFFSETS:
+            raise ValueError(f"unknown split {split!r}")
         if self.kind == "synthetic":
             n = self.synthetic_train_batches if split == "train" else self.synthetic_test_batches
             if max_batches is not None:
@@ -105,10 +110,12 @@ class DataSpec:
             return SyntheticClickDataset(
                 self.synthetic, batch_size, n, rank=rank, world_size=world_size,
                 start_batch=start_batch,
-                batch_offset=0 if split == "train" else SYNTHETIC_TEST_OFFSET,
+                batch_offset=SYNTHETIC_OFFSETS[split],
                 id_dtype=self.id_dtype,
             )
-        files = self.train_files if split == "train" else self.test_files
+        files = {"train": self.train_files, "test": self.test_files, "dev": self.dev_files}[split]
+        if not files:
+            raise ValueError(f"no {split} files for --data {self.kind}")
         return ClickLogDataset(
             files, self.schema, self.num_embeddings_per_feature, batch_size,
             rank=rank, world_size=world_size,

@@ -137,6 +137,12 @@ def data_spec_from_args(args: argparse.Namespace) -> DataSpec:
         test = find_split_files(args.data_path, "test")
     else:
         raise SystemExit(f"--data {args.data} needs --data_path or --test_files")
+    dev: List[str] = []
+    if args.data_path:
+        try:
+            dev = find_split_files(args.data_path, "dev")
+        except FileNotFoundError:
+            pass  # a dev split is optional
     features = schema.sparse_feature_names
     sizes = args.num_embeddings_per_feature or [args.num_embeddings] * len(features)
     if len(sizes) != len(features):
@@ -146,7 +152,7 @@ def data_spec_from_args(args: argparse.Namespace) -> DataSpec:
         )
     return DataSpec(
         kind=args.data, feature_names=features, num_embeddings_per_feature=list(sizes),
-        num_dense=len(schema.dense), train_files=train, test_files=test,
+        num_dense=len(schema.dense), train_files=train, test_files=test, dev_files=dev,
         skip_malformed=args.skip_malformed, id_dtype=id_dtype,
     )
 

@@ -1,0 +1,56 @@
+"""The evaluation and benchmark tools run end to end on small shapes (numbers are not
+asserted here: they are measured by the tools and reported in BENCHMARKS.md)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "tools"))
+
+
+def test_spearman_against_hand_computed_values() -> None:
+    from eval_field_pruning import spearman
+
+    a = {"x": 1.0, "y": 2.0, "z": 3.0, "w": 4.0}
+    assert spearman(a, {"x": 10, "y": 20, "z": 30, "w": 40}) == pytest.approx(1.0)
+    assert spearman(a, {"x": 4, "y": 3, "z": 2, "w": 1}) == pytest.approx(-1.0)
+    # ranks (0,1,2,3) vs (1,0,3,2): 1 - 6*sum(d^2)/(n(n^2-1)) = 1 - 6*4/60 = 0.6
+    assert spearman(a, {"x": 2, "y": 1, "z": 4, "w": 3}) == pytest.approx(0.6)
+
+
+def _run(script: str, *args) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / script), *map(str, args)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_eval_field_pruning_runs_end_to_end(tmp_path: Path) -> None:
+    _run("eval_field_pruning.py", "--data", "synthetic", "--synthetic_num_fields", 6,
+         "--synthetic_informative", 2, "--synthetic_cardinality", 300,
+         "--synthetic_train_batches", 12, "--synthetic_test_batches", 2, "--embedding_dim", 8,
+         "--dense_arch_layer_sizes", "16,8", "--over_arch_layer_sizes", "16,1",
+         "--keep", "6,2", "--seeds", "0,1", "--out", tmp_path)
+    r = json.loads((tmp_path / "results.json").read_text())
+    assert r["keep"] == [6, 2] and set(r["seeds"]) == {"0", "1"}
+    s = r["seeds"]["0"]
+    assert set(s["scores"]) == {"shark-mean", "shark-shuffle", "shark-zero", "permutation", "random"}
+    assert set(s["auc"]["random"]) == {"6", "2"}
+    assert (tmp_path / "auc_vs_fields.png").stat().st_size > 10_000
+    assert "Spearman vs permutation" in (tmp_path / "summary.md").read_text()
+
+
+@pytest.mark.slow
+def test_bench_importance_overhead_runs(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    _run("bench_importance_overhead.py", "--fields", 4, "--rows", 1000, "--dim", 8,
+         "--batch_size", 64, "--steps", 2, "--rounds", 1, "--out", out)
+    r = json.loads(out.read_text())
+    assert set(r["ratio_to_untracked"]) == {"none", "mean", "shuffle", "zero"}
+    assert r["ratio_to_untracked"]["none"] == 1.0
