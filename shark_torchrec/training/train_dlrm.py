@@ -262,8 +262,12 @@ def _run(args: argparse.Namespace, env: DistEnv) -> Dict:
     logger.info("training on %d rank(s), %s, global batch %d", env.world_size, env.device,
                 args.batch_size * env.world_size)
 
+    saved_at = [-1]
+
     def save() -> None:
-        ckpt.save(full_state(), dict(progress))
+        if saved_at[0] != progress["global_step"] or progress["step_in_epoch"] == 0:
+            ckpt.save(full_state(), dict(progress))
+            saved_at[0] = progress["global_step"]
 
     stopped = False
     while progress["epoch"] < args.epochs and not stopped:
