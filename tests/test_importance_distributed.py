@@ -1,5 +1,5 @@
-"""SHARK scores on DMP-sharded models under torchrun: world-size independence, TorchRec's
-train pipelines, and the planted fields of the synthetic data."""
+"""SHARK field scores and row priorities on DMP-sharded models under torchrun: world-size
+independence, TorchRec's train pipelines, and the planted fields of the synthetic data."""
 
 from pathlib import Path
 
@@ -25,6 +25,11 @@ def test_two_processes_and_train_pipeline_match_one_process(tmp_path: Path) -> N
             assert runs[name]["seen"][baseline] == runs["1"]["seen"][baseline]
             for f, v in scores.items():
                 assert v == pytest.approx(ref[baseline][f], rel=1e-5), (name, baseline, f)
+    # Row priorities: equal to the single-process ones after reduction.
+    for name in ("2", "2-sparse-dist"):
+        for table, ref_p in runs["1"]["priorities"].items():
+            assert ref_p.sum() > 0
+            torch.testing.assert_close(runs[name]["priorities"][table], ref_p, rtol=1e-5, atol=1e-9)
     # The baselines really differ (a test that cannot tell them apart would prove nothing).
     assert ref["mean"] != ref["shuffle"] != ref["zero"]
 

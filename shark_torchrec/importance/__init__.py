@@ -1,10 +1,12 @@
-"""Field importance: which feature fields a model needs (SHARK's F-Permutation).
+"""Importance: which feature fields (F-Permutation) and which embedding rows (F-Quantization)
+a model needs.
 
 * :class:`TaylorFieldImportance` — SHARK's score, accumulated by hooks on plain and sharded
   ``EmbeddingBagCollection``s during ordinary training steps (``mean``, ``shuffle`` and
   ``zero`` baselines).
 * :class:`PermutationImportance` and :class:`RandomImportance` — references behind the same
   :class:`FieldImportance` interface.
+* :class:`RowPriority` — per-row priorities for F-Quantization (usage, labels, time decay).
 """
 
 from shark_torchrec.importance.base import FieldImportance, embedding_collections, table_scores
@@ -14,6 +16,7 @@ from shark_torchrec.importance.reference import (
     dlrm_per_sample_loss,
     shuffle_feature,
 )
+from shark_torchrec.importance.row_priority import RowPriority
 from shark_torchrec.importance.taylor import BASELINES, TaylorFieldImportance
 
 __all__ = [
@@ -21,6 +24,7 @@ __all__ = [
     "FieldImportance",
     "PermutationImportance",
     "RandomImportance",
+    "RowPriority",
     "TaylorFieldImportance",
     "dlrm_per_sample_loss",
     "embedding_collections",

@@ -9,7 +9,7 @@ import torch.distributed as dist
 from torchrec.distributed.train_pipeline import TrainPipelineBase, TrainPipelineSparseDist
 
 from shark_torchrec.data import SyntheticClickDataset, SyntheticConfig, make_dataloader
-from shark_torchrec.importance import BASELINES, TaylorFieldImportance
+from shark_torchrec.importance import BASELINES, RowPriority, TaylorFieldImportance
 from shark_torchrec.training import DLRMConfig, DLRMTrainer, OptimConfig, init_distributed
 
 p = argparse.ArgumentParser()
@@ -38,6 +38,8 @@ ds = SyntheticClickDataset(cfg, local, args.steps, rank=env.rank, world_size=env
 losses = []
 for t in trackers:
     t.attach()
+# Row priorities from the same steps (a pre-hook on the DMP model sees each Batch).
+rows = RowPriority(model_config.tables(), gamma=0.9).attach(trainer.model)
 if args.pipeline == "none":
     for batch in make_dataloader(ds):
         losses.append(trainer.train_step(batch).item())
@@ -54,9 +56,11 @@ else:
         losses.append(float(loss))
 for t in trackers:
     t.detach()
+rows.detach()
+priorities = rows.priorities()
 scores = {t.baseline: t.scores() for t in trackers}
 seen = {t.baseline: t.samples_seen() for t in trackers}
 if env.rank == 0:
     torch.save({"scores": scores, "seen": seen, "losses": losses, "informative": list(cfg.informative),
-                "noise": cfg.noise_fields}, args.out)
+                "noise": cfg.noise_fields, "priorities": priorities}, args.out)
 dist.destroy_process_group()

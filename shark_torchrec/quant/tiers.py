@@ -1,0 +1,258 @@
+"""Assigning every embedding row a precision tier (SHARK's F-Quantization).
+
+Tiers are the precisions FBGEMM's inference kernels read — ``FP32``, ``FP16``, ``INT8``,
+``INT4``, ``INT2`` (integer tiers row-wise quantized, each row with an fp16 scale and bias) —
+and ``DROP`` (the row reads as zeros and stores nothing).
+
+Two ways to assign them, from per-row priorities (:class:`~shark_torchrec.importance.RowPriority`)
+or counts supplied by the user:
+
+* :func:`assign_by_fractions` — rows sorted by priority; the top fraction gets the first tier,
+  and so on (e.g. 10% FP16, 30% INT8, 60% INT4).
+* :func:`assign_by_budget` — minimise ``Σ_v p[v] · err_tier(v)`` subject to the bytes of all
+  tables ≤ budget, where ``err_tier(v)`` is the measured squared error of row ``v`` quantized to
+  that tier (DROP: the row's squared norm).  Solved by Lagrangian relaxation: for a price ``λ``
+  per byte, each row takes the tier minimising ``p·err + λ·bytes``; ``λ`` is bisected to the
+  smallest price that meets the budget (so the result may leave a little of the budget unused).
+
+Bytes come from FBGEMM's own helpers (``rounded_row_size_in_bytes``: scale/bias and row
+alignment included; ``align_to_cacheline`` per physical sub-table).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from fbgemm_gpu.split_embedding_configs import SparseType
+from fbgemm_gpu.split_table_batched_embeddings_ops_inference import (
+    align_to_cacheline,
+    rounded_row_size_in_bytes,
+)
+
+
+class Tier(str, enum.Enum):
+    """A row's storage precision."""
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+    INT8 = "int8"
+    INT4 = "int4"
+    INT2 = "int2"
+    DROP = "drop"
+
+    @property
+    def sparse_type(self) -> Optional[SparseType]:
+        return None if self is Tier.DROP else SparseType(self.value)
+
+    @staticmethod
+    def parse(name: "str | Tier") -> "Tier":
+        try:
+            return Tier(name.lower() if isinstance(name, str) else name)
+        except ValueError:
+            raise ValueError(
+                f"unknown tier {name!r} (tiers: {[t.value for t in Tier]})"
+            ) from None
+
+
+#: Tiers from most to least precise (the order priorities are mapped onto).
+TIER_ORDER: Tuple[Tier, ...] = (Tier.FP32, Tier.FP16, Tier.INT8, Tier.INT4, Tier.INT2, Tier.DROP)
+
+#: Row alignment of FBGEMM's inference TBE on CUDA (on CPU it is 1); 16 is the conservative
+#: choice for byte budgets, since a model may be served on either.
+DEFAULT_ROW_ALIGNMENT = 16
+
+
+def row_bytes(tier: Tier, dim: int, row_alignment: int = DEFAULT_ROW_ALIGNMENT) -> int:
+    """Bytes of one row in ``tier`` (0 for DROP), as FBGEMM lays it out."""
+    if tier is Tier.DROP:
+        return 0
+    return rounded_row_size_in_bytes(dim, tier.sparse_type, row_alignment)
+
+
+def sub_table_bytes(tier: Tier, rows: int, dim: int, row_alignment: int = DEFAULT_ROW_ALIGNMENT) -> int:
+    """Bytes of a physical sub-table of ``rows`` rows in ``tier`` (cache-line aligned)."""
+    if tier is Tier.DROP or rows == 0:
+        return 0
+    return align_to_cacheline(rows * row_bytes(tier, dim, row_alignment))
+
+
+def quantization_error(weights: torch.Tensor, tier: Tier) -> torch.Tensor:
+    """Squared L2 error per row of ``weights`` [N, D] stored in ``tier`` and read back
+    (FBGEMM's own row-wise quantizers; DROP: the squared norm)."""
+    w = weights.detach().float().cpu().contiguous()
+    if tier is Tier.FP32:
+        return torch.zeros(w.shape[0], dtype=torch.float64)
+    if tier is Tier.DROP:
+        back = torch.zeros_like(w)
+    elif tier is Tier.FP16:
+        back = w.half().float()
+    else:
+        bits = {Tier.INT8: 8, Tier.INT4: 4, Tier.INT2: 2}[tier]
+        q = torch.ops.fbgemm.FloatOrHalfToFusedNBitRowwiseQuantizedSBHalf(w, bits)
+        back = torch.ops.fbgemm.FusedNBitRowwiseQuantizedSBHalfToFloat(q, bits)
+    return ((w - back).double() ** 2).sum(1)
+
+
+@dataclass
+class TierAssignment:
+    """Per-row tiers of a set of tables.
+
+    Attributes:
+        tiers: ``{table: int8 tensor [rows]}`` of indices into :data:`TIER_ORDER`.
+        dims: ``{table: embedding_dim}``.
+        row_alignment: the row alignment bytes were computed with.
+        method: how it was chosen (for reports).
+    """
+
+    tiers: Dict[str, torch.Tensor]
+    dims: Dict[str, int]
+    row_alignment: int = DEFAULT_ROW_ALIGNMENT
+    method: str = ""
+    details: Dict[str, float] = field(default_factory=dict)
+
+    def rows_per_tier(self, table: str) -> Dict[Tier, int]:
+        counts = torch.bincount(self.tiers[table].long(), minlength=len(TIER_ORDER))
+        return {t: int(counts[i]) for i, t in enumerate(TIER_ORDER) if counts[i] > 0}
+
+    def bytes_per_tier(self, table: str) -> Dict[Tier, int]:
+        """Bytes of each tier's physical sub-table of ``table`` (cache-line aligned)."""
+        return {t: sub_table_bytes(t, n, self.dims[table], self.row_alignment)
+                for t, n in self.rows_per_tier(table).items()}
+
+    def table_bytes(self, table: str) -> int:
+        return sum(self.bytes_per_tier(table).values())
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.table_bytes(t) for t in self.tiers)
+
+    def report(self) -> Dict[str, Dict[str, object]]:
+        """``{table: {"rows": {tier: n}, "bytes": {tier: b}, "total_bytes": b,
+        "fp32_bytes": b}}`` (fp32 bytes: the same table stored uncompressed)."""
+        out = {}
+        for name, t in self.tiers.items():
+            out[name] = {
+                "rows": {k.value: v for k, v in self.rows_per_tier(name).items()},
+                "bytes": {k.value: v for k, v in self.bytes_per_tier(name).items()},
+                "total_bytes": self.table_bytes(name),
+                "fp32_bytes": sub_table_bytes(Tier.FP32, t.numel(), self.dims[name], self.row_alignment),
+            }
+        return out
+
+
+def _check_priorities(priorities: Dict[str, torch.Tensor], dims: Dict[str, int]) -> None:
+    unknown = sorted(set(priorities) - set(dims))
+    missing = sorted(set(dims) - set(priorities))
+    if unknown or missing:
+        raise ValueError(f"priorities do not match the tables: unknown {unknown}, missing {missing}")
+    for name, p in priorities.items():
+        bad = ~torch.isfinite(p) | (p < 0)
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0])
+            raise ValueError(f"table {name!r}: priority of row {row} is {float(p[row])} "
+                             f"(must be finite and >= 0)")
+
+
+def assign_by_fractions(
+    priorities: Dict[str, torch.Tensor],
+    dims: Dict[str, int],
+    fractions: Dict["str | Tier", float],
+    row_alignment: int = DEFAULT_ROW_ALIGNMENT,
+) -> TierAssignment:
+    """Tiers by fractions of rows, per table: the highest-priority rows get the most precise
+    tier named.  ``fractions`` (e.g. ``{"fp16": .1, "int8": .3, "int4": .6}``) must sum to 1;
+    ties are broken by row id (lower first), so the result is deterministic."""
+    _check_priorities(priorities, dims)
+    fr = {Tier.parse(k): float(v) for k, v in fractions.items()}
+    if any(v < 0 for v in fr.values()) or not math.isclose(sum(fr.values()), 1.0, abs_tol=1e-6):
+        raise ValueError(f"tier fractions must be >= 0 and sum to 1, got {fractions}")
+    order = [t for t in TIER_ORDER if fr.get(t, 0) > 0]
+    tiers = {}
+    for name, p in priorities.items():
+        n = p.numel()
+        # Stable sort by descending priority: ties keep ascending row ids.
+        rank = torch.sort(-p.double(), stable=True).indices
+        out = torch.empty(n, dtype=torch.int8)
+        start, acc = 0, 0.0
+        for i, t in enumerate(order):
+            acc += fr[t]
+            end = n if i == len(order) - 1 else min(n, int(round(acc * n)))
+            out[rank[start:end]] = TIER_ORDER.index(t)
+            start = end
+        tiers[name] = out
+    return TierAssignment(tiers, dict(dims), row_alignment,
+                          method="fractions " + ", ".join(f"{t.value}={fr[t]:g}" for t in order))
+
+
+def assign_by_budget(
+    priorities: Dict[str, torch.Tensor],
+    weights: Dict[str, torch.Tensor],
+    budget_bytes: int,
+    tiers: Sequence["str | Tier"] = ("fp16", "int8", "int4", "int2", "drop"),
+    row_alignment: int = DEFAULT_ROW_ALIGNMENT,
+    iterations: int = 60,
+) -> TierAssignment:
+    """Tiers minimising the priority-weighted quantization error within ``budget_bytes``
+    (all tables together).
+
+    Args:
+        priorities: ``{table: [rows]}`` priorities (or counts), >= 0.
+        weights: ``{table: [rows, dim]}`` float weights (the errors are measured on them).
+        budget_bytes: bytes for all tables' rows (per-row bytes; the cache-line padding of each
+            sub-table, at most 127 bytes per sub-table, comes on top and is in the report).
+        tiers: the tiers rows may take.
+    """
+    dims = {name: int(w.shape[1]) for name, w in weights.items()}
+    _check_priorities(priorities, dims)
+    allowed = sorted({Tier.parse(t) for t in tiers}, key=TIER_ORDER.index)
+    if not allowed:
+        raise ValueError("no tiers allowed")
+    for name, w in weights.items():
+        if not bool(torch.isfinite(w).all()):
+            row = int((~torch.isfinite(w)).any(1).nonzero()[0])
+            raise ValueError(f"table {name!r}: row {row} of the weights is not finite")
+        if w.shape[0] != priorities[name].numel():
+            raise ValueError(f"table {name!r}: {priorities[name].numel()} priorities for "
+                             f"{w.shape[0]} rows")
+    names = list(weights)
+    cost, size = [], []
+    for name in names:
+        err = torch.stack([quantization_error(weights[name], t) for t in allowed], 1)  # [N, K]
+        cost.append(priorities[name].double().unsqueeze(1) * err)
+        size.append(torch.tensor([row_bytes(t, dims[name], row_alignment) for t in allowed],
+                                 dtype=torch.float64))
+
+    def choose(lam: float) -> Tuple[List[torch.Tensor], float]:
+        picks, total = [], 0.0
+        for c, b in zip(cost, size):
+            k = torch.argmin(c + lam * b.unsqueeze(0), dim=1)
+            picks.append(k)
+            total += float(b[k].sum())
+        return picks, total
+
+    picks, total = choose(0.0)
+    lam_lo, lam_hi = 0.0, 1.0
+    if total > budget_bytes:
+        smallest = sum(float(b.min()) * c.shape[0] for c, b in zip(cost, size))
+        if smallest > budget_bytes:
+            raise ValueError(f"budget {budget_bytes} bytes is below the smallest possible size "
+                             f"{int(smallest)} with tiers {[t.value for t in allowed]}")
+        while choose(lam_hi)[1] > budget_bytes:
+            lam_hi *= 4.0
+        for _ in range(iterations):
+            mid = (lam_lo + lam_hi) / 2
+            if choose(mid)[1] > budget_bytes:
+                lam_lo = mid
+            else:
+                lam_hi = mid
+        picks, total = choose(lam_hi)
+    out = {name: torch.tensor([TIER_ORDER.index(allowed[i]) for i in range(len(allowed))],
+                              dtype=torch.int8)[k] for name, k in zip(names, picks)}
+    objective = sum(float(c.gather(1, k.unsqueeze(1)).sum()) for c, k in zip(cost, picks))
+    return TierAssignment(out, dims, row_alignment, method=f"budget {budget_bytes} bytes",
+                          details={"row_bytes": total, "weighted_error": objective,
+                                   "lambda": lam_hi if total else 0.0})

@@ -1,0 +1,106 @@
+"""Row priorities: the update rule against a naive dense reference, lazy decay with
+renormalisation, shared tables, bad ids, hooks and state round trips."""
+
+import math
+
+import pytest
+import torch
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+from torchrec.models.dlrm import DLRM, DLRMTrain
+
+from shark_torchrec.data import SyntheticClickDataset, SyntheticConfig
+from shark_torchrec.importance import RowPriority
+
+CFG = SyntheticConfig.default(num_fields=3, num_informative=1, cardinality=40,
+                              multi_hot_fields=1, max_hot=4, seed=4)
+
+
+def _tables(shared=False):
+    if shared:
+        return [EmbeddingBagConfig(name="t01", embedding_dim=4, num_embeddings=40,
+                                   feature_names=["cat_0", "cat_1"]),
+                EmbeddingBagConfig(name="t2", embedding_dim=4, num_embeddings=40, feature_names=["cat_2"])]
+    return [EmbeddingBagConfig(name=f"t{i}", embedding_dim=4, num_embeddings=40, feature_names=[f"cat_{i}"])
+            for i in range(3)]
+
+
+def _naive(tables, batches, alpha, beta, gamma):
+    """p ← γ·p + Σ occurrences (α | β), every row decayed every step, in float64."""
+    feat = {f: t.name for t in tables for f in t.feature_names}
+    p = {t.name: torch.zeros(t.num_embeddings, dtype=torch.float64) for t in tables}
+    for b in batches:
+        for v in p.values():
+            v.mul_(gamma)
+        d = b.sparse_features.to_dict()
+        for f, jt in d.items():
+            for n, bag in enumerate(torch.split(jt.values(), jt.lengths().tolist())):
+                for i in bag.tolist():
+                    p[feat[f]][i] += alpha if b.labels[n] > 0.5 else beta
+    return p
+
+
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("gamma", [1.0, 0.9, 0.3])  # 0.3: renormalises after ~50 steps
+def test_priorities_equal_naive_reference(shared: bool, gamma: float) -> None:
+    tables = _tables(shared)
+    batches = [SyntheticClickDataset(CFG, 16, 80).global_batch(g) for g in range(80)]
+    rp = RowPriority(tables, alpha=1.0, beta=0.25, gamma=gamma)
+    for b in batches:
+        rp.update(b.sparse_features, b.labels)
+    got = rp.priorities()
+    ref = _naive(tables, batches, 1.0, 0.25, gamma)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-12)
+    assert rp.memory_bytes == 4 * 40 * len(tables)
+    if gamma == 0.3:
+        assert rp._log_scale < 80 * -math.log(0.3)  # it did renormalise
+
+
+def test_bad_id_names_feature_and_id() -> None:
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    rp = RowPriority(_tables())
+    kjt = KeyedJaggedTensor.from_lengths_sync(["cat_0", "cat_1", "cat_2"], torch.tensor([1, 40, 3]),
+                                              torch.tensor([1, 1, 1]))
+    with pytest.raises(ValueError, match=r"feature 'cat_1': id 40 is outside table 't1' \(40 rows\)"):
+        rp.update(kjt, torch.tensor([1.0]))
+    with pytest.raises(ValueError, match="gamma"):
+        RowPriority(_tables(), gamma=0.0)
+
+
+def test_attached_to_a_model_counts_training_forwards_only() -> None:
+    tables = _tables()
+    model = DLRMTrain(DLRM(embedding_bag_collection=EmbeddingBagCollection(tables=tables),
+                           dense_in_features=13, dense_arch_layer_sizes=[8, 4], over_arch_layer_sizes=[8, 1]))
+    batches = [SyntheticClickDataset(CFG, 16, 3).global_batch(g) for g in range(3)]
+    rp = RowPriority(tables, gamma=1.0).attach(model)
+    with rp:
+        model.train()
+        model(batches[0])
+        model(batches[1])
+        model.eval()
+        model(batches[2])
+    model.train()
+    model(batches[2])  # detached
+    ref = _naive(tables, batches[:2], 1.0, 0.2, 1.0)
+    for name, p in rp.priorities().items():
+        torch.testing.assert_close(p, ref[name])
+
+
+def test_state_dict_round_trip() -> None:
+    tables = _tables()
+    batches = [SyntheticClickDataset(CFG, 16, 10).global_batch(g) for g in range(10)]
+    full = RowPriority(tables, gamma=0.8)
+    for b in batches:
+        full.update(b.sparse_features, b.labels)
+    first = RowPriority(tables, gamma=0.8)
+    for b in batches[:4]:
+        first.update(b.sparse_features, b.labels)
+    resumed = RowPriority(tables, gamma=0.8)
+    resumed.load_state_dict(first.state_dict())
+    for b in batches[4:]:
+        resumed.update(b.sparse_features, b.labels)
+    for name, p in full.priorities().items():
+        torch.testing.assert_close(resumed.priorities()[name], p, rtol=1e-6, atol=1e-12)
+    with pytest.raises(ValueError, match="gamma=0.8"):
+        RowPriority(tables, gamma=0.9).load_state_dict(first.state_dict())

@@ -1,0 +1,95 @@
+"""Tier assignment: FBGEMM byte sizes, fractions, the byte-budget optimiser, bad input."""
+
+import itertools
+
+import pytest
+import torch
+
+from shark_torchrec.quant import (
+    TIER_ORDER,
+    Tier,
+    assign_by_budget,
+    assign_by_fractions,
+    quantization_error,
+    row_bytes,
+    sub_table_bytes,
+)
+
+
+def test_row_bytes_follow_fbgemm_layout() -> None:
+    # dim 64: fp32 4 B/elem; fp16 2; int8 1 + 4 B fp16 scale/bias; int4 ½; int2 ¼; rows padded to 16.
+    assert [row_bytes(t, 64) for t in TIER_ORDER] == [256, 128, 80, 48, 32, 0]
+    assert [row_bytes(t, 64, row_alignment=1) for t in TIER_ORDER] == [256, 128, 68, 36, 20, 0]
+    assert sub_table_bytes(Tier.INT4, 3, 64) == 256  # 3 × 48 = 144, padded to a 128-byte line
+    assert sub_table_bytes(Tier.DROP, 1000, 64) == 0
+
+
+def test_quantization_errors_are_ordered_by_precision() -> None:
+    w = torch.randn(200, 32) * 0.1
+    errs = [float(quantization_error(w, t).mean()) for t in TIER_ORDER]
+    assert errs[0] == 0 and all(a < b for a, b in zip(errs, errs[1:]))
+    assert quantization_error(w, Tier.DROP).allclose((w.double() ** 2).sum(1))
+
+
+def test_fractions_put_the_highest_priorities_in_the_best_tier() -> None:
+    p = {"a": torch.tensor([5.0, 1.0, 9.0, 1.0, 0.0, 3.0, 7.0, 2.0, 8.0, 4.0])}
+    a = assign_by_fractions(p, {"a": 16}, {"fp16": 0.2, "int8": 0.3, "int4": 0.5})
+    tiers = [TIER_ORDER[i] for i in a.tiers["a"].tolist()]
+    assert {i for i, t in enumerate(tiers) if t is Tier.FP16} == {2, 8}       # 9, 8
+    assert {i for i, t in enumerate(tiers) if t is Tier.INT8} == {6, 0, 9}    # 7, 5, 4
+    assert a.rows_per_tier("a") == {Tier.FP16: 2, Tier.INT8: 3, Tier.INT4: 5}
+    assert a.bytes_per_tier("a") == {Tier.FP16: 128, Tier.INT8: 128, Tier.INT4: 128}
+    assert a.report()["a"]["fp32_bytes"] == 640
+    # Ties: the lower row id goes first (rows 1 and 3 both have priority 1).
+    b = assign_by_fractions(p, {"a": 16}, {"int8": 0.9, "drop": 0.1})
+    assert TIER_ORDER[b.tiers["a"][4]] is Tier.DROP
+
+
+def test_bad_fractions_and_priorities() -> None:
+    p = {"a": torch.ones(4)}
+    with pytest.raises(ValueError, match="sum to 1"):
+        assign_by_fractions(p, {"a": 8}, {"fp16": 0.5, "int8": 0.4})
+    with pytest.raises(ValueError, match="unknown tier 'int3'"):
+        assign_by_fractions(p, {"a": 8}, {"int3": 1.0})
+    with pytest.raises(ValueError, match=r"table 'a': priority of row 2 is nan"):
+        assign_by_fractions({"a": torch.tensor([1.0, 2.0, float("nan"), 0.0])}, {"a": 8}, {"int8": 1.0})
+    w = torch.randn(4, 8)
+    w[3, 1] = float("inf")
+    with pytest.raises(ValueError, match=r"table 'a': row 3 of the weights is not finite"):
+        assign_by_budget(p, {"a": w}, 10_000)
+    with pytest.raises(ValueError, match="below the smallest possible size"):
+        assign_by_budget(p, {"a": torch.randn(4, 8)}, 10, tiers=["int8"])
+
+
+def test_budget_is_met_and_beats_fractions_of_the_same_size() -> None:
+    torch.manual_seed(0)
+    w = {"a": torch.randn(2000, 32) * 0.05, "b": torch.randn(1000, 32) * 0.05}
+    p = {"a": torch.rand(2000) ** 6, "b": torch.rand(1000) ** 2}
+    frac = assign_by_fractions(p, {"a": 32, "b": 32}, {"fp16": 0.1, "int8": 0.3, "int4": 0.6})
+    budget = sum(row_bytes(TIER_ORDER[int(i)], 32) for t in frac.tiers.values() for i in t)
+    opt = assign_by_budget(p, w, budget)
+    assert opt.details["row_bytes"] <= budget
+
+    def objective(a):
+        return sum(float((p[n].double() * torch.stack([quantization_error(w[n], t) for t in TIER_ORDER], 1)
+                          .gather(1, a.tiers[n].long().unsqueeze(1)).squeeze(1)).sum()) for n in w)
+
+    assert objective(opt) == pytest.approx(opt.details["weighted_error"], rel=1e-9)
+    assert objective(opt) < objective(frac)
+
+
+def test_budget_solution_is_optimal_for_its_size_by_brute_force() -> None:
+    torch.manual_seed(1)
+    w = {"a": torch.randn(4, 16) * 0.1}
+    p = {"a": torch.tensor([3.0, 0.5, 1.0, 0.05])}
+    tiers = [Tier.FP16, Tier.INT8, Tier.INT4, Tier.DROP]
+    err = torch.stack([quantization_error(w["a"], t) for t in tiers], 1)
+    size = [row_bytes(t, 16) for t in tiers]
+    for budget in (60, 100, 150, 200):
+        opt = assign_by_budget(p, w, budget, tiers=tiers)
+        used = opt.details["row_bytes"]
+        best = min(sum(float(p["a"][r] * err[r, k]) for r, k in enumerate(choice))
+                   for choice in itertools.product(range(4), repeat=4)
+                   if sum(size[k] for k in choice) <= used)
+        assert opt.details["weighted_error"] == pytest.approx(best, rel=1e-9, abs=1e-15)
+        assert used <= budget
