@@ -105,7 +105,7 @@ def test_memory_report_equals_the_buffers_held() -> None:
                for tbe in m.qebc._emb_modules)
     assert r["weights_bytes"] == held
     assert sum(sum(t.values()) for t in r["tables"].values()) == held
-    assert r["total_bytes"] == held + m.row_map.numel() * 4
+    assert r["total_bytes"] == held + m.input_transform.row_map.numel() * 4
     assert sum(a.table_bytes(t) for t in a.tiers) == held  # the assignment predicted it
 
 
@@ -140,3 +140,25 @@ def test_state_dict_round_trip_without_the_float_model(tmp_path) -> None:
     other = RowwiseMixedEmbeddingBagCollection.from_float(other_ebc, other_a)
     with pytest.raises(ValueError, match="differently laid out"):
         other.load_state_dict(m.state_dict())
+
+
+class _Transformed(torch.utils.data.IterableDataset):
+    def __init__(self, transform, batches):
+        self.transform, self.batches = transform, batches
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        for i, kjt in enumerate(self.batches):
+            if info is None or i % info.num_workers == info.id:
+                yield self.transform(kjt)
+
+
+def test_input_transform_runs_in_data_loader_workers() -> None:
+    _, ebc, a = _setup(pooling=PoolingType.MEAN)
+    m = RowwiseMixedEmbeddingBagCollection.from_float(ebc, a)
+    raw = [_batch(B=16 + i) for i in range(4)]
+    loader = torch.utils.data.DataLoader(_Transformed(m.input_transform, raw), batch_size=None,
+                                         num_workers=2)
+    for kjt, pre in zip(raw, loader):
+        assert pre.keys()[0] == "cat_0@fp32"
+        assert torch.equal(m(pre).values(), m(kjt).values())

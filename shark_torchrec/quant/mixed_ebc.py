@@ -96,6 +96,75 @@ class MixedLayout:
                                    pooling=PoolingType(t["pooling"])) for t in self.tables]
 
 
+class RowwiseInputTransform(nn.Module):
+    """The id-to-tier part of a :class:`RowwiseMixedEmbeddingBagCollection`'s forward, as a
+    separate input transform: a ``KeyedJaggedTensor`` of the collection's features becomes one
+    with features ``"<feature>@<tier>"`` (tier-major) holding local rows of each tier's
+    sub-table.  It holds only the id map, so it is cheap to ship to data-loader workers and
+    takes the remapping off the serving path (``collection(transform(kjt))``).
+
+    Every id is renumbered with one gather over all features, then split by tier with one
+    ``block_bucketize_sparse_features`` call.  Ids outside their table raise an error naming
+    the feature and the id, unless ``check_ids=False``.
+    """
+
+    def __init__(self, layout: MixedLayout, device: torch.device = torch.device("cpu"),
+                 check_ids: bool = True) -> None:
+        super().__init__()
+        self.check_ids = check_ids
+        configs = layout.configs()
+        tiers = [Tier.parse(t) for t in layout.tiers]
+        self.features = [f for c in configs for f in c.feature_names]
+        self._config = {f: c for c in configs for f in c.feature_names}
+        self.bucket_keys = [f"{f}@{t.value}" for t in tiers for f in self.features]
+        self.num_tiers = len(tiers)
+        self.table_base, base = {}, 0
+        for c in configs:
+            self.table_base[c.name] = base
+            base += c.num_embeddings
+        # Renumbered row of every row of every table (tables concatenated): 4 bytes per row.
+        self.register_buffer("row_map", torch.zeros(base, dtype=torch.int32, device=device))
+        self.register_buffer("feature_base", torch.tensor(
+            [self.table_base[self._config[f].name] for f in self.features], device=device),
+            persistent=False)
+        self.register_buffer("feature_rows", torch.tensor(
+            [self._config[f].num_embeddings for f in self.features], device=device),
+            persistent=False)
+        self.register_buffer("block_sizes", torch.tensor(
+            [max(1, self._config[f].num_embeddings) for f in self.features], device=device),
+            persistent=False)
+        self._bucket_pos = [torch.cumsum(torch.tensor([0] + layout.rows[self._config[f].name]), 0).to(device)
+                            for f in self.features]
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        if features.keys() != self.features:
+            keys = features.keys()
+            unknown = sorted(set(keys) - set(self.features))
+            missing = [f for f in self.features if f not in keys]
+            if unknown or missing:
+                raise KeyError(f"input features do not match the collection: unknown {unknown}, "
+                               f"missing {missing}")
+            features = features.permute([keys.index(f) for f in self.features])
+        values, lengths = features.values(), features.lengths()
+        per_key = torch.tensor(features.length_per_key(), device=values.device)
+        feature_of_id = torch.repeat_interleave(
+            torch.arange(len(self.features), device=values.device), per_key)
+        if self.check_ids:
+            bad = (values < 0) | (values >= self.feature_rows[feature_of_id])
+            if bool(bad.any()):
+                i = int(bad.nonzero()[0])
+                f = self.features[int(feature_of_id[i])]
+                c = self._config[f]
+                raise ValueError(f"feature {f!r}: id {int(values[i])} is outside table "
+                                 f"{c.name!r} ({c.num_embeddings} rows)")
+        renumbered = self.row_map[values.long() + self.feature_base[feature_of_id]].to(values.dtype)
+        new_lengths, local_ids, new_weights, _, _ = torch.ops.fbgemm.block_bucketize_sparse_features(
+            lengths, renumbered, False, False, self.block_sizes.to(values.dtype), self.num_tiers,
+            features.weights_or_none(), None, -1, [p.to(values.dtype) for p in self._bucket_pos])
+        return KeyedJaggedTensor(keys=self.bucket_keys, values=local_ids, lengths=new_lengths,
+                                 weights=new_weights, stride=features.stride())
+
+
 class RowwiseMixedEmbeddingBagCollection(nn.Module):
     """Row-wise mixed-precision replacement for a TorchRec ``EmbeddingBagCollection``.
 
@@ -137,29 +206,7 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
         self.qebc = QuantEmbeddingBagCollection(
             tables=physical, is_weighted=layout.is_weighted, device=device,
             output_dtype=torch.float)
-        # Renumbering: one int32 map over all tables' rows (tables concatenated), and the tier
-        # boundaries of every feature's table, for block_bucketize_sparse_features.
-        total = sum(c.num_embeddings for c in self._configs)
-        self.register_buffer("row_map", torch.zeros(total, dtype=torch.int32, device=device))
-        bases, base = {}, 0
-        for c in self._configs:
-            bases[c.name] = base
-            base += c.num_embeddings
-        self._table_base = bases
-        self.register_buffer("feature_base", torch.tensor(
-            [bases[self._feature_config[f].name] for f in self._features], dtype=torch.int64,
-            device=device), persistent=False)
-        self.register_buffer("feature_rows", torch.tensor(
-            [self._feature_config[f].num_embeddings for f in self._features], dtype=torch.int64,
-            device=device), persistent=False)
-        self._bucket_pos = []
-        for f in self._features:
-            counts = layout.rows[self._feature_config[f].name]
-            pos = torch.cumsum(torch.tensor([0] + counts), 0)
-            self._bucket_pos.append(pos.to(device))
-        self._block_sizes = torch.tensor(
-            [max(1, self._feature_config[f].num_embeddings) for f in self._features],
-            dtype=torch.int64, device=device)
+        self.input_transform = RowwiseInputTransform(layout, device=device, check_ids=check_ids)
         # Output columns: each (tier, feature) block of the quantized output adds into the
         # feature's block of ours.
         self._out_offsets = torch.cumsum(torch.tensor([0] + self._dims), 0).tolist()
@@ -200,8 +247,8 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
             perm = perms[c.name]
             new_id = torch.empty_like(perm)
             new_id[perm] = torch.arange(perm.numel())
-            base = module._table_base[c.name]
-            module.row_map[base : base + c.num_embeddings] = new_id.to(torch.int32)
+            base = module.input_transform.table_base[c.name]
+            module.input_transform.row_map[base : base + c.num_embeddings] = new_id.to(torch.int32)
             w = ebc.embedding_bags[c.name].weight.detach().cpu()
             start = 0
             for k, tier in enumerate(tiers):
@@ -273,7 +320,8 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
                 per_table[table][tier] = sub_table_bytes(Tier(tier), rows, dim, tbe.row_alignment)
         weights = sum(int(getattr(tbe, a).numel()) for tbe in self.qebc._emb_modules
                       for a in ("weights_host", "weights_dev", "weights_uvm"))
-        id_map = self.row_map.numel() * self.row_map.element_size()
+        row_map = self.input_transform.row_map
+        id_map = row_map.numel() * row_map.element_size()
         return {"tables": per_table, "weights_bytes": weights, "id_map_bytes": id_map,
                 "total_bytes": weights + id_map}
 
@@ -281,54 +329,21 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
         return list(self._configs)
 
     # ------------------------------------------------------------------ forward
-    def remap(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        """The input with every id renumbered so that each tier's rows are contiguous
-        (checks ids first, unless ``check_ids=False``).  Idempotent use is an error: pass the
-        result to :meth:`forward_remapped`."""
-        if features.keys() != self._features:
-            unknown = sorted(set(features.keys()) - set(self._features))
-            missing = [f for f in self._features if f not in features.keys()]
-            if unknown or missing:
-                raise KeyError(f"input features do not match the collection: unknown {unknown}, "
-                               f"missing {missing}")
-            features = features.permute([features.keys().index(f) for f in self._features])
-        values = features.values()
-        per_key = torch.tensor(features.length_per_key(), device=values.device)
-        feature_of_id = torch.repeat_interleave(torch.arange(len(self._features), device=values.device), per_key)
-        if self.check_ids:
-            rows = self.feature_rows[feature_of_id]
-            bad = (values < 0) | (values >= rows)
-            if bool(bad.any()):
-                i = int(bad.nonzero()[0])
-                f = self._features[int(feature_of_id[i])]
-                raise ValueError(f"feature {f!r}: id {int(values[i])} is outside table "
-                                 f"{self._feature_config[f].name!r} ({self._feature_config[f].num_embeddings} rows)")
-        new = self.row_map[(values.long() + self.feature_base[feature_of_id])].to(values.dtype)
-        return KeyedJaggedTensor(keys=self._features, values=new, lengths=features.lengths(),
-                                 weights=features.weights_or_none(), stride=features.stride())
-
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        return self.forward_remapped(self.remap(features))
-
-    def forward_remapped(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        """Forward for inputs already passed through :meth:`remap` (e.g. in data workers)."""
+        """Pooled embeddings of ``features`` — either the collection's own features, or the
+        output of :attr:`input_transform` (already split by tier, e.g. in data workers)."""
+        if features.keys() != self.input_transform.bucket_keys:
+            features = self.input_transform(features)
         B = features.stride()
-        lengths = features.lengths()
-        values = features.values()
-        K = len(self._tiers)
-        new_lengths, local_ids, new_weights, _, _ = torch.ops.fbgemm.block_bucketize_sparse_features(
-            lengths, values, False, False, self._block_sizes.to(values.dtype), K,
-            features.weights_or_none(), None, -1, [p.to(values.dtype) for p in self._bucket_pos])
-        keys = [f"{f}@{t.value}" for t in self._tiers for f in self._features]
-        kjt = KeyedJaggedTensor(keys=keys, values=local_ids, lengths=new_lengths,
-                                weights=new_weights if self.layout.is_weighted else None, stride=B)
-        kt = self.qebc(kjt)
+        kt = self.qebc(features)
         q = kt.values()
         if self._colmap is None or self._colmap.device != q.device:
             self._colmap = self._column_map(kt.keys(), kt.length_per_key()).to(q.device)
         out = torch.zeros(B, self._out_offsets[-1], dtype=q.dtype, device=q.device)
         out.index_add_(1, self._colmap, q)
         if any(c.pooling == PoolingType.MEAN for c in self._configs):
+            # A bag's full length is the sum of its tiers' (DROP included: it counts as zeros).
+            lengths = features.lengths().view(len(self._tiers), len(self._features), B).sum(0)
             out = self._mean(out, lengths, B)
         return KeyedTensor(keys=list(self._features), length_per_key=list(self._dims), values=out)
 
@@ -342,7 +357,7 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
         return torch.cat(cols)
 
     def _mean(self, out: torch.Tensor, lengths: torch.Tensor, B: int) -> torch.Tensor:
-        L = lengths.view(len(self._features), B).to(out.dtype).clamp(min=1)
+        L = lengths.to(out.dtype).clamp(min=1)
         divisor = torch.ones_like(out)
         for i, f in enumerate(self._features):
             if self._feature_config[f].pooling == PoolingType.MEAN:
