@@ -4,8 +4,18 @@
   precisions) and DROP.
 * :func:`assign_by_fractions`, :func:`assign_by_budget` → :class:`TierAssignment` — from row
   priorities to per-row tiers, with byte reports computed by FBGEMM's own helpers.
+* :class:`RowwiseMixedEmbeddingBagCollection` (+ :class:`RowwiseInputTransform`) — the
+  mixed-precision collection on TorchRec's quantized collection / FBGEMM's IntNBit TBE.
+* :func:`quantize_` + :class:`RowwiseQuantConfig` — swap a model's collections in place.
 """
 
+from shark_torchrec.quant.api import RowwiseQuantConfig, assign_tiers, quantize_
+from shark_torchrec.quant.mixed_ebc import (
+    RowwiseInputTransform,
+    RowwiseMixedEmbeddingBagCollection,
+    dequantize_rows,
+    quantize_rows,
+)
 from shark_torchrec.quant.tiers import (
     DEFAULT_ROW_ALIGNMENT,
     TIER_ORDER,
@@ -19,6 +29,13 @@ from shark_torchrec.quant.tiers import (
 )
 
 __all__ = [
+    "RowwiseInputTransform",
+    "RowwiseMixedEmbeddingBagCollection",
+    "RowwiseQuantConfig",
+    "assign_tiers",
+    "dequantize_rows",
+    "quantize_",
+    "quantize_rows",
     "DEFAULT_ROW_ALIGNMENT",
     "TIER_ORDER",
     "Tier",

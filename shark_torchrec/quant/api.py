@@ -1,0 +1,197 @@
+"""``quantize_``: swap a model's ``EmbeddingBagCollection``s for row-wise mixed-precision ones,
+in place, in the style of torchao (``quantize_(model, Config(...), filter_fn=...)``).
+
+    from shark_torchrec.quant import RowwiseQuantConfig, quantize_
+    priorities = row_priority.priorities()            # {table: [rows]}, or counts of your own
+    quantize_(dlrm, RowwiseQuantConfig(fractions={"fp16": .1, "int8": .3, "int4": .6}),
+              priorities=priorities)
+    quantize_(dlrm, RowwiseQuantConfig(budget_fraction=0.25,
+                                       table_overrides={"t_cat_3": "fp16", "t_cat_7": "exclude"}),
+              priorities=priorities)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Sequence
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+from shark_torchrec.quant.mixed_ebc import RowwiseMixedEmbeddingBagCollection
+from shark_torchrec.quant.tiers import (
+    DEFAULT_ROW_ALIGNMENT,
+    TIER_ORDER,
+    Tier,
+    TierAssignment,
+    assign_by_budget,
+    assign_by_fractions,
+    row_bytes,
+)
+
+EXCLUDE = "exclude"
+
+
+@dataclass
+class RowwiseQuantConfig:
+    """How to assign row tiers; exactly one of ``fractions``, ``budget_bytes`` or
+    ``budget_fraction``.
+
+    Attributes:
+        fractions: ``{tier: fraction of rows}`` per table, summing to 1 (highest priorities get
+            the most precise tier).
+        budget_bytes: bytes for all converted tables' rows together (per-row bytes, FBGEMM
+            layout; pinned tables count against it).
+        budget_fraction: the budget as a fraction of the converted tables' fp32 bytes.
+        tiers: tiers a budget may use.
+        table_overrides: ``{table: tier}`` pins every row of a table to one tier;
+            ``{table: "exclude"}`` keeps a table exact (all rows FP32).
+        check_ids: the converted collections check ids (see the module).
+        row_alignment: row alignment for byte budgets (FBGEMM's: 16 on CUDA, the conservative
+            choice; TorchRec's quantized collection also uses 16 on CPU).
+    """
+
+    fractions: Optional[Dict[str, float]] = None
+    budget_bytes: Optional[int] = None
+    budget_fraction: Optional[float] = None
+    tiers: Sequence[str] = ("fp16", "int8", "int4", "int2", "drop")
+    table_overrides: Dict[str, str] = field(default_factory=dict)
+    check_ids: bool = True
+    row_alignment: int = DEFAULT_ROW_ALIGNMENT
+
+    def __post_init__(self) -> None:
+        chosen = [n for n in ("fractions", "budget_bytes", "budget_fraction") if getattr(self, n) is not None]
+        if len(chosen) != 1:
+            raise ValueError(f"RowwiseQuantConfig: set exactly one of fractions, budget_bytes, "
+                             f"budget_fraction (got {chosen or 'none'})")
+        if self.fractions is not None:
+            fr = {Tier.parse(k).value: float(v) for k, v in self.fractions.items()}
+            if any(v < 0 for v in fr.values()) or not math.isclose(sum(fr.values()), 1.0, abs_tol=1e-6):
+                raise ValueError(f"RowwiseQuantConfig.fractions must be >= 0 and sum to 1, got {self.fractions}")
+            self.fractions = fr
+        if self.budget_bytes is not None and self.budget_bytes < 0:
+            raise ValueError("RowwiseQuantConfig.budget_bytes must be >= 0")
+        if self.budget_fraction is not None and not 0 < self.budget_fraction <= 1:
+            raise ValueError(f"RowwiseQuantConfig.budget_fraction must be in (0, 1], got {self.budget_fraction}")
+        self.tiers = [Tier.parse(t).value for t in self.tiers]
+        for table, tier in self.table_overrides.items():
+            if tier != EXCLUDE:
+                Tier.parse(tier)  # raises naming the tier
+
+    def to_dict(self) -> Dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @staticmethod
+    def from_dict(d: Dict) -> "RowwiseQuantConfig":
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(RowwiseQuantConfig)})
+        if unknown:
+            raise ValueError(f"RowwiseQuantConfig: unknown keys {unknown}")
+        return RowwiseQuantConfig(**d)
+
+
+def assign_tiers(
+    ebc: EmbeddingBagCollection,
+    config: RowwiseQuantConfig,
+    priorities: Optional[Dict[str, torch.Tensor]] = None,
+) -> TierAssignment:
+    """Per-row tiers for every table of ``ebc`` under ``config`` (priorities default to 1 for
+    every row; a table missing from ``priorities`` is an error naming it)."""
+    configs = ebc.embedding_bag_configs()
+    names = [c.name for c in configs]
+    unknown = sorted(set(config.table_overrides) - set(names))
+    if unknown:
+        raise ValueError(f"table_overrides name unknown tables {unknown} (tables: {names})")
+    if priorities is None:
+        priorities = {c.name: torch.ones(c.num_embeddings) for c in configs}
+    missing = [n for n in names if n not in priorities]
+    if missing:
+        raise ValueError(f"no priorities for tables {missing}")
+    dims = {c.name: c.embedding_dim for c in configs}
+    pinned: Dict[str, Tier] = {}
+    for name, tier in config.table_overrides.items():
+        pinned[name] = Tier.FP32 if tier == EXCLUDE else Tier.parse(tier)
+    free = [c for c in configs if c.name not in pinned]
+    tiers: Dict[str, torch.Tensor] = {}
+    for name, tier in pinned.items():
+        rows = next(c.num_embeddings for c in configs if c.name == name)
+        tiers[name] = torch.full((rows,), TIER_ORDER.index(tier), dtype=torch.int8)
+    details: Dict[str, float] = {}
+    if free:
+        if config.fractions is not None:
+            a = assign_by_fractions({c.name: priorities[c.name] for c in free},
+                                    {c.name: c.embedding_dim for c in free}, config.fractions,
+                                    config.row_alignment)
+        else:
+            pinned_bytes = sum(row_bytes(pinned[n], dims[n], config.row_alignment) * len(tiers[n]) for n in pinned)
+            if config.budget_bytes is not None:
+                budget = config.budget_bytes
+            else:
+                fp32 = sum(row_bytes(Tier.FP32, c.embedding_dim, config.row_alignment) * c.num_embeddings
+                           for c in configs)
+                budget = int(config.budget_fraction * fp32)
+            if budget - pinned_bytes < 0:
+                raise ValueError(f"the pinned tables alone take {pinned_bytes} bytes, over the "
+                                 f"budget of {budget}")
+            a = assign_by_budget({c.name: priorities[c.name] for c in free},
+                                 {c.name: ebc.embedding_bags[c.name].weight.detach() for c in free},
+                                 budget - pinned_bytes, tiers=config.tiers,
+                                 row_alignment=config.row_alignment)
+            details = dict(a.details, budget_bytes=budget)
+        tiers.update(a.tiers)
+    return TierAssignment(tiers, dims, config.row_alignment, method=json.dumps(config.to_dict()),
+                          details=details)
+
+
+def _default_filter(module: nn.Module, fqn: str) -> bool:
+    return isinstance(module, EmbeddingBagCollection)
+
+
+def quantize_(
+    model: nn.Module,
+    config: RowwiseQuantConfig,
+    priorities: Optional[Dict[str, torch.Tensor]] = None,
+    filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
+) -> nn.Module:
+    """Swap, in place, every ``EmbeddingBagCollection`` of ``model`` that ``filter_fn(module,
+    fqn)`` accepts for a :class:`RowwiseMixedEmbeddingBagCollection`.
+
+    Args:
+        model: any model (a TorchRec ``DLRM`` included); if it *is* a collection, the converted
+            collection is returned (a module cannot replace itself).
+        config: the tier policy.
+        priorities: ``{table: [rows]}`` row priorities (e.g. ``RowPriority.priorities()``) or
+            counts; default: all rows equal.
+        filter_fn: which collections to convert (default: every ``EmbeddingBagCollection``).
+
+    Returns ``model`` (or the converted collection).  Each converted collection keeps its
+    :class:`TierAssignment` as ``.assignment``.
+    """
+    filter_fn = filter_fn or _default_filter
+    targets = [(fqn, m) for fqn, m in model.named_modules()
+               if isinstance(m, EmbeddingBagCollection) and filter_fn(m, fqn)]
+    if not targets:
+        raise ValueError("quantize_: no EmbeddingBagCollection matched")
+    all_tables = {c.name for _, m in targets for c in m.embedding_bag_configs()}
+    unknown = sorted(set(config.table_overrides) - all_tables)
+    if unknown:  # checked before anything is swapped
+        raise ValueError(f"table_overrides name unknown tables {unknown} (tables: {sorted(all_tables)})")
+    for fqn, ebc in targets:
+        table_names = {c.name for c in ebc.embedding_bag_configs()}
+        own = None if priorities is None else {k: v for k, v in priorities.items() if k in table_names}
+        overrides = {k: v for k, v in config.table_overrides.items() if k in table_names}
+        local = dataclasses.replace(config, table_overrides=overrides)
+        assignment = assign_tiers(ebc, local, own)
+        mixed = RowwiseMixedEmbeddingBagCollection.from_float(ebc, assignment, check_ids=config.check_ids)
+        mixed.assignment = assignment
+        if fqn == "":
+            return mixed
+        parent_name, _, attr = fqn.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, mixed)
+    return model

@@ -1,0 +1,103 @@
+"""quantize_ and RowwiseQuantConfig: in-place swap in a DLRM, overrides, budgets, validation."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+from torchrec.models.dlrm import DLRM, DLRMTrain
+
+from shark_torchrec.data import SyntheticClickDataset, SyntheticConfig
+from shark_torchrec.quant import (
+    TIER_ORDER,
+    RowwiseMixedEmbeddingBagCollection,
+    RowwiseQuantConfig,
+    Tier,
+    dequantize_rows,
+    quantize_,
+)
+
+CFG = SyntheticConfig.default(num_fields=3, num_informative=1, cardinality=300, multi_hot_fields=1,
+                              max_hot=3, seed=5)
+
+
+def _dlrm():
+    torch.manual_seed(0)
+    tables = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=8, num_embeddings=300, feature_names=[f"cat_{i}"])
+              for i in range(3)]
+    return DLRMTrain(DLRM(embedding_bag_collection=EmbeddingBagCollection(tables=tables), dense_in_features=13,
+                          dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1]))
+
+
+def test_quantize_swaps_the_collection_of_a_dlrm_in_place() -> None:
+    model = _dlrm()
+    reference = _dlrm()
+    reference.load_state_dict(model.state_dict())
+    priorities = {f"t{i}": torch.rand(300, generator=torch.Generator().manual_seed(i)) for i in range(3)}
+    config = RowwiseQuantConfig(fractions={"fp16": 0.2, "int8": 0.3, "int4": 0.5},
+                                table_overrides={"t0": "int2", "t2": "exclude"})
+    out = quantize_(model, config, priorities=priorities)
+    assert out is model
+    mixed = model.model.sparse_arch.embedding_bag_collection
+    assert isinstance(mixed, RowwiseMixedEmbeddingBagCollection)
+    tiers = mixed.assignment.tiers
+    assert set(tiers["t0"].tolist()) == {TIER_ORDER.index(Tier.INT2)}
+    assert set(tiers["t2"].tolist()) == {TIER_ORDER.index(Tier.FP32)}
+    assert mixed.assignment.rows_per_tier("t1") == {Tier.FP16: 60, Tier.INT8: 90, Tier.INT4: 150}
+    # Independent reference: the float DLRM with every table replaced by its dequantized rows.
+    with torch.no_grad():
+        for name, t in tiers.items():
+            w = reference.model.sparse_arch.embedding_bag_collection.embedding_bags[name].weight
+            for i, tier in enumerate(TIER_ORDER):
+                rows = t.long() == i
+                if rows.any():
+                    w[rows] = dequantize_rows(w[rows], tier)
+    batch = SyntheticClickDataset(CFG, 64, 1).global_batch(0)
+    model.eval(), reference.eval()
+    with torch.no_grad():
+        got, want = model(batch)[1][1], reference(batch)[1][1]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_budget_fraction_is_respected() -> None:
+    model = _dlrm()
+    config = RowwiseQuantConfig(budget_fraction=0.3)
+    priorities = {f"t{i}": torch.rand(300) ** 3 for i in range(3)}
+    quantize_(model, config, priorities=priorities)
+    a = model.model.sparse_arch.embedding_bag_collection.assignment
+    fp32 = 3 * 300 * 32  # dim 8 fp32 rows: 32 bytes
+    assert a.details["row_bytes"] <= 0.3 * fp32
+    assert a.details["budget_bytes"] == int(0.3 * fp32)
+
+
+def test_filter_fn_and_bare_collection() -> None:
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = EmbeddingBagCollection(tables=[EmbeddingBagConfig(name="ta", embedding_dim=4, num_embeddings=10, feature_names=["fa"])])
+            self.b = EmbeddingBagCollection(tables=[EmbeddingBagConfig(name="tb", embedding_dim=4, num_embeddings=10, feature_names=["fb"])])
+
+    m = Two()
+    quantize_(m, RowwiseQuantConfig(fractions={"int8": 1.0}), filter_fn=lambda mod, fqn: fqn == "b")
+    assert isinstance(m.b, RowwiseMixedEmbeddingBagCollection) and isinstance(m.a, EmbeddingBagCollection)
+    bare = EmbeddingBagCollection(tables=[EmbeddingBagConfig(name="t", embedding_dim=4, num_embeddings=10, feature_names=["f"])])
+    assert isinstance(quantize_(bare, RowwiseQuantConfig(fractions={"int8": 1.0})), RowwiseMixedEmbeddingBagCollection)
+
+
+def test_config_validation_and_serialisation() -> None:
+    c = RowwiseQuantConfig(budget_fraction=0.25, table_overrides={"t1": "FP16"})
+    again = RowwiseQuantConfig.from_dict(json.loads(c.to_json()))
+    assert again == c
+    with pytest.raises(ValueError, match="exactly one"):
+        RowwiseQuantConfig(fractions={"int8": 1.0}, budget_fraction=0.5)
+    with pytest.raises(ValueError, match="sum to 1"):
+        RowwiseQuantConfig(fractions={"int8": 0.5})
+    with pytest.raises(ValueError, match="unknown tier 'int3'"):
+        RowwiseQuantConfig(fractions={"int8": 1.0}, table_overrides={"t0": "int3"})
+    with pytest.raises(ValueError, match=r"unknown keys \['typo'\]"):
+        RowwiseQuantConfig.from_dict({"fractions": {"int8": 1.0}, "typo": 1})
+    model = _dlrm()
+    with pytest.raises(ValueError, match=r"unknown tables \['t9'\]"):
+        quantize_(model, RowwiseQuantConfig(fractions={"int8": 1.0}, table_overrides={"t9": "fp16"}))
+    assert isinstance(model.model.sparse_arch.embedding_bag_collection, EmbeddingBagCollection)  # untouched
