@@ -60,9 +60,11 @@ def _reference(tables, ebc, assignment, kjt):
 
 @pytest.mark.parametrize("pooling", [PoolingType.SUM, PoolingType.MEAN])
 @pytest.mark.parametrize("ids_dtype", [torch.int64, torch.int32])
-def test_equals_embedding_bag_on_dequantized_weights(pooling, ids_dtype) -> None:
+@pytest.mark.parametrize("groups", [1, 2])
+def test_equals_embedding_bag_on_dequantized_weights(pooling, ids_dtype, groups) -> None:
     tables, ebc, a = _setup(pooling)
-    m = RowwiseMixedEmbeddingBagCollection.from_float(ebc, a)
+    m = RowwiseMixedEmbeddingBagCollection.from_float(ebc, a, num_groups=groups)
+    assert len(m.groups) == groups
     kjt = _batch(ids_dtype)
     kt = m(kjt)
     assert kt.keys() == ["cat_0", "cat_1", "cat_2"] and kt.length_per_key() == [8, 8, 16]
@@ -101,11 +103,12 @@ def test_memory_report_equals_the_buffers_held() -> None:
     _, ebc, a = _setup()
     m = RowwiseMixedEmbeddingBagCollection.from_float(ebc, a)
     r = m.memory_report()
+    assert len(m.groups) == min(2, torch.get_num_threads())
     held = sum(int(tbe.weights_host.numel() + tbe.weights_dev.numel() + tbe.weights_uvm.numel())
-               for tbe in m.qebc._emb_modules)
+               for g in m.groups for tbe in g.qebc._emb_modules)
     assert r["weights_bytes"] == held
     assert sum(sum(t.values()) for t in r["tables"].values()) == held
-    assert r["total_bytes"] == held + m.input_transform.row_map.numel() * 4
+    assert r["total_bytes"] == held + sum(g.input_transform.row_map.numel() * 4 for g in m.groups)
     assert sum(a.table_bytes(t) for t in a.tiers) == held  # the assignment predicted it
 
 

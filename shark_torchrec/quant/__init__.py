@@ -4,13 +4,15 @@
   precisions) and DROP.
 * :func:`assign_by_fractions`, :func:`assign_by_budget` → :class:`TierAssignment` — from row
   priorities to per-row tiers, with byte reports computed by FBGEMM's own helpers.
-* :class:`RowwiseMixedEmbeddingBagCollection` (+ :class:`RowwiseInputTransform`) — the
+* :class:`RowwiseMixedEmbeddingBagCollection` (+ its input transform,
+  :class:`MixedInputTransform`) — the
   mixed-precision collection on TorchRec's quantized collection / FBGEMM's IntNBit TBE.
 * :func:`quantize_` + :class:`RowwiseQuantConfig` — swap a model's collections in place.
 """
 
 from shark_torchrec.quant.api import RowwiseQuantConfig, assign_tiers, quantize_
 from shark_torchrec.quant.mixed_ebc import (
+    MixedInputTransform,
     RowwiseInputTransform,
     RowwiseMixedEmbeddingBagCollection,
     dequantize_rows,
@@ -29,6 +31,7 @@ from shark_torchrec.quant.tiers import (
 )
 
 __all__ = [
+    "MixedInputTransform",
     "RowwiseInputTransform",
     "RowwiseMixedEmbeddingBagCollection",
     "RowwiseQuantConfig",

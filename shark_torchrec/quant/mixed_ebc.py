@@ -23,9 +23,11 @@ read as zeros (and a MEAN bag still counts them).  The output is the ``KeyedTens
 from __future__ import annotations
 
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+from fbgemm_gpu.split_table_batched_embeddings_ops_common import BoundsCheckMode
 from torch import nn
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
@@ -73,12 +75,18 @@ class MixedLayout:
         tiers: the tiers in use, most precise first (DROP last if used).
         rows: ``{table: [rows per tier in tiers order]}``.
         is_weighted: whether inputs carry per-id weights.
+        groups: tables split into groups, each its own TBE run in its own thread.
     """
 
     tables: List[Dict]
     tiers: List[str]
     rows: Dict[str, List[int]]
     is_weighted: bool = False
+    groups: List[List[str]] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.groups:  # one group of every table
+            self.groups = [[t["name"] for t in self.tables]]
 
     def to_dict(self) -> Dict:
         return {"format": LAYOUT_FORMAT, **dataclasses.asdict(self)}
@@ -88,7 +96,7 @@ class MixedLayout:
         if not isinstance(d, dict) or d.get("format") != LAYOUT_FORMAT:
             raise ValueError(f"not a row-wise mixed collection layout (format {LAYOUT_FORMAT!r})")
         return MixedLayout(tables=d["tables"], tiers=d["tiers"], rows=d["rows"],
-                           is_weighted=d["is_weighted"])
+                           is_weighted=d["is_weighted"], groups=d.get("groups") or [])
 
     def configs(self) -> List[EmbeddingBagConfig]:
         return [EmbeddingBagConfig(name=t["name"], num_embeddings=t["rows"], embedding_dim=t["dim"],
@@ -116,20 +124,26 @@ class RowwiseInputTransform(nn.Module):
         tiers = [Tier.parse(t) for t in layout.tiers]
         self.features = [f for c in configs for f in c.feature_names]
         self._config = {f: c for c in configs for f in c.feature_names}
-        self.bucket_keys = [f"{f}@{t.value}" for t in tiers for f in self.features]
         self.num_tiers = len(tiers)
+        bucket_keys = [f"{f}@{t.value}" for t in tiers for f in self.features]
+        has_rows = [t is not Tier.DROP and layout.rows[self._config[f].name][k] > 0
+                    for k, t in enumerate(tiers) for f in self.features]
+        mean_with_drop = Tier.DROP in tiers and any(c.pooling == PoolingType.MEAN for c in configs)
+        if mean_with_drop or all(has_rows):
+            # MEAN needs every bag's full length, DROP ids included: keep every bucket.
+            self.output_keys, self._keep = bucket_keys, None
+        else:
+            keep = [i for i, h in enumerate(has_rows) if h]
+            # A prefix slice of the values is only valid if the dropped buckets hold no ids
+            # before a kept one: true for DROP (last) and for buckets without rows.
+            self.output_keys = [bucket_keys[i] for i in keep]
+            self._keep = torch.tensor(keep, device=device)
         self.table_base, base = {}, 0
         for c in configs:
             self.table_base[c.name] = base
             base += c.num_embeddings
         # Renumbered row of every row of every table (tables concatenated): 4 bytes per row.
         self.register_buffer("row_map", torch.zeros(base, dtype=torch.int32, device=device))
-        self.register_buffer("feature_base", torch.tensor(
-            [self.table_base[self._config[f].name] for f in self.features], device=device),
-            persistent=False)
-        self.register_buffer("feature_rows", torch.tensor(
-            [self._config[f].num_embeddings for f in self.features], device=device),
-            persistent=False)
         self.register_buffer("block_sizes", torch.tensor(
             [max(1, self._config[f].num_embeddings) for f in self.features], device=device),
             persistent=False)
@@ -146,30 +160,44 @@ class RowwiseInputTransform(nn.Module):
                                f"missing {missing}")
             features = features.permute([keys.index(f) for f in self.features])
         values, lengths = features.values(), features.lengths()
-        per_key = torch.tensor(features.length_per_key(), device=values.device)
-        feature_of_id = torch.repeat_interleave(
-            torch.arange(len(self.features), device=values.device), per_key)
-        if self.check_ids:
-            bad = (values < 0) | (values >= self.feature_rows[feature_of_id])
-            if bool(bad.any()):
-                i = int(bad.nonzero()[0])
-                f = self.features[int(feature_of_id[i])]
-                c = self._config[f]
-                raise ValueError(f"feature {f!r}: id {int(values[i])} is outside table "
-                                 f"{c.name!r} ({c.num_embeddings} rows)")
-        renumbered = self.row_map[values.long() + self.feature_base[feature_of_id]].to(values.dtype)
+        renumbered = torch.empty(values.shape, dtype=torch.int32, device=values.device)
+        start = 0
+        # Per feature: a min/max check and one gather from the feature's table's slice of the
+        # id map (no per-id feature index is materialised).
+        for f, n in zip(self.features, features.length_per_key()):
+            if n == 0:
+                continue
+            ids = values[start : start + n]
+            c = self._config[f]
+            if self.check_ids:
+                lo, hi = torch.aminmax(ids)
+                if int(lo) < 0 or int(hi) >= c.num_embeddings:
+                    bad = ids[(ids < 0) | (ids >= c.num_embeddings)][0]
+                    raise ValueError(f"feature {f!r}: id {int(bad)} is outside table "
+                                     f"{c.name!r} ({c.num_embeddings} rows)")
+            base = self.table_base[c.name]
+            torch.index_select(self.row_map[base : base + c.num_embeddings], 0, ids,
+                               out=renumbered[start : start + n])
+            start += n
+        renumbered = renumbered.to(values.dtype)
         new_lengths, local_ids, new_weights, _, _ = torch.ops.fbgemm.block_bucketize_sparse_features(
             lengths, renumbered, False, False, self.block_sizes.to(values.dtype), self.num_tiers,
             features.weights_or_none(), None, -1, [p.to(values.dtype) for p in self._bucket_pos])
-        return KeyedJaggedTensor(keys=self.bucket_keys, values=local_ids, lengths=new_lengths,
-                                 weights=new_weights, stride=features.stride())
+        B = features.stride()
+        if self._keep is not None:
+            # Only the buckets the quantized collection reads: DROP (always last) and tiers a
+            # table does not use have no sub-table.  Their ids sit after the kept ones
+            # (bucket-major order), so the values are a prefix.
+            new_lengths = new_lengths.view(-1, B)[self._keep].reshape(-1)
+            n = int(new_lengths.sum())
+            local_ids = local_ids[:n]
+            new_weights = None if new_weights is None else new_weights[:n]
+        return KeyedJaggedTensor(keys=self.output_keys, values=local_ids, lengths=new_lengths,
+                                 weights=new_weights, stride=B)
 
 
-class RowwiseMixedEmbeddingBagCollection(nn.Module):
-    """Row-wise mixed-precision replacement for a TorchRec ``EmbeddingBagCollection``.
-
-    Build it with :meth:`from_float` (a float collection and a :class:`TierAssignment`) or
-    :meth:`from_state_dict` (a saved state, no float model needed).
+class _MixedGroup(nn.Module):
+    """Some tables of a mixed collection, in one quantized TorchRec collection (one TBE).
 
     Args:
         layout: tables, tiers in use and rows per tier.
@@ -190,13 +218,17 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
         self._dims = [c.embedding_dim for c in self._configs for _ in c.feature_names]
         self._feature_config = {f: c for c in self._configs for f in c.feature_names}
         K = len(self._tiers)
-        physical = []
         for c in self._configs:
             counts = layout.rows[c.name]
             if len(counts) != K or sum(counts) != c.num_embeddings:
                 raise ValueError(f"table {c.name!r}: rows per tier {counts} do not add up to "
                                  f"{c.num_embeddings} over tiers {layout.tiers}")
-            for k, tier in enumerate(self._tiers):
+        # Tier-major, like the transform's output: the quantized collection then reads its
+        # input in order (no permute of the ids) and its output is [tier][feature] blocks.
+        physical = []
+        for k, tier in enumerate(self._tiers):
+            for c in self._configs:
+                counts = layout.rows[c.name]
                 if tier is not Tier.DROP and counts[k] > 0:
                     physical.append(EmbeddingBagConfig(
                         name=f"{c.name}@{tier.value}", num_embeddings=counts[k],
@@ -206,23 +238,210 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
         self.qebc = QuantEmbeddingBagCollection(
             tables=physical, is_weighted=layout.is_weighted, device=device,
             output_dtype=torch.float)
+        # Bucketized ids are local rows of their sub-table by construction (the input transform
+        # checks the original ids), so FBGEMM's per-call bounds check (5-70% of a lookup on
+        # CPU, torchrec-cpu-facts.md 5.2) would only repeat work.
+        for tbe in self.qebc._emb_modules:
+            tbe.bounds_check_mode_int = BoundsCheckMode.NONE.value
         self.input_transform = RowwiseInputTransform(layout, device=device, check_ids=check_ids)
         # Output columns: each (tier, feature) block of the quantized output adds into the
         # feature's block of ours.
         self._out_offsets = torch.cumsum(torch.tensor([0] + self._dims), 0).tolist()
         self._colmap: Optional[torch.Tensor] = None
+        self._has_mean = any(c.pooling == PoolingType.MEAN for c in self._configs)
+
+    def _tbe_views(self) -> Dict[str, Tuple[torch.Tensor, Optional[torch.Tensor]]]:
+        views = {}
+        for tbe in self.qebc._emb_modules:
+            for spec, (w, sb) in zip(tbe.embedding_specs, tbe.split_embedding_weights()):
+                views[spec[0]] = (w, sb)
+        return views
+
+    def _set_weights(self, name: str, data: Tuple[torch.Tensor, Optional[torch.Tensor]]) -> None:
+        w, sb = self._tbe_views()[name]
+        w.copy_(data[0].to(w.device))
+        if sb is not None:
+            sb.copy_(data[1].to(sb.device))
+
+    def memory(self) -> Tuple[Dict[str, Dict[str, int]], int, int]:
+        """(bytes per table and tier, weight bytes held, id-map bytes held)."""
+        per_table: Dict[str, Dict[str, int]] = {c.name: {} for c in self._configs}
+        for tbe in self.qebc._emb_modules:
+            for name, rows, dim, _, _ in tbe.embedding_specs:
+                table, tier = name.rsplit("@", 1)
+                per_table[table][tier] = sub_table_bytes(Tier(tier), rows, dim, tbe.row_alignment)
+        weights = sum(int(getattr(tbe, a).numel()) for tbe in self.qebc._emb_modules
+                      for a in ("weights_host", "weights_dev", "weights_uvm"))
+        row_map = self.input_transform.row_map
+        return per_table, weights, row_map.numel() * row_map.element_size()
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, features: KeyedJaggedTensor, transformed: bool) -> torch.Tensor:
+        """Pooled embeddings [B, sum of dims] of this group's features (raw, or already passed
+        through its input transform)."""
+        if not transformed:
+            features = self.input_transform(features)
+        B = features.stride()
+        kt = self.qebc(features)
+        q = kt.values()
+        width = self._out_offsets[-1]
+        if q.shape[1] % width == 0 and kt.keys() == self._stacked_keys(q.shape[1] // width):
+            # Every table has every stored tier: the output is [tier][feature] blocks.
+            out = q.view(B, q.shape[1] // width, width).sum(1)
+        else:
+            if self._colmap is None or self._colmap.device != q.device:
+                self._colmap = self._column_map(kt.keys(), kt.length_per_key()).to(q.device)
+            out = torch.zeros(B, width, dtype=q.dtype, device=q.device)
+            out.index_add_(1, self._colmap, q)
+        if self._has_mean:
+            # A bag's full length is the sum over its buckets (DROP included: zeros count).
+            lengths = features.lengths().view(-1, B)
+            full = torch.zeros(len(self._features), B, dtype=lengths.dtype, device=lengths.device)
+            full.index_add_(0, self._bucket_feature(features.keys()).to(lengths.device), lengths)
+            out = self._mean(out, full, B)
+        return out
+
+    def _stacked_keys(self, tiers: int) -> List[str]:
+        stored = [t for t in self._tiers if t is not Tier.DROP]
+        if len(stored) != tiers:
+            return []
+        return [f"{f}@{t.value}" for t in stored for f in self._features]
+
+    def _bucket_feature(self, keys: List[str]) -> torch.Tensor:
+        index = {f: i for i, f in enumerate(self._features)}
+        return torch.tensor([index[k.rsplit("@", 1)[0]] for k in keys])
+
+    def _column_map(self, keys: List[str], dims: List[int]) -> torch.Tensor:
+        index = {f: i for i, f in enumerate(self._features)}
+        cols = []
+        for k, d in zip(keys, dims):
+            f = k.rsplit("@", 1)[0]
+            start = self._out_offsets[index[f]]
+            cols.append(torch.arange(start, start + d))
+        return torch.cat(cols)
+
+    def _mean(self, out: torch.Tensor, lengths: torch.Tensor, B: int) -> torch.Tensor:
+        L = lengths.to(out.dtype).clamp(min=1)
+        divisor = torch.ones_like(out)
+        for i, f in enumerate(self._features):
+            if self._feature_config[f].pooling == PoolingType.MEAN:
+                a, b = self._out_offsets[i], self._out_offsets[i + 1]
+                divisor[:, a:b] = L[i].unsqueeze(1)
+        return out / divisor
+
+
+def _tier_positions(tier_index: torch.Tensor, used: Sequence[int]) -> torch.Tensor:
+    """Map TIER_ORDER indices to positions in ``used`` (the tiers present)."""
+    lut = torch.full((len(TIER_ORDER),), -1, dtype=torch.long)
+    for k, i in enumerate(used):
+        lut[i] = k
+    return lut[tier_index]
+
+
+def _sub_layout(layout: MixedLayout, names: Sequence[str]) -> MixedLayout:
+    keep = set(names)
+    return MixedLayout(tables=[t for t in layout.tables if t["name"] in keep], tiers=list(layout.tiers),
+                       rows={n: r for n, r in layout.rows.items() if n in keep},
+                       is_weighted=layout.is_weighted, groups=[list(names)])
+
+
+class MixedInputTransform(nn.Module):
+    """The id-to-tier transform of a whole :class:`RowwiseMixedEmbeddingBagCollection`: the
+    output of every table group's :class:`RowwiseInputTransform`, one after the other.  Run it
+    where a serving pipeline prepares inputs (data-loader workers) and feed its output to the
+    collection, which then only looks rows up."""
+
+    def __init__(self, transforms: Sequence[RowwiseInputTransform]) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(transforms)
+        self.features = [f for t in transforms for f in t.features]
+        self.output_keys = [k for t in transforms for k in t.output_keys]
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        parts = _split_features(features, self.features, [len(t.features) for t in self.parts])
+        out = [t(p) for t, p in zip(self.parts, parts)]
+        return out[0] if len(out) == 1 else KeyedJaggedTensor.concat(out)
+
+
+def _split_features(features: KeyedJaggedTensor, order: List[str], sizes: List[int]) -> List[KeyedJaggedTensor]:
+    """``features`` in ``order``, split into consecutive groups of ``sizes`` keys (views)."""
+    keys = features.keys()
+    if keys != order:
+        unknown = sorted(set(keys) - set(order))
+        missing = [f for f in order if f not in keys]
+        if unknown or missing:
+            raise KeyError(f"input features do not match the collection: unknown {unknown}, "
+                           f"missing {missing}")
+        features = features.permute([keys.index(f) for f in order])
+    return [features] if len(sizes) == 1 else features.split(sizes)
+
+
+class RowwiseMixedEmbeddingBagCollection(nn.Module):
+    """Row-wise mixed-precision replacement for a TorchRec ``EmbeddingBagCollection``.
+
+    Takes the ``KeyedJaggedTensor`` the float collection takes (or the output of
+    :attr:`input_transform`) and returns the ``KeyedTensor`` it returns: same keys, dims, order.
+    Build it with :meth:`from_float` (a float collection and a :class:`TierAssignment`),
+    :meth:`from_state_dict` or :meth:`load` (no float model needed).
+
+    Tables are split into ``len(layout.groups)`` groups, each with its own FBGEMM TBE; on CPU the
+    groups run in parallel threads (FBGEMM's CPU kernels use one thread per call, and release
+    Python's GIL), which is where the speed of a multi-core CPU comes from.
+
+    Args:
+        layout: tables, tiers in use, rows per tier and table groups.
+        device: where the weights live (``cpu``: FBGEMM HOST tables; ``cuda``: DEVICE).
+        check_ids: raise on ids outside a table (naming the feature and the id); with
+            ``False`` invalid ids give undefined results.
+    """
+
+    def __init__(self, layout: MixedLayout, device: torch.device = torch.device("cpu"),
+                 check_ids: bool = True) -> None:
+        super().__init__()
+        names = [t["name"] for t in layout.tables]
+        grouped = [n for g in layout.groups for n in g]
+        if sorted(grouped) != sorted(names) or len(grouped) != len(names):
+            raise ValueError(f"layout groups {layout.groups} must cover the tables {names} once")
+        order = {n: i for i, n in enumerate(names)}
+        if [order[n] for n in grouped] != sorted(order[n] for n in grouped):
+            raise ValueError("layout groups must keep the tables' order")
+        self.layout = layout
+        self.check_ids = check_ids
+        self.groups = nn.ModuleList(
+            [_MixedGroup(_sub_layout(layout, g), device=device, check_ids=check_ids) for g in layout.groups])
+        self.input_transform = MixedInputTransform([g.input_transform for g in self.groups])
+        self._configs = layout.configs()
+        self._features = [f for c in self._configs for f in c.feature_names]
+        self._dims = [c.embedding_dim for c in self._configs for _ in c.feature_names]
+        self._sizes = [len(g.input_transform.features) for g in self.groups]
+        self._transformed_sizes = [len(g.input_transform.output_keys) for g in self.groups]
+        self._pool: Optional[ThreadPoolExecutor] = None
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_pool"] = None  # threads do not pickle
+        return state
 
     # ------------------------------------------------------------------ construction
     @staticmethod
     @torch.no_grad()
-    def from_float(ebc: EmbeddingBagCollection, assignment: TierAssignment,
-                   check_ids: bool = True) -> "RowwiseMixedEmbeddingBagCollection":
+    def from_float(ebc: EmbeddingBagCollection, assignment: TierAssignment, check_ids: bool = True,
+                   num_groups: Optional[int] = None) -> "RowwiseMixedEmbeddingBagCollection":
         """Convert a float collection; every table must have a tier per row in ``assignment``.
-        NaN/Inf weights raise an error naming the table and row."""
+        NaN/Inf weights raise an error naming the table and row.
+
+        Args:
+            num_groups: table groups, each its own TBE run in its own thread (default: the
+                number of torch threads on CPU, at most one per table; 1 on CUDA).
+        """
         configs = ebc.embedding_bag_configs()
         missing = [c.name for c in configs if c.name not in assignment.tiers]
         if missing:
             raise ValueError(f"no tier assignment for tables {missing}")
+        device = next(iter(ebc.parameters())).device
+        if num_groups is None:
+            num_groups = 1 if device.type == "cuda" else torch.get_num_threads()
+        num_groups = max(1, min(num_groups, len(configs)))
         used = sorted({int(i) for c in configs for i in torch.unique(assignment.tiers[c.name])})
         tiers = [TIER_ORDER[i] for i in used]
         rows, perms = {}, {}
@@ -237,39 +456,30 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
             k_of_row = _tier_positions(t, used)
             perms[c.name] = torch.sort(k_of_row, stable=True).indices
             rows[c.name] = torch.bincount(k_of_row, minlength=len(used)).tolist()
+        names = [c.name for c in configs]
+        bounds = [round(i * len(names) / num_groups) for i in range(num_groups + 1)]
         layout = MixedLayout(
             tables=[{"name": c.name, "rows": c.num_embeddings, "dim": c.embedding_dim,
                      "features": list(c.feature_names), "pooling": c.pooling.value} for c in configs],
-            tiers=[t.value for t in tiers], rows=rows, is_weighted=ebc.is_weighted())
-        device = next(iter(ebc.parameters())).device
+            tiers=[t.value for t in tiers], rows=rows, is_weighted=ebc.is_weighted(),
+            groups=[names[bounds[i]:bounds[i + 1]] for i in range(num_groups)])
         module = RowwiseMixedEmbeddingBagCollection(layout, device=device, check_ids=check_ids)
+        group_of = {n: g for g in module.groups for n in g.input_transform.table_base}
         for c in configs:
+            group = group_of[c.name]
             perm = perms[c.name]
             new_id = torch.empty_like(perm)
             new_id[perm] = torch.arange(perm.numel())
-            base = module.input_transform.table_base[c.name]
-            module.input_transform.row_map[base : base + c.num_embeddings] = new_id.to(torch.int32)
+            base = group.input_transform.table_base[c.name]
+            group.input_transform.row_map[base : base + c.num_embeddings] = new_id.to(torch.int32)
             w = ebc.embedding_bags[c.name].weight.detach().cpu()
             start = 0
             for k, tier in enumerate(tiers):
                 n = rows[c.name][k]
                 if tier is not Tier.DROP and n > 0:
-                    module._set_weights(f"{c.name}@{tier.value}", quantize_rows(w[perm[start:start + n]], tier))
+                    group._set_weights(f"{c.name}@{tier.value}", quantize_rows(w[perm[start:start + n]], tier))
                 start += n
         return module
-
-    def _tbe_views(self) -> Dict[str, Tuple[torch.Tensor, Optional[torch.Tensor]]]:
-        views = {}
-        for tbe in self.qebc._emb_modules:
-            for spec, (w, sb) in zip(tbe.embedding_specs, tbe.split_embedding_weights()):
-                views[spec[0]] = (w, sb)
-        return views
-
-    def _set_weights(self, name: str, data: Tuple[torch.Tensor, Optional[torch.Tensor]]) -> None:
-        w, sb = self._tbe_views()[name]
-        w.copy_(data[0].to(w.device))
-        if sb is not None:
-            sb.copy_(data[1].to(sb.device))
 
     # ------------------------------------------------------------------ state
     def get_extra_state(self) -> Dict:
@@ -313,16 +523,14 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
     def memory_report(self) -> Dict[str, object]:
         """Bytes per table and tier (the physical sub-tables, cache-line aligned as FBGEMM
         allocates them), the id map, and the total of the buffers actually held."""
-        per_table: Dict[str, Dict[str, int]] = {c.name: {} for c in self._configs}
-        for tbe in self.qebc._emb_modules:
-            for name, rows, dim, _, _ in tbe.embedding_specs:
-                table, tier = name.rsplit("@", 1)
-                per_table[table][tier] = sub_table_bytes(Tier(tier), rows, dim, tbe.row_alignment)
-        weights = sum(int(getattr(tbe, a).numel()) for tbe in self.qebc._emb_modules
-                      for a in ("weights_host", "weights_dev", "weights_uvm"))
-        row_map = self.input_transform.row_map
-        id_map = row_map.numel() * row_map.element_size()
-        return {"tables": per_table, "weights_bytes": weights, "id_map_bytes": id_map,
+        tables: Dict[str, Dict[str, int]] = {}
+        weights = id_map = 0
+        for g in self.groups:
+            per_table, w, m = g.memory()
+            tables.update(per_table)
+            weights += w
+            id_map += m
+        return {"tables": tables, "weights_bytes": weights, "id_map_bytes": id_map,
                 "total_bytes": weights + id_map}
 
     def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
@@ -330,45 +538,20 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        """Pooled embeddings of ``features`` — either the collection's own features, or the
-        output of :attr:`input_transform` (already split by tier, e.g. in data workers)."""
-        if features.keys() != self.input_transform.bucket_keys:
-            features = self.input_transform(features)
-        B = features.stride()
-        kt = self.qebc(features)
-        q = kt.values()
-        if self._colmap is None or self._colmap.device != q.device:
-            self._colmap = self._column_map(kt.keys(), kt.length_per_key()).to(q.device)
-        out = torch.zeros(B, self._out_offsets[-1], dtype=q.dtype, device=q.device)
-        out.index_add_(1, self._colmap, q)
-        if any(c.pooling == PoolingType.MEAN for c in self._configs):
-            # A bag's full length is the sum of its tiers' (DROP included: it counts as zeros).
-            lengths = features.lengths().view(len(self._tiers), len(self._features), B).sum(0)
-            out = self._mean(out, lengths, B)
-        return KeyedTensor(keys=list(self._features), length_per_key=list(self._dims), values=out)
-
-    def _column_map(self, keys: List[str], dims: List[int]) -> torch.Tensor:
-        index = {f: i for i, f in enumerate(self._features)}
-        cols = []
-        for k, d in zip(keys, dims):
-            f = k.rsplit("@", 1)[0]
-            start = self._out_offsets[index[f]]
-            cols.append(torch.arange(start, start + d))
-        return torch.cat(cols)
-
-    def _mean(self, out: torch.Tensor, lengths: torch.Tensor, B: int) -> torch.Tensor:
-        L = lengths.to(out.dtype).clamp(min=1)
-        divisor = torch.ones_like(out)
-        for i, f in enumerate(self._features):
-            if self._feature_config[f].pooling == PoolingType.MEAN:
-                a, b = self._out_offsets[i], self._out_offsets[i + 1]
-                divisor[:, a:b] = L[i].unsqueeze(1)
-        return out / divisor
-
-
-def _tier_positions(tier_index: torch.Tensor, used: Sequence[int]) -> torch.Tensor:
-    """Map TIER_ORDER indices to positions in ``used`` (the tiers present)."""
-    lut = torch.full((len(TIER_ORDER),), -1, dtype=torch.long)
-    for k, i in enumerate(used):
-        lut[i] = k
-    return lut[tier_index]
+        """Pooled embeddings of ``features``: the collection's own features, or the output of
+        :attr:`input_transform` (already split by tier, e.g. in data-loader workers)."""
+        transformed = features.keys() == self.input_transform.output_keys
+        if transformed:
+            parts = [features] if len(self.groups) == 1 else features.split(self._transformed_sizes)
+        else:
+            parts = _split_features(features, self._features, self._sizes)
+        if len(self.groups) == 1:
+            outs = [self.groups[0](parts[0], transformed)]
+        else:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=len(self.groups),
+                                                thread_name_prefix="rowwise-mixed")
+            futures = [self._pool.submit(g, p, transformed) for g, p in zip(self.groups, parts)]
+            outs = [f.result() for f in futures]
+        values = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        return KeyedTensor(keys=list(self._features), length_per_key=list(self._dims), values=values)
