@@ -1,6 +1,8 @@
 """The row-wise mixed-precision collection against F.embedding_bag on dequantized weights;
 DROP rows, memory report, bad ids and weights, state round trips."""
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,16 +14,24 @@ from shark_torchrec.data import SyntheticClickDataset, SyntheticConfig
 from shark_torchrec.quant import TIER_ORDER, Tier, assign_by_fractions
 from shark_torchrec.quant.mixed_ebc import RowwiseMixedEmbeddingBagCollection, dequantize_rows
 
+def _cuda_or_skip():
+    if not torch.cuda.is_available():
+        if os.environ.get("SHARK_REQUIRE_CUDA"):
+            pytest.fail("SHARK_REQUIRE_CUDA is set but CUDA is not available")
+        pytest.skip("no CUDA device")
+    return torch.device("cuda")
+
+
 MIX = {"fp32": 0.05, "fp16": 0.1, "int8": 0.25, "int4": 0.3, "int2": 0.1, "drop": 0.2}
 
 
-def _setup(pooling=PoolingType.SUM, weighted=False, fractions=MIX, seed=0):
+def _setup(pooling=PoolingType.SUM, weighted=False, fractions=MIX, seed=0, device=None):
     torch.manual_seed(seed)
     tables = [EmbeddingBagConfig(name="t01", embedding_dim=8, num_embeddings=200,
                                  feature_names=["cat_0", "cat_1"], pooling=pooling),
               EmbeddingBagConfig(name="t2", embedding_dim=16, num_embeddings=300,
                                  feature_names=["cat_2"], pooling=pooling)]
-    ebc = EmbeddingBagCollection(tables=tables, is_weighted=weighted)
+    ebc = EmbeddingBagCollection(tables=tables, is_weighted=weighted, device=device)
     p = {"t01": torch.rand(200), "t2": torch.rand(300)}
     a = assign_by_fractions(p, {"t01": 8, "t2": 16}, fractions)
     return tables, ebc, a
@@ -41,10 +51,11 @@ def _batch(ids_dtype=torch.int64, weighted=False, B=32):
 
 
 def _reference(tables, ebc, assignment, kjt):
-    """F.embedding_bag over the dequantized mixed table (DROP rows are zero rows)."""
+    """F.embedding_bag over the dequantized mixed table (DROP rows are zero rows), on CPU."""
     out = {}
+    kjt = kjt.to(torch.device("cpu"))
     for c in tables:
-        w = ebc.embedding_bags[c.name].weight.detach()
+        w = ebc.embedding_bags[c.name].weight.detach().cpu()
         deq = torch.zeros_like(w)
         for i, tier in enumerate(TIER_ORDER):
             rows = assignment.tiers[c.name].long() == i
@@ -76,6 +87,22 @@ def test_equals_embedding_bag_on_dequantized_weights(pooling, ids_dtype, groups)
     assert (kt.values() - ebc(kjt).values()).abs().max() > 1e-3
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("pooling", [PoolingType.SUM, PoolingType.MEAN])
+@pytest.mark.parametrize("ids_dtype", [torch.int64, torch.int32])
+def test_cuda_equals_embedding_bag_on_dequantized_weights(pooling, ids_dtype) -> None:
+    device = _cuda_or_skip()
+    tables, ebc, a = _setup(pooling, device=device)
+    m = RowwiseMixedEmbeddingBagCollection.from_float(ebc, a)
+    assert all(tbe.weights_dev.numel() > 0 for g in m.groups for tbe in g.qebc._emb_modules)
+    kjt = _batch(ids_dtype).to(device)
+    got = {f: v.cpu() for f, v in m(kjt).to_dict().items()}
+    for f, r in _reference(tables, ebc, a, kjt).items():
+        assert (got[f] - r).abs().max() <= 1e-5, f
+    pre = m.input_transform(kjt)
+    assert torch.equal(m(pre).values(), m(kjt).values())
+
+
 def test_weighted_inputs() -> None:
     tables, ebc, a = _setup(weighted=True)
     m = RowwiseMixedEmbeddingBagCollection.from_float(ebc, a)
@@ -84,6 +111,22 @@ def test_weighted_inputs() -> None:
     got = m(kjt).to_dict()
     for f, r in ref.items():
         assert (got[f] - r).abs().max() <= 1e-6, f
+
+
+def test_a_table_group_with_every_row_dropped() -> None:
+    tables, ebc, _ = _setup()
+    from shark_torchrec.quant import TierAssignment
+
+    a = TierAssignment({"t01": torch.full((200,), TIER_ORDER.index(Tier.INT8), dtype=torch.int8),
+                        "t2": torch.full((300,), TIER_ORDER.index(Tier.DROP), dtype=torch.int8)},
+                       {"t01": 8, "t2": 16})
+    m = RowwiseMixedEmbeddingBagCollection.from_float(ebc, a, num_groups=2)
+    kjt = _batch()
+    out = m(kjt).to_dict()
+    assert torch.count_nonzero(out["cat_2"]) == 0
+    assert torch.equal(m(m.input_transform(kjt)).values(), m(kjt).values())
+    for f, r in _reference(tables, ebc, a, kjt).items():
+        assert (out[f] - r).abs().max() <= 1e-6
 
 
 def test_drop_rows_read_as_zeros_and_store_nothing() -> None:

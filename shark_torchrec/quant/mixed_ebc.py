@@ -137,7 +137,7 @@ class RowwiseInputTransform(nn.Module):
             # A prefix slice of the values is only valid if the dropped buckets hold no ids
             # before a kept one: true for DROP (last) and for buckets without rows.
             self.output_keys = [bucket_keys[i] for i in keep]
-            self._keep = torch.tensor(keep, device=device)
+            self._keep = torch.tensor(keep, dtype=torch.long, device=device)
         self.table_base, base = {}, 0
         for c in configs:
             self.table_base[c.name] = base
@@ -235,13 +235,14 @@ class _MixedGroup(nn.Module):
                         embedding_dim=c.embedding_dim,
                         feature_names=[f"{f}@{tier.value}" for f in c.feature_names],
                         pooling=PoolingType.SUM, data_type=_DATA_TYPE[tier]))
+        # A group whose rows are all dropped has nothing to look up (its output is zeros).
         self.qebc = QuantEmbeddingBagCollection(
             tables=physical, is_weighted=layout.is_weighted, device=device,
-            output_dtype=torch.float)
+            output_dtype=torch.float) if physical else None
         # Bucketized ids are local rows of their sub-table by construction (the input transform
         # checks the original ids), so FBGEMM's per-call bounds check (5-70% of a lookup on
         # CPU, torchrec-cpu-facts.md 5.2) would only repeat work.
-        for tbe in self.qebc._emb_modules:
+        for tbe in self._tbes():
             tbe.bounds_check_mode_int = BoundsCheckMode.NONE.value
         self.input_transform = RowwiseInputTransform(layout, device=device, check_ids=check_ids)
         # Output columns: each (tier, feature) block of the quantized output adds into the
@@ -250,9 +251,12 @@ class _MixedGroup(nn.Module):
         self._colmap: Optional[torch.Tensor] = None
         self._has_mean = any(c.pooling == PoolingType.MEAN for c in self._configs)
 
+    def _tbes(self) -> List[nn.Module]:
+        return [] if self.qebc is None else list(self.qebc._emb_modules)
+
     def _tbe_views(self) -> Dict[str, Tuple[torch.Tensor, Optional[torch.Tensor]]]:
         views = {}
-        for tbe in self.qebc._emb_modules:
+        for tbe in self._tbes():
             for spec, (w, sb) in zip(tbe.embedding_specs, tbe.split_embedding_weights()):
                 views[spec[0]] = (w, sb)
         return views
@@ -266,11 +270,11 @@ class _MixedGroup(nn.Module):
     def memory(self) -> Tuple[Dict[str, Dict[str, int]], int, int]:
         """(bytes per table and tier, weight bytes held, id-map bytes held)."""
         per_table: Dict[str, Dict[str, int]] = {c.name: {} for c in self._configs}
-        for tbe in self.qebc._emb_modules:
+        for tbe in self._tbes():
             for name, rows, dim, _, _ in tbe.embedding_specs:
                 table, tier = name.rsplit("@", 1)
                 per_table[table][tier] = sub_table_bytes(Tier(tier), rows, dim, tbe.row_alignment)
-        weights = sum(int(getattr(tbe, a).numel()) for tbe in self.qebc._emb_modules
+        weights = sum(int(getattr(tbe, a).numel()) for tbe in self._tbes()
                       for a in ("weights_host", "weights_dev", "weights_uvm"))
         row_map = self.input_transform.row_map
         return per_table, weights, row_map.numel() * row_map.element_size()
@@ -282,6 +286,8 @@ class _MixedGroup(nn.Module):
         if not transformed:
             features = self.input_transform(features)
         B = features.stride()
+        if self.qebc is None:
+            return torch.zeros(B, self._out_offsets[-1], device=features.values().device)
         kt = self.qebc(features)
         q = kt.values()
         width = self._out_offsets[-1]
@@ -302,10 +308,9 @@ class _MixedGroup(nn.Module):
         return out
 
     def _stacked_keys(self, tiers: int) -> List[str]:
-        stored = [t for t in self._tiers if t is not Tier.DROP]
-        if len(stored) != tiers:
+        if len(self._stored) != tiers:
             return []
-        return [f"{f}@{t.value}" for t in stored for f in self._features]
+        return [f"{f}@{t.value}" for t in self._stored for f in self._features]
 
     def _bucket_feature(self, keys: List[str]) -> torch.Tensor:
         index = {f: i for i, f in enumerate(self._features)}
