@@ -90,17 +90,29 @@ def test_equals_embedding_bag_on_dequantized_weights(pooling, ids_dtype, groups)
 @pytest.mark.gpu
 @pytest.mark.parametrize("pooling", [PoolingType.SUM, PoolingType.MEAN])
 @pytest.mark.parametrize("ids_dtype", [torch.int64, torch.int32])
-def test_cuda_equals_embedding_bag_on_dequantized_weights(pooling, ids_dtype) -> None:
+def test_cuda_matches_dequantized_weights(pooling, ids_dtype) -> None:
+    """On CUDA, FBGEMM's nbit kernels dequantize INT8/INT4 rows in half precision, so the
+    output matches the fp32 reference to ~2e-4 relative (measured on an H200), not bit for bit;
+    FP32/FP16 rows stay exact.  INT2 is refused on CUDA (see RowwiseMixedEmbeddingBagCollection)."""
     device = _cuda_or_skip()
-    tables, ebc, a = _setup(pooling, device=device)
+    mix = {"fp32": 0.1, "fp16": 0.2, "int8": 0.3, "int4": 0.2, "drop": 0.2}
+    tables, ebc, a = _setup(pooling, device=device, fractions=mix)
     m = RowwiseMixedEmbeddingBagCollection.from_float(ebc, a)
     assert all(tbe.weights_dev.numel() > 0 for g in m.groups for tbe in g.qebc._emb_modules)
     kjt = _batch(ids_dtype).to(device)
     got = {f: v.cpu() for f, v in m(kjt).to_dict().items()}
     for f, r in _reference(tables, ebc, a, kjt).items():
-        assert (got[f] - r).abs().max() <= 1e-5, f
+        assert float((got[f] - r).norm() / r.norm()) <= 1e-3, f
+    exact = {"fp32": 0.5, "fp16": 0.3, "drop": 0.2}
+    tables, ebc, a = _setup(pooling, device=device, fractions=exact)
+    m = RowwiseMixedEmbeddingBagCollection.from_float(ebc, a)
+    got = {f: v.cpu() for f, v in m(kjt).to_dict().items()}
+    for f, r in _reference(tables, ebc, a, kjt).items():
+        assert (got[f] - r).abs().max() <= 1e-6, f
     pre = m.input_transform(kjt)
     assert torch.equal(m(pre).values(), m(kjt).values())
+    with pytest.raises(NotImplementedError, match="INT2"):
+        RowwiseMixedEmbeddingBagCollection.from_float(*_setup(pooling, device=device, fractions={"int2": 1.0})[1:])
 
 
 def test_weighted_inputs() -> None:

@@ -449,6 +449,12 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
         num_groups = max(1, min(num_groups, len(configs)))
         used = sorted({int(i) for c in configs for i in torch.unique(assignment.tiers[c.name])})
         tiers = [TIER_ORDER[i] for i in used]
+        if device.type == "cuda" and Tier.INT2 in tiers:
+            # Measured on an H200 with fbgemm-gpu 1.6.0: TorchRec's own uniform INT2 quantized
+            # collection returns garbage on CUDA (exact on CPU) — refuse rather than mislead.
+            raise NotImplementedError(
+                "INT2 rows on CUDA: FBGEMM's CUDA INT2 lookup did not match its own CPU result "
+                "(see BENCHMARKS.md); use INT4 or DROP on CUDA")
         rows, perms = {}, {}
         for c in configs:
             t = assignment.tiers[c.name].long()
