@@ -43,7 +43,7 @@ POLICIES = {
     "budget 30%": RowwiseQuantConfig(budget_fraction=0.30),
     "budget 20%": RowwiseQuantConfig(budget_fraction=0.20),
     "budget 12.5%": RowwiseQuantConfig(budget_fraction=0.125),
-    "budget 30%, no DROP": RowwiseQuantConfig(budget_fraction=0.30, tiers=("fp16", "int8", "int4", "int2")),
+    "budget 35%, no DROP": RowwiseQuantConfig(budget_fraction=0.35, tiers=("fp16", "int8", "int4", "int2")),
 }
 PRIORITIES = {"shark": dict(alpha=1.0, beta=0.2, gamma=0.9999),
               "frequency": dict(alpha=1.0, beta=1.0, gamma=1.0)}

@@ -44,8 +44,8 @@ class RowwiseQuantConfig:
     Attributes:
         fractions: ``{tier: fraction of rows}`` per table, summing to 1 (highest priorities get
             the most precise tier).
-        budget_bytes: bytes for all converted tables' rows together (per-row bytes, FBGEMM
-            layout; pinned tables count against it).
+        budget_bytes: bytes for all converted tables together: rows in FBGEMM's layout, the
+            4-byte-per-row id map and sub-table padding (pinned tables count against it).
         budget_fraction: the budget as a fraction of the converted tables' fp32 bytes.
         tiers: tiers a budget may use.
         table_overrides: ``{table: tier}`` pins every row of a table to one tier;
@@ -136,14 +136,17 @@ def assign_tiers(
                 fp32 = sum(row_bytes(Tier.FP32, c.embedding_dim, config.row_alignment) * c.num_embeddings
                            for c in configs)
                 budget = int(config.budget_fraction * fp32)
-            if budget - pinned_bytes < 0:
-                raise ValueError(f"the pinned tables alone take {pinned_bytes} bytes, over the "
-                                 f"budget of {budget}")
+            # The budget covers everything the converted collection holds: the id map (4 bytes
+            # per row) and each sub-table's cache-line padding (< 128 bytes) come off first.
+            overhead = sum(4 * c.num_embeddings + 128 * len(TIER_ORDER) for c in configs)
+            rows_budget = budget - pinned_bytes - overhead
+            if rows_budget < 0:
+                raise ValueError(f"budget of {budget} bytes is below the id map, padding and "
+                                 f"pinned tables ({pinned_bytes + overhead} bytes)")
             a = assign_by_budget({c.name: priorities[c.name] for c in free},
                                  {c.name: ebc.embedding_bags[c.name].weight.detach() for c in free},
-                                 budget - pinned_bytes, tiers=config.tiers,
-                                 row_alignment=config.row_alignment)
-            details = dict(a.details, budget_bytes=budget)
+                                 rows_budget, tiers=config.tiers, row_alignment=config.row_alignment)
+            details = dict(a.details, budget_bytes=budget, rows_budget_bytes=rows_budget)
         tiers.update(a.tiers)
     return TierAssignment(tiers, dims, config.row_alignment, method=json.dumps(config.to_dict()),
                           details=details)

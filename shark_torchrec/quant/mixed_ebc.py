@@ -1,19 +1,20 @@
 """A row-wise mixed-precision ``EmbeddingBagCollection`` on TorchRec's quantized collection.
 
 Each logical table is stored as one physical TorchRec table per tier it uses
-(``"<table>@<tier>"``, with that tier's ``data_type``), all inside one TorchRec quantized
-``EmbeddingBagCollection`` — so inside one FBGEMM ``IntNBitTableBatchedEmbeddingBagsCodegen``
-per pooling group.  Rows are renumbered so that each tier's rows are contiguous
+(``"<table>@<tier>"``, with that tier's ``data_type``) inside a TorchRec quantized
+``EmbeddingBagCollection`` — one FBGEMM ``IntNBitTableBatchedEmbeddingBagsCodegen`` reads all
+tiers in one call.  Rows are renumbered so that each tier's rows are contiguous
 (``perm = argsort(tier, stable)``); a forward
 
-1. maps every id to its renumbered row with one gather over all features
-   (:meth:`RowwiseMixedEmbeddingBagCollection.remap`, an input transform that can also run in
-   data-loader workers: see :class:`RowwiseRemap`);
-2. splits the ids of every feature by tier with one
-   ``torch.ops.fbgemm.block_bucketize_sparse_features`` call over all features
-   (``torchrec-cpu-facts.md`` section 6), local row = renumbered row − tier start;
-3. looks the buckets up as features ``"<feature>@<tier>"`` of the quantized collection;
-4. adds each feature's tier outputs back together (MEAN: divided by the bag's full length).
+1. maps every id to its renumbered row (one gather per feature) and splits the ids of every
+   feature by tier with one ``torch.ops.fbgemm.block_bucketize_sparse_features`` call
+   (``torchrec-cpu-facts.md`` section 6), local row = renumbered row − tier start — the
+   collection's ``input_transform``, which can also run in data-loader workers;
+2. looks the buckets up as features ``"<feature>@<tier>"`` of the quantized collection;
+3. adds each feature's tier outputs back together (MEAN: divided by the bag's full length).
+
+Tables are split into groups, one quantized collection (one TBE) each, run in parallel threads
+on CPU.
 
 DROP rows have no physical row: their ids fall in a bucket that is never looked up, so they
 read as zeros (and a MEAN bag still counts them).  The output is the ``KeyedTensor`` a float
@@ -105,15 +106,15 @@ class MixedLayout:
 
 
 class RowwiseInputTransform(nn.Module):
-    """The id-to-tier part of a :class:`RowwiseMixedEmbeddingBagCollection`'s forward, as a
-    separate input transform: a ``KeyedJaggedTensor`` of the collection's features becomes one
-    with features ``"<feature>@<tier>"`` (tier-major) holding local rows of each tier's
-    sub-table.  It holds only the id map, so it is cheap to ship to data-loader workers and
-    takes the remapping off the serving path (``collection(transform(kjt))``).
+    """The id-to-tier step of one table group: a ``KeyedJaggedTensor`` of the group's features
+    becomes one with features ``"<feature>@<tier>"`` (tier-major, only the buckets that have a
+    sub-table; all of them when MEAN pooling needs the DROP lengths) holding local rows of each
+    tier's sub-table.  It holds only the id map (4 bytes per row).
 
-    Every id is renumbered with one gather over all features, then split by tier with one
+    Every id is renumbered with one gather per feature, then split by tier with one
     ``block_bucketize_sparse_features`` call.  Ids outside their table raise an error naming
-    the feature and the id, unless ``check_ids=False``.
+    the feature and the id, unless ``check_ids=False``.  The whole collection's transform is
+    :class:`MixedInputTransform`.
     """
 
     def __init__(self, layout: MixedLayout, device: torch.device = torch.device("cpu"),
