@@ -125,18 +125,7 @@ def data_spec_from_args(args: argparse.Namespace) -> DataSpec:
             synthetic_test_batches=args.synthetic_test_batches, id_dtype=id_dtype,
         )
     schema = SCHEMAS[args.data]
-    if args.train_files:
-        train = expand_files(args.train_files, "--train_files")
-    elif args.data_path:
-        train = find_split_files(args.data_path, "train")
-    else:
-        raise SystemExit(f"--data {args.data} needs --data_path or --train_files")
-    if args.test_files:
-        test = expand_files(args.test_files, "--test_files")
-    elif args.data_path:
-        test = find_split_files(args.data_path, "test")
-    else:
-        raise SystemExit(f"--data {args.data} needs --data_path or --test_files")
+    train, test = _split_files(args, "train"), _split_files(args, "test")
     dev: List[str] = []
     if args.data_path:
         try:
@@ -155,6 +144,16 @@ def data_spec_from_args(args: argparse.Namespace) -> DataSpec:
         num_dense=len(schema.dense), train_files=train, test_files=test, dev_files=dev,
         skip_malformed=args.skip_malformed, id_dtype=id_dtype,
     )
+
+
+def _split_files(args: argparse.Namespace, split: str) -> List[str]:
+    """``--<split>_files`` if given, else the split's files in ``--data_path``."""
+    explicit = getattr(args, f"{split}_files")
+    if explicit:
+        return expand_files(explicit, f"--{split}_files")
+    if args.data_path:
+        return find_split_files(args.data_path, split)
+    raise SystemExit(f"--data {args.data} needs --data_path or --{split}_files")
 
 
 def model_config_from_args(args: argparse.Namespace, spec: DataSpec) -> DLRMConfig:
