@@ -31,3 +31,22 @@ def test_two_process_training_matches_one_process(tmp_path: Path, interaction: s
     assert len(tables) == 6
     for key, ref in one["state"].items():
         torch.testing.assert_close(two["state"][key], ref, rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sharding_type", ["row_wise", "table_row_wise"])
+def test_planner_places_row_wise_tables_on_cpu_and_training_matches(tmp_path: Path, sharding_type: str) -> None:
+    """The planner, with AllShardingTypesEBCSharder, plans row-wise tables for gloo/CPU (TorchRec's
+    own sharder refuses them there); the sharded run equals one process on the same batches."""
+    results = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"ws{nproc}.pt"
+        run_torchrun(SCRIPT, ["--out", out, "--steps", 5, "--global_batch", 64,
+                              "--sharding_type", sharding_type], nproc=nproc)
+        results[nproc] = torch.load(out, weights_only=False)
+    two = results[2]
+    assert two["plan"].count(sharding_type) >= 6 and "rank:1" in two["plan"]
+    torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(results[1]["losses"]),
+                               rtol=1e-5, atol=1e-6)
+    for key, ref in results[1]["state"].items():
+        torch.testing.assert_close(two["state"][key], ref, rtol=1e-4, atol=1e-5, msg=key)

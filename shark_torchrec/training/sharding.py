@@ -26,11 +26,14 @@ def plan_sharding(
     batch_size: int,
     constraints: Optional[Dict[str, ParameterConstraints]] = None,
     sharders: Optional[Sequence] = None,
+    storage_reservation=None,
 ) -> ShardingPlan:
     """Plan with ``EmbeddingShardingPlanner`` on rank 0 and broadcast the plan to all ranks.
 
     The topology is the process group's: ``env.world_size`` devices of ``env.device``'s type
     (on CPU the planner places tables in DDR; see ``torchrec-cpu-facts.md`` section 3.3).
+    ``storage_reservation`` (e.g. :class:`~shark_torchrec.planning.TrackerStorageReservation`)
+    replaces the planner's default reservation.
     """
     topology = TopologyFactory.create_topology(
         trainer_config=TrainerConfig(
@@ -40,7 +43,8 @@ def plan_sharding(
         kernel_config=KernelConfig(compute_device=env.device.type),
     )
     planner = EmbeddingShardingPlanner(
-        topology=topology, batch_size=batch_size, constraints=constraints
+        topology=topology, batch_size=batch_size, constraints=constraints,
+        storage_reservation=storage_reservation,
     )
     sharders = list(sharders) if sharders else [EmbeddingBagCollectionSharder()]
     plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)

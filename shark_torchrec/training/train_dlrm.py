@@ -18,7 +18,15 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from shark_torchrec.data import SyntheticConfig
+from torchrec.distributed.planner import ParameterConstraints
+
 from shark_torchrec.importance import BASELINES, TaylorFieldImportance
+from shark_torchrec.planning import (
+    CPU_SHARDING_TYPES,
+    AllShardingTypesEBCSharder,
+    TrackerStorageReservation,
+    tracker_bytes_per_rank,
+)
 from shark_torchrec.training.checkpoint import CheckpointManager
 from shark_torchrec.training.datasets import (
     DATASETS,
@@ -94,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dense_optimizer", choices=sorted(DENSE_OPTIMIZERS), default="adagrad")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    t.add_argument("--sharding_type", choices=CPU_SHARDING_TYPES,
+                   help="shard every table this way (default: the planner chooses)")
     t.add_argument("--max_steps", type=int,
                    help="stop after this many steps in total (the run can be resumed)")
     t.add_argument("--score_fields", choices=BASELINES,
@@ -236,7 +246,17 @@ def _run(args: argparse.Namespace, env: DistEnv) -> Dict:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.world_size))
     spec = data_spec_from_args(args)
     model_config = model_config_from_args(args, spec)
-    trainer = DLRMTrainer(model_config, optim_config_from_args(args), env, args.batch_size, seed=args.seed)
+    constraints = None
+    if args.sharding_type:
+        constraints = {t.name: ParameterConstraints(sharding_types=[args.sharding_type])
+                       for t in model_config.tables()}
+    # The planner reserves what the importance tracker holds per rank.
+    reservation = TrackerStorageReservation(tracker_bytes_per_rank(
+        model_config.tables(), args.batch_size, env.world_size, row_priority=False,
+        field_importance=args.score_fields))
+    trainer = DLRMTrainer(model_config, optim_config_from_args(args), env, args.batch_size,
+                          seed=args.seed, constraints=constraints,
+                          sharders=[AllShardingTypesEBCSharder()], storage_reservation=reservation)
     tracker = None
     if args.score_fields:
         # Attached after DMP: hooks go on the sharded collection (see importance.taylor).

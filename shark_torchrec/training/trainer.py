@@ -105,7 +105,11 @@ class DLRMTrainer:
         batch_size: per-rank batch size (the planner's estimate of the load).
         seed: seeds the dense layers and the embedding tables (placement-independent).
         constraints: optional ``ParameterConstraints`` per table, handed to the planner.
-        sharders: optional sharders (default: TorchRec's ``EmbeddingBagCollectionSharder``).
+        sharders: optional sharders (default: TorchRec's ``EmbeddingBagCollectionSharder``;
+            :class:`~shark_torchrec.planning.AllShardingTypesEBCSharder` adds row-wise and
+            table-row-wise on CPU).
+        storage_reservation: optional planner storage reservation (e.g. one that reserves the
+            trackers' memory: :class:`~shark_torchrec.planning.TrackerStorageReservation`).
     """
 
     def __init__(
@@ -118,6 +122,7 @@ class DLRMTrainer:
         constraints=None,
         sharders=None,
         model: Optional[DLRMTrain] = None,
+        storage_reservation=None,
     ) -> None:
         self.model_config = model_config
         self.optim_config = optim_config
@@ -133,7 +138,7 @@ class DLRMTrainer:
             ebc.parameters(),
             dict(optim_config.embedding_kwargs()),
         )
-        self.plan = plan_sharding(model, env, batch_size, constraints, sharders)
+        self.plan = plan_sharding(model, env, batch_size, constraints, sharders, storage_reservation)
         self.model: DistributedModelParallel = shard_model(model, env, self.plan, sharders)
         init_embedding_shards(self.model, EBC_FQN, model_config.tables(), seed)
         dense_cls = DENSE_OPTIMIZERS[optim_config.dense_optimizer]

@@ -18,6 +18,7 @@ p.add_argument("--out", required=True)
 p.add_argument("--steps", type=int, default=4)
 p.add_argument("--global_batch", type=int, default=64)
 p.add_argument("--interaction", default="dot")
+p.add_argument("--sharding_type", help="force this sharding type on every table (planner constraint)")
 args = p.parse_args()
 
 env = init_distributed("cpu")
@@ -31,7 +32,17 @@ model_config = DLRMConfig(
     dcn_low_rank_dim=4,
 )
 local_batch = args.global_batch // env.world_size
-trainer = DLRMTrainer(model_config, OptimConfig(learning_rate=0.1), env, local_batch, seed=11)
+constraints, sharders = None, None
+if args.sharding_type:
+    from torchrec.distributed.planner import ParameterConstraints
+
+    from shark_torchrec.planning import AllShardingTypesEBCSharder
+
+    constraints = {t.name: ParameterConstraints(sharding_types=[args.sharding_type])
+                   for t in model_config.tables()}
+    sharders = [AllShardingTypesEBCSharder()]
+trainer = DLRMTrainer(model_config, OptimConfig(learning_rate=0.1), env, local_batch, seed=11,
+                      constraints=constraints, sharders=sharders)
 ds = SyntheticClickDataset(cfg, local_batch, args.steps, rank=env.rank, world_size=env.world_size)
 losses = []
 for batch in make_dataloader(ds):
