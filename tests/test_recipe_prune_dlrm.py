@@ -57,3 +57,23 @@ def test_iterative_pruning_recipe(tmp_path: Path) -> None:
     assert [len(r["kept"]) for r in m["rounds"]] == [6, 3]
     assert set(m["rounds"][-1]["kept"]) == {"cat_0", "cat_1", "cat_2"}
     assert m["plan"]["fields_after"] == 3
+
+
+@pytest.mark.slow
+def test_planner_overrides_file_in_the_recipes(tmp_path: Path) -> None:
+    small = ["--data", "synthetic", "--synthetic_cardinality", 300, "--synthetic_train_batches", 8,
+             "--synthetic_test_batches", 2, "--embedding_dim", 8, "--dense_arch_layer_sizes", "16,8",
+             "--over_arch_layer_sizes", "16,1", "--batch_size", 32, "--log_level", "WARNING",
+             "--planner_overrides", ROOT / "examples" / "planner_overrides.yaml"]
+    base = tmp_path / "base"
+    run_torchrun(ROOT / "recipes" / "train_dlrm.py", [*small, "--score_fields", "zero", "--out", base], nproc=2)
+    m = json.loads((base / "metrics.json").read_text())
+    plan = m["sharding_plan"]["model.sparse_arch.embedding_bag_collection"]
+    assert plan["t_cat_0"]["sharding_type"] == "row_wise"
+    assert {p["sharding_type"] for p in plan.values()} <= {"row_wise", "table_wise"}
+    out = tmp_path / "pruned"
+    run_torchrun(ROOT / "recipes" / "prune_dlrm.py", [*small, "--from_run", base, "--keep_fields", 2,
+                                                      "--out", out], nproc=1)
+    kept = [f for f in json.loads((out / "plan.json").read_text())["tables"]
+            if f not in json.loads((out / "metrics.json").read_text())["plan"]["dropped_tables"]]
+    assert "t_cat_0" in kept  # never_prune in the overrides file

@@ -3,12 +3,24 @@
 * :class:`AllShardingTypesEBCSharder` — row-wise and table-row-wise sharding on CPU too.
 * :func:`tracker_bytes_per_rank`, :class:`TrackerStorageReservation` — the planner reserves what
   the importance and row-priority trackers hold on each rank.
+* :func:`load_overrides` — one YAML file of per-table planner constraints and compression
+  settings (:class:`PlannerOverrides`).
 """
 
+from shark_torchrec.planning.overrides import (
+    OverridesError,
+    PlannerOverrides,
+    load_overrides,
+    parse_overrides,
+)
 from shark_torchrec.planning.sharders import CPU_SHARDING_TYPES, AllShardingTypesEBCSharder
 from shark_torchrec.planning.storage import TrackerStorageReservation, tracker_bytes_per_rank
 
 __all__ = [
+    "OverridesError",
+    "PlannerOverrides",
+    "load_overrides",
+    "parse_overrides",
     "AllShardingTypesEBCSharder",
     "CPU_SHARDING_TYPES",
     "TrackerStorageReservation",

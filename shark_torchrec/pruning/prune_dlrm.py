@@ -17,6 +17,7 @@ import warnings
 from typing import Dict, List, Optional, Sequence
 
 from shark_torchrec.importance import BASELINES
+from shark_torchrec.planning import load_overrides
 from shark_torchrec.pruning.plan import PruningPlan, choose_plan, table_bytes
 from shark_torchrec.pruning.sharded import PruningRound, iterative_prune, prune_trainer, pruned_config
 from shark_torchrec.training.checkpoint import CheckpointManager
@@ -78,7 +79,7 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict:
 
 def _load_plan_or_scores(args: argparse.Namespace, trainer: DLRMTrainer) -> PruningPlan:
     tables = trainer.model_config.tables()
-    protected = [p for p in args.protect.split(",") if p]
+    protected = _protected(args, tables)
     if args.plan:
         plan = PruningPlan.load(args.plan)
         plan.validate(tables, source=f"model of {args.from_run}")
@@ -98,6 +99,14 @@ def _load_plan_or_scores(args: argparse.Namespace, trainer: DLRMTrainer) -> Prun
                            protected=protected, method=doc.get("method", ""))
     except ValueError as e:
         raise SystemExit(f"{path}: {e}") from e
+
+
+def _protected(args: argparse.Namespace, tables) -> List[str]:
+    """--protect, plus the features of tables marked never_prune in --planner_overrides."""
+    protected = [p for p in args.protect.split(",") if p]
+    if args.planner_overrides:
+        protected += load_overrides(args.planner_overrides, tables).protected_features(tables)
+    return list(dict.fromkeys(protected))
 
 
 def _run(args: argparse.Namespace, env: DistEnv) -> Dict:
@@ -134,7 +143,7 @@ def _run(args: argparse.Namespace, env: DistEnv) -> Dict:
             trainer, endless(), rounds=args.rounds, score_batches=args.score_batches,
             finetune_steps=args.finetune_steps, keep_fields=args.keep_fields,
             work_dir=os.path.join(args.out, "rounds"), batch_size=args.batch_size,
-            baseline=args.prune_baseline, protected=[p for p in args.protect.split(",") if p],
+            baseline=args.prune_baseline, protected=_protected(args, config.tables()),
             seed=args.seed, on_round=on_round)
         dropped = [f for f in first_features if f not in trainer.features]
         plan = PruningPlan(tables={t.name: list(t.feature_names) for t in config.tables()},

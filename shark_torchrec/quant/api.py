@@ -50,6 +50,8 @@ class RowwiseQuantConfig:
         tiers: tiers a budget may use.
         table_overrides: ``{table: tier}`` pins every row of a table to one tier;
             ``{table: "exclude"}`` keeps a table exact (all rows FP32).
+        table_fractions: ``{table: {tier: fraction}}``: these tables are assigned by their own
+            row fractions (and count against a budget like pinned tables).
         check_ids: the converted collections check ids (see the module).
         row_alignment: row alignment for byte budgets (FBGEMM's: 16 on CUDA, the conservative
             choice; TorchRec's quantized collection also uses 16 on CPU).
@@ -60,6 +62,7 @@ class RowwiseQuantConfig:
     budget_fraction: Optional[float] = None
     tiers: Sequence[str] = ("fp16", "int8", "int4", "int2", "drop")
     table_overrides: Dict[str, str] = field(default_factory=dict)
+    table_fractions: Dict[str, Dict[str, float]] = field(default_factory=dict)
     check_ids: bool = True
     row_alignment: int = DEFAULT_ROW_ALIGNMENT
 
@@ -81,6 +84,14 @@ class RowwiseQuantConfig:
         for table, tier in self.table_overrides.items():
             if tier != EXCLUDE:
                 Tier.parse(tier)  # raises naming the tier
+        for table, fr in self.table_fractions.items():
+            parsed = {Tier.parse(k).value: float(v) for k, v in fr.items()}
+            if any(v < 0 for v in parsed.values()) or not math.isclose(sum(parsed.values()), 1.0, abs_tol=1e-6):
+                raise ValueError(f"RowwiseQuantConfig.table_fractions[{table!r}] must be >= 0 and sum to 1, got {fr}")
+            self.table_fractions[table] = parsed
+        both = sorted(set(self.table_fractions) & set(self.table_overrides))
+        if both:
+            raise ValueError(f"tables both pinned and given fractions: {both}")
 
     def to_dict(self) -> Dict:
         return dataclasses.asdict(self)
@@ -105,9 +116,9 @@ def assign_tiers(
     every row; a table missing from ``priorities`` is an error naming it)."""
     configs = ebc.embedding_bag_configs()
     names = [c.name for c in configs]
-    unknown = sorted(set(config.table_overrides) - set(names))
+    unknown = sorted((set(config.table_overrides) | set(config.table_fractions)) - set(names))
     if unknown:
-        raise ValueError(f"table_overrides name unknown tables {unknown} (tables: {names})")
+        raise ValueError(f"table_overrides/table_fractions name unknown tables {unknown} (tables: {names})")
     if priorities is None:
         priorities = {c.name: torch.ones(c.num_embeddings) for c in configs}
     missing = [n for n in names if n not in priorities]
@@ -117,11 +128,15 @@ def assign_tiers(
     pinned: Dict[str, Tier] = {}
     for name, tier in config.table_overrides.items():
         pinned[name] = Tier.FP32 if tier == EXCLUDE else Tier.parse(tier)
-    free = [c for c in configs if c.name not in pinned]
+    own = {c.name: c for c in configs if c.name in config.table_fractions}
+    free = [c for c in configs if c.name not in pinned and c.name not in own]
     tiers: Dict[str, torch.Tensor] = {}
     for name, tier in pinned.items():
         rows = next(c.num_embeddings for c in configs if c.name == name)
         tiers[name] = torch.full((rows,), TIER_ORDER.index(tier), dtype=torch.int8)
+    for name, c in own.items():
+        tiers.update(assign_by_fractions({name: priorities[name]}, {name: c.embedding_dim},
+                                         config.table_fractions[name], config.row_alignment).tiers)
     details: Dict[str, float] = {}
     if free:
         if config.fractions is not None:
@@ -129,7 +144,9 @@ def assign_tiers(
                                     {c.name: c.embedding_dim for c in free}, config.fractions,
                                     config.row_alignment)
         else:
-            pinned_bytes = sum(row_bytes(pinned[n], dims[n], config.row_alignment) * len(tiers[n]) for n in pinned)
+            # Pinned tables and tables with their own fractions count against the budget.
+            pinned_bytes = sum(row_bytes(TIER_ORDER[int(i)], dims[n], config.row_alignment)
+                               for n in tiers for i in tiers[n])
             if config.budget_bytes is not None:
                 budget = config.budget_bytes
             else:
@@ -182,14 +199,17 @@ def quantize_(
     if not targets:
         raise ValueError("quantize_: no EmbeddingBagCollection matched")
     all_tables = {c.name for _, m in targets for c in m.embedding_bag_configs()}
-    unknown = sorted(set(config.table_overrides) - all_tables)
+    unknown = sorted((set(config.table_overrides) | set(config.table_fractions)) - all_tables)
     if unknown:  # checked before anything is swapped
-        raise ValueError(f"table_overrides name unknown tables {unknown} (tables: {sorted(all_tables)})")
+        raise ValueError(f"table_overrides/table_fractions name unknown tables {unknown} "
+                         f"(tables: {sorted(all_tables)})")
     for fqn, ebc in targets:
         table_names = {c.name for c in ebc.embedding_bag_configs()}
         own = None if priorities is None else {k: v for k, v in priorities.items() if k in table_names}
-        overrides = {k: v for k, v in config.table_overrides.items() if k in table_names}
-        local = dataclasses.replace(config, table_overrides=overrides)
+        local = dataclasses.replace(
+            config,
+            table_overrides={k: v for k, v in config.table_overrides.items() if k in table_names},
+            table_fractions={k: v for k, v in config.table_fractions.items() if k in table_names})
         assignment = assign_tiers(ebc, local, own)
         mixed = RowwiseMixedEmbeddingBagCollection.from_float(ebc, assignment, check_ids=config.check_ids)
         mixed.assignment = assignment

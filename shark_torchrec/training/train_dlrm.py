@@ -25,6 +25,7 @@ from shark_torchrec.planning import (
     CPU_SHARDING_TYPES,
     AllShardingTypesEBCSharder,
     TrackerStorageReservation,
+    load_overrides,
     tracker_bytes_per_rank,
 )
 from shark_torchrec.training.checkpoint import CheckpointManager
@@ -104,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     t.add_argument("--sharding_type", choices=CPU_SHARDING_TYPES,
                    help="shard every table this way (default: the planner chooses)")
+    t.add_argument("--planner_overrides", metavar="FILE",
+                   help="YAML of per-table planner constraints and compression settings")
     t.add_argument("--max_steps", type=int,
                    help="stop after this many steps in total (the run can be resumed)")
     t.add_argument("--score_fields", choices=BASELINES,
@@ -247,9 +250,13 @@ def _run(args: argparse.Namespace, env: DistEnv) -> Dict:
     spec = data_spec_from_args(args)
     model_config = model_config_from_args(args, spec)
     constraints = None
+    if args.sharding_type and args.planner_overrides:
+        raise SystemExit("--sharding_type and --planner_overrides both set sharding: use one")
     if args.sharding_type:
         constraints = {t.name: ParameterConstraints(sharding_types=[args.sharding_type])
                        for t in model_config.tables()}
+    if args.planner_overrides:
+        constraints = load_overrides(args.planner_overrides, model_config.tables()).constraints
     # The planner reserves what the importance tracker holds per rank.
     reservation = TrackerStorageReservation(tracker_bytes_per_rank(
         model_config.tables(), args.batch_size, env.world_size, row_priority=False,

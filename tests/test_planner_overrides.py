@@ -1,0 +1,91 @@
+"""The planner-overrides YAML file: parsing, globs and order, errors naming file and key path,
+and its use by the planner, quantize_ and the pruning recipe's protected fields."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+from torch import nn
+
+from conftest import ROOT
+from shark_torchrec.planning import AllShardingTypesEBCSharder, OverridesError, load_overrides
+from shark_torchrec.quant import TIER_ORDER, RowwiseQuantConfig, Tier, quantize_
+
+TABLES = [EmbeddingBagConfig(name=f"t_cat_{i}", embedding_dim=8, num_embeddings=1000,
+                             feature_names=[f"cat_{i}"]) for i in range(26)]
+
+
+def _write(tmp_path: Path, text: str) -> str:
+    p = tmp_path / "overrides.yaml"
+    p.write_text(text)
+    return str(p)
+
+
+def test_example_file_is_valid_and_resolves_globs_in_order() -> None:
+    o = load_overrides(str(ROOT / "examples" / "planner_overrides.yaml"), TABLES)
+    assert len(o.constraints) == 26
+    assert o.constraints["t_cat_0"].sharding_types == ["row_wise"]       # the later entry wins
+    assert o.constraints["t_cat_5"].sharding_types == ["table_wise", "row_wise"]
+    assert o.constraints["t_cat_5"].pooling_factors == [1.0]
+    assert o.never_prune == ["t_cat_0"] and o.protected_features(TABLES) == ["cat_0"]
+    assert o.pins == {"t_cat_0": "fp16", "t_cat_24": "exclude"}
+    assert o.tier_fractions["t_cat_3"] == {"fp16": 0.1, "int8": 0.3, "int4": 0.6}
+    assert "t_cat_0" not in o.tier_fractions and "t_cat_24" not in o.tier_fractions
+
+
+@pytest.mark.parametrize("text, message", [
+    ("tables:\n  t_x*:\n    sharding_types: [row_wise]\n",
+     r"overrides\.yaml: tables\.t_x\*: matches no table"),
+    ("tables:\n  t_cat_1:\n    sharding_types: [diagonal]\n",
+     r"tables\.t_cat_1\.sharding_types: unknown sharding types \['diagonal'\]"),
+    ("tables:\n  t_cat_1:\n    compute_kernels: [magic]\n",
+     r"tables\.t_cat_1\.compute_kernels: unknown compute kernels \['magic'\]"),
+    ("tables:\n  t_cat_1:\n    compression:\n      tiers: {fp16: 0.5, int8: 0.4}\n",
+     r"tables\.t_cat_1\.compression\.tiers: fractions sum to 0\.9, not 1"),
+    ("tables:\n  t_cat_1:\n    compression:\n      tiers: {int3: 1.0}\n",
+     r"tables\.t_cat_1\.compression\.tiers\.int3: unknown tier 'int3'"),
+    ("tables:\n  t_cat_1:\n    compression:\n      pin: int9\n",
+     r"tables\.t_cat_1\.compression\.pin: unknown tier 'int9'"),
+    ("tables:\n  t_cat_1:\n    compression:\n      pin: fp16\n      exclude: true\n",
+     r"tables\.t_cat_1\.compression: set at most one of pin, exclude and tiers"),
+    ("tables:\n  t_cat_1:\n    shardng_types: [row_wise]\n",
+     r"tables\.t_cat_1: unknown keys \['shardng_types'\]"),
+    ("tables:\n  t_cat_1:\n    min_partition: -3\n",
+     r"tables\.t_cat_1\.min_partition: expected a positive integer"),
+    ("tables: [1, 2]\n", r"tables: expected a mapping"),
+    ("tables:\n  t_cat_1: {\n", r"not valid YAML"),
+])
+def test_errors_name_file_key_path_and_problem(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(OverridesError, match=message):
+        load_overrides(_write(tmp_path, text), TABLES)
+
+
+def test_constraints_drive_the_planner(tmp_path: Path) -> None:
+    o = load_overrides(_write(tmp_path, "tables:\n  t_cat_[0-2]:\n    sharding_types: [row_wise]\n"
+                                        "  t_cat_3:\n    sharding_types: [column_wise]\n"
+                                        "    min_partition: 4\n"), TABLES[:6])
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ebc = EmbeddingBagCollection(tables=TABLES[:6], device=torch.device("meta"))
+
+    plan = EmbeddingShardingPlanner(topology=Topology(world_size=2, compute_device="cpu", local_world_size=2),
+                                    batch_size=256, constraints=o.constraints).plan(M(), [AllShardingTypesEBCSharder()])
+    ps = plan.plan["ebc"]
+    assert [ps[f"t_cat_{i}"].sharding_type for i in range(4)] == ["row_wise"] * 3 + ["column_wise"]
+
+
+def test_compression_settings_feed_quantize(tmp_path: Path) -> None:
+    tables = TABLES[:3]
+    o = load_overrides(_write(tmp_path, "tables:\n  t_cat_0:\n    compression:\n      pin: int8\n"
+                                        "  t_cat_1:\n    compression:\n      tiers: {fp16: 0.5, int4: 0.5}\n"), tables)
+    ebc = EmbeddingBagCollection(tables=tables)
+    config = o.quant_config(RowwiseQuantConfig(fractions={"int4": 1.0}))
+    mixed = quantize_(ebc, config)
+    a = mixed.assignment
+    assert set(a.tiers["t_cat_0"].tolist()) == {TIER_ORDER.index(Tier.INT8)}
+    assert a.rows_per_tier("t_cat_1") == {Tier.FP16: 500, Tier.INT4: 500}
+    assert a.rows_per_tier("t_cat_2") == {Tier.INT4: 1000}
