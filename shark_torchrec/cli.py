@@ -1,0 +1,152 @@
+"""``shark-torchrec``: the package's command line.
+
+    shark-torchrec plan --preset criteo1tb --world_size 1 --device cuda --hbm_gb 80
+    shark-torchrec plan --tables model.yaml --world_size 4 --device cuda --hbm_gb 40 --json plan.json
+
+``plan`` prints, for a model description and a topology, the per-device memory and the table
+placement of TorchRec's planner before compression (fp32) and after compress-to-fit
+(:mod:`shark_torchrec.planning.compress`), and optionally writes them as JSON.  No devices are
+needed: it plans for the topology described.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+import warnings
+from typing import Dict, List, Optional, Sequence
+
+import yaml
+
+GB = 1024 ** 3
+
+
+def _load_tables(path: str):
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+
+    with open(path) as f:
+        doc = yaml.safe_load(f)
+    rows = doc.get("tables") if isinstance(doc, dict) else None
+    if not isinstance(rows, list) or not rows:
+        raise SystemExit(f"{path}: expected 'tables:' with a list of {{name, rows, dim, features}}")
+    out = []
+    for i, t in enumerate(rows):
+        missing = [k for k in ("name", "rows", "dim") if k not in t]
+        if missing:
+            raise SystemExit(f"{path}: tables[{i}] lacks {missing}")
+        out.append(EmbeddingBagConfig(name=str(t["name"]), num_embeddings=int(t["rows"]),
+                                      embedding_dim=int(t["dim"]),
+                                      feature_names=list(t.get("features") or [str(t["name"])])))
+    return out
+
+
+def _placement(planner, world_size: int) -> Dict[str, object]:
+    from shark_torchrec.planning.compress import device_storage
+
+    tables = {}
+    for so in planner._best_plan:
+        tables[so.name] = {"sharding_type": so.sharding_type, "compute_kernel": so.compute_kernel,
+                           "ranks": sorted({s.rank for s in so.shards}),
+                           "bytes": sum(s.storage.hbm + s.storage.ddr for s in so.shards)}
+    return {"devices": device_storage(planner, world_size), "tables": tables}
+
+
+def plan_command(args: argparse.Namespace) -> int:
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    logging.disable(logging.WARNING)  # the planner's own chatter; results are printed below
+    from torchrec.distributed.planner import Topology
+    from torchrec.distributed.planner.types import PlannerError
+
+    from shark_torchrec.planning.compress import compress_to_fit, criteo_1tb_tables, plan_inference
+    from shark_torchrec.planning.overrides import load_overrides
+
+    tables = criteo_1tb_tables(args.dim) if args.preset == "criteo1tb" else _load_tables(args.tables)
+    topology = Topology(world_size=args.world_size, compute_device=args.device,
+                        local_world_size=args.world_size,
+                        hbm_cap=int(args.hbm_gb * GB) if args.device == "cuda" else None,
+                        ddr_cap=int(args.ddr_gb * GB) if args.ddr_gb else None)
+    pins = load_overrides(args.planner_overrides, tables).pins if args.planner_overrides else None
+    total_fp32 = sum(t.num_embeddings * t.embedding_dim * 4 for t in tables)
+    report: Dict[str, object] = {
+        "topology": {"world_size": args.world_size, "device": args.device, "hbm_gb": args.hbm_gb,
+                     "ddr_gb": args.ddr_gb},
+        "tables": len(tables), "rows": sum(t.num_embeddings for t in tables),
+        "fp32_bytes": total_fp32,
+    }
+    print(f"model: {len(tables)} tables, {report['rows']:,} rows, {total_fp32 / GB:.1f} GiB in fp32")
+    print(f"topology: {args.world_size} × {args.device}, "
+          f"{args.hbm_gb if args.device == 'cuda' else args.ddr_gb} GiB per device")
+    t0 = time.perf_counter()
+    try:
+        _, planner = plan_inference(tables, topology, batch_size=args.batch_size)
+        before = _placement(planner, args.world_size)
+        report["before"] = {"fits": True, **before}
+        _print_placement("before compression (fp32)", before)
+    except PlannerError as e:
+        report["before"] = {"fits": False, "error": str(e).splitlines()[0]}
+        print(f"\nbefore compression (fp32): does not fit — {str(e).splitlines()[0].strip()}")
+    compression, _, planner = compress_to_fit(tables, topology, pins=pins, zipf=args.zipf,
+                                              batch_size=args.batch_size)
+    after = _placement(planner, args.world_size)
+    report["after"] = {"fits": True, **after, "compression": {
+        n: {"rows": c.rows, "bytes": c.bytes, "fp32_bytes": c.fp32_bytes, "predicted_loss": c.predicted_loss}
+        for n, c in compression.items()}}
+    report["planning_seconds"] = time.perf_counter() - t0
+    _print_placement("after compress-to-fit", after)
+    print("\n| table | rows | fp32 GiB | compressed GiB | tiers (fraction of rows) |")
+    print("|---|---|---|---|---|")
+    for n, c in compression.items():
+        fr = ", ".join(f"{k} {v:.2f}" for k, v in c.fractions.items())
+        print(f"| {n} | {sum(c.rows.values()):,} | {c.fp32_bytes / GB:.3f} | {c.bytes / GB:.3f} | {fr} |")
+    saved = sum(c.bytes for c in compression.values())
+    print(f"\nembedding bytes: {total_fp32 / GB:.1f} → {saved / GB:.1f} GiB "
+          f"({saved / total_fp32:.1%}); planned in {report['planning_seconds']:.1f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _print_placement(title: str, p: Dict[str, object]) -> None:
+    print(f"\n{title}:")
+    for rank, d in enumerate(p["devices"]):
+        print(f"  device {rank}: HBM {d['hbm'] / GB:.2f} GiB, DDR {d['ddr'] / GB:.2f} GiB")
+    by_rank: Dict[str, List[str]] = {}
+    for name, t in p["tables"].items():
+        by_rank.setdefault(",".join(map(str, t["ranks"])), []).append(f"{name} ({t['sharding_type']})")
+    for ranks, names in sorted(by_rank.items()):
+        print(f"  ranks {ranks}: {len(names)} tables: {', '.join(names[:6])}{' ...' if len(names) > 6 else ''}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="shark-torchrec", description="SHARK for TorchRec")
+    sub = p.add_subparsers(dest="command", required=True)
+    plan = sub.add_parser("plan", help="plan a model for a topology, before and after compression")
+    src = plan.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preset", choices=["criteo1tb"], help="TorchRec's DLRM example for Criteo 1TB")
+    src.add_argument("--tables", help="YAML/JSON: tables: [{name, rows, dim, features}]")
+    plan.add_argument("--dim", type=int, default=128, help="embedding dim of the preset")
+    plan.add_argument("--world_size", type=int, default=1)
+    plan.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    plan.add_argument("--hbm_gb", type=float, default=80.0, help="GiB of device memory per GPU")
+    plan.add_argument("--ddr_gb", type=float, help="GiB of host memory per device (CPU topologies)")
+    plan.add_argument("--batch_size", type=int, default=512)
+    plan.add_argument("--zipf", type=float, default=1.05,
+                      help="assumed id popularity law when no row priorities are given")
+    plan.add_argument("--planner_overrides", help="YAML with per-table pins / excludes")
+    plan.add_argument("--json", help="also write the report as JSON")
+    plan.set_defaults(func=plan_command)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,265 @@
+"""Compress to fit: per-table tier mixes chosen so that a model's embedding tables fit a
+topology, with the least predicted quality loss, then planned by TorchRec's planner.
+
+Predicted loss of a table stored with a tier mix = Σ over its rows of priority × the tier's
+quantization error.  Errors are *measured* once per (tier, dim) by quantizing Gaussian rows with
+FBGEMM's own quantizers (relative squared error, DROP = 1).  Priorities come from
+:class:`~shark_torchrec.importance.RowPriority` when a trained model's are at hand; for planning
+a model before training (or for a topology you do not have), rows are assumed to be used with a
+Zipf law of exponent ``zipf`` (popular rows first), integrated over ``buckets`` row quantiles so
+that 40M-row tables cost nothing to plan.  The mix of all tables is chosen together by
+Lagrangian relaxation over a price per byte (the same rule as
+:func:`~shark_torchrec.quant.assign_by_budget`), and the resulting bytes — FBGEMM's row sizes,
+16-byte alignment, the 4-byte-per-row id map.  The compressed model is then planned as what it
+serves with: TorchRec's quantized collection holding one table per (table, tier) in that tier's
+data type, with TorchRec's quant sharder and its own storage estimates (so the planner places
+the compressed tables by their real bytes), and the id maps reserved on every device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from functools import lru_cache
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+from torchrec.distributed.embedding_types import EmbeddingComputeKernel
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.planner.types import PlannerError
+from torchrec.distributed.quant_embeddingbag import QuantEmbeddingBagCollectionSharder
+from torchrec.distributed.types import ShardingPlan
+from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
+from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
+
+from shark_torchrec.planning.storage import TrackerStorageReservation
+
+from shark_torchrec.quant.tiers import DEFAULT_ROW_ALIGNMENT, TIER_ORDER, Tier, quantization_error, row_bytes
+
+ID_MAP_BYTES_PER_ROW = 4
+_DATA_TYPES = {Tier.FP32: DataType.FP32, Tier.FP16: DataType.FP16, Tier.INT8: DataType.INT8,
+               Tier.INT4: DataType.INT4, Tier.INT2: DataType.INT2}
+
+
+@lru_cache(maxsize=None)
+def tier_error(tier: Tier, dim: int, samples: int = 2048) -> float:
+    """Mean relative squared error of a Gaussian row of ``dim`` stored in ``tier`` (measured)."""
+    if tier is Tier.DROP:
+        return 1.0
+    w = torch.randn(samples, dim, generator=torch.Generator().manual_seed(dim))
+    return float(quantization_error(w, tier).sum() / (w.double() ** 2).sum())
+
+
+def zipf_bucket_mass(rows: int, zipf: float, buckets: int) -> Tuple[List[int], List[float]]:
+    """Rows per bucket (geometric buckets, popular rows first) and each bucket's share of the
+    accesses under a Zipf(``zipf``) law, from the integral of ``x^-s`` over the bucket."""
+    edges = sorted({0, rows} | {min(rows, int(round(rows ** (i / buckets)))) for i in range(1, buckets)})
+
+    def cdf(x: float) -> float:  # ∫_1^{x+1} t^-s dt, unnormalised
+        if abs(zipf - 1.0) < 1e-9:
+            return math.log(x + 1.0)
+        return ((x + 1.0) ** (1.0 - zipf) - 1.0) / (1.0 - zipf)
+
+    total = cdf(rows)
+    counts = [b - a for a, b in zip(edges, edges[1:])]
+    mass = [(cdf(b) - cdf(a)) / total for a, b in zip(edges, edges[1:])]
+    return counts, mass
+
+
+@dataclasses.dataclass
+class TableCompression:
+    """The tier mix chosen for one table: rows per tier, bytes and predicted loss."""
+
+    name: str
+    rows: Dict[str, int]
+    bytes: int
+    fp32_bytes: int
+    predicted_loss: float
+
+    @property
+    def fractions(self) -> Dict[str, float]:
+        total = sum(self.rows.values())
+        return {t: n / total for t, n in self.rows.items() if n}
+
+
+def compressed_bytes(rows_per_tier: Dict[Tier, int], dim: int, row_alignment: int = DEFAULT_ROW_ALIGNMENT) -> int:
+    """Bytes of a table stored with these tiers: its rows in FBGEMM's layout plus, for a mixed
+    table, the id map."""
+    total_rows = sum(rows_per_tier.values())
+    id_map = ID_MAP_BYTES_PER_ROW * total_rows if needs_id_map(rows_per_tier) else 0
+    return sum(n * row_bytes(t, dim, row_alignment) for t, n in rows_per_tier.items()) + id_map
+
+
+def needs_id_map(rows_per_tier: Dict) -> bool:
+    """A table in one stored tier is a plain quantized table: only mixed tables (or ones with
+    dropped rows) renumber their ids."""
+    used = [Tier(t) if isinstance(t, str) else t for t, n in rows_per_tier.items() if n]
+    return len(used) > 1 or Tier.DROP in used
+
+
+def choose_compression(
+    tables: Sequence[EmbeddingBagConfig],
+    budget_bytes: int,
+    tiers: Sequence[str] = ("fp32", "fp16", "int8", "int4", "int2", "drop"),
+    pins: Optional[Dict[str, str]] = None,
+    zipf: float = 1.05,
+    buckets: int = 48,
+    row_alignment: int = DEFAULT_ROW_ALIGNMENT,
+) -> Dict[str, TableCompression]:
+    """Tier mixes for all ``tables`` within ``budget_bytes`` (all tables together, id maps
+    included) minimising the predicted loss.  ``pins``: ``{table: tier | "exclude"}`` fixes a
+    table (``exclude``: kept fp32, no id map)."""
+    pins = dict(pins or {})
+    allowed = sorted({Tier.parse(t) for t in tiers}, key=TIER_ORDER.index)
+    fixed_bytes = 0
+    out: Dict[str, TableCompression] = {}
+    items = []  # (table, bucket rows, bucket mass, cost per tier, bytes per tier)
+    for t in tables:
+        fp32 = t.num_embeddings * row_bytes(Tier.FP32, t.embedding_dim, row_alignment)
+        if t.name in pins:
+            tier = Tier.FP32 if pins[t.name] == "exclude" else Tier.parse(pins[t.name])
+            b = fp32 if pins[t.name] == "exclude" else compressed_bytes({tier: t.num_embeddings}, t.embedding_dim, row_alignment)
+            out[t.name] = TableCompression(t.name, {tier.value: t.num_embeddings}, b, fp32,
+                                           tier_error(tier, t.embedding_dim))
+            fixed_bytes += b
+            continue
+        counts, mass = zipf_bucket_mass(t.num_embeddings, zipf, buckets)
+        err = [tier_error(tier, t.embedding_dim) for tier in allowed]
+        per_row = [row_bytes(tier, t.embedding_dim, row_alignment) + ID_MAP_BYTES_PER_ROW for tier in allowed]
+        items.append((t, counts, mass, err, per_row, fp32))
+    budget = budget_bytes - fixed_bytes
+
+    def solve(lam: float):
+        total, picks = 0.0, []
+        for t, counts, mass, err, per_row, _ in items:
+            choice = []
+            for n, m in zip(counts, mass):
+                k = min(range(len(allowed)), key=lambda i: m * err[i] + lam * n * per_row[i])
+                choice.append(k)
+                total += n * per_row[k]
+            picks.append(choice)
+        return picks, total
+
+    picks, total = solve(0.0)
+    if total > budget:
+        lo, hi = 0.0, 1e-12
+        while solve(hi)[1] > budget:
+            hi *= 4
+            if hi > 1e12:
+                smallest = fixed_bytes + sum(sum(c) * min(p) for _, c, _, _, p, _ in items)
+                raise ValueError(f"the tables cannot fit {budget_bytes} bytes: at least {smallest} "
+                                 f"with tiers {[t.value for t in allowed]}")
+        for _ in range(80):
+            mid = (lo + hi) / 2
+            if solve(mid)[1] > budget:
+                lo = mid
+            else:
+                hi = mid
+        picks, total = solve(hi)
+    for (t, counts, mass, err, per_row, fp32), choice in zip(items, picks):
+        rows: Dict[str, int] = {}
+        loss = 0.0
+        for n, m, k in zip(counts, mass, choice):
+            rows[allowed[k].value] = rows.get(allowed[k].value, 0) + n
+            loss += m * err[k]
+        b = compressed_bytes({Tier(k): n for k, n in rows.items()}, t.embedding_dim, row_alignment)
+        out[t.name] = TableCompression(t.name, rows, b, fp32, loss)
+    return out
+
+
+CRITEO_1TB_ROWS = [
+    45833188, 36746, 17245, 7413, 20243, 3, 7114, 1441, 62, 29275261, 1572176, 345138, 10, 2209,
+    11267, 128, 4, 974, 14, 48937457, 11316796, 40094537, 452104, 12606, 104, 35,
+]  # TorchRec's DLRM example for Criteo 1TB (its --num_embeddings_per_feature)
+
+
+def criteo_1tb_tables(dim: int = 128) -> List[EmbeddingBagConfig]:
+    """The 26 tables of TorchRec's DLRM example for Criteo 1TB (about 178M rows)."""
+    return [EmbeddingBagConfig(name=f"t_cat_{i}", embedding_dim=dim, num_embeddings=n,
+                               feature_names=[f"cat_{i}"]) for i, n in enumerate(CRITEO_1TB_ROWS)]
+
+
+class InferenceModel(nn.Module):
+    """A planning skeleton: the quantized collection a (compressed) model would serve with, on
+    the meta device — one TorchRec table per (table, tier), in that tier's data type."""
+
+    def __init__(self, tables: Sequence[EmbeddingBagConfig],
+                 compression: Optional[Dict[str, TableCompression]] = None) -> None:
+        super().__init__()
+        physical = []
+        for t in tables:
+            rows = {"fp32": t.num_embeddings} if compression is None else compression[t.name].rows
+            for tier in TIER_ORDER:
+                n = rows.get(tier.value, 0)
+                if n and tier is not Tier.DROP:
+                    suffix = "" if compression is None else f"@{tier.value}"
+                    physical.append(EmbeddingBagConfig(
+                        name=f"{t.name}{suffix}", embedding_dim=t.embedding_dim, num_embeddings=n,
+                        feature_names=[f"{f}{suffix}" for f in t.feature_names],
+                        data_type=_DATA_TYPES[tier]))
+        self.ebc = QuantEmbeddingBagCollection(tables=physical, is_weighted=False,
+                                               device=torch.device("meta"))
+
+
+def plan_inference(
+    tables: Sequence[EmbeddingBagConfig],
+    topology: Topology,
+    compression: Optional[Dict[str, TableCompression]] = None,
+    batch_size: int = 512,
+    device_only: bool = True,
+) -> Tuple[ShardingPlan, EmbeddingShardingPlanner]:
+    """Plan the inference model with TorchRec's planner and quant sharder (no devices needed).
+    A compressed model's id maps (4 bytes per row, on every rank) are reserved up front.
+    ``device_only``: tables must sit in device memory (the ``quant`` kernel), not in host memory
+    through UVM.  Raises TorchRec's ``PlannerError`` when it does not fit."""
+    id_map = 0 if compression is None else ID_MAP_BYTES_PER_ROW * sum(
+        sum(c.rows.values()) for c in compression.values() if needs_id_map(c.rows))
+    key = "ddr" if topology.compute_device == "cpu" else "hbm"
+    model = InferenceModel(tables, compression)
+    constraints = None
+    if device_only:
+        constraints = {c.name: ParameterConstraints(compute_kernels=[EmbeddingComputeKernel.QUANT.value])
+                       for c in model.ebc.embedding_bag_configs()}
+    planner = EmbeddingShardingPlanner(
+        topology=topology, batch_size=batch_size, constraints=constraints,
+        storage_reservation=TrackerStorageReservation({key: id_map}))
+    plan = planner.plan(model, [QuantEmbeddingBagCollectionSharder()])
+    return plan, planner
+
+
+def device_storage(planner: EmbeddingShardingPlanner, world_size: int) -> List[Dict[str, int]]:
+    """Per-device planned storage (``hbm``, ``ddr``) of the planner's last plan."""
+    out = [{"hbm": 0, "ddr": 0} for _ in range(world_size)]
+    for so in planner._best_plan:
+        for shard in so.shards:
+            out[shard.rank]["hbm"] += shard.storage.hbm
+            out[shard.rank]["ddr"] += shard.storage.ddr
+    return out
+
+
+def compress_to_fit(
+    tables: Sequence[EmbeddingBagConfig],
+    topology: Topology,
+    pins: Optional[Dict[str, str]] = None,
+    tiers: Sequence[str] = ("fp32", "fp16", "int8", "int4", "int2", "drop"),
+    zipf: float = 1.05,
+    batch_size: int = 512,
+    max_tries: int = 40,
+) -> Tuple[Dict[str, TableCompression], ShardingPlan, EmbeddingShardingPlanner]:
+    """Choose tier mixes that make the model fit ``topology``, then plan it.
+
+    The byte budget starts at the topology's total capacity and shrinks by 5% until TorchRec's
+    planner (with its own reservations, buffers and placement constraints) finds a plan."""
+    cap_key = "ddr" if topology.compute_device == "cpu" else "hbm"
+    budget = sum(getattr(d.storage, cap_key) for d in topology.devices)
+    last: Optional[Exception] = None
+    for _ in range(max_tries):
+        compression = choose_compression(tables, int(budget), tiers=tiers, pins=pins, zipf=zipf)
+        try:
+            plan, planner = plan_inference(tables, topology, compression, batch_size)
+            return compression, plan, planner
+        except PlannerError as e:
+            last = e
+            budget *= 0.95
+    raise PlannerError(f"no tier mix made the model fit after {max_tries} tries: {last}")

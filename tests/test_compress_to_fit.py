@@ -1,0 +1,85 @@
+"""Compress-to-fit and `shark-torchrec plan`: planning only, for a topology this machine does not
+have (TorchRec's DLRM example for Criteo 1TB on one 80 GiB GPU)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from torchrec.distributed.planner import Topology
+from torchrec.distributed.planner.types import PlannerError
+
+from conftest import ROOT
+from shark_torchrec.planning.compress import (
+    choose_compression,
+    compress_to_fit,
+    compressed_bytes,
+    criteo_1tb_tables,
+    device_storage,
+    plan_inference,
+    zipf_bucket_mass,
+)
+from shark_torchrec.quant import Tier, row_bytes
+
+GiB = 1024 ** 3
+
+
+def test_criteo_1tb_does_not_fit_one_80gb_gpu_until_compressed() -> None:
+    tables = criteo_1tb_tables()
+    rows = sum(t.num_embeddings for t in tables)
+    assert 177_000_000 < rows < 179_000_000
+    assert 90e9 < rows * 128 * 4 < 92e9  # about 91 GB in fp32
+    topology = Topology(world_size=1, compute_device="cuda", hbm_cap=80 * GiB)
+    with pytest.raises(PlannerError):
+        plan_inference(tables, topology)
+    compression, plan, planner = compress_to_fit(tables, topology)
+    used = device_storage(planner, 1)[0]
+    assert used["ddr"] == 0 and used["hbm"] <= 80 * GiB
+    # Every table is in the plan, as its tier sub-tables, all on the one device.
+    placed = {so.name.split("@")[0] for so in planner._best_plan}
+    assert placed == {t.name for t in tables}
+    # The planner's storage for a sub-table is FBGEMM's bytes for its rows (+ its I/O buffers).
+    for so in planner._best_plan:
+        name, tier = so.name.split("@")
+        rows_in_tier = compression[name].rows[tier]
+        weights = rows_in_tier * row_bytes(Tier(tier), 128)
+        assert weights <= so.shards[0].storage.hbm <= weights + 256 * 1024 ** 2
+    assert sum(c.bytes for c in compression.values()) < sum(c.fp32_bytes for c in compression.values())
+
+
+def test_choose_compression_meets_budgets_and_pins() -> None:
+    tables = criteo_1tb_tables(dim=64)
+    fp32 = sum(t.num_embeddings * 64 * 4 for t in tables)
+    previous_loss = -1.0
+    for fraction in (0.9, 0.5, 0.3, 0.15):
+        c = choose_compression(tables, int(fraction * fp32), pins={"t_cat_0": "int8", "t_cat_3": "exclude"})
+        assert sum(x.bytes for x in c.values()) <= fraction * fp32
+        assert c["t_cat_0"].rows == {"int8": tables[0].num_embeddings}
+        assert c["t_cat_3"].rows == {"fp32": tables[3].num_embeddings}
+        loss = sum(x.predicted_loss for x in c.values())
+        assert loss >= previous_loss  # less memory, more predicted loss
+        previous_loss = loss
+    with pytest.raises(ValueError, match="cannot fit"):
+        choose_compression(tables, 1000, tiers=["int8"])
+
+
+def test_zipf_buckets_and_bytes() -> None:
+    counts, mass = zipf_bucket_mass(1_000_000, 1.05, 32)
+    assert sum(counts) == 1_000_000 and abs(sum(mass) - 1) < 1e-9
+    assert mass[0] > mass[-1] and counts[0] < counts[-1]  # few popular rows, long tail
+    assert compressed_bytes({Tier.FP32: 10}, 64) == 10 * 256  # one tier: no id map
+    assert compressed_bytes({Tier.FP16: 5, Tier.INT8: 5}, 64) == 5 * 128 + 5 * 80 + 10 * 4
+
+
+def test_plan_command_line(tmp_path: Path) -> None:
+    out = tmp_path / "plan.json"
+    proc = subprocess.run([sys.executable, "-m", "shark_torchrec.cli", "plan", "--preset", "criteo1tb",
+                           "--hbm_gb", "80", "--json", str(out)], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "before compression (fp32): does not fit" in proc.stdout
+    assert "| t_cat_19 |" in proc.stdout
+    r = json.loads(out.read_text())
+    assert r["before"]["fits"] is False and r["after"]["fits"] is True
+    assert r["after"]["devices"][0]["hbm"] <= 80 * GiB
