@@ -249,7 +249,7 @@ class _MixedGroup(nn.Module):
         # Output columns: each (tier, feature) block of the quantized output adds into the
         # feature's block of ours.
         self._out_offsets = torch.cumsum(torch.tensor([0] + self._dims), 0).tolist()
-        self._colmap: Optional[torch.Tensor] = None
+        self._colmaps: Dict[tuple, torch.Tensor] = {}
         self._has_mean = any(c.pooling == PoolingType.MEAN for c in self._configs)
 
     def _tbes(self) -> List[nn.Module]:
@@ -296,10 +296,11 @@ class _MixedGroup(nn.Module):
             # Every table has every stored tier: the output is [tier][feature] blocks.
             out = q.view(B, q.shape[1] // width, width).sum(1)
         else:
-            if self._colmap is None or self._colmap.device != q.device:
-                self._colmap = self._column_map(kt.keys(), kt.length_per_key()).to(q.device)
+            key = (tuple(kt.keys()), q.device)  # a sharded collection may order its output anew
+            if key not in self._colmaps:
+                self._colmaps[key] = self._column_map(kt.keys(), kt.length_per_key()).to(q.device)
             out = torch.zeros(B, width, dtype=q.dtype, device=q.device)
-            out.index_add_(1, self._colmap, q)
+            out.index_add_(1, self._colmaps[key], q)
         if self._has_mean:
             # A bag's full length is the sum over its buckets (DROP included: zeros count).
             lengths = features.lengths().view(-1, B)
