@@ -220,3 +220,17 @@ def test_input_transform_runs_in_data_loader_workers() -> None:
     for kjt, pre in zip(raw, loader):
         assert pre.keys()[0] == "cat_0@fp32"
         assert torch.equal(m(pre).values(), m(kjt).values())
+
+
+def test_vectorised_remap_used_on_cuda_equals_the_per_feature_one() -> None:
+    _, ebc, a = _setup()
+    m = RowwiseMixedEmbeddingBagCollection.from_float(ebc, a, num_groups=1)
+    t = m.groups[0].input_transform
+    kjt = _batch()
+    per_key = kjt.length_per_key()
+    assert torch.equal(t._renumber_vectorised(kjt.values(), per_key),
+                       t._renumber_per_feature(kjt.values(), per_key))
+    bad = kjt.values().clone()
+    bad[per_key[0] + 3] = 200  # a cat_1 id one past the end of t01
+    with pytest.raises(ValueError, match=r"feature 'cat_1': id 200 is outside table 't01'"):
+        t._renumber_vectorised(bad, per_key)
