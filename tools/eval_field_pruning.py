@@ -27,7 +27,6 @@ Accepts every data/model/training flag of recipes/train_dlrm.py.  Runs in one pr
 under torchrun.
 """
 
-import json
 import logging
 import math
 import os
@@ -39,6 +38,7 @@ from typing import Dict, List
 
 import torch
 
+from report_io import save_results
 from shark_torchrec.importance import (
     BASELINES,
     PermutationImportance,
@@ -224,14 +224,7 @@ def main() -> None:
 
 
 def write_outputs(results: Dict, out: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1, default=str)
+    plt = save_results(results, out)
     seeds = list(results["seeds"].values())
     keep, methods = results["keep"], results["methods"]
     lines = []

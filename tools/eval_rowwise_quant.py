@@ -15,7 +15,6 @@ Priority variants: ``shark`` (label-aware with decay: α = 1, β = 0.2, γ = 0.9
 """
 
 import copy
-import json
 import os
 import statistics
 import sys
@@ -26,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.functional.classification import binary_auroc
 
+from report_io import save_results
 from shark_torchrec.importance import RowPriority
 from shark_torchrec.quant import RowwiseQuantConfig, quantize_
 from shark_torchrec.training import DLRMTrainer, build_dlrm_train, init_distributed
@@ -112,14 +112,7 @@ def main() -> None:
 
 
 def write_outputs(results: Dict, out: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1, default=str)
+    plt = save_results(results, out)
     seeds = list(results["seeds"].values())
     keys = list(seeds[0]["quantized"])
     lines = ["fp32 test AUC per seed: " + ", ".join(f"{s['fp32']['auc']:.4f}" for s in seeds), "",

@@ -35,7 +35,14 @@ from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbe
 
 from shark_torchrec.planning.storage import TrackerStorageReservation
 
-from shark_torchrec.quant.tiers import DEFAULT_ROW_ALIGNMENT, TIER_ORDER, Tier, quantization_error, row_bytes
+from shark_torchrec.quant.tiers import (
+    DEFAULT_ROW_ALIGNMENT,
+    TIER_ORDER,
+    Tier,
+    lowest_price,
+    quantization_error,
+    row_bytes,
+)
 
 ID_MAP_BYTES_PER_ROW = 4
 _DATA_TYPES = {Tier.FP32: DataType.FP32, Tier.FP16: DataType.FP16, Tier.INT8: DataType.INT8,
@@ -141,22 +148,11 @@ def choose_compression(
             picks.append(choice)
         return picks, total
 
-    picks, total = solve(0.0)
-    if total > budget:
-        lo, hi = 0.0, 1e-12
-        while solve(hi)[1] > budget:
-            hi *= 4
-            if hi > 1e12:
-                smallest = fixed_bytes + sum(sum(c) * min(p) for _, c, _, _, p, _ in items)
-                raise ValueError(f"the tables cannot fit {budget_bytes} bytes: at least {smallest} "
-                                 f"with tiers {[t.value for t in allowed]}")
-        for _ in range(80):
-            mid = (lo + hi) / 2
-            if solve(mid)[1] > budget:
-                lo = mid
-            else:
-                hi = mid
-        picks, total = solve(hi)
+    smallest = sum(sum(c) * min(p) for _, c, _, _, p, _ in items)
+    if smallest > budget:
+        raise ValueError(f"the tables cannot fit {budget_bytes} bytes: at least "
+                         f"{fixed_bytes + smallest} with tiers {[t.value for t in allowed]}")
+    picks, total = solve(lowest_price(lambda lam: solve(lam)[1], budget, iterations=80))
     for (t, counts, mass, err, per_row, fp32), choice in zip(items, picks):
         rows: Dict[str, int] = {}
         loss = 0.0

@@ -24,7 +24,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from fbgemm_gpu.split_embedding_configs import SparseType
@@ -188,6 +188,24 @@ def assign_by_fractions(
                           method="fractions " + ", ".join(f"{t.value}={fr[t]:g}" for t in order))
 
 
+def lowest_price(bytes_at: Callable[[float], float], budget: float, iterations: int = 60) -> float:
+    """The (near-)lowest price per byte ``λ >= 0`` at which the Lagrangian choice
+    ``bytes_at(λ)`` fits ``budget`` (bisection; bytes fall as the price rises).  The caller
+    checks first that the budget can be met at all."""
+    if bytes_at(0.0) <= budget:
+        return 0.0
+    lo, hi = 0.0, 1e-12
+    while bytes_at(hi) > budget:
+        hi *= 4.0
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        if bytes_at(mid) > budget:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
 def assign_by_budget(
     priorities: Dict[str, torch.Tensor],
     weights: Dict[str, torch.Tensor],
@@ -234,22 +252,12 @@ def assign_by_budget(
             total += float(b[k].sum())
         return picks, total
 
-    picks, total = choose(0.0)
-    lam_lo, lam_hi = 0.0, 1.0
-    if total > budget_bytes:
-        smallest = sum(float(b.min()) * c.shape[0] for c, b in zip(cost, size))
-        if smallest > budget_bytes:
-            raise ValueError(f"budget {budget_bytes} bytes is below the smallest possible size "
-                             f"{int(smallest)} with tiers {[t.value for t in allowed]}")
-        while choose(lam_hi)[1] > budget_bytes:
-            lam_hi *= 4.0
-        for _ in range(iterations):
-            mid = (lam_lo + lam_hi) / 2
-            if choose(mid)[1] > budget_bytes:
-                lam_lo = mid
-            else:
-                lam_hi = mid
-        picks, total = choose(lam_hi)
+    smallest = sum(float(b.min()) * c.shape[0] for c, b in zip(cost, size))
+    if smallest > budget_bytes:
+        raise ValueError(f"budget {budget_bytes} bytes is below the smallest possible size "
+                         f"{int(smallest)} with tiers {[t.value for t in allowed]}")
+    lam_hi = lowest_price(lambda lam: choose(lam)[1], budget_bytes, iterations)
+    picks, total = choose(lam_hi)
     out = {name: torch.tensor([TIER_ORDER.index(allowed[i]) for i in range(len(allowed))],
                               dtype=torch.int8)[k] for name, k in zip(names, picks)}
     objective = sum(float(c.gather(1, k.unsqueeze(1)).sum()) for c, k in zip(cost, picks))
