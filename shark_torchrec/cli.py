@@ -68,7 +68,7 @@ def plan_command(args: argparse.Namespace) -> int:
                         local_world_size=args.world_size,
                         hbm_cap=int(args.hbm_gb * GB) if args.device == "cuda" else None,
                         ddr_cap=int(args.ddr_gb * GB) if args.ddr_gb else None)
-    pins = load_overrides(args.planner_overrides, tables).pins if args.planner_overrides else None
+    overrides = load_overrides(args.planner_overrides, tables) if args.planner_overrides else None
     total_fp32 = sum(t.num_embeddings * t.embedding_dim * 4 for t in tables)
     report: Dict[str, object] = {
         "topology": {"world_size": args.world_size, "device": args.device, "hbm_gb": args.hbm_gb,
@@ -88,8 +88,11 @@ def plan_command(args: argparse.Namespace) -> int:
     except PlannerError as e:
         report["before"] = {"fits": False, "error": str(e).splitlines()[0]}
         print(f"\nbefore compression (fp32): does not fit — {str(e).splitlines()[0].strip()}")
-    compression, _, planner = compress_to_fit(tables, topology, pins=pins, zipf=args.zipf,
-                                              batch_size=args.batch_size)
+    compression, _, planner = compress_to_fit(
+        tables, topology, zipf=args.zipf, batch_size=args.batch_size,
+        pins=overrides.pins if overrides else None,
+        fractions=overrides.tier_fractions if overrides else None,
+        table_budgets=overrides.budgets if overrides else None)
     after = _placement(planner, args.world_size)
     report["after"] = {"fits": True, **after, "compression": {
         n: {"rows": c.rows, "bytes": c.bytes, "fp32_bytes": c.fp32_bytes, "predicted_loss": c.predicted_loss}
@@ -137,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--batch_size", type=int, default=512)
     plan.add_argument("--zipf", type=float, default=1.05,
                       help="assumed id popularity law when no row priorities are given")
-    plan.add_argument("--planner_overrides", help="YAML with per-table pins / excludes")
+    plan.add_argument("--planner_overrides",
+                      help="YAML with per-table compression settings (pin, exclude, tiers, budget_bytes)")
     plan.add_argument("--json", help="also write the report as JSON")
     plan.set_defaults(func=plan_command)
     return p

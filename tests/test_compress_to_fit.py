@@ -83,3 +83,16 @@ def test_plan_command_line(tmp_path: Path) -> None:
     r = json.loads(out.read_text())
     assert r["before"]["fits"] is False and r["after"]["fits"] is True
     assert r["after"]["devices"][0]["hbm"] <= 80 * GiB
+
+
+def test_per_table_settings_are_respected() -> None:
+    tables = criteo_1tb_tables(dim=64)
+    fp32 = sum(t.num_embeddings * 64 * 4 for t in tables)
+    c = choose_compression(tables, int(0.4 * fp32), pins={"t_cat_1": "int4"},
+                           fractions={"t_cat_0": {"fp16": 0.25, "int4": 0.75}},
+                           table_budgets={"t_cat_9": 500_000_000})
+    n0 = tables[0].num_embeddings
+    assert c["t_cat_0"].rows == {"fp16": round(0.25 * n0), "int4": n0 - round(0.25 * n0)}
+    assert c["t_cat_1"].rows == {"int4": tables[1].num_embeddings}
+    assert c["t_cat_9"].bytes <= 500_000_000
+    assert sum(x.bytes for x in c.values()) <= 0.4 * fp32

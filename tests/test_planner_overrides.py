@@ -49,7 +49,9 @@ def test_example_file_is_valid_and_resolves_globs_in_order() -> None:
     ("tables:\n  t_cat_1:\n    compression:\n      pin: int9\n",
      r"tables\.t_cat_1\.compression\.pin: unknown tier 'int9'"),
     ("tables:\n  t_cat_1:\n    compression:\n      pin: fp16\n      exclude: true\n",
-     r"tables\.t_cat_1\.compression: set at most one of pin, exclude and tiers"),
+     r"tables\.t_cat_1\.compression: set at most one of pin, exclude, tiers and budget_bytes"),
+    ("tables:\n  t_cat_1:\n    compression:\n      budget_bytes: many\n",
+     r"tables\.t_cat_1\.compression\.budget_bytes: expected a positive number of bytes"),
     ("tables:\n  t_cat_1:\n    shardng_types: [row_wise]\n",
      r"tables\.t_cat_1: unknown keys \['shardng_types'\]"),
     ("tables:\n  t_cat_1:\n    min_partition: -3\n",
@@ -81,11 +83,14 @@ def test_constraints_drive_the_planner(tmp_path: Path) -> None:
 def test_compression_settings_feed_quantize(tmp_path: Path) -> None:
     tables = TABLES[:3]
     o = load_overrides(_write(tmp_path, "tables:\n  t_cat_0:\n    compression:\n      pin: int8\n"
-                                        "  t_cat_1:\n    compression:\n      tiers: {fp16: 0.5, int4: 0.5}\n"), tables)
+                                        "  t_cat_1:\n    compression:\n      tiers: {fp16: 0.5, int4: 0.5}\n"
+                                        "  t_cat_2:\n    compression:\n      budget_bytes: 30000\n"), tables)
     ebc = EmbeddingBagCollection(tables=tables)
     config = o.quant_config(RowwiseQuantConfig(fractions={"int4": 1.0}))
     mixed = quantize_(ebc, config)
     a = mixed.assignment
     assert set(a.tiers["t_cat_0"].tolist()) == {TIER_ORDER.index(Tier.INT8)}
     assert a.rows_per_tier("t_cat_1") == {Tier.FP16: 500, Tier.INT4: 500}
-    assert a.rows_per_tier("t_cat_2") == {Tier.INT4: 1000}
+    # t_cat_2's own budget: its rows, id map and padding within 30,000 bytes (fp32: 32,000).
+    assert mixed.memory_report()["tables"]["t_cat_2"] and \
+        sum(mixed.memory_report()["tables"]["t_cat_2"].values()) + 4 * 1000 <= 30_000

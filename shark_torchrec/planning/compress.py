@@ -113,11 +113,51 @@ def choose_compression(
     zipf: float = 1.05,
     buckets: int = 48,
     row_alignment: int = DEFAULT_ROW_ALIGNMENT,
+    fractions: Optional[Dict[str, Dict[str, float]]] = None,
+    table_budgets: Optional[Dict[str, int]] = None,
 ) -> Dict[str, TableCompression]:
     """Tier mixes for all ``tables`` within ``budget_bytes`` (all tables together, id maps
-    included) minimising the predicted loss.  ``pins``: ``{table: tier | "exclude"}`` fixes a
-    table (``exclude``: kept fp32, no id map)."""
+    included) minimising the predicted loss.  Per-table settings (as in the planner overrides
+    file) are respected: ``pins`` ``{table: tier | "exclude"}`` fixes a table (``exclude``: kept
+    fp32, no id map), ``fractions`` ``{table: {tier: fraction}}`` fixes its mix (the most
+    popular rows in the most precise tier), ``table_budgets`` ``{table: bytes}`` gives it a
+    budget of its own."""
     pins = dict(pins or {})
+    fixed_tables: Dict[str, TableCompression] = {}
+    for t in tables:
+        if fractions and t.name in fractions:
+            counts, mass = zipf_bucket_mass(t.num_embeddings, zipf, buckets)
+            order = sorted((Tier.parse(k) for k in fractions[t.name]), key=TIER_ORDER.index)
+            rows: Dict[str, int] = {}
+            start, acc, loss = 0, 0.0, 0.0
+            for i, tier in enumerate(order):
+                acc += fractions[t.name][tier.value]
+                end = t.num_embeddings if i == len(order) - 1 else int(round(acc * t.num_embeddings))
+                rows[tier.value] = end - start
+                start = end
+            # predicted loss: bucket masses go to tiers in popularity order
+            edges, pos = [], 0
+            for tier in order:
+                pos += rows[tier.value]
+                edges.append((pos, tier))
+            seen = 0
+            for n, m in zip(counts, mass):
+                seen += n
+                tier = next(tt for e, tt in edges if seen <= e)
+                loss += m * tier_error(tier, t.embedding_dim)
+            b = compressed_bytes({Tier(k): n for k, n in rows.items()}, t.embedding_dim, row_alignment)
+            fixed_tables[t.name] = TableCompression(t.name, rows, b, t.num_embeddings * row_bytes(Tier.FP32, t.embedding_dim, row_alignment), loss)
+        elif table_budgets and t.name in table_budgets:
+            fixed_tables.update(choose_compression([t], table_budgets[t.name], tiers=tiers, zipf=zipf,
+                                                   buckets=buckets, row_alignment=row_alignment))
+    if fixed_tables:
+        rest = [t for t in tables if t.name not in fixed_tables]
+        out = dict(fixed_tables)
+        if rest:
+            out.update(choose_compression(rest, budget_bytes - sum(c.bytes for c in fixed_tables.values()),
+                                          tiers=tiers, pins=pins, zipf=zipf, buckets=buckets,
+                                          row_alignment=row_alignment))
+        return {t.name: out[t.name] for t in tables}
     allowed = sorted({Tier.parse(t) for t in tiers}, key=TIER_ORDER.index)
     fixed_bytes = 0
     out: Dict[str, TableCompression] = {}
@@ -242,8 +282,11 @@ def compress_to_fit(
     zipf: float = 1.05,
     batch_size: int = 512,
     max_tries: int = 40,
+    fractions: Optional[Dict[str, Dict[str, float]]] = None,
+    table_budgets: Optional[Dict[str, int]] = None,
 ) -> Tuple[Dict[str, TableCompression], ShardingPlan, EmbeddingShardingPlanner]:
-    """Choose tier mixes that make the model fit ``topology``, then plan it.
+    """Choose tier mixes that make the model fit ``topology``, then plan it (per-table
+    ``pins``, ``fractions`` and ``table_budgets`` as in :func:`choose_compression`).
 
     The byte budget starts at the topology's total capacity and shrinks by 5% until TorchRec's
     planner (with its own reservations, buffers and placement constraints) finds a plan."""
@@ -251,7 +294,8 @@ def compress_to_fit(
     budget = sum(getattr(d.storage, cap_key) for d in topology.devices)
     last: Optional[Exception] = None
     for _ in range(max_tries):
-        compression = choose_compression(tables, int(budget), tiers=tiers, pins=pins, zipf=zipf)
+        compression = choose_compression(tables, int(budget), tiers=tiers, pins=pins, zipf=zipf,
+                                         fractions=fractions, table_budgets=table_budgets)
         try:
             plan, planner = plan_inference(tables, topology, compression, batch_size)
             return compression, plan, planner

@@ -25,7 +25,6 @@ from torchrec.distributed.fused_params import (
 )
 from torchrec.distributed.global_settings import set_propogate_device
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
-from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
 from torchrec.distributed.quant_embeddingbag import QuantEmbeddingBagCollectionSharder
 from torchrec.distributed.types import ShardingPlan, ShardingType
 from torchrec.inference.modules import assign_weights_to_tbe, shard_quant_model
@@ -34,6 +33,7 @@ from fbgemm_gpu.split_table_batched_embeddings_ops_inference import (
     IntNBitTableBatchedEmbeddingBagsCodegen,
 )
 
+from shark_torchrec.planning.storage import TrackerStorageReservation
 from shark_torchrec.quant.mixed_ebc import RowwiseMixedEmbeddingBagCollection
 
 
@@ -91,8 +91,13 @@ def shard_for_inference(
     })]
     topology = Topology(world_size=world_size, compute_device=compute_device,
                         local_world_size=world_size, hbm_cap=hbm_cap, ddr_cap=ddr_cap)
+    # The id maps travel with the collections (one per device that serves them): reserved.
+    id_map = sum(g.input_transform.row_map.numel() * g.input_transform.row_map.element_size()
+                 for c in collections for g in c.groups)
+    reservation = TrackerStorageReservation({"ddr" if compute_device == "cpu" else "hbm": id_map},
+                                            percentage=0.0)
     planner = EmbeddingShardingPlanner(topology=topology, batch_size=1, constraints=constraints,
-                                       storage_reservation=FixedPercentageStorageReservation(0.0))
+                                       storage_reservation=reservation)
     plan = planner.plan(model, sharders)
     sharded, _ = shard_quant_model(model, world_size=world_size, compute_device=compute_device,
                                    sharding_device=compute_device, sharders=sharders,

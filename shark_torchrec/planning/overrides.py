@@ -18,12 +18,15 @@
       t_cat_9:
         compression:
           exclude: true                # keep the table exact (FP32)
+      t_cat_12:
+        compression:
+          budget_bytes: 2000000        # this table's own byte budget (id map included)
 
 Planner keys are fields of TorchRec's ``ParameterConstraints``: ``sharding_types``,
 ``compute_kernels``, ``min_partition``, ``pooling_factors``, ``num_poolings``, ``batch_sizes``,
 ``enforce_hbm``, ``stochastic_rounding``.  Compression keys: ``never_prune`` (the table's
-features are protected from field pruning), ``pin`` (a tier), ``exclude`` and ``tiers`` (row
-fractions per tier for this table).  Errors name the file, the key path and the problem.
+features are protected from field pruning), ``pin`` (a tier), ``exclude``, ``tiers`` (row
+fractions per tier for this table) and ``budget_bytes`` (a byte budget for this table).  Errors name the file, the key path and the problem.
 """
 
 from __future__ import annotations
@@ -47,7 +50,8 @@ _CONSTRAINT_KEYS = {
     "pooling_factors": list, "num_poolings": list, "batch_sizes": list,
     "enforce_hbm": bool, "stochastic_rounding": bool,
 }
-_COMPRESSION_KEYS = {"never_prune", "pin", "exclude", "tiers"}
+_COMPRESSION_KEYS = {"never_prune", "pin", "exclude", "tiers", "budget_bytes"}
+_EXCLUSIVE = ("pin", "exclude", "tiers", "budget_bytes")
 _SHARDING_TYPES = {t.value for t in ShardingType}
 _KERNELS = {k.value for k in EmbeddingComputeKernel}
 
@@ -65,23 +69,26 @@ class PlannerOverrides:
         never_prune: tables whose features field pruning must keep.
         pins: ``{table: tier}`` or ``{table: "exclude"}`` (``RowwiseQuantConfig.table_overrides``).
         tier_fractions: ``{table: {tier: fraction}}`` row fractions per table.
+        budgets: ``{table: bytes}`` a byte budget per table.
     """
 
     constraints: Dict[str, ParameterConstraints] = field(default_factory=dict)
     never_prune: List[str] = field(default_factory=list)
     pins: Dict[str, str] = field(default_factory=dict)
     tier_fractions: Dict[str, Dict[str, float]] = field(default_factory=dict)
+    budgets: Dict[str, int] = field(default_factory=dict)
 
     def quant_config(self, base: "RowwiseQuantConfig") -> "RowwiseQuantConfig":
         """``base`` with this file's pins and per-table fractions added (the file wins)."""
         import dataclasses
 
+        mine = set(self.pins) | set(self.tier_fractions) | set(self.budgets)
         return dataclasses.replace(
             base,
-            table_overrides={**{k: v for k, v in base.table_overrides.items() if k not in self.tier_fractions},
-                             **self.pins},
-            table_fractions={**{k: v for k, v in base.table_fractions.items() if k not in self.pins},
-                             **self.tier_fractions})
+            table_overrides={**{k: v for k, v in base.table_overrides.items() if k not in mine}, **self.pins},
+            table_fractions={**{k: v for k, v in base.table_fractions.items() if k not in mine},
+                             **self.tier_fractions},
+            table_budgets={**{k: v for k, v in base.table_budgets.items() if k not in mine}, **self.budgets})
 
     def protected_features(self, tables: Sequence[EmbeddingBagConfig]) -> List[str]:
         """The features of the ``never_prune`` tables."""
@@ -132,9 +139,10 @@ def parse_overrides(doc: Any, tables: Sequence[EmbeddingBagConfig], source: str 
         for n in matched:
             per_table.setdefault(n, {}).update(planner)
             acc = compression.setdefault(n, {})
-            if {"pin", "exclude", "tiers"} & set(comp):
-                # pin, exclude and tiers exclude each other: a later one replaces an earlier one
-                for k in ("pin", "exclude", "tiers"):
+            if set(_EXCLUSIVE) & set(comp):
+                # pin, exclude, tiers and budget_bytes exclude each other: a later one replaces
+                # an earlier one
+                for k in _EXCLUSIVE:
                     acc.pop(k, None)
             acc.update(comp)
     out = PlannerOverrides()
@@ -150,6 +158,8 @@ def parse_overrides(doc: Any, tables: Sequence[EmbeddingBagConfig], source: str 
             out.pins[n] = comp["pin"]
         if "tiers" in comp:
             out.tier_fractions[n] = comp["tiers"]
+        if "budget_bytes" in comp:
+            out.budgets[n] = comp["budget_bytes"]
     return out
 
 
@@ -197,8 +207,13 @@ def _check_compression(source: str, where: str, comp: Any) -> Dict[str, Any]:
             out["pin"] = Tier.parse(str(comp["pin"])).value
         except ValueError as e:
             _fail(source, f"{where}.pin", str(e))
-    if sum(k in comp for k in ("pin", "tiers")) + bool(comp.get("exclude")) > 1:
-        _fail(source, where, "set at most one of pin, exclude and tiers")
+    if sum(k in comp for k in ("pin", "tiers", "budget_bytes")) + bool(comp.get("exclude")) > 1:
+        _fail(source, where, "set at most one of pin, exclude, tiers and budget_bytes")
+    if "budget_bytes" in comp:
+        b = comp["budget_bytes"]
+        if not isinstance(b, int) or isinstance(b, bool) or b <= 0:
+            _fail(source, f"{where}.budget_bytes", f"expected a positive number of bytes, got {b!r}")
+        out["budget_bytes"] = b
     if "tiers" in comp:
         tiers = comp["tiers"]
         if not isinstance(tiers, dict) or not tiers:

@@ -52,6 +52,8 @@ class RowwiseQuantConfig:
             ``{table: "exclude"}`` keeps a table exact (all rows FP32).
         table_fractions: ``{table: {tier: fraction}}``: these tables are assigned by their own
             row fractions (and count against a budget like pinned tables).
+        table_budgets: ``{table: bytes}``: these tables are assigned by their own byte budget
+            (id map and padding included), with the budget's tiers.
         check_ids: the converted collections check ids (see the module).
         row_alignment: row alignment for byte budgets (FBGEMM's: 16 on CUDA, the conservative
             choice; TorchRec's quantized collection also uses 16 on CPU).
@@ -63,6 +65,7 @@ class RowwiseQuantConfig:
     tiers: Sequence[str] = ("fp16", "int8", "int4", "int2", "drop")
     table_overrides: Dict[str, str] = field(default_factory=dict)
     table_fractions: Dict[str, Dict[str, float]] = field(default_factory=dict)
+    table_budgets: Dict[str, int] = field(default_factory=dict)
     check_ids: bool = True
     row_alignment: int = DEFAULT_ROW_ALIGNMENT
 
@@ -89,9 +92,13 @@ class RowwiseQuantConfig:
             if any(v < 0 for v in parsed.values()) or not math.isclose(sum(parsed.values()), 1.0, abs_tol=1e-6):
                 raise ValueError(f"RowwiseQuantConfig.table_fractions[{table!r}] must be >= 0 and sum to 1, got {fr}")
             self.table_fractions[table] = parsed
-        both = sorted(set(self.table_fractions) & set(self.table_overrides))
+        for table, b in self.table_budgets.items():
+            if not isinstance(b, int) or b < 0:
+                raise ValueError(f"RowwiseQuantConfig.table_budgets[{table!r}] must be bytes >= 0, got {b!r}")
+        sets = [set(self.table_overrides), set(self.table_fractions), set(self.table_budgets)]
+        both = sorted((sets[0] & sets[1]) | (sets[0] & sets[2]) | (sets[1] & sets[2]))
         if both:
-            raise ValueError(f"tables both pinned and given fractions: {both}")
+            raise ValueError(f"tables given more than one of pin, fractions and budget: {both}")
 
     def to_dict(self) -> Dict:
         return dataclasses.asdict(self)
@@ -116,9 +123,11 @@ def assign_tiers(
     every row; a table missing from ``priorities`` is an error naming it)."""
     configs = ebc.embedding_bag_configs()
     names = [c.name for c in configs]
-    unknown = sorted((set(config.table_overrides) | set(config.table_fractions)) - set(names))
+    unknown = sorted((set(config.table_overrides) | set(config.table_fractions)
+                      | set(config.table_budgets)) - set(names))
     if unknown:
-        raise ValueError(f"table_overrides/table_fractions name unknown tables {unknown} (tables: {names})")
+        raise ValueError(f"table_overrides/table_fractions/table_budgets name unknown tables "
+                         f"{unknown} (tables: {names})")
     if priorities is None:
         priorities = {c.name: torch.ones(c.num_embeddings) for c in configs}
     missing = [n for n in names if n not in priorities]
@@ -129,7 +138,8 @@ def assign_tiers(
     for name, tier in config.table_overrides.items():
         pinned[name] = Tier.FP32 if tier == EXCLUDE else Tier.parse(tier)
     own = {c.name: c for c in configs if c.name in config.table_fractions}
-    free = [c for c in configs if c.name not in pinned and c.name not in own]
+    own_budget = {c.name: c for c in configs if c.name in config.table_budgets}
+    free = [c for c in configs if c.name not in pinned and c.name not in own and c.name not in own_budget]
     tiers: Dict[str, torch.Tensor] = {}
     for name, tier in pinned.items():
         rows = next(c.num_embeddings for c in configs if c.name == name)
@@ -137,6 +147,13 @@ def assign_tiers(
     for name, c in own.items():
         tiers.update(assign_by_fractions({name: priorities[name]}, {name: c.embedding_dim},
                                          config.table_fractions[name], config.row_alignment).tiers)
+    for name, c in own_budget.items():
+        rows_budget = config.table_budgets[name] - 4 * c.num_embeddings - 128 * len(TIER_ORDER)
+        if rows_budget < 0:
+            raise ValueError(f"table {name!r}: budget {config.table_budgets[name]} bytes is below "
+                             f"its id map and padding")
+        tiers.update(assign_by_budget({name: priorities[name]}, {name: ebc.embedding_bags[name].weight.detach()},
+                                      rows_budget, tiers=config.tiers, row_alignment=config.row_alignment).tiers)
     details: Dict[str, float] = {}
     if free:
         if config.fractions is not None:
@@ -199,7 +216,8 @@ def quantize_(
     if not targets:
         raise ValueError("quantize_: no EmbeddingBagCollection matched")
     all_tables = {c.name for _, m in targets for c in m.embedding_bag_configs()}
-    unknown = sorted((set(config.table_overrides) | set(config.table_fractions)) - all_tables)
+    unknown = sorted((set(config.table_overrides) | set(config.table_fractions)
+                      | set(config.table_budgets)) - all_tables)
     if unknown:  # checked before anything is swapped
         raise ValueError(f"table_overrides/table_fractions name unknown tables {unknown} "
                          f"(tables: {sorted(all_tables)})")
@@ -209,7 +227,8 @@ def quantize_(
         local = dataclasses.replace(
             config,
             table_overrides={k: v for k, v in config.table_overrides.items() if k in table_names},
-            table_fractions={k: v for k, v in config.table_fractions.items() if k in table_names})
+            table_fractions={k: v for k, v in config.table_fractions.items() if k in table_names},
+            table_budgets={k: v for k, v in config.table_budgets.items() if k in table_names})
         assignment = assign_tiers(ebc, local, own)
         mixed = RowwiseMixedEmbeddingBagCollection.from_float(ebc, assignment, check_ids=config.check_ids)
         mixed.assignment = assignment
