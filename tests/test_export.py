@@ -1,0 +1,76 @@
+"""Export / load of a compressed DLRM: identical predictions, weights_only loading, and bad
+files refused with clear errors."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRMTrain
+
+from shark_torchrec.data import SyntheticClickDataset, SyntheticConfig
+from shark_torchrec.export import ExportError, export_model, load_export
+from shark_torchrec.pruning import choose_plan
+from shark_torchrec.quant import RowwiseQuantConfig, quantize_
+
+CFG = SyntheticConfig.default(num_fields=4, num_informative=2, cardinality=400, multi_hot_fields=1,
+                              max_hot=3, seed=2)
+
+
+def _model(kind="dot", seed=0):
+    torch.manual_seed(seed)
+    tables = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=8, num_embeddings=400, feature_names=[f])
+              for i, f in enumerate(CFG.feature_names)]
+    kw = dict(embedding_bag_collection=EmbeddingBagCollection(tables=tables), dense_in_features=13,
+              dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1])
+    m = DLRM_DCN(dcn_num_layers=2, dcn_low_rank_dim=4, **kw) if kind == "dcn" else DLRM(**kw)
+    model = DLRMTrain(m)
+    quantize_(model, RowwiseQuantConfig(fractions={"fp16": .2, "int8": .3, "int4": .3, "drop": .2}),
+              priorities={f"t{i}": torch.rand(400) for i in range(4)})
+    model.eval()
+    return model, tables
+
+
+@pytest.mark.parametrize("kind", ["dot", "dcn"])
+def test_round_trip_gives_identical_predictions(tmp_path: Path, kind: str) -> None:
+    model, tables = _model(kind)
+    plan = choose_plan({f: float(i) for i, f in enumerate(CFG.feature_names)}, tables, keep=4)
+    path = str(tmp_path / "model.pt")
+    export_model(model, path, pruning_plan=plan, metadata={"test_auc": 0.75})
+    loaded, info = load_export(path, expect_features=CFG.feature_names, expect_dense_in_features=13)
+    batch = SyntheticClickDataset(CFG, 64, 1).global_batch(0)
+    with torch.no_grad():
+        assert torch.equal(loaded(batch)[1][1], model(batch)[1][1])
+    assert info["metadata"] == {"test_auc": 0.75} and '"dropped_features": []' in info["pruning_plan"]
+    assert info["model"]["kind"] == ("dlrm_dcn" if kind == "dcn" else "dlrm")
+
+
+def test_bad_exports_are_refused(tmp_path: Path) -> None:
+    model, _ = _model()
+    path = tmp_path / "model.pt"
+    export_model(model, str(path))
+    data = path.read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ExportError, match=r"truncated\.pt: not a readable shark-torchrec export"):
+        load_export(str(tmp_path / "truncated.pt"))
+    torch.save({"format": "something/else"}, tmp_path / "other.pt")
+    with pytest.raises(ExportError, match=r"other\.pt: not a shark-torchrec export"):
+        load_export(str(tmp_path / "other.pt"))
+    with pytest.raises(ExportError, match=r"reads features \['cat_0', 'cat_1', 'cat_2', 'cat_3'\], expected \['a'\]"):
+        load_export(str(path), expect_features=["a"])
+    with pytest.raises(ExportError, match="takes 13 dense inputs, expected 7"):
+        load_export(str(path), expect_dense_in_features=7)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"format": "shark-torchrec/export/v1", "x": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(ExportError, match="not a readable"):  # weights_only: no arbitrary pickles
+        load_export(str(tmp_path / "evil.pt"))
+    # Weights of another model under this model's description.
+    payload = torch.load(path, weights_only=False)
+    payload["state_dict"] = {k: v for k, v in payload["state_dict"].items() if "over_arch" not in k}
+    torch.save(payload, tmp_path / "mismatch.pt")
+    with pytest.raises(ExportError, match="weights do not match"):
+        load_export(str(tmp_path / "mismatch.pt"))
