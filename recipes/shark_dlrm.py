@@ -1,0 +1,19 @@
+#!/usr/bin/env python
+"""SHARK on a DLRM: train with field and row trackers, prune fields, fine-tune, row-wise mixed
+precision, evaluate every stage, export.  Interrupted runs resume from the last finished stage.
+
+    torchrun --standalone --nproc_per_node 2 recipes/shark_dlrm.py --data synthetic --out runs/shark
+    python recipes/shark_dlrm.py --data criteo --data_path ../shared/data/criteo_kaggle_sample --out runs/shark_criteo
+
+Takes every flag of recipes/train_dlrm.py, plus --keep_fields / --drop_fraction,
+--prune_baseline, --finetune_epochs, --quant_budget_fraction and --stop_after.
+"""
+
+import json
+
+from shark_torchrec.pipeline import run
+
+if __name__ == "__main__":
+    report = run()
+    if report.get("stages", {}).get("quantized"):
+        print(json.dumps({k: v.get("auc") for k, v in report["stages"].items()}))

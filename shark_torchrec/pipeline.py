@@ -1,0 +1,225 @@
+"""The SHARK pipeline behind ``recipes/shark_dlrm.py``: train → prune fields → fine-tune →
+row-wise mixed precision → evaluate every stage → export.
+
+Stages run under one process group (``torchrun`` or one plain process) and each writes
+``OUT/<stage>/done.json`` when it has finished; a run started again with the same ``--out``
+skips finished stages and loads their outputs, so an interrupted run resumes from the last
+finished stage and ends with the same result.
+
+* ``train``: the DLRM trains with a SHARK field-importance tracker and a row-priority tracker
+  attached (ordinary steps: the trackers only read); its checkpoint, field scores and row
+  priorities are saved.
+* ``prune``: fields are dropped by their scores (``--keep_fields`` or ``--drop_fraction``), the
+  smaller model is sharded anew with the surviving weights and fine-tuned.
+* ``quantize``: the pruned model is gathered, its tables converted with ``quantize_`` using the
+  row priorities (``--quant_budget_fraction`` of the pruned tables' fp32 bytes), evaluated, and
+  exported (:mod:`shark_torchrec.export`).
+
+Work in progress (issue 6): the report's plots and Markdown, and the Criteo measurements, are
+still to come; ``OUT/report.json`` holds the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import warnings
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from shark_torchrec.export import export_model
+from shark_torchrec.importance import BASELINES, RowPriority, TaylorFieldImportance
+from shark_torchrec.pruning import PruningPlan, choose_plan, prune_dlrm
+from shark_torchrec.pruning.sharded import prune_trainer, pruned_config
+from shark_torchrec.quant import RowwiseQuantConfig, quantize_
+from shark_torchrec.training.checkpoint import CheckpointManager
+from shark_torchrec.training.distributed import DistEnv, destroy_distributed, init_distributed
+from shark_torchrec.training.gather import full_state_dict
+from shark_torchrec.training.model import build_dlrm_train
+from shark_torchrec.training.train_dlrm import (
+    build_parser as build_train_parser,
+    data_spec_from_args,
+    fingerprint,
+    model_config_from_args,
+    optim_config_from_args,
+    test_batches,
+)
+from shark_torchrec.training.trainer import DLRMTrainer
+
+logger = logging.getLogger(__name__)
+STAGES = ("train", "prune", "quantize")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = build_train_parser()
+    p.description = "SHARK on a DLRM: train, prune fields, fine-tune, row-wise mixed precision, export."
+    g = p.add_argument_group("SHARK")
+    c = g.add_mutually_exclusive_group()
+    c.add_argument("--keep_fields", type=int, help="fields kept by pruning")
+    c.add_argument("--drop_fraction", type=float, help="fraction of fields pruned (default 0.25)")
+    g.add_argument("--prune_baseline", choices=BASELINES, default="mean")
+    g.add_argument("--finetune_epochs", type=int, default=1)
+    g.add_argument("--quant_budget_fraction", type=float, default=0.25,
+                   help="embedding bytes after quantization, as a fraction of the pruned fp32 bytes")
+    g.add_argument("--stop_after", choices=STAGES, help="stop after this stage (resume later)")
+    p.set_defaults(out="runs/shark_dlrm")
+    return p
+
+
+def _done(out: str, stage: str) -> Optional[Dict[str, Any]]:
+    path = os.path.join(out, stage, "done.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)
+    return None
+
+
+def _finish(env: DistEnv, out: str, stage: str, result: Dict[str, Any]) -> None:
+    if env.is_main:
+        os.makedirs(os.path.join(out, stage), exist_ok=True)
+        with open(os.path.join(out, stage, "done.json"), "w") as f:
+            json.dump(result, f, indent=1)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torchrec")
+    env = init_distributed(args.device)
+    logging.basicConfig(level=logging.WARNING, force=True,
+                        format=f"%(asctime)s [rank {env.rank}] %(name)s: %(message)s")
+    logging.getLogger("shark_torchrec").setLevel(
+        getattr(logging, args.log_level.upper()) if env.is_main else logging.WARNING)
+    try:
+        return _run(args, env)
+    finally:
+        destroy_distributed()
+
+
+def _train_epochs(trainer: DLRMTrainer, spec, args, env, epochs: int) -> None:
+    for epoch in range(epochs):
+        ds = spec.dataset("train", args.batch_size, env.rank, env.world_size,
+                          max_batches=args.limit_train_batches)
+        trainer.train(spec.batches(ds, args.num_workers), desc=f"epoch {epoch}")
+
+
+def _run(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
+    spec = data_spec_from_args(args)
+    config = model_config_from_args(args, spec)
+    optim = optim_config_from_args(args)
+    out = args.out
+    report: Dict[str, Any] = {"stages": {}}
+
+    # ------------------------------------------------------------------ train
+    trainer = DLRMTrainer(config, optim, env, args.batch_size, seed=args.seed)
+    ckpt = CheckpointManager(os.path.join(out, "train", "checkpoints"), fingerprint(args, config))
+    done = _done(out, "train")
+    if done is None:
+        fields = TaylorFieldImportance(trainer.model, baseline=args.prune_baseline, seed=args.seed)
+        rows = RowPriority(config.tables()).attach(trainer.model)
+        with fields:
+            _train_epochs(trainer, spec, args, env, args.epochs)
+        rows.detach()
+        metrics = trainer.evaluate(test_batches(args, spec, env), desc="test (trained)")
+        scores = fields.scores()
+        priorities = rows.priorities()
+        path = ckpt.save(trainer.state_dict(), {"global_step": 0, "stage": "train"})
+        if env.is_main:
+            torch.save(priorities, os.path.join(out, "train", "row_priorities.pt"))
+        done = {"metrics": metrics, "scores": scores, "checkpoint": path}
+        _finish(env, out, "train", done)
+    else:
+        state = trainer.state_dict()
+        ckpt.load(state, done["checkpoint"])
+        trainer.load_state_dict(state)
+    report["stages"]["trained"] = done["metrics"]
+    if args.stop_after == "train":
+        return report
+
+    # ------------------------------------------------------------------ prune + fine-tune
+    if args.keep_fields is None and args.drop_fraction is None:
+        args.drop_fraction = 0.25
+    plan = choose_plan(done["scores"], config.tables(), keep=args.keep_fields,
+                       drop_fraction=args.drop_fraction, method=f"shark-{args.prune_baseline}")
+    small = pruned_config(config, plan)
+    pruned_ckpt = CheckpointManager(os.path.join(out, "prune", "checkpoints"), fingerprint(args, small))
+    pdone = _done(out, "prune")
+    if pdone is None:
+        pruned = prune_trainer(trainer, plan, done["checkpoint"], args.batch_size, seed=args.seed)
+        _train_epochs(pruned, spec, args, env, args.finetune_epochs)
+        metrics = pruned.evaluate(test_batches(args, spec, env), desc="test (pruned)")
+        path = pruned_ckpt.save(pruned.state_dict(), {"global_step": 0, "stage": "prune"})
+        if env.is_main:
+            plan.save(os.path.join(out, "prune", "plan.json"))
+        pdone = {"metrics": metrics, "checkpoint": path, "plan": plan.summary()}
+        _finish(env, out, "prune", pdone)
+    else:
+        pruned = DLRMTrainer(small, optim, env, args.batch_size, seed=args.seed)
+        state = pruned.state_dict()
+        pruned_ckpt.load(state, pdone["checkpoint"])
+        pruned.load_state_dict(state)
+    report["stages"]["pruned"] = pdone["metrics"]
+    report["plan"] = pdone["plan"]
+    if args.stop_after == "prune":
+        return report
+
+    # ------------------------------------------------------------------ quantize + export
+    qdone = _done(out, "quantize")
+    full = full_state_dict(pruned.model)  # collective
+    if qdone is None:
+        if env.is_main:
+            model = build_dlrm_train(small, torch.device("cpu"), args.seed, embedding_device=torch.device("cpu"))
+            model.load_state_dict(full)
+            priorities = torch.load(os.path.join(out, "train", "row_priorities.pt"), weights_only=True)
+            kept = {t.name for t in small.tables()}
+            quantize_(model, RowwiseQuantConfig(budget_fraction=args.quant_budget_fraction),
+                      priorities={k: v for k, v in priorities.items() if k in kept})
+            model.eval()
+            metrics = _evaluate_local(model, spec, args, list(small.feature_names))
+            mixed = model.model.sparse_arch.embedding_bag_collection
+            fp32_bytes = sum(t.num_embeddings * t.embedding_dim * 4 for t in config.tables())
+            metrics["embedding_bytes"] = mixed.memory_report()["total_bytes"]
+            metrics["fp32_embedding_bytes"] = fp32_bytes
+            metrics["bytes_saved_fraction"] = 1 - metrics["embedding_bytes"] / fp32_bytes
+            export_model(model, os.path.join(out, "model.pt"),
+                         pruning_plan=PruningPlan.load(os.path.join(out, "prune", "plan.json")),
+                         metadata={"test_auc": metrics["auc"]})
+            qdone = {"metrics": metrics}
+        _finish(env, out, "quantize", qdone or {})
+        qdone = _done(out, "quantize")
+    report["stages"]["quantized"] = qdone["metrics"]
+    if env.is_main:
+        with open(os.path.join(out, "report.json"), "w") as f:
+            json.dump(report, f, indent=1)
+        logger.info("report: %s", os.path.join(out, "report.json"))
+    return report
+
+
+@torch.no_grad()
+def _evaluate_local(model, spec, args, features) -> Dict[str, float]:
+    """AUC and log loss of an unsharded model over the whole test split (one process), fed
+    only the ``features`` it keeps (the data still carries the pruned ones)."""
+    from torchrec.datasets.utils import Batch
+    from torchmetrics.functional.classification import binary_auroc
+    import torch.nn.functional as F
+
+    logits, labels = [], []
+    ds = spec.dataset("test", args.test_batch_size or args.batch_size, 0, 1,
+                      max_batches=args.limit_test_batches)
+    for b in spec.batches(ds, 0):
+        keys = b.sparse_features.keys()
+        b = Batch(dense_features=b.dense_features, labels=b.labels,
+                  sparse_features=b.sparse_features.permute([keys.index(f) for f in features]))
+        _, (_, lg, lb) = model(b)
+        logits.append(lg.float())
+        labels.append(lb.float())
+    lg, lb = torch.cat(logits), torch.cat(labels)
+    return {"auc": float(binary_auroc(torch.sigmoid(lg), lb.long())),
+            "log_loss": float(F.binary_cross_entropy_with_logits(lg.double(), lb.double())),
+            "examples": int(lb.numel())}
