@@ -10,10 +10,13 @@ Takes every flag of recipes/train_dlrm.py, plus --keep_fields / --drop_fraction,
 """
 
 import json
+import os
 
-from shark_torchrec.pipeline import run
+from shark_torchrec.pipeline import build_parser, run
 
 if __name__ == "__main__":
+    args = build_parser().parse_args()
     report = run()
-    if report.get("stages", {}).get("quantized"):
-        print(json.dumps({k: v.get("auc") for k, v in report["stages"].items()}))
+    if int(os.environ.get("RANK", 0)) == 0 and report.get("stages", {}).get("quantized"):
+        print(json.dumps({stage: round(m["auc"], 4) for stage, m in report["stages"].items()}))
+        print(f"report: {os.path.join(args.out, 'report.md')}")

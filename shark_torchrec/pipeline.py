@@ -15,8 +15,9 @@ finished stage and ends with the same result.
   row priorities (``--quant_budget_fraction`` of the pruned tables' fp32 bytes), evaluated, and
   exported (:mod:`shark_torchrec.export`).
 
-Work in progress (issue 6): the report's plots and Markdown, and the Criteo measurements, are
-still to come; ``OUT/report.json`` holds the numbers.
+The report (``OUT/report.json``, ``OUT/report.md`` and PNG plots, :mod:`shark_torchrec.report`)
+gives every stage's AUC and log loss, the embedding bytes before and after, and the compressed
+lookup's throughput against the uncompressed collection's.
 """
 
 from __future__ import annotations
@@ -171,8 +172,9 @@ def _run(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
 
     # ------------------------------------------------------------------ quantize + export
     qdone = _done(out, "quantize")
-    full = full_state_dict(pruned.model)  # collective
     if qdone is None:
+        full = full_state_dict(pruned.model)  # collective
+        original = full_state_dict(trainer.model)  # collective: the uncompressed tables
         if env.is_main:
             model = build_dlrm_train(small, torch.device("cpu"), args.seed, embedding_device=torch.device("cpu"))
             model.load_state_dict(full)
@@ -190,15 +192,60 @@ def _run(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
             export_model(model, os.path.join(out, "model.pt"),
                          pruning_plan=PruningPlan.load(os.path.join(out, "prune", "plan.json")),
                          metadata={"test_auc": metrics["auc"]})
-            qdone = {"metrics": metrics}
+            fp32_model = build_dlrm_train(config, torch.device("cpu"), args.seed,
+                                          embedding_device=torch.device("cpu"))
+            fp32_model.load_state_dict(original)
+            speed = _lookup_speed(fp32_model.model.sparse_arch.embedding_bag_collection, mixed,
+                                  spec, args, list(small.feature_names))
+            _write_report(out, report, done, pdone, metrics, mixed, priorities, config, speed)
+            qdone = {"metrics": metrics, "lookup_speed_vs_fp32": speed}
         _finish(env, out, "quantize", qdone or {})
         qdone = _done(out, "quantize")
     report["stages"]["quantized"] = qdone["metrics"]
+    report["lookup_speed_vs_fp32"] = qdone["lookup_speed_vs_fp32"]
     if env.is_main:
         with open(os.path.join(out, "report.json"), "w") as f:
             json.dump(report, f, indent=1)
-        logger.info("report: %s", os.path.join(out, "report.json"))
+        logger.info("report: %s", os.path.join(out, "report.md"))
     return report
+
+
+def _write_report(out, report, done, pdone, metrics, mixed, priorities, config, speed) -> None:
+    from shark_torchrec import report as rep
+
+    stages = {"trained": done["metrics"], "pruned": pdone["metrics"], "quantized": metrics}
+    figures = ["field_scores.png", "auc_by_stage.png", "bytes_per_table.png", "row_priorities.png"]
+    plan = PruningPlan.load(os.path.join(out, "prune", "plan.json"))
+    rep.plot_field_scores(done["scores"], plan.dropped_features, os.path.join(out, figures[0]))
+    rep.plot_auc_by_stage(stages, os.path.join(out, figures[1]))
+    rep.plot_bytes_per_table({t.name: t.num_embeddings * t.embedding_dim * 4 for t in config.tables()},
+                             mixed.memory_report()["tables"], os.path.join(out, figures[2]))
+    rep.plot_priorities({t: priorities[t] for t in mixed.assignment.tiers}, mixed.assignment.tiers,
+                        os.path.join(out, figures[3]))
+    rep.write_markdown(out, {"stages": stages, "plan": pdone["plan"], "lookup_speed_vs_fp32": speed},
+                       figures)
+
+
+@torch.no_grad()
+def _lookup_speed(fp32_ebc, mixed, spec, args, kept) -> float:
+    """Throughput of the compressed collection over the uncompressed one on the test batches
+    (median of 5 timed passes each, alternating)."""
+    import statistics
+    import time
+
+    ds = spec.dataset("test", args.test_batch_size or args.batch_size, 0, 1,
+                      max_batches=args.limit_test_batches)
+    full = [b.sparse_features for b in spec.batches(ds, 0)]
+    small = [k.permute([k.keys().index(f) for f in kept]) for k in full]
+    times = {"fp32": [], "mixed": []}
+    for _ in range(6):
+        for name, module, inputs in (("fp32", fp32_ebc, full), ("mixed", mixed, small)):
+            t0 = time.perf_counter()
+            for kjt in inputs:
+                module(kjt)
+            times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v[1:]) for k, v in times.items()}  # first pass warms up
+    return med["fp32"] / med["mixed"]
 
 
 @torch.no_grad()

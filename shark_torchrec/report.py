@@ -1,0 +1,128 @@
+"""The SHARK pipeline's report: ``report.md`` and plots beside ``report.json``.
+
+Plots (PNG): field scores (pruned fields marked), test AUC by stage, embedding bytes per table
+before and after (stacked by tier), and the distribution of row priorities with the priority
+at which each tier starts.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Sequence
+
+import torch
+
+TIER_COLOURS = {"fp32": "#1f77b4", "fp16": "#2ca02c", "int8": "#ff7f0e", "int4": "#d62728",
+                "int2": "#9467bd", "drop": "#7f7f7f"}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_field_scores(scores: Dict[str, float], dropped: Sequence[str], path: str) -> None:
+    plt = _plt()
+    order = sorted(scores, key=lambda f: -scores[f])
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(order)), 4))
+    colours = ["#bbbbbb" if f in set(dropped) else "#1f77b4" for f in order]
+    ax.bar(range(len(order)), [scores[f] for f in order], color=colours)
+    ax.set_xticks(range(len(order)), order, rotation=90)
+    ax.set_ylabel("SHARK field score")
+    ax.set_title("Field scores (grey: pruned)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_auc_by_stage(stages: Dict[str, Dict[str, float]], path: str) -> None:
+    plt = _plt()
+    names = list(stages)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(names, [stages[n]["auc"] for n in names], marker="o")
+    for i, n in enumerate(names):
+        ax.annotate(f"{stages[n]['auc']:.4f}", (i, stages[n]["auc"]), textcoords="offset points",
+                    xytext=(0, 6), ha="center")
+    ax.set_ylabel("test AUC")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_bytes_per_table(fp32_bytes: Dict[str, int], after: Dict[str, Dict[str, int]], path: str) -> None:
+    """``after``: ``{table: {tier: bytes}}`` of the compressed model (pruned tables absent)."""
+    plt = _plt()
+    tables = list(fp32_bytes)
+    fig, ax = plt.subplots(figsize=(max(6, 0.4 * len(tables)), 4))
+    x = torch.arange(len(tables)).float()
+    ax.bar(x - 0.2, [fp32_bytes[t] / 2**20 for t in tables], width=0.4, color="#cccccc", label="before (fp32)")
+    bottom = [0.0] * len(tables)
+    for tier, colour in TIER_COLOURS.items():
+        h = [after.get(t, {}).get(tier, 0) / 2**20 for t in tables]
+        if any(h):
+            ax.bar(x + 0.2, h, width=0.4, bottom=bottom, color=colour, label=f"after: {tier}")
+            bottom = [b + v for b, v in zip(bottom, h)]
+    ax.set_xticks(x.tolist(), tables, rotation=90)
+    ax.set_ylabel("MiB")
+    ax.set_title("Embedding bytes per table")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_priorities(priorities: Dict[str, torch.Tensor], tiers: Dict[str, torch.Tensor], path: str) -> None:
+    """Histogram of row priorities (log scale) over the compressed tables, with the lowest
+    priority of each tier marked."""
+    from shark_torchrec.quant.tiers import TIER_ORDER
+
+    plt = _plt()
+    p = torch.cat([priorities[t].double() for t in tiers])
+    k = torch.cat([tiers[t].long() for t in tiers])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    positive = p[p > 0]
+    if positive.numel():
+        bins = torch.logspace(float(positive.min().log10()), float(positive.max().log10()) + 1e-9, 50)
+        ax.hist(positive.numpy(), bins=bins.numpy(), color="#1f77b4")
+        ax.set_xscale("log")
+    for i, tier in enumerate(TIER_ORDER):
+        sel = p[k == i]
+        if sel.numel() and float(sel.min()) > 0:
+            ax.axvline(float(sel.min()), color=TIER_COLOURS[tier.value], ls="--", label=f"{tier.value} from")
+    ax.set_xlabel("row priority")
+    ax.set_ylabel("rows")
+    ax.set_title(f"Row priorities ({int((p == 0).sum())} rows never used)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_markdown(out: str, report: Dict, figures: List[str]) -> str:
+    s = report["stages"]
+    q = s["quantized"]
+    lines = ["# SHARK report", "",
+             f"**Embedding bytes:** {q['fp32_embedding_bytes'] / 2**20:.1f} MiB → "
+             f"{q['embedding_bytes'] / 2**20:.1f} MiB ({q['bytes_saved_fraction']:.1%} saved).  ",
+             f"**Test AUC:** {s['trained']['auc']:.4f} trained → {q['auc']:.4f} compressed "
+             f"({q['auc'] - s['trained']['auc']:+.4f}).  "]
+    if "lookup_speed_vs_fp32" in report:
+        lines.append(f"**Embedding lookup:** {report['lookup_speed_vs_fp32']:.2f}× the fp32 "
+                     f"collection's throughput on the test batches.")
+    lines += ["", "| stage | test AUC | log loss |", "|---|---|---|"]
+    for name, m in s.items():
+        lines.append(f"| {name} | {m['auc']:.4f} | {m['log_loss']:.4f} |")
+    plan = report.get("plan", {})
+    if plan:
+        lines += ["", f"Fields: {plan['fields_before']} → {plan['fields_after']} "
+                      f"(dropped: {', '.join(plan['dropped_features']) or 'none'})."]
+    lines += [""] + [f"![{os.path.splitext(f)[0]}]({f})" for f in figures]
+    path = os.path.join(out, "report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
