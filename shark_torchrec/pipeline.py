@@ -10,7 +10,8 @@ finished stage and ends with the same result.
   attached (ordinary steps: the trackers only read); its checkpoint, field scores and row
   priorities are saved.
 * ``prune``: fields are dropped by their scores (``--keep_fields`` or ``--drop_fraction``), the
-  smaller model is sharded anew with the surviving weights and fine-tuned.
+  smaller model is sharded anew with the surviving weights and fine-tuned on the last
+  ``--finetune_fraction`` of the train split, which training did not see.
 * ``quantize``: the pruned model is gathered, its tables converted with ``quantize_`` using the
   row priorities (``--quant_budget_fraction`` of the pruned tables' fp32 bytes), evaluated, and
   exported (:mod:`shark_torchrec.export`).
@@ -65,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--drop_fraction", type=float, help="fraction of fields pruned (default 0.25)")
     g.add_argument("--prune_baseline", choices=BASELINES, default="mean")
     g.add_argument("--finetune_epochs", type=int, default=1)
+    g.add_argument("--finetune_fraction", type=float, default=0.25,
+                   help="last fraction of the train split kept from training, to fine-tune the "
+                   "pruned model on data it has not seen (0: fine-tune on the training data)")
     g.add_argument("--quant_budget_fraction", type=float, default=0.25,
                    help="embedding bytes after quantization, as a fraction of the pruned fp32 bytes")
     g.add_argument("--stop_after", choices=STAGES, help="stop after this stage (resume later)")
@@ -103,11 +107,23 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         destroy_distributed()
 
 
-def _train_epochs(trainer: DLRMTrainer, spec, args, env, epochs: int) -> None:
+def _train_epochs(trainer: DLRMTrainer, spec, args, env, epochs: int, part: range) -> None:
+    """``epochs`` passes over the global train batches in ``part``."""
     for epoch in range(epochs):
         ds = spec.dataset("train", args.batch_size, env.rank, env.world_size,
-                          max_batches=args.limit_train_batches)
+                          start_batch=part.start, max_batches=part.stop)
         trainer.train(spec.batches(ds, args.num_workers), desc=f"epoch {epoch}")
+
+
+def _parts(spec, args, env) -> Dict[str, range]:
+    """Global train batches for training and for fine-tuning (fresh data, as when a model in
+    production keeps learning from new logs)."""
+    total = spec.train_batches(args.batch_size * env.world_size, args.limit_train_batches)
+    held = int(round(total * args.finetune_fraction))
+    if not 0 <= held < total:
+        raise SystemExit(f"--finetune_fraction {args.finetune_fraction} leaves no training data "
+                         f"({total} batches)")
+    return {"train": range(0, total - held), "finetune": range(total - held, total) if held else range(0, total)}
 
 
 def _run(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
@@ -116,6 +132,7 @@ def _run(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
     optim = optim_config_from_args(args)
     out = args.out
     report: Dict[str, Any] = {"stages": {}}
+    parts = _parts(spec, args, env)
 
     # ------------------------------------------------------------------ train
     trainer = DLRMTrainer(config, optim, env, args.batch_size, seed=args.seed)
@@ -125,7 +142,7 @@ def _run(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
         fields = TaylorFieldImportance(trainer.model, baseline=args.prune_baseline, seed=args.seed)
         rows = RowPriority(config.tables()).attach(trainer.model)
         with fields:
-            _train_epochs(trainer, spec, args, env, args.epochs)
+            _train_epochs(trainer, spec, args, env, args.epochs, parts["train"])
         rows.detach()
         metrics = trainer.evaluate(test_batches(args, spec, env), desc="test (trained)")
         scores = fields.scores()
@@ -153,18 +170,23 @@ def _run(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
     pdone = _done(out, "prune")
     if pdone is None:
         pruned = prune_trainer(trainer, plan, done["checkpoint"], args.batch_size, seed=args.seed)
-        _train_epochs(pruned, spec, args, env, args.finetune_epochs)
+        _train_epochs(pruned, spec, args, env, args.finetune_epochs, parts["finetune"])
         metrics = pruned.evaluate(test_batches(args, spec, env), desc="test (pruned)")
+        # The reference a compressed model is judged against: the uncompressed model given the
+        # same fine-tuning (fresh data improves it too).
+        _train_epochs(trainer, spec, args, env, args.finetune_epochs, parts["finetune"])
+        reference = trainer.evaluate(test_batches(args, spec, env), desc="test (reference)")
         path = pruned_ckpt.save(pruned.state_dict(), {"global_step": 0, "stage": "prune"})
         if env.is_main:
             plan.save(os.path.join(out, "prune", "plan.json"))
-        pdone = {"metrics": metrics, "checkpoint": path, "plan": plan.summary()}
+        pdone = {"metrics": metrics, "reference": reference, "checkpoint": path, "plan": plan.summary()}
         _finish(env, out, "prune", pdone)
     else:
         pruned = DLRMTrainer(small, optim, env, args.batch_size, seed=args.seed)
         state = pruned.state_dict()
         pruned_ckpt.load(state, pdone["checkpoint"])
         pruned.load_state_dict(state)
+    report["stages"]["uncompressed, fine-tuned"] = pdone["reference"]
     report["stages"]["pruned"] = pdone["metrics"]
     report["plan"] = pdone["plan"]
     if args.stop_after == "prune":
@@ -213,7 +235,8 @@ def _run(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
 def _write_report(out, report, done, pdone, metrics, mixed, priorities, config, speed) -> None:
     from shark_torchrec import report as rep
 
-    stages = {"trained": done["metrics"], "pruned": pdone["metrics"], "quantized": metrics}
+    stages = {"trained": done["metrics"], "uncompressed, fine-tuned": pdone["reference"],
+              "pruned": pdone["metrics"], "quantized": metrics}
     figures = ["field_scores.png", "auc_by_stage.png", "bytes_per_table.png", "row_priorities.png"]
     plan = PruningPlan.load(os.path.join(out, "prune", "plan.json"))
     rep.plot_field_scores(done["scores"], plan.dropped_features, os.path.join(out, figures[0]))

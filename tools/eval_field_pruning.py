@@ -82,22 +82,6 @@ def spearman(a: Dict[str, float], b: Dict[str, float]) -> float:
     return cov / var if var else float("nan")
 
 
-def count_train_batches(spec, args, world_size: int) -> int:
-    """Global batches in one pass over the train split (lines are counted, not parsed)."""
-    if spec.kind == "synthetic":
-        n = spec.synthetic_train_batches
-    else:
-        from shark_torchrec.data.click_log import open_text
-
-        lines = 0
-        for path in spec.train_files:
-            with open_text(path) as f:
-                lines += sum(1 for line in f if line.strip())
-        header = spec.schema.has_header is True
-        n = (lines - (len(spec.train_files) if header else 0)) // (args.batch_size * world_size)
-    return min(n, args.limit_train_batches) if args.limit_train_batches else n
-
-
 def main() -> None:
     p = build_parser()
     p.description = __doc__.splitlines()[0]
@@ -130,7 +114,7 @@ def main() -> None:
         dev_split = "test"
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if env.is_main else (lambda *a: None)
 
-    total = count_train_batches(spec, args, env.world_size)
+    total = spec.train_batches(args.batch_size * env.world_size, args.limit_train_batches)
     n_base = total - max(1, int(round(total * args.finetune_fraction)))
     if n_base < 1:
         raise SystemExit(f"the train split has {total} batches: too few to split")

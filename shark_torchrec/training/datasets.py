@@ -126,6 +126,23 @@ class DataSpec:
             max_batches=max_batches, id_dtype=self.id_dtype,
         )
 
+    def train_batches(self, global_batch_size: int, limit: Optional[int] = None) -> int:
+        """Global batches in one pass over the train split (lines are counted, not parsed;
+        a header line, where the schema always has one, is not a data line)."""
+        if self.kind == "synthetic":
+            n = self.synthetic_train_batches
+        else:
+            from shark_torchrec.data.click_log import open_text
+
+            lines = 0
+            for path in self.train_files:
+                with open_text(path) as f:
+                    lines += sum(1 for line in f if line.strip())
+            if self.schema.has_header is True:
+                lines -= len(self.train_files)
+            n = lines // global_batch_size
+        return min(n, limit) if limit else n
+
     def batches(self, dataset, num_workers: int = 0) -> Iterable[Batch]:
         """Iterate ``dataset`` through a ``DataLoader`` (adding the constant dense column
         where the data has none)."""
