@@ -1,5 +1,5 @@
 # shark-torchrec: the two commands a new user needs.
-#   make demo   set up .venv (first time) and train the DLRM recipe on generated data
+#   make demo   set up .venv (first time) and run the SHARK pipeline on generated data
 #   make test   set up .venv (first time) and run the test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -16,8 +16,7 @@ setup-gpu:
 
 demo: setup
 	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --standalone --nproc_per_node $(NPROC) \
-		recipes/train_dlrm.py --data synthetic --out $(DEMO_OUT)
-	@echo "metrics: $(DEMO_OUT)/metrics.json"
+		recipes/shark_dlrm.py --data synthetic --out $(DEMO_OUT)
 
 test: setup
 	$(PY) -m pytest -q

@@ -37,7 +37,8 @@ import torch.distributed.checkpoint as dcp
 from shark_torchrec.export import export_model
 from shark_torchrec.importance import BASELINES, RowPriority, TaylorFieldImportance
 from shark_torchrec.pruning import PruningPlan, choose_plan, prune_dlrm
-from shark_torchrec.pruning.sharded import prune_trainer, pruned_config
+from shark_torchrec.planning.overrides import load_overrides
+from shark_torchrec.pruning.sharded import iterative_prune, prune_trainer, pruned_config
 from shark_torchrec.quant import RowwiseQuantConfig, quantize_
 from shark_torchrec.training.checkpoint import CheckpointManager
 from shark_torchrec.training.distributed import DistEnv, destroy_distributed, init_distributed
@@ -69,8 +70,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--finetune_fraction", type=float, default=0.25,
                    help="last fraction of the train split kept from training, to fine-tune the "
                    "pruned model on data it has not seen (0: fine-tune on the training data)")
-    g.add_argument("--quant_budget_fraction", type=float, default=0.25,
-                   help="embedding bytes after quantization, as a fraction of the pruned fp32 bytes")
+    g.add_argument("--prune_rounds", type=int, default=0,
+                   help="iterative pruning: rounds of (score --score_batches steps → drop → "
+                   "fine-tune --finetune_steps steps) down to --keep_fields (0: one-shot)")
+    g.add_argument("--score_batches", type=int, default=20)
+    g.add_argument("--finetune_steps", type=int, default=20)
+    q = g.add_mutually_exclusive_group()
+    q.add_argument("--quant_budget_fraction", type=float,
+                   help="embedding bytes after quantization, as a fraction of the pruned fp32 "
+                   "bytes (default 0.25)")
+    q.add_argument("--quant_fractions",
+                   help="row fractions per tier instead of a budget, e.g. fp16=0.1,int8=0.3,int4=0.6")
+    g.add_argument("--init_from", metavar="DIR",
+                   help="start from the newest checkpoint of a recipes/train_dlrm.py run (same "
+                   "model flags); the train stage then trains --epochs more with the trackers")
     g.add_argument("--stop_after", choices=STAGES, help="stop after this stage (resume later)")
     p.set_defaults(out="runs/shark_dlrm")
     return p
@@ -138,7 +151,18 @@ def _run(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
     trainer = DLRMTrainer(config, optim, env, args.batch_size, seed=args.seed)
     ckpt = CheckpointManager(os.path.join(out, "train", "checkpoints"), fingerprint(args, config))
     done = _done(out, "train")
+    if done is None and args.init_from:
+        source = CheckpointManager(os.path.join(args.init_from, "checkpoints"), fingerprint(args, config))
+        state = trainer.state_dict()
+        path = source.latest()
+        if path is None:
+            raise SystemExit(f"--init_from {args.init_from}: no checkpoint")
+        source.load(state, path)
+        trainer.load_state_dict(state)
+        logger.info("initialised from %s", path)
     if done is None:
+        if args.epochs < 1:
+            raise SystemExit("--epochs must be >= 1: field scores and row priorities are collected while training")
         fields = TaylorFieldImportance(trainer.model, baseline=args.prune_baseline, seed=args.seed)
         rows = RowPriority(config.tables()).attach(trainer.model)
         with fields:
@@ -161,16 +185,49 @@ def _run(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
         return report
 
     # ------------------------------------------------------------------ prune + fine-tune
+    overrides = load_overrides(args.planner_overrides, config.tables()) if args.planner_overrides else None
+    protected = overrides.protected_features(config.tables()) if overrides else []
     if args.keep_fields is None and args.drop_fraction is None:
         args.drop_fraction = 0.25
+    if args.prune_rounds and args.keep_fields is None:
+        raise SystemExit("--prune_rounds needs --keep_fields (the number of fields at the end)")
     plan = choose_plan(done["scores"], config.tables(), keep=args.keep_fields,
-                       drop_fraction=args.drop_fraction, method=f"shark-{args.prune_baseline}")
+                       drop_fraction=args.drop_fraction, protected=protected,
+                       method=f"shark-{args.prune_baseline}")
+    saved_plan = os.path.join(out, "prune", "plan.json")
+    if _done(out, "prune") is not None:
+        plan = PruningPlan.load(saved_plan)  # what the finished stage did (iterative included)
     small = pruned_config(config, plan)
     pruned_ckpt = CheckpointManager(os.path.join(out, "prune", "checkpoints"), fingerprint(args, small))
     pdone = _done(out, "prune")
     if pdone is None:
-        pruned = prune_trainer(trainer, plan, done["checkpoint"], args.batch_size, seed=args.seed)
-        _train_epochs(pruned, spec, args, env, args.finetune_epochs, parts["finetune"])
+        if args.prune_rounds:
+            # Iterative: the rounds' scoring and fine-tuning steps run on the held-out part.
+            def finetune_data():
+                while True:
+                    ds = spec.dataset("train", args.batch_size, env.rank, env.world_size,
+                                      start_batch=parts["finetune"].start, max_batches=parts["finetune"].stop)
+                    yield from spec.batches(ds, args.num_workers)
+
+            pruned = iterative_prune(
+                trainer, finetune_data(), rounds=args.prune_rounds, score_batches=args.score_batches,
+                finetune_steps=args.finetune_steps, keep_fields=args.keep_fields,
+                work_dir=os.path.join(out, "prune", "rounds"), batch_size=args.batch_size,
+                baseline=args.prune_baseline, protected=protected, seed=args.seed)
+            plan = PruningPlan(tables=plan.tables, table_bytes=plan.table_bytes,
+                               dropped_features=[f for f in config.feature_names if f not in pruned.features],
+                               method=f"iterative shark-{args.prune_baseline}",
+                               criterion={"keep": args.keep_fields, "rounds": args.prune_rounds},
+                               protected=protected)
+            # iterative_prune trains the original model too; rebuild it from its checkpoint
+            state = trainer.state_dict()
+            ckpt.load(state, done["checkpoint"])
+            trainer.load_state_dict(state)
+        else:
+            pruned = prune_trainer(trainer, plan, done["checkpoint"], args.batch_size, seed=args.seed)
+            _train_epochs(pruned, spec, args, env, args.finetune_epochs, parts["finetune"])
+        small = pruned_config(config, plan)
+        pruned_ckpt = CheckpointManager(os.path.join(out, "prune", "checkpoints"), fingerprint(args, small))
         metrics = pruned.evaluate(test_batches(args, spec, env), desc="test (pruned)")
         # The reference a compressed model is judged against: the uncompressed model given the
         # same fine-tuning (fresh data improves it too).
@@ -202,7 +259,7 @@ def _run(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
             model.load_state_dict(full)
             priorities = torch.load(os.path.join(out, "train", "row_priorities.pt"), weights_only=True)
             kept = {t.name for t in small.tables()}
-            quantize_(model, RowwiseQuantConfig(budget_fraction=args.quant_budget_fraction),
+            quantize_(model, _quant_config(args, overrides, kept),
                       priorities={k: v for k, v in priorities.items() if k in kept})
             model.eval()
             metrics = _evaluate_local(model, spec, args, list(small.feature_names))
@@ -230,6 +287,29 @@ def _run(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
             json.dump(report, f, indent=1)
         logger.info("report: %s", os.path.join(out, "report.md"))
     return report
+
+
+def _quant_config(args, overrides, kept) -> RowwiseQuantConfig:
+    """The tier policy from the command line, with the overrides file's per-table settings for
+    the tables that survived pruning."""
+    import dataclasses
+
+    if args.quant_fractions:
+        try:
+            fractions = {k: float(v) for k, v in (item.split("=") for item in args.quant_fractions.split(","))}
+        except ValueError:
+            raise SystemExit(f"--quant_fractions {args.quant_fractions!r}: expected tier=fraction,...")
+        config = RowwiseQuantConfig(fractions=fractions)
+    else:
+        config = RowwiseQuantConfig(budget_fraction=args.quant_budget_fraction or 0.25)
+    if overrides is None:
+        return config
+    merged = overrides.quant_config(config)
+    return dataclasses.replace(
+        merged,
+        table_overrides={k: v for k, v in merged.table_overrides.items() if k in kept},
+        table_fractions={k: v for k, v in merged.table_fractions.items() if k in kept},
+        table_budgets={k: v for k, v in merged.table_budgets.items() if k in kept})
 
 
 def _write_report(out, report, done, pdone, metrics, mixed, priorities, config, speed) -> None:

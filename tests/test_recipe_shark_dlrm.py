@@ -50,3 +50,57 @@ def test_pipeline_runs_resumes_and_exports(tmp_path: Path) -> None:
     batch.sparse_features = kjt.permute([kjt.keys().index(f) for f in kept])
     with torch.no_grad():
         assert torch.equal(model_a(batch)[1][1], model_b(batch)[1][1])
+
+
+@pytest.mark.slow
+def test_killed_after_pruning_resumes_to_the_same_result(tmp_path: Path) -> None:
+    """SIGKILL the whole torchrun job as soon as the pruning stage has finished (mid-way through
+    quantization, typically), then start it again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    full, part = tmp_path / "full", tmp_path / "part"
+    run_torchrun(RECIPE, [*SMALL, "--out", full], nproc=2)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(RECIPE), *map(str, SMALL), "--out", str(part)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
+    deadline = time.time() + 240
+    while not (part / "prune" / "done.json").exists():
+        assert proc.poll() is None, "the run ended before the pruning stage finished"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    run_torchrun(RECIPE, [*SMALL, "--out", part], nproc=2)
+    a = json.loads((full / "report.json").read_text())
+    b = json.loads((part / "report.json").read_text())
+    a.pop("lookup_speed_vs_fp32"), b.pop("lookup_speed_vs_fp32")
+    assert a == b
+
+
+@pytest.mark.slow
+def test_init_from_iterative_pruning_fractions_and_overrides(tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    run_torchrun(ROOT / "recipes" / "train_dlrm.py", [*SMALL[:-8], "--out", base], nproc=2)
+    overrides = tmp_path / "overrides.yaml"
+    overrides.write_text("tables:\n  t_cat_7:\n    compression:\n      never_prune: true\n"
+                         "  t_cat_0:\n    compression:\n      pin: fp16\n")
+    out = tmp_path / "shark"
+    args = [a for a in SMALL if a not in ("--quant_budget_fraction", 0.5)]
+    run_torchrun(RECIPE, [*args, "--init_from", base, "--prune_rounds", 2, "--score_batches", 3,
+                          "--finetune_steps", 2, "--quant_fractions", "fp16=0.5,int4=0.5",
+                          "--planner_overrides", overrides, "--out", out], nproc=2)
+    r = json.loads((out / "report.json").read_text())
+    assert r["plan"]["fields_after"] == 4 and "cat_7" not in r["plan"]["dropped_features"]
+    model, info = load_export(str(out / "model.pt"))
+    tables = {t["name"]: t for t in info["model"]["embedding"]["tables"]}
+    rows = info["model"]["embedding"]["rows"]
+    tiers = info["model"]["embedding"]["tiers"]
+    if "t_cat_0" in tables:  # pinned to one tier
+        assert [t for t, n in zip(tiers, rows["t_cat_0"]) if n] == ["fp16"]
+    others = [n for n in rows if n != "t_cat_0"]
+    assert all(sorted(t for t, n in zip(tiers, rows[n]) if n) == ["fp16", "int4"] for n in others)
