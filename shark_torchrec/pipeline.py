@@ -115,9 +115,12 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     logging.getLogger("shark_torchrec").setLevel(
         getattr(logging, args.log_level.upper()) if env.is_main else logging.WARNING)
     try:
-        return _run(args, env)
-    finally:
+        result = _run(args, env)
+    except BaseException:
         destroy_distributed()
+        raise
+    destroy_distributed(synchronize=True)
+    return result
 
 
 def _train_epochs(trainer: DLRMTrainer, spec, args, env, epochs: int, part: range) -> None:
@@ -321,8 +324,11 @@ def _write_report(out, report, done, pdone, metrics, mixed, priorities, config, 
     plan = PruningPlan.load(os.path.join(out, "prune", "plan.json"))
     rep.plot_field_scores(done["scores"], plan.dropped_features, os.path.join(out, figures[0]))
     rep.plot_auc_by_stage(stages, os.path.join(out, figures[1]))
+    after = {name: dict(tiers) for name, tiers in mixed.memory_report()["tables"].items()}
+    for t in mixed.embedding_bag_configs():  # the id map is part of what a mixed table costs
+        after[t.name]["id map"] = 4 * t.num_embeddings
     rep.plot_bytes_per_table({t.name: t.num_embeddings * t.embedding_dim * 4 for t in config.tables()},
-                             mixed.memory_report()["tables"], os.path.join(out, figures[2]))
+                             after, os.path.join(out, figures[2]))
     rep.plot_priorities({t: priorities[t] for t in mixed.assignment.tiers}, mixed.assignment.tiers,
                         os.path.join(out, figures[3]))
     rep.write_markdown(out, {"stages": stages, "plan": pdone["plan"], "lookup_speed_vs_fp32": speed},

@@ -13,7 +13,7 @@ from typing import Dict, List, Sequence
 import torch
 
 TIER_COLOURS = {"fp32": "#1f77b4", "fp16": "#2ca02c", "int8": "#ff7f0e", "int4": "#d62728",
-                "int2": "#9467bd", "drop": "#7f7f7f"}
+                "int2": "#9467bd", "drop": "#7f7f7f", "id map": "#17becf"}
 
 
 def _plt():
@@ -55,7 +55,8 @@ def plot_auc_by_stage(stages: Dict[str, Dict[str, float]], path: str) -> None:
 
 
 def plot_bytes_per_table(fp32_bytes: Dict[str, int], after: Dict[str, Dict[str, int]], path: str) -> None:
-    """``after``: ``{table: {tier: bytes}}`` of the compressed model (pruned tables absent)."""
+    """``after``: ``{table: {tier or "id map": bytes}}`` of the compressed model (pruned tables
+    absent)."""
     plt = _plt()
     tables = list(fp32_bytes)
     fig, ax = plt.subplots(figsize=(max(6, 0.4 * len(tables)), 4))

@@ -72,9 +72,12 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict:
     logging.getLogger("shark_torchrec").setLevel(
         getattr(logging, args.log_level.upper()) if env.is_main else logging.WARNING)
     try:
-        return _run(args, env)
-    finally:
+        result = _run(args, env)
+    except BaseException:
         destroy_distributed()
+        raise
+    destroy_distributed(synchronize=True)
+    return result
 
 
 def _load_plan_or_scores(args: argparse.Namespace, trainer: DLRMTrainer) -> PruningPlan:

@@ -64,6 +64,12 @@ def init_distributed(device: str = "auto") -> DistEnv:
     )
 
 
-def destroy_distributed() -> None:
+def destroy_distributed(synchronize: bool = False) -> None:
+    """Tear the process group down.  ``synchronize``: first wait for every rank (on the success
+    path), so that no rank closes its connections while another still talks to it — gloo can
+    abort a process ("terminate called without an active exception") when a peer leaves early.
+    Not on the error path: a barrier with a crashed peer would only hang."""
     if dist.is_initialized():
+        if synchronize and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()

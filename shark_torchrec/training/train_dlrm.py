@@ -238,9 +238,12 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict:
         getattr(logging, args.log_level.upper()) if env.is_main else logging.WARNING
     )
     try:
-        return _run(args, env)
-    finally:
+        result = _run(args, env)
+    except BaseException:
         destroy_distributed()
+        raise
+    destroy_distributed(synchronize=True)
+    return result
 
 
 def _run(args: argparse.Namespace, env: DistEnv) -> Dict:
