@@ -27,21 +27,19 @@ import argparse
 import json
 import logging
 import os
-import warnings
 from typing import Any, Dict, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 
 from shark_torchrec.export import export_model
 from shark_torchrec.importance import BASELINES, RowPriority, TaylorFieldImportance
-from shark_torchrec.pruning import PruningPlan, choose_plan, prune_dlrm
+from shark_torchrec.pruning import PruningPlan, choose_plan
 from shark_torchrec.planning.overrides import load_overrides
 from shark_torchrec.pruning.sharded import iterative_prune, prune_trainer, pruned_config
 from shark_torchrec.quant import RowwiseQuantConfig, quantize_
 from shark_torchrec.training.checkpoint import CheckpointManager
-from shark_torchrec.training.distributed import DistEnv, destroy_distributed, init_distributed
+from shark_torchrec.training.distributed import DistEnv, run_job
 from shark_torchrec.training.gather import full_state_dict
 from shark_torchrec.training.model import build_dlrm_train
 from shark_torchrec.training.train_dlrm import (
@@ -107,20 +105,7 @@ def _finish(env: DistEnv, out: str, stage: str, result: Dict[str, Any]) -> None:
 
 
 def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    args = build_parser().parse_args(argv)
-    warnings.filterwarnings("ignore", category=FutureWarning, module="torchrec")
-    env = init_distributed(args.device)
-    logging.basicConfig(level=logging.WARNING, force=True,
-                        format=f"%(asctime)s [rank {env.rank}] %(name)s: %(message)s")
-    logging.getLogger("shark_torchrec").setLevel(
-        getattr(logging, args.log_level.upper()) if env.is_main else logging.WARNING)
-    try:
-        result = _run(args, env)
-    except BaseException:
-        destroy_distributed()
-        raise
-    destroy_distributed(synchronize=True)
-    return result
+    return run_job(build_parser().parse_args(argv), _run)
 
 
 def _train_epochs(trainer: DLRMTrainer, spec, args, env, epochs: int, part: range) -> None:

@@ -10,27 +10,32 @@ from conftest import ROOT, run_torchrun
 SCRIPT = ROOT / "tests" / "scripts" / "train_equivalence.py"
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("interaction", ["dot", "dcn"])
-def test_two_process_training_matches_one_process(tmp_path: Path, interaction: str) -> None:
+def _one_and_two_processes(tmp_path: Path, extra) -> tuple:
+    """Run the equivalence script with 1 and with 2 processes; check the 2-process losses and
+    final parameters equal the 1-process ones; return both results."""
     results = {}
     for nproc in (1, 2):
         out = tmp_path / f"ws{nproc}.pt"
-        run_torchrun(SCRIPT, ["--out", out, "--steps", 5, "--global_batch", 64,
-                              "--interaction", interaction], nproc=nproc)
+        run_torchrun(SCRIPT, ["--out", out, "--steps", 5, "--global_batch", 64, *extra], nproc=nproc)
         results[nproc] = torch.load(out, weights_only=False)
     one, two = results[1], results[2]
+    torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]),
+                               rtol=1e-5, atol=1e-6)
+    assert one["state"].keys() == two["state"].keys()
+    for key, ref in one["state"].items():
+        torch.testing.assert_close(two["state"][key], ref, rtol=1e-4, atol=1e-5, msg=key)
+    return one, two
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("interaction", ["dot", "dcn"])
+def test_two_process_training_matches_one_process(tmp_path: Path, interaction: str) -> None:
+    one, two = _one_and_two_processes(tmp_path, ["--interaction", interaction])
     # The 2-process plan really spreads tables over both ranks.
     assert "rank:1" in two["plan"] and "rank:1" not in one["plan"]
     # Training moved the loss, so equal losses are not equal starting points only.
     assert one["losses"][0] != pytest.approx(one["losses"][-1], rel=1e-3)
-    torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]),
-                               rtol=1e-5, atol=1e-6)
-    assert one["state"].keys() == two["state"].keys()
-    tables = [k for k in one["state"] if "embedding_bags" in k]
-    assert len(tables) == 6
-    for key, ref in one["state"].items():
-        torch.testing.assert_close(two["state"][key], ref, rtol=1e-4, atol=1e-5, msg=key)
+    assert len([k for k in one["state"] if "embedding_bags" in k]) == 6
 
 
 @pytest.mark.slow
@@ -38,15 +43,5 @@ def test_two_process_training_matches_one_process(tmp_path: Path, interaction: s
 def test_planner_places_row_wise_tables_on_cpu_and_training_matches(tmp_path: Path, sharding_type: str) -> None:
     """The planner, with AllShardingTypesEBCSharder, plans row-wise tables for gloo/CPU (TorchRec's
     own sharder refuses them there); the sharded run equals one process on the same batches."""
-    results = {}
-    for nproc in (1, 2):
-        out = tmp_path / f"ws{nproc}.pt"
-        run_torchrun(SCRIPT, ["--out", out, "--steps", 5, "--global_batch", 64,
-                              "--sharding_type", sharding_type], nproc=nproc)
-        results[nproc] = torch.load(out, weights_only=False)
-    two = results[2]
+    _, two = _one_and_two_processes(tmp_path, ["--sharding_type", sharding_type])
     assert two["plan"].count(sharding_type) >= 6 and "rank:1" in two["plan"]
-    torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(results[1]["losses"]),
-                               rtol=1e-5, atol=1e-6)
-    for key, ref in results[1]["state"].items():
-        torch.testing.assert_close(two["state"][key], ref, rtol=1e-4, atol=1e-5, msg=key)

@@ -87,7 +87,7 @@ def main() -> None:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
-        print(f"| tracker | ms / step | ratio to untracked |\n|---|---|---|")
+        print("| tracker | ms / step | ratio to untracked |\n|---|---|---|")
         for v in variants:
             print(f"| {v} | {1e3 * med[v]:.1f} | {med[v] / med['none']:.3f} |")
     dist.destroy_process_group()

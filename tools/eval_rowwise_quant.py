@@ -19,7 +19,7 @@ import os
 import statistics
 import sys
 import warnings
-from typing import Dict, List
+from typing import Dict
 
 import torch
 import torch.nn.functional as F

@@ -25,8 +25,8 @@ deterministic given the seed and independent of world size, rank and data-loader
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
-from typing import Iterator, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Iterator, List, Sequence
 
 import numpy as np
 import torch

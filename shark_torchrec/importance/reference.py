@@ -7,7 +7,7 @@ forward passes per batch (and ``repeats`` shuffles), against SHARK's zero extra 
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, Sequence
 
 import torch
 import torch.distributed as dist

@@ -34,7 +34,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Sequence
 
 import yaml
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel

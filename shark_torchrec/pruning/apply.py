@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Sequence, Union
+from typing import List, Sequence, Union
 
 import torch
 from torch import nn

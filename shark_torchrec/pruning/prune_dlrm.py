@@ -13,7 +13,6 @@ import argparse
 import json
 import logging
 import os
-import warnings
 from typing import Dict, List, Optional, Sequence
 
 from shark_torchrec.importance import BASELINES
@@ -21,7 +20,7 @@ from shark_torchrec.planning import load_overrides
 from shark_torchrec.pruning.plan import PruningPlan, choose_plan, table_bytes
 from shark_torchrec.pruning.sharded import PruningRound, iterative_prune, prune_trainer, pruned_config
 from shark_torchrec.training.checkpoint import CheckpointManager
-from shark_torchrec.training.distributed import DistEnv, destroy_distributed, init_distributed
+from shark_torchrec.training.distributed import DistEnv, run_job
 from shark_torchrec.training.train_dlrm import (
     FIELD_SCORES_FILE,
     build_parser as build_train_parser,
@@ -64,20 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(argv: Optional[Sequence[str]] = None) -> Dict:
-    args = build_parser().parse_args(argv)
-    warnings.filterwarnings("ignore", category=FutureWarning, module="torchrec")
-    env = init_distributed(args.device)
-    logging.basicConfig(level=logging.WARNING, force=True,
-                        format=f"%(asctime)s [rank {env.rank}] %(name)s: %(message)s")
-    logging.getLogger("shark_torchrec").setLevel(
-        getattr(logging, args.log_level.upper()) if env.is_main else logging.WARNING)
-    try:
-        result = _run(args, env)
-    except BaseException:
-        destroy_distributed()
-        raise
-    destroy_distributed(synchronize=True)
-    return result
+    return run_job(build_parser().parse_args(argv), _run)
 
 
 def _load_plan_or_scores(args: argparse.Namespace, trainer: DLRMTrainer) -> PruningPlan:

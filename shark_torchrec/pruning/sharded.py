@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed.checkpoint as dcp

@@ -242,12 +242,13 @@ class _MixedGroup(nn.Module):
     def __init__(self, layout: MixedLayout, device: torch.device = torch.device("cpu"),
                  check_ids: bool = True) -> None:
         super().__init__()
-        self.layout = layout
-        self.check_ids = check_ids
         self._configs = layout.configs()
         self._tiers = [Tier.parse(t) for t in layout.tiers]
         self._stored = [t for t in self._tiers if t is not Tier.DROP]
         self._features = [f for c in self._configs for f in c.feature_names]
+        # Output keys when every table has every stored tier: [tier][feature] blocks.
+        self._stacked = [f"{f}@{t.value}" for t in self._stored for f in self._features]
+        self._bucket_features: Dict[tuple, torch.Tensor] = {}
         self._dims = [c.embedding_dim for c in self._configs for _ in c.feature_names]
         self._feature_config = {f: c for c in self._configs for f in c.feature_names}
         K = len(self._tiers)
@@ -324,9 +325,9 @@ class _MixedGroup(nn.Module):
         kt = self.qebc(features)
         q = kt.values()
         width = self._out_offsets[-1]
-        if q.shape[1] % width == 0 and kt.keys() == self._stacked_keys(q.shape[1] // width):
+        if kt.keys() == self._stacked:
             # Every table has every stored tier: the output is [tier][feature] blocks.
-            out = q.view(B, q.shape[1] // width, width).sum(1)
+            out = q.view(B, len(self._stored), width).sum(1)
         else:
             key = (tuple(kt.keys()), q.device)  # a sharded collection may order its output anew
             if key not in self._colmaps:
@@ -337,18 +338,18 @@ class _MixedGroup(nn.Module):
             # A bag's full length is the sum over its buckets (DROP included: zeros count).
             lengths = features.lengths().view(-1, B)
             full = torch.zeros(len(self._features), B, dtype=lengths.dtype, device=lengths.device)
-            full.index_add_(0, self._bucket_feature(features.keys()).to(lengths.device), lengths)
+            full.index_add_(0, self._bucket_feature(features.keys(), lengths.device), lengths)
             out = self._mean(out, full, B)
         return out
 
-    def _stacked_keys(self, tiers: int) -> List[str]:
-        if len(self._stored) != tiers:
-            return []
-        return [f"{f}@{t.value}" for t in self._stored for f in self._features]
-
-    def _bucket_feature(self, keys: List[str]) -> torch.Tensor:
-        index = {f: i for i, f in enumerate(self._features)}
-        return torch.tensor([index[k.rsplit("@", 1)[0]] for k in keys])
+    def _bucket_feature(self, keys: List[str], device: torch.device) -> torch.Tensor:
+        """Feature index of each bucket key (cached per key layout)."""
+        key = (tuple(keys), device)
+        if key not in self._bucket_features:
+            index = {f: i for i, f in enumerate(self._features)}
+            self._bucket_features[key] = torch.tensor(
+                [index[k.rsplit("@", 1)[0]] for k in keys], device=device)
+        return self._bucket_features[key]
 
     def _column_map(self, keys: List[str], dims: List[int]) -> torch.Tensor:
         index = {f: i for i, f in enumerate(self._features)}

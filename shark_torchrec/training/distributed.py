@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
+import logging
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -73,3 +77,31 @@ def destroy_distributed(synchronize: bool = False) -> None:
         if synchronize and dist.get_world_size() > 1:
             dist.barrier()
         dist.destroy_process_group()
+
+
+def run_job(args: argparse.Namespace, job: Callable[[argparse.Namespace, DistEnv], Any]) -> Any:
+    """Run a recipe's ``job(args, env)`` in a process group (``args.device``, ``args.log_level``):
+    logging set up per rank, one intra-op thread share per rank on CPU, and the group torn down
+    afterwards (synchronised on success, see :func:`destroy_distributed`)."""
+    # torchrec 1.8 warns about its own internals (DDP's broadcast_buffers, the planner's
+    # default storage reservation) on every run; nothing a user of the recipes can change.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torchrec")
+    env = init_distributed(args.device)
+    logging.basicConfig(
+        level=logging.WARNING,
+        format=f"%(asctime)s [rank {env.rank}] %(name)s: %(message)s",
+        force=True,  # torchrec/fbgemm configure the root logger on import
+    )
+    logging.getLogger("shark_torchrec").setLevel(
+        getattr(logging, args.log_level.upper()) if env.is_main else logging.WARNING
+    )
+    if env.device.type == "cpu":
+        # torchrun puts N ranks on the same cores: give each its share of intra-op threads.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.world_size))
+    try:
+        result = job(args, env)
+    except BaseException:
+        destroy_distributed()
+        raise
+    destroy_distributed(synchronize=True)
+    return result

@@ -6,7 +6,6 @@ import logging
 import os
 from typing import Dict, Optional, Sequence
 
-import torch
 import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import time
-import warnings
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -36,7 +35,7 @@ from shark_torchrec.training.datasets import (
     expand_files,
     find_split_files,
 )
-from shark_torchrec.training.distributed import DistEnv, destroy_distributed, init_distributed
+from shark_torchrec.training.distributed import DistEnv, run_job
 from shark_torchrec.training.model import DLRMConfig
 from shark_torchrec.training.sharding import plan_summary
 from shark_torchrec.training.trainer import (
@@ -224,32 +223,10 @@ def field_scores_document(tracker: TaylorFieldImportance, config: DLRMConfig) ->
 
 def run(argv: Optional[Sequence[str]] = None) -> Dict:
     """Run the job; returns the metrics (also written to ``OUT/metrics.json`` by rank 0)."""
-    args = build_parser().parse_args(argv)
-    # torchrec 1.8 warns about its own internals (DDP's broadcast_buffers, the planner's
-    # default storage reservation) on every run; nothing a user of this recipe can change.
-    warnings.filterwarnings("ignore", category=FutureWarning, module="torchrec")
-    env = init_distributed(args.device)
-    logging.basicConfig(
-        level=logging.WARNING,
-        format=f"%(asctime)s [rank {env.rank}] %(name)s: %(message)s",
-        force=True,  # torchrec/fbgemm configure the root logger on import
-    )
-    logging.getLogger("shark_torchrec").setLevel(
-        getattr(logging, args.log_level.upper()) if env.is_main else logging.WARNING
-    )
-    try:
-        result = _run(args, env)
-    except BaseException:
-        destroy_distributed()
-        raise
-    destroy_distributed(synchronize=True)
-    return result
+    return run_job(build_parser().parse_args(argv), _run)
 
 
 def _run(args: argparse.Namespace, env: DistEnv) -> Dict:
-    if env.device.type == "cpu":
-        # One intra-op thread per rank: torchrun puts N ranks on the same cores.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.world_size))
     spec = data_spec_from_args(args)
     model_config = model_config_from_args(args, spec)
     constraints = None
