@@ -16,6 +16,7 @@ OUT/metrics.json (AUC and log loss before/after, fields, tables and bytes) and O
 import json
 
 from shark_torchrec.pruning.prune_dlrm import run
+from shark_torchrec.training.distributed import exit_worker
 
 if __name__ == "__main__":
     m = run()
@@ -23,3 +24,4 @@ if __name__ == "__main__":
         print(json.dumps({"auc_before": m["before"]["auc"], "auc_after": m["after"]["auc"],
                           "fields": f"{m['plan']['fields_before']} -> {m['plan']['fields_after']}",
                           "bytes": f"{m['plan']['bytes_before']} -> {m['plan']['bytes_after']}"}))
+    exit_worker(0)

@@ -13,6 +13,7 @@ import json
 import os
 
 from shark_torchrec.pipeline import build_parser, run
+from shark_torchrec.training.distributed import exit_worker
 
 if __name__ == "__main__":
     args = build_parser().parse_args()
@@ -20,3 +21,4 @@ if __name__ == "__main__":
     if int(os.environ.get("RANK", 0)) == 0 and report.get("stages", {}).get("quantized"):
         print(json.dumps({stage: round(m["auc"], 4) for stage, m in report["stages"].items()}))
         print(f"report: {os.path.join(args.out, 'report.md')}")
+    exit_worker(0)

@@ -11,6 +11,7 @@ OUT/checkpoints/.  `--help` lists every option.
 import json
 import time
 
+from shark_torchrec.training.distributed import exit_worker
 from shark_torchrec.training.train_dlrm import run
 
 if __name__ == "__main__":
@@ -20,3 +21,4 @@ if __name__ == "__main__":
         print(json.dumps({k: metrics[k] for k in ("test_auc", "test_log_loss", "steps",
                                                    "examples_per_second")}),
               f"wall {time.perf_counter() - t0:.1f}s")
+    exit_worker(0)

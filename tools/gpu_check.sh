@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # GPU check for the row-wise mixed-precision collection (issue 4), sized for < 5 minutes on one GPU:
-#   1. the CUDA variants of the module tests (FBGEMM tables in EmbeddingLocation.DEVICE);
-#   2. the lookup benchmark on the GPU (int32 ids, as FBGEMM's CUDA kernels take them).
+#   1. the CUDA variants of the module tests (FBGEMM tables in EmbeddingLocation.DEVICE):
+#      every tier (INT2 through its fp16-output call) against F.embedding_bag on the rows as
+#      CUDA dequantizes them, the upstream INT2 fp32-output bug still being there, and a
+#      forward with no host sync (check_ids=False) or exactly one (check_ids=True);
+#   2. the lookup benchmark on the GPU (int32 ids, as FBGEMM's CUDA kernels take them), with
+#      an INT2 mix and the remap in forward with and without the id check.
 # Needs the CUDA stack: `make setup-gpu` (scripts/setup_env_gpu.sh) or PYTHON pointing at an
 # interpreter with CUDA torch + fbgemm-gpu + torchrec.  Results: $OUT (default runs/).
 set -euo pipefail

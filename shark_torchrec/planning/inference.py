@@ -69,6 +69,14 @@ def shard_for_inference(
     storage estimates.
     """
     collections = _mixed_collections(model)
+    int2 = [n for c in collections for g in c.groups for n in g._tbe_views() if n.endswith("@int2")]
+    if compute_device == "cuda" and int2:
+        # TorchRec's sharded quantized collection reads every sub-table into one fp32 output,
+        # which FBGEMM's CUDA kernels get wrong for INT2 (see _MixedGroup._lookups); the
+        # unsharded collection reads INT2 through an fp16 output instead.
+        raise NotImplementedError(
+            f"sharding INT2 sub-tables {int2} for CUDA: FBGEMM's fp32-output INT2 CUDA lookup "
+            "is wrong; keep these tables unsharded or assign them INT4/DROP instead of INT2")
     # Views of the current weights, by physical table (they keep the buffers alive).
     weights = {}
     for c in collections:

@@ -10,11 +10,16 @@ tiers in one call.  Rows are renumbered so that each tier's rows are contiguous
    feature by tier with one ``torch.ops.fbgemm.block_bucketize_sparse_features`` call
    (``torchrec-cpu-facts.md`` section 6), local row = renumbered row − tier start — the
    collection's ``input_transform``, which can also run in data-loader workers;
-2. looks the buckets up as features ``"<feature>@<tier>"`` of the quantized collection;
+2. looks the buckets up as features ``"<feature>@<tier>"`` of the quantized collection's TBE,
+   calling FBGEMM's lookup op directly with offsets into the bucketized ids (so DROP ids are
+   skipped without cutting the values: no host sync on CUDA); on CUDA INT2 sub-tables are read
+   in a second call with fp16 output (FBGEMM's fp32-output INT2 store is wrong, see
+   ``_MixedGroup._lookups``);
 3. adds each feature's tier outputs back together (MEAN: divided by the bag's full length).
 
 Tables are split into groups, one quantized collection (one TBE) each, run in parallel threads
-on CPU.
+on CPU.  Sharded by TorchRec for inference (``shark_torchrec.planning.shard_for_inference``), a
+group's quantized collection is called through its KJT forward instead.
 
 DROP rows have no physical row: their ids fall in a bucket that is never looked up, so they
 read as zeros (and a MEAN bag still counts them).  The output is the ``KeyedTensor`` a float
@@ -24,11 +29,14 @@ read as zeros (and a MEAN bag still counts them).  The output is the ``KeyedTens
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
-from fbgemm_gpu.split_table_batched_embeddings_ops_common import BoundsCheckMode
+from fbgemm_gpu.split_embedding_configs import SparseType
+from fbgemm_gpu.split_table_batched_embeddings_ops_common import BoundsCheckMode, PoolingMode
 from torch import nn
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
@@ -56,15 +64,40 @@ def quantize_rows(w: torch.Tensor, tier: Tier) -> Tuple[torch.Tensor, Optional[t
     return q[:, :-4].contiguous(), q[:, -4:].contiguous()
 
 
-def dequantize_rows(w: torch.Tensor, tier: Tier) -> torch.Tensor:
-    """What a row reads as after storage in ``tier`` (DROP: zeros)."""
-    w = w.detach().float().contiguous()
+def dequantize_rows(w: torch.Tensor, tier: Tier, device_type: str = "cpu") -> torch.Tensor:
+    """What a row reads as after storage in ``tier`` (DROP: zeros), in FBGEMM's lookup on
+    ``device_type``.
+
+    The integer tiers store ``q`` with an fp16 ``scale`` and ``bias`` per row.  FBGEMM's CPU
+    kernels read ``float(q) * scale + bias`` in fp32; its CUDA kernels compute the same with one
+    fp16 fused multiply-add (``hfma2``), i.e. ``fp16(q * scale + bias)`` rounded once — so a row
+    reads slightly differently on the two devices, and this returns exactly what each reads.
+    """
+    w = w.detach().float().contiguous().cpu()
     if tier is Tier.DROP:
         return torch.zeros_like(w)
     if tier in (Tier.FP32, Tier.FP16):
         return w if tier is Tier.FP32 else w.half().float()
-    q = torch.ops.fbgemm.FloatOrHalfToFusedNBitRowwiseQuantizedSBHalf(w, _BITS[tier])
-    return torch.ops.fbgemm.FusedNBitRowwiseQuantizedSBHalfToFloat(q, _BITS[tier])
+    bits = _BITS[tier]
+    fused = torch.ops.fbgemm.FloatOrHalfToFusedNBitRowwiseQuantizedSBHalf(w, bits)
+    if device_type == "cpu":
+        return torch.ops.fbgemm.FusedNBitRowwiseQuantizedSBHalfToFloat(fused, bits)
+    if device_type != "cuda":
+        raise ValueError(f"device_type must be 'cpu' or 'cuda', not {device_type!r}")
+    q = unpack_rows(fused[:, :-4], bits, w.shape[1]).double()
+    scale_bias = fused[:, -4:].contiguous().view(torch.float16).double()
+    exact = q * scale_bias[:, :1] + scale_bias[:, 1:]  # exact in float64 (fp16 operands)
+    # numpy rounds float64 -> float16 once (round to nearest even), as the fused op does.
+    return torch.from_numpy(exact.numpy().astype(np.float16)).float()
+
+
+def unpack_rows(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """FBGEMM's packed ``bits``-bit row data → integers ``[rows, dim]`` (element ``j`` sits in
+    byte ``j * bits // 8`` at bit ``(j * bits) % 8``)."""
+    per_byte = 8 // bits
+    shifts = torch.arange(per_byte, dtype=torch.int32) * bits
+    q = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return q.reshape(packed.shape[0], -1)[:, :dim]
 
 
 @dataclasses.dataclass
@@ -111,10 +144,15 @@ class RowwiseInputTransform(nn.Module):
     sub-table; all of them when MEAN pooling needs the DROP lengths) holding local rows of each
     tier's sub-table.  It holds only the id map (4 bytes per row).
 
-    Every id is renumbered with one gather per feature, then split by tier with one
-    ``block_bucketize_sparse_features`` call.  Ids outside their table raise an error naming
-    the feature and the id, unless ``check_ids=False``.  The whole collection's transform is
-    :class:`MixedInputTransform`.
+    Every id is renumbered with one gather (per feature on CPU, one over all features on CUDA),
+    then split by tier with one ``block_bucketize_sparse_features`` call.  Ids outside their
+    table raise an error naming the feature and the id, unless ``check_ids=False``.  The whole
+    collection's transform is :class:`MixedInputTransform`.
+
+    On CUDA, :meth:`bucketize` (what the collection's forward uses) makes no host
+    synchronisation with ``check_ids=False`` and exactly one with ``check_ids=True`` (to raise
+    the error); :meth:`forward` adds one more when some buckets are left out (their ids must be
+    cut from the values, whose new length the host must read).
     """
 
     def __init__(self, layout: MixedLayout, device: torch.device = torch.device("cpu"),
@@ -126,18 +164,22 @@ class RowwiseInputTransform(nn.Module):
         self.features = [f for c in configs for f in c.feature_names]
         self._config = {f: c for c in configs for f in c.feature_names}
         self.num_tiers = len(tiers)
-        bucket_keys = [f"{f}@{t.value}" for t in tiers for f in self.features]
+        # Every bucket block_bucketize makes, [tier][feature] (what :meth:`bucketize` returns).
+        self.bucket_keys = [f"{f}@{t.value}" for t in tiers for f in self.features]
         has_rows = [t is not Tier.DROP and layout.rows[self._config[f].name][k] > 0
                     for k, t in enumerate(tiers) for f in self.features]
+        # Buckets that never hold an id: a tier the feature's table has no rows in.
+        self.empty_buckets = {f"{f}@{t.value}" for k, t in enumerate(tiers) for f in self.features
+                              if layout.rows[self._config[f].name][k] == 0}
         mean_with_drop = Tier.DROP in tiers and any(c.pooling == PoolingType.MEAN for c in configs)
         if mean_with_drop or all(has_rows):
             # MEAN needs every bag's full length, DROP ids included: keep every bucket.
-            self.output_keys, self._keep = bucket_keys, None
+            self.output_keys, self._keep = list(self.bucket_keys), None
         else:
             keep = [i for i, h in enumerate(has_rows) if h]
             # A prefix slice of the values is only valid if the dropped buckets hold no ids
             # before a kept one: true for DROP (last) and for buckets without rows.
-            self.output_keys = [bucket_keys[i] for i in keep]
+            self.output_keys = [self.bucket_keys[i] for i in keep]
             self._keep = torch.tensor(keep, dtype=torch.long, device=device)
         self.table_base, base = {}, 0
         for c in configs:
@@ -177,13 +219,14 @@ class RowwiseInputTransform(nn.Module):
             start += n
         return renumbered
 
-    def _renumber_vectorised(self, values: torch.Tensor, per_key: List[int]) -> torch.Tensor:
-        """CUDA: one check and one gather over all features (one host sync for the check,
-        instead of two per feature)."""
-        counts = torch.tensor(per_key, device=values.device)
-        feature_of_id = torch.repeat_interleave(
-            torch.arange(len(self.features), device=values.device), counts,
-            output_size=values.numel())
+    def _renumber_vectorised(self, values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """CUDA: one check and one gather over all features.  The feature of every id comes
+        from the bag lengths on the device (no per-key lengths on the host), so the only host
+        synchronisation is the id check's."""
+        F = len(self.features)
+        B = lengths.numel() // F
+        bag_feature = torch.arange(F, device=values.device).repeat_interleave(B)
+        feature_of_id = torch.repeat_interleave(bag_feature, lengths, output_size=values.numel())
         if self.check_ids:
             bad = (values < 0) | (values >= self.feature_rows[feature_of_id])
             if bool(bad.any()):
@@ -198,7 +241,11 @@ class RowwiseInputTransform(nn.Module):
         raise ValueError(f"feature {f!r}: id {int(bad)} is outside table "
                          f"{c.name!r} ({c.num_embeddings} rows)")
 
-    def forward(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+    def bucketize(self, features: KeyedJaggedTensor
+                  ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], int]:
+        """``(local rows, lengths, weights, batch size)`` of every bucket in
+        :attr:`bucket_keys` order: the ids of bucket ``i`` are ``lengths[i*B:(i+1)*B]`` long and
+        follow each other; DROP ids are last.  No ids are cut, so no host synchronisation."""
         if features.keys() != self.features:
             keys = features.keys()
             unknown = sorted(set(keys) - set(self.features))
@@ -209,14 +256,17 @@ class RowwiseInputTransform(nn.Module):
             features = features.permute([keys.index(f) for f in self.features])
         values, lengths = features.values(), features.lengths()
         if values.is_cuda:
-            renumbered = self._renumber_vectorised(values, features.length_per_key())
+            renumbered = self._renumber_vectorised(values, lengths)
         else:
             renumbered = self._renumber_per_feature(values, features.length_per_key())
         renumbered = renumbered.to(values.dtype)
         new_lengths, local_ids, new_weights, _, _ = torch.ops.fbgemm.block_bucketize_sparse_features(
             lengths, renumbered, False, False, self.block_sizes.to(values.dtype), self.num_tiers,
             features.weights_or_none(), None, -1, [p.to(values.dtype) for p in self._bucket_pos])
-        B = features.stride()
+        return local_ids, new_lengths, new_weights, lengths.numel() // len(self.features)
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        local_ids, new_lengths, new_weights, B = self.bucketize(features)
         if self._keep is not None:
             # Only the buckets the quantized collection reads: DROP (always last) and tiers a
             # table does not use have no sub-table.  Their ids sit after the kept ones
@@ -284,6 +334,16 @@ class _MixedGroup(nn.Module):
         self._out_offsets = torch.cumsum(torch.tensor([0] + self._dims), 0).tolist()
         self._colmaps: Dict[tuple, torch.Tensor] = {}
         self._has_mean = any(c.pooling == PoolingType.MEAN for c in self._configs)
+        self._mean_columns = [self._feature_config[f].pooling == PoolingType.MEAN
+                              for f, d in zip(self._features, self._dims) for _ in range(d)]
+        self._column_feature = [i for i, d in enumerate(self._dims) for _ in range(d)]
+        # The lookups: FBGEMM's TBE op called directly (not through the quantized collection's
+        # KJT forward), with offsets into the bucketized ids wherever they lie — so DROP ids
+        # need not be cut off (no host sync) and sub-tables can be read in separate calls.
+        self._physical = [(f, c.embedding_dim, c.data_type) for c in physical for f in c.feature_names]
+        # None: INT2 through an fp16 output on CUDA only (see _lookups); True/False force it.
+        self.int2_fp16_output: Optional[bool] = None
+        self._device_cache: Dict[tuple, object] = {}
 
     def _tbes(self) -> List[nn.Module]:
         return [] if self.qebc is None else list(self.qebc._emb_modules)
@@ -313,15 +373,93 @@ class _MixedGroup(nn.Module):
         row_map = self.input_transform.row_map
         return per_table, weights, row_map.numel() * row_map.element_size()
 
+    # ------------------------------------------------------------------ lookups
+    def _lookups(self, device: torch.device) -> List["_Lookup"]:
+        """One FBGEMM call over every sub-table; or, on CUDA (or with ``int2_fp16_output``
+        set), one over the non-INT2 sub-tables (fp32 output) and one over the INT2 ones (fp16
+        output).
+
+        Why: FBGEMM's CUDA kernels write INT2 results to an fp32 output wrongly — in
+        ``VecNT<16, PrimitiveType::INT>::store(float*)`` the accumulator pointer is a ``float4*``
+        advanced by an element count, so 12 of every 16 outputs are read from past the
+        accumulator — while their fp16 store is right.  INT2 rows dequantize to fp16 values on
+        CUDA anyway (see :func:`dequantize_rows`); only the pooled INT2 part of each bag is
+        rounded to fp16 (relative 2^-11, far below INT2's own quantization error)."""
+        split = self.int2_fp16_output if self.int2_fp16_output is not None else device.type == "cuda"
+        key = ("lookups", split)
+        if key not in self._device_cache:
+            n = len(self._physical)
+            int2 = [j for j in range(n) if self._physical[j][2] == DataType.INT2] if split else []
+            rest = [j for j in range(n) if j not in int2]
+            self._device_cache[key] = [_Lookup.plan(self, js, dtype) for js, dtype in
+                                      ((rest, SparseType.FP32), (int2, SparseType.FP16)) if js]
+        return self._device_cache[key]
+
+    def _lookup(self, values: torch.Tensor, lengths: torch.Tensor, weights: Optional[torch.Tensor],
+                B: int, keys: List[str]) -> torch.Tensor:
+        """Pooled sub-table rows of bucketized ids laid out as ``keys`` (each bucket ``B`` bags),
+        combined into [B, sum of dims] (each tier's block adds into its feature's block)."""
+        tbe = self.qebc._emb_modules[0]
+        device = values.device
+        if B == 0:
+            return torch.zeros(0, self._out_offsets[-1], device=device)
+        # CUDA kernels take int32 ids and offsets; CPU ones either, with matching dtypes.
+        index_dtype = torch.int32 if values.is_cuda else values.dtype
+        indices = values.to(index_dtype)
+        offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(lengths).to(index_dtype)
+        dev_weights = tbe.weights_host if tbe.host_size > 0 else tbe.weights_dev
+        width = self._out_offsets[-1]
+        out = None
+        for call in self._lookups(device):
+            t = call.tensors(self, tbe, keys, device)
+            res = torch.ops.fbgemm.int_nbit_split_embedding_codegen_lookup_function(
+                dev_weights=dev_weights, uvm_weights=tbe.weights_uvm,
+                weights_placements=t["placements"], weights_offsets=t["offsets"],
+                weights_tys=t["tys"], D_offsets=t["D_offsets"], total_D=call.total_D,
+                max_int2_D=call.max_D[DataType.INT2], max_int4_D=call.max_D[DataType.INT4],
+                max_int8_D=call.max_D[DataType.INT8], max_float16_D=call.max_D[DataType.FP16],
+                max_float32_D=call.max_D[DataType.FP32], indices=indices,
+                offsets=call.offsets(t, offsets, B), pooling_mode=int(PoolingMode.SUM),
+                indice_weights=weights, output_dtype=call.output_dtype.as_int(),
+                lxu_cache_weights=tbe.lxu_cache_weights, lxu_cache_locations=t["no_cache"],
+                row_alignment=tbe.row_alignment, max_float8_D=0, fp8_exponent_bits=-1,
+                fp8_exponent_bias=-1).float()
+            if call.stacked:
+                # Whole [tier][feature] blocks: summing over tiers is one reduction.
+                part = res.view(B, -1, width).sum(1)
+                out = part if out is None else out.add_(part)
+            else:
+                if out is None:
+                    out = torch.zeros(B, width, device=device)
+                out.index_add_(1, t["columns"], res)
+        return out
+
     # ------------------------------------------------------------------ forward
     def forward(self, features: KeyedJaggedTensor, transformed: bool) -> torch.Tensor:
         """Pooled embeddings [B, sum of dims] of this group's features (raw, or already passed
         through its input transform)."""
+        if self.qebc is not None and type(self.qebc) is not QuantEmbeddingBagCollection:
+            return self._forward_sharded(features, transformed)
+        if transformed:
+            values, lengths = features.values(), features.lengths()
+            weights, B = features.weights_or_none(), features.stride()
+            keys = self.input_transform.output_keys
+        else:
+            values, lengths, weights, B = self.input_transform.bucketize(features)
+            keys = self.input_transform.bucket_keys
+        if self.qebc is None:
+            out = torch.zeros(B, self._out_offsets[-1], device=values.device)
+        else:
+            out = self._lookup(values, lengths, weights, B, keys)
+        if self._has_mean:
+            out = self._mean(out, lengths, keys, B)
+        return out
+
+    def _forward_sharded(self, features: KeyedJaggedTensor, transformed: bool) -> torch.Tensor:
+        """Through a sharded quantized collection (``shard_for_inference``), which takes KJTs."""
         if not transformed:
             features = self.input_transform(features)
         B = features.stride()
-        if self.qebc is None:
-            return torch.zeros(B, self._out_offsets[-1], device=features.values().device)
         kt = self.qebc(features)
         q = kt.values()
         width = self._out_offsets[-1]
@@ -335,11 +473,7 @@ class _MixedGroup(nn.Module):
             out = torch.zeros(B, width, dtype=q.dtype, device=q.device)
             out.index_add_(1, self._colmaps[key], q)
         if self._has_mean:
-            # A bag's full length is the sum over its buckets (DROP included: zeros count).
-            lengths = features.lengths().view(-1, B)
-            full = torch.zeros(len(self._features), B, dtype=lengths.dtype, device=lengths.device)
-            full.index_add_(0, self._bucket_feature(features.keys(), lengths.device), lengths)
-            out = self._mean(out, full, B)
+            out = self._mean(out, features.lengths(), features.keys(), B)
         return out
 
     def _bucket_feature(self, keys: List[str], device: torch.device) -> torch.Tensor:
@@ -360,14 +494,106 @@ class _MixedGroup(nn.Module):
             cols.append(torch.arange(start, start + d))
         return torch.cat(cols)
 
-    def _mean(self, out: torch.Tensor, lengths: torch.Tensor, B: int) -> torch.Tensor:
-        L = lengths.to(out.dtype).clamp(min=1)
-        divisor = torch.ones_like(out)
-        for i, f in enumerate(self._features):
-            if self._feature_config[f].pooling == PoolingType.MEAN:
-                a, b = self._out_offsets[i], self._out_offsets[i + 1]
-                divisor[:, a:b] = L[i].unsqueeze(1)
-        return out / divisor
+    def _mean(self, out: torch.Tensor, lengths: torch.Tensor, keys: List[str], B: int) -> torch.Tensor:
+        """Divide MEAN features' columns by each bag's full length: the sum of its buckets'
+        lengths, DROP included (dropped rows read as zeros, and count)."""
+        lengths = lengths.view(-1, B)
+        full = torch.zeros(len(self._features), B, dtype=lengths.dtype, device=lengths.device)
+        full.index_add_(0, self._bucket_feature(keys, lengths.device), lengths)
+        key = ("mean", out.device)
+        if key not in self._device_cache:
+            self._device_cache[key] = (
+                torch.tensor(self._column_feature, device=out.device),
+                torch.tensor(self._mean_columns, device=out.device))
+        column_feature, mean_columns = self._device_cache[key]
+        L = full.t().to(out.dtype).clamp(min=1)[:, column_feature]
+        return torch.where(mean_columns, out / L, out)
+
+
+@dataclasses.dataclass
+class _Lookup:
+    """One FBGEMM call of a group's lookup: some of its TBE's features (sub-table buckets).
+
+    The TBE op reads bag ``i`` of the call at ids ``offsets[i]:offsets[i+1]`` of the whole
+    bucketized id array, so the call's buckets must follow each other there — with at most
+    buckets between them that never hold an id (tiers a table has no rows in).
+    :meth:`tensors` checks that, and builds the call's index tensors, once per key layout and
+    device."""
+
+    features: List[int]  # indices of the TBE's features
+    keys: List[str]
+    dims: List[int]
+    output_dtype: SparseType
+    total_D: int
+    max_D: Dict[DataType, int]
+    stacked: bool  # the output is whole [tier][feature] blocks of the group's features
+    columns: List[int]  # else: the group's output column of each output column
+    cache: Dict[tuple, Dict[str, torch.Tensor]] = dataclasses.field(default_factory=dict)
+
+    @staticmethod
+    def plan(group: "_MixedGroup", features: List[int], output_dtype: SparseType) -> "_Lookup":
+        keys = [group._physical[j][0] for j in features]
+        dims = [group._physical[j][1] for j in features]
+        max_D = {dt: 0 for dt in (DataType.FP32, DataType.FP16, DataType.INT8, DataType.INT4, DataType.INT2)}
+        for j in features:
+            _, d, dt = group._physical[j]
+            max_D[dt] = max(max_D[dt], d)
+        tiers = list(dict.fromkeys(k.rsplit("@", 1)[1] for k in keys))
+        stacked = keys == [f"{f}@{t}" for t in tiers for f in group._features]
+        index = {f: i for i, f in enumerate(group._features)}
+        columns = [group._out_offsets[index[k.rsplit("@", 1)[0]]] + c for k, d in zip(keys, dims)
+                   for c in range(d)]
+        return _Lookup(features, keys, dims, output_dtype, sum(dims), max_D, stacked, columns)
+
+    def tensors(self, group: "_MixedGroup", tbe: nn.Module, layout: List[str],
+                device: torch.device) -> Dict[str, torch.Tensor]:
+        key = (tuple(layout), device)
+        if key not in self.cache:
+            position = {k: i for i, k in enumerate(layout)}
+            pos = [position[k] for k in self.keys]
+            empty = group.input_transform.empty_buckets
+            for p, q in zip(pos, pos[1:]):
+                if q <= p or any(k not in empty for k in layout[p + 1 : q]):
+                    raise RuntimeError(f"internal: buckets {self.keys} are not consecutive in {layout}")
+            sel = torch.tensor(self.features, device=tbe.weights_offsets.device)
+            self.cache[key] = {
+                "positions": torch.tensor(pos, device=device),
+                "placements": tbe.weights_placements[sel], "offsets": tbe.weights_offsets[sel],
+                "tys": tbe.weights_tys[sel],
+                "D_offsets": torch.tensor([0] + list(itertools.accumulate(self.dims)),
+                                          dtype=torch.int32, device=device),
+                "columns": torch.tensor(self.columns, device=device),
+                "no_cache": torch.empty(0, dtype=torch.int32, device=device),
+                "first": pos[0] if pos == list(range(pos[0], pos[0] + len(pos))) else None,
+                "count": len(pos), "bags": {}}
+        return self.cache[key]
+
+    @staticmethod
+    def offsets(t: Dict, offsets: torch.Tensor, B: int) -> torch.Tensor:
+        """The call's bag offsets, from the complete offsets of all buckets: a slice when its
+        buckets are consecutive (the usual single call), else the start of every bag of its
+        buckets, then the end of its last bag."""
+        if t["first"] is not None:
+            return offsets[t["first"] * B : (t["first"] + t["count"]) * B + 1]
+        if B not in t["bags"]:
+            if len(t["bags"]) > 32:  # serving sees few distinct batch sizes; bound the cache
+                t["bags"].clear()
+            pos = t["positions"]
+            starts = (pos.unsqueeze(1) * B + torch.arange(B, device=pos.device)).reshape(-1)
+            t["bags"][B] = torch.cat([starts, starts[-1:] + 1])
+        return offsets[t["bags"][B]]
+
+
+def _check_cuda_scale(table: str, scale_bias: torch.Tensor, rows: torch.Tensor) -> None:
+    """FBGEMM's CUDA kernels multiply each row's fp16 scale by up to 512 in fp16 (see
+    :func:`dequantize_rows`): a scale of 128 or more (a row spanning over 32,000 for INT8)
+    would read as inf there."""
+    scale = scale_bias.contiguous().view(torch.float16)[:, 0].float()
+    bad = ~torch.isfinite((scale * 512).half())
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"table {table!r}: row {int(rows[i])} spans too wide a range "
+                         f"(scale {float(scale[i]):g}) for FBGEMM's CUDA integer kernels")
 
 
 def _tier_positions(tier_index: torch.Tensor, used: Sequence[int]) -> torch.Tensor:
@@ -432,7 +658,8 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
         layout: tables, tiers in use, rows per tier and table groups.
         device: where the weights live (``cpu``: FBGEMM HOST tables; ``cuda``: DEVICE).
         check_ids: raise on ids outside a table (naming the feature and the id); with
-            ``False`` invalid ids give undefined results.
+            ``False`` invalid ids give undefined results.  On CUDA the check is the forward's
+            only host synchronisation.
     """
 
     def __init__(self, layout: MixedLayout, device: torch.device = torch.device("cpu"),
@@ -484,12 +711,6 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
         num_groups = max(1, min(num_groups, len(configs)))
         used = sorted({int(i) for c in configs for i in torch.unique(assignment.tiers[c.name])})
         tiers = [TIER_ORDER[i] for i in used]
-        if device.type == "cuda" and Tier.INT2 in tiers:
-            # Measured on an H200 with fbgemm-gpu 1.6.0: TorchRec's own uniform INT2 quantized
-            # collection returns garbage on CUDA (exact on CPU) — refuse rather than mislead.
-            raise NotImplementedError(
-                "INT2 rows on CUDA: FBGEMM's CUDA INT2 lookup did not match its own CPU result "
-                "(see BENCHMARKS.md); use INT4 or DROP on CUDA")
         rows, perms = {}, {}
         for c in configs:
             t = assignment.tiers[c.name].long()
@@ -523,7 +744,10 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
             for k, tier in enumerate(tiers):
                 n = rows[c.name][k]
                 if tier is not Tier.DROP and n > 0:
-                    group._set_weights(f"{c.name}@{tier.value}", quantize_rows(w[perm[start:start + n]], tier))
+                    data = quantize_rows(w[perm[start:start + n]], tier)
+                    if device.type == "cuda" and data[1] is not None:
+                        _check_cuda_scale(c.name, data[1], perm[start:start + n])
+                    group._set_weights(f"{c.name}@{tier.value}", data)
                 start += n
         return module
 

@@ -11,6 +11,7 @@ from torchrec.distributed.train_pipeline import TrainPipelineBase, TrainPipeline
 from shark_torchrec.data import SyntheticClickDataset, SyntheticConfig, make_dataloader
 from shark_torchrec.importance import BASELINES, RowPriority, TaylorFieldImportance
 from shark_torchrec.training import DLRMConfig, DLRMTrainer, OptimConfig, init_distributed
+from shark_torchrec.training.distributed import destroy_distributed, exit_worker
 
 p = argparse.ArgumentParser()
 p.add_argument("--out", required=True)
@@ -63,4 +64,6 @@ seen = {t.baseline: t.samples_seen() for t in trackers}
 if env.rank == 0:
     torch.save({"scores": scores, "seen": seen, "losses": losses, "informative": list(cfg.informative),
                 "noise": cfg.noise_fields, "priorities": priorities}, args.out)
-dist.destroy_process_group()
+# Wait for every rank, tear down, and skip interpreter finalization (see exit_worker).
+destroy_distributed(synchronize=True)
+exit_worker(0)

@@ -14,6 +14,7 @@ from shark_torchrec.pruning.sharded import iterative_prune, prune_trainer
 from shark_torchrec.training import (CheckpointManager, DLRMConfig, DLRMTrainer, OptimConfig,
                                      build_dlrm_train, init_distributed)
 from shark_torchrec.training.gather import full_state_dict
+from shark_torchrec.training.distributed import destroy_distributed, exit_worker
 
 p = argparse.ArgumentParser()
 p.add_argument("--out", required=True)
@@ -65,4 +66,6 @@ if env.rank == 0:
     result["iterative_features"] = final.features
     with open(os.path.join(args.out, "result.json"), "w") as f:
         json.dump(result, f)
-dist.destroy_process_group()
+# Wait for every rank, tear down, and skip interpreter finalization (see exit_worker).
+destroy_distributed(synchronize=True)
+exit_worker(0)

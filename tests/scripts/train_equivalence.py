@@ -12,6 +12,7 @@ import torch.distributed as dist
 from shark_torchrec.data import SyntheticClickDataset, SyntheticConfig, make_dataloader
 from shark_torchrec.training import DLRMConfig, DLRMTrainer, OptimConfig, init_distributed
 from shark_torchrec.training.gather import full_state_dict
+from shark_torchrec.training.distributed import destroy_distributed, exit_worker
 
 p = argparse.ArgumentParser()
 p.add_argument("--out", required=True)
@@ -52,4 +53,6 @@ for batch in make_dataloader(ds):
 state = full_state_dict(trainer.model)
 if env.rank == 0:
     torch.save({"losses": losses, "state": state, "plan": str(trainer.plan)}, args.out)
-dist.destroy_process_group()
+# Wait for every rank, tear down, and skip interpreter finalization (see exit_worker).
+destroy_distributed(synchronize=True)
+exit_worker(0)
