@@ -225,7 +225,7 @@ class RowwiseInputTransform(nn.Module):
         synchronisation is the id check's."""
         F = len(self.features)
         B = lengths.numel() // F
-        bag_feature = torch.arange(F, device=values.device).repeat_interleave(B)
+        bag_feature = torch.div(torch.arange(F * B, device=values.device), B, rounding_mode="floor")
         feature_of_id = torch.repeat_interleave(bag_feature, lengths, output_size=values.numel())
         if self.check_ids:
             bad = (values < 0) | (values >= self.feature_rows[feature_of_id])
