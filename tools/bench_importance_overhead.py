@@ -25,6 +25,7 @@ import torch.distributed as dist
 from shark_torchrec.data import SyntheticClickDataset, SyntheticConfig
 from shark_torchrec.importance import BASELINES, TaylorFieldImportance
 from shark_torchrec.training import DLRMConfig, DLRMTrainer, OptimConfig, init_distributed
+from shark_torchrec.training.distributed import destroy_distributed, exit_worker
 
 
 def main() -> None:
@@ -90,8 +91,9 @@ def main() -> None:
         print("| tracker | ms / step | ratio to untracked |\n|---|---|---|")
         for v in variants:
             print(f"| {v} | {1e3 * med[v]:.1f} | {med[v] / med['none']:.3f} |")
-    dist.destroy_process_group()
+    destroy_distributed(synchronize=True)
 
 
 if __name__ == "__main__":
     main()
+    exit_worker(0)  # skip interpreter finalization (see exit_worker)
