@@ -166,11 +166,11 @@ class RowwiseInputTransform(nn.Module):
         self.num_tiers = len(tiers)
         # Every bucket block_bucketize makes, [tier][feature] (what :meth:`bucketize` returns).
         self.bucket_keys = [f"{f}@{t.value}" for t in tiers for f in self.features]
-        has_rows = [t is not Tier.DROP and layout.rows[self._config[f].name][k] > 0
-                    for k, t in enumerate(tiers) for f in self.features]
         # Buckets that never hold an id: a tier the feature's table has no rows in.
         self.empty_buckets = {f"{f}@{t.value}" for k, t in enumerate(tiers) for f in self.features
                               if layout.rows[self._config[f].name][k] == 0}
+        has_rows = [not k.endswith(f"@{Tier.DROP.value}") and k not in self.empty_buckets
+                    for k in self.bucket_keys]
         mean_with_drop = Tier.DROP in tiers and any(c.pooling == PoolingType.MEAN for c in configs)
         if mean_with_drop or all(has_rows):
             # MEAN needs every bag's full length, DROP ids included: keep every bucket.
@@ -527,7 +527,7 @@ class _Lookup:
     total_D: int
     max_D: Dict[DataType, int]
     stacked: bool  # the output is whole [tier][feature] blocks of the group's features
-    columns: List[int]  # else: the group's output column of each output column
+    columns: torch.Tensor  # else: the group's output column of each output column
     cache: Dict[tuple, Dict[str, torch.Tensor]] = dataclasses.field(default_factory=dict)
 
     @staticmethod
@@ -540,10 +540,8 @@ class _Lookup:
             max_D[dt] = max(max_D[dt], d)
         tiers = list(dict.fromkeys(k.rsplit("@", 1)[1] for k in keys))
         stacked = keys == [f"{f}@{t}" for t in tiers for f in group._features]
-        index = {f: i for i, f in enumerate(group._features)}
-        columns = [group._out_offsets[index[k.rsplit("@", 1)[0]]] + c for k, d in zip(keys, dims)
-                   for c in range(d)]
-        return _Lookup(features, keys, dims, output_dtype, sum(dims), max_D, stacked, columns)
+        return _Lookup(features, keys, dims, output_dtype, sum(dims), max_D, stacked,
+                       group._column_map(keys, dims))
 
     def tensors(self, group: "_MixedGroup", tbe: nn.Module, layout: List[str],
                 device: torch.device) -> Dict[str, torch.Tensor]:
@@ -562,7 +560,7 @@ class _Lookup:
                 "tys": tbe.weights_tys[sel],
                 "D_offsets": torch.tensor([0] + list(itertools.accumulate(self.dims)),
                                           dtype=torch.int32, device=device),
-                "columns": torch.tensor(self.columns, device=device),
+                "columns": self.columns.to(device),
                 "no_cache": torch.empty(0, dtype=torch.int32, device=device),
                 "first": pos[0] if pos == list(range(pos[0], pos[0] + len(pos))) else None,
                 "count": len(pos), "bags": {}}
