@@ -45,18 +45,15 @@ def _reference_scores(model: DLRMTrain, batches, baseline: str, seed: int = 0):
     feats = dlrm.sparse_arch.sparse_feature_names
     total = torch.zeros(len(feats), dtype=torch.float64)
     count = 0
-    mean_sum, mean_n = torch.zeros(4 * len(feats), dtype=torch.float64), 0
     for step, b in enumerate(batches):
         kt = dlrm.sparse_arch.embedding_bag_collection(b.sparse_features)
         vals = kt.values()
         e = vals.detach().double()
         B = e.shape[0]
-        mean_sum += e.sum(0)
-        mean_n += B
         if baseline == "zero":
             base = torch.zeros_like(e)
         elif baseline == "mean":
-            base = (mean_sum / mean_n).expand_as(e)
+            base = e.mean(0, keepdim=True).expand_as(e)  # the batch's own mean
         else:
             perm = torch.randperm(B, generator=torch.Generator().manual_seed(seed * 1_000_003 + step))
             base = e[perm]
@@ -68,6 +65,8 @@ def _reference_scores(model: DLRMTrain, batches, baseline: str, seed: int = 0):
             (g,) = torch.autograd.grad(ln, vals, retain_graph=True)
             for i in range(len(feats)):
                 c = slice(4 * i, 4 * i + 4)
+                if bool((e[:, c] == e[0, c]).all()):
+                    continue  # a field that does not vary in the batch contributes nothing
                 total[i] += (g[n, c].double() * (base[n, c] - e[n, c])).sum().abs()
         count += B
     return {f: float(total[i] / count) for i, f in enumerate(feats)}
@@ -89,6 +88,60 @@ def test_scores_equal_per_sample_reference(baseline: str) -> None:
         assert got[f] == pytest.approx(ref[f], rel=1e-5), (f, got, ref)
     assert tracker.samples_seen() == {f: 48 for f in ref}
     assert tracker.skipped == {f: 0 for f in ref}
+
+
+def _with_constant(b: Batch, feature: str, row: int, rare_every: int = 0) -> Batch:
+    """``b`` with ``feature`` holding ``row`` in every sample (or, with ``rare_every``, a
+    different row in every ``rare_every``-th sample: a near-constant field)."""
+    from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
+
+    jts = b.sparse_features.to_dict()
+    B = b.labels.shape[0]
+    values = torch.full((B,), row, dtype=torch.long)
+    if rare_every:
+        values[::rare_every] = (torch.arange(0, B, rare_every) * 7 + 3) % 50
+    jts[feature] = JaggedTensor(values=values, lengths=torch.ones(B, dtype=torch.long))
+    return Batch(dense_features=b.dense_features, labels=b.labels,
+                 sparse_features=KeyedJaggedTensor.from_jt_dict(jts))
+
+
+@pytest.mark.parametrize("baseline", ["mean", "shuffle", "zero"])
+def test_constant_field_scores_zero_and_ranks_last_while_training(baseline: str) -> None:
+    """A field with one value in every row carries no information: it must score exactly 0
+    under every baseline, also while training moves its row (a running mean over past batches
+    drifted away from the row and scored the drift; ``|<g, e>|`` is large for a row every
+    sample's gradient reaches)."""
+    model = _model()
+    feats = CFG.feature_names
+    batches = [_with_constant(b, feats[3], row=11) for b in _batches(30, B=32)]
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    tracker = TaylorFieldImportance(model, baseline=baseline, seed=3)
+    with tracker:
+        for b in batches:
+            opt.zero_grad()
+            model(b)[0].backward()
+            opt.step()
+    scores = tracker.scores()
+    assert scores[feats[3]] == 0.0, scores
+    assert all(scores[f] > 0 for f in feats[:3]), scores
+    assert min(scores, key=scores.get) == feats[3]
+
+
+def test_near_constant_field_scores_below_informative_fields() -> None:
+    """A field that differs in one sample of 16 (noise otherwise) scores below the planted
+    informative fields with the default baseline."""
+    model = _model()
+    feats = CFG.feature_names
+    batches = [_with_constant(b, feats[3], row=11, rare_every=16) for b in _batches(30, B=32)]
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    tracker = TaylorFieldImportance(model, baseline="mean")
+    with tracker:
+        for b in batches:
+            opt.zero_grad()
+            model(b)[0].backward()
+            opt.step()
+    scores = tracker.scores()
+    assert 0 < scores[feats[3]] < min(scores[f] for f in CFG.informative), scores
 
 
 def test_zero_baseline_does_not_depend_on_batch_size() -> None:

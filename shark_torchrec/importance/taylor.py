@@ -8,8 +8,8 @@ For every feature ``f`` and sample ``n`` with pooled embedding ``e[n,f]`` (the s
 
 with the baseline ``b`` one of:
 
-* ``"mean"``: the running mean of ``e[·,f]`` over every sample seen so far, the current
-  batch included (over all ranks);
+* ``"mean"``: the mean of ``e[·,f]`` over the current global batch (all ranks), i.e. the
+  expectation of ``e[π(n),f]`` over the permutations ``π`` of the batch;
 * ``"shuffle"``: ``e[π(n),f]`` for a random permutation ``π`` of the *global* batch (drawn
   from ``(seed, step)``, so every world size draws the same one);
 * ``"zero"``: ``0``, i.e. ``|<g, e>|``, the Taylor estimate of removing the field.
@@ -20,6 +20,14 @@ being the batch the loss was averaged over.  In a ``DistributedModelParallel`` m
 on the sharded collection sees the gradient of the rank's *local* mean loss (the division by
 the world size happens later, in TorchRec's all-to-all backward), so ``B`` is the local batch.
 Either way the score does not depend on batch size or world size.
+
+A field contributes only in batches where its pooled embedding varies across the global
+batch: a field whose input never varies carries no information (every baseline would at best
+measure a constant offset that the model's biases absorb), so it scores exactly 0 under every
+baseline.  Without this gate, ``zero`` scores a constant field by ``|<g, e>|``, which is large
+because every sample's gradient reaches its one row; and a running mean over all past batches
+(this tracker's earlier ``mean`` baseline) drifts away from the constant row as training moves
+it, so ``mean`` scored constant fields above informative ones on real logs.
 
 Non-finite contributions (NaN/Inf gradients or embeddings) are skipped per (sample, feature)
 and counted in :attr:`TaylorFieldImportance.skipped`; they never enter a score.
@@ -58,8 +66,6 @@ class _Accumulator:
         self.score_sum = torch.zeros(F, dtype=torch.float64)
         self.count = torch.zeros(F, dtype=torch.float64)
         self.skipped = torch.zeros(F, dtype=torch.float64)
-        self.mean_sum = torch.zeros(sum(dim_per_feature), dtype=torch.float64)
-        self.mean_count = torch.zeros((), dtype=torch.float64)
         self.steps = 0
         self.layouts: Dict[tuple, "_Layout"] = {}  # by output (keys, dims)
 
@@ -77,11 +83,6 @@ class _Layout:
         # Equal dims (the usual case, and DLRM's) allow a fused batched dot product.
         self.dim = lengths[0] if len(set(lengths)) == 1 else None
         self.col_to_out = torch.repeat_interleave(torch.arange(len(keys)), torch.tensor(lengths))
-        starts = torch.cumsum(torch.tensor([0] + acc.dims[:-1]), 0)
-        # Column of each output column in the tracker's feature-ordered layout (mean baseline).
-        self.our_columns = torch.cat(
-            [starts[index[k]] + torch.arange(n) for k, n in zip(keys, lengths)]
-        )
 
 
 class TaylorFieldImportance(FieldImportance):
@@ -203,13 +204,14 @@ class TaylorFieldImportance(FieldImportance):
             layout = acc.layouts[key] = _Layout(acc, kt.keys(), kt.length_per_key())
         e = kt.values().detach()
         base = self._baseline(acc, e, layout)
+        varies = self._varies(e, layout)
         step = acc.steps
         acc.steps += 1
 
         def grad_hook(g: torch.Tensor) -> None:
             if self._generation == generation:
                 t0 = time.perf_counter()
-                self._accumulate(acc, e, base, g, layout, step)
+                self._accumulate(acc, e, base, varies, g, layout, step)
                 self.hook_seconds += time.perf_counter() - t0
 
         kt.values().register_hook(grad_hook)
@@ -220,13 +222,13 @@ class TaylorFieldImportance(FieldImportance):
         if self.baseline == "zero":
             return None
         if self.baseline == "mean":
+            # The global batch's own mean (sums over ranks), not a mean over past batches:
+            # the rows move while training, and a stale mean would score the drift.
             stats = torch.cat(
                 [e.sum(0).double().cpu(), torch.tensor([float(e.shape[0])], dtype=torch.float64)]
             )
             stats = self._all_reduce(stats, e.device)
-            acc.mean_sum[layout.our_columns] += stats[:-1]
-            acc.mean_count += stats[-1]
-            mean = acc.mean_sum[layout.our_columns] / acc.mean_count
+            mean = stats[:-1] / stats[-1].clamp(min=1)
             return mean.to(device=e.device, dtype=e.dtype).unsqueeze(0)
         # shuffle: a permutation of the global batch, the same draw for every world size
         if self._world() > 1:
@@ -246,11 +248,33 @@ class TaylorFieldImportance(FieldImportance):
         perm = torch.randperm(everything.shape[0], generator=gen)
         return everything[perm[offset : offset + e.shape[0]].to(e.device)]
 
+    def _varies(self, e: torch.Tensor, layout: _Layout) -> torch.Tensor:
+        """Per output feature: does its pooled embedding take more than one value over the
+        global batch?  (One MAX all-reduce of the column ranges.)"""
+        C = e.shape[1]
+        if e.shape[0] == 0:  # a rank with no samples this step
+            hi = torch.full((C,), float("-inf"), device=e.device)
+            lo = torch.full((C,), float("inf"), device=e.device)
+        else:
+            hi, lo = e.amax(0).float(), e.amin(0).float()
+        if self._world() > 1:
+            packed = torch.cat([hi, -lo])
+            dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=self._pg)
+            hi, lo = packed[:C], -packed[C:]
+        # NaN ranges count as varying, so that non-finite embeddings are counted as skipped.
+        col_varies = ~(hi - lo == 0)
+        if layout.dim is not None:
+            return col_varies.view(layout.num_out, layout.dim).any(1)
+        per_out = torch.zeros(layout.num_out, device=e.device)
+        per_out.index_add_(0, layout.col_to_out.to(e.device), col_varies.float())
+        return per_out > 0
+
     def _accumulate(
         self,
         acc: _Accumulator,
         e: torch.Tensor,
         base: Optional[torch.Tensor],
+        varies: torch.Tensor,
         g: torch.Tensor,
         layout: _Layout,
         step: int,
@@ -272,7 +296,8 @@ class TaylorFieldImportance(FieldImportance):
         if self.loss_reduction == "mean":
             s = s * B  # per-sample gradients: the loss was averaged over this batch
         finite = torch.isfinite(s)
-        sums = torch.where(finite, s.abs(), torch.zeros((), dtype=s.dtype, device=s.device)).sum(0)
+        zero = torch.zeros((), dtype=s.dtype, device=s.device)
+        sums = torch.where(finite & varies.unsqueeze(0), s.abs(), zero).sum(0)
         counts = finite.sum(0).double()
         acc.score_sum.index_add_(0, layout.out_features, sums.cpu())
         acc.count.index_add_(0, layout.out_features, counts.cpu())
@@ -353,8 +378,6 @@ class TaylorFieldImportance(FieldImportance):
                 "score_sum": total.clone(),
                 "count": count.clone(),
                 "skipped": skipped.clone(),
-                "mean_sum": acc.mean_sum.clone(),
-                "mean_count": acc.mean_count.clone(),
                 "steps": torch.tensor(acc.steps),
             }
         return state
@@ -385,6 +408,6 @@ class TaylorFieldImportance(FieldImportance):
             acc.score_sum = s["score_sum"].double().cpu() * scale
             acc.count = s["count"].double().cpu() * scale
             acc.skipped = s["skipped"].double().cpu() * scale
-            acc.mean_sum = s["mean_sum"].double().cpu().clone()
-            acc.mean_count = s["mean_count"].double().cpu().clone()
+            # (states saved before the mean baseline became the batch mean also hold
+            # "mean_sum"/"mean_count": nothing reads them now)
             acc.steps = int(s["steps"])
