@@ -13,7 +13,9 @@ from shark_torchrec.data import SyntheticClickDataset, SyntheticConfig
 from shark_torchrec.pruning import (
     PruningPlan,
     ZeroFilledEmbeddingBagCollection,
+    PrunedFeatureFilter,
     choose_plan,
+    filter_features,
     prune_dlrm,
     prune_model,
     table_bytes,
@@ -190,3 +192,31 @@ def test_zero_filled_mode_keeps_the_layout_for_any_model() -> None:
     torch.testing.assert_close(pruned(kjt), reference(kjt))
     with pytest.raises(TypeError, match="rebuild"):
         prune_model(Custom(), plan, mode="rebuild")
+
+
+def test_plan_filters_the_unpruned_models_batches() -> None:
+    """The data still carries the dropped features: the plan's filter keeps exactly the kept
+    ones in plan order (values and weights of each kept feature unchanged), and a rebuilt
+    DLRM predicts the same from filtered and unfiltered batches."""
+    import pickle
+
+    tables = _tables()
+    model = _model("dot", tables)
+    plan = choose_plan(SCORES, tables, keep=3)
+    batch = _batch(plan.features, rows=100)
+    kjt = batch.sparse_features
+    filtered = plan.filter_features(kjt)
+    assert filtered.keys() == plan.kept_features == ["cat_1", "cat_3", "cat_4"]
+    for f in plan.kept_features:  # independent reference: each feature's own jagged tensor
+        assert torch.equal(filtered[f].values(), kjt[f].values())
+        assert torch.equal(filtered[f].lengths(), kjt[f].lengths())
+    transform = pickle.loads(pickle.dumps(PrunedFeatureFilter(plan)))
+    assert transform(batch).sparse_features.keys() == plan.kept_features
+    assert torch.equal(transform(batch).dense_features, batch.dense_features)
+    pruned = prune_dlrm(model, plan)
+    with torch.no_grad():
+        _, (_, unfiltered_logits, _) = pruned(batch)
+        _, (_, filtered_logits, _) = pruned(plan.filter_batch(batch))
+    torch.testing.assert_close(unfiltered_logits, filtered_logits, rtol=0, atol=0)
+    with pytest.raises(KeyError, match="cat_3"):
+        filter_features(kjt.permute([0, 1, 2, 4]), plan.kept_features)  # cat_3 missing

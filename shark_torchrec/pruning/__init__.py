@@ -4,6 +4,8 @@
   byte target; protected fields; JSON files validated against the model.
 * :func:`prune_dlrm`, :func:`prune_embedding_collection`, :func:`prune_model`,
   :class:`ZeroFilledEmbeddingBagCollection` — applying a plan.
+* :func:`filter_features`, :func:`filter_batch`, :class:`PrunedFeatureFilter` (also
+  ``plan.filter_features`` / ``plan.filter_batch``) — the data's batches for a pruned model.
 """
 
 from shark_torchrec.pruning.apply import (
@@ -13,12 +15,16 @@ from shark_torchrec.pruning.apply import (
     prune_model,
     pruned_tables,
 )
+from shark_torchrec.pruning.inputs import PrunedFeatureFilter, filter_batch, filter_features
 from shark_torchrec.pruning.plan import PruningPlan, choose_plan, table_bytes
 
 __all__ = [
+    "PrunedFeatureFilter",
     "PruningPlan",
     "ZeroFilledEmbeddingBagCollection",
     "choose_plan",
+    "filter_batch",
+    "filter_features",
     "prune_dlrm",
     "prune_embedding_collection",
     "prune_model",

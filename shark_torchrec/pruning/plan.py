@@ -104,6 +104,21 @@ class PruningPlan:
             "dropped_tables": self.dropped_tables,
         }
 
+    # ------------------------------------------------------------------ inputs
+    def filter_features(self, kjt):
+        """``kjt`` (a ``KeyedJaggedTensor``) with only the kept features, in plan order: the
+        batches of the unpruned model, ready for the pruned one.  See
+        :mod:`shark_torchrec.pruning.inputs`."""
+        from shark_torchrec.pruning.inputs import filter_features
+
+        return filter_features(kjt, self.kept_features)
+
+    def filter_batch(self, batch):
+        """A TorchRec ``Batch`` with only the kept sparse features (dense and labels as they are)."""
+        from shark_torchrec.pruning.inputs import filter_batch
+
+        return filter_batch(batch, self.kept_features)
+
     # ------------------------------------------------------------------ validation
     def validate(self, tables: Sequence[EmbeddingBagConfig], source: str = "model") -> None:
         """Check that the plan was made for a model with exactly these tables and features."""
