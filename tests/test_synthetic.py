@@ -110,3 +110,90 @@ def test_id_scatter_is_a_bijection(n: int) -> None:
     for salt in (0, 1, 12345):
         out = np.asarray(_scatter(np.arange(n), n, salt))
         assert np.array_equal(np.sort(out), np.arange(n))
+
+
+def test_criteo_layout_constant_and_near_constant_fields() -> None:
+    from shark_torchrec.data import criteo_config
+
+    cfg = criteo_config(seed=1, max_rows=50_000)
+    assert len(cfg.fields) == 26 and cfg.num_dense == 13
+    assert max(cfg.num_embeddings_per_feature) == 50_000 and min(cfg.num_embeddings_per_feature) == 3
+    b = SyntheticClickDataset(cfg, 20_000, 1).global_batch(0)
+    for f in ("cat_8", "cat_19"):  # constant: one value in every row
+        assert b.sparse_features[f].values().unique().numel() == 1
+    for f, m in (("cat_16", 0.995), ("cat_21", 0.99)):
+        v = b.sparse_features[f].values()
+        mode_share = float((v == v.mode().values).float().mean())
+        # the mode is also the most likely Zipf draw: share = m + (1 - m) * P_zipf(rank 0)
+        n = cfg.fields[int(f[4:])].cardinality
+        zipf0 = (2 ** -0.05 - 1) / ((n + 1) ** -0.05 - 1)
+        assert mode_share == pytest.approx(m + (1 - m) * zipf0, abs=0.003)
+        assert v.unique().numel() > 1
+    assert 0.15 < float(b.labels.mean()) < 0.4
+
+
+def test_id_probabilities_match_the_generator() -> None:
+    for field in (SyntheticField("z", 300, zipf_exponent=1.05, mode_probability=0.3),
+                  SyntheticField("u", 300, zipf_exponent=0.0), SyntheticField("one", 300, zipf_exponent=1.0)):
+        cfg = SyntheticConfig(fields=[field], informative=[], num_dense=0)
+        v = SyntheticClickDataset(cfg, 200_000, 1).global_batch(0).sparse_features[field.name].values()
+        from shark_torchrec.data.synthetic import _scatter
+
+        ids = np.asarray(_scatter(np.arange(300), 300, 0))
+        p = np.zeros(300)
+        p[ids] = field.id_probabilities()
+        assert p.sum() == pytest.approx(1.0)
+        empirical = np.bincount(v.numpy(), minlength=300) / v.numel()
+        assert np.abs(empirical - p).max() < 0.004, field
+
+
+def test_true_field_importance_is_zero_exactly_for_fields_without_effect() -> None:
+    from shark_torchrec.data import criteo_config, true_field_importance
+
+    cfg = criteo_config(seed=0, max_rows=20_000)
+    truth = true_field_importance(cfg, num_examples=20_000)
+    for f in cfg.feature_names:
+        if f in cfg.informative:
+            assert truth[f] > 0, f
+        else:
+            assert truth[f] == 0.0, f
+    # a stronger weight means more importance (same cardinality class, no interactions)
+    assert truth["cat_0"] > truth["cat_1"]
+
+
+def test_true_field_importance_equals_a_direct_monte_carlo() -> None:
+    """Independent reference: regenerate the data with one field's effects re-drawn from other
+    examples and measure the Bayes predictor's expected log-loss increase directly."""
+    from shark_torchrec.data import true_field_importance
+    from shark_torchrec.data.synthetic import hashed_normal
+
+    cfg = SyntheticConfig(fields=[SyntheticField("a", 500), SyntheticField("b", 500)],
+                          informative=["a"], num_dense=0, signal=1.0, bias=-0.5)
+    got = true_field_importance(cfg, num_examples=50_000)
+    assert got["b"] == 0.0
+    # by hand: logit = bias + w_a(id); the permuted logit uses an independent example's id
+    b = SyntheticClickDataset(cfg, 50_000, 1).global_batch(0)
+    ids = b.sparse_features["a"].values().numpy()
+    w = hashed_normal(ids, salt=(0 << 20) ^ 1)
+    logit = -0.5 + w
+    q = -0.5 + np.random.default_rng(0).permutation(w)
+    p = 1 / (1 + np.exp(-logit))
+    kl = p * (np.log(p) - np.log(1 / (1 + np.exp(-q)))) + (1 - p) * (np.log(1 - p) - np.log(1 - 1 / (1 + np.exp(-q))))
+    assert got["a"] == pytest.approx(kl.mean(), rel=0.05)
+
+
+def test_true_row_importance_marks_exactly_the_active_rows() -> None:
+    from shark_torchrec.data import true_row_importance
+
+    field = SyntheticField("a", 2_000, active_fraction=0.25)
+    cfg = SyntheticConfig(fields=[field, SyntheticField("b", 100)], informative=["a"], num_dense=0)
+    r = true_row_importance(cfg, "a")
+    assert (r > 0).mean() == pytest.approx(0.25, abs=0.03)
+    assert np.all(true_row_importance(cfg, "b") == 0)
+    # rows without an effect never move the label: their ids' empirical label rate equals the
+    # overall one, while active rows' rates spread
+    batch = SyntheticClickDataset(cfg, 200_000, 1).global_batch(0)
+    ids = batch.sparse_features["a"].values().numpy()
+    y = batch.labels.numpy()
+    inactive = r[ids] == 0
+    assert abs(y[inactive].mean() - 1 / (1 + np.exp(1.0))) < 0.01  # bias -1, no effect

@@ -8,7 +8,9 @@ features, labels), split between ranks and data-loader workers the same way
 * :class:`ClickLogDataset` streams delimited files described by a :class:`ClickLogSchema`;
   :data:`CRITEO_SCHEMA` (Criteo Kaggle / 1TB) and :data:`AVAZU_SCHEMA` are presets.
 * :class:`SyntheticClickDataset` generates Zipf-distributed click data with planted
-  informative fields (the built-in default).
+  informative fields (the built-in default); :func:`criteo_config` is a Criteo-shaped benchmark
+  layout whose true field and row importances are known (:func:`true_field_importance`,
+  :func:`true_row_importance`).
 """
 
 from shark_torchrec.data.batching import local_slice, make_batch
@@ -24,7 +26,14 @@ from shark_torchrec.data.schema import (
     CRITEO_SCHEMA,
     ClickLogSchema,
 )
-from shark_torchrec.data.synthetic import SyntheticClickDataset, SyntheticConfig, SyntheticField
+from shark_torchrec.data.synthetic import (
+    SyntheticClickDataset,
+    SyntheticConfig,
+    SyntheticField,
+    criteo_config,
+    true_field_importance,
+    true_row_importance,
+)
 
 __all__ = [
     "AVAZU_SCHEMA",
@@ -36,8 +45,11 @@ __all__ = [
     "SyntheticConfig",
     "SyntheticField",
     "avazu_dataset",
+    "criteo_config",
     "criteo_dataset",
     "local_slice",
     "make_batch",
     "make_dataloader",
+    "true_field_importance",
+    "true_row_importance",
 ]
