@@ -31,10 +31,19 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from shark_torchrec.export import export_model
-from shark_torchrec.importance import BASELINES, RowPriority, TaylorFieldImportance
-from shark_torchrec.pruning import PruningPlan, choose_plan
+from shark_torchrec.evaluation import paired_compare
+from shark_torchrec.importance import (
+    BASELINES,
+    PermutationImportance,
+    RandomImportance,
+    RowPriority,
+    TaylorFieldImportance,
+    dlrm_per_sample_loss,
+)
+from shark_torchrec.pruning import PruningPlan, choose_plan, filter_batch
 from shark_torchrec.planning.overrides import load_overrides
 from shark_torchrec.pruning.sharded import iterative_prune, prune_trainer, pruned_config
 from shark_torchrec.quant import RowwiseQuantConfig, quantize_
@@ -54,6 +63,8 @@ from shark_torchrec.training.trainer import DLRMTrainer
 
 logger = logging.getLogger(__name__)
 STAGES = ("train", "prune", "quantize")
+FIELD_SCORERS = ("shark", "permutation", "random")
+ROW_PRIORITIES = ("shark", "frequency")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,8 +94,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start from the newest checkpoint of a recipes/train_dlrm.py run (same "
                    "model flags); the train stage then trains --epochs more with the trackers")
     g.add_argument("--stop_after", choices=STAGES, help="stop after this stage (resume later)")
+    _add_comparison_flags(p)
     p.set_defaults(out="runs/shark_dlrm")
     return p
+
+
+def _add_comparison_flags(p: argparse.ArgumentParser) -> None:
+    """Flags that choose the scorers and priorities being compared, and how they are judged."""
+    e = p.add_argument_group("what is compared, and how it is judged")
+    e.add_argument("--field_scorer", choices=FIELD_SCORERS, default="shark",
+                   help="field scores the pruning uses: SHARK's (collected while training, "
+                   "--prune_baseline), exact permutation importance on the dev split, or random")
+    e.add_argument("--permutation_batches", type=int,
+                   help="dev batches for --field_scorer permutation (default: all)")
+    e.add_argument("--row_priority", choices=ROW_PRIORITIES, default="shark",
+                   help="row priorities the tiers follow: SHARK's label-aware decayed counts "
+                   "(--priority_alpha/beta/gamma) or plain frequency")
+    e.add_argument("--priority_alpha", type=float, default=1.0, help="priority per positive use")
+    e.add_argument("--priority_beta", type=float, default=0.2, help="priority per negative use")
+    e.add_argument("--priority_gamma", type=float, default=0.9999, help="priority decay per step")
+    e.add_argument("--eval_split", choices=["test", "dev"], default="test",
+                   help="split every stage is evaluated on (tune on dev, report on test)")
+    e.add_argument("--bootstrap", type=int, default=1000,
+                   help="bootstrap resamples of the paired AUC comparisons")
 
 
 def _done(out: str, stage: str) -> Optional[Dict[str, Any]]:
@@ -152,16 +184,18 @@ def _run(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
         if args.epochs < 1:
             raise SystemExit("--epochs must be >= 1: field scores and row priorities are collected while training")
         fields = TaylorFieldImportance(trainer.model, baseline=args.prune_baseline, seed=args.seed)
-        rows = RowPriority(config.tables()).attach(trainer.model)
+        counters = {name: RowPriority(config.tables(), alpha=a, beta=b, gamma=g).attach(trainer.model)
+                    for name, (a, b, g) in _row_counters(args).items()}
         with fields:
             _train_epochs(trainer, spec, args, env, args.epochs, parts["train"])
-        rows.detach()
-        metrics = trainer.evaluate(test_batches(args, spec, env), desc="test (trained)")
+        for c in counters.values():
+            c.detach()
+        metrics = trainer.evaluate(_eval_batches(args, spec, env), desc=f"{args.eval_split} (trained)")
         scores = fields.scores()
-        priorities = rows.priorities()
+        counts = {name: c.priorities() for name, c in counters.items()}
         path = ckpt.save(trainer.state_dict(), {"global_step": 0, "stage": "train"})
         if env.is_main:
-            torch.save(priorities, os.path.join(out, "train", "row_priorities.pt"))
+            torch.save(counts, os.path.join(out, "train", "row_counts.pt"))
         done = {"metrics": metrics, "scores": scores, "checkpoint": path}
         _finish(env, out, "train", done)
     else:
@@ -179,15 +213,20 @@ def _run(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
         args.drop_fraction = 0.25
     if args.prune_rounds and args.keep_fields is None:
         raise SystemExit("--prune_rounds needs --keep_fields (the number of fields at the end)")
-    plan = choose_plan(done["scores"], config.tables(), keep=args.keep_fields,
-                       drop_fraction=args.drop_fraction, protected=protected,
-                       method=f"shark-{args.prune_baseline}")
+    if _done(out, "prune") is None:
+        field_scores, scorer = _field_scores(args, done, trainer, spec, env, config)
+    else:
+        field_scores, scorer = _done(out, "prune").get("scores", done["scores"]), args.field_scorer
+    plan = choose_plan(field_scores, config.tables(), keep=args.keep_fields,
+                       drop_fraction=args.drop_fraction, protected=protected, method=scorer)
     saved_plan = os.path.join(out, "prune", "plan.json")
     if _done(out, "prune") is not None:
         plan = PruningPlan.load(saved_plan)  # what the finished stage did (iterative included)
     small = pruned_config(config, plan)
     pruned_ckpt = CheckpointManager(os.path.join(out, "prune", "checkpoints"), fingerprint(args, small))
     pdone = _done(out, "prune")
+    reference_ckpt = CheckpointManager(os.path.join(out, "prune", "reference_checkpoints"),
+                                       fingerprint(args, config))
     if pdone is None:
         if args.prune_rounds:
             # Iterative: the rounds' scoring and fine-tuning steps run on the held-out part.
@@ -216,21 +255,28 @@ def _run(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
             _train_epochs(pruned, spec, args, env, args.finetune_epochs, parts["finetune"])
         small = pruned_config(config, plan)
         pruned_ckpt = CheckpointManager(os.path.join(out, "prune", "checkpoints"), fingerprint(args, small))
-        metrics = pruned.evaluate(test_batches(args, spec, env), desc="test (pruned)")
+        metrics = pruned.evaluate(_eval_batches(args, spec, env), desc=f"{args.eval_split} (pruned)")
         # The reference a compressed model is judged against: the uncompressed model given the
         # same fine-tuning (fresh data improves it too).
         _train_epochs(trainer, spec, args, env, args.finetune_epochs, parts["finetune"])
-        reference = trainer.evaluate(test_batches(args, spec, env), desc="test (reference)")
+        reference = trainer.evaluate(_eval_batches(args, spec, env), desc=f"{args.eval_split} (reference)")
         path = pruned_ckpt.save(pruned.state_dict(), {"global_step": 0, "stage": "prune"})
+        # The fine-tuned reference too: the quantize stage compares against it row by row.
+        ref_path = reference_ckpt.save(trainer.state_dict(), {"global_step": 0, "stage": "reference"})
         if env.is_main:
             plan.save(os.path.join(out, "prune", "plan.json"))
-        pdone = {"metrics": metrics, "reference": reference, "checkpoint": path, "plan": plan.summary()}
+        pdone = {"metrics": metrics, "reference": reference, "checkpoint": path, "plan": plan.summary(),
+                 "scores": field_scores, "scorer": scorer, "reference_checkpoint": ref_path}
         _finish(env, out, "prune", pdone)
     else:
         pruned = DLRMTrainer(small, optim, env, args.batch_size, seed=args.seed)
         state = pruned.state_dict()
         pruned_ckpt.load(state, pdone["checkpoint"])
         pruned.load_state_dict(state)
+        if "reference_checkpoint" in pdone:
+            state = trainer.state_dict()
+            reference_ckpt.load(state, pdone["reference_checkpoint"])
+            trainer.load_state_dict(state)
     report["stages"]["uncompressed, fine-tuned"] = pdone["reference"]
     report["stages"]["pruned"] = pdone["metrics"]
     report["plan"] = pdone["plan"]
@@ -245,12 +291,15 @@ def _run(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
         if env.is_main:
             model = build_dlrm_train(small, torch.device("cpu"), args.seed, embedding_device=torch.device("cpu"))
             model.load_state_dict(full)
-            priorities = torch.load(os.path.join(out, "train", "row_priorities.pt"), weights_only=True)
+            model.eval()
+            kept_features = list(small.feature_names)
+            pruned_eval = _evaluate_local(model, spec, args, kept_features, env.world_size)
+            priorities = _row_priorities(args, out)
             kept = {t.name for t in small.tables()}
             quantize_(model, _quant_config(args, overrides, kept),
                       priorities={k: v for k, v in priorities.items() if k in kept})
             model.eval()
-            metrics = _evaluate_local(model, spec, args, list(small.feature_names))
+            metrics = _evaluate_local(model, spec, args, kept_features, env.world_size)
             mixed = model.model.sparse_arch.embedding_bag_collection
             fp32_bytes = sum(t.num_embeddings * t.embedding_dim * 4 for t in config.tables())
             metrics["embedding_bytes"] = mixed.memory_report()["total_bytes"]
@@ -262,14 +311,23 @@ def _run(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
             fp32_model = build_dlrm_train(config, torch.device("cpu"), args.seed,
                                           embedding_device=torch.device("cpu"))
             fp32_model.load_state_dict(original)
+            fp32_model.eval()
+            reference_eval = _evaluate_local(fp32_model, spec, args, list(config.feature_names), env.world_size)
+            paired = _paired(args, reference_eval, pruned_eval, metrics)
+            for m in (metrics, pruned_eval, reference_eval):
+                m.pop("logits"), m.pop("labels")
             speed = _lookup_speed(fp32_model.model.sparse_arch.embedding_bag_collection, mixed,
                                   spec, args, list(small.feature_names))
-            _write_report(out, report, done, pdone, metrics, mixed, priorities, config, speed)
-            qdone = {"metrics": metrics, "lookup_speed_vs_fp32": speed}
+            _write_report(out, report, done, pdone, metrics, mixed, priorities, config, speed, paired,
+                          args)
+            qdone = {"metrics": metrics, "lookup_speed_vs_fp32": speed, "paired": paired}
         _finish(env, out, "quantize", qdone or {})
         qdone = _done(out, "quantize")
     report["stages"]["quantized"] = qdone["metrics"]
     report["lookup_speed_vs_fp32"] = qdone["lookup_speed_vs_fp32"]
+    report["paired"] = qdone.get("paired", {})
+    report["eval_split"] = args.eval_split
+    report["field_scorer"], report["row_priority"] = args.field_scorer, args.row_priority
     if env.is_main:
         with open(os.path.join(out, "report.json"), "w") as f:
             json.dump(report, f, indent=1)
@@ -300,7 +358,71 @@ def _quant_config(args, overrides, kept) -> RowwiseQuantConfig:
         table_budgets={k: v for k, v in merged.table_budgets.items() if k in kept})
 
 
-def _write_report(out, report, done, pdone, metrics, mixed, priorities, config, speed) -> None:
+def _row_counters(args) -> Dict[str, tuple]:
+    """Row counters collected while training, as ``RowPriority`` (α, β, γ): positive and
+    negative uses with SHARK's decay, and without decay (plain frequency).  Any (α, β) is a
+    linear combination of the first two, so the priority constants can be tuned without
+    training again."""
+    counters = {"positive": (1.0, 0.0, args.priority_gamma), "negative": (0.0, 1.0, args.priority_gamma)}
+    if args.priority_gamma != 1.0:
+        counters.update({"positive_plain": (1.0, 0.0, 1.0), "negative_plain": (0.0, 1.0, 1.0)})
+    return counters
+
+
+def _row_priorities(args, out: str) -> Dict[str, torch.Tensor]:
+    """The row priorities ``--row_priority`` asks for, from the train stage's counters:
+    ``α · positive + β · negative`` (SHARK), or the plain use counts (frequency)."""
+    counts = torch.load(os.path.join(out, "train", "row_counts.pt"), weights_only=True)
+    if args.row_priority == "frequency":
+        pos, neg = counts.get("positive_plain", counts["positive"]), counts.get("negative_plain", counts["negative"])
+        return {t: pos[t] + neg[t] for t in pos}
+    pos, neg = counts["positive"], counts["negative"]
+    return {t: args.priority_alpha * pos[t] + args.priority_beta * neg[t] for t in pos}
+
+
+def _field_scores(args, done, trainer: DLRMTrainer, spec, env, config):
+    """The scores pruning follows (``--field_scorer``) and the scorer's name."""
+    if args.field_scorer == "shark":
+        return done["scores"], f"shark-{args.prune_baseline}"
+    if args.field_scorer == "random":
+        return RandomImportance(list(config.feature_names), seed=args.seed).scores(), "random"
+    trainer.model.eval()
+    pi = PermutationImportance(dlrm_per_sample_loss(trainer.model), list(config.feature_names),
+                               seed=args.seed)
+    ds = spec.dataset("dev", args.test_batch_size or args.batch_size, env.rank, env.world_size,
+                      max_batches=args.permutation_batches)
+    pi.evaluate(tqdm(spec.batches(ds, args.num_workers), desc="permutation importance (dev)",
+                     disable=not env.is_main, dynamic_ncols=True))
+    return pi.scores(), "permutation"
+
+
+def _eval_batches(args, spec, env):
+    """Every stage's evaluation batches: ``--eval_split`` (tune on dev, report on test)."""
+    if args.eval_split == "test":
+        return test_batches(args, spec, env)
+    ds = spec.dataset("dev", args.test_batch_size or args.batch_size, env.rank, env.world_size,
+                      max_batches=args.limit_test_batches)
+    return spec.batches(ds, args.num_workers)
+
+
+def _paired(args, reference, pruned, quantized) -> Dict[str, Any]:
+    """Paired comparisons on the same evaluation rows: the compressed model, the pruning step
+    and the quantization step, each with a bootstrap interval and a verdict in words."""
+    out = {}
+    labels = reference["labels"]
+    for name, (ref, new) in {"compressed vs uncompressed": (reference, quantized),
+                             "pruning step (pruned vs uncompressed)": (reference, pruned),
+                             "quantization step (quantized vs pruned)": (pruned, quantized)}.items():
+        if not torch.equal(ref["labels"], new["labels"]):
+            raise RuntimeError(f"{name}: the two evaluations saw different rows")
+        c = paired_compare(labels.numpy(), ref["logits"].numpy(), new["logits"].numpy(),
+                           bootstrap=args.bootstrap, seed=args.seed)
+        out[name] = {**c.to_dict(), "verdict": c.verdict()}
+    return out
+
+
+def _write_report(out, report, done, pdone, metrics, mixed, priorities, config, speed, paired,
+                  args) -> None:
     from shark_torchrec import report as rep
 
     stages = {"trained": done["metrics"], "uncompressed, fine-tuned": pdone["reference"],
@@ -316,7 +438,9 @@ def _write_report(out, report, done, pdone, metrics, mixed, priorities, config, 
                              after, os.path.join(out, figures[2]))
     rep.plot_priorities({t: priorities[t] for t in mixed.assignment.tiers}, mixed.assignment.tiers,
                         os.path.join(out, figures[3]))
-    rep.write_markdown(out, {"stages": stages, "plan": pdone["plan"], "lookup_speed_vs_fp32": speed},
+    rep.write_markdown(out, {"stages": stages, "plan": pdone["plan"], "lookup_speed_vs_fp32": speed,
+                             "paired": paired, "scorer": pdone.get("scorer", ""),
+                             "row_priority": args.row_priority, "eval_split": args.eval_split},
                        figures)
 
 
@@ -343,24 +467,23 @@ def _lookup_speed(fp32_ebc, mixed, spec, args, kept) -> float:
 
 
 @torch.no_grad()
-def _evaluate_local(model, spec, args, features) -> Dict[str, float]:
-    """AUC and log loss of an unsharded model over the whole test split (one process), fed
-    only the ``features`` it keeps (the data still carries the pruned ones)."""
-    from torchrec.datasets.utils import Batch
+def _evaluate_local(model, spec, args, features, world_size: int) -> Dict[str, Any]:
+    """AUC and log loss of an unsharded model over the whole ``--eval_split`` (one process), fed
+    only the ``features`` it keeps (the data still carries the pruned ones); with the logits
+    and labels, for paired comparisons."""
     from torchmetrics.functional.classification import binary_auroc
     import torch.nn.functional as F
 
     logits, labels = [], []
-    ds = spec.dataset("test", args.test_batch_size or args.batch_size, 0, 1,
-                      max_batches=args.limit_test_batches)
+    # The global batch (per-rank size × ranks), so that this one process reads exactly the
+    # rows the sharded evaluations of the other stages read.
+    global_batch = (args.test_batch_size or args.batch_size) * world_size
+    ds = spec.dataset(args.eval_split, global_batch, 0, 1, max_batches=args.limit_test_batches)
     for b in spec.batches(ds, 0):
-        keys = b.sparse_features.keys()
-        b = Batch(dense_features=b.dense_features, labels=b.labels,
-                  sparse_features=b.sparse_features.permute([keys.index(f) for f in features]))
-        _, (_, lg, lb) = model(b)
+        _, (_, lg, lb) = model(filter_batch(b, features))
         logits.append(lg.float())
         labels.append(lb.float())
     lg, lb = torch.cat(logits), torch.cat(labels)
     return {"auc": float(binary_auroc(torch.sigmoid(lg), lb.long())),
             "log_loss": float(F.binary_cross_entropy_with_logits(lg.double(), lb.double())),
-            "examples": int(lb.numel())}
+            "examples": int(lb.numel()), "logits": lg, "labels": lb}

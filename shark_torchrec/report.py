@@ -111,12 +111,28 @@ def write_markdown(out: str, report: Dict, figures: List[str]) -> str:
     lines = ["# SHARK report", "",
              f"**Embedding bytes:** {q['fp32_embedding_bytes'] / 2**20:.1f} MiB → "
              f"{q['embedding_bytes'] / 2**20:.1f} MiB ({q['bytes_saved_fraction']:.1%} saved).  ",
-             f"**Test AUC:** {q['auc']:.4f} compressed, {ref['auc']:.4f} uncompressed "
+             f"**{report.get('eval_split', 'test').capitalize()} AUC:** {q['auc']:.4f} compressed, {ref['auc']:.4f} uncompressed "
              f"({q['auc'] - ref['auc']:+.4f}; both fine-tuned the same way).  "]
     if "lookup_speed_vs_fp32" in report:
         lines.append(f"**Embedding lookup:** {report['lookup_speed_vs_fp32']:.2f}× the fp32 "
                      f"collection's throughput on the test batches.")
-    lines += ["", "| stage | test AUC | log loss |", "|---|---|---|"]
+    paired = report.get("paired") or {}
+    if paired:
+        c = paired["compressed vs uncompressed"]
+        lines += ["", f"**Paired on the same {c['examples']:,} rows** ({c['bootstrap']} bootstrap "
+                      f"resamples, {c['level']:.0%} intervals; seed {c['seed']}):", "",
+                  "| comparison | ΔAUC | 95% CI | Δ log loss | 95% CI | verdict |",
+                  "|---|---|---|---|---|---|"]
+        for name, c in paired.items():
+            lo, hi = c["delta_auc_ci"]
+            llo, lhi = c["delta_log_loss_ci"]
+            words = c["verdict"].split(": ", 1)[-1]
+            lines.append(f"| {name} | {c['delta_auc']:+.4f} | [{lo:+.4f}, {hi:+.4f}] | "
+                         f"{c['delta_log_loss']:+.4f} | [{llo:+.4f}, {lhi:+.4f}] | {words} |")
+    if report.get("scorer") or report.get("row_priority"):
+        lines += ["", f"Field scores: {report.get('scorer', '')}; row priorities: "
+                      f"{report.get('row_priority', '')}."]
+    lines += ["", "| stage | AUC | log loss |", "|---|---|---|"]
     for name, m in s.items():
         lines.append(f"| {name} | {m['auc']:.4f} | {m['log_loss']:.4f} |")
     plan = report.get("plan", {})

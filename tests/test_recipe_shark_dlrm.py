@@ -36,6 +36,17 @@ def test_pipeline_runs_resumes_and_exports(tmp_path: Path) -> None:
         assert (full / name).stat().st_size > 0, name
     assert "saved" in (full / "report.md").read_text()
     assert a["plan"]["fields_after"] == 4
+    # Paired comparisons (rank 0, unsharded models) agree with the stages' own evaluations
+    # (sharded over 2 processes for the trained models, torchmetrics' AUC).
+    paired = a["paired"]
+    c = paired["compressed vs uncompressed"]
+    assert c["examples"] == a["stages"]["quantized"]["examples"] == 3 * 64
+    assert c["auc"] == pytest.approx(a["stages"]["quantized"]["auc"], abs=1e-6)
+    assert c["auc_reference"] == pytest.approx(a["stages"]["uncompressed, fine-tuned"]["auc"], abs=1e-5)
+    assert paired["pruning step (pruned vs uncompressed)"]["auc"] == pytest.approx(
+        a["stages"]["pruned"]["auc"], abs=1e-5)
+    assert c["delta_auc_ci"][0] <= c["delta_auc"] <= c["delta_auc_ci"][1]
+    assert "ΔAUC" in c["verdict"] and "Paired on the same" in (full / "report.md").read_text()
     q = a["stages"]["quantized"]
     # 4 of 8 equal tables kept, then half of their fp32 bytes (id maps and padding included).
     assert q["embedding_bytes"] <= 0.5 * (q["fp32_embedding_bytes"] * 4 / 8)
@@ -104,3 +115,48 @@ def test_init_from_iterative_pruning_fractions_and_overrides(tmp_path: Path) -> 
         assert [t for t, n in zip(tiers, rows["t_cat_0"]) if n] == ["fp16"]
     others = [n for n in rows if n != "t_cat_0"]
     assert all(sorted(t for t, n in zip(tiers, rows[n]) if n) == ["fp16", "int4"] for n in others)
+
+
+def test_other_scorers_priorities_and_the_dev_split(tmp_path: Path) -> None:
+    """Permutation / random field scores, frequency priorities and evaluation on dev (one
+    process): the plan drops the lowest scores of the chosen scorer, and the row counters the
+    priorities come from equal the id counts of the training batches, counted directly."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from shark_torchrec.training.datasets import SYNTHETIC_OFFSETS
+
+    reports = {}
+    for scorer in ("permutation", "random"):
+        out = tmp_path / scorer
+        proc = subprocess.run([sys.executable, str(RECIPE), *map(str, SMALL), "--out", str(out),
+                               "--field_scorer", scorer, "--row_priority", "frequency",
+                               "--eval_split", "dev", "--bootstrap", "50"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        reports[scorer] = json.loads((out / "report.json").read_text())
+        pdone = json.loads((out / "prune" / "done.json").read_text())
+        scores = pdone["scores"]
+        dropped = sorted(scores, key=lambda f: (scores[f], f))[:4]
+        assert sorted(pdone["plan"]["dropped_features"]) == sorted(dropped)
+        assert pdone["scorer"] == scorer
+    r = reports["random"]
+    assert r["eval_split"] == "dev" and r["row_priority"] == "frequency"
+    assert r["paired"]["compressed vs uncompressed"]["bootstrap"] == 50
+    # Row counters vs a direct count over the train part (75% of 12 batches of 32 = 9).
+    counts = torch.load(tmp_path / "random" / "train" / "row_counts.pt", weights_only=True)
+    cfg = SyntheticConfig.default(num_fields=8, num_informative=3, cardinality=500, seed=0)
+    ds = SyntheticClickDataset(cfg, 32, 9, batch_offset=SYNTHETIC_OFFSETS["train"])
+    pos = {f: np.zeros(500) for f in cfg.feature_names}
+    neg = {f: np.zeros(500) for f in cfg.feature_names}
+    for b in ds:
+        for f in cfg.feature_names:
+            jt = b.sparse_features[f]
+            y = torch.repeat_interleave(b.labels, jt.lengths()).numpy()
+            np.add.at(pos[f], jt.values().numpy(), y)
+            np.add.at(neg[f], jt.values().numpy(), 1 - y)
+    for f in cfg.feature_names:
+        np.testing.assert_allclose(counts["positive_plain"][f"t_{f}"].numpy(), pos[f], rtol=1e-6)
+        np.testing.assert_allclose(counts["negative_plain"][f"t_{f}"].numpy(), neg[f], rtol=1e-6)
