@@ -5,7 +5,12 @@ The pruned model is planned and sharded anew (fewer tables, so the planner may p
 differently).  Its dense layers come from :func:`~shark_torchrec.pruning.prune_dlrm` applied to
 the old dense weights (replicated on every rank); its surviving tables are read from a
 ``torch.distributed.checkpoint`` of the old model, which reshards them to the new placement
-without ever gathering a whole table.  The optimizer state starts afresh for fine-tuning.
+without ever gathering a whole table.  The optimizer state is carried over the same way: the
+fused embedding optimizer's state of the surviving tables from the checkpoint, and the dense
+optimizer's state (Adagrad sums, Adam moments) pruned exactly like the weights it belongs to.
+(A fresh Adagrad state takes steps of about the learning rate on every weight at once: on the
+synthetic default, fine-tuning the pruned model from fresh state cost 0.0085 test AUC where
+the same model without fine-tuning lost nothing.)
 """
 
 from __future__ import annotations
@@ -82,7 +87,44 @@ def prune_trainer(
     state = {"model": tables}
     dcp.load(state, checkpoint_id=checkpoint_path)
     new.model.load_state_dict(state["model"], strict=False)
+    _carry_optimizer_state(trainer, new, plan, checkpoint_path)
     return new
+
+
+def _carry_optimizer_state(old: DLRMTrainer, new: DLRMTrainer, plan: PruningPlan,
+                           checkpoint_path: str) -> None:
+    """The pruned trainer's optimizer state from the old one's (see the module docstring)."""
+    new_state = new.optimizer.state_dict()
+    per_param = new_state["state"]
+    # Fused embedding optimizer: same table names and shapes; DCP reshards to the new plan.
+    # (A collective: every rank calls it, also one that holds no table of the new plan.)
+    tables = {k: v for k, v in per_param.items() if ".embedding_bags." in k}
+    loaded = {"optim": {"state": tables}}
+    dcp.load(loaded, checkpoint_id=checkpoint_path)
+    per_param.update(loaded["optim"]["state"])
+    # Dense optimizer: each state tensor shaped like its parameter is pruned like the parameter,
+    # by running prune_dlrm on a skeleton whose parameters are that state.
+    old_state = old.optimizer.state_dict()["state"]
+    dense_keys = [k for k in per_param if ".embedding_bags." not in k]
+    names = {n for k in dense_keys for n, v in old_state.get(k, {}).items()
+             if isinstance(v, torch.Tensor) and v.dim() > 0}
+    for name in sorted(names):
+        skeleton = build_dlrm_train(old.model_config, old.env.device, 0)
+        values = {k: old_state[k][name] for k in old_state if ".embedding_bags." not in k and name in old_state[k]}
+        with torch.no_grad():
+            missing, unexpected = skeleton.load_state_dict(values, strict=False)
+            if unexpected or any(".embedding_bags." not in k for k in missing):
+                raise RuntimeError(f"optimizer state {name!r} does not match the dense "
+                                   f"parameters: missing {missing}, unexpected {unexpected}")
+            pruned = prune_dlrm(skeleton, plan).state_dict()
+        for k in dense_keys:
+            if name in per_param[k]:
+                per_param[k][name] = pruned[k].to(per_param[k][name].device)
+    for k in dense_keys:  # scalar state (Adagrad/Adam step counts) carries over as it is
+        for n, v in old_state.get(k, {}).items():
+            if isinstance(v, torch.Tensor) and v.dim() == 0 and n in per_param[k]:
+                per_param[k][n] = v.clone()
+    new.optimizer.load_state_dict(new_state)
 
 
 @dataclasses.dataclass

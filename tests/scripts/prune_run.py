@@ -60,6 +60,36 @@ if env.rank == 0:
         float((full_new[k] - v).abs().max()) for k, v in ref_pruned.state_dict().items())
     result["new_features"] = pruned.features
 
+# One fine-tuning step of the pruned model must equal the same step of the original model with
+# the dropped tables zeroed (their pooled embeddings and every interaction with them are then
+# 0, so every surviving weight sees the same gradient) — which holds only if the optimizer
+# state (row-wise Adagrad of the tables, Adagrad sums of the dense layers) was carried over.
+zeroed = DLRMTrainer(config, OptimConfig(learning_rate=0.1), env, B, seed=1)
+state = zeroed.state_dict()
+ckpt.load(state, path)
+zeroed.load_state_dict(state)
+model_state = zeroed.model.state_dict()
+for t in plan.dropped_tables:
+    for key, value in model_state.items():
+        if f".embedding_bags.{t}.weight" in key:
+            for shard in value.local_shards():
+                shard.tensor.zero_()
+zeroed.model.load_state_dict(model_state)
+step_batches = list(make_dataloader(SyntheticClickDataset(cfg, B, 1, rank=env.rank,
+                                                          world_size=env.world_size, batch_offset=77)))
+zeroed.train(iter(step_batches), max_steps=1)
+pruned.train(iter(step_batches), max_steps=1)
+full_zeroed = full_state_dict(zeroed.model)
+full_stepped = full_state_dict(pruned.model)
+if env.rank == 0:
+    ref_model = build_dlrm_train(config, torch.device("cpu"), 0, embedding_device=torch.device("cpu"))
+    ref_model.load_state_dict(full_zeroed)
+    ref_stepped = prune_dlrm(ref_model, plan).state_dict()
+    result["max_finetune_step_err"] = max(
+        float((full_stepped[k] - v).abs().max()) for k, v in ref_stepped.items())
+    result["max_finetune_step_change"] = max(
+        float((full_stepped[k] - full_new[k]).abs().max()) for k in ref_stepped)
+
 final = iterative_prune(pruned, data, rounds=2, score_batches=4, finetune_steps=3, keep_fields=1,
                         work_dir=os.path.join(args.out, "iter"), batch_size=B)
 if env.rank == 0:
