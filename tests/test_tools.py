@@ -54,3 +54,24 @@ def test_bench_importance_overhead_runs(tmp_path: Path) -> None:
     r = json.loads(out.read_text())
     assert set(r["ratio_to_untracked"]) == {"none", "mean", "shuffle", "zero"}
     assert r["ratio_to_untracked"]["none"] == 1.0
+
+
+@pytest.mark.slow
+def test_eval_shark_pipeline_shares_training_and_scores_against_the_truth(tmp_path: Path) -> None:
+    _run("eval_shark_pipeline.py", "--seeds", "0", "--variants", "shark,random", "--out", tmp_path,
+         "--", "--data", "synthetic", "--synthetic_num_fields", 6, "--synthetic_informative", 2,
+         "--synthetic_cardinality", 300, "--synthetic_train_batches", 8, "--synthetic_test_batches", 2,
+         "--embedding_dim", 8, "--dense_arch_layer_sizes", "16,8", "--over_arch_layer_sizes", "16,1",
+         "--batch_size", 32, "--keep_fields", 3, "--bootstrap", 50)
+    r = json.loads((tmp_path / "results.json").read_text())
+    shark, rnd = r["runs"]["shark"]["0"], r["runs"]["random"]["0"]
+    # one trained model: the variants' uncompressed references are the same model
+    ref = "compressed vs uncompressed"
+    assert shark["paired"][ref]["auc_reference"] == rnd["paired"][ref]["auc_reference"]
+    assert shark["auc"]["trained"] == rnd["auc"]["trained"]
+    truth = r["true_field_importance"]["0"]
+    assert sorted(f for f, v in truth.items() if v > 0) == ["cat_0", "cat_1"]
+    assert 0 <= shark["fields_vs_truth"]["recall_informative"] <= 1
+    assert sum(shark["row_importance_by_tier"].values()) == pytest.approx(1.0)
+    assert "Spearman vs truth" in (tmp_path / "summary.md").read_text()
+    assert (tmp_path / "delta_auc.png").stat().st_size > 5_000
