@@ -75,3 +75,20 @@ def test_eval_shark_pipeline_shares_training_and_scores_against_the_truth(tmp_pa
     assert sum(shark["row_importance_by_tier"].values()) == pytest.approx(1.0)
     assert "Spearman vs truth" in (tmp_path / "summary.md").read_text()
     assert (tmp_path / "delta_auc.png").stat().st_size > 5_000
+
+
+@pytest.mark.slow
+def test_eval_rowwise_quant_runs_with_paired_intervals(tmp_path: Path) -> None:
+    _run("eval_rowwise_quant.py", "--data", "synthetic", "--synthetic_num_fields", 4,
+         "--synthetic_informative", 2, "--synthetic_cardinality", 3000,
+         "--synthetic_train_batches", 6, "--synthetic_test_batches", 2, "--embedding_dim", 16,
+         "--dense_arch_layer_sizes", "16,16", "--over_arch_layer_sizes", "16,1",
+         "--seeds", "0", "--bootstrap", 50, "--out", tmp_path)
+    r = json.loads((tmp_path / "results.json").read_text())
+    q = r["seeds"]["0"]["quantized"]
+    fp32 = r["seeds"]["0"]["fp32"]["auc"]
+    for row in q.values():  # the paired ΔAUC is the AUC difference on the same rows
+        assert row["paired"]["delta_auc"] == pytest.approx(row["auc"] - fp32, abs=1e-5)
+        lo, hi = row["paired"]["ci"]
+        assert lo <= row["paired"]["delta_auc"] <= hi
+    assert "CI per seed" in (tmp_path / "summary.md").read_text()

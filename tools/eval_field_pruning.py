@@ -28,17 +28,18 @@ under torchrun.
 """
 
 import logging
-import math
 import os
 import statistics
 import sys
 import time
 import warnings
-from typing import Dict, List
+from typing import Dict
 
 import torch
 
 from report_io import save_results
+from shark_torchrec.evaluation import paired_compare, spearman
+from shark_torchrec.cli_args import fraction, positive_int
 from shark_torchrec.importance import (
     BASELINES,
     PermutationImportance,
@@ -58,43 +59,21 @@ from shark_torchrec.training.train_dlrm import (
 )
 
 
-def spearman(a: Dict[str, float], b: Dict[str, float]) -> float:
-    """Spearman rank correlation of two score dicts over the same keys (average ranks on ties)."""
-    keys = sorted(a)
-
-    def ranks(s: Dict[str, float]) -> List[float]:
-        order = sorted(keys, key=lambda k: s[k])
-        r = {}
-        i = 0
-        while i < len(order):
-            j = i
-            while j + 1 < len(order) and s[order[j + 1]] == s[order[i]]:
-                j += 1
-            for k in order[i : j + 1]:
-                r[k] = (i + j) / 2.0
-            i = j + 1
-        return [r[k] for k in keys]
-
-    ra, rb = ranks(a), ranks(b)
-    ma, mb = statistics.fmean(ra), statistics.fmean(rb)
-    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
-    var = math.sqrt(sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb))
-    return cov / var if var else float("nan")
-
-
 def main() -> None:
     p = build_parser()
     p.description = __doc__.splitlines()[0]
     p.add_argument("--keep", default="", help="comma-separated numbers of fields to keep "
                    "(default: about 8 points from all fields down to 2)")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--finetune_fraction", type=float, default=0.25,
+    p.add_argument("--finetune_fraction", type=fraction, default=0.25,
                    help="last fraction of the train split, kept for fine-tuning")
-    p.add_argument("--permutation_repeats", type=int, default=1)
+    p.add_argument("--permutation_repeats", type=positive_int, default=1)
     p.add_argument("--permutation_split", choices=["dev", "train"], default="dev",
                    help="data for exact permutation importance (the dev split, when the data "
                    "has one; on tiny samples the train split gives steadier scores)")
     p.add_argument("--methods", default="shark-mean,shark-shuffle,shark-zero,permutation,random")
+    p.add_argument("--bootstrap", type=int, default=1000,
+                   help="bootstrap resamples of each paired ΔAUC interval")
     p.set_defaults(out="runs/eval_field_pruning", log_level="WARNING")
     args = p.parse_args()
     warnings.filterwarnings("ignore", category=FutureWarning, module="torchrec")
@@ -136,8 +115,17 @@ def main() -> None:
                     tracker.detach()
         return time.perf_counter() - t0
 
+    def test_eval(trainer: DLRMTrainer) -> Dict:
+        return trainer.evaluate(test_batches(args, spec, env), desc="test", return_predictions=True)
+
     def test_auc(trainer: DLRMTrainer) -> float:
         return trainer.evaluate(test_batches(args, spec, env), desc="test")["auc"]
+
+    def paired(reference: Dict, new: Dict, seed: int) -> Dict:
+        """ΔAUC of ``new`` vs ``reference`` on the same test rows, with its bootstrap CI."""
+        c = paired_compare(reference["labels"].numpy(), reference["logits"].numpy(),
+                           new["logits"].numpy(), bootstrap=args.bootstrap, seed=seed)
+        return {"delta_auc": c.delta_auc, "ci": c.delta_auc_ci, "examples": c.examples}
 
     results = {"args": vars(args), "keep": keep, "methods": methods, "dev_split": dev_split,
                "seeds": {}}
@@ -145,7 +133,8 @@ def main() -> None:
         log(f"== seed {seed}: baseline")
         base = DLRMTrainer(config, optim, env, args.batch_size, seed=seed)
         t_base = train_epochs(base, args.epochs, "base")
-        base_auc = test_auc(base)
+        base_eval = test_eval(base)
+        base_auc = base_eval["auc"]
         ckpt = CheckpointManager(os.path.join(args.out, f"seed_{seed}", "base"), {"seed": seed})
         base_path = ckpt.save(base.state_dict(), {"global_step": 0})
         scores, timing = {}, {"train_seconds": t_base}
@@ -177,31 +166,42 @@ def main() -> None:
             scores["random"] = RandomImportance(config.feature_names, seed=seed).scores()
         auc: Dict[str, Dict[int, float]] = {m: {} for m in methods}
         auc_pruned: Dict[str, Dict[int, float]] = {m: {} for m in methods}
+        delta: Dict[str, Dict[int, Dict]] = {m: {} for m in methods}
+        delta_pruned: Dict[str, Dict[int, Dict]] = {m: {} for m in methods}
+        # The reference every pruned model is judged against, on the same test rows: the
+        # unpruned model as it is (for "as pruned") and fine-tuned the same way.
+        full = DLRMTrainer(config, optim, env, args.batch_size, seed=seed)
+        state = full.state_dict()
+        ckpt.load(state, base_path)
+        full.load_state_dict(state)
+        train_epochs(full, 1, "finetune")
+        full_eval = test_eval(full)
+        del full
         for k in keep:
-            if k == F:  # nothing to prune: fine-tune the full model the same way
-                full = DLRMTrainer(config, optim, env, args.batch_size, seed=seed)
-                state = full.state_dict()
-                ckpt.load(state, base_path)
-                full.load_state_dict(state)
-                a0 = test_auc(full)
-                train_epochs(full, 1, "finetune")
-                a = test_auc(full)
+            if k == F:  # nothing to prune: the reference itself
                 for m in methods:
-                    auc[m][k], auc_pruned[m][k] = a, a0
-                log(f"seed {seed} k={k} (all fields): AUC {a:.4f}")
+                    auc[m][k], auc_pruned[m][k] = full_eval["auc"], base_auc
+                    delta[m][k] = delta_pruned[m][k] = {"delta_auc": 0.0, "ci": [0.0, 0.0]}
+                log(f"seed {seed} k={k} (all fields): AUC {full_eval['auc']:.4f}")
                 continue
             for m in methods:
                 plan = choose_plan(scores[m], config.tables(), keep=k, method=m)
                 pruned = prune_trainer(base, plan, base_path, args.batch_size, seed=seed)
-                auc_pruned[m][k] = test_auc(pruned)
+                as_pruned = test_eval(pruned)
+                auc_pruned[m][k] = as_pruned["auc"]
+                delta_pruned[m][k] = paired(base_eval, as_pruned, seed)
                 train_epochs(pruned, 1, "finetune")
-                auc[m][k] = test_auc(pruned)
+                tuned = test_eval(pruned)
+                auc[m][k] = tuned["auc"]
+                delta[m][k] = paired(full_eval, tuned, seed)
                 log(f"seed {seed} k={k} {m}: AUC {auc_pruned[m][k]:.4f} pruned, "
                     f"{auc[m][k]:.4f} fine-tuned")
         corr = {m: spearman(scores[m], scores["permutation"]) for m in scores
                 if m.startswith("shark") and "permutation" in scores}
         results["seeds"][seed] = {"base_auc": base_auc, "scores": scores, "timing": timing,
                                   "auc": auc, "auc_pruned": auc_pruned,
+                                  "delta_auc": delta, "delta_auc_pruned": delta_pruned,
+                                  "test_examples": base_eval["examples"],
                                   "spearman_vs_permutation": corr}
     if env.is_main:
         write_outputs(results, args.out)
@@ -231,6 +231,20 @@ def write_outputs(results: Dict, out: str) -> None:
         ax.set_xlabel("fields kept")
         ax.set_title(f"test AUC {title}")
         ax.grid(alpha=0.3)
+    for key, title in (("delta_auc", "after fine-tuning, vs the unpruned model fine-tuned the same way"),
+                       ("delta_auc_pruned", "as pruned, vs the unpruned model")):
+        lines += [f"Paired ΔAUC {title}, on the same {seeds[0].get('test_examples', 0):,} test rows: "
+                  f"mean over {len(seeds)} seeds, and per seed whether the 95% bootstrap CI lies "
+                  "below 0 (−), includes 0 (0) or lies above 0 (+):", "",
+                  "| fields kept | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+        for k in keep:
+            cells = []
+            for m in methods:
+                d = [s[key][m][k] for s in seeds]
+                signs = "".join("−" if x["ci"][1] < 0 else "+" if x["ci"][0] > 0 else "0" for x in d)
+                cells.append(f"{statistics.fmean(x['delta_auc'] for x in d):+.4f} ({signs})")
+            lines.append(f"| {k} | " + " | ".join(cells) + " |")
+        lines.append("")
     axes[0].set_ylabel(f"test AUC (mean ± std, {len(seeds)} seeds)")
     axes[0].legend()
     fig.tight_layout()

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torchmetrics.functional.classification import binary_auroc
 
 from report_io import save_results
+from shark_torchrec.evaluation import paired_compare
 from shark_torchrec.importance import RowPriority
 from shark_torchrec.quant import RowwiseQuantConfig, quantize_
 from shark_torchrec.training import DLRMTrainer, build_dlrm_train, init_distributed
@@ -59,13 +60,23 @@ def evaluate(model, batches) -> Dict[str, float]:
         labels.append(lb.float())
     lg, lb = torch.cat(logits), torch.cat(labels)
     return {"auc": float(binary_auroc(torch.sigmoid(lg), lb.long())),
-            "log_loss": float(F.binary_cross_entropy_with_logits(lg, lb))}
+            "log_loss": float(F.binary_cross_entropy_with_logits(lg, lb)),
+            "logits": lg, "labels": lb}
+
+
+def paired(reference: Dict, new: Dict, bootstrap: int, seed: int) -> Dict:
+    """ΔAUC of ``new`` vs ``reference`` on the same test rows, with its bootstrap CI."""
+    c = paired_compare(reference["labels"].numpy(), reference["logits"].numpy(),
+                       new["logits"].numpy(), bootstrap=bootstrap, seed=seed)
+    return {"delta_auc": c.delta_auc, "ci": c.delta_auc_ci, "examples": c.examples}
 
 
 def main() -> None:
     p = build_parser()
     p.description = __doc__.splitlines()[0]
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--bootstrap", type=int, default=1000,
+                   help="bootstrap resamples of each paired ΔAUC interval")
     p.set_defaults(out="runs/eval_rowwise_quant", log_level="WARNING")
     args = p.parse_args()
     warnings.filterwarnings("ignore", category=FutureWarning, module="torchrec")
@@ -98,6 +109,8 @@ def main() -> None:
                 quantize_(q, qconfig, priorities=pr)
                 mixed = q.model.sparse_arch.embedding_bag_collection
                 m = evaluate(q, test)
+                m["paired"] = paired(fp32, m, args.bootstrap, seed)
+                m.pop("logits"), m.pop("labels")
                 rep = mixed.memory_report()
                 rows[f"{pname} | {policy}"] = {
                     **m, "auc_delta": m["auc"] - fp32["auc"], "bytes": rep["total_bytes"],
@@ -107,6 +120,7 @@ def main() -> None:
                 print(f"seed {seed} {pname:9s} {policy:36s} AUC {m['auc']:.4f} "
                       f"({m['auc'] - fp32['auc']:+.4f}) bytes {rep['total_bytes'] / fp32_bytes:.3f}",
                       file=sys.stderr, flush=True)
+        fp32 = {k: v for k, v in fp32.items() if k not in ("logits", "labels")}
         results["seeds"][seed] = {"fp32": fp32, "fp32_bytes": fp32_bytes, "quantized": rows}
     write_outputs(results, args.out)
 
@@ -116,8 +130,10 @@ def write_outputs(results: Dict, out: str) -> None:
     seeds = list(results["seeds"].values())
     keys = list(seeds[0]["quantized"])
     lines = ["fp32 test AUC per seed: " + ", ".join(f"{s['fp32']['auc']:.4f}" for s in seeds), "",
-             "| priorities | policy | embedding bytes vs fp32 | test AUC | AUC − fp32 (mean ± std) | rows fp16/int8/int4/int2/drop (seed 0) |",
-             "|---|---|---|---|---|---|"]
+             f"Paired on the same {seeds[0]['quantized'][keys[0]]['paired']['examples']:,} test rows; "
+             "per seed, the 95% bootstrap CI of ΔAUC lies below 0 (−), includes 0 (0) or lies above 0 (+).", "",
+             "| priorities | policy | embedding bytes vs fp32 | test AUC | AUC − fp32 (mean ± std) | CI per seed | mean CI | rows fp16/int8/int4/int2/drop (seed 0) |",
+             "|---|---|---|---|---|---|---|---|"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for pname in dict.fromkeys(k.split(" | ")[0] for k in keys):
         xs, ys = [], []
@@ -129,8 +145,11 @@ def write_outputs(results: Dict, out: str) -> None:
             auc = statistics.fmean(s["quantized"][k]["auc"] for s in seeds)
             sd = statistics.pstdev(d) if len(d) > 1 else 0.0
             r = seeds[0]["quantized"][k]["rows_per_tier"]
+            cis = [s["quantized"][k]["paired"]["ci"] for s in seeds]
+            signs = "".join("−" if hi < 0 else "+" if lo > 0 else "0" for lo, hi in cis)
+            lo, hi = statistics.fmean(c[0] for c in cis), statistics.fmean(c[1] for c in cis)
             lines.append(f"| {pname} | {k.split(' | ')[1]} | {frac:.3f} | {auc:.4f} | "
-                         f"{statistics.fmean(d):+.4f} ± {sd:.4f} | "
+                         f"{statistics.fmean(d):+.4f} ± {sd:.4f} | {signs} | [{lo:+.4f}, {hi:+.4f}] | "
                          f"{r['fp16']}/{r['int8']}/{r['int4']}/{r['int2']}/{r['drop']} |")
             xs.append(frac)
             ys.append(statistics.fmean(d))
