@@ -16,10 +16,10 @@ OUT/metrics.json (AUC and log loss before/after, fields, tables and bytes) and O
 import json
 
 from shark_torchrec.pruning.prune_dlrm import run
-from shark_torchrec.training.distributed import exit_worker
+from shark_torchrec.training.distributed import exit_worker, run_or_exit
 
 if __name__ == "__main__":
-    m = run()
+    m = run_or_exit(run)
     if m["rank"] == 0:
         print(json.dumps({"auc_before": m["before"]["auc"], "auc_after": m["after"]["auc"],
                           "fields": f"{m['plan']['fields_before']} -> {m['plan']['fields_after']}",

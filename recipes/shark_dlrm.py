@@ -13,11 +13,11 @@ import json
 import os
 
 from shark_torchrec.pipeline import build_parser, run
-from shark_torchrec.training.distributed import exit_worker
+from shark_torchrec.training.distributed import exit_worker, run_or_exit
 
 if __name__ == "__main__":
     args = build_parser().parse_args()
-    report = run()
+    report = run_or_exit(run)
     if int(os.environ.get("RANK", 0)) == 0 and report.get("stages", {}).get("quantized"):
         print(json.dumps({stage: round(m["auc"], 4) for stage, m in report["stages"].items()}))
         print(f"report: {os.path.join(args.out, 'report.md')}")

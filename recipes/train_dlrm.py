@@ -11,12 +11,12 @@ OUT/checkpoints/.  `--help` lists every option.
 import json
 import time
 
-from shark_torchrec.training.distributed import exit_worker
+from shark_torchrec.training.distributed import exit_worker, run_or_exit
 from shark_torchrec.training.train_dlrm import run
 
 if __name__ == "__main__":
     t0 = time.perf_counter()
-    metrics = run()
+    metrics = run_or_exit(run)
     if metrics["rank"] == 0:
         print(json.dumps({k: metrics[k] for k in ("test_auc", "test_log_loss", "steps",
                                                    "examples_per_second")}),

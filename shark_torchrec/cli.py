@@ -21,25 +21,53 @@ from typing import Dict, List, Optional, Sequence
 
 import yaml
 
+from shark_torchrec.cli_args import (
+    DEBUG_HELP,
+    existing_file,
+    nonnegative_float,
+    output_file,
+    positive_float,
+    positive_int,
+)
+from shark_torchrec.errors import SharkInputError, report_input_error
+
 GB = 1024 ** 3
+
+
+class TablesFileError(SharkInputError, ValueError):
+    """A ``--tables`` file that does not describe tables; the message names file and entry."""
 
 
 def _load_tables(path: str):
     from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
-    with open(path) as f:
-        doc = yaml.safe_load(f)
+    try:
+        with open(path) as f:
+            doc = yaml.safe_load(f)
+    except OSError as e:
+        raise TablesFileError(f"{path}: cannot read ({e})") from e
+    except yaml.YAMLError as e:
+        raise TablesFileError(f"{path}: not valid YAML ({e})") from e
     rows = doc.get("tables") if isinstance(doc, dict) else None
     if not isinstance(rows, list) or not rows:
-        raise SystemExit(f"{path}: expected 'tables:' with a list of {{name, rows, dim, features}}")
+        raise TablesFileError(f"{path}: expected 'tables:' with a list of {{name, rows, dim, features}}")
     out = []
     for i, t in enumerate(rows):
+        if not isinstance(t, dict):
+            raise TablesFileError(f"{path}: tables[{i}]: expected a mapping {{name, rows, dim, features}}, "
+                                  f"got {t!r}")
         missing = [k for k in ("name", "rows", "dim") if k not in t]
         if missing:
-            raise SystemExit(f"{path}: tables[{i}] lacks {missing}")
-        out.append(EmbeddingBagConfig(name=str(t["name"]), num_embeddings=int(t["rows"]),
-                                      embedding_dim=int(t["dim"]),
-                                      feature_names=list(t.get("features") or [str(t["name"])])))
+            raise TablesFileError(f"{path}: tables[{i}] lacks {missing}")
+        for key in ("rows", "dim"):
+            if isinstance(t[key], bool) or not isinstance(t[key], int) or t[key] < 1:
+                raise TablesFileError(f"{path}: tables[{i}].{key}: expected an integer >= 1, got {t[key]!r}")
+        features = t.get("features") or [str(t["name"])]
+        if not isinstance(features, list) or not all(isinstance(f, str) and f for f in features):
+            raise TablesFileError(f"{path}: tables[{i}].features: expected a list of feature names, "
+                                  f"got {features!r}")
+        out.append(EmbeddingBagConfig(name=str(t["name"]), num_embeddings=t["rows"],
+                                      embedding_dim=t["dim"], feature_names=list(features)))
     return out
 
 
@@ -127,29 +155,40 @@ def _print_placement(title: str, p: Dict[str, object]) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="shark-torchrec", description="SHARK for TorchRec")
+    p.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = p.add_subparsers(dest="command", required=True)
     plan = sub.add_parser("plan", help="plan a model for a topology, before and after compression")
     src = plan.add_mutually_exclusive_group(required=True)
     src.add_argument("--preset", choices=["criteo1tb"], help="TorchRec's DLRM example for Criteo 1TB")
-    src.add_argument("--tables", help="YAML/JSON: tables: [{name, rows, dim, features}]")
-    plan.add_argument("--dim", type=int, default=128, help="embedding dim of the preset")
-    plan.add_argument("--world_size", type=int, default=1)
+    src.add_argument("--tables", type=existing_file, help="YAML/JSON: tables: [{name, rows, dim, features}]")
+    plan.add_argument("--dim", type=positive_int, default=128, help="embedding dim of the preset")
+    plan.add_argument("--world_size", type=positive_int, default=1)
     plan.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    plan.add_argument("--hbm_gb", type=float, default=80.0, help="GiB of device memory per GPU")
-    plan.add_argument("--ddr_gb", type=float, help="GiB of host memory per device (CPU topologies)")
-    plan.add_argument("--batch_size", type=int, default=512)
-    plan.add_argument("--zipf", type=float, default=1.05,
+    plan.add_argument("--hbm_gb", type=positive_float, default=80.0, help="GiB of device memory per GPU")
+    plan.add_argument("--ddr_gb", type=positive_float, help="GiB of host memory per device (CPU topologies)")
+    plan.add_argument("--batch_size", type=positive_int, default=512)
+    plan.add_argument("--zipf", type=nonnegative_float, default=1.05,
                       help="assumed id popularity law when no row priorities are given")
-    plan.add_argument("--planner_overrides",
+    plan.add_argument("--planner_overrides", type=existing_file,
                       help="YAML with per-table compression settings (pin, exclude, tiers, budget_bytes)")
-    plan.add_argument("--json", help="also write the report as JSON")
+    plan.add_argument("--json", type=output_file, help="also write the report as JSON")
+    # SUPPRESS: a subcommand's default would overwrite `shark-torchrec --debug plan ...`.
+    plan.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     plan.set_defaults(func=plan_command)
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``shark-torchrec``; returns the exit status.  Bad input (files, flags) is one line
+    on stderr and status 1; ``--debug`` shows its traceback instead."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except SharkInputError as e:
+        if args.debug:
+            raise
+        report_input_error(e, prog="shark-torchrec")
+        return 1
 
 
 if __name__ == "__main__":

@@ -6,28 +6,34 @@ object).  It holds everything serving needs and nothing from training: the model
 (DLRM or DLRM_DCN, dense and over-arch sizes), the row-wise mixed collection's layout (tables,
 tiers, rows per tier, groups), all weights (quantized rows, id maps, dense layers), the pruning
 plan that produced it (if any) and free-form metadata.  :func:`load_export` rebuilds the model
-from the file alone and refuses files that are not exports, truncated files, and exports of a
-different model than the caller expects (naming what differs).
+from the file alone and refuses, with an :class:`ExportError` naming the file, files that are
+not exports, truncated files, exports whose fields are malformed (naming the field; checked
+before any model is built) and exports of a different model than the caller expects (naming
+what differs).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRMTrain
 from torchrec.tensor_types import UInt2Tensor, UInt4Tensor
 
+from shark_torchrec.errors import SharkInputError
 from shark_torchrec.quant.mixed_ebc import MixedLayout, RowwiseMixedEmbeddingBagCollection
+from shark_torchrec.quant.tiers import Tier
 
 EXPORT_FORMAT = "shark-torchrec/export/v1"
+_MODEL_KINDS = ("dlrm", "dlrm_dcn")
 
 
-class ExportError(ValueError):
-    """A file that cannot be loaded as a shark-torchrec export (the message says why)."""
+class ExportError(SharkInputError, ValueError):
+    """A file that cannot be loaded as a shark-torchrec export (the message names the file,
+    the field and what is wrong)."""
 
 
 def _linears(module: nn.Module):
@@ -81,8 +87,7 @@ def export_model(
     os.replace(tmp, path)  # never leave a half-written export under the final name
 
 
-def _build(desc: Dict[str, Any]) -> DLRM:
-    layout = MixedLayout.from_dict(desc["embedding"])
+def _build(desc: Dict[str, Any], layout: MixedLayout) -> DLRM:
     ebc = RowwiseMixedEmbeddingBagCollection(layout)
     common = dict(embedding_bag_collection=ebc, dense_in_features=desc["dense_in_features"],
                   dense_arch_layer_sizes=desc["dense_arch_layer_sizes"],
@@ -90,9 +95,73 @@ def _build(desc: Dict[str, Any]) -> DLRM:
     if desc["kind"] == "dlrm_dcn":
         return DLRM_DCN(dcn_num_layers=desc["dcn_num_layers"], dcn_low_rank_dim=desc["dcn_low_rank_dim"],
                         **common)
-    if desc["kind"] != "dlrm":
-        raise ExportError(f"unknown model kind {desc['kind']!r}")
     return DLRM(**common)
+
+
+def _json_field(path: str, payload: Mapping[str, Any], name: str) -> Dict[str, Any]:
+    """Field ``name`` of the payload: JSON text of an object."""
+    text = payload[name]
+    if not isinstance(text, str):
+        raise ExportError(f"{path}: field {name!r} must be JSON text, got {type(text).__name__}")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ExportError(f"{path}: field {name!r} is not valid JSON ({e})") from e
+    if not isinstance(value, dict):
+        raise ExportError(f"{path}: field {name!r} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _is_positive_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+
+
+def _check_description(path: str, desc: Dict[str, Any]) -> MixedLayout:
+    """Check the ``model`` field's description (everything :func:`_build` reads) and return
+    its collection layout; raises :class:`ExportError` naming the key."""
+    required = ["kind", "dense_in_features", "dense_arch_layer_sizes", "over_arch_layer_sizes",
+                "embedding"]
+    if desc.get("kind") == "dlrm_dcn":
+        required += ["dcn_num_layers", "dcn_low_rank_dim"]
+    missing = [k for k in required if k not in desc]
+    if missing:
+        raise ExportError(f"{path}: field 'model' lacks {missing}")
+    if desc["kind"] not in _MODEL_KINDS:
+        raise ExportError(f"{path}: field 'model': kind must be one of {list(_MODEL_KINDS)}, "
+                          f"got {desc['kind']!r}")
+    for key in ("dense_in_features", "dcn_num_layers", "dcn_low_rank_dim"):
+        if key in required and not _is_positive_int(desc[key]):
+            raise ExportError(f"{path}: field 'model': {key} must be an integer >= 1, got {desc[key]!r}")
+    for key in ("dense_arch_layer_sizes", "over_arch_layer_sizes"):
+        sizes = desc[key]
+        if not isinstance(sizes, list) or not sizes or not all(map(_is_positive_int, sizes)):
+            raise ExportError(f"{path}: field 'model': {key} must be a non-empty list of integers "
+                              f">= 1, got {sizes!r}")
+    try:
+        layout = MixedLayout.from_dict(desc["embedding"])
+        layout.configs()  # every table entry complete and well-typed
+        for tier in layout.tiers:
+            Tier.parse(tier)
+        for t in layout.tables:
+            counts = layout.rows[t["name"]]
+            if len(counts) != len(layout.tiers) or sum(counts) != t["rows"]:
+                raise ValueError(f"table {t['name']!r}: rows per tier {counts} do not match "
+                                 f"tiers {layout.tiers} and {t['rows']} rows")
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ExportError(f"{path}: field 'model': embedding is not a valid row-wise mixed "
+                          f"collection layout ({type(e).__name__}: {e})") from e
+    return layout
+
+
+def _check_state_dict(path: str, state: Any) -> None:
+    if not isinstance(state, Mapping):
+        raise ExportError(f"{path}: field 'state_dict' must be a mapping of names to tensors, "
+                          f"got {type(state).__name__}")
+    # A module's ``_extra_state`` (the mixed collection's layout) is the one non-tensor entry.
+    bad: List[str] = [str(k) for k, v in state.items() if not isinstance(k, str) or not (
+        isinstance(v, torch.Tensor) or k.endswith("._extra_state"))]
+    if bad:
+        raise ExportError(f"{path}: field 'state_dict' holds entries that are not named tensors: {bad[:5]}")
 
 
 def load_export(
@@ -123,20 +192,31 @@ def load_export(
     missing = [k for k in ("model", "state_dict", "pruning_plan", "metadata") if k not in payload]
     if missing:
         raise ExportError(f"{path}: export lacks {missing}")
-    desc = json.loads(payload["model"])
-    features = [f for t in desc["embedding"]["tables"] for f in t["features"]]
+    # Every field is checked before any model is built: a damaged or hand-edited file gets an
+    # error naming the field, not a KeyError from deep inside the model's constructor.
+    desc = _json_field(path, payload, "model")
+    layout = _check_description(path, desc)
+    metadata = _json_field(path, payload, "metadata")
+    if not isinstance(payload["pruning_plan"], str):
+        raise ExportError(f"{path}: field 'pruning_plan' must be JSON text or empty, "
+                          f"got {type(payload['pruning_plan']).__name__}")
+    _check_state_dict(path, payload["state_dict"])
+    features = [f for c in layout.configs() for f in c.feature_names]
     if expect_features is not None and list(expect_features) != features:
         raise ExportError(f"{path}: exported model reads features {features}, expected "
                           f"{list(expect_features)}")
     if expect_dense_in_features is not None and expect_dense_in_features != desc["dense_in_features"]:
         raise ExportError(f"{path}: exported model takes {desc['dense_in_features']} dense inputs, "
                           f"expected {expect_dense_in_features}")
-    model = _build(desc)
+    try:
+        model = _build(desc, layout)
+    except (KeyError, TypeError, ValueError) as e:  # e.g. groups that do not cover the tables
+        raise ExportError(f"{path}: field 'model' describes no buildable model "
+                          f"({type(e).__name__}: {e})") from e
     try:
         model.load_state_dict(payload["state_dict"], strict=True)
     except (RuntimeError, ValueError) as e:
         raise ExportError(f"{path}: weights do not match the exported model description: {e}") from e
     wrapped = DLRMTrain(model)
     wrapped.eval()
-    return wrapped, {"model": desc, "pruning_plan": payload["pruning_plan"],
-                     "metadata": json.loads(payload["metadata"])}
+    return wrapped, {"model": desc, "pruning_plan": payload["pruning_plan"], "metadata": metadata}

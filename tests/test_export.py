@@ -1,6 +1,7 @@
 """Export / load of a compressed DLRM: identical predictions, weights_only loading, and bad
 files refused with clear errors."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -74,3 +75,59 @@ def test_bad_exports_are_refused(tmp_path: Path) -> None:
     torch.save(payload, tmp_path / "mismatch.pt")
     with pytest.raises(ExportError, match="weights do not match"):
         load_export(str(tmp_path / "mismatch.pt"))
+
+
+def _bad_payloads():
+    """(name, change to a valid payload, what the error must say) for fields that unpickle but
+    are malformed."""
+    def model(**changes):
+        def change(p):
+            desc = json.loads(p["model"])
+            desc.update(changes)
+            p["model"] = json.dumps({k: v for k, v in desc.items() if v is not None})
+        return change
+
+    def drop_features(p):
+        desc = json.loads(p["model"])
+        del desc["embedding"]["tables"][0]["features"]
+        p["model"] = json.dumps(desc)
+
+    return [
+        ("model_not_json", lambda p: p.update(model="{not json"), r"field 'model' is not valid JSON"),
+        ("model_a_number", lambda p: p.update(model="5"), r"field 'model' must be a JSON object, got int"),
+        ("model_not_text", lambda p: p.update(model=7), r"field 'model' must be JSON text, got int"),
+        ("model_lacks_keys", model(embedding=None, dense_in_features=None),
+         r"field 'model' lacks \['dense_in_features', 'embedding'\]"),
+        ("model_unknown_kind", model(kind="mlp"), r"field 'model': kind must be one of"),
+        ("model_bad_sizes", model(dense_arch_layer_sizes="16,8"),
+         r"field 'model': dense_arch_layer_sizes must be a non-empty list"),
+        ("model_bad_layout", drop_features,
+         r"field 'model': embedding is not a valid .*KeyError: 'features'"),
+        ("metadata_not_json", lambda p: p.update(metadata="{"), r"field 'metadata' is not valid JSON"),
+        ("state_dict_a_list", lambda p: p.update(state_dict=[1, 2]),
+         r"field 'state_dict' must be a mapping of names to tensors, got list"),
+        ("plan_not_text", lambda p: p.update(pruning_plan=3), r"field 'pruning_plan' must be JSON text"),
+    ]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("export") / "model.pt"
+    export_model(_model()[0], str(path))
+    return path
+
+
+@pytest.mark.parametrize("name,change,message", _bad_payloads(), ids=[c[0] for c in _bad_payloads()])
+def test_malformed_fields_are_refused_before_building(tmp_path: Path, exported: Path, monkeypatch,
+                                                      name, change, message) -> None:
+    payload = torch.load(exported, weights_only=False)
+    change(payload)
+    bad = tmp_path / f"{name}.pt"
+    torch.save(payload, bad)
+
+    def no_build(*_):
+        raise AssertionError("a model was built from a malformed export")
+
+    monkeypatch.setattr("shark_torchrec.export._build", no_build)
+    with pytest.raises(ExportError, match=rf"{name}\.pt: {message}"):
+        load_export(str(bad))

@@ -42,6 +42,7 @@ from torchrec.distributed.planner import ParameterConstraints
 from torchrec.distributed.types import ShardingType
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
+from shark_torchrec.errors import SharkInputError
 from shark_torchrec.quant.api import RowwiseQuantConfig
 from shark_torchrec.quant.tiers import Tier
 
@@ -56,7 +57,7 @@ _SHARDING_TYPES = {t.value for t in ShardingType}
 _KERNELS = {k.value for k in EmbeddingComputeKernel}
 
 
-class OverridesError(ValueError):
+class OverridesError(SharkInputError, ValueError):
     """A planner-overrides file that cannot be used; the message names file and key path."""
 
 

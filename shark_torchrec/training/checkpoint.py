@@ -26,10 +26,12 @@ from typing import Any, Dict, Optional
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from shark_torchrec.errors import SharkInputError
+
 logger = logging.getLogger(__name__)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(SharkInputError, RuntimeError):
     """A checkpoint that cannot be loaded into this run (the message says why)."""
 
 

@@ -9,10 +9,18 @@ import sys
 import tempfile
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
+
+from shark_torchrec.errors import SharkInputError, report_input_error
+
+T = TypeVar("T")
+
+
+class DeviceUnavailableError(SharkInputError, RuntimeError):
+    """The device asked for (``--device``) is not there."""
 
 
 @dataclass(frozen=True)
@@ -45,7 +53,7 @@ def init_distributed(device: str = "auto") -> DistEnv:
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be cpu, cuda or auto, got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was asked for but CUDA is not available")
+        raise DeviceUnavailableError("--device cuda: CUDA is not available on this machine")
     backend = "nccl" if device == "cuda" else "gloo"
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device == "cuda":
@@ -98,26 +106,65 @@ def exit_worker(code: int = 0) -> None:
 def run_job(args: argparse.Namespace, job: Callable[[argparse.Namespace, DistEnv], Any]) -> Any:
     """Run a recipe's ``job(args, env)`` in a process group (``args.device``, ``args.log_level``):
     logging set up per rank, one intra-op thread share per rank on CPU, and the group torn down
-    afterwards (synchronised on success, see :func:`destroy_distributed`)."""
+    afterwards (synchronised on success, see :func:`destroy_distributed`).
+
+    Bad input (a :class:`~shark_torchrec.errors.SharkInputError`, or a ``SystemExit`` with a
+    message) is printed as one line, ``PROG: error: MESSAGE`` (``PROG [rank R]: ...`` under
+    ``torchrun`` with more than one rank: every rank that fails says so, since bad data may
+    reach one rank only), and ends the job with ``SystemExit(1)`` after the group is torn down;
+    with ``args.debug`` the error propagates with its traceback.  Other exceptions are bugs:
+    they propagate unchanged.  Recipes call this through :func:`run_or_exit`.
+    """
     # torchrec 1.8 warns about its own internals (DDP's broadcast_buffers, the planner's
     # default storage reservation) on every run; nothing a user of the recipes can change.
     warnings.filterwarnings("ignore", category=FutureWarning, module="torchrec")
-    env = init_distributed(args.device)
-    logging.basicConfig(
-        level=logging.WARNING,
-        format=f"%(asctime)s [rank {env.rank}] %(name)s: %(message)s",
-        force=True,  # torchrec/fbgemm configure the root logger on import
-    )
-    logging.getLogger("shark_torchrec").setLevel(
-        getattr(logging, args.log_level.upper()) if env.is_main else logging.WARNING
-    )
-    if env.device.type == "cpu":
-        # torchrun puts N ranks on the same cores: give each its share of intra-op threads.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.world_size))
     try:
+        env = init_distributed(args.device)
+        logging.basicConfig(
+            level=logging.WARNING,
+            format=f"%(asctime)s [rank {env.rank}] %(name)s: %(message)s",
+            force=True,  # torchrec/fbgemm configure the root logger on import
+        )
+        logging.getLogger("shark_torchrec").setLevel(
+            getattr(logging, args.log_level.upper()) if env.is_main else logging.WARNING
+        )
+        if env.device.type == "cpu":
+            # torchrun puts N ranks on the same cores: give each its share of intra-op threads.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.world_size))
         result = job(args, env)
+    except (SharkInputError, SystemExit) as e:
+        # No barrier: the other ranks may have failed too, or be waiting in a collective that
+        # will never complete (torchrun ends them once this rank exits non-zero).
+        rank = int(os.environ.get("RANK", 0))
+        world_size = int(os.environ.get("WORLD_SIZE", 1))
+        destroy_distributed()
+        if isinstance(e, SystemExit) and (e.code is None or isinstance(e.code, int)):
+            raise  # a plain exit status: nothing to report
+        if getattr(args, "debug", False):
+            raise
+        error = SharkInputError(str(e.code)) if isinstance(e, SystemExit) else e
+        report_input_error(error, rank=rank if world_size > 1 else None)
+        raise SystemExit(1) from None
     except BaseException:
         destroy_distributed()
         raise
     destroy_distributed(synchronize=True)
     return result
+
+
+def run_or_exit(main: Callable[[], T]) -> T:
+    """``main()`` from a recipe's ``__main__``; when it raises ``SystemExit`` (a parse error,
+    or bad input reported by :func:`run_job`), end the process with that status through
+    :func:`exit_worker` (a message in the ``SystemExit`` printed first), so that a failing
+    rank skips interpreter finalization too.  Bugs propagate with their traceback."""
+    try:
+        return main()
+    except SystemExit as e:
+        _exit_with(e)
+
+
+def _exit_with(e: SystemExit) -> NoReturn:
+    if e.code is None or isinstance(e.code, int):
+        exit_worker(e.code or 0)
+    print(e.code, file=sys.stderr)  # what Python prints for SystemExit("message")
+    exit_worker(1)
