@@ -17,6 +17,7 @@ type it has always been (``ExportError`` and ``OverridesError`` are ``ValueError
     :class:`~shark_torchrec.planning.overrides.OverridesError`  a planner-overrides file
     :class:`~shark_torchrec.export.ExportError`             an export file
     :class:`~shark_torchrec.training.checkpoint.CheckpointError`  a checkpoint directory
+    :class:`~shark_torchrec.pruning.plan.PlanError`         a pruning plan or its file
     :class:`InputFileNotFoundError`                         a path given on the command line
     :class:`FlagError`                                      flags that contradict each other
     ======================================================  ======================================

@@ -17,6 +17,15 @@ from torch import nn
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from shark_torchrec.errors import SharkInputError
+
+
+class MissingFeatureError(SharkInputError, KeyError):
+    """A batch lacks a feature the pruned model needs."""
+
+    def __str__(self) -> str:  # KeyError would print the message quoted
+        return str(self.args[0])
+
 
 def filter_features(kjt: KeyedJaggedTensor, keep: Sequence[str]) -> KeyedJaggedTensor:
     """``kjt`` with only the features in ``keep``, in that order (values, weights and lengths
@@ -28,7 +37,7 @@ def filter_features(kjt: KeyedJaggedTensor, keep: Sequence[str]) -> KeyedJaggedT
     index = {k: i for i, k in enumerate(keys)}
     missing = [f for f in keep if f not in index]
     if missing:
-        raise KeyError(
+        raise MissingFeatureError(
             f"the batch lacks features the pruned model needs: {missing} (batch features: {list(keys)})"
         )
     return kjt.permute([index[f] for f in keep])

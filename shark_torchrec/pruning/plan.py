@@ -21,7 +21,14 @@ from typing import Dict, List, Optional, Sequence
 
 from torchrec.modules.embedding_configs import DATA_TYPE_NUM_BITS, EmbeddingBagConfig
 
+from shark_torchrec.errors import SharkInputError
+
 PLAN_FORMAT = "shark-torchrec/pruning-plan/v1"
+
+
+class PlanError(SharkInputError, ValueError):
+    """A pruning plan, plan file or plan criterion that cannot be used (the message names the
+    file, field or argument)."""
 
 
 def table_bytes(table: EmbeddingBagConfig) -> int:
@@ -54,15 +61,15 @@ class PruningPlan:
     def __post_init__(self) -> None:
         features = self.features
         if len(set(features)) != len(features):
-            raise ValueError("PruningPlan: a feature is listed under two tables")
+            raise PlanError("PruningPlan: a feature is listed under two tables")
         unknown = sorted(set(self.dropped_features) - set(features))
         if unknown:
-            raise ValueError(f"PruningPlan: dropped_features names unknown fields {unknown}")
+            raise PlanError(f"PruningPlan: dropped_features names unknown fields {unknown}")
         if not self.kept_features:
-            raise ValueError("PruningPlan: every field would be dropped; at least one must remain")
+            raise PlanError("PruningPlan: every field would be dropped; at least one must remain")
         clash = sorted(set(self.protected) & set(self.dropped_features))
         if clash:
-            raise ValueError(f"PruningPlan: protected fields are dropped: {clash}")
+            raise PlanError(f"PruningPlan: protected fields are dropped: {clash}")
 
     # ------------------------------------------------------------------ views
     @property
@@ -137,7 +144,7 @@ class PruningPlan:
             )
         elif not problems:
             problems.append("tables serve different features")
-        raise ValueError("pruning plan does not match the model: " + "; ".join(problems))
+        raise PlanError("pruning plan does not match the model: " + "; ".join(problems))
 
     # ------------------------------------------------------------------ JSON
     def to_json(self) -> str:
@@ -152,21 +159,21 @@ class PruningPlan:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{source}: not a JSON pruning plan ({e})") from e
+            raise PlanError(f"{source}: not a JSON pruning plan ({e})") from e
         if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
-            raise ValueError(f"{source}: not a pruning plan (format must be {PLAN_FORMAT!r})")
+            raise PlanError(f"{source}: not a pruning plan (format must be {PLAN_FORMAT!r})")
         data.pop("format")
         required = {"tables", "table_bytes", "dropped_features"}
         missing = sorted(required - set(data))
         if missing:
-            raise ValueError(f"{source}: pruning plan lacks {missing}")
+            raise PlanError(f"{source}: pruning plan lacks {missing}")
         unknown = sorted(set(data) - set(PruningPlan.__dataclass_fields__))
         if unknown:
-            raise ValueError(f"{source}: unknown keys in pruning plan: {unknown}")
+            raise PlanError(f"{source}: unknown keys in pruning plan: {unknown}")
         try:
             return PruningPlan(**data)
         except ValueError as e:
-            raise ValueError(f"{source}: {e}") from e
+            raise PlanError(f"{source}: {e}") from e
 
     @staticmethod
     def load(path: str) -> "PruningPlan":
@@ -196,40 +203,40 @@ def choose_plan(
                 {"keep": keep, "drop_fraction": drop_fraction, "byte_target": byte_target}.items()
                 if v is not None}
     if len(criteria) != 1:
-        raise ValueError(f"choose exactly one of keep, drop_fraction, byte_target (got {criteria})")
+        raise PlanError(f"choose exactly one of keep, drop_fraction, byte_target (got {criteria})")
     table_map = {t.name: list(t.feature_names) for t in tables}
     features = [f for fs in table_map.values() for f in fs]
     unknown = sorted(set(scores) - set(features))
     missing = [f for f in features if f not in scores]
     if unknown or missing:
-        raise ValueError(f"scores do not match the model's fields: unknown {unknown}, missing {missing}")
+        raise PlanError(f"scores do not match the model's fields: unknown {unknown}, missing {missing}")
     bad = sorted(f for f, v in scores.items() if not math.isfinite(v))
     if bad:
-        raise ValueError(f"scores are not finite for fields {bad}")
+        raise PlanError(f"scores are not finite for fields {bad}")
     unknown_protected = sorted(set(protected) - set(features))
     if unknown_protected:
-        raise ValueError(f"protected names unknown fields {unknown_protected}")
+        raise PlanError(f"protected names unknown fields {unknown_protected}")
     candidates = sorted((f for f in features if f not in set(protected)),
                         key=lambda f: (scores[f], f))  # lowest first
     sizes = {t.name: table_bytes(t) for t in tables}
     F = len(features)
     if keep is not None:
         if not 1 <= keep <= F:
-            raise ValueError(f"keep must be in [1, {F}], got {keep}")
+            raise PlanError(f"keep must be in [1, {F}], got {keep}")
         n_drop = F - keep
         if n_drop > len(candidates):
-            raise ValueError(
+            raise PlanError(
                 f"keep={keep} needs dropping {n_drop} fields but only {len(candidates)} are not "
                 f"protected"
             )
         dropped = candidates[:n_drop]
     elif drop_fraction is not None:
         if not 0 <= drop_fraction < 1:
-            raise ValueError(f"drop_fraction must be in [0, 1), got {drop_fraction}")
+            raise PlanError(f"drop_fraction must be in [0, 1), got {drop_fraction}")
         dropped = candidates[: min(int(math.floor(drop_fraction * F)), len(candidates))]
     else:
         if byte_target < 0:
-            raise ValueError(f"byte_target must be >= 0, got {byte_target}")
+            raise PlanError(f"byte_target must be >= 0, got {byte_target}")
         dropped = []
 
         def needed(drop: List[str]) -> int:
@@ -243,7 +250,7 @@ def choose_plan(
                 break
             dropped.append(f)
         if needed(dropped) > byte_target:
-            raise ValueError(
+            raise PlanError(
                 f"byte_target {byte_target} cannot be reached: {needed(dropped)} bytes remain "
                 f"after dropping every unprotected field but one"
             )
