@@ -33,6 +33,14 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from shark_torchrec.cli_args import (
+    existing_dir,
+    fraction,
+    nonnegative_int,
+    positive_int,
+    tier_fractions,
+    unit_fraction,
+)
 from shark_torchrec.export import export_model
 from shark_torchrec.evaluation import paired_compare
 from shark_torchrec.importance import (
@@ -51,6 +59,7 @@ from shark_torchrec.training.checkpoint import CheckpointManager
 from shark_torchrec.training.distributed import DistEnv, run_job
 from shark_torchrec.training.gather import full_state_dict
 from shark_torchrec.training.model import build_dlrm_train
+from shark_torchrec.training.datasets import require_rows
 from shark_torchrec.training.train_dlrm import (
     build_parser as build_train_parser,
     data_spec_from_args,
@@ -72,25 +81,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.description = "SHARK on a DLRM: train, prune fields, fine-tune, row-wise mixed precision, export."
     g = p.add_argument_group("SHARK")
     c = g.add_mutually_exclusive_group()
-    c.add_argument("--keep_fields", type=int, help="fields kept by pruning")
-    c.add_argument("--drop_fraction", type=float, help="fraction of fields pruned (default 0.25)")
+    c.add_argument("--keep_fields", type=positive_int, help="fields kept by pruning")
+    c.add_argument("--drop_fraction", type=fraction, help="fraction of fields pruned, in [0, 1) (default 0.25)")
     g.add_argument("--prune_baseline", choices=BASELINES, default="mean")
-    g.add_argument("--finetune_epochs", type=int, default=1)
-    g.add_argument("--finetune_fraction", type=float, default=0.25,
+    g.add_argument("--finetune_epochs", type=nonnegative_int, default=1)
+    g.add_argument("--finetune_fraction", type=fraction, default=0.25,
                    help="last fraction of the train split kept from training, to fine-tune the "
                    "pruned model on data it has not seen (0: fine-tune on the training data)")
-    g.add_argument("--prune_rounds", type=int, default=0,
+    g.add_argument("--prune_rounds", type=nonnegative_int, default=0,
                    help="iterative pruning: rounds of (score --score_batches steps → drop → "
                    "fine-tune --finetune_steps steps) down to --keep_fields (0: one-shot)")
-    g.add_argument("--score_batches", type=int, default=20)
-    g.add_argument("--finetune_steps", type=int, default=20)
+    g.add_argument("--score_batches", type=positive_int, default=20)
+    g.add_argument("--finetune_steps", type=positive_int, default=20)
     q = g.add_mutually_exclusive_group()
-    q.add_argument("--quant_budget_fraction", type=float,
+    q.add_argument("--quant_budget_fraction", type=unit_fraction,
                    help="embedding bytes after quantization, as a fraction of the pruned fp32 "
                    "bytes (default 0.25)")
-    q.add_argument("--quant_fractions",
+    q.add_argument("--quant_fractions", type=tier_fractions,
                    help="row fractions per tier instead of a budget, e.g. fp16=0.1,int8=0.3,int4=0.6")
-    g.add_argument("--init_from", metavar="DIR",
+    g.add_argument("--init_from", metavar="DIR", type=existing_dir,
                    help="start from the newest checkpoint of a recipes/train_dlrm.py run (same "
                    "model flags); the train stage then trains --epochs more with the trackers")
     g.add_argument("--stop_after", choices=STAGES, help="stop after this stage (resume later)")
@@ -151,6 +160,7 @@ def _train_epochs(trainer: DLRMTrainer, spec, args, env, epochs: int, part: rang
 def _parts(spec, args, env) -> Dict[str, range]:
     """Global train batches for training and for fine-tuning (fresh data, as when a model in
     production keeps learning from new logs)."""
+    require_rows(spec, args, env.world_size)  # an empty split is an error naming its files
     total = spec.train_batches(args.batch_size * env.world_size, args.limit_train_batches)
     held = int(round(total * args.finetune_fraction))
     if not 0 <= held < total:
@@ -301,6 +311,10 @@ def _run(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
             model.eval()
             metrics = _evaluate_local(model, spec, args, kept_features, env.world_size)
             mixed = model.model.sparse_arch.embedding_bag_collection
+            os.makedirs(os.path.join(out, "quantize"), exist_ok=True)
+            # Every row's tier (TIER_ORDER index), e.g. to score the tiers against a ground truth.
+            torch.save({t: v.to(torch.int8) for t, v in mixed.assignment.tiers.items()},
+                       os.path.join(out, "quantize", "row_tiers.pt"))
             fp32_bytes = sum(t.num_embeddings * t.embedding_dim * 4 for t in config.tables())
             metrics["embedding_bytes"] = mixed.memory_report()["total_bytes"]
             metrics["fp32_embedding_bytes"] = fp32_bytes
@@ -446,24 +460,34 @@ def _write_report(out, report, done, pdone, metrics, mixed, priorities, config, 
 
 @torch.no_grad()
 def _lookup_speed(fp32_ebc, mixed, spec, args, kept) -> float:
-    """Throughput of the compressed collection over the uncompressed one on the test batches
-    (median of 5 timed passes each, alternating)."""
+    """Throughput of the compressed collection over the uncompressed one on the test batches.
+
+    Both read the same batches as they come (the compressed one ignores the pruned features,
+    as TorchRec's collections do).  Batches are timed one at a time, the two collections
+    alternating, with Python's garbage collector paused (it would fire inside whichever
+    collection allocates next): the ratio of the median per-batch times over 7 passes, the
+    first a warm-up."""
+    import gc
     import statistics
     import time
 
     ds = spec.dataset("test", args.test_batch_size or args.batch_size, 0, 1,
                       max_batches=args.limit_test_batches)
-    full = [b.sparse_features for b in spec.batches(ds, 0)]
-    small = [k.permute([k.keys().index(f) for f in kept]) for k in full]
+    batches = [b.sparse_features for b in spec.batches(ds, 0)]
     times = {"fp32": [], "mixed": []}
-    for _ in range(6):
-        for name, module, inputs in (("fp32", fp32_ebc, full), ("mixed", mixed, small)):
-            t0 = time.perf_counter()
-            for kjt in inputs:
-                module(kjt)
-            times[name].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v[1:]) for k, v in times.items()}  # first pass warms up
-    return med["fp32"] / med["mixed"]
+    for p in range(7):
+        gc.collect()
+        gc.disable()
+        try:
+            for kjt in batches:
+                for name, module in (("fp32", fp32_ebc), ("mixed", mixed)):
+                    t0 = time.perf_counter()
+                    module(kjt)
+                    if p:
+                        times[name].append(time.perf_counter() - t0)
+        finally:
+            gc.enable()
+    return statistics.median(times["fp32"]) / statistics.median(times["mixed"])
 
 
 @torch.no_grad()

@@ -250,3 +250,88 @@ def test_reader_streams_with_bounded_memory(tmp_path: Path) -> None:
 
     small, big = peak(2_000), peak(20_000)
     assert big < 1.5 * small  # 10x the lines, not 10x the memory
+
+
+# ------------------------------------------------------------------ encodings per column
+def test_int_and_vocabulary_encodings(tmp_path: Path) -> None:
+    path = tmp_path / "log.tsv"
+    path.write_text("label\tuser\tcity\tcolour\n"
+                    "1\t7\tparis\tred\n"
+                    "0\t12\tlyon\tblue\n"
+                    "1\t3\t\tred\n")
+    schema = ClickLogSchema(label="label", dense=[], categorical=["user", "city", "colour"],
+                            delimiter="\t", encodings={"user": "int"},
+                            vocabularies={"city": ["paris", "berlin"]})
+    (b,) = list(ClickLogDataset(path, schema, {"user": 10, "city": 3, "colour": 50}, batch_size=8))
+    kjt = b.sparse_features
+    assert kjt["user"].values().tolist() == [7, 12 % 10, 3]
+    # paris is row 0; lyon (not listed) and the missing value ("0") share the extra row 2.
+    assert kjt["city"].values().tolist() == [0, 2, 2]
+    h = [int.from_bytes(hashlib.blake2b(v.encode(), digest_size=8).digest(), "little") % 50
+         for v in ("red", "blue", "red")]
+    assert kjt["colour"].values().tolist() == h
+
+
+def test_int_encoding_rejects_non_integers_and_small_vocabulary_tables(tmp_path: Path) -> None:
+    path = tmp_path / "log.csv"
+    path.write_text("click,user\n1,7\n0,7.5\n")
+    schema = ClickLogSchema(label="click", dense=[], categorical=["user"], categorical_encoding="int")
+    with pytest.raises(MalformedLineError, match=r"log\.csv:3: column 'user' is not a decimal integer: '7\.5'"):
+        list(ClickLogDataset(path, schema, 10, 4))
+    vocab = ClickLogSchema(label="click", dense=[], categorical=["user"], vocabularies={"user": ["7", "8"]})
+    with pytest.raises(ValueError, match="vocabulary of 2 values, so it needs num_embeddings >= 3"):
+        ClickLogDataset(path, vocab, 2, 4)
+    with pytest.raises(ValueError, match="encodings\\['user'\\] must be one of"):
+        ClickLogSchema(label="click", dense=[], categorical=["user"], encodings={"user": "octal"})
+
+
+# ------------------------------------------------------------------ damaged files
+def _gz_lines(n: int) -> bytes:
+    return gzip.compress("".join(_criteo_line(i % 2, cats=[f"{i:x}"] * 26) + "\n"
+                                 for i in range(n)).encode())
+
+
+def test_truncated_gzip_names_the_file_and_the_last_line(tmp_path: Path) -> None:
+    whole = _gz_lines(3000)
+    path = tmp_path / "day_0.gz"
+    path.write_bytes(whole[: len(whole) // 2])
+    # Independent reference: the complete lines gzip hands out before it fails.
+    complete = 0
+    with gzip.open(path, "rt") as f:
+        try:
+            for line in f:
+                complete += line.endswith("\n")
+        except EOFError:
+            pass
+    assert 0 < complete < 3000
+    with pytest.raises(MalformedLineError) as e:
+        list(criteo_dataset(path, 100, 64))
+    assert f"{path}: the compressed file is truncated: reading stopped after line {complete} " in str(e.value)
+    # --skip_malformed: every complete line is read, the damage is counted once.
+    ds = criteo_dataset(path, 100, 64, skip_malformed=True)
+    assert len(_rows(ds)) == complete
+    assert ds.malformed.count == 1 and "truncated" in ds.malformed.examples[0]
+    assert ds.count_rows() == complete
+
+
+def test_file_that_is_not_gzip_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "train.tsv.gz"
+    path.write_text(_criteo_line() + "\n")
+    with pytest.raises(MalformedLineError, match=r"train\.tsv\.gz: the file cannot be read: reading "
+                                                 r"stopped before its first line: BadGzipFile"):
+        list(criteo_dataset(path, 100, 4))
+    header = ClickLogSchema(label="click", dense=[], categorical=["x"])  # reads a header first
+    with pytest.raises(MalformedLineError, match=r"train\.tsv\.gz: the file cannot be read"):
+        ClickLogDataset(path, header, 10, 4)
+
+
+def test_line_filter_keeps_only_the_chosen_lines(tmp_path: Path) -> None:
+    path = tmp_path / "a.csv"
+    path.write_text("click,x\n" + "".join(f"{i % 2},v{i}\n" for i in range(10)))
+    schema = ClickLogSchema(label="click", dense=[], categorical=["x"])
+    ds = ClickLogDataset(path, schema, 1000, 3, line_filter=lambda p, n: n % 3 == 0)
+    # Line numbers count the header (line 1): lines 3, 6, 9 hold v1, v4, v7.
+    ids = [v for b in ds for v in b.sparse_features["x"].values().tolist()]
+    h = [int.from_bytes(hashlib.blake2b(f"v{i}".encode(), digest_size=8).digest(), "little") % 1000
+         for i in (1, 4, 7)]
+    assert ids == h and ds.count_rows() == 3 and ds.count_rows(limit=2) == 2

@@ -6,7 +6,11 @@ features, labels), split between ranks and data-loader workers the same way
 (:mod:`shark_torchrec.data.batching`):
 
 * :class:`ClickLogDataset` streams delimited files described by a :class:`ClickLogSchema`;
-  :data:`CRITEO_SCHEMA` (Criteo Kaggle / 1TB) and :data:`AVAZU_SCHEMA` are presets.
+  :data:`CRITEO_SCHEMA` (Criteo Kaggle / 1TB) and :data:`AVAZU_SCHEMA` are presets, and
+  :func:`load_schema_file` reads your own from a YAML/JSON file (:mod:`.schema_file`).
+  :class:`LineSplit` splits one set of files into train/validation/test by a seeded hash.
+* :mod:`shark_torchrec.data.movielens` converts MovieLens-100K (fetched with pip) into click
+  logs plus their schema file (``--data ml100k``).
 * :class:`SyntheticClickDataset` generates Zipf-distributed click data with planted
   informative fields (the built-in default); :func:`criteo_config` is a Criteo-shaped benchmark
   layout whose true field and row importances are known (:func:`true_field_importance`,
@@ -26,6 +30,8 @@ from shark_torchrec.data.schema import (
     CRITEO_SCHEMA,
     ClickLogSchema,
 )
+from shark_torchrec.data.schema_file import SchemaFile, SchemaFileError, load_schema_file
+from shark_torchrec.data.splits import LineSplit
 from shark_torchrec.data.synthetic import (
     SyntheticClickDataset,
     SyntheticConfig,
@@ -40,13 +46,17 @@ __all__ = [
     "CRITEO_SCHEMA",
     "ClickLogDataset",
     "ClickLogSchema",
+    "LineSplit",
     "MalformedLineError",
+    "SchemaFile",
+    "SchemaFileError",
     "SyntheticClickDataset",
     "SyntheticConfig",
     "SyntheticField",
     "avazu_dataset",
     "criteo_config",
     "criteo_dataset",
+    "load_schema_file",
     "local_slice",
     "make_batch",
     "make_dataloader",

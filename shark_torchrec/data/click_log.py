@@ -15,8 +15,9 @@ import itertools
 import logging
 import math
 import os
+import zlib
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -31,13 +32,14 @@ from shark_torchrec.data.batching import (
     worker_shard,
 )
 from shark_torchrec.data.schema import AVAZU_SCHEMA, CRITEO_SCHEMA, ClickLogSchema
+from shark_torchrec.errors import SharkInputError
 
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-class MalformedLineError(ValueError):
+class MalformedLineError(SharkInputError, ValueError):
     """A line of a click log that does not fit its schema; the message names file and line."""
 
 
@@ -52,6 +54,21 @@ class MalformedLineStats:
         self.count += 1
         if len(self.examples) < 5:
             self.examples.append(message)
+
+
+#: What reading a damaged file raises: a truncated ``.gz`` (``EOFError``), a file that is not
+#: gzip at all (``gzip.BadGzipFile``, an ``OSError``), corrupt deflate data (``zlib.error``),
+#: bytes that are not UTF-8 (``UnicodeDecodeError``).  None of them names the file.
+_READ_ERRORS = (EOFError, OSError, zlib.error, UnicodeDecodeError)
+
+
+def _unreadable(path: str, after_line: int, error: BaseException) -> MalformedLineError:
+    what = {
+        EOFError: "the compressed file is truncated",
+        UnicodeDecodeError: "the bytes are not UTF-8 text",
+    }.get(type(error), "the file cannot be read")
+    last = f"after line {after_line} (the last line read)" if after_line else "before its first line"
+    return MalformedLineError(f"{path}: {what}: reading stopped {last}: {type(error).__name__}: {error}")
 
 
 def open_text(path: PathLike) -> io.TextIOBase:
@@ -73,7 +90,10 @@ class _FileLayout:
     def __init__(
         self, schema: ClickLogSchema, columns: Sequence[str], source: str, has_header: bool
     ) -> None:
-        schema.check_columns(columns, source)
+        try:
+            schema.check_columns(columns, f"{source}:1 (the header line)" if has_header else source)
+        except ValueError as e:  # the file's header does not fit the schema: bad input
+            raise MalformedLineError(str(e)) from None
         self.has_header = has_header
         pos = {c: i for i, c in enumerate(columns)}
         self.num_columns = len(columns)
@@ -103,6 +123,13 @@ class ClickLogDataset(IterableDataset):
         max_batches: stop after this many global batches (counted from 0, not from
             ``start_batch``).
         id_dtype: ``torch.int64`` or ``torch.int32`` for the ``KeyedJaggedTensor``.
+        line_filter: keep only the data lines for which ``line_filter(path, line_number)`` is
+            true (e.g. one part of a seeded split, :class:`~shark_torchrec.data.splits.LineSplit`);
+            global batches are made of the kept lines.
+
+    A file that cannot be read to its end (a truncated ``.gz``, bytes that are not UTF-8)
+    raises :class:`MalformedLineError` naming the file and the last line read; with
+    ``skip_malformed`` the rest of that file is skipped and counted as one malformed entry.
 
     After iterating in the main process (``num_workers=0``), :attr:`malformed` holds the
     count and first examples of skipped lines; in workers, each worker logs its own count.
@@ -121,6 +148,7 @@ class ClickLogDataset(IterableDataset):
         start_batch: int = 0,
         max_batches: Optional[int] = None,
         id_dtype: torch.dtype = torch.int64,
+        line_filter: Optional[Callable[[str, int], bool]] = None,
     ) -> None:
         super().__init__()
         self.paths = [os.fspath(paths)] if isinstance(paths, (str, os.PathLike)) else [
@@ -147,6 +175,18 @@ class ClickLogDataset(IterableDataset):
         self.start_batch = start_batch
         self.max_batches = max_batches
         self.id_dtype = id_dtype
+        self.line_filter = line_filter
+        self._kinds = [schema.encoding_of(c) for c in schema.sparse_columns]
+        self._vocab: List[Optional[Dict[str, int]]] = [
+            {v: i for i, v in enumerate(schema.vocabularies[c])} if c in schema.vocabularies else None
+            for c in schema.sparse_columns
+        ]
+        for name, vocab, n in zip(self.keys, self._vocab, self.num_embeddings):
+            if vocab is not None and n < len(vocab) + 1:
+                raise ValueError(
+                    f"ClickLogDataset: feature {name!r} has a vocabulary of {len(vocab)} values, "
+                    f"so it needs num_embeddings >= {len(vocab) + 1} (one row for other values), got {n}"
+                )
         self.malformed = MalformedLineStats()
         self._layouts: Dict[str, _FileLayout] = {}
         for p in self.paths:  # fail fast on a schema/header mismatch, before any worker starts
@@ -158,8 +198,11 @@ class ClickLogDataset(IterableDataset):
             has_header = self.schema.has_header
             columns = list(self.schema.column_names or [])
             if has_header:
-                with open_text(path) as f:
-                    first = f.readline().rstrip("\r\n").split(self.schema.delimiter)
+                try:
+                    with open_text(path) as f:
+                        first = f.readline().rstrip("\r\n").split(self.schema.delimiter)
+                except _READ_ERRORS as e:
+                    raise _unreadable(path, 0, e) from e
                 if has_header == "auto":
                     has_header = self.schema.label in first
                 elif first == [""]:
@@ -169,22 +212,57 @@ class ClickLogDataset(IterableDataset):
             self._layouts[path] = _FileLayout(self.schema, columns, path, bool(has_header))
         return self._layouts[path]
 
-    def _lines(self) -> Iterator[Tuple[str, int, str, _FileLayout]]:
-        """Every data line as ``(path, line_number, text, layout)``."""
+    def _lines(
+        self, stats: Optional[MalformedLineStats] = None
+    ) -> Iterator[Tuple[str, int, str, _FileLayout]]:
+        """Every kept data line as ``(path, line_number, text, layout)``.
+
+        A file that breaks off (see :data:`_READ_ERRORS`) raises :class:`MalformedLineError`,
+        or, with ``skip_malformed``, is counted in ``stats`` and left for the next file.
+        """
+        keep = self.line_filter
         for path in self.paths:
             layout = self._layout(path)
-            with open_text(path) as f:
-                first = 2 if layout.has_header else 1
-                if layout.has_header:
-                    f.readline()
-                for lineno, line in enumerate(f, start=first):
-                    line = line.rstrip("\r\n")
-                    if line:
-                        yield path, lineno, line, layout
+            lineno = 0
+            try:
+                with open_text(path) as f:
+                    if layout.has_header:
+                        f.readline()
+                        lineno = 1
+                    for line in f:
+                        lineno += 1
+                        line = line.rstrip("\r\n")
+                        if line and (keep is None or keep(path, lineno)):
+                            yield path, lineno, line, layout
+            except _READ_ERRORS as e:
+                # Only complete lines were yielded: a line the damage cut short is never handed
+                # out (the text layer raises before it has a line end).
+                error = _unreadable(path, lineno, e)
+                if not self.skip_malformed:
+                    raise error from e
+                logger.warning("%s; skipping the rest of the file", error)
+                if stats is not None:
+                    stats.add(str(error))
+
+    def count_rows(self, limit: Optional[int] = None) -> int:
+        """Data lines of all files (after ``line_filter``), counted without parsing them;
+        with ``limit``, counting stops there (a cheap "are there at least ``limit``?")."""
+        n = 0
+        for _ in self._lines(MalformedLineStats()):
+            n += 1
+            if limit is not None and n >= limit:
+                break
+        return n
 
     # ------------------------------------------------------------------ parsing
     def _encode(self, value: str, feature: int, path: str, lineno: int) -> int:
-        if self.schema.categorical_encoding == "hex":
+        kind = self._kinds[feature]
+        if kind == "hash":
+            raw = _hash_value(value)
+        elif kind == "vocab":
+            vocab = self._vocab[feature]
+            return vocab.get(value, len(vocab))  # one row for every value outside the vocabulary
+        elif kind == "hex":
             try:
                 raw = int(value, 16)
             except ValueError:
@@ -192,8 +270,14 @@ class ClickLogDataset(IterableDataset):
                     f"{path}:{lineno}: column {self.schema.sparse_columns[feature]!r} is not "
                     f"hexadecimal: {value!r}"
                 ) from None
-        else:
-            raw = _hash_value(value)
+        else:  # "int"; int() alone would also take " 7", "+7" and "1_000"
+            digits = value[1:] if value[:1] == "-" else value
+            if not (digits.isascii() and digits.isdigit()):
+                raise MalformedLineError(
+                    f"{path}:{lineno}: column {self.schema.sparse_columns[feature]!r} is not "
+                    f"a decimal integer: {value!r}"
+                )
+            raw = int(value)
         return raw % self.num_embeddings[feature]
 
     def _parse(self, path: str, lineno: int, line: str, layout: _FileLayout):
@@ -258,7 +342,7 @@ class ClickLogDataset(IterableDataset):
         worker, num_workers = worker_shard()
         global_size = self.batch_size * self.world_size
         stats = MalformedLineStats()
-        lines = self._lines()
+        lines = self._lines(stats)
         g = 0
         while self.max_batches is None or g < self.max_batches:
             chunk = list(itertools.islice(lines, global_size))

@@ -12,6 +12,14 @@ How a categorical value becomes an embedding row (``categorical_encoding``):
 * ``"hash"``: the value's bytes are hashed with BLAKE2b (8 bytes, keyed by nothing, so the
   mapping is stable across processes, machines and Python versions, unlike ``hash()``) and
   the hash is taken modulo ``num_embeddings``.
+* ``"int"``: the value is a decimal integer (an id the data already carries), taken modulo
+  ``num_embeddings``: ids below ``num_embeddings`` get a row of their own, without collisions.
+* ``"vocab"``: the column has a vocabulary (``vocabularies[column]``, a list of values): value
+  ``vocabulary[i]`` is row ``i`` and any other value the one row after them,
+  ``len(vocabulary)`` (out of vocabulary), so ``num_embeddings`` must be at least
+  ``len(vocabulary) + 1``.  A column with a vocabulary is always encoded this way.
+
+``categorical_encoding`` is the default; ``encodings`` sets it per column.
 
 A missing categorical value (empty string) becomes the row of the value ``"0"`` under the
 encoding in use (row 0 for ``"hex"``), as in TorchRec's Criteo preprocessing; with
@@ -26,7 +34,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Union
 
-_ENCODINGS = ("hex", "hash")
+_ENCODINGS = ("hex", "hash", "int", "vocab")
 _DENSE_TRANSFORMS = ("log1p", "none")
 
 
@@ -45,12 +53,15 @@ class ClickLogSchema:
             none does, ``"auto"`` if a file has a header exactly when its first line holds
             the label column's name (files without one use ``column_names``).
         column_names: the columns, in file order, for files without a header.
-        categorical_encoding: ``"hex"`` or ``"hash"`` (see the module docstring).
+        categorical_encoding: ``"hex"``, ``"hash"``, ``"int"`` or ``"vocab"`` for every sparse
+            column without an entry in ``encodings`` (see the module docstring).
         dense_transform: ``"log1p"`` or ``"none"``.
         missing_as_empty: a missing categorical value is an empty bag instead of row 0.
         feature_names: optional names for the sparse features in the produced
             ``KeyedJaggedTensor``, one per categorical then multi-valued column (defaults to
             the column names).
+        encodings: per sparse column, an encoding that replaces ``categorical_encoding``.
+        vocabularies: per sparse column, its list of values (``"vocab"`` encoding).
     """
 
     label: str
@@ -64,6 +75,8 @@ class ClickLogSchema:
     dense_transform: str = "log1p"
     missing_as_empty: bool = False
     feature_names: Optional[Sequence[str]] = None
+    encodings: Dict[str, str] = field(default_factory=dict)
+    vocabularies: Dict[str, Sequence[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.categorical_encoding not in _ENCODINGS:
@@ -101,8 +114,42 @@ class ClickLogSchema:
                     f"ClickLogSchema.multi_valued[{col!r}]: separator {sep!r} must be non-empty "
                     f"and differ from the delimiter"
                 )
+        for what, per_column in (("encodings", self.encodings), ("vocabularies", self.vocabularies)):
+            unknown = sorted(set(per_column) - set(self.sparse_columns))
+            if unknown:
+                raise ValueError(
+                    f"ClickLogSchema.{what}: {unknown} are not sparse columns "
+                    f"(sparse columns: {self.sparse_columns})"
+                )
+        for col, enc in self.encodings.items():
+            if enc not in _ENCODINGS:
+                raise ValueError(
+                    f"ClickLogSchema.encodings[{col!r}] must be one of {_ENCODINGS}, got {enc!r}"
+                )
+        for col, vocab in self.vocabularies.items():
+            if isinstance(vocab, str) or not vocab or not all(isinstance(v, str) for v in vocab):
+                raise ValueError(
+                    f"ClickLogSchema.vocabularies[{col!r}] must be a non-empty list of strings"
+                )
+            if len(set(vocab)) < len(vocab):
+                dupes = sorted({v for v in vocab if list(vocab).count(v) > 1})
+                raise ValueError(f"ClickLogSchema.vocabularies[{col!r}]: values listed twice: {dupes}")
+        for col in self.sparse_columns:
+            if self.encoding_of(col) == "vocab" and col not in self.vocabularies:
+                raise ValueError(f"ClickLogSchema: column {col!r} is encoded 'vocab' but has no vocabulary")
+            if col in self.vocabularies and self.encodings.get(col, "vocab") != "vocab":
+                raise ValueError(
+                    f"ClickLogSchema: column {col!r} has a vocabulary but encodings[{col!r}] is "
+                    f"{self.encodings[col]!r}"
+                )
         if self.column_names is not None:
             self.check_columns(self.column_names, source="ClickLogSchema.column_names")
+
+    def encoding_of(self, column: str) -> str:
+        """How the values of sparse ``column`` become rows (see the module docstring)."""
+        if column in self.vocabularies:
+            return "vocab"
+        return self.encodings.get(column, self.categorical_encoding)
 
     @property
     def sparse_columns(self) -> List[str]:

@@ -15,12 +15,14 @@ import logging
 import os
 from typing import Dict, List, Optional, Sequence
 
+from shark_torchrec.cli_args import existing_dir, existing_file, fraction, nonnegative_int, positive_int
 from shark_torchrec.importance import BASELINES
 from shark_torchrec.planning import load_overrides
 from shark_torchrec.pruning.plan import PruningPlan, choose_plan, table_bytes
 from shark_torchrec.pruning.sharded import PruningRound, iterative_prune, prune_trainer, pruned_config
 from shark_torchrec.training.checkpoint import CheckpointManager
 from shark_torchrec.training.distributed import DistEnv, run_job
+from shark_torchrec.training.datasets import require_rows
 from shark_torchrec.training.train_dlrm import (
     FIELD_SCORES_FILE,
     build_parser as build_train_parser,
@@ -42,21 +44,21 @@ def build_parser() -> argparse.ArgumentParser:
         "flags), fine-tune the smaller model sharded, and evaluate it."
     )
     g = p.add_argument_group("pruning")
-    g.add_argument("--from_run", required=True,
+    g.add_argument("--from_run", required=True, type=existing_dir,
                    help="output directory of the train_dlrm.py run to prune")
-    g.add_argument("--scores", help=f"field scores JSON (default: FROM_RUN/{FIELD_SCORES_FILE})")
-    g.add_argument("--plan", help="apply this saved pruning plan instead of choosing one")
+    g.add_argument("--scores", type=existing_file, help=f"field scores JSON (default: FROM_RUN/{FIELD_SCORES_FILE})")
+    g.add_argument("--plan", type=existing_file, help="apply this saved pruning plan instead of choosing one")
     c = g.add_mutually_exclusive_group()
-    c.add_argument("--keep_fields", type=int, help="keep this many fields")
-    c.add_argument("--drop_fraction", type=float, help="drop this fraction of the fields")
-    c.add_argument("--byte_target", type=int, help="embedding-table bytes to reach")
+    c.add_argument("--keep_fields", type=positive_int, help="keep this many fields")
+    c.add_argument("--drop_fraction", type=fraction, help="drop this fraction of the fields, in [0, 1)")
+    c.add_argument("--byte_target", type=nonnegative_int, help="embedding-table bytes to reach")
     g.add_argument("--protect", default="", help="comma-separated fields never dropped")
-    g.add_argument("--finetune_epochs", type=int, default=1)
-    g.add_argument("--rounds", type=int, default=0,
+    g.add_argument("--finetune_epochs", type=nonnegative_int, default=1)
+    g.add_argument("--rounds", type=nonnegative_int, default=0,
                    help="iterative pruning: rounds of (score → drop → fine-tune); "
                    "needs --keep_fields")
-    g.add_argument("--score_batches", type=int, default=20, help="scoring steps per round")
-    g.add_argument("--finetune_steps", type=int, default=20, help="fine-tuning steps per round")
+    g.add_argument("--score_batches", type=positive_int, default=20, help="scoring steps per round")
+    g.add_argument("--finetune_steps", type=positive_int, default=20, help="fine-tuning steps per round")
     g.add_argument("--prune_baseline", choices=BASELINES, default="mean",
                    help="SHARK baseline used by the iterative rounds")
     return p
@@ -100,6 +102,7 @@ def _protected(args: argparse.Namespace, tables) -> List[str]:
 
 def _run(args: argparse.Namespace, env: DistEnv) -> Dict:
     spec = data_spec_from_args(args)
+    require_rows(spec, args, env.world_size, train=args.finetune_epochs > 0 or args.rounds > 0)
     config = model_config_from_args(args, spec)
     trainer = DLRMTrainer(config, optim_config_from_args(args), env, args.batch_size, seed=args.seed)
     source = CheckpointManager(os.path.join(args.from_run, "checkpoints"), fingerprint(args, config))

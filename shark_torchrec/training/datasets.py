@@ -1,4 +1,12 @@
-"""Choosing train/test data for a recipe from ``--data`` and its options."""
+"""Choosing train/test data for a recipe from ``--data`` and its options.
+
+``--data`` is one of :data:`DATASETS`: ``synthetic`` (generated), ``criteo`` and ``avazu``
+(their preset layouts), ``csv`` (your own click logs, laid out by ``--schema FILE``, see
+:mod:`shark_torchrec.data.schema_file`) and ``ml100k`` (MovieLens-100K converted by
+:mod:`shark_torchrec.data.movielens`).  A :class:`DataSpec` says what a recipe trains and
+tests on; :func:`require_rows` stops a recipe whose splits are empty before it trains or
+evaluates.
+"""
 
 from __future__ import annotations
 
@@ -19,8 +27,10 @@ from shark_torchrec.data import (
     SyntheticConfig,
     make_dataloader,
 )
+from shark_torchrec.data.splits import LineSplit
+from shark_torchrec.errors import InputFileNotFoundError, SharkInputError
 
-DATASETS = ("synthetic", "criteo", "avazu")
+DATASETS = ("synthetic", "criteo", "avazu", "csv", "ml100k")
 SCHEMAS = {"criteo": CRITEO_SCHEMA, "avazu": AVAZU_SCHEMA}
 _SPLIT_PATTERNS = {
     "train": ["train.*", "train", "day_[0-9]*"],
@@ -36,14 +46,14 @@ def find_split_files(data_path: str, split: str) -> List[str]:
     """Files of a split in ``data_path``: ``train.*``/``test.*`` (``.tsv``, ``.txt``,
     ``.csv``, optionally ``.gz``).  Criteo 1TB ``day_N`` files count as train files."""
     if not os.path.isdir(data_path):
-        raise FileNotFoundError(f"--data_path {data_path}: not a directory")
+        raise InputFileNotFoundError(f"--data_path {data_path}: not a directory")
     for pattern in _SPLIT_PATTERNS[split]:
         files = sorted(
             p for p in glob.glob(os.path.join(data_path, pattern)) if os.path.isfile(p)
         )
         if files:
             return files
-    raise FileNotFoundError(
+    raise InputFileNotFoundError(
         f"--data_path {data_path}: no {split} files (looked for {_SPLIT_PATTERNS[split]}); "
         f"name them with --{split}_files"
     )
@@ -54,7 +64,7 @@ def expand_files(patterns: Sequence[str], flag: str) -> List[str]:
     for p in patterns:
         hits = sorted(glob.glob(p))
         if not hits:
-            raise FileNotFoundError(f"{flag}: {p!r} matches no file")
+            raise InputFileNotFoundError(f"{flag}: {p!r} matches no file")
         files.extend(hits)
     return files
 
@@ -64,7 +74,7 @@ class DataSpec:
     """What a recipe trains and tests on.
 
     Attributes:
-        kind: ``synthetic``, ``criteo`` or ``avazu``.
+        kind: one of :data:`DATASETS`.
         feature_names: sparse feature names (one table each).
         num_embeddings_per_feature: rows per feature.
         num_dense: dense inputs the data provides (0 for Avazu).
@@ -72,6 +82,11 @@ class DataSpec:
         dev_files: optional validation files (scoring references, tuning).
         synthetic: the generator's config (synthetic only).
         synthetic_train_batches, synthetic_test_batches: global batches per split.
+        click_schema: the files' layout where ``kind`` has no preset in :data:`SCHEMAS`
+            (``csv``, ``ml100k``).
+        line_split: a seeded split of ``train_files`` into train/dev/test
+            (``--valid_fraction``/``--test_fraction``); a split with a fraction of 0 keeps its
+            own files.
     """
 
     kind: str
@@ -86,6 +101,8 @@ class DataSpec:
     synthetic_test_batches: int = 0
     skip_malformed: bool = False
     id_dtype: torch.dtype = torch.int64
+    click_schema: Optional[ClickLogSchema] = None
+    line_split: Optional[LineSplit] = None
 
     @property
     def dense_in_features(self) -> int:
@@ -94,7 +111,26 @@ class DataSpec:
 
     @property
     def schema(self) -> Optional[ClickLogSchema]:
-        return SCHEMAS.get(self.kind)
+        return self.click_schema or SCHEMAS.get(self.kind)
+
+    def files(self, split: str) -> List[str]:
+        """The click-log files that ``split`` reads (a part of them under ``line_split``)."""
+        if self._from_line_split(split):
+            return self.train_files
+        return {"train": self.train_files, "test": self.test_files, "dev": self.dev_files}[split]
+
+    def _from_line_split(self, split: str) -> bool:
+        s = self.line_split
+        return s is not None and (split == "train" or
+                                  (s.test_fraction if split == "test" else s.valid_fraction) > 0)
+
+    def describe(self, split: str) -> str:
+        """``split``'s files for messages (and which part of them, under ``line_split``)."""
+        files = self.files(split)
+        names = ", ".join(files) if len(files) <= 4 else f"{', '.join(files[:3])} and {len(files) - 3} more"
+        if self._from_line_split(split):
+            names += f" ({self.line_split.selector(split).describe()})"
+        return names
 
     def dataset(
         self, split: str, batch_size: int, rank: int, world_size: int, start_batch: int = 0,
@@ -113,7 +149,7 @@ class DataSpec:
                 batch_offset=SYNTHETIC_OFFSETS[split],
                 id_dtype=self.id_dtype,
             )
-        files = {"train": self.train_files, "test": self.test_files, "dev": self.dev_files}[split]
+        files = self.files(split)
         if not files:
             raise ValueError(f"no {split} files for --data {self.kind}")
         return ClickLogDataset(
@@ -124,24 +160,17 @@ class DataSpec:
             drop_last=split == "train",
             skip_malformed=self.skip_malformed, start_batch=start_batch,
             max_batches=max_batches, id_dtype=self.id_dtype,
+            line_filter=self.line_split.selector(split) if self._from_line_split(split) else None,
         )
 
     def train_batches(self, global_batch_size: int, limit: Optional[int] = None) -> int:
         """Global batches in one pass over the train split (lines are counted, not parsed;
-        a header line, where the schema always has one, is not a data line)."""
+        header lines are not data lines)."""
         if self.kind == "synthetic":
             n = self.synthetic_train_batches
         else:
-            from shark_torchrec.data.click_log import open_text
-
-            lines = 0
-            for path in self.train_files:
-                with open_text(path) as f:
-                    lines += sum(1 for line in f if line.strip())
-            if self.schema.has_header is True:
-                lines -= len(self.train_files)
-            n = lines // global_batch_size
-        return min(n, limit) if limit else n
+            n = self.dataset("train", 1, 0, 1).count_rows() // global_batch_size
+        return min(n, limit) if limit is not None else n
 
     def batches(self, dataset, num_workers: int = 0) -> Iterable[Batch]:
         """Iterate ``dataset`` through a ``DataLoader`` (adding the constant dense column
@@ -158,3 +187,60 @@ class _ConstantDense:
         for b in self.loader:
             ones = torch.ones(b.labels.shape[0], 1)
             yield Batch(dense_features=ones, sparse_features=b.sparse_features, labels=b.labels)
+
+
+class NoRowsError(SharkInputError, ValueError):
+    """A split with nothing to train or evaluate on; the message names its files."""
+
+
+def require_rows(spec: DataSpec, args, world_size: int, train: bool = True, test: bool = True) -> None:
+    """Raise :class:`NoRowsError` unless the train split gives at least one training step and
+    the test split at least one example per process.
+
+    Recipes call it before training and evaluating, so that an empty file, or a
+    ``--limit_*_batches`` or split that leaves nothing, is an error naming the files, not a
+    run of 0 steps that "succeeds" with an untrained model.  Reads at most one global batch
+    of lines per split.
+
+    Args:
+        spec: the data.
+        args: the recipe's flags (``batch_size``, ``limit_train_batches``,
+            ``limit_test_batches``).
+        world_size: processes in the job.
+        train, test: which splits to check.
+    """
+    if train:
+        global_batch = args.batch_size * world_size
+        per = f"--batch_size {args.batch_size} × {world_size} process(es)"
+        if args.limit_train_batches is not None and args.limit_train_batches < 1:
+            raise NoRowsError(f"no training rows were read: --limit_train_batches "
+                              f"{args.limit_train_batches} leaves none")
+        if spec.kind == "synthetic":
+            if spec.synthetic_train_batches < 1:
+                raise NoRowsError(f"no training rows: --synthetic_train_batches {spec.synthetic_train_batches}")
+        else:
+            n = spec.dataset("train", 1, 0, 1).count_rows(limit=global_batch)
+            if n == 0:
+                raise NoRowsError(f"no training rows were read from {spec.describe('train')}: "
+                                  f"no data lines")
+            if n < global_batch:
+                raise NoRowsError(
+                    f"no training rows were read from {spec.describe('train')}: {n} data line(s), "
+                    f"fewer than one global batch of {global_batch} ({per}); training takes whole "
+                    f"batches only, so it would take 0 steps")
+    if test:
+        if args.limit_test_batches is not None and args.limit_test_batches < 1:
+            raise NoRowsError(f"no test rows to evaluate on: --limit_test_batches "
+                              f"{args.limit_test_batches} leaves none")
+        if spec.kind == "synthetic":
+            if spec.synthetic_test_batches < 1:
+                raise NoRowsError(f"no test rows: --synthetic_test_batches {spec.synthetic_test_batches}")
+        else:
+            n = spec.dataset("test", 1, 0, 1).count_rows(limit=world_size)
+            if n == 0:
+                raise NoRowsError(f"no test rows to evaluate on in {spec.describe('test')}: "
+                                  f"no data lines")
+            if n < world_size:
+                raise NoRowsError(
+                    f"too few test rows in {spec.describe('test')}: {n} data line(s) for "
+                    f"{world_size} processes (each needs at least one)")

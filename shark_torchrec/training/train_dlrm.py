@@ -16,7 +16,23 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from shark_torchrec.cli_args import (
+    DEBUG_HELP,
+    LOG_LEVELS,
+    existing_file,
+    fraction,
+    log_level,
+    nonnegative_int,
+    output_dir,
+    positive_float,
+    positive_int,
+    positive_int_list,
+)
 from shark_torchrec.data import SyntheticConfig
+from shark_torchrec.data.movielens import SCHEMA_FILE as MOVIELENS_SCHEMA_FILE, ensure_ml100k
+from shark_torchrec.data.schema_file import SchemaFile, load_schema_file
+from shark_torchrec.data.splits import LineSplit
+from shark_torchrec.errors import FlagError
 from torchrec.distributed.planner import ParameterConstraints
 
 from shark_torchrec.importance import BASELINES, TaylorFieldImportance
@@ -34,6 +50,7 @@ from shark_torchrec.training.datasets import (
     SCHEMAS,
     expand_files,
     find_split_files,
+    require_rows,
 )
 from shark_torchrec.training.distributed import DistEnv, run_job
 from shark_torchrec.training.model import DLRMConfig
@@ -61,68 +78,94 @@ def build_parser() -> argparse.ArgumentParser:
         "Launch with `torchrun --nproc_per_node N recipes/train_dlrm.py ...` or as one process."
     )
     d = p.add_argument_group("data")
-    d.add_argument("--data", choices=DATASETS, default="synthetic")
-    d.add_argument("--data_path", help="directory with train.* and test.* files (criteo/avazu)")
+    d.add_argument("--data", choices=DATASETS, default="synthetic",
+                   help="csv: your own click logs, laid out by --schema; ml100k: MovieLens-100K")
+    d.add_argument("--data_path", help="directory with train.* and test.* (and optional valid.*) "
+                   "files; for ml100k the converted data set (converted into it if it is empty; "
+                   "default: ~/.cache/shark-torchrec/ml-100k)")
+    d.add_argument("--schema", metavar="FILE", type=existing_file,
+                   help="--data csv: YAML or JSON schema of the files (label, dense, categorical "
+                   "and multi-valued columns, rows per field; see shark_torchrec/data/schema_file.py)")
     d.add_argument("--train_files", nargs="+", help="train files or globs (overrides --data_path)")
     d.add_argument("--test_files", nargs="+", help="test files or globs (overrides --data_path)")
-    d.add_argument("--num_embeddings", type=int, default=100_000,
+    d.add_argument("--valid_files", nargs="+", help="validation files or globs (overrides --data_path)")
+    d.add_argument("--valid_fraction", type=fraction, default=0.0,
+                   help="take this share of the train files' lines as the validation split "
+                   "(a seeded hash of file name and line number picks them)")
+    d.add_argument("--test_fraction", type=fraction, default=0.0,
+                   help="take this share of the train files' lines as the test split (for data "
+                   "that comes as one file)")
+    d.add_argument("--split_seed", type=nonnegative_int, default=0,
+                   help="seed of the --valid_fraction/--test_fraction split")
+    d.add_argument("--num_embeddings", type=positive_int, default=100_000,
                    help="rows per table when --num_embeddings_per_feature is not given")
-    d.add_argument("--num_embeddings_per_feature", type=_int_list,
+    d.add_argument("--num_embeddings_per_feature", type=positive_int_list,
                    help="comma-separated rows per sparse feature, in feature order")
     d.add_argument("--skip_malformed", action="store_true",
                    help="skip and count malformed lines instead of stopping at the first")
     d.add_argument("--int32_ids", action="store_true", help="int32 ids/lengths in the KJT")
-    d.add_argument("--num_workers", type=int, default=0, help="data-loader workers per rank")
-    d.add_argument("--limit_train_batches", type=int, help="global train batches per epoch")
-    d.add_argument("--limit_test_batches", type=int, help="global test batches")
+    d.add_argument("--num_workers", type=nonnegative_int, default=0, help="data-loader workers per rank")
+    d.add_argument("--limit_train_batches", type=positive_int, help="global train batches per epoch")
+    d.add_argument("--limit_test_batches", type=positive_int, help="global test batches")
     s = p.add_argument_group("synthetic data")
-    s.add_argument("--synthetic_num_fields", type=int, default=26)
-    s.add_argument("--synthetic_informative", type=int, default=6,
+    s.add_argument("--synthetic_num_fields", type=positive_int, default=26)
+    s.add_argument("--synthetic_informative", type=nonnegative_int, default=6,
                    help="number of planted informative fields (cat_0..)")
-    s.add_argument("--synthetic_cardinality", type=int, default=10_000)
-    s.add_argument("--synthetic_train_batches", type=int, default=200,
+    s.add_argument("--synthetic_cardinality", type=positive_int, default=10_000)
+    s.add_argument("--synthetic_train_batches", type=positive_int, default=200,
                    help="global batches per training epoch")
-    s.add_argument("--synthetic_test_batches", type=int, default=20)
+    s.add_argument("--synthetic_test_batches", type=positive_int, default=20)
     m = p.add_argument_group("model")
-    m.add_argument("--embedding_dim", type=int, default=16)
-    m.add_argument("--dense_arch_layer_sizes", type=_int_list, default=[64, 16])
-    m.add_argument("--over_arch_layer_sizes", type=_int_list, default=[64, 32, 1])
+    m.add_argument("--embedding_dim", type=positive_int, default=16)
+    m.add_argument("--dense_arch_layer_sizes", type=positive_int_list, default=[64, 16])
+    m.add_argument("--over_arch_layer_sizes", type=positive_int_list, default=[64, 32, 1])
     m.add_argument("--interaction_type", choices=["original", "dcn"], default="original",
                    help="original: DLRM dot interaction; dcn: DLRM_DCN")
-    m.add_argument("--dcn_num_layers", type=int, default=3)
-    m.add_argument("--dcn_low_rank_dim", type=int, default=16)
+    m.add_argument("--dcn_num_layers", type=positive_int, default=3)
+    m.add_argument("--dcn_low_rank_dim", type=positive_int, default=16)
     t = p.add_argument_group("training")
-    t.add_argument("--batch_size", type=int, default=256, help="per-rank batch size")
-    t.add_argument("--test_batch_size", type=int, help="per-rank eval batch size")
-    t.add_argument("--epochs", type=int, default=1)
-    t.add_argument("--learning_rate", type=float, default=0.05)
-    t.add_argument("--embedding_learning_rate", type=float)
+    t.add_argument("--batch_size", type=positive_int, default=256, help="per-rank batch size")
+    t.add_argument("--test_batch_size", type=positive_int, help="per-rank eval batch size")
+    t.add_argument("--epochs", type=positive_int, default=1)
+    t.add_argument("--learning_rate", type=positive_float, default=0.05)
+    t.add_argument("--embedding_learning_rate", type=positive_float)
     t.add_argument("--embedding_optimizer", choices=sorted(EMBEDDING_OPTIMIZERS),
                    default="rowwise_adagrad")
     t.add_argument("--dense_optimizer", choices=sorted(DENSE_OPTIMIZERS), default="adagrad")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=nonnegative_int, default=0)
     t.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     t.add_argument("--sharding_type", choices=CPU_SHARDING_TYPES,
                    help="shard every table this way (default: the planner chooses)")
-    t.add_argument("--planner_overrides", metavar="FILE",
+    t.add_argument("--planner_overrides", metavar="FILE", type=existing_file,
                    help="YAML of per-table planner constraints and compression settings")
-    t.add_argument("--max_steps", type=int,
+    t.add_argument("--max_steps", type=positive_int,
                    help="stop after this many steps in total (the run can be resumed)")
     t.add_argument("--score_fields", choices=BASELINES,
                    help="collect SHARK field scores with this baseline while training "
                    "(written to OUT/field_scores.json)")
     o = p.add_argument_group("output")
-    o.add_argument("--out", default="runs/train_dlrm", help="output directory")
-    o.add_argument("--checkpoint_every", type=int, default=0,
+    o.add_argument("--out", type=output_dir, default="runs/train_dlrm", help="output directory")
+    o.add_argument("--checkpoint_every", type=nonnegative_int, default=0,
                    help="also checkpoint every N steps (0: at the end of every epoch only)")
     o.add_argument("--resume", action="store_true", help="resume from the newest checkpoint")
-    o.add_argument("--log_level", default="INFO")
+    o.add_argument("--log_level", type=log_level, default="INFO", help=", ".join(LOG_LEVELS))
+    o.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     return p
 
 
 def data_spec_from_args(args: argparse.Namespace) -> DataSpec:
+    """The data of the ``data`` flags: files, schema, rows per feature and splits.
+
+    ``--data ml100k`` converts MovieLens-100K first if ``--data_path`` (or the cache) holds no
+    conversion yet.  Raises :class:`~shark_torchrec.errors.FlagError` for flags that do not go
+    together, :class:`~shark_torchrec.data.SchemaFileError` for a bad ``--schema``.
+    """
     id_dtype = torch.int32 if args.int32_ids else torch.int64
     if args.data == "synthetic":
+        unused = [flag for flag, value in (("--schema", args.schema), ("--test_fraction", args.test_fraction),
+                                           ("--valid_fraction", args.valid_fraction)) if value]
+        if unused:
+            raise FlagError(f"{', '.join(unused)}: for click-log files; --data synthetic generates its splits")
         cfg = SyntheticConfig.default(
             num_fields=args.synthetic_num_fields,
             num_informative=args.synthetic_informative,
@@ -136,50 +179,93 @@ def data_spec_from_args(args: argparse.Namespace) -> DataSpec:
             synthetic_train_batches=args.synthetic_train_batches,
             synthetic_test_batches=args.synthetic_test_batches, id_dtype=id_dtype,
         )
-    schema = SCHEMAS[args.data]
-    train, test = _split_files(args, "train"), _split_files(args, "test")
-    dev: List[str] = []
-    if args.data_path:
+    data_path = args.data_path
+    schema_file: Optional[SchemaFile] = None
+    if args.data == "csv":
+        if not args.schema:
+            raise FlagError("--data csv needs --schema FILE (the layout of your files, see "
+                            "shark_torchrec/data/schema_file.py)")
+        schema_file = load_schema_file(args.schema)
+    elif args.schema:
+        raise FlagError(f"--schema is for --data csv; --data {args.data} has its own layout")
+    if args.data == "ml100k":
+        data_path = ensure_ml100k(data_path)  # converts on first use (one rank; the others wait)
+        schema_file = load_schema_file(os.path.join(data_path, MOVIELENS_SCHEMA_FILE))
+    schema = schema_file.schema if schema_file else SCHEMAS[args.data]
+    line_split = None
+    if args.valid_fraction or args.test_fraction:
+        if args.valid_fraction + args.test_fraction >= 1:
+            raise FlagError(f"--valid_fraction {args.valid_fraction:g} + --test_fraction "
+                            f"{args.test_fraction:g} leave no training lines")
+        for flag, value, files in (("test", args.test_fraction, args.test_files),
+                                   ("valid", args.valid_fraction, args.valid_files)):
+            if value and files:
+                raise FlagError(f"--{flag}_fraction and --{flag}_files both give the {flag} split: use one")
+        line_split = LineSplit(args.valid_fraction, args.test_fraction, args.split_seed)
+    train = _split_files(args, "train", data_path)
+    # Parts of the train files under --test_fraction/--valid_fraction (DataSpec.line_split).
+    test = list(train) if args.test_fraction else _split_files(args, "test", data_path)
+    dev: List[str] = list(train) if args.valid_fraction else []
+    if args.valid_files:
+        dev = expand_files(args.valid_files, "--valid_files")
+    elif data_path and not args.valid_fraction:
         try:
-            dev = find_split_files(args.data_path, "dev")
+            dev = find_split_files(data_path, "dev")
         except FileNotFoundError:
             pass  # a dev split is optional
     features = schema.sparse_feature_names
-    sizes = args.num_embeddings_per_feature or [args.num_embeddings] * len(features)
+    if args.num_embeddings_per_feature:
+        sizes = list(args.num_embeddings_per_feature)
+    elif schema_file is not None:
+        sizes = schema_file.sizes(args.num_embeddings)
+    else:
+        sizes = [args.num_embeddings] * len(features)
     if len(sizes) != len(features):
-        raise SystemExit(
+        raise FlagError(
             f"--num_embeddings_per_feature has {len(sizes)} values; --data {args.data} has "
-            f"{len(features)} sparse features"
+            f"{len(features)} sparse features ({', '.join(features)})"
         )
+    for name, column, n in zip(features, schema.sparse_columns, sizes):
+        vocab = schema.vocabularies.get(column)
+        if vocab is not None and n < len(vocab) + 1:
+            raise FlagError(f"--num_embeddings_per_feature: feature {name!r} has a vocabulary of "
+                            f"{len(vocab)} values and needs at least {len(vocab) + 1} rows, got {n}")
     return DataSpec(
         kind=args.data, feature_names=features, num_embeddings_per_feature=list(sizes),
         num_dense=len(schema.dense), train_files=train, test_files=test, dev_files=dev,
         skip_malformed=args.skip_malformed, id_dtype=id_dtype,
+        click_schema=schema_file.schema if schema_file else None, line_split=line_split,
     )
 
 
-def _split_files(args: argparse.Namespace, split: str) -> List[str]:
-    """``--<split>_files`` if given, else the split's files in ``--data_path``."""
+def _split_files(args: argparse.Namespace, split: str, data_path: Optional[str] = None) -> List[str]:
+    """``--<split>_files`` if given, else the split's files in ``data_path`` (default
+    ``--data_path``)."""
     explicit = getattr(args, f"{split}_files")
     if explicit:
         return expand_files(explicit, f"--{split}_files")
-    if args.data_path:
-        return find_split_files(args.data_path, split)
-    raise SystemExit(f"--data {args.data} needs --data_path or --{split}_files")
+    data_path = data_path or args.data_path
+    if data_path:
+        return find_split_files(data_path, split)
+    hint = " (or --test_fraction, for data that comes as one file)" if split == "test" else ""
+    raise FlagError(f"--data {args.data} needs --data_path or --{split}_files{hint}")
 
 
 def model_config_from_args(args: argparse.Namespace, spec: DataSpec) -> DLRMConfig:
-    return DLRMConfig(
-        feature_names=spec.feature_names,
-        num_embeddings_per_feature=spec.num_embeddings_per_feature,
-        embedding_dim=args.embedding_dim,
-        dense_in_features=spec.dense_in_features,
-        dense_arch_layer_sizes=tuple(args.dense_arch_layer_sizes),
-        over_arch_layer_sizes=tuple(args.over_arch_layer_sizes),
-        interaction="dcn" if args.interaction_type == "dcn" else "dot",
-        dcn_num_layers=args.dcn_num_layers,
-        dcn_low_rank_dim=args.dcn_low_rank_dim,
-    )
+    try:
+        return DLRMConfig(
+            feature_names=spec.feature_names,
+            num_embeddings_per_feature=spec.num_embeddings_per_feature,
+            embedding_dim=args.embedding_dim,
+            dense_in_features=spec.dense_in_features,
+            dense_arch_layer_sizes=tuple(args.dense_arch_layer_sizes),
+            over_arch_layer_sizes=tuple(args.over_arch_layer_sizes),
+            interaction="dcn" if args.interaction_type == "dcn" else "dot",
+            dcn_num_layers=args.dcn_num_layers,
+            dcn_low_rank_dim=args.dcn_low_rank_dim,
+        )
+    except ValueError as e:  # DLRMConfig's messages name its fields, which are the flags' names
+        raise FlagError(f"model flags do not fit together: {e}") from e
 
 
 def fingerprint(args: argparse.Namespace, model_config: DLRMConfig) -> Dict:
@@ -228,6 +314,7 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict:
 
 def _run(args: argparse.Namespace, env: DistEnv) -> Dict:
     spec = data_spec_from_args(args)
+    require_rows(spec, args, env.world_size)
     model_config = model_config_from_args(args, spec)
     constraints = None
     if args.sharding_type and args.planner_overrides:
