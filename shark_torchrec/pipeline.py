@@ -24,9 +24,11 @@ lookup's throughput against the uncompressed collection's.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import time
 from typing import Any, Dict, Optional, Sequence
 
 import torch
@@ -149,6 +151,15 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     return run_job(build_parser().parse_args(argv), _run)
 
 
+@contextlib.contextmanager
+def _timed(what: str):
+    """Logs what the pipeline is doing and how long it took."""
+    logger.info("%s ...", what)
+    t0 = time.perf_counter()
+    yield
+    logger.info("%s: %.1f s", what, time.perf_counter() - t0)
+
+
 def _train_epochs(trainer: DLRMTrainer, spec, args, env, epochs: int, part: range) -> None:
     """``epochs`` passes over the global train batches in ``part``."""
     for epoch in range(epochs):
@@ -197,13 +208,15 @@ def _run(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
         counters = {name: RowPriority(config.tables(), alpha=a, beta=b, gamma=g).attach(trainer.model)
                     for name, (a, b, g) in _row_counters(args).items()}
         with fields:
-            _train_epochs(trainer, spec, args, env, args.epochs, parts["train"])
+            with _timed("training with the trackers"):
+                _train_epochs(trainer, spec, args, env, args.epochs, parts["train"])
         for c in counters.values():
             c.detach()
         metrics = trainer.evaluate(_eval_batches(args, spec, env), desc=f"{args.eval_split} (trained)")
         scores = fields.scores()
         counts = {name: c.priorities() for name, c in counters.items()}
-        path = ckpt.save(trainer.state_dict(), {"global_step": 0, "stage": "train"})
+        with _timed("checkpointing the trained model"):
+            path = ckpt.save(trainer.state_dict(), {"global_step": 0, "stage": "train"})
         if env.is_main:
             torch.save(counts, os.path.join(out, "train", "row_counts.pt"))
         done = {"metrics": metrics, "scores": scores, "checkpoint": path}
@@ -261,14 +274,17 @@ def _run(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
             ckpt.load(state, done["checkpoint"])
             trainer.load_state_dict(state)
         else:
-            pruned = prune_trainer(trainer, plan, done["checkpoint"], args.batch_size, seed=args.seed)
-            _train_epochs(pruned, spec, args, env, args.finetune_epochs, parts["finetune"])
+            with _timed("pruning (sharding the smaller model, reading its tables)"):
+                pruned = prune_trainer(trainer, plan, done["checkpoint"], args.batch_size, seed=args.seed)
+            with _timed("fine-tuning the pruned model"):
+                _train_epochs(pruned, spec, args, env, args.finetune_epochs, parts["finetune"])
         small = pruned_config(config, plan)
         pruned_ckpt = CheckpointManager(os.path.join(out, "prune", "checkpoints"), fingerprint(args, small))
         metrics = pruned.evaluate(_eval_batches(args, spec, env), desc=f"{args.eval_split} (pruned)")
         # The reference a compressed model is judged against: the uncompressed model given the
         # same fine-tuning (fresh data improves it too).
-        _train_epochs(trainer, spec, args, env, args.finetune_epochs, parts["finetune"])
+        with _timed("fine-tuning the uncompressed reference"):
+            _train_epochs(trainer, spec, args, env, args.finetune_epochs, parts["finetune"])
         reference = trainer.evaluate(_eval_batches(args, spec, env), desc=f"{args.eval_split} (reference)")
         path = pruned_ckpt.save(pruned.state_dict(), {"global_step": 0, "stage": "prune"})
         # The fine-tuned reference too: the quantize stage compares against it row by row.
@@ -296,8 +312,10 @@ def _run(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
     # ------------------------------------------------------------------ quantize + export
     qdone = _done(out, "quantize")
     if qdone is None:
-        full = full_state_dict(pruned.model)  # collective
-        original = full_state_dict(trainer.model)  # collective: the uncompressed tables
+        with _timed("gathering the pruned model"):
+            full = full_state_dict(pruned.model)  # collective
+        with _timed("gathering the uncompressed reference"):
+            original = full_state_dict(trainer.model)  # collective: the uncompressed tables
         if env.is_main:
             model = build_dlrm_train(small, torch.device("cpu"), args.seed, embedding_device=torch.device("cpu"))
             model.load_state_dict(full)
@@ -306,8 +324,9 @@ def _run(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
             pruned_eval = _evaluate_local(model, spec, args, kept_features, env.world_size)
             priorities = _row_priorities(args, out)
             kept = {t.name for t in small.tables()}
-            quantize_(model, _quant_config(args, overrides, kept),
-                      priorities={k: v for k, v in priorities.items() if k in kept})
+            with _timed("row-wise mixed precision (quantize_)"):
+                quantize_(model, _quant_config(args, overrides, kept),
+                          priorities={k: v for k, v in priorities.items() if k in kept})
             model.eval()
             metrics = _evaluate_local(model, spec, args, kept_features, env.world_size)
             mixed = model.model.sparse_arch.embedding_bag_collection
@@ -327,7 +346,8 @@ def _run(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
             fp32_model.load_state_dict(original)
             fp32_model.eval()
             reference_eval = _evaluate_local(fp32_model, spec, args, list(config.feature_names), env.world_size)
-            paired = _paired(args, reference_eval, pruned_eval, metrics)
+            with _timed("paired comparisons"):
+                paired = _paired(args, reference_eval, pruned_eval, metrics)
             for m in (metrics, pruned_eval, reference_eval):
                 m.pop("logits"), m.pop("labels")
             speed = _lookup_speed(fp32_model.model.sparse_arch.embedding_bag_collection, mixed,

@@ -30,7 +30,7 @@ from shark_torchrec.data import (
 from shark_torchrec.data.splits import LineSplit
 from shark_torchrec.errors import InputFileNotFoundError, SharkInputError
 
-DATASETS = ("synthetic", "criteo", "avazu", "csv", "ml100k")
+DATASETS = ("synthetic", "synthetic_criteo", "criteo", "avazu", "csv", "ml100k")
 SCHEMAS = {"criteo": CRITEO_SCHEMA, "avazu": AVAZU_SCHEMA}
 _SPLIT_PATTERNS = {
     "train": ["train.*", "train", "day_[0-9]*"],
@@ -82,6 +82,8 @@ class DataSpec:
         dev_files: optional validation files (scoring references, tuning).
         synthetic: the generator's config (synthetic only).
         synthetic_train_batches, synthetic_test_batches: global batches per split.
+        synthetic_train_rows, synthetic_test_rows: rows per split instead (0: use the batch
+            counts); the batches are as many as the global batch size needs to cover them.
         click_schema: the files' layout where ``kind`` has no preset in :data:`SCHEMAS`
             (``csv``, ``ml100k``).
         line_split: a seeded split of ``train_files`` into train/dev/test
@@ -99,6 +101,8 @@ class DataSpec:
     dev_files: List[str] = field(default_factory=list)
     synthetic_train_batches: int = 0
     synthetic_test_batches: int = 0
+    synthetic_train_rows: int = 0
+    synthetic_test_rows: int = 0
     skip_malformed: bool = False
     id_dtype: torch.dtype = torch.int64
     click_schema: Optional[ClickLogSchema] = None
@@ -140,7 +144,7 @@ class DataSpec:
         if split not in SYNTHETIC_OFFSETS:
             raise ValueError(f"unknown split {split!r}")
         if self.kind == "synthetic":
-            n = self.synthetic_train_batches if split == "train" else self.synthetic_test_batches
+            n = self._synthetic_batches(split, batch_size * world_size)
             if max_batches is not None:
                 n = min(n, max_batches)
             return SyntheticClickDataset(
@@ -167,10 +171,16 @@ class DataSpec:
         """Global batches in one pass over the train split (lines are counted, not parsed;
         header lines are not data lines)."""
         if self.kind == "synthetic":
-            n = self.synthetic_train_batches
+            n = self._synthetic_batches("train", global_batch_size)
         else:
             n = self.dataset("train", 1, 0, 1).count_rows() // global_batch_size
         return min(n, limit) if limit is not None else n
+
+    def _synthetic_batches(self, split: str, global_batch_size: int) -> int:
+        rows = self.synthetic_train_rows if split == "train" else self.synthetic_test_rows
+        if rows:
+            return -(-rows // global_batch_size)  # enough batches to cover the rows
+        return self.synthetic_train_batches if split == "train" else self.synthetic_test_batches
 
     def batches(self, dataset, num_workers: int = 0) -> Iterable[Batch]:
         """Iterate ``dataset`` through a ``DataLoader`` (adding the constant dense column

@@ -28,7 +28,7 @@ from shark_torchrec.cli_args import (
     positive_int,
     positive_int_list,
 )
-from shark_torchrec.data import SyntheticConfig
+from shark_torchrec.data import SyntheticConfig, criteo_config
 from shark_torchrec.data.movielens import SCHEMA_FILE as MOVIELENS_SCHEMA_FILE, ensure_ml100k
 from shark_torchrec.data.schema_file import SchemaFile, load_schema_file
 from shark_torchrec.data.splits import LineSplit
@@ -63,13 +63,6 @@ from shark_torchrec.training.trainer import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-def _int_list(text: str) -> List[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--synthetic_train_batches", type=positive_int, default=200,
                    help="global batches per training epoch")
     s.add_argument("--synthetic_test_batches", type=positive_int, default=20)
+    s.add_argument("--synthetic_train_rows", type=positive_int,
+                   help="rows per training epoch instead of batches (synthetic_criteo: 1,000,000)")
+    s.add_argument("--synthetic_test_rows", type=positive_int,
+                   help="rows of the test and dev splits (synthetic_criteo: 200,000)")
+    s.add_argument("--synthetic_max_rows", type=positive_int, default=1_000_000,
+                   help="synthetic_criteo: cap on the Criteo vocabulary sizes")
     m = p.add_argument_group("model")
     m.add_argument("--embedding_dim", type=positive_int, default=16)
     m.add_argument("--dense_arch_layer_sizes", type=positive_int_list, default=[64, 16])
@@ -161,23 +160,34 @@ def data_spec_from_args(args: argparse.Namespace) -> DataSpec:
     together, :class:`~shark_torchrec.data.SchemaFileError` for a bad ``--schema``.
     """
     id_dtype = torch.int32 if args.int32_ids else torch.int64
-    if args.data == "synthetic":
+    if args.data in ("synthetic", "synthetic_criteo"):
         unused = [flag for flag, value in (("--schema", args.schema), ("--test_fraction", args.test_fraction),
                                            ("--valid_fraction", args.valid_fraction)) if value]
         if unused:
             raise FlagError(f"{', '.join(unused)}: for click-log files; --data synthetic generates its splits")
-        cfg = SyntheticConfig.default(
-            num_fields=args.synthetic_num_fields,
-            num_informative=args.synthetic_informative,
-            cardinality=args.synthetic_cardinality,
-            seed=args.seed,
-        )
+        train_rows, test_rows = args.synthetic_train_rows, args.synthetic_test_rows
+        if args.data == "synthetic_criteo":
+            # The Criteo-shaped benchmark with a known ground truth (data/synthetic.py).
+            cfg = criteo_config(seed=args.seed, max_rows=args.synthetic_max_rows)
+            train_rows, test_rows = train_rows or 1_000_000, test_rows or 200_000
+        else:
+            if args.synthetic_informative > args.synthetic_num_fields:
+                raise FlagError(f"--synthetic_informative {args.synthetic_informative} is more than "
+                                f"--synthetic_num_fields {args.synthetic_num_fields}")
+            cfg = SyntheticConfig.default(
+                num_fields=args.synthetic_num_fields,
+                num_informative=args.synthetic_informative,
+                cardinality=args.synthetic_cardinality,
+                seed=args.seed,
+            )
         return DataSpec(
             kind="synthetic", feature_names=cfg.feature_names,
             num_embeddings_per_feature=cfg.num_embeddings_per_feature,
             num_dense=cfg.num_dense, train_files=[], test_files=[], synthetic=cfg,
             synthetic_train_batches=args.synthetic_train_batches,
-            synthetic_test_batches=args.synthetic_test_batches, id_dtype=id_dtype,
+            synthetic_test_batches=args.synthetic_test_batches,
+            synthetic_train_rows=train_rows or 0, synthetic_test_rows=test_rows or 0,
+            id_dtype=id_dtype,
         )
     data_path = args.data_path
     schema_file: Optional[SchemaFile] = None
