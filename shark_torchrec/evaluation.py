@@ -29,7 +29,8 @@ class _SortedScores:
     def __init__(self, scores: np.ndarray, labels: np.ndarray) -> None:
         self.order = np.argsort(scores, kind="stable")
         s = scores[self.order]
-        self.y = labels[self.order].astype(np.float64)
+        # float32: the weights are resample counts (exact in float32), and half the traffic
+        self.y = labels[self.order].astype(np.float32)
         new = np.ones(len(s), dtype=bool)
         new[1:] = s[1:] != s[:-1]
         self.starts = np.flatnonzero(new)
@@ -39,13 +40,13 @@ class _SortedScores:
         """AUC for each row of ``weights`` ``[R, n]`` (weights in the original row order):
         ``P(score_pos > score_neg) + ½ P(tie)`` with pairs weighted by the rows' weights."""
         w = np.take(weights, self.order, axis=1)
-        pos, neg = w * self.y, w * (1.0 - self.y)
+        pos, neg = w * self.y, w * (1 - self.y)
         if self.ties:  # sum within tie groups (contiguous once sorted)
             pos = np.add.reduceat(pos, self.starts, axis=1)
             neg = np.add.reduceat(neg, self.starts, axis=1)
         below = np.cumsum(neg, axis=1) - neg  # negatives strictly below each tie group
-        num = (pos * (below + 0.5 * neg)).sum(1)
-        return num / (pos.sum(1) * neg.sum(1))
+        num = (pos * (below + 0.5 * neg)).sum(1, dtype=np.float64)
+        return num / (pos.sum(1, dtype=np.float64) * neg.sum(1, dtype=np.float64))
 
 
 def auc(scores: Sequence[float], labels: Sequence[float]) -> float:
@@ -103,6 +104,72 @@ class PairedComparison:
         return verdict(self.delta_auc, self.delta_auc_ci, tolerance)
 
 
+class PairedBootstrap:
+    """Several models scored on the same rows, resampled together: every comparison between
+    two of them uses the same bootstrap resamples, and each model's AUC is computed once per
+    resample however many comparisons it enters.
+
+    Args:
+        labels: the rows' 0/1 labels.
+        logits: ``{model name: logits}`` on those rows.
+        bootstrap: resamples (rows drawn with replacement).
+        seed: seeds the resamples.
+    """
+
+    def __init__(self, labels: Sequence[float], logits: Dict[str, Sequence[float]],
+                 bootstrap: int = 1000, seed: int = 0) -> None:
+        y = np.asarray(labels, dtype=np.float64).ravel()
+        self.n, self.bootstrap, self.seed = len(y), bootstrap, seed
+        if bootstrap < 1:
+            raise ValueError(f"bootstrap must be >= 1, got {bootstrap}")
+        scores = {}
+        for name, lg in logits.items():
+            x = np.asarray(lg, dtype=np.float64).ravel()
+            _check(x, y, f"logits of {name!r}")
+            scores[name] = x
+        sorted_ = {name: _SortedScores(x, y) for name, x in scores.items()}
+        self.loss = {name: _log_loss_rows(x, y) for name, x in scores.items()}
+        ones = np.ones((1, self.n), dtype=np.float32)
+        self.auc = {name: float(s.auc(ones)[0]) for name, s in sorted_.items()}
+        rng = np.random.default_rng(seed)
+        aucs: Dict[str, List[np.ndarray]] = {name: [] for name in scores}
+        sums: List[np.ndarray] = []
+        losses: Dict[str, List[np.ndarray]] = {name: [] for name in scores}
+        chunk = max(1, min(bootstrap, 4_000_000 // max(self.n, 1)))  # bounds the [R, n] weights
+        done = 0
+        while done < bootstrap:
+            r = min(chunk, bootstrap - done)
+            # Multinomial resample counts; float32 holds them exactly and halves the traffic.
+            w = np.stack([np.bincount(rng.integers(0, self.n, self.n), minlength=self.n)
+                          for _ in range(r)]).astype(np.float32)
+            for name, s in sorted_.items():
+                aucs[name].append(s.auc(w))
+                losses[name].append(w @ self.loss[name].astype(np.float32))
+            sums.append(w.sum(1, dtype=np.float64))
+            done += r
+        self._aucs = {name: np.concatenate(v) for name, v in aucs.items()}
+        total = np.concatenate(sums)
+        self._losses = {name: np.concatenate(v) / total for name, v in losses.items()}
+
+    def compare(self, reference: str, model: str, level: float = 0.95) -> PairedComparison:
+        """``model`` against ``reference``: differences with percentile intervals."""
+        if not 0 < level < 1:
+            raise ValueError(f"level must be in (0, 1), got {level}")
+        q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
+        d_auc = self._aucs[model] - self._aucs[reference]
+        d_ll = self._losses[model] - self._losses[reference]
+        la, lb = self.loss[reference], self.loss[model]
+        return PairedComparison(
+            examples=self.n, auc_reference=self.auc[reference], auc=self.auc[model],
+            delta_auc=self.auc[model] - self.auc[reference],
+            delta_auc_ci=[float(x) for x in np.percentile(d_auc, q)],
+            log_loss_reference=float(la.mean()), log_loss=float(lb.mean()),
+            delta_log_loss=float(lb.mean() - la.mean()),
+            delta_log_loss_ci=[float(x) for x in np.percentile(d_ll, q)],
+            level=level, bootstrap=self.bootstrap, seed=self.seed,
+        )
+
+
 def paired_compare(
     labels: Sequence[float],
     reference_logits: Sequence[float],
@@ -113,39 +180,10 @@ def paired_compare(
 ) -> PairedComparison:
     """Compare ``logits`` with ``reference_logits`` on the same rows: AUC and log-loss
     differences with percentile bootstrap intervals (rows resampled with replacement, both
-    models scored on every resample)."""
-    y = np.asarray(labels, dtype=np.float64).ravel()
-    a = np.asarray(reference_logits, dtype=np.float64).ravel()
-    b = np.asarray(logits, dtype=np.float64).ravel()
-    _check(a, y, "reference_logits")
-    _check(b, y, "logits")
-    if not 0 < level < 1:
-        raise ValueError(f"level must be in (0, 1), got {level}")
-    n = len(y)
-    sa, sb = _SortedScores(a, y), _SortedScores(b, y)
-    la, lb = _log_loss_rows(a, y), _log_loss_rows(b, y)
-    ones = np.ones((1, n))
-    auc_a, auc_b = float(sa.auc(ones)[0]), float(sb.auc(ones)[0])
-    rng = np.random.default_rng(seed)
-    d_auc, d_ll = [], []
-    chunk = max(1, min(bootstrap, 4_000_000 // max(n, 1)))  # bounds the [R, n] weight matrix
-    done = 0
-    while done < bootstrap:
-        r = min(chunk, bootstrap - done)
-        w = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(r)]).astype(np.float64)
-        d_auc.append(sb.auc(w) - sa.auc(w))
-        d_ll.append((w @ (lb - la)) / w.sum(1))
-        done += r
-    d_auc_all, d_ll_all = np.concatenate(d_auc), np.concatenate(d_ll)
-    q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
-    return PairedComparison(
-        examples=n, auc_reference=auc_a, auc=auc_b, delta_auc=auc_b - auc_a,
-        delta_auc_ci=[float(x) for x in np.percentile(d_auc_all, q)],
-        log_loss_reference=float(la.mean()), log_loss=float(lb.mean()),
-        delta_log_loss=float(lb.mean() - la.mean()),
-        delta_log_loss_ci=[float(x) for x in np.percentile(d_ll_all, q)],
-        level=level, bootstrap=bootstrap, seed=seed,
-    )
+    models scored on every resample).  :class:`PairedBootstrap` compares several models."""
+    boot = PairedBootstrap(labels, {"reference": reference_logits, "model": logits},
+                           bootstrap=bootstrap, seed=seed)
+    return boot.compare("reference", "model", level)
 
 
 def verdict(delta: float, ci: Sequence[float], tolerance: float = 0.002) -> str:

@@ -44,7 +44,7 @@ from shark_torchrec.cli_args import (
     unit_fraction,
 )
 from shark_torchrec.export import export_model
-from shark_torchrec.evaluation import paired_compare
+from shark_torchrec.evaluation import PairedBootstrap
 from shark_torchrec.importance import (
     BASELINES,
     PermutationImportance,
@@ -442,15 +442,18 @@ def _eval_batches(args, spec, env):
 def _paired(args, reference, pruned, quantized) -> Dict[str, Any]:
     """Paired comparisons on the same evaluation rows: the compressed model, the pruning step
     and the quantization step, each with a bootstrap interval and a verdict in words."""
-    out = {}
-    labels = reference["labels"]
-    for name, (ref, new) in {"compressed vs uncompressed": (reference, quantized),
-                             "pruning step (pruned vs uncompressed)": (reference, pruned),
-                             "quantization step (quantized vs pruned)": (pruned, quantized)}.items():
-        if not torch.equal(ref["labels"], new["labels"]):
-            raise RuntimeError(f"{name}: the two evaluations saw different rows")
-        c = paired_compare(labels.numpy(), ref["logits"].numpy(), new["logits"].numpy(),
+    for name, m in (("pruned", pruned), ("quantized", quantized)):
+        if not torch.equal(reference["labels"], m["labels"]):
+            raise RuntimeError(f"the {name} and the reference evaluations saw different rows")
+    boot = PairedBootstrap(reference["labels"].numpy(),
+                           {"uncompressed": reference["logits"].numpy(), "pruned": pruned["logits"].numpy(),
+                            "quantized": quantized["logits"].numpy()},
                            bootstrap=args.bootstrap, seed=args.seed)
+    out = {}
+    for name, (ref, new) in {"compressed vs uncompressed": ("uncompressed", "quantized"),
+                             "pruning step (pruned vs uncompressed)": ("uncompressed", "pruned"),
+                             "quantization step (quantized vs pruned)": ("pruned", "quantized")}.items():
+        c = boot.compare(ref, new)
         out[name] = {**c.to_dict(), "verdict": c.verdict()}
     return out
 
