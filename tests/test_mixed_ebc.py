@@ -1,5 +1,6 @@
-"""The row-wise mixed-precision collection against F.embedding_bag on dequantized weights;
-DROP rows, memory report, bad ids and weights, state round trips."""
+"""The row-wise mixed-precision collection against F.embedding_bag on dequantized weights,
+through both CPU lookups (the fused kernel and FBGEMM's bucketize + TBE path); DROP rows,
+memory report, bad ids and weights, input features no table serves, state round trips."""
 
 import os
 import warnings
@@ -13,7 +14,18 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from shark_torchrec.data import SyntheticClickDataset, SyntheticConfig
 from shark_torchrec.quant import TIER_ORDER, Tier, assign_by_fractions
+from shark_torchrec.quant import mixed_ebc
+from shark_torchrec.quant.cpu_kernel import cpu_kernel_available
 from shark_torchrec.quant.mixed_ebc import RowwiseMixedEmbeddingBagCollection, dequantize_rows
+
+# The two CPU lookups every reference test runs through.
+LOOKUPS = ["kernel", "fbgemm"]
+
+
+def _use(m, lookup):
+    m.use_cpu_kernel = lookup == "kernel"
+    return m
+
 
 def _cuda_or_skip():
     if not torch.cuda.is_available():
@@ -84,9 +96,10 @@ def _reference(tables, ebc, assignment, kjt, device_type="cpu", int2_fp16=False)
 @pytest.mark.parametrize("pooling", [PoolingType.SUM, PoolingType.MEAN])
 @pytest.mark.parametrize("ids_dtype", [torch.int64, torch.int32])
 @pytest.mark.parametrize("groups", [1, 2])
-def test_equals_embedding_bag_on_dequantized_weights(pooling, ids_dtype, groups) -> None:
+@pytest.mark.parametrize("lookup", LOOKUPS)
+def test_equals_embedding_bag_on_dequantized_weights(pooling, ids_dtype, groups, lookup) -> None:
     tables, ebc, a = _setup(pooling)
-    m = RowwiseMixedEmbeddingBagCollection.from_float(ebc, a, num_groups=groups)
+    m = _use(RowwiseMixedEmbeddingBagCollection.from_float(ebc, a, num_groups=groups), lookup)
     assert len(m.groups) == groups
     kjt = _batch(ids_dtype)
     kt = m(kjt)
@@ -167,6 +180,7 @@ def test_int2_rows_through_the_fp16_output_lookup() -> None:
     for pooling, weighted in ((PoolingType.SUM, True), (PoolingType.MEAN, False)):
         tables, ebc, a = _setup(pooling, weighted=weighted)
         m = RowwiseMixedEmbeddingBagCollection.from_float(ebc, a, num_groups=1)
+        m.use_cpu_kernel = False  # the FBGEMM path, as on CUDA
         m.groups[0].int2_fp16_output = True
         assert [c.output_dtype.name for c in m.groups[0]._lookups(torch.device("cpu"))] == ["FP32", "FP16"]
         kjt = _batch(weighted=weighted)
@@ -180,9 +194,10 @@ def test_int2_rows_through_the_fp16_output_lookup() -> None:
         assert torch.equal(m(m.input_transform(kjt)).values(), m(kjt).values())
 
 
-def test_weighted_inputs() -> None:
+@pytest.mark.parametrize("lookup", LOOKUPS)
+def test_weighted_inputs(lookup) -> None:
     tables, ebc, a = _setup(weighted=True)
-    m = RowwiseMixedEmbeddingBagCollection.from_float(ebc, a)
+    m = _use(RowwiseMixedEmbeddingBagCollection.from_float(ebc, a), lookup)
     kjt = _batch(weighted=True)
     ref = _reference(tables, ebc, a, kjt)
     got = m(kjt).to_dict()
@@ -190,24 +205,26 @@ def test_weighted_inputs() -> None:
         assert (got[f] - r).abs().max() <= 1e-6, f
 
 
-def test_a_table_group_with_every_row_dropped() -> None:
+@pytest.mark.parametrize("lookup", LOOKUPS)
+def test_a_table_group_with_every_row_dropped(lookup) -> None:
     tables, ebc, _ = _setup()
     from shark_torchrec.quant import TierAssignment
 
     a = TierAssignment({"t01": torch.full((200,), TIER_ORDER.index(Tier.INT8), dtype=torch.int8),
                         "t2": torch.full((300,), TIER_ORDER.index(Tier.DROP), dtype=torch.int8)},
                        {"t01": 8, "t2": 16})
-    m = RowwiseMixedEmbeddingBagCollection.from_float(ebc, a, num_groups=2)
+    m = _use(RowwiseMixedEmbeddingBagCollection.from_float(ebc, a, num_groups=2), lookup)
     kjt = _batch()
     out = m(kjt).to_dict()
     assert torch.count_nonzero(out["cat_2"]) == 0
-    assert torch.equal(m(m.input_transform(kjt)).values(), m(kjt).values())
+    torch.testing.assert_close(m(m.input_transform(kjt)).values(), m(kjt).values(), rtol=0, atol=1e-6)
     for f, r in _reference(tables, ebc, a, kjt).items():
         assert (out[f] - r).abs().max() <= 1e-6
 
 
 @pytest.mark.parametrize("pooling", [PoolingType.SUM, PoolingType.MEAN])
-def test_tables_using_different_tiers(pooling) -> None:
+@pytest.mark.parametrize("lookup", LOOKUPS)
+def test_tables_using_different_tiers(pooling, lookup) -> None:
     """Tables without rows in some tiers: their buckets are empty and sit between the ones
     looked up, so the lookup gathers bag offsets instead of slicing them."""
     from shark_torchrec.quant import TierAssignment
@@ -217,7 +234,7 @@ def test_tables_using_different_tiers(pooling) -> None:
     t01 = torch.tensor([fp32, int8, drop, int8], dtype=torch.int8).repeat(50)
     t2 = torch.tensor([fp16, int8, int8], dtype=torch.int8).repeat(100)
     a = TierAssignment({"t01": t01, "t2": t2}, {"t01": 8, "t2": 16})
-    m = RowwiseMixedEmbeddingBagCollection.from_float(ebc, a, num_groups=1)
+    m = _use(RowwiseMixedEmbeddingBagCollection.from_float(ebc, a, num_groups=1), lookup)
     kjt = _batch()
     call = m.groups[0]._lookups(torch.device("cpu"))[0]
     assert call.tensors(m.groups[0], m.groups[0].qebc._emb_modules[0],
@@ -228,9 +245,10 @@ def test_tables_using_different_tiers(pooling) -> None:
             assert (out[f] - r).abs().max() <= 1e-6, f
 
 
-def test_drop_rows_read_as_zeros_and_store_nothing() -> None:
+@pytest.mark.parametrize("lookup", LOOKUPS)
+def test_drop_rows_read_as_zeros_and_store_nothing(lookup) -> None:
     tables, ebc, a = _setup(fractions={"int8": 0.5, "drop": 0.5})
-    m = RowwiseMixedEmbeddingBagCollection.from_float(ebc, a)
+    m = _use(RowwiseMixedEmbeddingBagCollection.from_float(ebc, a), lookup)
     dropped = (a.tiers["t2"].long() == TIER_ORDER.index(Tier.DROP)).nonzero().flatten()[:5]
     kjt = KeyedJaggedTensor.from_lengths_sync(
         ["cat_0", "cat_1", "cat_2"], torch.cat([torch.tensor([0, 1]), dropped]),
@@ -245,7 +263,7 @@ def test_memory_report_equals_the_buffers_held() -> None:
     _, ebc, a = _setup()
     m = RowwiseMixedEmbeddingBagCollection.from_float(ebc, a)
     r = m.memory_report()
-    assert len(m.groups) == min(2, torch.get_num_threads())
+    assert len(m.groups) == 1  # one TBE: the CPU kernel splits work over threads by bags
     held = sum(int(tbe.weights_host.numel() + tbe.weights_dev.numel() + tbe.weights_uvm.numel())
                for g in m.groups for tbe in g.qebc._emb_modules)
     assert r["weights_bytes"] == held
@@ -254,15 +272,20 @@ def test_memory_report_equals_the_buffers_held() -> None:
     assert sum(a.table_bytes(t) for t in a.tiers) == held  # the assignment predicted it
 
 
-def test_bad_ids_and_weights() -> None:
+@pytest.mark.parametrize("lookup", LOOKUPS)
+def test_bad_ids_and_weights(lookup) -> None:
     tables, ebc, a = _setup()
-    m = RowwiseMixedEmbeddingBagCollection.from_float(ebc, a)
+    m = _use(RowwiseMixedEmbeddingBagCollection.from_float(ebc, a), lookup)
     kjt = KeyedJaggedTensor.from_lengths_sync(["cat_0", "cat_1", "cat_2"], torch.tensor([3, 250, 7]),
                                               torch.tensor([1, 1, 1]))
     with pytest.raises(ValueError, match=r"feature 'cat_1': id 250 is outside table 't01' \(200 rows\)"):
         m(kjt)
+    negative = KeyedJaggedTensor.from_lengths_sync(["cat_0", "cat_1", "cat_2"], torch.tensor([3, 4, -1]),
+                                                   torch.tensor([1, 1, 1]))
+    with pytest.raises(ValueError, match=r"feature 'cat_2': id -1 is outside table 't2' \(300 rows\)"):
+        m(negative)
     bad = KeyedJaggedTensor.from_lengths_sync(["cat_0", "nope"], torch.tensor([1, 2]), torch.tensor([1, 1]))
-    with pytest.raises(KeyError, match=r"unknown \['nope'\]"):
+    with pytest.raises(KeyError, match=r"missing \['cat_1', 'cat_2'\]"):
         m(bad)
     with torch.no_grad():
         ebc.embedding_bags["t2"].weight[17, 3] = float("nan")
@@ -306,7 +329,9 @@ def test_input_transform_runs_in_data_loader_workers() -> None:
                                          num_workers=2)
     for kjt, pre in zip(raw, loader):
         assert pre.keys()[0] == "cat_0@fp32"
-        assert torch.equal(m(pre).values(), m(kjt).values())
+        # Split by tier beforehand, the bags are read by FBGEMM's TBE (tier by tier, then
+        # added up); raw, by the fused kernel: the same rows, summed in another order.
+        torch.testing.assert_close(m(pre).values(), m(kjt).values(), rtol=0, atol=1e-6)
 
 
 def test_vectorised_remap_used_on_cuda_equals_the_per_feature_one() -> None:
@@ -321,3 +346,65 @@ def test_vectorised_remap_used_on_cuda_equals_the_per_feature_one() -> None:
     bad[per_key[0] + 3] = 200  # a cat_1 id one past the end of t01
     with pytest.raises(ValueError, match=r"feature 'cat_1': id 200 is outside table 't01'"):
         t._renumber_vectorised(bad, kjt.lengths())
+
+
+def test_the_cpu_kernel_builds_and_is_used(monkeypatch) -> None:
+    """The fused kernel is what a CPU forward runs (FBGEMM's ops are not called)."""
+    assert cpu_kernel_available()
+    tables, ebc, a = _setup()
+    m = RowwiseMixedEmbeddingBagCollection.from_float(ebc, a)
+    kjt = _batch()
+
+    def fail(*args, **kwargs):
+        raise AssertionError("FBGEMM path used")
+
+    monkeypatch.setattr(m.groups[0], "forward", fail)
+    for f, r in _reference(tables, ebc, a, kjt).items():
+        assert (m(kjt).to_dict()[f] - r).abs().max() <= 1e-6, f
+
+
+@pytest.mark.parametrize("pooling,weighted", [(PoolingType.SUM, True), (PoolingType.MEAN, False)])
+def test_a_batch_split_over_threads_reads_the_same(monkeypatch, pooling, weighted) -> None:
+    """Above ``IDS_PER_THREAD`` ids a batch is read in parts by several threads into one
+    output: every bag comes out bit for bit as in one call."""
+    tables, ebc, a = _setup(pooling, weighted=weighted)
+    m = RowwiseMixedEmbeddingBagCollection.from_float(ebc, a, num_groups=2)
+    kjt = _batch(weighted=weighted, B=257)
+    one = m(kjt).values().clone()
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(mixed_ebc, "IDS_PER_THREAD", 8)
+    try:
+        torch.set_num_threads(3)
+        parts = m(kjt).values()
+    finally:
+        torch.set_num_threads(threads)
+    assert m._pool is not None and m._pool._max_workers == 3  # really split
+    assert torch.equal(parts, one)
+    for f, r in _reference(tables, ebc, a, kjt).items():
+        assert (m(kjt).to_dict()[f] - r).abs().max() <= 1e-6, f
+
+
+@pytest.mark.parametrize("lookup", LOOKUPS)
+def test_features_no_table_serves_are_ignored_unless_strict(lookup) -> None:
+    """As TorchRec's collections: an input may carry features the collection does not serve
+    (e.g. fields pruned away), in any order; with ``strict=True`` they raise, named."""
+    tables, ebc, a = _setup()
+    kjt = _batch()
+    d = kjt.to_dict()
+    extra = KeyedJaggedTensor.from_jt_dict({"dropped_a": d["cat_1"], "cat_2": d["cat_2"], "cat_0": d["cat_0"],
+                                            "dropped_b": d["cat_0"], "cat_1": d["cat_1"]})
+    m = _use(RowwiseMixedEmbeddingBagCollection.from_float(ebc, a), lookup)
+    float_out = ebc(extra)  # TorchRec's own collection ignores them
+    out = m(extra)
+    assert out.keys() == float_out.keys() == ["cat_0", "cat_1", "cat_2"]
+    ref = _reference(tables, ebc, a, kjt)
+    for f, r in ref.items():
+        assert (out.to_dict()[f] - r).abs().max() <= 1e-6, f
+    strict = _use(RowwiseMixedEmbeddingBagCollection.from_float(ebc, a, strict=True), lookup)
+    assert torch.equal(strict(kjt).values(), m(kjt).values())
+    with pytest.raises(KeyError, match=r"unknown \['dropped_a', 'dropped_b'\], missing \[\]"):
+        strict(extra)
+    with pytest.raises(KeyError, match=r"unknown \['dropped_a', 'dropped_b'\]"):
+        strict.input_transform(extra)
+    # The input transform ignores them too, and its output reads the same.
+    torch.testing.assert_close(m(m.input_transform(extra)).values(), out.values(), rtol=0, atol=1e-6)

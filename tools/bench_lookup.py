@@ -1,20 +1,34 @@
 #!/usr/bin/env python
 """Embedding lookup throughput: TorchRec's fp32 collection, FBGEMM uniform FP16/INT8/INT4
-(TorchRec's quantized collection, one IntNBit TBE) and the row-wise mixed-precision collection.
+(TorchRec's quantized collection, one IntNBit TBE) and the row-wise mixed-precision collection,
+on two shapes, single-threaded and with the default torch threads; plus a model-level figure
+(a DLRM forward with the fp32 vs the mixed collection).
 
-Default shape (issue 4): 8 tables × 1,000,000 rows × dim 64, batch 4,096, 20 ids per bag,
-Zipf-distributed ids (exponent 1.05).  Row priorities for the mixed tiers are the id counts of
-a sample of batches (popular rows get the precise tiers).  The mixed collection is timed two
-ways: with the id-to-tier remap inside its forward, and with the remap done beforehand by its
-input transform (where a serving pipeline would run it: data-loader workers).  Every variant
-runs the same rotating batches, interleaved round by round; the table reports the median time
-per batch, bags/s, bytes and ratios to the fp32 collection measured in the same run.
+Shapes:
+
+* benchmark shape (issue 4): 8 tables × 1,000,000 rows × dim 64, batch 4,096, 20 ids per bag,
+  Zipf-distributed ids (exponent 1.05);
+* pipeline shape (what ``shark-torchrec run`` serves): ``SyntheticConfig.default`` — 26
+  tables × 20,000 rows × dim 16, 24 one-hot fields and 2 multi-hot ones (1-5 ids), batch 512.
+
+Row priorities for the mixed tiers are the id counts of a separate sample of batches (popular
+rows get the precise tiers).  The mixed collection is timed three ways: its default forward
+(the fused CPU kernel: id map, tier, lookup and pooling in one pass); FBGEMM's path
+(``block_bucketize_sparse_features`` then FBGEMM's TBE, in ``G`` table groups run in threads —
+the previous default, kept as the CUDA / fallback path); and with the id-to-tier step done
+beforehand by its input transform (where a serving pipeline could run it: data-loader workers),
+only FBGEMM's lookup timed.  Every variant runs the same rotating batches, interleaved round by
+round, with Python's garbage collector paused while timing (it would otherwise fire inside
+whichever variant allocates next); the tables report the median time per batch and ratios to the
+fp32 collection and to uniform INT8 measured in the same run and thread setting.
 
     python tools/bench_lookup.py --out runs/bench_lookup.json
     python tools/bench_lookup.py --device cuda        # EmbeddingLocation.DEVICE tables
 """
 
 import argparse
+import copy
+import gc
 import json
 import os
 import statistics
@@ -22,67 +36,57 @@ import time
 from typing import Callable, Dict, List
 
 import torch
+from fbgemm_gpu.split_table_batched_embeddings_ops_common import BoundsCheckMode
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+from torchrec.models.dlrm import DLRM
 from torchrec.modules.embedding_configs import DataType
 from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEBC
-from fbgemm_gpu.split_table_batched_embeddings_ops_common import BoundsCheckMode
 
 from shark_torchrec.data import SyntheticClickDataset, SyntheticConfig, SyntheticField
 from shark_torchrec.quant import RowwiseMixedEmbeddingBagCollection, assign_by_fractions, quantize_rows
+from shark_torchrec.quant.cpu_kernel import cpu_kernel_available
 from shark_torchrec.quant.tiers import Tier
 
 MIXES = {
     "mixed 10/30/60 fp16/int8/int4": {"fp16": 0.1, "int8": 0.3, "int4": 0.6},
     "mixed 20/80 fp16/int8": {"fp16": 0.2, "int8": 0.8},
 }
+FP32 = "torchrec fp32 EmbeddingBagCollection"
+INT8 = "fbgemm uniform int8"
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tables", type=int, default=8)
-    p.add_argument("--rows", type=int, default=1_000_000)
-    p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--batch_size", type=int, default=4096)
-    p.add_argument("--pooling_factor", type=int, default=20)
-    p.add_argument("--zipf", type=float, default=1.05)
-    p.add_argument("--batches", type=int, default=6, help="distinct batches, cycled")
-    p.add_argument("--iters", type=int, default=10, help="timed calls per variant per round")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--int32", action="store_true", help="int32 ids (default int64)")
-    p.add_argument("--out", default="runs/bench_lookup.json")
-    args = p.parse_args()
-    device = torch.device(args.device)
-    torch.manual_seed(0)
+def _with_kernel(m: RowwiseMixedEmbeddingBagCollection, on: bool) -> Callable:
+    def call(kjt):
+        m.use_cpu_kernel = on
+        return m(kjt).values()
+    return call
 
-    names = [f"f{i}" for i in range(args.tables)]
-    cfg = SyntheticConfig(fields=[SyntheticField(n, args.rows, args.zipf, args.pooling_factor,
-                                                 args.pooling_factor) for n in names],
-                          informative=[], num_dense=1, seed=0)
+
+def build_case(name: str, cfg: SyntheticConfig, dim: int, batch_size: int, args, device) -> Dict:
+    """Tables, batches and every variant of one shape."""
     id_dtype = torch.int32 if args.int32 else torch.int64
-    data = SyntheticClickDataset(cfg, args.batch_size, args.batches, id_dtype=id_dtype)
+    data = SyntheticClickDataset(cfg, batch_size, args.batches, id_dtype=id_dtype)
     batches = [b.sparse_features.to(device) for b in data]
-    tables = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=args.dim, num_embeddings=args.rows,
-                                 feature_names=[n]) for i, n in enumerate(names)]
-    print(f"building: {args.tables} x {args.rows:,} x {args.dim}", flush=True)
+    dense = [b.dense_features.to(device) for b in data]
+    tables = [EmbeddingBagConfig(name=f"t_{f.name}", embedding_dim=dim, num_embeddings=f.cardinality,
+                                 feature_names=[f.name]) for f in cfg.fields]
+    print(f"building {name}: {len(tables)} x {max(t.num_embeddings for t in tables):,} x {dim}", flush=True)
     fp32 = EmbeddingBagCollection(tables=tables, device=device)
 
-    # Priorities: id counts over a separate sample of batches (seed 1).
-    sample = SyntheticClickDataset(cfg, args.batch_size, 4, batch_offset=1000).global_batch
-    counts = {t.name: torch.zeros(args.rows) for t in tables}
+    # Priorities: id counts over a separate sample of batches.
+    sample = SyntheticClickDataset(cfg, batch_size, 4, batch_offset=1000).global_batch
+    counts = {t.name: torch.zeros(t.num_embeddings) for t in tables}
     for g in range(4):
         kjt = sample(g).sparse_features
         for t in tables:
             v = kjt[t.feature_names[0]].values().long()
             counts[t.name].index_add_(0, v, torch.ones(v.numel()))
 
-    variants: Dict[str, Callable] = {}
-    bytes_of: Dict[str, int] = {}
-    variants["torchrec fp32 EmbeddingBagCollection"] = lambda kjt: fp32(kjt).values()
-    bytes_of["torchrec fp32 EmbeddingBagCollection"] = sum(
-        p.numel() * p.element_size() for p in fp32.parameters())
+    variants: Dict[str, Callable] = {FP32: lambda kjt: fp32(kjt).values()}
+    inputs: Dict[str, List] = {}
+    bytes_of = {FP32: sum(p.numel() * p.element_size() for p in fp32.parameters())}
     for tier, dt in ((Tier.FP16, DataType.FP16), (Tier.INT8, DataType.INT8), (Tier.INT4, DataType.INT4)):
-        name = f"fbgemm uniform {tier.value}"
+        v = f"fbgemm uniform {tier.value}"
         q = QuantEBC(tables=[EmbeddingBagConfig(name=t.name, embedding_dim=t.embedding_dim,
                                                 num_embeddings=t.num_embeddings,
                                                 feature_names=t.feature_names, data_type=dt)
@@ -94,73 +98,163 @@ def main() -> None:
                 w.copy_(qw.to(w.device))
                 if sb is not None:
                     sb.copy_(qsb.to(sb.device))
-        variants[name] = (lambda m: lambda kjt: m(kjt).values())(q)
-        bytes_of[name] = sum(int(tbe.weights_host.numel() + tbe.weights_dev.numel() + tbe.weights_uvm.numel())
-                             for tbe in q._emb_modules)
-    pre: Dict[str, List] = {}
-    groups = [None, 1] if torch.get_num_threads() > 1 and device.type == "cpu" else [None]
+        variants[v] = (lambda m: lambda kjt: m(kjt).values())(q)
+        bytes_of[v] = sum(int(tbe.weights_host.numel() + tbe.weights_dev.numel() + tbe.weights_uvm.numel())
+                          for tbe in q._emb_modules)
     mixes = dict(MIXES)
     if device.type == "cuda":
         # INT2 rows take a second, fp16-output FBGEMM call on CUDA (see _MixedGroup._lookups).
         mixes["mixed 10/30/40/20 fp16/int8/int4/int2"] = {"fp16": 0.1, "int8": 0.3, "int4": 0.4, "int2": 0.2}
+    groups = max(1, min(torch.get_num_threads(), len(tables)))
+    first_mixed = None
     for label, fractions in mixes.items():
-        a = assign_by_fractions(counts, {t.name: args.dim for t in tables}, fractions)
-        for g in groups:
-            m = RowwiseMixedEmbeddingBagCollection.from_float(fp32, a, check_ids=True, num_groups=g)
-            tag = f"{label} ({len(m.groups)} TBE group{'s' if len(m.groups) > 1 else ''})"
-            variants[f"{tag}, remap in forward"] = (lambda m: lambda kjt: m(kjt).values())(m)
-            bytes_of[f"{tag}, remap in forward"] = m.memory_report()["total_bytes"]
-            key = f"{tag}, remap in input transform"
-            pre[key] = [m.input_transform(k) for k in batches]
-            variants[key] = (lambda m: lambda kjt: m(kjt).values())(m)
-            bytes_of[key] = m.memory_report()["total_bytes"]
-            if device.type == "cuda":
-                # The id check is the forward's one host sync on CUDA: show its cost.
-                m = RowwiseMixedEmbeddingBagCollection.from_float(fp32, a, check_ids=False, num_groups=g)
-                key = f"{tag}, remap in forward, ids unchecked (no host sync)"
-                variants[key] = (lambda m: lambda kjt: m(kjt).values())(m)
-                bytes_of[key] = m.memory_report()["total_bytes"]
+        a = assign_by_fractions(counts, {t.name: dim for t in tables}, fractions)
+        m = RowwiseMixedEmbeddingBagCollection.from_float(fp32, a, check_ids=True)
+        first_mixed = first_mixed or m
+        size = m.memory_report()["total_bytes"]
+        if device.type == "cpu":
+            variants[f"{label}, fused CPU kernel"] = _with_kernel(m, True)
+            bytes_of[f"{label}, fused CPU kernel"] = size
+            variants[f"{label}, FBGEMM bucketize + TBE, 1 group"] = _with_kernel(m, False)
+            bytes_of[f"{label}, FBGEMM bucketize + TBE, 1 group"] = size
+            if groups > 1:
+                mg = RowwiseMixedEmbeddingBagCollection.from_float(fp32, a, check_ids=True, num_groups=groups)
+                key = f"{label}, FBGEMM bucketize + TBE, {groups} groups in threads"
+                variants[key] = _with_kernel(mg, False)
+                bytes_of[key] = mg.memory_report()["total_bytes"]
+        else:
+            variants[f"{label}, remap in forward"] = _with_kernel(m, False)
+            bytes_of[f"{label}, remap in forward"] = size
+            unchecked = RowwiseMixedEmbeddingBagCollection.from_float(fp32, a, check_ids=False)
+            key = f"{label}, remap in forward, ids unchecked (no host sync)"
+            variants[key] = _with_kernel(unchecked, False)
+            bytes_of[key] = size
+        key = f"{label}, remap in input transform (only the lookup timed)"
+        inputs[key] = [m.input_transform(k) for k in batches]
+        variants[key] = _with_kernel(m, False)
+        bytes_of[key] = size
 
+    # Model level: the same DLRM (dense and over arch) around either collection.
+    dlrm = DLRM(embedding_bag_collection=fp32, dense_in_features=dense[0].shape[1],
+                dense_arch_layer_sizes=[2 * dim, dim], over_arch_layer_sizes=[2 * dim, 1]).to(device).eval()
+    dlrm_mixed = copy.copy(dlrm)  # shares the dense layers; only the collection differs
+    dlrm_mixed.sparse_arch = copy.copy(dlrm.sparse_arch)
+    dlrm_mixed.sparse_arch.embedding_bag_collection = first_mixed
+    first_mixed.use_cpu_kernel = True
+    model_variants = {"DLRM forward, fp32 collection": dlrm,
+                      f"DLRM forward, {next(iter(MIXES))} collection": dlrm_mixed}
+    for v, model in model_variants.items():
+        variants[v] = (lambda model: lambda i: model(dense[i], batches[i]))(model)
+        inputs[v] = list(range(len(batches)))
+        bytes_of[v] = bytes_of[FP32] if "fp32" in v else first_mixed.memory_report()["total_bytes"]
+    ids_per_batch = statistics.mean(k.values().numel() for k in batches)
+    return {"name": name, "batches": batches, "variants": variants, "inputs": inputs,
+            "bytes": bytes_of, "bags": batch_size * len(tables), "ids": ids_per_batch,
+            "tables": len(tables), "rows": [t.num_embeddings for t in tables], "dim": dim,
+            "batch_size": batch_size}
+
+
+def time_case(case: Dict, args, device) -> Dict[str, float]:
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    times: Dict[str, List[float]] = {v: [] for v in variants}
+    times: Dict[str, List[float]] = {v: [] for v in case["variants"]}
     with torch.no_grad():
         for r in range(args.rounds + 1):  # round 0 warms up
-            for v, fn in variants.items():
-                inputs = pre.get(v, batches)
-                for i in range(args.iters):
-                    kjt = inputs[i % len(inputs)]
-                    sync()
-                    t0 = time.perf_counter()
-                    fn(kjt)
-                    sync()
-                    if r:
-                        times[v].append(time.perf_counter() - t0)
-    base = "torchrec fp32 EmbeddingBagCollection"
-    med = {v: statistics.median(t) for v, t in times.items()}
-    rows = []
-    for v in variants:
-        rows.append({"variant": v, "ms_per_batch": 1e3 * med[v],
-                     "bags_per_s": args.batch_size * args.tables / med[v],
-                     "bytes": bytes_of[v], "speed_vs_fp32": med[base] / med[v],
-                     "bytes_vs_fp32": bytes_of[v] / bytes_of[base]})
-    uniform_int8 = next(r for r in rows if r["variant"] == "fbgemm uniform int8")
-    for r in rows:
-        r["speed_vs_int8"] = uniform_int8["ms_per_batch"] / r["ms_per_batch"]
+            gc.collect()
+            gc.disable()
+            try:
+                for v, fn in case["variants"].items():
+                    inputs = case["inputs"].get(v, case["batches"])
+                    for i in range(args.iters):
+                        x = inputs[i % len(inputs)]
+                        sync()
+                        t0 = time.perf_counter()
+                        fn(x)
+                        sync()
+                        if r:
+                            times[v].append(time.perf_counter() - t0)
+            finally:
+                gc.enable()
+    return {v: statistics.median(t) for v, t in times.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tables", type=int, default=8)
+    p.add_argument("--rows", type=int, default=1_000_000)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--batch_size", type=int, default=4096)
+    p.add_argument("--pooling_factor", type=int, default=20)
+    p.add_argument("--zipf", type=float, default=1.05)
+    p.add_argument("--pipeline_tables", type=int, default=26)
+    p.add_argument("--pipeline_rows", type=int, default=20_000)
+    p.add_argument("--pipeline_dim", type=int, default=16)
+    p.add_argument("--pipeline_batch_size", type=int, default=512)
+    p.add_argument("--batches", type=int, default=6, help="distinct batches, cycled")
+    p.add_argument("--iters", type=int, default=10, help="timed calls per variant per round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", default="1,default",
+                   help="torch thread settings to time, comma-separated ('default': as started)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--int32", action="store_true", help="int32 ids (default int64)")
+    p.add_argument("--out", default="runs/bench_lookup.json")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    default_threads = torch.get_num_threads()
+    settings = [default_threads if s == "default" else int(s) for s in args.threads.split(",")]
+    if device.type == "cpu" and not cpu_kernel_available():
+        raise SystemExit("the mixed collection's CPU kernel could not be built (see the warning)")
+
+    big = SyntheticConfig(fields=[SyntheticField(f"f{i}", args.rows, args.zipf, args.pooling_factor,
+                                                 args.pooling_factor) for i in range(args.tables)],
+                          informative=[], num_dense=13, seed=0)
+    pipeline = SyntheticConfig.default(num_fields=args.pipeline_tables, cardinality=args.pipeline_rows,
+                                       num_dense=13, seed=0)
+    cases = [build_case("benchmark shape", big, args.dim, args.batch_size, args, device),
+             build_case("pipeline shape", pipeline, args.pipeline_dim, args.pipeline_batch_size, args, device)]
+
     result = {"config": vars(args), "device": str(device),
               "device_name": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
-              "threads": torch.get_num_threads(), "rows": rows}
+              "default_threads": default_threads, "cases": []}
+    lines = []
+    for case in cases:
+        for threads in settings:
+            torch.set_num_threads(threads)
+            med = time_case(case, args, device)
+            rows = []
+            for v in case["variants"]:
+                base = "DLRM forward, fp32 collection" if v.startswith("DLRM") else FP32
+                rows.append({"variant": v, "ms_per_batch": 1e3 * med[v],
+                             "bags_per_s": case["bags"] / med[v], "bytes": case["bytes"][v],
+                             "speed_vs_fp32": med[base] / med[v],
+                             "speed_vs_int8": None if v.startswith("DLRM") else med[INT8] / med[v],
+                             "bytes_vs_fp32": case["bytes"][v] / case["bytes"][FP32]})
+            result["cases"].append({"case": case["name"], "threads": threads, "tables": case["tables"],
+                                    "rows": case["rows"], "dim": case["dim"],
+                                    "batch_size": case["batch_size"], "ids_per_batch": case["ids"],
+                                    "results": rows})
+            lines.append(f"\n{case['name']} ({case['tables']} tables x {max(case['rows']):,} rows x dim "
+                         f"{case['dim']}, batch {case['batch_size']}, {case['ids']:,.0f} ids), "
+                         f"{threads} torch thread{'s' if threads > 1 else ''}:\n")
+            lines.append("| variant | ms / batch | M bags/s | MiB | speed vs fp32 | speed vs uniform int8 | bytes vs fp32 |")
+            lines.append("|---|---|---|---|---|---|---|")
+            for r in rows:
+                vs8 = "" if r["speed_vs_int8"] is None else f"{r['speed_vs_int8']:.2f}"
+                lines.append(f"| {r['variant']} | {r['ms_per_batch']:.3f} | {r['bags_per_s'] / 1e6:.2f} | "
+                             f"{r['bytes'] / 2**20:.1f} | {r['speed_vs_fp32']:.2f} | {vs8} | "
+                             f"{r['bytes_vs_fp32']:.3f} |")
+            print("\n".join(lines[-len(rows) - 3:]), flush=True)
+    torch.set_num_threads(default_threads)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
-    print("| variant | ms / batch | M bags/s | MB | speed vs fp32 | speed vs uniform int8 | bytes vs fp32 |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['variant']} | {r['ms_per_batch']:.2f} | {r['bags_per_s'] / 1e6:.2f} | "
-              f"{r['bytes'] / 2**20:.0f} | {r['speed_vs_fp32']:.2f} | {r['speed_vs_int8']:.2f} | "
-              f"{r['bytes_vs_fp32']:.3f} |")
+    md = os.path.splitext(args.out)[0] + ".md"
+    with open(md, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"\nwritten: {args.out}, {md}")
 
 
 if __name__ == "__main__":

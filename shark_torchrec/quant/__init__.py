@@ -5,19 +5,20 @@
 * :func:`assign_by_fractions`, :func:`assign_by_budget` → :class:`TierAssignment` — from row
   priorities to per-row tiers, with byte reports computed by FBGEMM's own helpers.
 * :class:`RowwiseMixedEmbeddingBagCollection` (+ its input transform,
-  :class:`MixedInputTransform`) — the
-  mixed-precision collection on TorchRec's quantized collection / FBGEMM's IntNBit TBE.
+  :class:`MixedInputTransform`) — the mixed-precision collection on TorchRec's quantized
+  collection / FBGEMM's IntNBit TBE, in pieces that can be read and profiled apart:
+  :mod:`~shark_torchrec.quant.rows` (row formats), :mod:`~shark_torchrec.quant.layout` (tier
+  layout), :mod:`~shark_torchrec.quant.remap` (id-to-tier step), :mod:`~shark_torchrec.quant.lookup`
+  and :mod:`~shark_torchrec.quant.cpu_kernel` (lookups), :mod:`~shark_torchrec.quant.mixed_ebc`
+  (the module), :mod:`~shark_torchrec.quant.serialization` (save / load).
 * :func:`quantize_` + :class:`RowwiseQuantConfig` — swap a model's collections in place.
 """
 
 from shark_torchrec.quant.api import RowwiseQuantConfig, assign_tiers, quantize_
-from shark_torchrec.quant.mixed_ebc import (
-    MixedInputTransform,
-    RowwiseInputTransform,
-    RowwiseMixedEmbeddingBagCollection,
-    dequantize_rows,
-    quantize_rows,
-)
+from shark_torchrec.quant.layout import MixedLayout
+from shark_torchrec.quant.mixed_ebc import RowwiseMixedEmbeddingBagCollection
+from shark_torchrec.quant.remap import MixedInputTransform, RowwiseInputTransform
+from shark_torchrec.quant.rows import dequantize_rows, quantize_rows
 from shark_torchrec.quant.tiers import (
     DEFAULT_ROW_ALIGNMENT,
     TIER_ORDER,
@@ -32,6 +33,7 @@ from shark_torchrec.quant.tiers import (
 
 __all__ = [
     "MixedInputTransform",
+    "MixedLayout",
     "RowwiseInputTransform",
     "RowwiseMixedEmbeddingBagCollection",
     "RowwiseQuantConfig",

@@ -1,0 +1,97 @@
+"""The tier layout of a mixed collection: which logical tables it holds, how many rows of each
+sit in each tier, how tables are grouped (one FBGEMM TBE per group), and the physical
+sub-tables (``"<table>@<tier>"``) that layout gives each group's TBE.
+
+:class:`MixedLayout` is also what a saved collection carries to be rebuilt without its float
+model (:meth:`MixedLayout.to_dict` / :meth:`MixedLayout.from_dict`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, List, Sequence
+
+import torch
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+
+from shark_torchrec.quant.rows import DATA_TYPE
+from shark_torchrec.quant.tiers import TIER_ORDER, Tier
+
+LAYOUT_FORMAT = "shark-torchrec/rowwise-mixed-ebc/v1"
+
+
+@dataclasses.dataclass
+class MixedLayout:
+    """What a mixed collection holds, without weights (serialisable; enough to rebuild it).
+
+    Attributes:
+        tables: the logical tables (name, rows, dim, features, pooling).
+        tiers: the tiers in use, most precise first (DROP last if used).
+        rows: ``{table: [rows per tier in tiers order]}``.
+        is_weighted: whether inputs carry per-id weights.
+        groups: tables split into groups, each its own TBE.
+    """
+
+    tables: List[Dict]
+    tiers: List[str]
+    rows: Dict[str, List[int]]
+    is_weighted: bool = False
+    groups: List[List[str]] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.groups:  # one group of every table
+            self.groups = [[t["name"] for t in self.tables]]
+
+    def to_dict(self) -> Dict:
+        return {"format": LAYOUT_FORMAT, **dataclasses.asdict(self)}
+
+    @staticmethod
+    def from_dict(d: Dict) -> "MixedLayout":
+        if not isinstance(d, dict) or d.get("format") != LAYOUT_FORMAT:
+            raise ValueError(f"not a row-wise mixed collection layout (format {LAYOUT_FORMAT!r})")
+        return MixedLayout(tables=d["tables"], tiers=d["tiers"], rows=d["rows"],
+                           is_weighted=d["is_weighted"], groups=d.get("groups") or [])
+
+    def configs(self) -> List[EmbeddingBagConfig]:
+        return [EmbeddingBagConfig(name=t["name"], num_embeddings=t["rows"], embedding_dim=t["dim"],
+                                   feature_names=list(t["features"]),
+                                   pooling=PoolingType(t["pooling"])) for t in self.tables]
+
+    def check(self) -> None:
+        """Raise naming the table whose rows per tier do not add up to its rows."""
+        K = len(self.tiers)
+        for t in self.tables:
+            counts = self.rows[t["name"]]
+            if len(counts) != K or sum(counts) != t["rows"]:
+                raise ValueError(f"table {t['name']!r}: rows per tier {counts} do not add up to "
+                                 f"{t['rows']} over tiers {self.tiers}")
+
+    def physical_configs(self) -> List[EmbeddingBagConfig]:
+        """The TBE tables of this layout: one per (tier, table) with rows, tier-major — the
+        order the id-to-tier step emits buckets in, so a TBE reads them without a permute and
+        its output is ``[tier][feature]`` blocks.  DROP has none (its rows read as zeros)."""
+        out = []
+        for k, tier in enumerate(Tier.parse(t) for t in self.tiers):
+            for c in self.configs():
+                if tier is not Tier.DROP and self.rows[c.name][k] > 0:
+                    out.append(EmbeddingBagConfig(
+                        name=f"{c.name}@{tier.value}", num_embeddings=self.rows[c.name][k],
+                        embedding_dim=c.embedding_dim,
+                        feature_names=[f"{f}@{tier.value}" for f in c.feature_names],
+                        pooling=PoolingType.SUM, data_type=DATA_TYPE[tier]))
+        return out
+
+    def subset(self, names: Sequence[str]) -> "MixedLayout":
+        """The layout of some tables (one group of them)."""
+        keep = set(names)
+        return MixedLayout(tables=[t for t in self.tables if t["name"] in keep], tiers=list(self.tiers),
+                           rows={n: r for n, r in self.rows.items() if n in keep},
+                           is_weighted=self.is_weighted, groups=[list(names)])
+
+
+def tier_positions(tier_index: torch.Tensor, used: Sequence[int]) -> torch.Tensor:
+    """Map TIER_ORDER indices to positions in ``used`` (the tiers present)."""
+    lut = torch.full((len(TIER_ORDER),), -1, dtype=torch.long)
+    for k, i in enumerate(used):
+        lut[i] = k
+    return lut[tier_index]

@@ -1,0 +1,207 @@
+"""The id-to-tier step of a mixed collection, as FBGEMM ops: ids renumbered through the id map
+and split by tier with ``block_bucketize_sparse_features`` into features ``"<feature>@<tier>"``
+of the sub-tables' TBE (``torchrec-cpu-facts.md`` section 6).
+
+This is what a serving pipeline can run ahead of the lookup (data-loader workers:
+:class:`MixedInputTransform`), what the collection runs inside its forward on CUDA and for a
+sharded collection, and its CPU fallback when its fused kernel (``cpu_kernel``) is not
+available.  Which features of an input a collection reads is decided here too
+(:func:`select_features`): like TorchRec's collections, features no table serves are ignored,
+unless ``strict``.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_configs import PoolingType
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from shark_torchrec.quant.layout import MixedLayout
+from shark_torchrec.quant.tiers import Tier
+
+
+def check_features(keys: Sequence[str], features: Sequence[str], strict: bool) -> None:
+    """Raise ``KeyError`` when ``keys`` (an input's) lack one of ``features`` (a collection's),
+    or, with ``strict``, hold one it does not serve — naming them."""
+    have = set(keys)
+    missing = [f for f in features if f not in have]
+    unknown = sorted(have - set(features))
+    if missing or (strict and unknown):
+        raise KeyError(f"input features do not match the collection: unknown {unknown}, "
+                       f"missing {missing}")
+
+
+def select_features(features: KeyedJaggedTensor, order: List[str], strict: bool = False) -> KeyedJaggedTensor:
+    """``features`` holding exactly ``order``, in that order (the input itself when it already
+    does; else one permute, which also leaves out the features no table serves)."""
+    keys = features.keys()
+    if keys == order:
+        return features
+    check_features(keys, order, strict)
+    return features.permute([keys.index(f) for f in order])
+
+
+class RowwiseInputTransform(nn.Module):
+    """The id-to-tier step of one table group: a ``KeyedJaggedTensor`` of the group's features
+    becomes one with features ``"<feature>@<tier>"`` (tier-major, only the buckets that have a
+    sub-table; all of them when MEAN pooling needs the DROP lengths) holding local rows of each
+    tier's sub-table.  It holds only the id map (4 bytes per row).
+
+    Every id is renumbered with one gather (per feature on CPU, one over all features on CUDA),
+    then split by tier with one ``block_bucketize_sparse_features`` call.  Ids outside their
+    table raise an error naming the feature and the id, unless ``check_ids=False``; input
+    features no table serves are ignored, unless ``strict=True`` (then a ``KeyError`` names
+    them).  The whole collection's transform is :class:`MixedInputTransform`.
+
+    On CUDA, :meth:`bucketize` (what the collection's forward uses) makes no host
+    synchronisation with ``check_ids=False`` and exactly one with ``check_ids=True`` (to raise
+    the error); :meth:`forward` adds one more when some buckets are left out (their ids must be
+    cut from the values, whose new length the host must read).
+    """
+
+    def __init__(self, layout: MixedLayout, device: torch.device = torch.device("cpu"),
+                 check_ids: bool = True, strict: bool = False) -> None:
+        super().__init__()
+        self.check_ids = check_ids
+        self.strict = strict
+        configs = layout.configs()
+        tiers = [Tier.parse(t) for t in layout.tiers]
+        self.features = [f for c in configs for f in c.feature_names]
+        self._config = {f: c for c in configs for f in c.feature_names}
+        self.num_tiers = len(tiers)
+        # Every bucket block_bucketize makes, [tier][feature] (what :meth:`bucketize` returns).
+        self.bucket_keys = [f"{f}@{t.value}" for t in tiers for f in self.features]
+        # Buckets that never hold an id: a tier the feature's table has no rows in.
+        self.empty_buckets = {f"{f}@{t.value}" for k, t in enumerate(tiers) for f in self.features
+                              if layout.rows[self._config[f].name][k] == 0}
+        has_rows = [not k.endswith(f"@{Tier.DROP.value}") and k not in self.empty_buckets
+                    for k in self.bucket_keys]
+        mean_with_drop = Tier.DROP in tiers and any(c.pooling == PoolingType.MEAN for c in configs)
+        if mean_with_drop or all(has_rows):
+            # MEAN needs every bag's full length, DROP ids included: keep every bucket.
+            self.output_keys, self._keep = list(self.bucket_keys), None
+        else:
+            keep = [i for i, h in enumerate(has_rows) if h]
+            # A prefix slice of the values is only valid if the dropped buckets hold no ids
+            # before a kept one: true for DROP (last) and for buckets without rows.
+            self.output_keys = [self.bucket_keys[i] for i in keep]
+            self._keep = torch.tensor(keep, dtype=torch.long, device=device)
+        self.table_base, base = {}, 0
+        for c in configs:
+            self.table_base[c.name] = base
+            base += c.num_embeddings
+        # Renumbered row of every row of every table (tables concatenated): 4 bytes per row.
+        self.register_buffer("row_map", torch.zeros(base, dtype=torch.int32, device=device))
+        self.register_buffer("block_sizes", torch.tensor(
+            [max(1, self._config[f].num_embeddings) for f in self.features], device=device),
+            persistent=False)
+        self.register_buffer("feature_base", torch.tensor(
+            [self.table_base[self._config[f].name] for f in self.features], device=device),
+            persistent=False)
+        self.register_buffer("feature_rows", torch.tensor(
+            [self._config[f].num_embeddings for f in self.features], device=device),
+            persistent=False)
+        self._bucket_pos = [torch.cumsum(torch.tensor([0] + layout.rows[self._config[f].name]), 0).to(device)
+                            for f in self.features]
+
+    def _renumber_per_feature(self, values: torch.Tensor, per_key: List[int]) -> torch.Tensor:
+        """CPU: per feature, a min/max check and one gather from the feature's table's slice of
+        the id map (no per-id feature index is materialised)."""
+        renumbered = torch.empty(values.shape, dtype=torch.int32, device=values.device)
+        start = 0
+        for f, n in zip(self.features, per_key):
+            if n == 0:
+                continue
+            ids = values[start : start + n]
+            c = self._config[f]
+            if self.check_ids:
+                lo, hi = torch.aminmax(ids)
+                if int(lo) < 0 or int(hi) >= c.num_embeddings:
+                    self._raise_bad_id(f, ids)
+            base = self.table_base[c.name]
+            torch.index_select(self.row_map[base : base + c.num_embeddings], 0, ids,
+                               out=renumbered[start : start + n])
+            start += n
+        return renumbered
+
+    def _renumber_vectorised(self, values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """CUDA: one check and one gather over all features.  The feature of every id comes
+        from the bag lengths on the device (no per-key lengths on the host), so the only host
+        synchronisation is the id check's."""
+        F = len(self.features)
+        B = lengths.numel() // F
+        bag_feature = torch.div(torch.arange(F * B, device=values.device), B, rounding_mode="floor")
+        feature_of_id = torch.repeat_interleave(bag_feature, lengths, output_size=values.numel())
+        if self.check_ids:
+            bad = (values < 0) | (values >= self.feature_rows[feature_of_id])
+            if bool(bad.any()):
+                i = int(bad.nonzero()[0])
+                f = self.features[int(feature_of_id[i])]
+                self._raise_bad_id(f, values[i : i + 1])
+        return self.row_map[values.long() + self.feature_base[feature_of_id]]
+
+    def _raise_bad_id(self, f: str, ids: torch.Tensor) -> None:
+        c = self._config[f]
+        bad = ids[(ids < 0) | (ids >= c.num_embeddings)][0]
+        raise ValueError(f"feature {f!r}: id {int(bad)} is outside table "
+                         f"{c.name!r} ({c.num_embeddings} rows)")
+
+    def bucketize(self, features: KeyedJaggedTensor
+                  ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], int]:
+        """``(local rows, lengths, weights, batch size)`` of every bucket in
+        :attr:`bucket_keys` order: the ids of bucket ``i`` are ``lengths[i*B:(i+1)*B]`` long and
+        follow each other; DROP ids are last.  No ids are cut, so no host synchronisation."""
+        features = select_features(features, self.features, self.strict)
+        values, lengths = features.values(), features.lengths()
+        if values.is_cuda:
+            renumbered = self._renumber_vectorised(values, lengths)
+        else:
+            renumbered = self._renumber_per_feature(values, features.length_per_key())
+        renumbered = renumbered.to(values.dtype)
+        new_lengths, local_ids, new_weights, _, _ = torch.ops.fbgemm.block_bucketize_sparse_features(
+            lengths, renumbered, False, False, self.block_sizes.to(values.dtype), self.num_tiers,
+            features.weights_or_none(), None, -1, [p.to(values.dtype) for p in self._bucket_pos])
+        return local_ids, new_lengths, new_weights, lengths.numel() // len(self.features)
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        local_ids, new_lengths, new_weights, B = self.bucketize(features)
+        if self._keep is not None:
+            # Only the buckets the quantized collection reads: DROP (always last) and tiers a
+            # table does not use have no sub-table.  Their ids sit after the kept ones
+            # (bucket-major order), so the values are a prefix.
+            new_lengths = new_lengths.view(-1, B)[self._keep].reshape(-1)
+            n = int(new_lengths.sum())
+            local_ids = local_ids[:n]
+            new_weights = None if new_weights is None else new_weights[:n]
+        return KeyedJaggedTensor(keys=self.output_keys, values=local_ids, lengths=new_lengths,
+                                 weights=new_weights, stride=B)
+
+
+class MixedInputTransform(nn.Module):
+    """The id-to-tier transform of a whole :class:`RowwiseMixedEmbeddingBagCollection`: the
+    output of every table group's :class:`RowwiseInputTransform`, one after the other.  Run it
+    where a serving pipeline prepares inputs (data-loader workers) and feed its output to the
+    collection, which then only looks rows up."""
+
+    def __init__(self, transforms: Sequence[RowwiseInputTransform], strict: bool = False) -> None:
+        super().__init__()
+        self.strict = strict
+        self.parts = nn.ModuleList(transforms)
+        self.features = [f for t in transforms for f in t.features]
+        self.output_keys = [k for t in transforms for k in t.output_keys]
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        parts = split_features(features, self.features, [len(t.features) for t in self.parts], self.strict)
+        out = [t(p) for t, p in zip(self.parts, parts)]
+        return out[0] if len(out) == 1 else KeyedJaggedTensor.concat(out)
+
+
+def split_features(features: KeyedJaggedTensor, order: List[str], sizes: List[int],
+                   strict: bool = False) -> List[KeyedJaggedTensor]:
+    """``features`` in ``order`` (see :func:`select_features`), split into consecutive groups of
+    ``sizes`` keys (views)."""
+    features = select_features(features, order, strict)
+    return [features] if len(sizes) == 1 else features.split(sizes)
