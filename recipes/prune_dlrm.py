@@ -15,7 +15,7 @@ OUT/metrics.json (AUC and log loss before/after, fields, tables and bytes) and O
 
 import json
 
-from shark_torchrec.pruning.prune_dlrm import run
+from shark_torchrec.pruning.recipe import run
 from shark_torchrec.training.distributed import exit_worker, run_or_exit
 
 if __name__ == "__main__":

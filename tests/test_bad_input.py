@@ -15,7 +15,7 @@ from shark_torchrec import cli
 from shark_torchrec.data.click_log import MalformedLineError
 from shark_torchrec.errors import SharkInputError, one_line
 from shark_torchrec.pipeline import build_parser as pipeline_parser
-from shark_torchrec.pruning.prune_dlrm import build_parser as prune_parser
+from shark_torchrec.pruning.recipe import build_parser as prune_parser
 from shark_torchrec.training.train_dlrm import build_parser as train_parser
 
 TRAIN = ROOT / "recipes" / "train_dlrm.py"

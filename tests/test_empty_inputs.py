@@ -11,7 +11,7 @@ from shark_torchrec.data import LineSplit
 from shark_torchrec.training import train_dlrm
 from shark_torchrec.training.datasets import NoRowsError, require_rows
 
-prune_dlrm = importlib.import_module("shark_torchrec.pruning.prune_dlrm")  # the package's prune_dlrm is a function
+prune_dlrm = importlib.import_module("shark_torchrec.pruning.recipe")
 GOOD = "\t".join(["0"] + ["1"] * 13 + ["ab"] * 26)  # one Criteo line
 SMALL_MODEL = ["--embedding_dim", "4", "--dense_arch_layer_sizes", "8,4", "--over_arch_layer_sizes", "8,1",
                "--num_embeddings", "10", "--log_level", "WARNING"]

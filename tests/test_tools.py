@@ -92,3 +92,18 @@ def test_eval_rowwise_quant_runs_with_paired_intervals(tmp_path: Path) -> None:
         lo, hi = row["paired"]["ci"]
         assert lo <= row["paired"]["delta_auc"] <= hi
     assert "CI per seed" in (tmp_path / "summary.md").read_text()
+
+
+@pytest.mark.slow
+def test_sweep_shares_the_stages_a_setting_does_not_change(tmp_path: Path) -> None:
+    _run("sweep_shark_pipeline.py", "--out", tmp_path, "--grid", "quant_budget_fraction=0.6,0.35",
+         "--", "--data", "synthetic", "--synthetic_num_fields", 4, "--synthetic_informative", 2,
+         "--synthetic_cardinality", 2000, "--synthetic_train_batches", 6, "--synthetic_test_batches", 2,
+         "--embedding_dim", 16, "--dense_arch_layer_sizes", "16,16", "--over_arch_layer_sizes", "16,1",
+         "--batch_size", 32, "--keep_fields", 3, "--bootstrap", 50)
+    r = json.loads((tmp_path / "results.json").read_text())
+    a, b = r["points"]
+    step = "pruning step (pruned vs uncompressed)"
+    assert a["paired"][step] == b["paired"][step]  # one pruned model for both budgets
+    assert a["bytes_saved"] < b["bytes_saved"]
+    assert (tmp_path / "tradeoff.png").stat().st_size > 5_000
