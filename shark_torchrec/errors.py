@@ -18,6 +18,10 @@ type it has always been (``ExportError`` and ``OverridesError`` are ``ValueError
     :class:`~shark_torchrec.export.ExportError`             an export file
     :class:`~shark_torchrec.training.checkpoint.CheckpointError`  a checkpoint directory
     :class:`~shark_torchrec.pruning.plan.PlanError`         a pruning plan or its file
+    :class:`~shark_torchrec.data.schema_file.SchemaFileError`  a ``--schema`` file (file:line, key path)
+    :class:`~shark_torchrec.training.datasets.NoRowsError`  a split with no rows to read
+    :class:`~shark_torchrec.data.movielens.DatasetUnavailableError`  ML-100K cannot be fetched
+    :class:`~shark_torchrec.pruning.inputs.MissingFeatureError`  a batch lacking a kept feature
     :class:`InputFileNotFoundError`                         a path given on the command line
     :class:`FlagError`                                      flags that contradict each other
     ======================================================  ======================================
