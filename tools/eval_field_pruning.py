@@ -50,6 +50,7 @@ from shark_torchrec.importance import (
 from shark_torchrec.pruning import choose_plan
 from shark_torchrec.pruning.sharded import prune_trainer
 from shark_torchrec.training import CheckpointManager, DLRMTrainer, init_distributed
+from shark_torchrec.training.datasets import require_rows
 from shark_torchrec.training.train_dlrm import (
     build_parser,
     data_spec_from_args,
@@ -83,6 +84,7 @@ def main() -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.world_size))
     methods = [m for m in args.methods.split(",") if m]
     spec = data_spec_from_args(args)
+    require_rows(spec, args, env.world_size)  # an empty split is an error naming its files
     config = model_config_from_args(args, spec)
     optim = optim_config_from_args(args)
     F = len(config.feature_names)

@@ -31,6 +31,7 @@ from shark_torchrec.importance import RowPriority
 from shark_torchrec.quant import RowwiseQuantConfig, quantize_
 from shark_torchrec.training import DLRMTrainer, build_dlrm_train, init_distributed
 from shark_torchrec.training.gather import full_state_dict
+from shark_torchrec.training.datasets import require_rows
 from shark_torchrec.training.train_dlrm import (
     build_parser,
     data_spec_from_args,
@@ -84,6 +85,7 @@ def main() -> None:
     if env.world_size != 1:
         raise SystemExit("run this tool as one process")
     spec = data_spec_from_args(args)
+    require_rows(spec, args, env.world_size)  # an empty split is an error naming its files
     config = model_config_from_args(args, spec)
     test = list(spec.batches(spec.dataset("test", args.test_batch_size or args.batch_size, 0, 1)))
     results = {"args": vars(args), "seeds": {}}
