@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = g.add_mutually_exclusive_group()
     q.add_argument("--quant_budget_fraction", type=unit_fraction,
                    help="embedding bytes after quantization, as a fraction of the pruned fp32 "
-                   "bytes (default 0.25)")
+                   "bytes (default 0.15)")
     q.add_argument("--quant_fractions", type=tier_fractions,
                    help="row fractions per tier instead of a budget, e.g. fp16=0.1,int8=0.3,int4=0.6")
     g.add_argument("--init_from", metavar="DIR", type=existing_dir,
@@ -124,6 +124,9 @@ def _add_comparison_flags(p: argparse.ArgumentParser) -> None:
     e.add_argument("--priority_alpha", type=float, default=1.0, help="priority per positive use")
     e.add_argument("--priority_beta", type=float, default=0.2, help="priority per negative use")
     e.add_argument("--priority_gamma", type=float, default=0.9999, help="priority decay per step")
+    e.add_argument("--tier_weighting", choices=["gradient", "none"], default="gradient",
+                   help="scale each table's SHARK row priorities by its field's mean squared "
+                   "gradient, so that the byte budget goes where errors move the loss most")
     e.add_argument("--eval_split", choices=["test", "dev"], default="test",
                    help="split every stage is evaluated on (tune on dev, report on test)")
     e.add_argument("--bootstrap", type=int, default=1000,
@@ -214,12 +217,14 @@ def _run(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
             c.detach()
         metrics = trainer.evaluate(_eval_batches(args, spec, env), desc=f"{args.eval_split} (trained)")
         scores = fields.scores()
+        gradient_scales = fields.gradient_scales()
         counts = {name: c.priorities() for name, c in counters.items()}
         with _timed("checkpointing the trained model"):
             path = ckpt.save(trainer.state_dict(), {"global_step": 0, "stage": "train"})
         if env.is_main:
             torch.save(counts, os.path.join(out, "train", "row_counts.pt"))
-        done = {"metrics": metrics, "scores": scores, "checkpoint": path}
+        done = {"metrics": metrics, "scores": scores, "checkpoint": path,
+                "gradient_scales": gradient_scales}
         _finish(env, out, "train", done)
     else:
         state = trainer.state_dict()
@@ -322,7 +327,7 @@ def _run(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
             model.eval()
             kept_features = list(small.feature_names)
             pruned_eval = _evaluate_local(model, spec, args, kept_features, env.world_size)
-            priorities = _row_priorities(args, out)
+            priorities = _row_priorities(args, out, done.get("gradient_scales"), small.tables())
             kept = {t.name for t in small.tables()}
             with _timed("row-wise mixed precision (quantize_)"):
                 quantize_(model, _quant_config(args, overrides, kept),
@@ -381,7 +386,7 @@ def _quant_config(args, overrides, kept) -> RowwiseQuantConfig:
             raise SystemExit(f"--quant_fractions {args.quant_fractions!r}: expected tier=fraction,...")
         config = RowwiseQuantConfig(fractions=fractions)
     else:
-        config = RowwiseQuantConfig(budget_fraction=args.quant_budget_fraction or 0.25)
+        config = RowwiseQuantConfig(budget_fraction=args.quant_budget_fraction or 0.15)
     if overrides is None:
         return config
     merged = overrides.quant_config(config)
@@ -403,15 +408,29 @@ def _row_counters(args) -> Dict[str, tuple]:
     return counters
 
 
-def _row_priorities(args, out: str) -> Dict[str, torch.Tensor]:
+def _row_priorities(args, out: str, gradient_scales, tables) -> Dict[str, torch.Tensor]:
     """The row priorities ``--row_priority`` asks for, from the train stage's counters:
-    ``α · positive + β · negative`` (SHARK), or the plain use counts (frequency)."""
+    ``α · positive + β · negative`` (SHARK), or the plain use counts (frequency).
+
+    With ``--tier_weighting gradient`` (SHARK priorities only), each table's priorities are
+    scaled by its field's mean squared per-sample gradient ``mean_n ‖g[n,f]‖²`` (collected by
+    the field tracker while training): the expected loss change from an error ``δ`` in a row is
+    about ``uses × ‖g‖² × ‖δ‖² / dim``, so a byte budget shared by all tables goes where errors
+    move the loss most, not only where rows are used most.  A table serving several features
+    takes the largest of their scales."""
     counts = torch.load(os.path.join(out, "train", "row_counts.pt"), weights_only=True)
     if args.row_priority == "frequency":
         pos, neg = counts.get("positive_plain", counts["positive"]), counts.get("negative_plain", counts["negative"])
         return {t: pos[t] + neg[t] for t in pos}
     pos, neg = counts["positive"], counts["negative"]
-    return {t: args.priority_alpha * pos[t] + args.priority_beta * neg[t] for t in pos}
+    priorities = {t: args.priority_alpha * pos[t] + args.priority_beta * neg[t] for t in pos}
+    if args.tier_weighting == "gradient" and gradient_scales:
+        for t in tables:
+            scales = [gradient_scales.get(f, float("nan")) for f in t.feature_names]
+            scale = max((x for x in scales if x == x), default=float("nan"))
+            if t.name in priorities and scale == scale and scale > 0:
+                priorities[t.name] = priorities[t.name] * scale
+    return priorities
 
 
 def _field_scores(args, done, trainer: DLRMTrainer, spec, env, config):

@@ -44,6 +44,7 @@ def _reference_scores(model: DLRMTrain, batches, baseline: str, seed: int = 0):
     dlrm = model.model
     feats = dlrm.sparse_arch.sparse_feature_names
     total = torch.zeros(len(feats), dtype=torch.float64)
+    grad_sq = torch.zeros(len(feats), dtype=torch.float64)
     count = 0
     for step, b in enumerate(batches):
         kt = dlrm.sparse_arch.embedding_bag_collection(b.sparse_features)
@@ -65,10 +66,12 @@ def _reference_scores(model: DLRMTrain, batches, baseline: str, seed: int = 0):
             (g,) = torch.autograd.grad(ln, vals, retain_graph=True)
             for i in range(len(feats)):
                 c = slice(4 * i, 4 * i + 4)
+                grad_sq[i] += g[n, c].double().pow(2).sum()
                 if bool((e[:, c] == e[0, c]).all()):
                     continue  # a field that does not vary in the batch contributes nothing
                 total[i] += (g[n, c].double() * (base[n, c] - e[n, c])).sum().abs()
         count += B
+    _reference_scores.grad_sq = {f: float(grad_sq[i] / count) for i, f in enumerate(feats)}
     return {f: float(total[i] / count) for i, f in enumerate(feats)}
 
 
@@ -87,6 +90,9 @@ def test_scores_equal_per_sample_reference(baseline: str) -> None:
     for f in ref:
         assert got[f] == pytest.approx(ref[f], rel=1e-5), (f, got, ref)
     assert tracker.samples_seen() == {f: 48 for f in ref}
+    scales = tracker.gradient_scales()  # mean per-sample ‖g[n,f]‖²
+    for f, v in _reference_scores.grad_sq.items():
+        assert scales[f] == pytest.approx(v, rel=1e-5)
     assert tracker.skipped == {f: 0 for f in ref}
 
 

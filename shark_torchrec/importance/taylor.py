@@ -66,6 +66,7 @@ class _Accumulator:
         self.score_sum = torch.zeros(F, dtype=torch.float64)
         self.count = torch.zeros(F, dtype=torch.float64)
         self.skipped = torch.zeros(F, dtype=torch.float64)
+        self.grad_sq_sum = torch.zeros(F, dtype=torch.float64)  # Σ_n ‖g[n,f]‖² (finite samples)
         self.steps = 0
         self.layouts: Dict[tuple, "_Layout"] = {}  # by output (keys, dims)
 
@@ -292,15 +293,23 @@ class TaylorFieldImportance(FieldImportance):
         else:
             s = torch.zeros(B, layout.num_out, dtype=g.dtype, device=g.device)
             s.index_add_(1, layout.col_to_out.to(g.device), g * x)
+        if layout.dim is not None:
+            gsq = g.reshape(B, layout.num_out, layout.dim).double().pow(2).sum(2)
+        else:
+            gsq = torch.zeros(B, layout.num_out, dtype=torch.float64, device=g.device)
+            gsq.index_add_(1, layout.col_to_out.to(g.device), g.double().pow(2))
         s = s.double()
         if self.loss_reduction == "mean":
             s = s * B  # per-sample gradients: the loss was averaged over this batch
+            gsq = gsq * (B * B)
         finite = torch.isfinite(s)
         zero = torch.zeros((), dtype=s.dtype, device=s.device)
         sums = torch.where(finite & varies.unsqueeze(0), s.abs(), zero).sum(0)
         counts = finite.sum(0).double()
+        gsq_sums = torch.where(finite & torch.isfinite(gsq), gsq, zero).sum(0)
         acc.score_sum.index_add_(0, layout.out_features, sums.cpu())
         acc.count.index_add_(0, layout.out_features, counts.cpu())
+        acc.grad_sq_sum.index_add_(0, layout.out_features, gsq_sums.cpu())
         bad = B - counts
         if bool((bad > 0).any()):
             acc.skipped.index_add_(0, layout.out_features, bad.cpu())
@@ -310,13 +319,13 @@ class TaylorFieldImportance(FieldImportance):
             )
 
     # ------------------------------------------------------------------ results
-    def _reduced(self) -> Dict[str, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def _reduced(self) -> Dict[str, Tuple[torch.Tensor, ...]]:
+        """Per collection, over all ranks: (score sums, counts, skipped, squared-gradient sums)."""
         out = {}
         for path, acc in self._acc.items():
-            packed = torch.cat([acc.score_sum, acc.count, acc.skipped])
+            packed = torch.cat([acc.score_sum, acc.count, acc.skipped, acc.grad_sq_sum])
             packed = self._all_reduce(packed, self._device())
-            F = len(acc.features)
-            out[path] = (packed[:F], packed[F : 2 * F], packed[2 * F :])
+            out[path] = tuple(packed.chunk(4))
         return out
 
     def _device(self) -> torch.device:
@@ -346,8 +355,21 @@ class TaylorFieldImportance(FieldImportance):
         red = self._reduced()
         out = {}
         for name, (path, i) in self._keyed().items():
-            total, count, _ = red[path]
+            total, count = red[path][:2]
             out[name] = float(total[i] / count[i]) if count[i] > 0 else float("nan")
+        return out
+
+    def gradient_scales(self) -> Dict[str, float]:
+        """Per feature, the mean squared norm of the per-sample gradient of the loss with
+        respect to its pooled embedding, ``mean_n ‖g[n,f]‖²`` (a collective when distributed):
+        how much an error in the field's embeddings moves the loss — the weight the tier
+        assignment gives a row's quantization error (``RowwiseQuantConfig`` priorities scaled
+        per table).  NaN for a feature with no finite contribution yet."""
+        red = self._reduced()
+        out = {}
+        for name, (path, i) in self._keyed().items():
+            count, grad_sq = red[path][1], red[path][3]
+            out[name] = float(grad_sq[i] / count[i]) if count[i] > 0 else float("nan")
         return out
 
     @property
@@ -372,12 +394,13 @@ class TaylorFieldImportance(FieldImportance):
         red = self._reduced()
         state: Dict[str, Any] = {"baseline": self.baseline, "collections": {}}
         for path, acc in self._acc.items():
-            total, count, skipped = red[path]
+            total, count, skipped, grad_sq = red[path]
             state["collections"][path] = {
                 "features": list(acc.features),
                 "score_sum": total.clone(),
                 "count": count.clone(),
                 "skipped": skipped.clone(),
+                "grad_sq_sum": grad_sq.clone(),
                 "steps": torch.tensor(acc.steps),
             }
         return state
@@ -408,6 +431,8 @@ class TaylorFieldImportance(FieldImportance):
             acc.score_sum = s["score_sum"].double().cpu() * scale
             acc.count = s["count"].double().cpu() * scale
             acc.skipped = s["skipped"].double().cpu() * scale
+            if "grad_sq_sum" in s:  # (absent from states saved before it was tracked)
+                acc.grad_sq_sum = s["grad_sq_sum"].double().cpu() * scale
             # (states saved before the mean baseline became the batch mean also hold
             # "mean_sum"/"mean_count": nothing reads them now)
             acc.steps = int(s["steps"])

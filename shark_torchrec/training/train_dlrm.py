@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
@@ -65,8 +66,45 @@ from shark_torchrec.training.trainer import (
 logger = logging.getLogger(__name__)
 
 
+#: Defaults a data preset brings, for the flags the command line does not set (tuned on the
+#: preset's dev split, see BENCHMARKS.md): MovieLens-100K's 8 fields are all informative, so the
+#: pipeline prunes none there, and its ~3,500 rows need a wider embedding for mixed precision to
+#: pay (FBGEMM pads rows to 16 bytes: at dim 16 an INT2 row takes as much as an INT4 one).
+PRESET_DEFAULTS = {
+    "ml100k": {"embedding_dim": 64, "dense_arch_layer_sizes": [64, 64], "epochs": 3,
+               "drop_fraction": 0.0},
+    "synthetic_criteo": {"batch_size": 1024},
+}
+
+
+class PresetArgumentParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` that fills in :data:`PRESET_DEFAULTS` of the chosen ``--data``
+    for every flag the command line leaves at its default."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        ns, rest = super().parse_known_args(args, namespace)
+        given = self._given(list(sys.argv[1:] if args is None else args))
+        for dest, value in PRESET_DEFAULTS.get(getattr(ns, "data", None), {}).items():
+            if not hasattr(ns, dest) or dest in given:
+                continue
+            if dest == "drop_fraction" and getattr(ns, "keep_fields", None) is not None:
+                continue  # --keep_fields chose the pruning: the two are exclusive
+            setattr(ns, dest, value)
+        return ns, rest
+
+    def _given(self, argv) -> set:
+        """Destinations of the flags present in ``argv`` (also as unique prefixes, --x=v)."""
+        tokens = {str(t).split("=", 1)[0] for t in argv if str(t).startswith("--")}
+        given = set()
+        for action in self._actions:
+            for opt in action.option_strings:
+                if any(opt == t or (len(t) > 2 and opt.startswith(t)) for t in tokens):
+                    given.add(action.dest)
+        return given
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = PresetArgumentParser(
         description="Train TorchRec's DLRM / DLRM_DCN, sharded with DistributedModelParallel. "
         "Launch with `torchrun --nproc_per_node N recipes/train_dlrm.py ...` or as one process."
     )

@@ -1,0 +1,19 @@
+"""Data presets bring their tuned defaults only for the flags a command line leaves unset."""
+
+from shark_torchrec.pipeline import build_parser
+from shark_torchrec.training.train_dlrm import PRESET_DEFAULTS
+
+
+def test_preset_defaults_fill_only_unset_flags() -> None:
+    a = build_parser().parse_args(["--data", "ml100k"])
+    for dest, value in PRESET_DEFAULTS["ml100k"].items():
+        assert getattr(a, dest) == value, dest
+    b = build_parser().parse_args(["--data", "ml100k", "--embedding_dim=16",
+                                   "--dense_arch", "64,16", "--keep_fields", "4"])
+    assert b.embedding_dim == 16 and b.dense_arch_layer_sizes == [64, 16]  # given, also abbreviated
+    assert b.drop_fraction is None and b.keep_fields == 4  # --keep_fields excludes the preset's drop
+    assert b.epochs == 3
+    c = build_parser().parse_args(["--data", "synthetic_criteo"])
+    assert c.batch_size == 1024
+    d = build_parser().parse_args([])  # no preset for the default synthetic data
+    assert d.batch_size == 256 and d.embedding_dim == 16 and d.drop_fraction is None
