@@ -220,3 +220,20 @@ def test_plan_filters_the_unpruned_models_batches() -> None:
     torch.testing.assert_close(unfiltered_logits, filtered_logits, rtol=0, atol=0)
     with pytest.raises(KeyError, match="cat_3"):
         filter_features(kjt.permute([0, 1, 2, 4]), plan.kept_features)  # cat_3 missing
+
+
+def test_pruned_and_quantized_dlrm_takes_the_unfiltered_batches() -> None:
+    """After pruning and quantize_, the data's batches (dropped features included) go straight
+    in, as into TorchRec's own collections; the result equals the filtered batch's."""
+    from shark_torchrec.quant import RowwiseQuantConfig, quantize_
+
+    tables = _tables()
+    model = _model("dot", tables)
+    plan = choose_plan(SCORES, tables, keep=3)
+    pruned = prune_dlrm(model, plan)
+    quantize_(pruned, RowwiseQuantConfig(fractions={"fp16": 0.5, "int4": 0.5}))
+    batch = _batch(plan.features, rows=100)
+    with torch.no_grad():
+        _, (_, unfiltered, _) = pruned(batch)
+        _, (_, filtered, _) = pruned(plan.filter_batch(batch))
+    torch.testing.assert_close(unfiltered, filtered, rtol=0, atol=0)
