@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -57,6 +58,7 @@ from shark_torchrec.pruning import PruningPlan, choose_plan, filter_batch
 from shark_torchrec.planning.overrides import load_overrides
 from shark_torchrec.pruning.sharded import iterative_prune, prune_trainer, pruned_config
 from shark_torchrec.quant import RowwiseQuantConfig, quantize_
+from shark_torchrec.quant.attribution import attribute_quantization_loss
 from shark_torchrec.training.checkpoint import CheckpointManager
 from shark_torchrec.training.distributed import DistEnv, run_job
 from shark_torchrec.training.gather import full_state_dict
@@ -131,6 +133,10 @@ def _add_comparison_flags(p: argparse.ArgumentParser) -> None:
                    help="split every stage is evaluated on (tune on dev, report on test)")
     e.add_argument("--bootstrap", type=int, default=1000,
                    help="bootstrap resamples of the paired AUC comparisons")
+    e.add_argument("--attribute_quant_loss", action="store_true",
+                   help="also measure, per tier and per table, the AUC recovered when only those "
+                   "rows stay fp32 (one evaluation each; report.md 'Where the quantization "
+                   "step loses')")
 
 
 def _done(out: str, stage: str) -> Optional[Dict[str, Any]]:
@@ -329,6 +335,7 @@ def _run(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
             pruned_eval = _evaluate_local(model, spec, args, kept_features, env.world_size)
             priorities = _row_priorities(args, out, done.get("gradient_scales"), small.tables())
             kept = {t.name for t in small.tables()}
+            float_model = copy.deepcopy(model) if args.attribute_quant_loss else None
             with _timed("row-wise mixed precision (quantize_)"):
                 quantize_(model, _quant_config(args, overrides, kept),
                           priorities={k: v for k, v in priorities.items() if k in kept})
@@ -353,18 +360,30 @@ def _run(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
             reference_eval = _evaluate_local(fp32_model, spec, args, list(config.feature_names), env.world_size)
             with _timed("paired comparisons"):
                 paired = _paired(args, reference_eval, pruned_eval, metrics)
+            attribution = None
+            if float_model is not None:
+                with _timed("attributing the quantization step's loss to tiers and tables"):
+                    attribution = attribute_quantization_loss(
+                        float_model, mixed.assignment.tiers,
+                        lambda m: _evaluate_local(m, spec, args, kept_features, env.world_size)["logits"],
+                        metrics["labels"], bootstrap=args.bootstrap, seed=args.seed)
+                report["quant_loss_attribution"] = attribution
             for m in (metrics, pruned_eval, reference_eval):
                 m.pop("logits"), m.pop("labels")
             speed = _lookup_speed(fp32_model.model.sparse_arch.embedding_bag_collection, mixed,
                                   spec, args, list(small.feature_names))
             _write_report(out, report, done, pdone, metrics, mixed, priorities, config, speed, paired,
-                          args)
+                          args, attribution)
             qdone = {"metrics": metrics, "lookup_speed_vs_fp32": speed, "paired": paired}
+            if attribution is not None:
+                qdone["quant_loss_attribution"] = attribution
         _finish(env, out, "quantize", qdone or {})
         qdone = _done(out, "quantize")
     report["stages"]["quantized"] = qdone["metrics"]
     report["lookup_speed_vs_fp32"] = qdone["lookup_speed_vs_fp32"]
     report["paired"] = qdone.get("paired", {})
+    if "quant_loss_attribution" in qdone:
+        report["quant_loss_attribution"] = qdone["quant_loss_attribution"]
     report["eval_split"] = args.eval_split
     report["field_scorer"], report["row_priority"] = args.field_scorer, args.row_priority
     if env.is_main:
@@ -478,7 +497,7 @@ def _paired(args, reference, pruned, quantized) -> Dict[str, Any]:
 
 
 def _write_report(out, report, done, pdone, metrics, mixed, priorities, config, speed, paired,
-                  args) -> None:
+                  args, attribution=None) -> None:
     from shark_torchrec import report as rep
 
     stages = {"trained": done["metrics"], "uncompressed, fine-tuned": pdone["reference"],
@@ -496,7 +515,8 @@ def _write_report(out, report, done, pdone, metrics, mixed, priorities, config, 
                         os.path.join(out, figures[3]))
     rep.write_markdown(out, {"stages": stages, "plan": pdone["plan"], "lookup_speed_vs_fp32": speed,
                              "paired": paired, "scorer": pdone.get("scorer", ""),
-                             "row_priority": args.row_priority, "eval_split": args.eval_split},
+                             "row_priority": args.row_priority, "eval_split": args.eval_split,
+                             "quant_loss_attribution": attribution},
                        figures)
 
 

@@ -135,6 +135,18 @@ def write_markdown(out: str, report: Dict, figures: List[str]) -> str:
     lines += ["", "| stage | AUC | log loss |", "|---|---|---|"]
     for name, m in s.items():
         lines.append(f"| {name} | {m['auc']:.4f} | {m['log_loss']:.4f} |")
+    attribution = report.get("quant_loss_attribution")
+    if attribution:
+        a = attribution["auc"]
+        lines += ["", "**Where the quantization step loses** (AUC recovered when only these rows "
+                      f"stay fp32, paired on the same rows; all rows: {a['quantized']:.4f} → "
+                      f"{a['fp32']:.4f}):", "",
+                  "| rows kept fp32 | rows | AUC recovered | 95% CI |", "|---|---|---|---|"]
+        for kind in ("tiers", "tables"):
+            for name, e in attribution[kind].items():
+                lo, hi = e["ci"]
+                lines.append(f"| {kind[:-1]} {name} | {e['rows']:,} | {e['recovered']:+.4f} | "
+                             f"[{lo:+.4f}, {hi:+.4f}] |")
     plan = report.get("plan", {})
     if plan:
         lines += ["", f"Fields: {plan['fields_before']} → {plan['fields_after']} "

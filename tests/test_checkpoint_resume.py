@@ -58,7 +58,10 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path: Path) -> Non
     assert sa.keys() == sb.keys()
     assert any("embedding_bags" in k for k in sa) and any("momentum" in k or "state" in k for k in sa)
     for key in sa:
-        torch.testing.assert_close(sb[key], sa[key], rtol=0, atol=0, msg=key)
+        # The importance totals are float64 sums whose order of addition differs on resume
+        # (restored totals + new steps, then the all-reduce): equal up to reassociation.
+        rtol = 1e-12 if ".importance." in key else 0
+        torch.testing.assert_close(sb[key], sa[key], rtol=rtol, atol=0, msg=key)
 
 
 def test_checkpoint_of_another_model_is_refused(tmp_path: Path) -> None:

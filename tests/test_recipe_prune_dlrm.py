@@ -13,11 +13,17 @@ SMALL = ["--data", "synthetic", "--synthetic_num_fields", 8, "--synthetic_inform
          "--over_arch_layer_sizes", "16,1", "--batch_size", 64, "--log_level", "WARNING"]
 
 
-@pytest.mark.slow
-def test_score_while_training_then_prune_and_fine_tune(tmp_path: Path) -> None:
-    base = tmp_path / "base"
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    """One trained model (field scores collected while training) for the pruning tests."""
+    out = tmp_path_factory.mktemp("prune_recipe") / "base"
     run_torchrun(ROOT / "recipes" / "train_dlrm.py", [*SMALL, "--score_fields", "shuffle",
-                                                      "--out", base], nproc=2)
+                                                      "--out", out], nproc=2)
+    return out
+
+
+@pytest.mark.slow
+def test_score_while_training_then_prune_and_fine_tune(tmp_path: Path, base: Path) -> None:
     scores = json.loads((base / "field_scores.json").read_text())
     assert scores["method"] == "shark-shuffle" and len(scores["scores"]) == 8
     assert set(scores["ranking"][:3]) == {"cat_0", "cat_1", "cat_2"}  # the planted fields
@@ -46,9 +52,7 @@ def test_score_while_training_then_prune_and_fine_tune(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_iterative_pruning_recipe(tmp_path: Path) -> None:
-    base = tmp_path / "base"
-    run_torchrun(ROOT / "recipes" / "train_dlrm.py", [*SMALL, "--out", base], nproc=2)
+def test_iterative_pruning_recipe(tmp_path: Path, base: Path) -> None:
     out = tmp_path / "iter"
     run_torchrun(ROOT / "recipes" / "prune_dlrm.py", [*SMALL, "--from_run", base, "--rounds", 2,
                                                       "--keep_fields", 3, "--score_batches", 15,

@@ -20,13 +20,25 @@ SMALL = ["--data", "synthetic", "--synthetic_num_fields", 8, "--synthetic_inform
          "--log_level", "WARNING"]
 
 
+# (--attribute_quant_loss: its report section is checked, and resuming must reproduce it too)
+ARGS = [*SMALL, "--attribute_quant_loss"]
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory) -> Path:
+    """One uninterrupted run of the pipeline, the reference of the resumed ones."""
+    out = tmp_path_factory.mktemp("shark_recipe") / "full"
+    run_torchrun(RECIPE, [*ARGS, "--out", out], nproc=2)
+    return out
+
+
 @pytest.mark.slow
-def test_pipeline_runs_resumes_and_exports(tmp_path: Path) -> None:
-    full, part = tmp_path / "full", tmp_path / "part"
-    run_torchrun(RECIPE, [*SMALL, "--out", full], nproc=2)
-    run_torchrun(RECIPE, [*SMALL, "--out", part, "--stop_after", "prune"], nproc=2)
+def test_pipeline_runs_resumes_and_exports(tmp_path: Path, full: Path) -> None:
+    part = tmp_path / "part"
+    args = ARGS
+    run_torchrun(RECIPE, [*args, "--out", part, "--stop_after", "prune"], nproc=2)
     assert (part / "prune" / "done.json").is_file() and not (part / "quantize").exists()
-    run_torchrun(RECIPE, [*SMALL, "--out", part], nproc=2)
+    run_torchrun(RECIPE, [*args, "--out", part], nproc=2)
     a = json.loads((full / "report.json").read_text())
     b = json.loads((part / "report.json").read_text())
     a.pop("lookup_speed_vs_fp32"), b.pop("lookup_speed_vs_fp32")  # a timing: differs run to run
@@ -47,6 +59,14 @@ def test_pipeline_runs_resumes_and_exports(tmp_path: Path) -> None:
         a["stages"]["pruned"]["auc"], abs=1e-5)
     assert c["delta_auc_ci"][0] <= c["delta_auc"] <= c["delta_auc_ci"][1]
     assert "ΔAUC" in c["verdict"] and "Paired on the same" in (full / "report.md").read_text()
+    # The loss attribution's end points are the quantized and the pruned (fp32) models.
+    attribution = a["quant_loss_attribution"]
+    assert attribution["auc"]["quantized"] == pytest.approx(c["auc"], abs=1e-9)
+    assert attribution["auc"]["fp32"] == pytest.approx(
+        paired["quantization step (quantized vs pruned)"]["auc_reference"], abs=1e-9)
+    kept_tables = {f"t_cat_{i}" for i in range(8)} - set(a["plan"]["dropped_tables"])
+    assert set(attribution["tables"]) == kept_tables and len(kept_tables) == 4 and attribution["tiers"]
+    assert "Where the quantization step loses" in (full / "report.md").read_text()
     q = a["stages"]["quantized"]
     # 4 of 8 equal tables kept, then half of their fp32 bytes (id maps and padding included).
     assert q["embedding_bytes"] <= 0.5 * (q["fp32_embedding_bytes"] * 4 / 8)
@@ -64,7 +84,7 @@ def test_pipeline_runs_resumes_and_exports(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_killed_after_pruning_resumes_to_the_same_result(tmp_path: Path) -> None:
+def test_killed_after_pruning_resumes_to_the_same_result(tmp_path: Path, full: Path) -> None:
     """SIGKILL the whole torchrun job as soon as the pruning stage has finished (mid-way through
     quantization, typically), then start it again."""
     import os
@@ -73,10 +93,9 @@ def test_killed_after_pruning_resumes_to_the_same_result(tmp_path: Path) -> None
     import sys
     import time
 
-    full, part = tmp_path / "full", tmp_path / "part"
-    run_torchrun(RECIPE, [*SMALL, "--out", full], nproc=2)
+    part = tmp_path / "part"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(RECIPE), *map(str, SMALL), "--out", str(part)]
+           str(RECIPE), *map(str, ARGS), "--out", str(part)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
     deadline = time.time() + 240
@@ -86,7 +105,7 @@ def test_killed_after_pruning_resumes_to_the_same_result(tmp_path: Path) -> None
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    run_torchrun(RECIPE, [*SMALL, "--out", part], nproc=2)
+    run_torchrun(RECIPE, [*ARGS, "--out", part], nproc=2)
     a = json.loads((full / "report.json").read_text())
     b = json.loads((part / "report.json").read_text())
     a.pop("lookup_speed_vs_fp32"), b.pop("lookup_speed_vs_fp32")

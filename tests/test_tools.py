@@ -62,7 +62,7 @@ def test_eval_shark_pipeline_shares_training_and_scores_against_the_truth(tmp_pa
          "--", "--data", "synthetic", "--synthetic_num_fields", 6, "--synthetic_informative", 2,
          "--synthetic_cardinality", 300, "--synthetic_train_batches", 8, "--synthetic_test_batches", 2,
          "--embedding_dim", 8, "--dense_arch_layer_sizes", "16,8", "--over_arch_layer_sizes", "16,1",
-         "--batch_size", 32, "--keep_fields", 3, "--bootstrap", 50)
+         "--batch_size", 32, "--keep_fields", 3, "--quant_budget_fraction", 0.5, "--bootstrap", 50)
     r = json.loads((tmp_path / "results.json").read_text())
     shark, rnd = r["runs"]["shark"]["0"], r["runs"]["random"]["0"]
     # one trained model: the variants' uncompressed references are the same model

@@ -10,15 +10,23 @@ from conftest import ROOT, run_torchrun
 SCRIPT = ROOT / "tests" / "scripts" / "train_equivalence.py"
 
 
-def _one_and_two_processes(tmp_path: Path, extra) -> tuple:
-    """Run the equivalence script with 1 and with 2 processes; check the 2-process losses and
-    final parameters equal the 1-process ones; return both results."""
-    results = {}
-    for nproc in (1, 2):
-        out = tmp_path / f"ws{nproc}.pt"
-        run_torchrun(SCRIPT, ["--out", out, "--steps", 5, "--global_batch", 64, *extra], nproc=nproc)
-        results[nproc] = torch.load(out, weights_only=False)
-    one, two = results[1], results[2]
+_ONE_PROCESS: dict = {}
+
+
+def _run(tmp_path: Path, extra, nproc: int) -> dict:
+    out = tmp_path / f"ws{nproc}.pt"
+    run_torchrun(SCRIPT, ["--out", out, "--steps", 5, "--global_batch", 64, *extra], nproc=nproc)
+    return torch.load(out, weights_only=False)
+
+
+def _one_and_two_processes(tmp_path: Path, extra, reference_extra=None) -> tuple:
+    """Run the equivalence script with 2 processes and compare its losses and final parameters
+    with a 1-process run of ``reference_extra`` (default ``extra``; one process has one shard
+    whatever the sharding type, so those share a reference run); return both results."""
+    key = tuple(map(str, extra if reference_extra is None else reference_extra))
+    if key not in _ONE_PROCESS:
+        _ONE_PROCESS[key] = _run(tmp_path, list(key), 1)
+    one, two = _ONE_PROCESS[key], _run(tmp_path, extra, 2)
     torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]),
                                rtol=1e-5, atol=1e-6)
     assert one["state"].keys() == two["state"].keys()
@@ -43,5 +51,6 @@ def test_two_process_training_matches_one_process(tmp_path: Path, interaction: s
 def test_planner_places_row_wise_tables_on_cpu_and_training_matches(tmp_path: Path, sharding_type: str) -> None:
     """The planner, with AllShardingTypesEBCSharder, plans row-wise tables for gloo/CPU (TorchRec's
     own sharder refuses them there); the sharded run equals one process on the same batches."""
-    _, two = _one_and_two_processes(tmp_path, ["--sharding_type", sharding_type])
+    _, two = _one_and_two_processes(tmp_path, ["--sharding_type", sharding_type],
+                                    reference_extra=["--interaction", "dot"])
     assert two["plan"].count(sharding_type) >= 6 and "rank:1" in two["plan"]

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
+from shark_torchrec.errors import SharkInputError
 from shark_torchrec.quant.mixed_ebc import RowwiseMixedEmbeddingBagCollection
 from shark_torchrec.quant.tiers import (
     DEFAULT_ROW_ALIGNMENT,
@@ -34,6 +35,11 @@ from shark_torchrec.quant.tiers import (
 )
 
 EXCLUDE = "exclude"
+
+
+class BudgetError(SharkInputError, ValueError):
+    """A byte budget too small for what the converted collection must hold whatever the tiers
+    (the id map, sub-table padding, pinned tables); the message gives the smallest that fits."""
 
 
 @dataclass
@@ -150,8 +156,9 @@ def assign_tiers(
     for name, c in own_budget.items():
         rows_budget = config.table_budgets[name] - 4 * c.num_embeddings - 128 * len(TIER_ORDER)
         if rows_budget < 0:
-            raise ValueError(f"table {name!r}: budget {config.table_budgets[name]} bytes is below "
-                             f"its id map and padding")
+            raise BudgetError(f"table {name!r}: budget {config.table_budgets[name]} bytes is below "
+                              f"its id map and padding "
+                              f"({4 * c.num_embeddings + 128 * len(TIER_ORDER)} bytes)")
         tiers.update(assign_by_budget({name: priorities[name]}, {name: ebc.embedding_bags[name].weight.detach()},
                                       rows_budget, tiers=config.tiers, row_alignment=config.row_alignment).tiers)
     details: Dict[str, float] = {}
@@ -175,8 +182,13 @@ def assign_tiers(
             overhead = sum(4 * c.num_embeddings + 128 * len(TIER_ORDER) for c in configs)
             rows_budget = budget - pinned_bytes - overhead
             if rows_budget < 0:
-                raise ValueError(f"budget of {budget} bytes is below the id map, padding and "
-                                 f"pinned tables ({pinned_bytes + overhead} bytes)")
+                fp32 = sum(row_bytes(Tier.FP32, c.embedding_dim, config.row_alignment) * c.num_embeddings
+                           for c in configs)
+                raise BudgetError(
+                    f"budget of {budget} bytes is below what the quantized tables hold whatever "
+                    f"the tiers: id map, padding and pinned tables ({pinned_bytes + overhead} "
+                    f"bytes, a budget fraction of {(pinned_bytes + overhead) / fp32:.3f} of the "
+                    f"fp32 tables); raise the budget (--quant_budget_fraction)")
             a = assign_by_budget({c.name: priorities[c.name] for c in free},
                                  {c.name: ebc.embedding_bags[c.name].weight.detach() for c in free},
                                  rows_budget, tiers=config.tiers, row_alignment=config.row_alignment)

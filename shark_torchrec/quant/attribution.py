@@ -1,0 +1,125 @@
+"""Which tier, which table: where a row-wise mixed model loses its quality.
+
+A quantized collection reads each row as :func:`~shark_torchrec.quant.rows.dequantize_rows`
+of its fp32 weights in the row's tier, so the quantized model is exactly the float model with
+those rows substituted.  Restoring one group of rows (a tier, a table) to fp32 in that
+simulation and evaluating again tells how much quality that group's quantization costs: the
+question to answer before changing the tier assignment.
+
+    report = attribute_quantization_loss(float_model, assignment.tiers, evaluate)
+
+``evaluate(model)`` returns the model's logits on fixed evaluation rows; the AUC differences
+are paired on those rows (:class:`~shark_torchrec.evaluation.PairedBootstrap`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Dict, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+from shark_torchrec.evaluation import PairedBootstrap
+from shark_torchrec.quant.rows import dequantize_rows
+from shark_torchrec.quant.tiers import TIER_ORDER, Tier
+
+__all__ = ["attribute_quantization_loss", "simulated_tiers"]
+
+
+def _collection(model: nn.Module) -> EmbeddingBagCollection:
+    found = [m for m in model.modules() if isinstance(m, EmbeddingBagCollection)]
+    if len(found) != 1:
+        raise ValueError(f"expected one EmbeddingBagCollection in the model, found {len(found)}")
+    return found[0]
+
+
+@contextlib.contextmanager
+def simulated_tiers(model: nn.Module, tiers: Dict[str, torch.Tensor],
+                    keep_fp32: Optional[Dict[str, torch.Tensor]] = None) -> Iterator[nn.Module]:
+    """Within the block, every row of the float ``model``'s collection reads as it would in
+    its tier (``tiers[table][row]``, a :data:`TIER_ORDER` index), except the rows that
+    ``keep_fp32[table]`` (a boolean mask) marks; the fp32 weights come back afterwards."""
+    ebc = _collection(model)
+    unknown = sorted(set(tiers) - set(ebc.embedding_bags))
+    if unknown:
+        raise KeyError(f"tiers given for tables the model does not have: {unknown}")
+    saved = {}
+    try:
+        with torch.no_grad():
+            for name, t in tiers.items():
+                w = ebc.embedding_bags[name].weight
+                if t.numel() != w.shape[0]:
+                    raise ValueError(f"table {name!r}: {t.numel()} tiers for {w.shape[0]} rows")
+                saved[name] = w.detach().clone()
+                sim = saved[name].clone()
+                t = t.long().cpu()
+                for i, tier in enumerate(TIER_ORDER):
+                    rows = t == i
+                    if tier is not Tier.FP32 and bool(rows.any()):
+                        sim[rows] = dequantize_rows(saved[name][rows], tier).to(sim.dtype)
+                if keep_fp32 is not None and name in keep_fp32:
+                    mask = keep_fp32[name].bool().cpu()
+                    sim[mask] = saved[name][mask]
+                w.copy_(sim)
+        yield model
+    finally:
+        with torch.no_grad():
+            for name, w0 in saved.items():
+                ebc.embedding_bags[name].weight.copy_(w0)
+
+
+def attribute_quantization_loss(
+    model: nn.Module,
+    tiers: Dict[str, torch.Tensor],
+    evaluate: Callable[[nn.Module], torch.Tensor],
+    labels: torch.Tensor,
+    tables: Optional[Sequence[str]] = None,
+    bootstrap: int = 1000,
+    seed: int = 0,
+) -> Dict[str, object]:
+    """The AUC each group of rows gives back when it alone stays in fp32.
+
+    ``model`` is the float model before quantization (its weights are restored on return),
+    ``tiers`` the assignment (:attr:`TierAssignment.tiers`), ``evaluate(model)`` the logits on
+    fixed rows whose ``labels`` are given.  Returns ``{"auc": {"fp32", "quantized"}, "fp32":
+    {...}, "tiers": {tier: {...}}, "tables": {table: {...}}}``; each entry holds ``rows`` and
+    the AUC gained over the fully quantized model when those rows stay fp32 (``recovered``,
+    with its 95% paired bootstrap ``ci``); ``"fp32"`` is all rows.
+    A tier's entry covers its rows in every table; ``tables`` (default all) each keep all
+    their rows in fp32.
+    """
+    with torch.no_grad():
+        logits = {"fp32": evaluate(model)}
+        with simulated_tiers(model, tiers):
+            logits["quantized"] = evaluate(model)
+        groups: Dict[str, Dict[str, torch.Tensor]] = {}
+        for i, tier in enumerate(TIER_ORDER):
+            if tier is Tier.FP32:
+                continue
+            masks = {n: t.long().cpu() == i for n, t in tiers.items()}
+            if sum(int(m.sum()) for m in masks.values()):
+                groups[f"tier:{tier.value}"] = masks
+        for name in (tables if tables is not None else sorted(tiers)):
+            groups[f"table:{name}"] = {name: torch.ones(tiers[name].numel(), dtype=torch.bool)}
+        for key, masks in groups.items():
+            with simulated_tiers(model, tiers, keep_fp32=masks):
+                logits[key] = evaluate(model)
+    boot = PairedBootstrap(np.asarray(labels, dtype=np.float64),
+                           {k: np.asarray(v, dtype=np.float64) for k, v in logits.items()},
+                           bootstrap=bootstrap, seed=seed)
+    total = boot.compare("quantized", "fp32")
+    out: Dict[str, object] = {
+        "auc": {"fp32": total.auc, "quantized": total.auc_reference},
+        "fp32": {"rows": sum(t.numel() for t in tiers.values()), "recovered": total.delta_auc,
+                 "ci": total.delta_auc_ci},
+        "tiers": {}, "tables": {},
+    }
+    for key, masks in groups.items():
+        c = boot.compare("quantized", key)
+        kind, name = key.split(":", 1)
+        out[kind + "s"][name] = {"rows": sum(int(m.sum()) for m in masks.values()),
+                                 "recovered": c.delta_auc, "ci": c.delta_auc_ci}
+    return out
