@@ -22,7 +22,7 @@ type it has always been (``ExportError`` and ``OverridesError`` are ``ValueError
     :class:`~shark_torchrec.training.datasets.NoRowsError`  a split with no rows to read
     :class:`~shark_torchrec.data.movielens.DatasetUnavailableError`  ML-100K cannot be fetched
     :class:`~shark_torchrec.pruning.inputs.MissingFeatureError`  a batch lacking a kept feature
-    :class:`~shark_torchrec.quant.api.BudgetError`          a byte budget below the id map
+    :class:`~shark_torchrec.quant.tiers.BudgetError`        a byte budget below what must be stored
     :class:`InputFileNotFoundError`                         a path given on the command line
     :class:`FlagError`                                      flags that contradict each other
     ======================================================  ======================================

@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--quant_budget_fraction", type=unit_fraction,
                    help="embedding bytes after quantization, as a fraction of the pruned fp32 "
                    "bytes (default 0.15)")
+    g.add_argument("--drop_rows", choices=["any", "unused"], default="any",
+                   help="rows the byte budget may drop (read as zeros): any row (default), or "
+                   "only rows training never read")
     q.add_argument("--quant_fractions", type=tier_fractions,
                    help="row fractions per tier instead of a budget, e.g. fp16=0.1,int8=0.3,int4=0.6")
     g.add_argument("--init_from", metavar="DIR", type=existing_dir,
@@ -405,7 +408,8 @@ def _quant_config(args, overrides, kept) -> RowwiseQuantConfig:
             raise SystemExit(f"--quant_fractions {args.quant_fractions!r}: expected tier=fraction,...")
         config = RowwiseQuantConfig(fractions=fractions)
     else:
-        config = RowwiseQuantConfig(budget_fraction=args.quant_budget_fraction or 0.15)
+        config = RowwiseQuantConfig(budget_fraction=args.quant_budget_fraction or 0.15,
+                                    drop_rows=args.drop_rows)
     if overrides is None:
         return config
     merged = overrides.quant_config(config)

@@ -14,6 +14,6 @@ def test_preset_defaults_fill_only_unset_flags() -> None:
     assert b.drop_fraction is None and b.keep_fields == 4  # --keep_fields excludes the preset's drop
     assert b.epochs == 3
     c = build_parser().parse_args(["--data", "synthetic_criteo"])
-    assert c.batch_size == 1024
+    assert c.batch_size == 1024 and c.drop_fraction == 0.0
     d = build_parser().parse_args([])  # no preset for the default synthetic data
     assert d.batch_size == 256 and d.embedding_dim == 16 and d.drop_fraction is None

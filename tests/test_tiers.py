@@ -93,3 +93,25 @@ def test_budget_solution_is_optimal_for_its_size_by_brute_force() -> None:
                    if sum(size[k] for k in choice) <= used)
         assert opt.details["weighted_error"] == pytest.approx(best, rel=1e-9, abs=1e-15)
         assert used <= budget
+
+
+def test_drop_rows_unused_drops_only_rows_never_read() -> None:
+    from shark_torchrec.quant.tiers import BudgetError
+
+    torch.manual_seed(1)
+    w = {"a": torch.randn(400, 32)}
+    p = {"a": torch.cat([torch.zeros(100), torch.rand(300) ** 8])}  # rows 0-99 never read
+    int2, int4 = row_bytes(Tier.INT2, 32), row_bytes(Tier.INT4, 32)
+    budget = 300 * int2 + 20 * (int4 - int2)  # every used row in INT2, 20 of them in INT4
+    drop = TIER_ORDER.index(Tier.DROP)
+    anyrow = assign_by_budget(p, w, budget).tiers["a"]
+    # By default rarely used rows are dropped too (cheap under the priority-weighted error) ...
+    assert bool((anyrow[100:] == drop).any())
+    unused = assign_by_budget(p, w, budget, drop_rows="unused").tiers["a"]
+    # ... with "unused" only the 100 rows never read may be, and the budget still holds.
+    assert bool((unused[:100] == drop).all()) and not bool((unused[100:] == drop).any())
+    assert sum(row_bytes(TIER_ORDER[int(i)], 32) for i in unused) <= budget
+    with pytest.raises(BudgetError, match="below the smallest possible size"):
+        assign_by_budget(p, w, 300 * int2 - 1, drop_rows="unused")
+    with pytest.raises(ValueError, match="drop_rows must be 'any' or 'unused'"):
+        assign_by_budget(p, w, budget, drop_rows="used")

@@ -22,10 +22,10 @@ import torch
 from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from shark_torchrec.errors import SharkInputError
 from shark_torchrec.quant.mixed_ebc import RowwiseMixedEmbeddingBagCollection
-from shark_torchrec.quant.tiers import (
+from shark_torchrec.quant.tiers import (  # noqa: F401 (BudgetError: part of this module's API)
     DEFAULT_ROW_ALIGNMENT,
+    BudgetError,
     TIER_ORDER,
     Tier,
     TierAssignment,
@@ -35,11 +35,6 @@ from shark_torchrec.quant.tiers import (
 )
 
 EXCLUDE = "exclude"
-
-
-class BudgetError(SharkInputError, ValueError):
-    """A byte budget too small for what the converted collection must hold whatever the tiers
-    (the id map, sub-table padding, pinned tables); the message gives the smallest that fits."""
 
 
 @dataclass
@@ -63,6 +58,8 @@ class RowwiseQuantConfig:
         check_ids: the converted collections check ids (see the module).
         row_alignment: row alignment for byte budgets (FBGEMM's: 16 on CUDA, the conservative
             choice; TorchRec's quantized collection also uses 16 on CPU).
+        drop_rows: which rows a budget may drop: ``"any"`` or ``"unused"`` (rows whose
+            priority is 0 only; see :func:`~shark_torchrec.quant.tiers.assign_by_budget`).
     """
 
     fractions: Optional[Dict[str, float]] = None
@@ -74,8 +71,11 @@ class RowwiseQuantConfig:
     table_budgets: Dict[str, int] = field(default_factory=dict)
     check_ids: bool = True
     row_alignment: int = DEFAULT_ROW_ALIGNMENT
+    drop_rows: str = "any"
 
     def __post_init__(self) -> None:
+        if self.drop_rows not in ("any", "unused"):
+            raise ValueError(f"RowwiseQuantConfig.drop_rows must be 'any' or 'unused', got {self.drop_rows!r}")
         chosen = [n for n in ("fractions", "budget_bytes", "budget_fraction") if getattr(self, n) is not None]
         if len(chosen) != 1:
             raise ValueError(f"RowwiseQuantConfig: set exactly one of fractions, budget_bytes, "
@@ -160,7 +160,8 @@ def assign_tiers(
                               f"its id map and padding "
                               f"({4 * c.num_embeddings + 128 * len(TIER_ORDER)} bytes)")
         tiers.update(assign_by_budget({name: priorities[name]}, {name: ebc.embedding_bags[name].weight.detach()},
-                                      rows_budget, tiers=config.tiers, row_alignment=config.row_alignment).tiers)
+                                      rows_budget, tiers=config.tiers, row_alignment=config.row_alignment,
+                                      drop_rows=config.drop_rows).tiers)
     details: Dict[str, float] = {}
     if free:
         if config.fractions is not None:
@@ -191,7 +192,8 @@ def assign_tiers(
                     f"fp32 tables); raise the budget (--quant_budget_fraction)")
             a = assign_by_budget({c.name: priorities[c.name] for c in free},
                                  {c.name: ebc.embedding_bags[c.name].weight.detach() for c in free},
-                                 rows_budget, tiers=config.tiers, row_alignment=config.row_alignment)
+                                 rows_budget, tiers=config.tiers, row_alignment=config.row_alignment,
+                                 drop_rows=config.drop_rows)
             details = dict(a.details, budget_bytes=budget, rows_budget_bytes=rows_budget)
         tiers.update(a.tiers)
     return TierAssignment(tiers, dims, config.row_alignment, method=json.dumps(config.to_dict()),
