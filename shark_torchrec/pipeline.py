@@ -104,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--drop_rows", choices=["any", "unused"], default="any",
                    help="rows the byte budget may drop (read as zeros): any row (default), or "
                    "only rows training never read")
+    g.add_argument("--row_alignment", choices=["auto", "16", "1"], default="auto",
+                   help="bytes each quantized row is padded to: 16 (GPUs need it) or 1 (a model "
+                   "served on CPU only: smaller INT4/INT2 rows); auto (default): as TorchRec's "
+                   "sharded inference does, 16 when the run uses CUDA, else 1")
     q.add_argument("--quant_fractions", type=tier_fractions,
                    help="row fractions per tier instead of a budget, e.g. fp16=0.1,int8=0.3,int4=0.6")
     g.add_argument("--init_from", metavar="DIR", type=existing_dir,
@@ -340,7 +344,7 @@ def _run(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
             kept = {t.name for t in small.tables()}
             float_model = copy.deepcopy(model) if args.attribute_quant_loss else None
             with _timed("row-wise mixed precision (quantize_)"):
-                quantize_(model, _quant_config(args, overrides, kept),
+                quantize_(model, _quant_config(args, overrides, kept, env.device),
                           priorities={k: v for k, v in priorities.items() if k in kept})
             model.eval()
             metrics = _evaluate_local(model, spec, args, kept_features, env.world_size)
@@ -396,20 +400,30 @@ def _run(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
     return report
 
 
-def _quant_config(args, overrides, kept) -> RowwiseQuantConfig:
+def row_alignment(args, device: torch.device) -> int:
+    """``--row_alignment``: ``auto`` is 16 on CUDA and 1 on CPU, the rule TorchRec's sharded
+    quantized kernels follow (``quant_embedding_kernel.py``): FBGEMM's CUDA kernels need rows
+    aligned to 16 bytes, its CPU kernels do not."""
+    if args.row_alignment == "auto":
+        return 16 if torch.device(device).type == "cuda" else 1
+    return int(args.row_alignment)
+
+
+def _quant_config(args, overrides, kept, device: torch.device) -> RowwiseQuantConfig:
     """The tier policy from the command line, with the overrides file's per-table settings for
     the tables that survived pruning."""
     import dataclasses
 
+    align = row_alignment(args, device)
     if args.quant_fractions:
         try:
             fractions = {k: float(v) for k, v in (item.split("=") for item in args.quant_fractions.split(","))}
         except ValueError:
             raise SystemExit(f"--quant_fractions {args.quant_fractions!r}: expected tier=fraction,...")
-        config = RowwiseQuantConfig(fractions=fractions)
+        config = RowwiseQuantConfig(fractions=fractions, row_alignment=align)
     else:
         config = RowwiseQuantConfig(budget_fraction=args.quant_budget_fraction or 0.15,
-                                    drop_rows=args.drop_rows)
+                                    drop_rows=args.drop_rows, row_alignment=align)
     if overrides is None:
         return config
     merged = overrides.quant_config(config)

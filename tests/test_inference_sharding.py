@@ -3,6 +3,7 @@ returns exactly what the unsharded one does, and the planner's per-device storag
 bytes the sharded TBEs hold (within alignment and I/O buffers)."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -22,9 +23,12 @@ from test_mixed_ebc import _batch, _setup
 
 @pytest.mark.parametrize("pooling", [PoolingType.SUM, PoolingType.MEAN])
 @pytest.mark.parametrize("groups", [1, 2])
-def test_sharded_mixed_collection_equals_unsharded(pooling, groups) -> None:
+@pytest.mark.parametrize("row_alignment", [16, 1])
+def test_sharded_mixed_collection_equals_unsharded(pooling, groups, row_alignment) -> None:
     _, ebc, a = _setup(pooling, fractions={"fp32": .1, "fp16": .2, "int8": .3, "int4": .2, "int2": .1, "drop": .1})
+    a = dataclasses.replace(a, row_alignment=row_alignment)
     m = RowwiseMixedEmbeddingBagCollection.from_float(ebc, a, num_groups=groups)
+    assert m.layout.row_alignment == row_alignment
     kjt = _batch()
     ref = m(kjt).values().clone()
     sharded, plan, planner = shard_for_inference(copy.deepcopy(m), world_size=2)

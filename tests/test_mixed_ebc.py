@@ -408,3 +408,35 @@ def test_features_no_table_serves_are_ignored_unless_strict(lookup) -> None:
         strict.input_transform(extra)
     # The input transform ignores them too, and its output reads the same.
     torch.testing.assert_close(m(m.input_transform(extra)).values(), out.values(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("lookup", LOOKUPS)
+def test_row_alignment_1_reads_the_same_and_stores_less(tmp_path, lookup) -> None:
+    """CPU-only layout: rows padded to 1 byte (FBGEMM's CPU default) instead of 16."""
+    import dataclasses
+
+    from shark_torchrec.quant.layout import MixedLayout
+    from shark_torchrec.quant.tiers import row_bytes
+
+    tables, ebc, a = _setup()
+    a1 = dataclasses.replace(a, row_alignment=1)
+    m = _use(RowwiseMixedEmbeddingBagCollection.from_float(ebc, a1), lookup)
+    m16 = RowwiseMixedEmbeddingBagCollection.from_float(ebc, a)
+    kjt = _batch()
+    kt = m(kjt)
+    for f, r in _reference(tables, ebc, a, kjt).items():
+        assert (kt.to_dict()[f] - r).abs().max() <= 1e-6, f
+    # An 8-dim INT4 row: 4 bytes of codes + fp16 scale and bias = 8 bytes, not 16.
+    assert row_bytes(Tier.INT4, 8, 1) == 8 and row_bytes(Tier.INT4, 8, 16) == 16
+    held = m.memory_report()["weights_bytes"]
+    assert held == sum(a1.table_bytes(t) for t in a1.tiers) < m16.memory_report()["weights_bytes"]
+    m.save(str(tmp_path / "m.pt"))
+    again = _use(RowwiseMixedEmbeddingBagCollection.load(str(tmp_path / "m.pt")), lookup)
+    assert again.layout.row_alignment == 1 and torch.equal(again(kjt).values(), kt.values())
+    # Layouts saved before the alignment was stored read as 16; GPUs need 16.
+    old = {k: v for k, v in m16.layout.to_dict().items() if k != "row_alignment"}
+    assert MixedLayout.from_dict(old).row_alignment == 16
+    with pytest.raises(ValueError, match="row_alignment 1 is for tables served on CPU"):
+        RowwiseMixedEmbeddingBagCollection(m.layout, device=torch.device("cuda"))
+    with pytest.raises(ValueError, match=r"row_alignment must be one of \(1, 2, 4, 8, 16\), got 3"):
+        dataclasses.replace(m.layout, row_alignment=3)

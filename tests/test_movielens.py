@@ -22,6 +22,8 @@ from shark_torchrec.data.movielens import (
     fetch_recbole_wheel,
     read_atomic_files,
 )
+from shark_torchrec.export import load_export
+from shark_torchrec.quant import RowwiseMixedEmbeddingBagCollection
 
 SLICE = 3000  # ratings in the tests' slice
 
@@ -176,10 +178,14 @@ def test_shark_recipe_on_an_ml100k_slice(ml100k_slice, tmp_path: Path) -> None:
         [sys.executable, str(ROOT / "recipes" / "shark_dlrm.py"), "--data", "ml100k", "--data_path",
          str(ml100k_slice), "--batch_size", "64", "--embedding_dim", "8", "--dense_arch_layer_sizes", "16,8",
          "--over_arch_layer_sizes", "16,1", "--keep_fields", "6", "--quant_budget_fraction", "0.5",
-         "--log_level", "WARNING", "--out", str(out)],
+         "--row_alignment", "1", "--log_level", "WARNING", "--out", str(out)],
         capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-5000:]
     report = json.loads((out / "report.json").read_text())
     assert report["stages"]["quantized"]["examples"] == 300  # all of test.tsv
     assert report["plan"]["fields_before"] == 8 and report["plan"]["fields_after"] == 6
     assert report["stages"]["trained"]["auc"] > 0.6, report["stages"]
+    # --row_alignment 1 (CPU serving): the export keeps the unpadded layout.
+    model, _ = load_export(str(out / "model.pt"))
+    mixed = [m for m in model.modules() if isinstance(m, RowwiseMixedEmbeddingBagCollection)]
+    assert [m.layout.row_alignment for m in mixed] == [1]

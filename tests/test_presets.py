@@ -1,6 +1,9 @@
-"""Data presets bring their tuned defaults only for the flags a command line leaves unset."""
+"""Defaults settled when the flags are parsed: data presets bring their tuned defaults only for
+the flags a command line leaves unset; the quantized rows' alignment follows the device."""
 
-from shark_torchrec.pipeline import build_parser
+import torch
+
+from shark_torchrec.pipeline import build_parser, row_alignment
 from shark_torchrec.training.train_dlrm import PRESET_DEFAULTS
 
 
@@ -17,3 +20,11 @@ def test_preset_defaults_fill_only_unset_flags() -> None:
     assert c.batch_size == 1024 and c.drop_fraction == 0.0
     d = build_parser().parse_args([])  # no preset for the default synthetic data
     assert d.batch_size == 256 and d.embedding_dim == 16 and d.drop_fraction is None
+
+
+def test_row_alignment_auto_follows_the_device_as_torchrec_inference_does() -> None:
+    auto = build_parser().parse_args([])
+    assert row_alignment(auto, torch.device("cpu")) == 1
+    assert row_alignment(auto, torch.device("cuda")) == 16
+    pinned = build_parser().parse_args(["--row_alignment", "16"])
+    assert row_alignment(pinned, torch.device("cpu")) == 16

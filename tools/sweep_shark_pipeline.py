@@ -31,7 +31,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(ROOT, "recipes", "shark_dlrm.py")
 #: Settings read only by the quantize stage: points differing only in these share the prune stage.
 QUANTIZE_ONLY = {"quant_budget_fraction", "quant_fractions", "row_priority", "priority_alpha",
-                 "priority_beta", "bootstrap", "tier_weighting", "drop_rows", "attribute_quant_loss"}
+                 "priority_beta", "bootstrap", "tier_weighting", "drop_rows", "attribute_quant_loss",
+                 "row_alignment"}
 #: Settings the train stage reads: they may not vary (one trained model for the whole grid).
 TRAIN_SETTINGS = {"epochs", "learning_rate", "finetune_fraction", "priority_gamma", "seed",
                   "batch_size", "embedding_dim", "prune_baseline"}

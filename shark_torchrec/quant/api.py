@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
+from shark_torchrec.quant.layout import ROW_ALIGNMENTS
 from shark_torchrec.quant.mixed_ebc import RowwiseMixedEmbeddingBagCollection
 from shark_torchrec.quant.tiers import (  # noqa: F401 (BudgetError: part of this module's API)
     DEFAULT_ROW_ALIGNMENT,
@@ -56,8 +57,10 @@ class RowwiseQuantConfig:
         table_budgets: ``{table: bytes}``: these tables are assigned by their own byte budget
             (id map and padding included), with the budget's tiers.
         check_ids: the converted collections check ids (see the module).
-        row_alignment: row alignment for byte budgets (FBGEMM's: 16 on CUDA, the conservative
-            choice; TorchRec's quantized collection also uses 16 on CPU).
+        row_alignment: bytes each stored row is padded to, in the converted collection and in
+            its byte budget: 16 (default: what FBGEMM's CUDA kernels need and TorchRec's
+            quantized collection uses everywhere) or 1 for a model served on CPU only (FBGEMM's
+            CPU default; at dim 64 INT4 rows take 36 bytes instead of 48, INT2 20 instead of 32).
         drop_rows: which rows a budget may drop: ``"any"`` or ``"unused"`` (rows whose
             priority is 0 only; see :func:`~shark_torchrec.quant.tiers.assign_by_budget`).
     """
@@ -74,6 +77,9 @@ class RowwiseQuantConfig:
     drop_rows: str = "any"
 
     def __post_init__(self) -> None:
+        if self.row_alignment not in ROW_ALIGNMENTS:
+            raise ValueError(f"RowwiseQuantConfig.row_alignment must be one of {ROW_ALIGNMENTS}, "
+                             f"got {self.row_alignment!r}")
         if self.drop_rows not in ("any", "unused"):
             raise ValueError(f"RowwiseQuantConfig.drop_rows must be 'any' or 'unused', got {self.drop_rows!r}")
         chosen = [n for n in ("fractions", "budget_bytes", "budget_fraction") if getattr(self, n) is not None]

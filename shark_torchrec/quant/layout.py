@@ -18,6 +18,8 @@ from shark_torchrec.quant.rows import DATA_TYPE
 from shark_torchrec.quant.tiers import TIER_ORDER, Tier
 
 LAYOUT_FORMAT = "shark-torchrec/rowwise-mixed-ebc/v1"
+#: Row alignments a layout may use (powers of two FBGEMM's TBE accepts; CUDA needs 16).
+ROW_ALIGNMENTS = (1, 2, 4, 8, 16)
 
 
 @dataclasses.dataclass
@@ -30,6 +32,10 @@ class MixedLayout:
         rows: ``{table: [rows per tier in tiers order]}``.
         is_weighted: whether inputs carry per-id weights.
         groups: tables split into groups, each its own TBE.
+        row_alignment: bytes each stored row is padded to (FBGEMM's layout): 16, which FBGEMM's
+            CUDA kernels need and TorchRec's quantized collection uses everywhere, or less for
+            tables served on CPU only (1: FBGEMM's own CPU default; a 64-dim INT4 row then
+            takes 36 bytes instead of 48, an INT2 row 20 instead of 32).
     """
 
     tables: List[Dict]
@@ -37,10 +43,13 @@ class MixedLayout:
     rows: Dict[str, List[int]]
     is_weighted: bool = False
     groups: List[List[str]] = dataclasses.field(default_factory=list)
+    row_alignment: int = 16
 
     def __post_init__(self) -> None:
         if not self.groups:  # one group of every table
             self.groups = [[t["name"] for t in self.tables]]
+        if self.row_alignment not in ROW_ALIGNMENTS:
+            raise ValueError(f"row_alignment must be one of {ROW_ALIGNMENTS}, got {self.row_alignment!r}")
 
     def to_dict(self) -> Dict:
         return {"format": LAYOUT_FORMAT, **dataclasses.asdict(self)}
@@ -50,7 +59,8 @@ class MixedLayout:
         if not isinstance(d, dict) or d.get("format") != LAYOUT_FORMAT:
             raise ValueError(f"not a row-wise mixed collection layout (format {LAYOUT_FORMAT!r})")
         return MixedLayout(tables=d["tables"], tiers=d["tiers"], rows=d["rows"],
-                           is_weighted=d["is_weighted"], groups=d.get("groups") or [])
+                           is_weighted=d["is_weighted"], groups=d.get("groups") or [],
+                           row_alignment=d.get("row_alignment", 16))  # (16 before it was stored)
 
     def configs(self) -> List[EmbeddingBagConfig]:
         return [EmbeddingBagConfig(name=t["name"], num_embeddings=t["rows"], embedding_dim=t["dim"],
@@ -86,7 +96,8 @@ class MixedLayout:
         keep = set(names)
         return MixedLayout(tables=[t for t in self.tables if t["name"] in keep], tiers=list(self.tiers),
                            rows={n: r for n, r in self.rows.items() if n in keep},
-                           is_weighted=self.is_weighted, groups=[list(names)])
+                           is_weighted=self.is_weighted, groups=[list(names)],
+                           row_alignment=self.row_alignment)
 
 
 def tier_positions(tier_index: torch.Tensor, used: Sequence[int]) -> torch.Tensor:

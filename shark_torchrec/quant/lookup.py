@@ -60,7 +60,7 @@ class _MixedGroup(nn.Module):
         # A group whose rows are all dropped has nothing to look up (its output is zeros).
         self.qebc = QuantEmbeddingBagCollection(
             tables=physical, is_weighted=layout.is_weighted, device=device,
-            output_dtype=torch.float) if physical else None
+            output_dtype=torch.float, row_alignment=layout.row_alignment) if physical else None
         # Bucketized ids are local rows of their sub-table by construction (the input transform
         # checks the original ids), so FBGEMM's per-call bounds check (5-70% of a lookup on
         # CPU, torchrec-cpu-facts.md 5.2) would only repeat work.

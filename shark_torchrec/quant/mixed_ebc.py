@@ -99,6 +99,10 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
         order = {n: i for i, n in enumerate(names)}
         if [order[n] for n in grouped] != sorted(order[n] for n in grouped):
             raise ValueError("layout groups must keep the tables' order")
+        if torch.device(device).type == "cuda" and layout.row_alignment != 16:
+            raise ValueError(f"row_alignment {layout.row_alignment} is for tables served on CPU: "
+                             f"FBGEMM's CUDA kernels read rows aligned to 16 bytes (convert with "
+                             f"row_alignment=16 to serve on a GPU)")
         self.layout = layout
         self.check_ids = check_ids
         self.strict = strict
@@ -162,7 +166,8 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
             tables=[{"name": c.name, "rows": c.num_embeddings, "dim": c.embedding_dim,
                      "features": list(c.feature_names), "pooling": c.pooling.value} for c in configs],
             tiers=[t.value for t in tiers], rows=rows, is_weighted=ebc.is_weighted(),
-            groups=[names[bounds[i]:bounds[i + 1]] for i in range(num_groups)])
+            groups=[names[bounds[i]:bounds[i + 1]] for i in range(num_groups)],
+            row_alignment=assignment.row_alignment)
         module = RowwiseMixedEmbeddingBagCollection(layout, device=device, check_ids=check_ids,
                                                     strict=strict)
         group_of = {n: g for g in module.groups for n in g.input_transform.table_base}
