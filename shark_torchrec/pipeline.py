@@ -534,7 +534,8 @@ def _write_report(out, report, done, pdone, metrics, mixed, priorities, config, 
     rep.write_markdown(out, {"stages": stages, "plan": pdone["plan"], "lookup_speed_vs_fp32": speed,
                              "paired": paired, "scorer": pdone.get("scorer", ""),
                              "row_priority": args.row_priority, "eval_split": args.eval_split,
-                             "quant_loss_attribution": attribution},
+                             "quant_loss_attribution": attribution,
+                             "row_alignment": mixed.layout.row_alignment},
                        figures)
 
 

@@ -110,7 +110,10 @@ def write_markdown(out: str, report: Dict, figures: List[str]) -> str:
     ref = s.get("uncompressed, fine-tuned", s["trained"])
     lines = ["# SHARK report", "",
              f"**Embedding bytes:** {q['fp32_embedding_bytes'] / 2**20:.1f} MiB → "
-             f"{q['embedding_bytes'] / 2**20:.1f} MiB ({q['bytes_saved_fraction']:.1%} saved).  ",
+             f"{q['embedding_bytes'] / 2**20:.1f} MiB ({q['bytes_saved_fraction']:.1%} saved"
+             + (f"; rows padded to {report['row_alignment']} byte{'s' * (report['row_alignment'] != 1)}"
+                if report.get("row_alignment") else "")
+             + ").  ",
              f"**{report.get('eval_split', 'test').capitalize()} AUC:** {q['auc']:.4f} compressed, {ref['auc']:.4f} uncompressed "
              f"({q['auc'] - ref['auc']:+.4f}; both fine-tuned the same way).  "]
     if "lookup_speed_vs_fp32" in report:
