@@ -90,6 +90,7 @@ def plan_command(args: argparse.Namespace) -> int:
 
     from shark_torchrec.planning.compress import compress_to_fit, criteo_1tb_tables, plan_inference
     from shark_torchrec.planning.overrides import load_overrides
+    from shark_torchrec.quant.layout import serving_row_alignment
 
     tables = criteo_1tb_tables(args.dim) if args.preset == "criteo1tb" else _load_tables(args.tables)
     topology = Topology(world_size=args.world_size, compute_device=args.device,
@@ -116,11 +117,13 @@ def plan_command(args: argparse.Namespace) -> int:
     except PlannerError as e:
         report["before"] = {"fits": False, "error": str(e).splitlines()[0]}
         print(f"\nbefore compression (fp32): does not fit — {str(e).splitlines()[0].strip()}")
+    align = serving_row_alignment(args.device) if args.row_alignment == "auto" else int(args.row_alignment)
+    report["row_alignment"] = align
     compression, _, planner = compress_to_fit(
         tables, topology, zipf=args.zipf, batch_size=args.batch_size,
         pins=overrides.pins if overrides else None,
         fractions=overrides.tier_fractions if overrides else None,
-        table_budgets=overrides.budgets if overrides else None)
+        table_budgets=overrides.budgets if overrides else None, row_alignment=align)
     after = _placement(planner, args.world_size)
     report["after"] = {"fits": True, **after, "compression": {
         n: {"rows": c.rows, "bytes": c.bytes, "fp32_bytes": c.fp32_bytes, "predicted_loss": c.predicted_loss}
@@ -171,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="assumed id popularity law when no row priorities are given")
     plan.add_argument("--planner_overrides", type=existing_file,
                       help="YAML with per-table compression settings (pin, exclude, tiers, budget_bytes)")
+    plan.add_argument("--row_alignment", choices=["auto", "16", "1"], default="auto",
+                      help="bytes each compressed row is padded to: auto (default) is 16 for cuda, "
+                      "1 for cpu (FBGEMM's CPU layout)")
     plan.add_argument("--json", type=output_file, help="also write the report as JSON")
     # SUPPRESS: a subcommand's default would overwrite `shark-torchrec --debug plan ...`.
     plan.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)

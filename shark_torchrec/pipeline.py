@@ -59,6 +59,7 @@ from shark_torchrec.planning.overrides import load_overrides
 from shark_torchrec.pruning.sharded import iterative_prune, prune_trainer, pruned_config
 from shark_torchrec.quant import RowwiseQuantConfig, quantize_
 from shark_torchrec.quant.attribution import attribute_quantization_loss
+from shark_torchrec.quant.layout import serving_row_alignment
 from shark_torchrec.training.checkpoint import CheckpointManager
 from shark_torchrec.training.distributed import DistEnv, run_job
 from shark_torchrec.training.gather import full_state_dict
@@ -405,7 +406,7 @@ def row_alignment(args, device: torch.device) -> int:
     quantized kernels follow (``quant_embedding_kernel.py``): FBGEMM's CUDA kernels need rows
     aligned to 16 bytes, its CPU kernels do not."""
     if args.row_alignment == "auto":
-        return 16 if torch.device(device).type == "cuda" else 1
+        return serving_row_alignment(torch.device(device).type)
     return int(args.row_alignment)
 
 

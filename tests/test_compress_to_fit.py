@@ -96,3 +96,26 @@ def test_per_table_settings_are_respected() -> None:
     assert c["t_cat_1"].rows == {"int4": tables[1].num_embeddings}
     assert c["t_cat_9"].bytes <= 500_000_000
     assert sum(x.bytes for x in c.values()) <= 0.4 * fp32
+
+
+def test_cpu_rows_unpadded_are_planned_by_their_real_bytes() -> None:
+    """With 1-byte rows (FBGEMM's CPU layout) a 64-dim INT4 row takes 36 bytes, not 48: the
+    tier choice and TorchRec's planner both see that."""
+    from torchrec import EmbeddingBagConfig
+
+    tables = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=64, num_embeddings=50_000,
+                                 feature_names=[f"f{i}"]) for i in range(2)]
+    rows = 2 * 50_000
+    assert row_bytes(Tier.INT4, 64, 1) == 36 and row_bytes(Tier.INT4, 64, 16) == 48
+    stored = {}
+    for align in (1, 16):
+        c = choose_compression(tables, 10 * GiB, tiers=["int4"], row_alignment=align)
+        assert all(x.rows == {"int4": 50_000} for x in c.values())
+        # (one tier per table: no id map needed)
+        assert sum(x.bytes for x in c.values()) == rows * row_bytes(Tier.INT4, 64, align)
+        topology = Topology(world_size=1, compute_device="cpu", local_world_size=1, ddr_cap=GiB)
+        _, planner = plan_inference(tables, topology, c, row_alignment=align)
+        stored[align] = device_storage(planner, 1)[0]["ddr"]
+    # The planner's estimate differs by the padding the 16-byte layout adds (plus a little of
+    # TorchRec's per-table buffer estimates, which grow with the row size).
+    assert rows * (48 - 36) <= stored[16] - stored[1] <= 1.03 * rows * (48 - 36)

@@ -221,7 +221,8 @@ class InferenceModel(nn.Module):
     the meta device — one TorchRec table per (table, tier), in that tier's data type."""
 
     def __init__(self, tables: Sequence[EmbeddingBagConfig],
-                 compression: Optional[Dict[str, TableCompression]] = None) -> None:
+                 compression: Optional[Dict[str, TableCompression]] = None,
+                 row_alignment: int = DEFAULT_ROW_ALIGNMENT) -> None:
         super().__init__()
         physical = []
         for t in tables:
@@ -235,7 +236,7 @@ class InferenceModel(nn.Module):
                         feature_names=[f"{f}{suffix}" for f in t.feature_names],
                         data_type=_DATA_TYPES[tier]))
         self.ebc = QuantEmbeddingBagCollection(tables=physical, is_weighted=False,
-                                               device=torch.device("meta"))
+                                               device=torch.device("meta"), row_alignment=row_alignment)
 
 
 def plan_inference(
@@ -244,6 +245,7 @@ def plan_inference(
     compression: Optional[Dict[str, TableCompression]] = None,
     batch_size: int = 512,
     device_only: bool = True,
+    row_alignment: int = DEFAULT_ROW_ALIGNMENT,
 ) -> Tuple[ShardingPlan, EmbeddingShardingPlanner]:
     """Plan the inference model with TorchRec's planner and quant sharder (no devices needed).
     A compressed model's id maps (4 bytes per row, on every rank) are reserved up front.
@@ -252,7 +254,7 @@ def plan_inference(
     id_map = 0 if compression is None else ID_MAP_BYTES_PER_ROW * sum(
         sum(c.rows.values()) for c in compression.values() if needs_id_map(c.rows))
     key = "ddr" if topology.compute_device == "cpu" else "hbm"
-    model = InferenceModel(tables, compression)
+    model = InferenceModel(tables, compression, row_alignment)
     constraints = None
     if device_only:
         constraints = {c.name: ParameterConstraints(compute_kernels=[EmbeddingComputeKernel.QUANT.value])
@@ -284,9 +286,11 @@ def compress_to_fit(
     max_tries: int = 40,
     fractions: Optional[Dict[str, Dict[str, float]]] = None,
     table_budgets: Optional[Dict[str, int]] = None,
+    row_alignment: int = DEFAULT_ROW_ALIGNMENT,
 ) -> Tuple[Dict[str, TableCompression], ShardingPlan, EmbeddingShardingPlanner]:
     """Choose tier mixes that make the model fit ``topology``, then plan it (per-table
-    ``pins``, ``fractions`` and ``table_budgets`` as in :func:`choose_compression`).
+    ``pins``, ``fractions`` and ``table_budgets`` as in :func:`choose_compression`; rows
+    padded to ``row_alignment`` bytes, 16 by default, which GPUs need).
 
     The byte budget starts at the topology's total capacity and shrinks by 5% until TorchRec's
     planner (with its own reservations, buffers and placement constraints) finds a plan."""
@@ -295,9 +299,11 @@ def compress_to_fit(
     last: Optional[Exception] = None
     for _ in range(max_tries):
         compression = choose_compression(tables, int(budget), tiers=tiers, pins=pins, zipf=zipf,
-                                         fractions=fractions, table_budgets=table_budgets)
+                                         fractions=fractions, table_budgets=table_budgets,
+                                         row_alignment=row_alignment)
         try:
-            plan, planner = plan_inference(tables, topology, compression, batch_size)
+            plan, planner = plan_inference(tables, topology, compression, batch_size,
+                                           row_alignment=row_alignment)
             return compression, plan, planner
         except PlannerError as e:
             last = e

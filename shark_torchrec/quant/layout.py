@@ -22,6 +22,13 @@ LAYOUT_FORMAT = "shark-torchrec/rowwise-mixed-ebc/v1"
 ROW_ALIGNMENTS = (1, 2, 4, 8, 16)
 
 
+def serving_row_alignment(device_type: str) -> int:
+    """The row alignment for tables served on ``device_type``: 16 on CUDA (FBGEMM's CUDA
+    kernels need it), 1 elsewhere — the rule TorchRec's sharded quantized kernels follow
+    (``torchrec/distributed/quant_embedding_kernel.py``)."""
+    return 16 if device_type == "cuda" else 1
+
+
 @dataclasses.dataclass
 class MixedLayout:
     """What a mixed collection holds, without weights (serialisable; enough to rebuild it).
