@@ -24,6 +24,7 @@ fp32 collection and to uniform INT8 measured in the same run and thread setting.
 
     python tools/bench_lookup.py --out runs/bench_lookup.json
     python tools/bench_lookup.py --device cuda        # EmbeddingLocation.DEVICE tables
+    python tools/bench_lookup.py --row_alignment 1 --threads 1   # FBGEMM's unpadded CPU rows
 """
 
 import argparse
@@ -90,7 +91,8 @@ def build_case(name: str, cfg: SyntheticConfig, dim: int, batch_size: int, args,
         q = QuantEBC(tables=[EmbeddingBagConfig(name=t.name, embedding_dim=t.embedding_dim,
                                                 num_embeddings=t.num_embeddings,
                                                 feature_names=t.feature_names, data_type=dt)
-                             for t in tables], is_weighted=False, device=device)
+                             for t in tables], is_weighted=False, device=device,
+                     row_alignment=args.row_alignment)
         for tbe in q._emb_modules:
             tbe.bounds_check_mode_int = BoundsCheckMode.NONE.value  # same as the mixed module
             for spec, (w, sb) in zip(tbe.embedding_specs, tbe.split_embedding_weights()):
@@ -108,7 +110,7 @@ def build_case(name: str, cfg: SyntheticConfig, dim: int, batch_size: int, args,
     groups = max(1, min(torch.get_num_threads(), len(tables)))
     first_mixed = None
     for label, fractions in mixes.items():
-        a = assign_by_fractions(counts, {t.name: dim for t in tables}, fractions)
+        a = assign_by_fractions(counts, {t.name: dim for t in tables}, fractions, args.row_alignment)
         m = RowwiseMixedEmbeddingBagCollection.from_float(fp32, a, check_ids=True)
         first_mixed = first_mixed or m
         size = m.memory_report()["total_bytes"]
@@ -199,6 +201,9 @@ def main() -> None:
                    help="torch thread settings to time, comma-separated ('default': as started)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--int32", action="store_true", help="int32 ids (default int64)")
+    p.add_argument("--row_alignment", type=int, choices=[16, 1], default=16,
+                   help="bytes the quantized rows (uniform and mixed) are padded to: 16 (TorchRec's "
+                   "quantized collection, GPUs) or 1 (FBGEMM's CPU layout)")
     p.add_argument("--out", default="runs/bench_lookup.json")
     args = p.parse_args()
     device = torch.device(args.device)
