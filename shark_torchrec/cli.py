@@ -117,7 +117,7 @@ def plan_command(args: argparse.Namespace) -> int:
     except PlannerError as e:
         report["before"] = {"fits": False, "error": str(e).splitlines()[0]}
         print(f"\nbefore compression (fp32): does not fit — {str(e).splitlines()[0].strip()}")
-    align = serving_row_alignment(args.device) if args.row_alignment == "auto" else int(args.row_alignment)
+    align = serving_row_alignment(args.device, args.row_alignment)
     report["row_alignment"] = align
     compression, _, planner = compress_to_fit(
         tables, topology, zipf=args.zipf, batch_size=args.batch_size,

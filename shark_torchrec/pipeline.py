@@ -375,7 +375,6 @@ def _run(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
                         float_model, mixed.assignment.tiers,
                         lambda m: _evaluate_local(m, spec, args, kept_features, env.world_size)["logits"],
                         metrics["labels"], bootstrap=args.bootstrap, seed=args.seed)
-                report["quant_loss_attribution"] = attribution
             for m in (metrics, pruned_eval, reference_eval):
                 m.pop("logits"), m.pop("labels")
             speed = _lookup_speed(fp32_model.model.sparse_arch.embedding_bag_collection, mixed,
@@ -405,9 +404,7 @@ def row_alignment(args, device: torch.device) -> int:
     """``--row_alignment``: ``auto`` is 16 on CUDA and 1 on CPU, the rule TorchRec's sharded
     quantized kernels follow (``quant_embedding_kernel.py``): FBGEMM's CUDA kernels need rows
     aligned to 16 bytes, its CPU kernels do not."""
-    if args.row_alignment == "auto":
-        return serving_row_alignment(torch.device(device).type)
-    return int(args.row_alignment)
+    return serving_row_alignment(torch.device(device).type, args.row_alignment)
 
 
 def _quant_config(args, overrides, kept, device: torch.device) -> RowwiseQuantConfig:

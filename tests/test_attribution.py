@@ -6,24 +6,15 @@ import copy
 import numpy as np
 import pytest
 import torch
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
-from torchrec.models.dlrm import DLRM, DLRMTrain
 
 from shark_torchrec.data import SyntheticClickDataset, SyntheticConfig
 from shark_torchrec.evaluation import auc
 from shark_torchrec.quant import TIER_ORDER, RowwiseQuantConfig, Tier, quantize_
 from shark_torchrec.quant.attribution import attribute_quantization_loss, simulated_tiers
+from test_quantize_api import _dlrm  # a DLRM with three 300 x 8 tables t0-t2
 
 CFG = SyntheticConfig.default(num_fields=3, num_informative=2, cardinality=300, multi_hot_fields=1,
                               max_hot=3, seed=3)
-
-
-def _dlrm():
-    torch.manual_seed(1)
-    tables = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=8, num_embeddings=300, feature_names=[f"cat_{i}"])
-              for i in range(3)]
-    return DLRMTrain(DLRM(embedding_bag_collection=EmbeddingBagCollection(tables=tables), dense_in_features=13,
-                          dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1]))
 
 
 def _setup():

@@ -178,19 +178,17 @@ def assign_tiers(
             # Pinned tables and tables with their own fractions count against the budget.
             pinned_bytes = sum(row_bytes(TIER_ORDER[int(i)], dims[n], config.row_alignment)
                                for n in tiers for i in tiers[n])
+            fp32 = sum(row_bytes(Tier.FP32, c.embedding_dim, config.row_alignment) * c.num_embeddings
+                       for c in configs)
             if config.budget_bytes is not None:
                 budget = config.budget_bytes
             else:
-                fp32 = sum(row_bytes(Tier.FP32, c.embedding_dim, config.row_alignment) * c.num_embeddings
-                           for c in configs)
                 budget = int(config.budget_fraction * fp32)
             # The budget covers everything the converted collection holds: the id map (4 bytes
             # per row) and each sub-table's cache-line padding (< 128 bytes) come off first.
             overhead = sum(4 * c.num_embeddings + 128 * len(TIER_ORDER) for c in configs)
             rows_budget = budget - pinned_bytes - overhead
             if rows_budget < 0:
-                fp32 = sum(row_bytes(Tier.FP32, c.embedding_dim, config.row_alignment) * c.num_embeddings
-                           for c in configs)
                 raise BudgetError(
                     f"budget of {budget} bytes is below what the quantized tables hold whatever "
                     f"the tiers: id map, padding and pinned tables ({pinned_bytes + overhead} "

@@ -36,6 +36,47 @@ def _collection(model: nn.Module) -> EmbeddingBagCollection:
     return found[0]
 
 
+def _read_as_stored(ebc: EmbeddingBagCollection, tiers: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Per table, its weights as every row reads in its tier (FP32 rows unchanged)."""
+    unknown = sorted(set(tiers) - set(ebc.embedding_bags))
+    if unknown:
+        raise KeyError(f"tiers given for tables the model does not have: {unknown}")
+    out = {}
+    for name, t in tiers.items():
+        w = ebc.embedding_bags[name].weight.detach()
+        if t.numel() != w.shape[0]:
+            raise ValueError(f"table {name!r}: {t.numel()} tiers for {w.shape[0]} rows")
+        sim = w.clone()
+        t = t.long().cpu()
+        for i, tier in enumerate(TIER_ORDER):
+            rows = t == i
+            if tier is not Tier.FP32 and bool(rows.any()):
+                sim[rows] = dequantize_rows(w[rows], tier).to(sim.dtype)
+        out[name] = sim
+    return out
+
+
+@contextlib.contextmanager
+def _substituted(ebc: EmbeddingBagCollection, stored: Dict[str, torch.Tensor],
+                 keep_fp32: Optional[Dict[str, torch.Tensor]]) -> Iterator[None]:
+    """Within the block the tables read ``stored``, except the rows ``keep_fp32`` marks."""
+    saved = {}
+    try:
+        with torch.no_grad():
+            for name, sim in stored.items():
+                w = ebc.embedding_bags[name].weight
+                saved[name] = w.detach().clone()
+                w.copy_(sim)
+                if keep_fp32 is not None and name in keep_fp32:
+                    mask = keep_fp32[name].bool().cpu()
+                    w[mask] = saved[name][mask]
+        yield
+    finally:
+        with torch.no_grad():
+            for name, w0 in saved.items():
+                ebc.embedding_bags[name].weight.copy_(w0)
+
+
 @contextlib.contextmanager
 def simulated_tiers(model: nn.Module, tiers: Dict[str, torch.Tensor],
                     keep_fp32: Optional[Dict[str, torch.Tensor]] = None) -> Iterator[nn.Module]:
@@ -43,32 +84,8 @@ def simulated_tiers(model: nn.Module, tiers: Dict[str, torch.Tensor],
     its tier (``tiers[table][row]``, a :data:`TIER_ORDER` index), except the rows that
     ``keep_fp32[table]`` (a boolean mask) marks; the fp32 weights come back afterwards."""
     ebc = _collection(model)
-    unknown = sorted(set(tiers) - set(ebc.embedding_bags))
-    if unknown:
-        raise KeyError(f"tiers given for tables the model does not have: {unknown}")
-    saved = {}
-    try:
-        with torch.no_grad():
-            for name, t in tiers.items():
-                w = ebc.embedding_bags[name].weight
-                if t.numel() != w.shape[0]:
-                    raise ValueError(f"table {name!r}: {t.numel()} tiers for {w.shape[0]} rows")
-                saved[name] = w.detach().clone()
-                sim = saved[name].clone()
-                t = t.long().cpu()
-                for i, tier in enumerate(TIER_ORDER):
-                    rows = t == i
-                    if tier is not Tier.FP32 and bool(rows.any()):
-                        sim[rows] = dequantize_rows(saved[name][rows], tier).to(sim.dtype)
-                if keep_fp32 is not None and name in keep_fp32:
-                    mask = keep_fp32[name].bool().cpu()
-                    sim[mask] = saved[name][mask]
-                w.copy_(sim)
+    with _substituted(ebc, _read_as_stored(ebc, tiers), keep_fp32):
         yield model
-    finally:
-        with torch.no_grad():
-            for name, w0 in saved.items():
-                ebc.embedding_bags[name].weight.copy_(w0)
 
 
 def attribute_quantization_loss(
@@ -91,9 +108,11 @@ def attribute_quantization_loss(
     A tier's entry covers its rows in every table; ``tables`` (default all) each keep all
     their rows in fp32.
     """
+    ebc = _collection(model)
     with torch.no_grad():
+        stored = _read_as_stored(ebc, tiers)  # dequantized once, reused by every group
         logits = {"fp32": evaluate(model)}
-        with simulated_tiers(model, tiers):
+        with _substituted(ebc, stored, None):
             logits["quantized"] = evaluate(model)
         groups: Dict[str, Dict[str, torch.Tensor]] = {}
         for i, tier in enumerate(TIER_ORDER):
@@ -105,7 +124,7 @@ def attribute_quantization_loss(
         for name in (tables if tables is not None else sorted(tiers)):
             groups[f"table:{name}"] = {name: torch.ones(tiers[name].numel(), dtype=torch.bool)}
         for key, masks in groups.items():
-            with simulated_tiers(model, tiers, keep_fp32=masks):
+            with _substituted(ebc, stored, masks):
                 logits[key] = evaluate(model)
     boot = PairedBootstrap(np.asarray(labels, dtype=np.float64),
                            {k: np.asarray(v, dtype=np.float64) for k, v in logits.items()},

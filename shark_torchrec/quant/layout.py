@@ -22,10 +22,13 @@ LAYOUT_FORMAT = "shark-torchrec/rowwise-mixed-ebc/v1"
 ROW_ALIGNMENTS = (1, 2, 4, 8, 16)
 
 
-def serving_row_alignment(device_type: str) -> int:
-    """The row alignment for tables served on ``device_type``: 16 on CUDA (FBGEMM's CUDA
-    kernels need it), 1 elsewhere — the rule TorchRec's sharded quantized kernels follow
+def serving_row_alignment(device_type: str, choice: str = "auto") -> int:
+    """The row alignment a ``--row_alignment`` ``choice`` means for tables served on
+    ``device_type``: a number as given; ``auto`` is 16 on CUDA (FBGEMM's CUDA kernels need it)
+    and 1 elsewhere — the rule TorchRec's sharded quantized kernels follow
     (``torchrec/distributed/quant_embedding_kernel.py``)."""
+    if choice != "auto":
+        return int(choice)
     return 16 if device_type == "cuda" else 1
 
 
