@@ -204,6 +204,7 @@ def main() -> None:
     p.add_argument("--row_alignment", type=int, choices=[16, 1], default=16,
                    help="bytes the quantized rows (uniform and mixed) are padded to: 16 (TorchRec's "
                    "quantized collection, GPUs) or 1 (FBGEMM's CPU layout)")
+    p.add_argument("--shapes", default="benchmark,pipeline", help="shapes to time, comma-separated")
     p.add_argument("--out", default="runs/bench_lookup.json")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -218,8 +219,13 @@ def main() -> None:
                           informative=[], num_dense=13, seed=0)
     pipeline = SyntheticConfig.default(num_fields=args.pipeline_tables, cardinality=args.pipeline_rows,
                                        num_dense=13, seed=0)
-    cases = [build_case("benchmark shape", big, args.dim, args.batch_size, args, device),
-             build_case("pipeline shape", pipeline, args.pipeline_dim, args.pipeline_batch_size, args, device)]
+    shapes = args.shapes.split(",")
+    cases = []
+    if "benchmark" in shapes:
+        cases.append(build_case("benchmark shape", big, args.dim, args.batch_size, args, device))
+    if "pipeline" in shapes:
+        cases.append(build_case("pipeline shape", pipeline, args.pipeline_dim, args.pipeline_batch_size,
+                                args, device))
 
     result = {"config": vars(args), "device": str(device),
               "device_name": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",

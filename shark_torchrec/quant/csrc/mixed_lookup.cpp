@@ -6,8 +6,17 @@
 // weight buffer (rows as FBGEMM stores them: FP32, FP16, or INT8/INT4/INT2 with an fp16
 // scale and bias first), dequantized and added into the bag's sum, which is written once into
 // the output.  DROP rows (and tiers a table does not use) have no sub-table: skipped, but still
-// counted by MEAN pooling.  Row reads and id-map reads are prefetched ahead, since on a big
-// table both are cache misses.
+// counted by MEAN pooling.
+//
+// Where the time goes, and what the structure answers (tools/bench_lookup.py, BENCHMARKS.md):
+// * On big tables every row read is a cache miss: ids are located (id map, tier, address)
+//   and their rows prefetched a fixed number of ids ahead of the pooling, across bag
+//   boundaries, and id-map entries further ahead still.
+// * Tiers of consecutive ids are unpredictable: a bag's rows are regrouped tier by tier
+//   (counting sort) so the dequantization branches once per tier and bag, not per id; bags of
+//   one id (one-hot features) skip the regrouping.
+// * For dims that are multiples of 8 (up to 128) the bag's sum stays in AVX2 registers from
+//   the first row to the store; other dims (and CPUs without AVX2/F16C/FMA) sum in memory.
 //
 // Built at run time by shark_torchrec/quant/cpu_kernel.py (torch.utils.cpp_extension.load) and
 // registered as torch.ops.shark_torchrec.mixed_embedding_bag.
@@ -19,6 +28,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
@@ -140,80 +150,247 @@ struct Feature {
   bool mean;
 };
 
-constexpr int64_t kPrefetch = 32;  // ids ahead: covers a DRAM miss at a few ns of work per id
-// Ids located ahead of being added up: enough to overlap row reads, few enough that their
-// prefetches stay in flight (a core tracks a few dozen outstanding misses).
-constexpr int64_t kBlockIds = 64;
+// Rows are located (id map, tier, address) and prefetched kAhead ids before they are added up,
+// across bag boundaries (a one-hot bag leaves no time between its own prefetch and read), and
+// id-map entries kPrefetch ids before that.  Enough to keep a core's dozen or so outstanding
+// misses busy while the rows before are added up; more would only stall on full fill buffers.
+constexpr int64_t kAhead = 24;
+constexpr int64_t kPrefetch = 64;
+constexpr int kMaxTiers = 8;
+
+// One bag's rows, grouped by tier (in input order within a tier): rows[0, n[0]) are tier 0's,
+// and so on; w[i] is row i's per-id weight.
+struct BagRows {
+  const uint8_t* const* rows;
+  const float* w;
+  const int32_t* n;  // [K]
+};
+
+#ifdef SHARK_AVX2
+// acc[0:CH] += w * row (dequantized), CH chunks of 8 floats held in registers by the caller.
+template <int TY, int CH>
+__attribute__((always_inline)) inline void add_row(__m256* acc, const uint8_t* __restrict row, float w) {
+  const __m256 vw = _mm256_set1_ps(w);
+  __m256 vscale, vbias;
+  if constexpr (TY != FP32 && TY != FP16) {
+    uint16_t sb[2];
+    std::memcpy(sb, row, 4);
+    vscale = _mm256_set1_ps(_cvtsh_ss(sb[0]));
+    vbias = _mm256_set1_ps(_cvtsh_ss(sb[1]));
+  }
+#pragma GCC unroll 16
+  for (int c = 0; c < CH; ++c) {
+    __m256 x;
+    if constexpr (TY == FP32) {
+      x = _mm256_loadu_ps(reinterpret_cast<const float*>(row) + 8 * c);
+    } else if constexpr (TY == FP16) {
+      x = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * c)));
+    } else {
+      __m256i q;
+      if constexpr (TY == INT8) {
+        q = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + 4 + 8 * c)));
+      } else if constexpr (TY == INT4) {
+        int32_t packed;
+        std::memcpy(&packed, row + 4 + 4 * c, 4);
+        q = _mm256_and_si256(
+            _mm256_srlv_epi32(_mm256_set1_epi32(packed), _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)),
+            _mm256_set1_epi32(15));
+      } else {
+        uint16_t packed;
+        std::memcpy(&packed, row + 4 + 2 * c, 2);
+        q = _mm256_and_si256(
+            _mm256_srlv_epi32(_mm256_set1_epi32(packed), _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14)),
+            _mm256_set1_epi32(3));
+      }
+      x = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), vscale, vbias);
+    }
+    acc[c] = _mm256_fmadd_ps(vw, x, acc[c]);
+  }
+}
+
+template <int TY, int CH>
+__attribute__((always_inline)) inline void add_rows(__m256* acc, const uint8_t* const* rows,
+                                                    const float* w, int32_t n) {
+  for (int32_t i = 0; i < n; ++i) add_row<TY, CH>(acc, rows[i], w[i]);
+}
+
+// A bag of a feature whose dim is 8 * CH: the sum stays in registers from its first row to
+// the store (the same fma per element, in the same order, as the generic path below).
+template <int CH>
+void pool_bag(const Feature& f, int64_t K, const BagRows& bag, int64_t len, float* out) {
+  __m256 acc[CH];
+  for (int c = 0; c < CH; ++c) acc[c] = _mm256_setzero_ps();
+  const uint8_t* const* rows = bag.rows;
+  const float* w = bag.w;
+  for (int64_t k = 0; k < K; ++k) {
+    const int32_t n = bag.n[k];
+    switch (f.sub[k].ty) {
+      case FP32: add_rows<FP32, CH>(acc, rows, w, n); break;
+      case FP16: add_rows<FP16, CH>(acc, rows, w, n); break;
+      case INT8: add_rows<INT8, CH>(acc, rows, w, n); break;
+      case INT4: add_rows<INT4, CH>(acc, rows, w, n); break;
+      case INT2: add_rows<INT2, CH>(acc, rows, w, n); break;
+      default: break;  // DROP / no rows: nothing stored
+    }
+    rows += n;
+    w += n;
+  }
+  if (f.mean && len > 0) {  // divided, not multiplied by 1/n: as FBGEMM and the reference do
+    const __m256 vlen = _mm256_set1_ps((float)len);
+    for (int c = 0; c < CH; ++c) acc[c] = _mm256_div_ps(acc[c], vlen);
+  }
+  for (int c = 0; c < CH; ++c) _mm256_storeu_ps(out + 8 * c, acc[c]);
+}
+
+// A bag of one id (one-hot features, most bags of most models): its row, dequantized, times
+// its weight (MEAN divides by 1: the same value).  No regrouping; nullptr (DROP) gives zeros.
+template <int CH>
+void pool_one(int32_t ty, const uint8_t* row, float w, float* out) {
+  __m256 acc[CH];
+  for (int c = 0; c < CH; ++c) acc[c] = _mm256_setzero_ps();
+  if (row) {
+    switch (ty) {
+      case FP32: add_row<FP32, CH>(acc, row, w); break;
+      case FP16: add_row<FP16, CH>(acc, row, w); break;
+      case INT8: add_row<INT8, CH>(acc, row, w); break;
+      case INT4: add_row<INT4, CH>(acc, row, w); break;
+      case INT2: add_row<INT2, CH>(acc, row, w); break;
+      default: break;
+    }
+  }
+  for (int c = 0; c < CH; ++c) _mm256_storeu_ps(out + 8 * c, acc[c]);
+}
+#endif
+
+// Any dim: the sum in memory, 8 floats at a time where AVX2 is there, then element by element.
+void pool_bag_any(const Feature& f, int64_t K, const BagRows& bag, int64_t len, float* out,
+                  std::vector<float>& acc) {
+  acc.assign(f.dim, 0.f);
+  const uint8_t* const* rows = bag.rows;
+  const float* w = bag.w;
+  for (int64_t k = 0; k < K; ++k) {
+    const int32_t n = bag.n[k];
+    for (int32_t i = 0; i < n; ++i) {
+      switch (f.sub[k].ty) {
+        case FP32: accumulate<FP32>(acc.data(), rows[i], f.dim, w[i]); break;
+        case FP16: accumulate<FP16>(acc.data(), rows[i], f.dim, w[i]); break;
+        case INT8: accumulate<INT8>(acc.data(), rows[i], f.dim, w[i]); break;
+        case INT4: accumulate<INT4>(acc.data(), rows[i], f.dim, w[i]); break;
+        case INT2: accumulate<INT2>(acc.data(), rows[i], f.dim, w[i]); break;
+        default: break;
+      }
+    }
+    rows += n;
+    w += n;
+  }
+  if (f.mean && len > 0) {
+    const float l = (float)len;
+    for (int64_t d = 0; d < f.dim; ++d) out[d] = acc[d] / l;
+  } else {
+    std::memcpy(out, acc.data(), f.dim * sizeof(float));
+  }
+}
+
+using PoolFn = void (*)(const Feature&, int64_t, const BagRows&, int64_t, float*);
+using PoolOneFn = void (*)(int32_t, const uint8_t*, float, float*);
+
+// The register-accumulating pooling for a dim, if it has one (multiples of 8 up to 128).
+std::pair<PoolFn, PoolOneFn> pool_for(int64_t dim) {
+#ifdef SHARK_AVX2
+  switch (dim) {
+    case 8: return {pool_bag<1>, pool_one<1>};
+    case 16: return {pool_bag<2>, pool_one<2>};
+    case 24: return {pool_bag<3>, pool_one<3>};
+    case 32: return {pool_bag<4>, pool_one<4>};
+    case 48: return {pool_bag<6>, pool_one<6>};
+    case 64: return {pool_bag<8>, pool_one<8>};
+    case 96: return {pool_bag<12>, pool_one<12>};
+    case 128: return {pool_bag<16>, pool_one<16>};
+    default: break;
+  }
+#endif
+  return {nullptr, nullptr};
+}
 
 template <typename V, typename O>
 int64_t run(const V* values, const O* offsets, const float* weights, const int64_t* key_feature,
             int64_t num_keys, int64_t B, int64_t b0, int64_t b1, const std::vector<Feature>& features,
             int64_t K, float* out, int64_t W, bool check) {
-  std::vector<int32_t> local;
+  // Each id's row (nullptr: DROP) and tier; then each bag's rows regrouped tier by tier, so
+  // pooling branches on the storage type once per tier and bag (the tiers of consecutive ids
+  // are unpredictable: a branch per id would mostly mispredict).
+  std::vector<const uint8_t*> row_of, grouped;
   std::vector<int8_t> tier;
-  std::vector<float> acc;
+  std::vector<float> w_grouped, acc;
   for (int64_t key = 0; key < num_keys; ++key) {
     if (key_feature[key] < 0) continue;  // a feature no table of this group serves
     const Feature& f = features[key_feature[key]];
+    const auto [pool, pool_single] = pool_for(f.dim);
     const O* off = offsets + key * B;
     const int64_t first = off[b0], last = off[b1];
-    if (check) {
-      for (int64_t i = first; i < last; ++i)
-        if ((uint64_t)(int64_t)values[i] >= f.rows) return i;  // negative ids wrap to huge
-    }
-    acc.resize(f.dim);
+    row_of.resize(last - first);
+    tier.resize(last - first);
+    // Ids are checked as they are located (check_ids): an id outside the table stops the read
+    // before its map entry is touched (the map prefetches ahead of the check are harmless:
+    // a prefetch of a bad address does not fault).
     for (int64_t i = first; i < std::min(first + kPrefetch, last); ++i)
       __builtin_prefetch(f.map + (int64_t)values[i]);
-    // Bags are read in blocks of about kBlockIds ids: every row of a block is located (id map)
-    // and prefetched before the block's first bag is added up, so row reads overlap even when
-    // bags hold one id.
-    const int64_t block = std::max<int64_t>(1, kBlockIds * (b1 - b0) / std::max<int64_t>(1, last - first));
-    for (int64_t cb = b0; cb < b1; cb += block) {
-      const int64_t ce = std::min(cb + block, b1), s0 = off[cb], n = off[ce] - s0;
-      local.resize(n);
-      tier.resize(n);
-      for (int64_t j = 0; j < n; ++j) {
-        const int64_t i = s0 + j;
+    int64_t located = first;  // ids [first, located) are located and their rows prefetched
+    auto locate_to = [&](int64_t upto) -> bool {
+      for (; located < upto; ++located) {
+        const int64_t i = located;
         if (i + kPrefetch < last) __builtin_prefetch(f.map + (int64_t)values[i + kPrefetch]);
+        if (check && (uint64_t)(int64_t)values[i] >= f.rows) return false;  // negative ids wrap to huge
         const int64_t r = f.map[(int64_t)values[i]];
         int64_t k = 0;
         for (int64_t t = 1; t < K; ++t) k += (r >= f.start[t]);
-        tier[j] = (int8_t)k;
-        local[j] = (int32_t)(r - f.start[k]);
-        if (f.sub[k].ty != NO_TABLE) {
-          // Every cache line of the row: a row need not start on a line (48-byte INT4 rows).
-          const uint8_t* row = f.sub[k].base + local[j] * f.sub[k].row_bytes;
-          for (int64_t l = 0; l < f.sub[k].row_bytes; l += 64) __builtin_prefetch(row + l);
-          __builtin_prefetch(row + f.sub[k].row_bytes - 1);
+        tier[i - first] = (int8_t)k;
+        const SubTable& t = f.sub[k];
+        const uint8_t* row = t.ty == NO_TABLE ? nullptr : t.base + (r - f.start[k]) * t.row_bytes;
+        row_of[i - first] = row;
+        if (row) {  // every cache line the row touches (rows need not start on a line)
+          const uintptr_t end = reinterpret_cast<uintptr_t>(row) + t.row_bytes;
+          for (uintptr_t l = reinterpret_cast<uintptr_t>(row) & ~(uintptr_t)63; l < end; l += 64)
+            __builtin_prefetch(reinterpret_cast<const void*>(l));
         }
       }
-      for (int64_t b = cb; b < ce; ++b) {
-        const int64_t s = off[b] - s0, n_b = off[b + 1] - off[b];
-        std::fill(acc.begin(), acc.end(), 0.f);
-        // Tier by tier: one branch on the storage type per tier and bag, not per id.
-        for (int64_t k = 0; k < K; ++k) {
-          const SubTable& t = f.sub[k];
-          if (t.ty == NO_TABLE) continue;
-          for (int64_t j = s; j < s + n_b; ++j) {
-            if (tier[j] != k) continue;
-            const uint8_t* row = t.base + (int64_t)local[j] * t.row_bytes;
-            const float w = weights ? weights[s0 + j] : 1.f;
-            switch (t.ty) {
-              case FP32: accumulate<FP32>(acc.data(), row, f.dim, w); break;
-              case FP16: accumulate<FP16>(acc.data(), row, f.dim, w); break;
-              case INT8: accumulate<INT8>(acc.data(), row, f.dim, w); break;
-              case INT4: accumulate<INT4>(acc.data(), row, f.dim, w); break;
-              default: accumulate<INT2>(acc.data(), row, f.dim, w); break;
-            }
-          }
-        }
-        float* o = out + b * W + f.col;
-        if (f.mean && n_b > 0) {  // divided, not multiplied by 1/n: as FBGEMM and the reference do
-          const float len = (float)n_b;
-          for (int64_t d = 0; d < f.dim; ++d) o[d] = acc[d] / len;
-        } else {
-          std::memcpy(o, acc.data(), f.dim * sizeof(float));
-        }
+      return true;
+    };
+    if (!locate_to(std::min(first + kAhead, last))) return located;
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t s = off[b], len = off[b + 1] - s;
+      if (!locate_to(std::min(s + len + kAhead, last))) return located;
+      const int8_t* bt = tier.data() + (s - first);
+      float* o = out + b * W + f.col;
+      if (len == 1 && pool_single) {
+        pool_single(f.sub[bt[0]].ty, row_of[s - first], weights ? weights[s] : 1.f, o);
+        continue;
+      }
+      // The bag's rows, tier by tier (a counting sort: stable, so in input order).
+      int32_t cnt[kMaxTiers] = {0}, pos[kMaxTiers];
+      if (len < 65536) {  // counts packed in 16-bit fields: no store-to-load chain per id
+        unsigned __int128 packed = 0;
+        for (int64_t j = 0; j < len; ++j) packed += (unsigned __int128)1 << (16 * bt[j]);
+        for (int64_t k = 0; k < K; ++k) cnt[k] = (int32_t)((packed >> (16 * k)) & 0xffff);
+      } else {
+        for (int64_t j = 0; j < len; ++j) ++cnt[bt[j]];
+      }
+      for (int64_t k = 0, p = 0; k < K; p += cnt[k], ++k) pos[k] = (int32_t)p;
+      if ((int64_t)grouped.size() < len) {
+        grouped.resize(len);
+        w_grouped.resize(len);
+      }
+      const uint8_t* const* br = row_of.data() + (s - first);
+      for (int64_t j = 0; j < len; ++j) {
+        const int32_t slot = pos[bt[j]]++;
+        grouped[slot] = br[j];
+        w_grouped[slot] = weights ? weights[s + j] : 1.f;
+      }
+      const BagRows bag{grouped.data(), w_grouped.data(), cnt};
+      if (pool) {
+        pool(f, K, bag, len, o);
+      } else {
+        pool_bag_any(f, K, bag, len, o, acc);
       }
     }
   }
@@ -239,6 +416,8 @@ Tensor mixed_embedding_bag(const Tensor& values, const Tensor& offsets,
   const int64_t B = out.size(0), W = out.size(1), num_keys = key_feature.numel();
   TORCH_CHECK(offsets.numel() == num_keys * B + 1, "offsets must be [keys * B + 1]");
   TORCH_CHECK(0 <= b0 && b0 <= b1 && b1 <= B, "bag range out of bounds");
+  TORCH_CHECK(feature_meta.dim() == 2 && feature_meta.size(1) == 5, "feature_meta must be [features, 5]");
+  TORCH_CHECK(K <= kMaxTiers, "mixed_embedding_bag: at most 8 tiers");
   TORCH_CHECK(sub_meta.size(0) == F && sub_meta.size(1) == K && sub_meta.size(2) == 3,
               "sub_meta must be [features, tiers, 3]");
   const float* w = nullptr;
