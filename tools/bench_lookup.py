@@ -19,8 +19,10 @@ the previous default, kept as the CUDA / fallback path); and with the id-to-tier
 beforehand by its input transform (where a serving pipeline could run it: data-loader workers),
 only FBGEMM's lookup timed.  Every variant runs the same rotating batches, interleaved round by
 round, with Python's garbage collector paused while timing (it would otherwise fire inside
-whichever variant allocates next); the tables report the median time per batch and ratios to the
-fp32 collection and to uniform INT8 measured in the same run and thread setting.
+whichever variant allocates next).  The tables report the median time per batch and ratios to the
+fp32 collection and to uniform INT8 measured in the same run and thread setting: per round (the
+median of the round's calls of each variant), then the median over rounds with their range, so
+the machine's drift during a run shows as a range instead of moving one figure.
 
     python tools/bench_lookup.py --out runs/bench_lookup.json
     python tools/bench_lookup.py --device cuda        # EmbeddingLocation.DEVICE tables
@@ -156,12 +158,14 @@ def build_case(name: str, cfg: SyntheticConfig, dim: int, batch_size: int, args,
             "batch_size": batch_size}
 
 
-def time_case(case: Dict, args, device) -> Dict[str, float]:
+def time_case(case: Dict, args, device) -> Dict[str, List[float]]:
+    """Per variant, the median seconds per call of each timed round (the variants take turns
+    within a round, so drift in the machine's speed hits a round's variants alike)."""
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    times: Dict[str, List[float]] = {v: [] for v in case["variants"]}
+    per_round: Dict[str, List[float]] = {v: [] for v in case["variants"]}
     with torch.no_grad():
         for r in range(args.rounds + 1):  # round 0 warms up
             gc.collect()
@@ -169,17 +173,29 @@ def time_case(case: Dict, args, device) -> Dict[str, float]:
             try:
                 for v, fn in case["variants"].items():
                     inputs = case["inputs"].get(v, case["batches"])
+                    times = []
                     for i in range(args.iters):
                         x = inputs[i % len(inputs)]
                         sync()
                         t0 = time.perf_counter()
                         fn(x)
                         sync()
-                        if r:
-                            times[v].append(time.perf_counter() - t0)
+                        times.append(time.perf_counter() - t0)
+                    if r:
+                        per_round[v].append(statistics.median(times))
             finally:
                 gc.enable()
-    return {v: statistics.median(t) for v, t in times.items()}
+    return per_round
+
+
+def _ratio(base: List[float], v: List[float]) -> Dict[str, float]:
+    """Speed of ``v`` over ``base``: the median of the per-round ratios, and their range."""
+    ratios = [b / t for b, t in zip(base, v)]
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+
+
+def _fmt(r: Dict[str, float]) -> str:
+    return f"{r['median']:.2f} ({r['min']:.2f}–{r['max']:.2f})"
 
 
 def main() -> None:
@@ -196,7 +212,8 @@ def main() -> None:
     p.add_argument("--pipeline_batch_size", type=int, default=512)
     p.add_argument("--batches", type=int, default=6, help="distinct batches, cycled")
     p.add_argument("--iters", type=int, default=10, help="timed calls per variant per round")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5,
+                   help="timed rounds (after a warm-up round); ratios are per round, then the median")
     p.add_argument("--threads", default="1,default",
                    help="torch thread settings to time, comma-separated ('default': as started)")
     p.add_argument("--device", default="cpu")
@@ -234,15 +251,17 @@ def main() -> None:
     for case in cases:
         for threads in settings:
             torch.set_num_threads(threads)
-            med = time_case(case, args, device)
+            rounds = time_case(case, args, device)
             rows = []
             for v in case["variants"]:
                 base = "DLRM forward, fp32 collection" if v.startswith("DLRM") else FP32
-                rows.append({"variant": v, "ms_per_batch": 1e3 * med[v],
-                             "bags_per_s": case["bags"] / med[v], "bytes": case["bytes"][v],
-                             "speed_vs_fp32": med[base] / med[v],
-                             "speed_vs_int8": None if v.startswith("DLRM") else med[INT8] / med[v],
-                             "bytes_vs_fp32": case["bytes"][v] / case["bytes"][FP32]})
+                ms = statistics.median(rounds[v])
+                rows.append({"variant": v, "ms_per_batch": 1e3 * ms,
+                             "bags_per_s": case["bags"] / ms, "bytes": case["bytes"][v],
+                             "speed_vs_fp32": _ratio(rounds[base], rounds[v]),
+                             "speed_vs_int8": None if v.startswith("DLRM") else _ratio(rounds[INT8], rounds[v]),
+                             "bytes_vs_fp32": case["bytes"][v] / case["bytes"][FP32],
+                             "ms_per_round": [1e3 * t for t in rounds[v]]})
             result["cases"].append({"case": case["name"], "threads": threads, "tables": case["tables"],
                                     "rows": case["rows"], "dim": case["dim"],
                                     "batch_size": case["batch_size"], "ids_per_batch": case["ids"],
@@ -250,12 +269,13 @@ def main() -> None:
             lines.append(f"\n{case['name']} ({case['tables']} tables x {max(case['rows']):,} rows x dim "
                          f"{case['dim']}, batch {case['batch_size']}, {case['ids']:,.0f} ids), "
                          f"{threads} torch thread{'s' if threads > 1 else ''}:\n")
-            lines.append("| variant | ms / batch | M bags/s | MiB | speed vs fp32 | speed vs uniform int8 | bytes vs fp32 |")
+            lines.append("| variant | ms / batch | M bags/s | MiB | speed vs fp32 (range over rounds) | "
+                         "speed vs uniform int8 (range) | bytes vs fp32 |")
             lines.append("|---|---|---|---|---|---|---|")
             for r in rows:
-                vs8 = "" if r["speed_vs_int8"] is None else f"{r['speed_vs_int8']:.2f}"
+                vs8 = "" if r["speed_vs_int8"] is None else _fmt(r["speed_vs_int8"])
                 lines.append(f"| {r['variant']} | {r['ms_per_batch']:.3f} | {r['bags_per_s'] / 1e6:.2f} | "
-                             f"{r['bytes'] / 2**20:.1f} | {r['speed_vs_fp32']:.2f} | {vs8} | "
+                             f"{r['bytes'] / 2**20:.1f} | {_fmt(r['speed_vs_fp32'])} | {vs8} | "
                              f"{r['bytes_vs_fp32']:.3f} |")
             print("\n".join(lines[-len(rows) - 3:]), flush=True)
     torch.set_num_threads(default_threads)
