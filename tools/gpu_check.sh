@@ -17,5 +17,5 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 "$PY" -c "import torch, fbgemm_gpu, torchrec; print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name(0))" | tee -a "$OUT/gpu.txt"
 # SHARK_REQUIRE_CUDA turns "no GPU" skips into failures: this check must not pass vacuously.
 SHARK_REQUIRE_CUDA=1 "$PY" -m pytest -q -p no:warnings -m gpu tests/test_mixed_ebc.py 2>&1 | tee "$OUT/gpu_tests.txt"
-"$PY" tools/bench_lookup.py --device cuda --int32 --iters 20 --out "$OUT/bench_lookup_cuda.json" \
+"$PY" tools/bench_lookup.py --device cuda --int32 --iters 20 --rounds 3 --out "$OUT/bench_lookup_cuda.json" \
     2>&1 | tee "$OUT/bench_lookup_cuda.txt"
