@@ -12,9 +12,9 @@
 // * On big tables every row read is a cache miss: ids are located (id map, tier, address)
 //   and their rows prefetched a fixed number of ids ahead of the pooling, across bag
 //   boundaries, and id-map entries further ahead still.
-// * Tiers of consecutive ids are unpredictable: a bag's rows are regrouped tier by tier
-//   (counting sort) so the dequantization branches once per tier and bag, not per id; bags of
-//   one id (one-hot features) skip the regrouping.
+// * A bag is added up in input order with one branch per id on its row's storage type; bags of
+//   one id (one-hot features) take a shorter path.  (Regrouping a bag's rows by tier first, so
+//   the branch would predict, measured no faster on long bags and slower on short ones.)
 // * For dims that are multiples of 8 (up to 128) the bag's sum stays in AVX2 registers from
 //   the first row to the store; other dims (and CPUs without AVX2/F16C/FMA) sum in memory.
 //
@@ -156,15 +156,6 @@ struct Feature {
 // misses busy while the rows before are added up; more would only stall on full fill buffers.
 constexpr int64_t kAhead = 24;
 constexpr int64_t kPrefetch = 64;
-constexpr int kMaxTiers = 8;
-
-// One bag's rows, grouped by tier (in input order within a tier): rows[0, n[0]) are tier 0's,
-// and so on; w[i] is row i's per-id weight.
-struct BagRows {
-  const uint8_t* const* rows;
-  const float* w;
-  const int32_t* n;  // [K]
-};
 
 #ifdef SHARK_AVX2
 // acc[0:CH] += w * row (dequantized), CH chunks of 8 floats held in registers by the caller.
@@ -208,32 +199,24 @@ __attribute__((always_inline)) inline void add_row(__m256* acc, const uint8_t* _
   }
 }
 
-template <int TY, int CH>
-__attribute__((always_inline)) inline void add_rows(__m256* acc, const uint8_t* const* rows,
-                                                    const float* w, int32_t n) {
-  for (int32_t i = 0; i < n; ++i) add_row<TY, CH>(acc, rows[i], w[i]);
-}
-
 // A bag of a feature whose dim is 8 * CH: the sum stays in registers from its first row to
 // the store (the same fma per element, in the same order, as the generic path below).
 template <int CH>
-void pool_bag(const Feature& f, int64_t K, const BagRows& bag, int64_t len, float* out) {
+void pool_bag(const Feature& f, const uint8_t* const* rows, const int8_t* tiers, const float* weights,
+              int64_t len, float* out) {
   __m256 acc[CH];
   for (int c = 0; c < CH; ++c) acc[c] = _mm256_setzero_ps();
-  const uint8_t* const* rows = bag.rows;
-  const float* w = bag.w;
-  for (int64_t k = 0; k < K; ++k) {
-    const int32_t n = bag.n[k];
-    switch (f.sub[k].ty) {
-      case FP32: add_rows<FP32, CH>(acc, rows, w, n); break;
-      case FP16: add_rows<FP16, CH>(acc, rows, w, n); break;
-      case INT8: add_rows<INT8, CH>(acc, rows, w, n); break;
-      case INT4: add_rows<INT4, CH>(acc, rows, w, n); break;
-      case INT2: add_rows<INT2, CH>(acc, rows, w, n); break;
+  for (int64_t j = 0; j < len; ++j) {
+    const uint8_t* row = rows[j];
+    const float w = weights ? weights[j] : 1.f;
+    switch (f.sub[tiers[j]].ty) {
+      case FP32: add_row<FP32, CH>(acc, row, w); break;
+      case FP16: add_row<FP16, CH>(acc, row, w); break;
+      case INT8: add_row<INT8, CH>(acc, row, w); break;
+      case INT4: add_row<INT4, CH>(acc, row, w); break;
+      case INT2: add_row<INT2, CH>(acc, row, w); break;
       default: break;  // DROP / no rows: nothing stored
     }
-    rows += n;
-    w += n;
   }
   if (f.mean && len > 0) {  // divided, not multiplied by 1/n: as FBGEMM and the reference do
     const __m256 vlen = _mm256_set1_ps((float)len);
@@ -263,25 +246,20 @@ void pool_one(int32_t ty, const uint8_t* row, float w, float* out) {
 #endif
 
 // Any dim: the sum in memory, 8 floats at a time where AVX2 is there, then element by element.
-void pool_bag_any(const Feature& f, int64_t K, const BagRows& bag, int64_t len, float* out,
-                  std::vector<float>& acc) {
+void pool_bag_any(const Feature& f, const uint8_t* const* rows, const int8_t* tiers, const float* weights,
+                  int64_t len, float* out, std::vector<float>& acc) {
   acc.assign(f.dim, 0.f);
-  const uint8_t* const* rows = bag.rows;
-  const float* w = bag.w;
-  for (int64_t k = 0; k < K; ++k) {
-    const int32_t n = bag.n[k];
-    for (int32_t i = 0; i < n; ++i) {
-      switch (f.sub[k].ty) {
-        case FP32: accumulate<FP32>(acc.data(), rows[i], f.dim, w[i]); break;
-        case FP16: accumulate<FP16>(acc.data(), rows[i], f.dim, w[i]); break;
-        case INT8: accumulate<INT8>(acc.data(), rows[i], f.dim, w[i]); break;
-        case INT4: accumulate<INT4>(acc.data(), rows[i], f.dim, w[i]); break;
-        case INT2: accumulate<INT2>(acc.data(), rows[i], f.dim, w[i]); break;
-        default: break;
-      }
+  for (int64_t j = 0; j < len; ++j) {
+    const uint8_t* row = rows[j];
+    const float w = weights ? weights[j] : 1.f;
+    switch (f.sub[tiers[j]].ty) {
+      case FP32: accumulate<FP32>(acc.data(), row, f.dim, w); break;
+      case FP16: accumulate<FP16>(acc.data(), row, f.dim, w); break;
+      case INT8: accumulate<INT8>(acc.data(), row, f.dim, w); break;
+      case INT4: accumulate<INT4>(acc.data(), row, f.dim, w); break;
+      case INT2: accumulate<INT2>(acc.data(), row, f.dim, w); break;
+      default: break;
     }
-    rows += n;
-    w += n;
   }
   if (f.mean && len > 0) {
     const float l = (float)len;
@@ -291,7 +269,7 @@ void pool_bag_any(const Feature& f, int64_t K, const BagRows& bag, int64_t len, 
   }
 }
 
-using PoolFn = void (*)(const Feature&, int64_t, const BagRows&, int64_t, float*);
+using PoolFn = void (*)(const Feature&, const uint8_t* const*, const int8_t*, const float*, int64_t, float*);
 using PoolOneFn = void (*)(int32_t, const uint8_t*, float, float*);
 
 // The register-accumulating pooling for a dim, if it has one (multiples of 8 up to 128).
@@ -316,12 +294,10 @@ template <typename V, typename O>
 int64_t run(const V* values, const O* offsets, const float* weights, const int64_t* key_feature,
             int64_t num_keys, int64_t B, int64_t b0, int64_t b1, const std::vector<Feature>& features,
             int64_t K, float* out, int64_t W, bool check) {
-  // Each id's row (nullptr: DROP) and tier; then each bag's rows regrouped tier by tier, so
-  // pooling branches on the storage type once per tier and bag (the tiers of consecutive ids
-  // are unpredictable: a branch per id would mostly mispredict).
-  std::vector<const uint8_t*> row_of, grouped;
+  // Each id's row (nullptr: DROP) and tier position, filled kAhead ids before its bag is added up.
+  std::vector<const uint8_t*> row_of;
   std::vector<int8_t> tier;
-  std::vector<float> w_grouped, acc;
+  std::vector<float> acc;
   for (int64_t key = 0; key < num_keys; ++key) {
     if (key_feature[key] < 0) continue;  // a feature no table of this group serves
     const Feature& f = features[key_feature[key]];
@@ -366,31 +342,12 @@ int64_t run(const V* values, const O* offsets, const float* weights, const int64
         pool_single(f.sub[bt[0]].ty, row_of[s - first], weights ? weights[s] : 1.f, o);
         continue;
       }
-      // The bag's rows, tier by tier (a counting sort: stable, so in input order).
-      int32_t cnt[kMaxTiers] = {0}, pos[kMaxTiers];
-      if (len < 65536) {  // counts packed in 16-bit fields: no store-to-load chain per id
-        unsigned __int128 packed = 0;
-        for (int64_t j = 0; j < len; ++j) packed += (unsigned __int128)1 << (16 * bt[j]);
-        for (int64_t k = 0; k < K; ++k) cnt[k] = (int32_t)((packed >> (16 * k)) & 0xffff);
-      } else {
-        for (int64_t j = 0; j < len; ++j) ++cnt[bt[j]];
-      }
-      for (int64_t k = 0, p = 0; k < K; p += cnt[k], ++k) pos[k] = (int32_t)p;
-      if ((int64_t)grouped.size() < len) {
-        grouped.resize(len);
-        w_grouped.resize(len);
-      }
       const uint8_t* const* br = row_of.data() + (s - first);
-      for (int64_t j = 0; j < len; ++j) {
-        const int32_t slot = pos[bt[j]]++;
-        grouped[slot] = br[j];
-        w_grouped[slot] = weights ? weights[s + j] : 1.f;
-      }
-      const BagRows bag{grouped.data(), w_grouped.data(), cnt};
+      const float* bw = weights ? weights + s : nullptr;
       if (pool) {
-        pool(f, K, bag, len, o);
+        pool(f, br, bt, bw, len, o);
       } else {
-        pool_bag_any(f, K, bag, len, o, acc);
+        pool_bag_any(f, br, bt, bw, len, o, acc);
       }
     }
   }
@@ -417,7 +374,7 @@ Tensor mixed_embedding_bag(const Tensor& values, const Tensor& offsets,
   TORCH_CHECK(offsets.numel() == num_keys * B + 1, "offsets must be [keys * B + 1]");
   TORCH_CHECK(0 <= b0 && b0 <= b1 && b1 <= B, "bag range out of bounds");
   TORCH_CHECK(feature_meta.dim() == 2 && feature_meta.size(1) == 5, "feature_meta must be [features, 5]");
-  TORCH_CHECK(K <= kMaxTiers, "mixed_embedding_bag: at most 8 tiers");
+  TORCH_CHECK(K <= 127, "mixed_embedding_bag: at most 127 tiers");
   TORCH_CHECK(sub_meta.size(0) == F && sub_meta.size(1) == K && sub_meta.size(2) == 3,
               "sub_meta must be [features, tiers, 3]");
   const float* w = nullptr;
