@@ -226,7 +226,7 @@ void pool_bag(const Feature& f, const uint8_t* const* rows, const int8_t* tiers,
 }
 
 // A bag of one id (one-hot features, most bags of most models): its row, dequantized, times
-// its weight (MEAN divides by 1: the same value).  No regrouping; nullptr (DROP) gives zeros.
+// its weight (MEAN divides by 1: the same value); nullptr (DROP) gives zeros.
 template <int CH>
 void pool_one(int32_t ty, const uint8_t* row, float w, float* out) {
   __m256 acc[CH];
