@@ -237,6 +237,9 @@ def main() -> None:
     pipeline = SyntheticConfig.default(num_fields=args.pipeline_tables, cardinality=args.pipeline_rows,
                                        num_dense=13, seed=0)
     shapes = args.shapes.split(",")
+    unknown = sorted(set(shapes) - {"benchmark", "pipeline"})
+    if unknown:
+        p.error(f"--shapes: unknown {unknown} (known: benchmark, pipeline)")
     cases = []
     if "benchmark" in shapes:
         cases.append(build_case("benchmark shape", big, args.dim, args.batch_size, args, device))

@@ -199,6 +199,19 @@ __attribute__((always_inline)) inline void add_row(__m256* acc, const uint8_t* _
   }
 }
 
+// add_row for a row stored as `ty` (nothing for DROP and tiers without rows).
+template <int CH>
+__attribute__((always_inline)) inline void add_typed_row(int32_t ty, __m256* acc, const uint8_t* row, float w) {
+  switch (ty) {
+    case FP32: add_row<FP32, CH>(acc, row, w); break;
+    case FP16: add_row<FP16, CH>(acc, row, w); break;
+    case INT8: add_row<INT8, CH>(acc, row, w); break;
+    case INT4: add_row<INT4, CH>(acc, row, w); break;
+    case INT2: add_row<INT2, CH>(acc, row, w); break;
+    default: break;
+  }
+}
+
 // A bag of a feature whose dim is 8 * CH: the sum stays in registers from its first row to
 // the store (the same fma per element, in the same order, as the generic path below).
 template <int CH>
@@ -209,14 +222,7 @@ void pool_bag(const Feature& f, const uint8_t* const* rows, const int8_t* tiers,
   for (int64_t j = 0; j < len; ++j) {
     const uint8_t* row = rows[j];
     const float w = weights ? weights[j] : 1.f;
-    switch (f.sub[tiers[j]].ty) {
-      case FP32: add_row<FP32, CH>(acc, row, w); break;
-      case FP16: add_row<FP16, CH>(acc, row, w); break;
-      case INT8: add_row<INT8, CH>(acc, row, w); break;
-      case INT4: add_row<INT4, CH>(acc, row, w); break;
-      case INT2: add_row<INT2, CH>(acc, row, w); break;
-      default: break;  // DROP / no rows: nothing stored
-    }
+    add_typed_row<CH>(f.sub[tiers[j]].ty, acc, row, w);
   }
   if (f.mean && len > 0) {  // divided, not multiplied by 1/n: as FBGEMM and the reference do
     const __m256 vlen = _mm256_set1_ps((float)len);
@@ -231,16 +237,7 @@ template <int CH>
 void pool_one(int32_t ty, const uint8_t* row, float w, float* out) {
   __m256 acc[CH];
   for (int c = 0; c < CH; ++c) acc[c] = _mm256_setzero_ps();
-  if (row) {
-    switch (ty) {
-      case FP32: add_row<FP32, CH>(acc, row, w); break;
-      case FP16: add_row<FP16, CH>(acc, row, w); break;
-      case INT8: add_row<INT8, CH>(acc, row, w); break;
-      case INT4: add_row<INT4, CH>(acc, row, w); break;
-      case INT2: add_row<INT2, CH>(acc, row, w); break;
-      default: break;
-    }
-  }
+  if (row) add_typed_row<CH>(ty, acc, row, w);
   for (int c = 0; c < CH; ++c) _mm256_storeu_ps(out + 8 * c, acc[c]);
 }
 #endif
