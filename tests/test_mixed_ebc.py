@@ -442,15 +442,14 @@ def test_row_alignment_1_reads_the_same_and_stores_less(tmp_path, lookup) -> Non
         dataclasses.replace(m.layout, row_alignment=3)
 
 
-@pytest.mark.parametrize("dim", [4, 8, 12, 24, 40, 64, 128, 136])
+@pytest.mark.parametrize("dim", [4, 8, 12, 16, 24, 40, 48, 64, 128, 136])
 @pytest.mark.parametrize("pooling,weighted", [(PoolingType.SUM, False), (PoolingType.SUM, True),
                                               (PoolingType.MEAN, False)])
 def test_the_kernel_pools_every_dim_and_bag_length(dim, pooling, weighted) -> None:
     """The fused kernel has a register-accumulating path per dim that is a multiple of 8 (up
-    to 128), a one-id-bag shortcut, and a generic path for other dims: each against
+    to 128; 16-float registers for multiples of 16 on AVX-512 CPUs) and a generic path for
+    other dims: each against
     F.embedding_bag on the dequantized rows, with empty, one-id and long bags over every tier."""
-    from shark_torchrec.data import SyntheticField
-
     torch.manual_seed(dim)
     tables = [EmbeddingBagConfig(name="t", embedding_dim=dim, num_embeddings=500,
                                  feature_names=["one_hot", "multi_hot"], pooling=pooling)]
@@ -460,12 +459,12 @@ def test_the_kernel_pools_every_dim_and_bag_length(dim, pooling, weighted) -> No
     a = assign_by_fractions({"t": torch.rand(500)}, {"t": dim}, mix)
     m = RowwiseMixedEmbeddingBagCollection.from_float(ebc, a)
     assert m.use_cpu_kernel and cpu_kernel_available()
-    cfg = SyntheticConfig(fields=[SyntheticField("one_hot", 500), SyntheticField("multi_hot", 500, min_hot=0,
-                                                                                  max_hot=40)],
-                          informative=[], num_dense=1, seed=dim)
-    kjt = SyntheticClickDataset(cfg, 64, 1).global_batch(0).sparse_features
-    lengths = kjt.lengths().view(2, -1)
-    assert (lengths[0] == 1).all() and (lengths[1] == 0).any() and (lengths[1] > 20).any()
+    g = torch.Generator().manual_seed(dim)
+    multi = torch.randint(0, 41, (64,), generator=g)
+    multi[:3] = torch.tensor([0, 1, 40])  # an empty, a one-id and a long bag at least
+    lengths = torch.cat([torch.ones(64, dtype=torch.long), multi])
+    kjt = KeyedJaggedTensor.from_lengths_sync(["one_hot", "multi_hot"],
+                                              torch.randint(0, 500, (int(lengths.sum()),), generator=g), lengths)
     if weighted:
         w = torch.rand(kjt.values().numel(), generator=torch.Generator().manual_seed(1))
         kjt = KeyedJaggedTensor.from_lengths_sync(kjt.keys(), kjt.values(), kjt.lengths(), weights=w)

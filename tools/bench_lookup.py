@@ -60,12 +60,13 @@ INT8 = "fbgemm uniform int8"
 
 def _with_kernel(m: RowwiseMixedEmbeddingBagCollection, on: bool) -> Callable:
     def call(kjt):
-        m.use_cpu_kernel = on
+        if m.use_cpu_kernel != on:  # the variants share the module; nn.Module.__setattr__ costs µs
+            m.use_cpu_kernel = on
         return m(kjt).values()
     return call
 
 
-def build_case(name: str, cfg: SyntheticConfig, dim: int, batch_size: int, args, device) -> Dict:
+def build_case(name: str, cfg: SyntheticConfig, dim: int, batch_size: int, iters: int, args, device) -> Dict:
     """Tables, batches and every variant of one shape."""
     id_dtype = torch.int32 if args.int32 else torch.int64
     data = SyntheticClickDataset(cfg, batch_size, args.batches, id_dtype=id_dtype)
@@ -155,7 +156,7 @@ def build_case(name: str, cfg: SyntheticConfig, dim: int, batch_size: int, args,
     return {"name": name, "batches": batches, "variants": variants, "inputs": inputs,
             "bytes": bytes_of, "bags": batch_size * len(tables), "ids": ids_per_batch,
             "tables": len(tables), "rows": [t.num_embeddings for t in tables], "dim": dim,
-            "batch_size": batch_size}
+            "batch_size": batch_size, "iters": iters}
 
 
 def time_case(case: Dict, args, device) -> Dict[str, List[float]]:
@@ -174,7 +175,7 @@ def time_case(case: Dict, args, device) -> Dict[str, List[float]]:
                 for v, fn in case["variants"].items():
                     inputs = case["inputs"].get(v, case["batches"])
                     times = []
-                    for i in range(args.iters):
+                    for i in range(case["iters"]):
                         x = inputs[i % len(inputs)]
                         sync()
                         t0 = time.perf_counter()
@@ -211,7 +212,9 @@ def main() -> None:
     p.add_argument("--pipeline_dim", type=int, default=16)
     p.add_argument("--pipeline_batch_size", type=int, default=512)
     p.add_argument("--batches", type=int, default=6, help="distinct batches, cycled")
-    p.add_argument("--iters", type=int, default=10, help="timed calls per variant per round")
+    p.add_argument("--iters", type=int, default=10, help="timed calls per variant per round, benchmark shape")
+    p.add_argument("--pipeline_iters", type=int, default=100,
+                   help="timed calls per variant per round, pipeline shape (its calls take well under a ms)")
     p.add_argument("--rounds", type=int, default=5,
                    help="timed rounds (after a warm-up round); ratios are per round, then the median")
     p.add_argument("--threads", default="1,default",
@@ -242,10 +245,10 @@ def main() -> None:
         p.error(f"--shapes: unknown {unknown} (known: benchmark, pipeline)")
     cases = []
     if "benchmark" in shapes:
-        cases.append(build_case("benchmark shape", big, args.dim, args.batch_size, args, device))
+        cases.append(build_case("benchmark shape", big, args.dim, args.batch_size, args.iters, args, device))
     if "pipeline" in shapes:
         cases.append(build_case("pipeline shape", pipeline, args.pipeline_dim, args.pipeline_batch_size,
-                                args, device))
+                                args.pipeline_iters, args, device))
 
     result = {"config": vars(args), "device": str(device),
               "device_name": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",

@@ -10,13 +10,19 @@
 //
 // Where the time goes, and what the structure answers (tools/bench_lookup.py, BENCHMARKS.md):
 // * On big tables every row read is a cache miss: ids are located (id map, tier, address)
-//   and their rows prefetched a fixed number of ids ahead of the pooling, across bag
-//   boundaries, and id-map entries further ahead still.
-// * A bag is added up in input order with one branch per id on its row's storage type; bags of
-//   one id (one-hot features) take a shorter path.  (Regrouping a bag's rows by tier first, so
-//   the branch would predict, measured no faster on long bags and slower on short ones.)
-// * For dims that are multiples of 8 (up to 128) the bag's sum stays in AVX2 registers from
-//   the first row to the store; other dims (and CPUs without AVX2/F16C/FMA) sum in memory.
+//   and their rows prefetched a fixed number of ids ahead of the one being added up, across
+//   bag boundaries, and id-map entries further ahead still.  A located row waits in a small
+//   ring, not in per-feature arrays.
+// * Per id, no branch that depends on the data but the one on the row's storage type: the
+//   tier is a vector compare and a popcount, the address one multiply-add from a per-tier
+//   origin, and a row's cache lines are prefetched through its first, 65th and last byte
+//   (no loop whose length depends on where the row starts).  (Regrouping a bag's rows by tier
+//   first, so the type branch would predict, measured no faster on long bags and slower on
+//   short ones.)
+// * A feature's bags are pooled by a function made for its dim: for multiples of 8 up to 128
+//   the bag's sum stays in registers from the first row to the store (16-float AVX-512
+//   registers where the CPU has them and the dim is a multiple of 16, else 8-float AVX2);
+//   other dims (and CPUs without AVX2/F16C/FMA) sum in memory.
 //
 // Built at run time by shark_torchrec/quant/cpu_kernel.py (torch.utils.cpp_extension.load) and
 // registered as torch.ops.shark_torchrec.mixed_embedding_bag.
@@ -26,14 +32,17 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <climits>
 #include <cstdint>
 #include <cstring>
-#include <utility>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
 #include <immintrin.h>
 #define SHARK_AVX2 1
+#endif
+#if defined(SHARK_AVX2) && defined(__AVX512F__)
+#define SHARK_AVX512 1
 #endif
 
 namespace {
@@ -135,17 +144,28 @@ inline void accumulate(float* __restrict acc, const uint8_t* __restrict row, int
   for (; d < D; ++d) acc[d] = std::fma(w, element<TY>(row, d, scale, bias), acc[d]);
 }
 
-struct SubTable {
-  const uint8_t* base;  // first row
+// A table has one tier per storage type at most (FP32 ... INT2, DROP: 6); 8 tier starts fill
+// one AVX2 register.
+constexpr int kMaxTiers = 8;
+
+// Where a renumbered row r of tier k lies: origin + r * row_bytes (origin = the sub-table's
+// first row - the tier's first renumbered row * row_bytes, so no subtraction per id).  DROP
+// and tiers without rows: origin and row_bytes 0, so every row of theirs is at address 0.
+struct TierRows {
+  uintptr_t origin;
   int64_t row_bytes;
-  int32_t ty;           // Ty, NO_TABLE for DROP and unused tiers
+  int64_t mid;  // min(64, row_bytes - 1): with the first and last byte, every line of a row
+                // of up to 129 bytes, without a branch on where the row starts
+  int32_t ty;
 };
 
 struct Feature {
   const int32_t* map;    // the table's slice of the id map
   uint64_t rows;
-  const int64_t* start;  // [K + 1] renumbered row where each tier starts
-  const SubTable* sub;   // [K]
+  int32_t K;
+  int32_t last_tier_start[kMaxTiers];  // tier t starts at renumbered row last_tier_start[t-1]+1;
+                                       // INT32_MAX past the table's tiers
+  TierRows tier[kMaxTiers];
   int64_t dim, col;
   bool mean;
 };
@@ -156,197 +176,288 @@ struct Feature {
 // misses busy while the rows before are added up; more would only stall on full fill buffers.
 constexpr int64_t kAhead = 24;
 constexpr int64_t kPrefetch = 64;
+constexpr int64_t kRing = 32;  // located rows waiting to be added up: > kAhead, a power of two
+static_assert(kRing > kAhead && (kRing & (kRing - 1)) == 0, "ring must hold kAhead + 1 rows");
+
+struct Located {
+  const uint8_t* row;  // nullptr for DROP (and tiers without rows): never read
+  int32_t ty;
+};
+
+// The tier of renumbered row r: how many tier starts after the first are <= r.
+inline int tier_of(const Feature& f, int32_t r) {
+#ifdef SHARK_AVX2
+  const __m256i starts = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(f.last_tier_start));
+  const __m256i ge = _mm256_cmpgt_epi32(_mm256_set1_epi32(r), starts);
+  return __builtin_popcount(_mm256_movemask_ps(_mm256_castsi256_ps(ge)));
+#else
+  int k = 0;
+  for (int t = 0; t < f.K - 1; ++t) k += (r > f.last_tier_start[t]);
+  return k;
+#endif
+}
+
+// The ids of one feature's bags [b0, b1), located kAhead ids ahead of the one being added up.
+template <typename V>
+struct Locator {
+  const Feature& f;
+  const V* values;
+  int64_t last;   // end of the feature's ids
+  int64_t next;   // first id not located yet
+  bool check;
+  Located ring[kRing];
+
+  Locator(const Feature& f_, const V* values_, int64_t first, int64_t last_, bool check_)
+      : f(f_), values(values_), last(last_), next(first), check(check_) {
+    for (int64_t i = first; i < std::min(first + kPrefetch, last); ++i)
+      __builtin_prefetch(f.map + (int64_t)values[i]);
+  }
+
+  // Locates ids up to `upto` (exclusive); false at an id outside the table (its position is
+  // `next`).  Ids are checked as they are located (check_ids): a bad id stops the read before
+  // its map entry is touched (map prefetches ahead of the check are harmless: a prefetch of a
+  // bad address does not fault).
+  __attribute__((always_inline)) inline bool locate_to(int64_t upto) {
+    for (; next < upto; ++next) {
+      const int64_t i = next;
+      if (i + kPrefetch < last) __builtin_prefetch(f.map + (int64_t)values[i + kPrefetch]);
+      const int64_t v = (int64_t)values[i];
+      if (check && (uint64_t)v >= f.rows) return false;  // negative ids wrap to huge
+      const int32_t r = f.map[v];
+      const TierRows& t = f.tier[tier_of(f, r)];
+      const uintptr_t row = t.origin + (uintptr_t)((int64_t)r * t.row_bytes);
+      Located& slot = ring[i & (kRing - 1)];
+      slot.row = reinterpret_cast<const uint8_t*>(row);
+      slot.ty = t.ty;
+      // Every cache line the row touches (rows need not start on a line; a line already on
+      // its way is not fetched twice).
+      __builtin_prefetch(reinterpret_cast<const void*>(row));
+      __builtin_prefetch(reinterpret_cast<const void*>(row + t.mid));
+      __builtin_prefetch(reinterpret_cast<const void*>(row + t.row_bytes - 1));
+      if (t.row_bytes > 129) {  // FP32 / FP16 rows of big dims
+        for (uintptr_t l = row + 128; l < row + t.row_bytes - 1; l += 64)
+          __builtin_prefetch(reinterpret_cast<const void*>(l));
+      }
+    }
+    return true;
+  }
+
+  // Before adding up id j: j is located, and the ids up to kAhead after it.
+  __attribute__((always_inline)) inline bool advance(int64_t j) {
+    return locate_to(std::min(j + kAhead + 1, last));
+  }
+  const Located& at(int64_t j) const { return ring[j & (kRing - 1)]; }
+};
 
 #ifdef SHARK_AVX2
-// acc[0:CH] += w * row (dequantized), CH chunks of 8 floats held in registers by the caller.
-template <int TY, int CH>
-__attribute__((always_inline)) inline void add_row(__m256* acc, const uint8_t* __restrict row, float w) {
-  const __m256 vw = _mm256_set1_ps(w);
-  __m256 vscale, vbias;
+// The vector registers a bag's sum is held in: 8 floats (AVX2) or 16 (AVX-512, half the
+// instructions per row).  load_<type>(row, c): chunk c of a row's values as floats (integer
+// rows: the quantized values, before scale and bias).
+struct Avx2 {
+  using F = __m256;
+  static constexpr int kLanes = 8;
+  static F zero() { return _mm256_setzero_ps(); }
+  static F set1(float x) { return _mm256_set1_ps(x); }
+  static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F div(F a, F b) { return _mm256_div_ps(a, b); }
+  static void store(float* p, F x) { _mm256_storeu_ps(p, x); }
+  static F fp32(const uint8_t* row, int c) { return _mm256_loadu_ps(reinterpret_cast<const float*>(row) + 8 * c); }
+  static F fp16(const uint8_t* row, int c) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * c)));
+  }
+  static F int8(const uint8_t* row, int c) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + 4 + 8 * c))));
+  }
+  static F int4(const uint8_t* row, int c) {
+    int32_t packed;
+    std::memcpy(&packed, row + 4 + 4 * c, 4);
+    return _mm256_cvtepi32_ps(_mm256_and_si256(
+        _mm256_srlv_epi32(_mm256_set1_epi32(packed), _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)),
+        _mm256_set1_epi32(15)));
+  }
+  static F int2(const uint8_t* row, int c) {
+    uint16_t packed;
+    std::memcpy(&packed, row + 4 + 2 * c, 2);
+    return _mm256_cvtepi32_ps(_mm256_and_si256(
+        _mm256_srlv_epi32(_mm256_set1_epi32(packed), _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14)),
+        _mm256_set1_epi32(3)));
+  }
+};
+
+#ifdef SHARK_AVX512
+struct Avx512 {
+  using F = __m512;
+  static constexpr int kLanes = 16;
+  static F zero() { return _mm512_setzero_ps(); }
+  static F set1(float x) { return _mm512_set1_ps(x); }
+  static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static F div(F a, F b) { return _mm512_div_ps(a, b); }
+  static void store(float* p, F x) { _mm512_storeu_ps(p, x); }
+  static F fp32(const uint8_t* row, int c) { return _mm512_loadu_ps(reinterpret_cast<const float*>(row) + 16 * c); }
+  static F fp16(const uint8_t* row, int c) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32 * c)));
+  }
+  static F int8(const uint8_t* row, int c) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 4 + 16 * c))));
+  }
+  static F int4(const uint8_t* row, int c) {  // 16 nibbles: 8 from each of two 32-bit words
+    int32_t lo, hi;
+    std::memcpy(&lo, row + 4 + 8 * c, 4);
+    std::memcpy(&hi, row + 8 + 8 * c, 4);
+    const __m512i packed = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32(lo)), _mm256_set1_epi32(hi), 1);
+    return _mm512_cvtepi32_ps(_mm512_and_si512(
+        _mm512_srlv_epi32(packed, _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28)),
+        _mm512_set1_epi32(15)));
+  }
+  static F int2(const uint8_t* row, int c) {
+    int32_t packed;
+    std::memcpy(&packed, row + 4 + 4 * c, 4);
+    return _mm512_cvtepi32_ps(_mm512_and_si512(
+        _mm512_srlv_epi32(_mm512_set1_epi32(packed),
+                          _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)),
+        _mm512_set1_epi32(3)));
+  }
+};
+#endif
+
+// acc[0:CH] += w * row (dequantized: q * scale + bias for integer rows, as FBGEMM's CPU
+// kernels do), CH registers of Vec::kLanes floats held by the caller.
+template <typename Vec, int TY, int CH>
+__attribute__((always_inline)) inline void add_row(typename Vec::F* acc, const uint8_t* __restrict row, float w) {
+  using F = typename Vec::F;
+  const F vw = Vec::set1(w);
+  F vscale, vbias;
   if constexpr (TY != FP32 && TY != FP16) {
     uint16_t sb[2];
     std::memcpy(sb, row, 4);
-    vscale = _mm256_set1_ps(_cvtsh_ss(sb[0]));
-    vbias = _mm256_set1_ps(_cvtsh_ss(sb[1]));
+    vscale = Vec::set1(_cvtsh_ss(sb[0]));
+    vbias = Vec::set1(_cvtsh_ss(sb[1]));
   }
 #pragma GCC unroll 16
   for (int c = 0; c < CH; ++c) {
-    __m256 x;
+    F x;
     if constexpr (TY == FP32) {
-      x = _mm256_loadu_ps(reinterpret_cast<const float*>(row) + 8 * c);
+      x = Vec::fp32(row, c);
     } else if constexpr (TY == FP16) {
-      x = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * c)));
+      x = Vec::fp16(row, c);
     } else {
-      __m256i q;
-      if constexpr (TY == INT8) {
-        q = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + 4 + 8 * c)));
-      } else if constexpr (TY == INT4) {
-        int32_t packed;
-        std::memcpy(&packed, row + 4 + 4 * c, 4);
-        q = _mm256_and_si256(
-            _mm256_srlv_epi32(_mm256_set1_epi32(packed), _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)),
-            _mm256_set1_epi32(15));
-      } else {
-        uint16_t packed;
-        std::memcpy(&packed, row + 4 + 2 * c, 2);
-        q = _mm256_and_si256(
-            _mm256_srlv_epi32(_mm256_set1_epi32(packed), _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14)),
-            _mm256_set1_epi32(3));
-      }
-      x = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), vscale, vbias);
+      x = Vec::fma(TY == INT8 ? Vec::int8(row, c) : TY == INT4 ? Vec::int4(row, c) : Vec::int2(row, c),
+                   vscale, vbias);
     }
-    acc[c] = _mm256_fmadd_ps(vw, x, acc[c]);
+    acc[c] = Vec::fma(vw, x, acc[c]);
   }
 }
 
 // add_row for a row stored as `ty` (nothing for DROP and tiers without rows).
-template <int CH>
-__attribute__((always_inline)) inline void add_typed_row(int32_t ty, __m256* acc, const uint8_t* row, float w) {
+template <typename Vec, int CH>
+__attribute__((always_inline)) inline void add_typed_row(int32_t ty, typename Vec::F* acc, const uint8_t* row,
+                                                         float w) {
   switch (ty) {
-    case FP32: add_row<FP32, CH>(acc, row, w); break;
-    case FP16: add_row<FP16, CH>(acc, row, w); break;
-    case INT8: add_row<INT8, CH>(acc, row, w); break;
-    case INT4: add_row<INT4, CH>(acc, row, w); break;
-    case INT2: add_row<INT2, CH>(acc, row, w); break;
+    case FP32: add_row<Vec, FP32, CH>(acc, row, w); break;
+    case FP16: add_row<Vec, FP16, CH>(acc, row, w); break;
+    case INT8: add_row<Vec, INT8, CH>(acc, row, w); break;
+    case INT4: add_row<Vec, INT4, CH>(acc, row, w); break;
+    case INT2: add_row<Vec, INT2, CH>(acc, row, w); break;
     default: break;
   }
 }
 
-// A bag of a feature whose dim is 8 * CH: the sum stays in registers from its first row to
-// the store (the same fma per element, in the same order, as the generic path below).
-template <int CH>
-void pool_bag(const Feature& f, const uint8_t* const* rows, const int8_t* tiers, const float* weights,
-              int64_t len, float* out) {
-  __m256 acc[CH];
-  for (int c = 0; c < CH; ++c) acc[c] = _mm256_setzero_ps();
-  for (int64_t j = 0; j < len; ++j) {
-    const uint8_t* row = rows[j];
-    const float w = weights ? weights[j] : 1.f;
-    add_typed_row<CH>(f.sub[tiers[j]].ty, acc, row, w);
+// The bags [b0, b1) of a feature whose dim is CH * Vec::kLanes: each bag's sum stays in
+// registers from its first row to the store.  Returns the position of an id outside the
+// table, else -1.
+template <typename Vec, int CH, typename V, typename O>
+int64_t pool_feature(const Feature& f, const V* values, const O* off, const float* weights, int64_t b0,
+                     int64_t b1, float* out, int64_t W, bool check) {
+  using F = typename Vec::F;
+  Locator<V> loc(f, values, off[b0], off[b1], check);
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t s = off[b], e = off[b + 1];
+    F acc[CH];
+    for (int c = 0; c < CH; ++c) acc[c] = Vec::zero();
+    for (int64_t j = s; j < e; ++j) {
+      if (!loc.advance(j)) return loc.next;
+      const Located& x = loc.at(j);
+      add_typed_row<Vec, CH>(x.ty, acc, x.row, weights ? weights[j] : 1.f);
+    }
+    if (f.mean && e > s) {  // divided, not multiplied by 1/n: as FBGEMM and the reference do
+      const F vlen = Vec::set1((float)(e - s));
+      for (int c = 0; c < CH; ++c) acc[c] = Vec::div(acc[c], vlen);
+    }
+    float* o = out + b * W + f.col;
+    for (int c = 0; c < CH; ++c) Vec::store(o + Vec::kLanes * c, acc[c]);
   }
-  if (f.mean && len > 0) {  // divided, not multiplied by 1/n: as FBGEMM and the reference do
-    const __m256 vlen = _mm256_set1_ps((float)len);
-    for (int c = 0; c < CH; ++c) acc[c] = _mm256_div_ps(acc[c], vlen);
-  }
-  for (int c = 0; c < CH; ++c) _mm256_storeu_ps(out + 8 * c, acc[c]);
-}
-
-// A bag of one id (one-hot features, most bags of most models): its row, dequantized, times
-// its weight (MEAN divides by 1: the same value); nullptr (DROP) gives zeros.
-template <int CH>
-void pool_one(int32_t ty, const uint8_t* row, float w, float* out) {
-  __m256 acc[CH];
-  for (int c = 0; c < CH; ++c) acc[c] = _mm256_setzero_ps();
-  if (row) add_typed_row<CH>(ty, acc, row, w);
-  for (int c = 0; c < CH; ++c) _mm256_storeu_ps(out + 8 * c, acc[c]);
+  return -1;
 }
 #endif
 
-// Any dim: the sum in memory, 8 floats at a time where AVX2 is there, then element by element.
-void pool_bag_any(const Feature& f, const uint8_t* const* rows, const int8_t* tiers, const float* weights,
-                  int64_t len, float* out, std::vector<float>& acc) {
-  acc.assign(f.dim, 0.f);
-  for (int64_t j = 0; j < len; ++j) {
-    const uint8_t* row = rows[j];
-    const float w = weights ? weights[j] : 1.f;
-    switch (f.sub[tiers[j]].ty) {
-      case FP32: accumulate<FP32>(acc.data(), row, f.dim, w); break;
-      case FP16: accumulate<FP16>(acc.data(), row, f.dim, w); break;
-      case INT8: accumulate<INT8>(acc.data(), row, f.dim, w); break;
-      case INT4: accumulate<INT4>(acc.data(), row, f.dim, w); break;
-      case INT2: accumulate<INT2>(acc.data(), row, f.dim, w); break;
-      default: break;
+// Any dim (and CPUs without AVX2/F16C/FMA): each bag's sum in memory, 8 floats at a time where
+// AVX2 is there, then element by element; the same fma per element, in the same order.
+template <typename V, typename O>
+int64_t pool_feature_any(const Feature& f, const V* values, const O* off, const float* weights, int64_t b0,
+                         int64_t b1, float* out, int64_t W, bool check) {
+  Locator<V> loc(f, values, off[b0], off[b1], check);
+  std::vector<float> acc(f.dim);
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t s = off[b], e = off[b + 1];
+    std::fill(acc.begin(), acc.end(), 0.f);
+    for (int64_t j = s; j < e; ++j) {
+      if (!loc.advance(j)) return loc.next;
+      const Located& x = loc.at(j);
+      const float w = weights ? weights[j] : 1.f;
+      switch (x.ty) {
+        case FP32: accumulate<FP32>(acc.data(), x.row, f.dim, w); break;
+        case FP16: accumulate<FP16>(acc.data(), x.row, f.dim, w); break;
+        case INT8: accumulate<INT8>(acc.data(), x.row, f.dim, w); break;
+        case INT4: accumulate<INT4>(acc.data(), x.row, f.dim, w); break;
+        case INT2: accumulate<INT2>(acc.data(), x.row, f.dim, w); break;
+        default: break;
+      }
+    }
+    float* o = out + b * W + f.col;
+    if (f.mean && e > s) {
+      const float l = (float)(e - s);
+      for (int64_t d = 0; d < f.dim; ++d) o[d] = acc[d] / l;
+    } else {
+      std::memcpy(o, acc.data(), f.dim * sizeof(float));
     }
   }
-  if (f.mean && len > 0) {
-    const float l = (float)len;
-    for (int64_t d = 0; d < f.dim; ++d) out[d] = acc[d] / l;
-  } else {
-    std::memcpy(out, acc.data(), f.dim * sizeof(float));
-  }
+  return -1;
 }
 
-using PoolFn = void (*)(const Feature&, const uint8_t* const*, const int8_t*, const float*, int64_t, float*);
-using PoolOneFn = void (*)(int32_t, const uint8_t*, float, float*);
-
-// The register-accumulating pooling for a dim, if it has one (multiples of 8 up to 128).
-std::pair<PoolFn, PoolOneFn> pool_for(int64_t dim) {
+template <typename V, typename O>
+int64_t pool_any_dim(const Feature& f, const V* values, const O* off, const float* weights, int64_t b0,
+                     int64_t b1, float* out, int64_t W, bool check) {
+#ifdef SHARK_AVX512
+  using Wide = Avx512;  // dims that are multiples of 16 in 16-float registers
+#elif defined(SHARK_AVX2)
+  using Wide = Avx2;
+#endif
 #ifdef SHARK_AVX2
-  switch (dim) {
-    case 8: return {pool_bag<1>, pool_one<1>};
-    case 16: return {pool_bag<2>, pool_one<2>};
-    case 24: return {pool_bag<3>, pool_one<3>};
-    case 32: return {pool_bag<4>, pool_one<4>};
-    case 48: return {pool_bag<6>, pool_one<6>};
-    case 64: return {pool_bag<8>, pool_one<8>};
-    case 96: return {pool_bag<12>, pool_one<12>};
-    case 128: return {pool_bag<16>, pool_one<16>};
+  constexpr int L = Wide::kLanes;
+  switch (f.dim) {
+    case 8: return pool_feature<Avx2, 1>(f, values, off, weights, b0, b1, out, W, check);
+    case 16: return pool_feature<Wide, 16 / L>(f, values, off, weights, b0, b1, out, W, check);
+    case 24: return pool_feature<Avx2, 3>(f, values, off, weights, b0, b1, out, W, check);
+    case 32: return pool_feature<Wide, 32 / L>(f, values, off, weights, b0, b1, out, W, check);
+    case 48: return pool_feature<Wide, 48 / L>(f, values, off, weights, b0, b1, out, W, check);
+    case 64: return pool_feature<Wide, 64 / L>(f, values, off, weights, b0, b1, out, W, check);
+    case 96: return pool_feature<Wide, 96 / L>(f, values, off, weights, b0, b1, out, W, check);
+    case 128: return pool_feature<Wide, 128 / L>(f, values, off, weights, b0, b1, out, W, check);
     default: break;
   }
 #endif
-  return {nullptr, nullptr};
+  return pool_feature_any(f, values, off, weights, b0, b1, out, W, check);
 }
 
 template <typename V, typename O>
 int64_t run(const V* values, const O* offsets, const float* weights, const int64_t* key_feature,
             int64_t num_keys, int64_t B, int64_t b0, int64_t b1, const std::vector<Feature>& features,
-            int64_t K, float* out, int64_t W, bool check) {
-  // Each id's row (nullptr: DROP) and tier position, filled kAhead ids before its bag is added up.
-  std::vector<const uint8_t*> row_of;
-  std::vector<int8_t> tier;
-  std::vector<float> acc;
+            float* out, int64_t W, bool check) {
   for (int64_t key = 0; key < num_keys; ++key) {
     if (key_feature[key] < 0) continue;  // a feature no table of this group serves
-    const Feature& f = features[key_feature[key]];
-    const auto [pool, pool_single] = pool_for(f.dim);
-    const O* off = offsets + key * B;
-    const int64_t first = off[b0], last = off[b1];
-    row_of.resize(last - first);
-    tier.resize(last - first);
-    // Ids are checked as they are located (check_ids): an id outside the table stops the read
-    // before its map entry is touched (the map prefetches ahead of the check are harmless:
-    // a prefetch of a bad address does not fault).
-    for (int64_t i = first; i < std::min(first + kPrefetch, last); ++i)
-      __builtin_prefetch(f.map + (int64_t)values[i]);
-    int64_t located = first;  // ids [first, located) are located and their rows prefetched
-    auto locate_to = [&](int64_t upto) -> bool {
-      for (; located < upto; ++located) {
-        const int64_t i = located;
-        if (i + kPrefetch < last) __builtin_prefetch(f.map + (int64_t)values[i + kPrefetch]);
-        if (check && (uint64_t)(int64_t)values[i] >= f.rows) return false;  // negative ids wrap to huge
-        const int64_t r = f.map[(int64_t)values[i]];
-        int64_t k = 0;
-        for (int64_t t = 1; t < K; ++t) k += (r >= f.start[t]);
-        tier[i - first] = (int8_t)k;
-        const SubTable& t = f.sub[k];
-        const uint8_t* row = t.ty == NO_TABLE ? nullptr : t.base + (r - f.start[k]) * t.row_bytes;
-        row_of[i - first] = row;
-        if (row) {  // every cache line the row touches (rows need not start on a line)
-          const uintptr_t end = reinterpret_cast<uintptr_t>(row) + t.row_bytes;
-          for (uintptr_t l = reinterpret_cast<uintptr_t>(row) & ~(uintptr_t)63; l < end; l += 64)
-            __builtin_prefetch(reinterpret_cast<const void*>(l));
-        }
-      }
-      return true;
-    };
-    if (!locate_to(std::min(first + kAhead, last))) return located;
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t s = off[b], len = off[b + 1] - s;
-      if (!locate_to(std::min(s + len + kAhead, last))) return located;
-      const int8_t* bt = tier.data() + (s - first);
-      float* o = out + b * W + f.col;
-      if (len == 1 && pool_single) {
-        pool_single(f.sub[bt[0]].ty, row_of[s - first], weights ? weights[s] : 1.f, o);
-        continue;
-      }
-      const uint8_t* const* br = row_of.data() + (s - first);
-      const float* bw = weights ? weights + s : nullptr;
-      if (pool) {
-        pool(f, br, bt, bw, len, o);
-      } else {
-        pool_bag_any(f, br, bt, bw, len, o, acc);
-      }
-    }
+    const int64_t bad = pool_any_dim(features[key_feature[key]], values, offsets + key * B, weights, b0, b1,
+                                     out, W, check);
+    if (bad >= 0) return bad;
   }
   return -1;
 }
@@ -371,7 +482,7 @@ Tensor mixed_embedding_bag(const Tensor& values, const Tensor& offsets,
   TORCH_CHECK(offsets.numel() == num_keys * B + 1, "offsets must be [keys * B + 1]");
   TORCH_CHECK(0 <= b0 && b0 <= b1 && b1 <= B, "bag range out of bounds");
   TORCH_CHECK(feature_meta.dim() == 2 && feature_meta.size(1) == 5, "feature_meta must be [features, 5]");
-  TORCH_CHECK(K <= 127, "mixed_embedding_bag: at most 127 tiers");
+  TORCH_CHECK(K <= kMaxTiers, "mixed_embedding_bag: at most ", kMaxTiers, " tiers");
   TORCH_CHECK(sub_meta.size(0) == F && sub_meta.size(1) == K && sub_meta.size(2) == 3,
               "sub_meta must be [features, tiers, 3]");
   const float* w = nullptr;
@@ -386,24 +497,38 @@ Tensor mixed_embedding_bag(const Tensor& values, const Tensor& offsets,
   const int64_t* sm = sub_meta.data_ptr<int64_t>();
   const int64_t* ts = tier_start.data_ptr<int64_t>();
   const uint8_t* buffer = weight_buffer.data_ptr<uint8_t>();
-  std::vector<SubTable> subs(F * K);
-  for (int64_t i = 0; i < F * K; ++i) {
-    const int32_t ty = (int32_t)sm[3 * i + 2];
-    subs[i] = {ty == NO_TABLE ? nullptr : buffer + sm[3 * i], sm[3 * i + 1], ty};
-  }
+  const int32_t* map = row_map.data_ptr<int32_t>();
   std::vector<Feature> features(F);
   for (int64_t f = 0; f < F; ++f) {
     const int64_t* m = fm + 5 * f;
+    const int64_t* start = ts + f * (K + 1);
     TORCH_CHECK(m[3] + m[2] <= W, "feature columns outside out");
-    features[f] = {row_map.data_ptr<int32_t>() + m[0], (uint64_t)m[1], ts + f * (K + 1),
-                   subs.data() + f * K, m[2], m[3], m[4] != 0};
+    TORCH_CHECK(start[K] == m[1] && m[1] <= INT32_MAX, "tier starts must end at the table's rows (< 2^31)");
+    Feature& ft = features[f];
+    ft.map = map + m[0];
+    ft.rows = (uint64_t)m[1];
+    ft.K = (int32_t)K;
+    for (int t = 0; t < kMaxTiers; ++t)
+      ft.last_tier_start[t] = t + 1 < K ? (int32_t)(start[t + 1] - 1) : INT32_MAX;
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t* s = sm + 3 * (f * K + k);
+      const int32_t ty = (int32_t)s[2];
+      const int64_t rb = ty == NO_TABLE ? 0 : s[1];
+      // Unsigned wrap-around: origin + r * row_bytes lands on the tier's rows for its r.
+      const uintptr_t origin = ty == NO_TABLE ? 0
+          : reinterpret_cast<uintptr_t>(buffer + s[0]) - (uintptr_t)(start[k] * rb);
+      ft.tier[k] = {origin, rb, std::min<int64_t>(64, rb - 1), ty};
+    }
+    ft.dim = m[2];
+    ft.col = m[3];
+    ft.mean = m[4] != 0;
   }
   int64_t bad = -1;
   AT_DISPATCH_INDEX_TYPES(values.scalar_type(), "mixed_embedding_bag_values", [&] {
     using value_t = index_t;
     AT_DISPATCH_INDEX_TYPES(offsets.scalar_type(), "mixed_embedding_bag_offsets", [&] {
       bad = run<value_t, index_t>(values.data_ptr<value_t>(), offsets.data_ptr<index_t>(), w,
-                                  key_feature.data_ptr<int64_t>(), num_keys, B, b0, b1, features, K,
+                                  key_feature.data_ptr<int64_t>(), num_keys, B, b0, b1, features,
                                   out.data_ptr<float>(), W, check_ids);
     });
   });
