@@ -448,8 +448,8 @@ def test_row_alignment_1_reads_the_same_and_stores_less(tmp_path, lookup) -> Non
 def test_the_kernel_pools_every_dim_and_bag_length(dim, pooling, weighted) -> None:
     """The fused kernel has a register-accumulating path per dim that is a multiple of 8 (up
     to 128; 16-float registers for multiples of 16 on AVX-512 CPUs) and a generic path for
-    other dims: each against
-    F.embedding_bag on the dequantized rows, with empty, one-id and long bags over every tier."""
+    other dims: each against F.embedding_bag on the dequantized rows, with empty, one-id and
+    long bags over every tier."""
     torch.manual_seed(dim)
     tables = [EmbeddingBagConfig(name="t", embedding_dim=dim, num_embeddings=500,
                                  feature_names=["one_hot", "multi_hot"], pooling=pooling)]
