@@ -99,6 +99,93 @@ inline float element(const uint8_t* row, int64_t d, float scale, float bias) {
   }
 }
 
+#ifdef SHARK_AVX2
+// The vector registers a bag's sum is held in: 8 floats (AVX2) or 16 (AVX-512, half the
+// instructions per row).  fp32/fp16/int8/int4/int2(row, c): chunk c of a row's values as floats
+// (integer rows: the quantized values, before scale and bias).
+struct Avx2 {
+  using F = __m256;
+  static constexpr int kLanes = 8;
+  static F zero() { return _mm256_setzero_ps(); }
+  static F set1(float x) { return _mm256_set1_ps(x); }
+  static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F div(F a, F b) { return _mm256_div_ps(a, b); }
+  static void store(float* p, F x) { _mm256_storeu_ps(p, x); }
+  static F fp32(const uint8_t* row, int c) { return _mm256_loadu_ps(reinterpret_cast<const float*>(row) + 8 * c); }
+  static F fp16(const uint8_t* row, int c) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * c)));
+  }
+  static F int8(const uint8_t* row, int c) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + 4 + 8 * c))));
+  }
+  static F int4(const uint8_t* row, int c) {
+    int32_t packed;
+    std::memcpy(&packed, row + 4 + 4 * c, 4);
+    return _mm256_cvtepi32_ps(_mm256_and_si256(
+        _mm256_srlv_epi32(_mm256_set1_epi32(packed), _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)),
+        _mm256_set1_epi32(15)));
+  }
+  static F int2(const uint8_t* row, int c) {
+    uint16_t packed;
+    std::memcpy(&packed, row + 4 + 2 * c, 2);
+    return _mm256_cvtepi32_ps(_mm256_and_si256(
+        _mm256_srlv_epi32(_mm256_set1_epi32(packed), _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14)),
+        _mm256_set1_epi32(3)));
+  }
+};
+
+#ifdef SHARK_AVX512
+struct Avx512 {
+  using F = __m512;
+  static constexpr int kLanes = 16;
+  static F zero() { return _mm512_setzero_ps(); }
+  static F set1(float x) { return _mm512_set1_ps(x); }
+  static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static F div(F a, F b) { return _mm512_div_ps(a, b); }
+  static void store(float* p, F x) { _mm512_storeu_ps(p, x); }
+  static F fp32(const uint8_t* row, int c) { return _mm512_loadu_ps(reinterpret_cast<const float*>(row) + 16 * c); }
+  static F fp16(const uint8_t* row, int c) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32 * c)));
+  }
+  static F int8(const uint8_t* row, int c) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 4 + 16 * c))));
+  }
+  static F int4(const uint8_t* row, int c) {  // 16 nibbles: 8 from each of two 32-bit words
+    int32_t lo, hi;
+    std::memcpy(&lo, row + 4 + 8 * c, 4);
+    std::memcpy(&hi, row + 8 + 8 * c, 4);
+    const __m512i packed = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32(lo)), _mm256_set1_epi32(hi), 1);
+    return _mm512_cvtepi32_ps(_mm512_and_si512(
+        _mm512_srlv_epi32(packed, _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28)),
+        _mm512_set1_epi32(15)));
+  }
+  static F int2(const uint8_t* row, int c) {
+    int32_t packed;
+    std::memcpy(&packed, row + 4 + 4 * c, 4);
+    return _mm512_cvtepi32_ps(_mm512_and_si512(
+        _mm512_srlv_epi32(_mm512_set1_epi32(packed),
+                          _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)),
+        _mm512_set1_epi32(3)));
+  }
+};
+#endif
+
+// Chunk c of a row stored as TY, dequantized (integer rows: q * scale + bias, as FBGEMM's CPU
+// kernels do).
+template <typename Vec, int TY>
+__attribute__((always_inline)) inline typename Vec::F dequant(const uint8_t* row, int c, typename Vec::F vscale,
+                                                              typename Vec::F vbias) {
+  if constexpr (TY == FP32) {
+    return Vec::fp32(row, c);
+  } else if constexpr (TY == FP16) {
+    return Vec::fp16(row, c);
+  } else {
+    return Vec::fma(TY == INT8 ? Vec::int8(row, c) : TY == INT4 ? Vec::int4(row, c) : Vec::int2(row, c), vscale,
+                    vbias);
+  }
+}
+#endif
+
 // acc[0:D] += w * row (dequantized).
 template <int TY>
 inline void accumulate(float* __restrict acc, const uint8_t* __restrict row, int64_t D, float w) {
@@ -114,30 +201,7 @@ inline void accumulate(float* __restrict acc, const uint8_t* __restrict row, int
   const __m256 vw = _mm256_set1_ps(w);
   const __m256 vscale = _mm256_set1_ps(scale), vbias = _mm256_set1_ps(bias);
   for (; d + 8 <= D; d += 8) {
-    __m256 x;
-    if constexpr (TY == FP32) {
-      x = _mm256_loadu_ps(reinterpret_cast<const float*>(row) + d);
-    } else if constexpr (TY == FP16) {
-      x = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 2 * d)));
-    } else {
-      __m256i q;
-      if constexpr (TY == INT8) {
-        q = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + 4 + d)));
-      } else if constexpr (TY == INT4) {
-        int32_t packed;
-        std::memcpy(&packed, row + 4 + d / 2, 4);
-        q = _mm256_and_si256(
-            _mm256_srlv_epi32(_mm256_set1_epi32(packed), _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)),
-            _mm256_set1_epi32(15));
-      } else {
-        uint16_t packed;
-        std::memcpy(&packed, row + 4 + d / 4, 2);
-        q = _mm256_and_si256(
-            _mm256_srlv_epi32(_mm256_set1_epi32(packed), _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14)),
-            _mm256_set1_epi32(3));
-      }
-      x = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), vscale, vbias);
-    }
+    const __m256 x = dequant<Avx2, TY>(row, (int)(d / 8), vscale, vbias);
     _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(vw, x, _mm256_loadu_ps(acc + d)));
   }
 #endif
@@ -250,83 +314,13 @@ struct Locator {
 };
 
 #ifdef SHARK_AVX2
-// The vector registers a bag's sum is held in: 8 floats (AVX2) or 16 (AVX-512, half the
-// instructions per row).  load_<type>(row, c): chunk c of a row's values as floats (integer
-// rows: the quantized values, before scale and bias).
-struct Avx2 {
-  using F = __m256;
-  static constexpr int kLanes = 8;
-  static F zero() { return _mm256_setzero_ps(); }
-  static F set1(float x) { return _mm256_set1_ps(x); }
-  static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
-  static F div(F a, F b) { return _mm256_div_ps(a, b); }
-  static void store(float* p, F x) { _mm256_storeu_ps(p, x); }
-  static F fp32(const uint8_t* row, int c) { return _mm256_loadu_ps(reinterpret_cast<const float*>(row) + 8 * c); }
-  static F fp16(const uint8_t* row, int c) {
-    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * c)));
-  }
-  static F int8(const uint8_t* row, int c) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + 4 + 8 * c))));
-  }
-  static F int4(const uint8_t* row, int c) {
-    int32_t packed;
-    std::memcpy(&packed, row + 4 + 4 * c, 4);
-    return _mm256_cvtepi32_ps(_mm256_and_si256(
-        _mm256_srlv_epi32(_mm256_set1_epi32(packed), _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)),
-        _mm256_set1_epi32(15)));
-  }
-  static F int2(const uint8_t* row, int c) {
-    uint16_t packed;
-    std::memcpy(&packed, row + 4 + 2 * c, 2);
-    return _mm256_cvtepi32_ps(_mm256_and_si256(
-        _mm256_srlv_epi32(_mm256_set1_epi32(packed), _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14)),
-        _mm256_set1_epi32(3)));
-  }
-};
-
-#ifdef SHARK_AVX512
-struct Avx512 {
-  using F = __m512;
-  static constexpr int kLanes = 16;
-  static F zero() { return _mm512_setzero_ps(); }
-  static F set1(float x) { return _mm512_set1_ps(x); }
-  static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
-  static F div(F a, F b) { return _mm512_div_ps(a, b); }
-  static void store(float* p, F x) { _mm512_storeu_ps(p, x); }
-  static F fp32(const uint8_t* row, int c) { return _mm512_loadu_ps(reinterpret_cast<const float*>(row) + 16 * c); }
-  static F fp16(const uint8_t* row, int c) {
-    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32 * c)));
-  }
-  static F int8(const uint8_t* row, int c) {
-    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 4 + 16 * c))));
-  }
-  static F int4(const uint8_t* row, int c) {  // 16 nibbles: 8 from each of two 32-bit words
-    int32_t lo, hi;
-    std::memcpy(&lo, row + 4 + 8 * c, 4);
-    std::memcpy(&hi, row + 8 + 8 * c, 4);
-    const __m512i packed = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32(lo)), _mm256_set1_epi32(hi), 1);
-    return _mm512_cvtepi32_ps(_mm512_and_si512(
-        _mm512_srlv_epi32(packed, _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28)),
-        _mm512_set1_epi32(15)));
-  }
-  static F int2(const uint8_t* row, int c) {
-    int32_t packed;
-    std::memcpy(&packed, row + 4 + 4 * c, 4);
-    return _mm512_cvtepi32_ps(_mm512_and_si512(
-        _mm512_srlv_epi32(_mm512_set1_epi32(packed),
-                          _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)),
-        _mm512_set1_epi32(3)));
-  }
-};
-#endif
-
 // acc[0:CH] += w * row (dequantized: q * scale + bias for integer rows, as FBGEMM's CPU
 // kernels do), CH registers of Vec::kLanes floats held by the caller.
 template <typename Vec, int TY, int CH>
 __attribute__((always_inline)) inline void add_row(typename Vec::F* acc, const uint8_t* __restrict row, float w) {
   using F = typename Vec::F;
   const F vw = Vec::set1(w);
-  F vscale, vbias;
+  F vscale = Vec::zero(), vbias = Vec::zero();  // integer rows only
   if constexpr (TY != FP32 && TY != FP16) {
     uint16_t sb[2];
     std::memcpy(sb, row, 4);
@@ -334,18 +328,7 @@ __attribute__((always_inline)) inline void add_row(typename Vec::F* acc, const u
     vbias = Vec::set1(_cvtsh_ss(sb[1]));
   }
 #pragma GCC unroll 16
-  for (int c = 0; c < CH; ++c) {
-    F x;
-    if constexpr (TY == FP32) {
-      x = Vec::fp32(row, c);
-    } else if constexpr (TY == FP16) {
-      x = Vec::fp16(row, c);
-    } else {
-      x = Vec::fma(TY == INT8 ? Vec::int8(row, c) : TY == INT4 ? Vec::int4(row, c) : Vec::int2(row, c),
-                   vscale, vbias);
-    }
-    acc[c] = Vec::fma(vw, x, acc[c]);
-  }
+  for (int c = 0; c < CH; ++c) acc[c] = Vec::fma(vw, dequant<Vec, TY>(row, c, vscale, vbias), acc[c]);
 }
 
 // add_row for a row stored as `ty` (nothing for DROP and tiers without rows).
