@@ -310,6 +310,38 @@ def test_state_dict_round_trip_without_the_float_model(tmp_path) -> None:
         other.load_state_dict(m.state_dict())
 
 
+def test_a_module_that_has_served_reads_its_tensors_as_they_are_now() -> None:
+    """The forward keeps the kernel's inputs between calls: a state loaded in place, a deep copy
+    and a replaced id map must all be read as they are now."""
+    import copy
+
+    tables, ebc, a = _setup(seed=0)
+    _, other_ebc, _ = _setup(seed=1)
+    m = RowwiseMixedEmbeddingBagCollection.from_float(ebc, a)
+    other = RowwiseMixedEmbeddingBagCollection.from_float(other_ebc, a)
+    kjt = _batch()
+    with torch.no_grad():
+        before = m(kjt).values()
+        twin = copy.deepcopy(m)  # its kept inputs must be its own tensors, not m's
+        twin.load_state_dict(other.state_dict())
+        assert torch.equal(twin(kjt).values(), other(kjt).values())
+        assert not torch.equal(twin(kjt).values(), before)
+        assert torch.equal(m(kjt).values(), before)
+        with pytest.raises(ValueError, match="assign=True is not supported"):
+            m.load_state_dict(other.state_dict(), assign=True)
+        # A new id map object sending every id to the row of id 0 of its table.
+        transform = m.groups[0].input_transform
+        row_map = transform.row_map.clone()
+        for c in tables:
+            base = transform.table_base[c.name]
+            row_map[base : base + c.num_embeddings] = row_map[base]
+        transform.row_map = row_map
+        zeros = KeyedJaggedTensor(keys=kjt.keys(), values=torch.zeros_like(kjt.values()),
+                                  lengths=kjt.lengths())
+        expected = RowwiseMixedEmbeddingBagCollection.from_float(ebc, a)(zeros).values()
+        assert torch.equal(m(kjt).values(), expected)
+
+
 class _Transformed(torch.utils.data.IterableDataset):
     def __init__(self, transform, batches):
         self.transform, self.batches = transform, batches

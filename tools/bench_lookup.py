@@ -17,12 +17,13 @@ rows get the precise tiers).  The mixed collection is timed three ways: its defa
 (``block_bucketize_sparse_features`` then FBGEMM's TBE, in ``G`` table groups run in threads —
 the previous default, kept as the CUDA / fallback path); and with the id-to-tier step done
 beforehand by its input transform (where a serving pipeline could run it: data-loader workers),
-only FBGEMM's lookup timed.  Every variant runs the same rotating batches, interleaved round by
-round, with Python's garbage collector paused while timing (it would otherwise fire inside
-whichever variant allocates next).  The tables report the median time per batch and ratios to the
-fp32 collection and to uniform INT8 measured in the same run and thread setting: per round (the
-median of the round's calls of each variant), then the median over rounds with their range, so
-the machine's drift during a run shows as a range instead of moving one figure.
+only FBGEMM's lookup timed.  Every variant runs the same rotating batches, Python's garbage
+collector paused while timing (it would otherwise fire inside whichever variant allocates
+next).  The variants take turns in short blocks (an untimed call, then a tenth of a round's
+timed calls): the tables report the median time per batch over blocks, and ratios to the fp32
+collection and to uniform INT8 taken block by block (calls made milliseconds apart, so the
+shared machine's drift hits both sides of a ratio alike) — their median over all blocks of the
+run, with the interquartile range.
 
     python tools/bench_lookup.py --out runs/bench_lookup.json
     python tools/bench_lookup.py --device cuda        # EmbeddingLocation.DEVICE tables
@@ -160,43 +161,64 @@ def build_case(name: str, cfg: SyntheticConfig, dim: int, batch_size: int, iters
 
 
 def time_case(case: Dict, args, device) -> Dict[str, List[float]]:
-    """Per variant, the median seconds per call of each timed round (the variants take turns
-    within a round, so drift in the machine's speed hits a round's variants alike)."""
+    """Per variant, the median seconds per call of each timed block, blocks in the same order
+    for every variant (so entry i of two variants was timed within milliseconds).
+
+    The variants take turns in short blocks — one untimed call (which brings the variant's hot
+    rows back into the caches the other variants used), then ``ceil(iters / blocks)`` timed
+    calls — in an order reversed every block; ``--blocks`` blocks per round, ``--rounds``
+    timed rounds after a warm-up round.  A shared host drifts (2-4x slower for minutes at a
+    time, and its last-level cache shared with other tenants): ratios are taken block by
+    block, between calls made milliseconds apart, not between whole runs of each variant."""
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    per_round: Dict[str, List[float]] = {v: [] for v in case["variants"]}
+    names = list(case["variants"])
+    per_block = max(1, -(-case["iters"] // args.blocks))
+    blocks: Dict[str, List[float]] = {v: [] for v in names}
     with torch.no_grad():
         for r in range(args.rounds + 1):  # round 0 warms up
+            calls = 0
             gc.collect()
             gc.disable()
             try:
-                for v, fn in case["variants"].items():
-                    inputs = case["inputs"].get(v, case["batches"])
-                    times = []
-                    for i in range(case["iters"]):
-                        x = inputs[i % len(inputs)]
-                        sync()
-                        t0 = time.perf_counter()
-                        fn(x)
-                        sync()
-                        times.append(time.perf_counter() - t0)
-                    if r:
-                        per_round[v].append(statistics.median(times))
+                for blk in range(args.blocks):
+                    for v in (names if blk % 2 == 0 else names[::-1]):
+                        fn = case["variants"][v]
+                        inputs = case["inputs"].get(v, case["batches"])
+                        times = []
+                        for j in range(per_block + 1):
+                            x = inputs[(calls + j) % len(inputs)]
+                            sync()
+                            t0 = time.perf_counter()
+                            fn(x)
+                            sync()
+                            if j:
+                                times.append(time.perf_counter() - t0)
+                        if r:
+                            blocks[v].append(statistics.median(times))
+                    calls += per_block + 1
             finally:
                 gc.enable()
-    return per_round
+    return blocks
+
+
+def _quantile(xs: List[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[round(q * (len(xs) - 1))]
 
 
 def _ratio(base: List[float], v: List[float]) -> Dict[str, float]:
-    """Speed of ``v`` over ``base``: the median of the per-round ratios, and their range."""
+    """Speed of ``v`` over ``base``: the median of the per-block ratios and their interquartile
+    range."""
     ratios = [b / t for b, t in zip(base, v)]
-    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+    return {"median": statistics.median(ratios), "p25": _quantile(ratios, 0.25),
+            "p75": _quantile(ratios, 0.75), "min": min(ratios), "max": max(ratios), "blocks": len(ratios)}
 
 
 def _fmt(r: Dict[str, float]) -> str:
-    return f"{r['median']:.2f} ({r['min']:.2f}–{r['max']:.2f})"
+    return f"{r['median']:.2f} ({r['p25']:.2f}–{r['p75']:.2f})"
 
 
 def main() -> None:
@@ -215,8 +237,11 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=10, help="timed calls per variant per round, benchmark shape")
     p.add_argument("--pipeline_iters", type=int, default=100,
                    help="timed calls per variant per round, pipeline shape (its calls take well under a ms)")
+    p.add_argument("--blocks", type=int, default=10,
+                   help="blocks per round: the variants take turns block by block, each block one "
+                   "untimed call then its share of the round's timed calls")
     p.add_argument("--rounds", type=int, default=5,
-                   help="timed rounds (after a warm-up round); ratios are per round, then the median")
+                   help="timed rounds (after a warm-up round), each --blocks blocks")
     p.add_argument("--threads", default="1,default",
                    help="torch thread settings to time, comma-separated ('default': as started)")
     p.add_argument("--device", default="cpu")
@@ -257,17 +282,17 @@ def main() -> None:
     for case in cases:
         for threads in settings:
             torch.set_num_threads(threads)
-            rounds = time_case(case, args, device)
+            blocks = time_case(case, args, device)
             rows = []
             for v in case["variants"]:
                 base = "DLRM forward, fp32 collection" if v.startswith("DLRM") else FP32
-                ms = statistics.median(rounds[v])
+                ms = statistics.median(blocks[v])
                 rows.append({"variant": v, "ms_per_batch": 1e3 * ms,
                              "bags_per_s": case["bags"] / ms, "bytes": case["bytes"][v],
-                             "speed_vs_fp32": _ratio(rounds[base], rounds[v]),
-                             "speed_vs_int8": None if v.startswith("DLRM") else _ratio(rounds[INT8], rounds[v]),
+                             "speed_vs_fp32": _ratio(blocks[base], blocks[v]),
+                             "speed_vs_int8": None if v.startswith("DLRM") else _ratio(blocks[INT8], blocks[v]),
                              "bytes_vs_fp32": case["bytes"][v] / case["bytes"][FP32],
-                             "ms_per_round": [1e3 * t for t in rounds[v]]})
+                             "ms_per_block": [1e3 * t for t in blocks[v]]})
             result["cases"].append({"case": case["name"], "threads": threads, "tables": case["tables"],
                                     "rows": case["rows"], "dim": case["dim"],
                                     "batch_size": case["batch_size"], "ids_per_batch": case["ids"],
@@ -275,8 +300,8 @@ def main() -> None:
             lines.append(f"\n{case['name']} ({case['tables']} tables x {max(case['rows']):,} rows x dim "
                          f"{case['dim']}, batch {case['batch_size']}, {case['ids']:,.0f} ids), "
                          f"{threads} torch thread{'s' if threads > 1 else ''}:\n")
-            lines.append("| variant | ms / batch | M bags/s | MiB | speed vs fp32 (range over rounds) | "
-                         "speed vs uniform int8 (range) | bytes vs fp32 |")
+            lines.append("| variant | ms / batch | M bags/s | MiB | speed vs fp32 (IQR over blocks) | "
+                         "speed vs uniform int8 (IQR) | bytes vs fp32 |")
             lines.append("|---|---|---|---|---|---|---|")
             for r in rows:
                 vs8 = "" if r["speed_vs_int8"] is None else _fmt(r["speed_vs_int8"])

@@ -156,6 +156,17 @@ class _MixedGroup(nn.Module):
         tbes = self._tbes()
         return tbes[0].weights_host if tbes else torch.empty(0, dtype=torch.uint8)
 
+    def kernel_state(self) -> Tuple[object, ...]:
+        """The objects the kernel's inputs come from: the quantized collection, the id map and
+        the weight buffer.  A forward keeps its inputs while these stay the same objects
+        (``.to()``, ``load_state_dict(assign=True)`` or sharding the quantized collection
+        replaces some).  Read through the modules' dicts: ``nn.Module.__getattr__`` would cost
+        microseconds per call on small batches."""
+        qebc = self._modules.get("qebc")  # None: every row dropped
+        tbes = qebc.__dict__.get("_emb_modules") if qebc is not None else None
+        return (qebc, self._modules["input_transform"]._buffers["row_map"],
+                tbes[0].__dict__.get("weights_host") if tbes else None)
+
     # ------------------------------------------------------------------ lookups
     def _lookups(self, device: torch.device) -> List["_Lookup"]:
         """One FBGEMM call over every sub-table; or, on CUDA (or with ``int2_fp16_output``

@@ -118,7 +118,8 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
         self._sizes = [len(g.input_transform.features) for g in self.groups]
         self._transformed_sizes = [len(g.input_transform.output_keys) for g in self.groups]
         self._columns = [sum(g._out_offsets[-1] for g in self.groups[:i]) for i in range(len(self.groups))]
-        self._key_plans: Dict[Tuple[str, ...], List[torch.Tensor]] = {}
+        # Per input key layout: (groups, their kernel_state(), the kernel's inputs per group).
+        self._kernel_plans: Dict[Tuple[str, ...], tuple] = {}
         self._pool: Optional[ThreadPoolExecutor] = None
 
     def __getstate__(self):
@@ -197,6 +198,18 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
     def set_extra_state(self, state: Dict) -> None:
         serialization.check_extra_state(self.layout, state)
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``, copying into the tensors the lookups read.
+        ``assign=True`` is refused: it would swap the id map for the loaded one while the rows
+        stay in FBGEMM's weight buffer (TorchRec's quantized collection serves its weights as
+        views of that buffer), so ids would read the old model's rows."""
+        if assign:
+            raise ValueError("RowwiseMixedEmbeddingBagCollection.load_state_dict: assign=True is not "
+                             "supported (the rows live in FBGEMM's weight buffer, which an assigned "
+                             "state would not replace); load with assign=False, or build a new "
+                             "module with from_state_dict()")
+        return super().load_state_dict(state_dict, strict=strict)
+
     def save(self, path: str) -> None:
         """Write ``state_dict()`` to ``path`` (read it back with :meth:`load`)."""
         torch.save(self.state_dict(), path)
@@ -242,20 +255,50 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
         """Pooled embeddings of ``features``: the collection's own features (others are
         ignored, or raise with ``strict``), or the output of :attr:`input_transform` (already
         split by tier, e.g. in data-loader workers)."""
-        if features.keys() == self.input_transform.output_keys:
+        calls = self._kernel_calls(features)
+        if calls is not None:
+            values = self._forward_kernel(features, calls)
+        elif features.keys() == self.input_transform.output_keys:
             parts = [features] if len(self.groups) == 1 else features.split(self._transformed_sizes)
             values = self._run_groups(parts, transformed=True)
-        elif self._kernel_applies(features):
-            values = self._forward_kernel(features)
         else:
             parts = split_features(features, self._features, self._sizes, self.strict)
             values = self._run_groups(parts, transformed=False)
         return KeyedTensor(keys=list(self._features), length_per_key=list(self._dims), values=values)
 
-    def _kernel_applies(self, features: KeyedJaggedTensor) -> bool:
-        return (self.use_cpu_kernel and self._device.type == "cpu" and not features.values().is_cuda
-                and all(g.qebc is None or type(g.qebc) is QuantEmbeddingBagCollection for g in self.groups)
-                and cpu_kernel_available())
+    def _kernel_calls(self, features: KeyedJaggedTensor) -> Optional[List[tuple]]:
+        """Per group, the fused kernel's inputs after the ids and offsets (each input key's
+        feature in the group, id map, metadata, weight buffer), or None where the kernel does
+        not apply: CUDA, ``use_cpu_kernel`` off, inputs already split by tier, a sharded
+        group, no kernel built.
+
+        Built once per input key layout and kept while the groups' tensors stay the same
+        objects (:meth:`_MixedGroup.kernel_state`): on the small batches of a served model the
+        Python around the kernel otherwise costs a quarter of the call (BENCHMARKS.md, lookup
+        section)."""
+        if not self.use_cpu_kernel or features.values().is_cuda:
+            return None
+        keys = features.keys()
+        entry = self._kernel_plans.get(tuple(keys))
+        groups = self._modules["groups"]
+        if entry is not None and entry[0] is groups and all(
+                a is b for g, state in zip(groups, entry[1]) for a, b in zip(g.kernel_state(), state)):
+            return entry[2]
+        if not (self._device.type == "cpu" and keys != self.input_transform.output_keys
+                and all(g.qebc is None or type(g.qebc) is QuantEmbeddingBagCollection for g in groups)
+                and cpu_kernel_available()):
+            return None
+        check_features(keys, self._features, self.strict)
+        calls = []
+        for i, g in enumerate(groups):
+            index = {f: j for j, f in enumerate(g.input_transform.features)}
+            key_feature = torch.tensor([index.get(k, -1) for k in keys], dtype=torch.long)
+            calls.append((key_feature, g.input_transform.row_map, *g.kernel_tensors(self._columns[i]),
+                          g.weight_buffer()))
+        if len(self._kernel_plans) > 64:  # inputs come in few key layouts; bound the cache
+            self._kernel_plans.clear()
+        self._kernel_plans[tuple(keys)] = (groups, [g.kernel_state() for g in groups], calls)
+        return calls
 
     def _thread_pool(self, workers: int) -> ThreadPoolExecutor:
         if self._pool is None or self._pool._max_workers < workers:
@@ -270,25 +313,9 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
         futures = [pool.submit(g, p, transformed) for g, p in zip(self.groups, parts)]
         return torch.cat([f.result() for f in futures], dim=1)
 
-    def _key_plan(self, keys: List[str]) -> List[torch.Tensor]:
-        """Per group, the group's feature index of every input key (-1: not its feature)."""
-        plan = self._key_plans.get(tuple(keys))
-        if plan is None:
-            check_features(keys, self._features, self.strict)
-            plan = []
-            for g in self.groups:
-                index = {f: i for i, f in enumerate(g.input_transform.features)}
-                plan.append(torch.tensor([index.get(k, -1) for k in keys], dtype=torch.long))
-            if len(self._key_plans) > 64:  # inputs come in few key layouts; bound the cache
-                self._key_plans.clear()
-            self._key_plans[tuple(keys)] = plan
-        return plan
-
-    def _forward_kernel(self, features: KeyedJaggedTensor) -> torch.Tensor:
+    def _forward_kernel(self, features: KeyedJaggedTensor, calls: List[tuple]) -> torch.Tensor:
         """CPU: every group's features read by the fused kernel straight from the input ids
         into one output (no split of the input, no per-tier outputs to add up)."""
-        keys = features.keys()
-        plan = self._key_plan(keys)
         B = features.stride()
         out = torch.empty(B, self._width)
         if B == 0:
@@ -297,13 +324,14 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
         weights = features.weights_or_none()
         if weights is not None and weights.dtype != torch.float32:
             weights = weights.float()
-        calls = [(values, offsets, weights, plan[i], g.input_transform.row_map,
-                  *g.kernel_tensors(self._columns[i]), g.weight_buffer(), out)
-                 for i, g in enumerate(self.groups)]
         op = torch.ops.shark_torchrec.mixed_embedding_bag
+        check = self.check_ids
 
-        def read(b0: int, b1: int) -> List[int]:
-            return [int(op(*c, b0, b1, self.check_ids)) for c in calls]
+        def read(b0: int, b1: int) -> int:
+            bad = -1
+            for c in calls:
+                bad = max(bad, op(values, offsets, weights, *c, out, b0, b1, check))
+            return bad
 
         parts = min(torch.get_num_threads(), values.numel() // IDS_PER_THREAD, B)
         if parts <= 1:
@@ -312,9 +340,9 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
             bounds = [B * i // parts for i in range(parts + 1)]
             pool = self._thread_pool(parts)
             futures = [pool.submit(read, bounds[i], bounds[i + 1]) for i in range(parts)]
-            bad = [b for f in futures for b in f.result()]
-        if self.check_ids and max(bad) >= 0:
-            self._raise_bad_id(features, max(bad))
+            bad = max(f.result() for f in futures)
+        if bad >= 0:
+            self._raise_bad_id(features, bad)
         return out
 
     def _raise_bad_id(self, features: KeyedJaggedTensor, position: int) -> None:

@@ -28,7 +28,6 @@
 // registered as torch.ops.shark_torchrec.mixed_embedding_bag.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -446,13 +445,15 @@ int64_t run(const V* values, const O* offsets, const float* weights, const int64
 }
 
 // Writes rows [b0, b1) of the columns of this group's features in `out` [B, W]; returns the
-// position in `values` of the first id outside its table (check_ids), else -1, as a tensor.
-Tensor mixed_embedding_bag(const Tensor& values, const Tensor& offsets,
+// position in `values` of the first id outside its table (check_ids), else -1.
+int64_t mixed_embedding_bag(const Tensor& values, const Tensor& offsets,
                            const std::optional<Tensor>& weights, const Tensor& key_feature,
                            const Tensor& row_map, const Tensor& feature_meta, const Tensor& tier_start,
                            const Tensor& sub_meta, const Tensor& weight_buffer, Tensor out,
                            int64_t b0, int64_t b1, bool check_ids) {
-  TORCH_CHECK(values.device().is_cpu() && out.device().is_cpu(), "mixed_embedding_bag: CPU tensors only");
+  TORCH_CHECK(values.device().is_cpu() && offsets.device().is_cpu() && out.device().is_cpu() &&
+                  row_map.device().is_cpu() && weight_buffer.device().is_cpu(),
+              "mixed_embedding_bag: CPU tensors only");
   TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.scalar_type() == at::kFloat,
               "mixed_embedding_bag: out must be a contiguous float [B, W] tensor");
   TORCH_CHECK(row_map.scalar_type() == at::kInt && row_map.is_contiguous(), "row_map must be int32");
@@ -515,9 +516,7 @@ Tensor mixed_embedding_bag(const Tensor& values, const Tensor& offsets,
                                   out.data_ptr<float>(), W, check_ids);
     });
   });
-  Tensor result = at::empty({1}, values.options().dtype(at::kLong));
-  result.data_ptr<int64_t>()[0] = bad;
-  return result;
+  return bad;
 }
 
 }  // namespace
@@ -525,7 +524,7 @@ Tensor mixed_embedding_bag(const Tensor& values, const Tensor& offsets,
 TORCH_LIBRARY(shark_torchrec, m) {
   m.def("mixed_embedding_bag(Tensor values, Tensor offsets, Tensor? weights, Tensor key_feature, "
         "Tensor row_map, Tensor feature_meta, Tensor tier_start, Tensor sub_meta, "
-        "Tensor weight_buffer, Tensor(a!) out, int b0, int b1, bool check_ids) -> Tensor");
+        "Tensor weight_buffer, Tensor(a!) out, int b0, int b1, bool check_ids) -> int");
 }
 
 TORCH_LIBRARY_IMPL(shark_torchrec, CPU, m) {
