@@ -19,6 +19,8 @@
 //   (no loop whose length depends on where the row starts).  (Regrouping a bag's rows by tier
 //   first, so the type branch would predict, measured no faster on long bags and slower on
 //   short ones.)
+// * The output lines of the bag kOutAhead bags ahead are prefetched for writing: short bags
+//   otherwise wait on store misses where the output is not in cache.
 // * A feature's bags are pooled by a function made for its dim: for multiples of 8 up to 128
 //   the bag's sum stays in registers from the first row to the store (16-float AVX-512
 //   registers where the CPU has them and the dim is a multiple of 16, else 8-float AVX2);
@@ -241,6 +243,20 @@ constexpr int64_t kAhead = 24;
 constexpr int64_t kPrefetch = 64;
 constexpr int64_t kRing = 32;  // located rows waiting to be added up: > kAhead, a power of two
 static_assert(kRing > kAhead && (kRing & (kRing - 1)) == 0, "ring must hold kAhead + 1 rows");
+// A bag's output lines are prefetched for writing kOutAhead bags before it is stored.  Each
+// bag's store lands a row of the output away from the last (a line or more of its own, which
+// the core must own before writing): where the output is not in cache (a fresh allocation, or
+// one the rest of the model evicted) one-hot features otherwise wait on those stores — 1.4-1.6x
+// slower kernel calls on the pipeline shape with a cold output (BENCHMARKS.md); no change where
+// it is warm, or with 20-id bags.  4 to 32 bags ahead measured alike.
+constexpr int64_t kOutAhead = 8;
+
+// Asks for the lines of out[b, col : col + dim] in the state a store needs.
+inline void prefetch_output(const float* out, int64_t b, int64_t W, int64_t col, int64_t dim) {
+  const float* o = out + b * W + col;
+  for (int64_t d = 0; d < dim; d += 16) __builtin_prefetch(o + d, 1, 3);
+  __builtin_prefetch(o + dim - 1, 1, 3);  // the last line, where the columns do not start on one
+}
 
 struct Located {
   const uint8_t* row;  // nullptr for DROP (and tiers without rows): never read
@@ -352,7 +368,9 @@ int64_t pool_feature(const Feature& f, const V* values, const O* off, const floa
                      int64_t b1, float* out, int64_t W, bool check) {
   using F = typename Vec::F;
   Locator<V> loc(f, values, off[b0], off[b1], check);
+  for (int64_t b = b0; b < std::min(b0 + kOutAhead, b1); ++b) prefetch_output(out, b, W, f.col, f.dim);
   for (int64_t b = b0; b < b1; ++b) {
+    if (b + kOutAhead < b1) prefetch_output(out, b + kOutAhead, W, f.col, f.dim);
     const int64_t s = off[b], e = off[b + 1];
     F acc[CH];
     for (int c = 0; c < CH; ++c) acc[c] = Vec::zero();
@@ -379,7 +397,9 @@ int64_t pool_feature_any(const Feature& f, const V* values, const O* off, const 
                          int64_t b1, float* out, int64_t W, bool check) {
   Locator<V> loc(f, values, off[b0], off[b1], check);
   std::vector<float> acc(f.dim);
+  for (int64_t b = b0; b < std::min(b0 + kOutAhead, b1); ++b) prefetch_output(out, b, W, f.col, f.dim);
   for (int64_t b = b0; b < b1; ++b) {
+    if (b + kOutAhead < b1) prefetch_output(out, b + kOutAhead, W, f.col, f.dim);
     const int64_t s = off[b], e = off[b + 1];
     std::fill(acc.begin(), acc.end(), 0.f);
     for (int64_t j = s; j < e; ++j) {
