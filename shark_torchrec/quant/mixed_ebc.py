@@ -274,8 +274,7 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
 
         Built once per input key layout and kept while the groups' tensors stay the same
         objects (:meth:`_MixedGroup.kernel_state`): on the small batches of a served model the
-        Python around the kernel otherwise costs a quarter of the call (BENCHMARKS.md, lookup
-        section)."""
+        forward is 1.17x faster for it (BENCHMARKS.md, lookup section)."""
         if not self.use_cpu_kernel or features.values().is_cuda:
             return None
         keys = features.keys()
