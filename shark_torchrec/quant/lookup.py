@@ -159,8 +159,8 @@ class _MixedGroup(nn.Module):
     def kernel_state(self) -> Tuple[object, ...]:
         """The objects the kernel's inputs come from: the quantized collection, the id map and
         the weight buffer.  A forward keeps its inputs while these stay the same objects
-        (``.to()``, ``load_state_dict(assign=True)`` or sharding the quantized collection
-        replaces some).  Read through the modules' dicts: ``nn.Module.__getattr__`` would cost
+        (``.to()``, sharding the quantized collection or an id map assigned anew replaces
+        some).  Read through the modules' dicts: ``nn.Module.__getattr__`` would cost
         microseconds per call on small batches."""
         qebc = self._modules.get("qebc")  # None: every row dropped
         tbes = qebc.__dict__.get("_emb_modules") if qebc is not None else None
