@@ -13,6 +13,7 @@ from typing import Dict, List, Sequence
 
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import get_embedding_names_by_table
 
 from shark_torchrec.quant.rows import DATA_TYPE
 from shark_torchrec.quant.tiers import TIER_ORDER, Tier
@@ -46,6 +47,11 @@ class MixedLayout:
             CUDA kernels need and TorchRec's quantized collection uses everywhere, or less for
             tables served on CPU only (1: FBGEMM's own CPU default; a 64-dim INT4 row then
             takes 36 bytes instead of 48, an INT2 row 20 instead of 32).
+        embedding_names: ``{table: [output key of each of its features]}``, TorchRec's rule
+            (``get_embedding_names_by_table``): the feature's name, or ``"<feature>@<table>"``
+            for a feature several tables of the whole collection read.  Computed from
+            ``tables`` when not given; a group's layout (:meth:`subset`) keeps the whole
+            collection's names.
     """
 
     tables: List[Dict]
@@ -54,10 +60,14 @@ class MixedLayout:
     is_weighted: bool = False
     groups: List[List[str]] = dataclasses.field(default_factory=list)
     row_alignment: int = 16
+    embedding_names: Dict[str, List[str]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.groups:  # one group of every table
             self.groups = [[t["name"] for t in self.tables]]
+        if not self.embedding_names:
+            names = get_embedding_names_by_table(self.configs())
+            self.embedding_names = {t["name"]: n for t, n in zip(self.tables, names)}
         if self.row_alignment not in ROW_ALIGNMENTS:
             raise ValueError(f"row_alignment must be one of {ROW_ALIGNMENTS}, got {self.row_alignment!r}")
 
@@ -70,12 +80,20 @@ class MixedLayout:
             raise ValueError(f"not a row-wise mixed collection layout (format {LAYOUT_FORMAT!r})")
         return MixedLayout(tables=d["tables"], tiers=d["tiers"], rows=d["rows"],
                            is_weighted=d["is_weighted"], groups=d.get("groups") or [],
-                           row_alignment=d.get("row_alignment", 16))  # (16 before it was stored)
+                           row_alignment=d.get("row_alignment", 16),  # (16 before it was stored)
+                           embedding_names=d.get("embedding_names") or {})
 
     def configs(self) -> List[EmbeddingBagConfig]:
         return [EmbeddingBagConfig(name=t["name"], num_embeddings=t["rows"], embedding_dim=t["dim"],
                                    feature_names=list(t["features"]),
                                    pooling=PoolingType(t["pooling"])) for t in self.tables]
+
+    def slots(self) -> List[tuple]:
+        """``(embedding name, input feature, table config)`` of every output slot, in output
+        order: a table's features in its order, tables in theirs.  A feature read by several
+        tables has one slot per table."""
+        return [(e, f, c) for c in self.configs()
+                for e, f in zip(self.embedding_names[c.name], c.feature_names)]
 
     def check(self) -> None:
         """Raise naming the table whose rows per tier do not add up to its rows."""
@@ -97,7 +115,7 @@ class MixedLayout:
                     out.append(EmbeddingBagConfig(
                         name=f"{c.name}@{tier.value}", num_embeddings=self.rows[c.name][k],
                         embedding_dim=c.embedding_dim,
-                        feature_names=[f"{f}@{tier.value}" for f in c.feature_names],
+                        feature_names=[f"{e}@{tier.value}" for e in self.embedding_names[c.name]],
                         pooling=PoolingType.SUM, data_type=DATA_TYPE[tier]))
         return out
 
@@ -107,7 +125,8 @@ class MixedLayout:
         return MixedLayout(tables=[t for t in self.tables if t["name"] in keep], tiers=list(self.tiers),
                            rows={n: r for n, r in self.rows.items() if n in keep},
                            is_weighted=self.is_weighted, groups=[list(names)],
-                           row_alignment=self.row_alignment)
+                           row_alignment=self.row_alignment,
+                           embedding_names={n: e for n, e in self.embedding_names.items() if n in keep})
 
 
 def tier_positions(tier_index: torch.Tensor, used: Sequence[int]) -> torch.Tensor:

@@ -49,12 +49,14 @@ class _MixedGroup(nn.Module):
         self._configs = layout.configs()
         self._tiers = [Tier.parse(t) for t in layout.tiers]
         self._stored = [t for t in self._tiers if t is not Tier.DROP]
-        self._features = [f for c in self._configs for f in c.feature_names]
+        # Output slots (one per feature of each table, named as TorchRec names them: a feature
+        # several tables read is "<feature>@<table>"); "feature" below means such a slot.
+        self._features = [e for e, _, _ in layout.slots()]
         # Output keys when every table has every stored tier: [tier][feature] blocks.
         self._stacked = [f"{f}@{t.value}" for t in self._stored for f in self._features]
         self._bucket_features: Dict[tuple, torch.Tensor] = {}
-        self._dims = [c.embedding_dim for c in self._configs for _ in c.feature_names]
-        self._feature_config = {f: c for c in self._configs for f in c.feature_names}
+        self._dims = [c.embedding_dim for _, _, c in layout.slots()]
+        self._feature_config = {e: c for e, _, c in layout.slots()}
         self._rows = {c.name: list(layout.rows[c.name]) for c in self._configs}
         physical = layout.physical_configs()
         # A group whose rows are all dropped has nothing to look up (its output is zeros).

@@ -17,7 +17,8 @@ be built, the ids are split by tier with FBGEMM's ``block_bucketize_sparse_featu
 
 DROP rows have no physical row: they read as zeros (and a MEAN bag still counts them).  The
 output is the ``KeyedTensor`` a float ``EmbeddingBagCollection`` with the same tables returns:
-same keys, dims and order; like it, the collection ignores input features no table serves
+same keys, dims and order (a feature several tables read gives one output per table, named
+``"<feature>@<table>"`` as TorchRec names it); like it, the collection ignores input features no table serves
 (``strict=True``: a ``KeyError`` naming them).  Saving and loading:
 :mod:`~shark_torchrec.quant.serialization`.
 """
@@ -112,8 +113,11 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
                                                  strict=strict) for g in layout.groups])
         self.input_transform = MixedInputTransform([g.input_transform for g in self.groups], strict=strict)
         self._configs = layout.configs()
-        self._features = [f for c in self._configs for f in c.feature_names]
-        self._dims = [c.embedding_dim for c in self._configs for _ in c.feature_names]
+        # Output keys (TorchRec's embedding names: "<feature>@<table>" for a feature several
+        # tables read) and the input feature each one reads.
+        self._features = [e for e, _, _ in layout.slots()]
+        self._input_features = [f for _, f, _ in layout.slots()]
+        self._dims = [c.embedding_dim for _, _, c in layout.slots()]
         self._width = sum(self._dims)
         self._sizes = [len(g.input_transform.features) for g in self.groups]
         self._transformed_sizes = [len(g.input_transform.output_keys) for g in self.groups]
@@ -262,15 +266,17 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
             parts = [features] if len(self.groups) == 1 else features.split(self._transformed_sizes)
             values = self._run_groups(parts, transformed=True)
         else:
-            parts = split_features(features, self._features, self._sizes, self.strict)
+            parts = split_features(features, self._input_features, self._sizes, self.strict)
             values = self._run_groups(parts, transformed=False)
         return KeyedTensor(keys=list(self._features), length_per_key=list(self._dims), values=values)
 
     def _kernel_calls(self, features: KeyedJaggedTensor) -> Optional[List[tuple]]:
-        """Per group, the fused kernel's inputs after the ids and offsets (each input key's
-        feature in the group, id map, metadata, weight buffer), or None where the kernel does
-        not apply: CUDA, ``use_cpu_kernel`` off, inputs already split by tier, a sharded
-        group, no kernel built.
+        """The fused kernel's calls, each its inputs after the ids and offsets (the group's
+        slot each input key fills, id map, metadata, weight buffer), or None where the kernel
+        does not apply: CUDA, ``use_cpu_kernel`` off, inputs already split by tier, a sharded
+        group, no kernel built.  One call per group, or more where one input feature fills
+        several slots of a group (a feature several tables read): call ``r`` fills each key's
+        ``r``-th slot, so together the calls write every output column.
 
         Built once per input key layout and kept while the groups' tensors stay the same
         objects (:meth:`_MixedGroup.kernel_state`): on the small batches of a served model the
@@ -287,13 +293,22 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
                 and all(g.qebc is None or type(g.qebc) is QuantEmbeddingBagCollection for g in groups)
                 and cpu_kernel_available()):
             return None
-        check_features(keys, self._features, self.strict)
+        check_features(keys, self._input_features, self.strict)
         calls = []
         for i, g in enumerate(groups):
-            index = {f: j for j, f in enumerate(g.input_transform.features)}
-            key_feature = torch.tensor([index.get(k, -1) for k in keys], dtype=torch.long)
-            calls.append((key_feature, g.input_transform.row_map, *g.kernel_tensors(self._columns[i]),
-                          g.weight_buffer()))
+            slots_of: Dict[str, List[int]] = {}
+            for j, f in enumerate(g.input_transform.features):
+                slots_of.setdefault(f, []).append(j)
+            filled = []
+            for r in range(max(len(v) for v in slots_of.values())):
+                key_slot = [slots_of[k][r] if len(slots_of.get(k, ())) > r else -1 for k in keys]
+                filled += [j for j in key_slot if j >= 0]
+                calls.append((torch.tensor(key_slot, dtype=torch.long), g.input_transform.row_map,
+                              *g.kernel_tensors(self._columns[i]), g.weight_buffer()))
+            # The output is allocated uninitialised: every slot must be written exactly once.
+            if sorted(filled) != list(range(len(g.input_transform.features))):
+                raise RuntimeError(f"internal: kernel calls fill slots {sorted(filled)} of "
+                                   f"{g.input_transform.slots}")
         if len(self._kernel_plans) > 64:  # inputs come in few key layouts; bound the cache
             self._kernel_plans.clear()
         self._kernel_plans[tuple(keys)] = (groups, [g.kernel_state() for g in groups], calls)
@@ -345,8 +360,12 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
         return out
 
     def _raise_bad_id(self, features: KeyedJaggedTensor, position: int) -> None:
-        """The error naming the feature of the id at ``position`` of the input's values."""
+        """The error naming the feature of the id at ``position`` of the input's values and
+        the table it is outside of."""
         ends = torch.cumsum(torch.tensor(features.length_per_key()), 0)
         f = features.keys()[int(torch.searchsorted(ends, position, right=True))]
-        group = next(g for g in self.groups if f in g.input_transform.features)
-        group.input_transform._raise_bad_id(f, features.values()[position : position + 1])
+        ids = features.values()[position : position + 1]
+        for g in self.groups:
+            g.input_transform.raise_if_outside(f, ids)
+        raise RuntimeError(f"internal: the CPU kernel flagged id {int(ids)} of feature {f!r}, "
+                           f"which is inside every table that reads it")

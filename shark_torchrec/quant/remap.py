@@ -1,5 +1,6 @@
 """The id-to-tier step of a mixed collection, as FBGEMM ops: ids renumbered through the id map
-and split by tier with ``block_bucketize_sparse_features`` into features ``"<feature>@<tier>"``
+and split by tier with ``block_bucketize_sparse_features`` into features ``"<name>@<tier>"``
+(``<name>``: the output key, TorchRec's embedding name of the feature in its table)
 of the sub-tables' TBE (``torchrec-cpu-facts.md`` section 6).
 
 This is what a serving pipeline can run ahead of the lookup (data-loader workers:
@@ -46,9 +47,10 @@ def select_features(features: KeyedJaggedTensor, order: List[str], strict: bool 
 
 class RowwiseInputTransform(nn.Module):
     """The id-to-tier step of one table group: a ``KeyedJaggedTensor`` of the group's features
-    becomes one with features ``"<feature>@<tier>"`` (tier-major, only the buckets that have a
-    sub-table; all of them when MEAN pooling needs the DROP lengths) holding local rows of each
-    tier's sub-table.  It holds only the id map (4 bytes per row).
+    becomes one with features ``"<name>@<tier>"`` (``<name>`` the output key: the feature, or
+    ``"<feature>@<table>"`` for a feature several tables read; tier-major, only the buckets
+    that have a sub-table; all of them when MEAN pooling needs the DROP lengths) holding local
+    rows of each tier's sub-table.  It holds only the id map (4 bytes per row).
 
     Every id is renumbered with one gather (per feature on CPU, one over all features on CUDA),
     then split by tier with one ``block_bucketize_sparse_features`` call.  Ids outside their
@@ -69,14 +71,18 @@ class RowwiseInputTransform(nn.Module):
         self.strict = strict
         configs = layout.configs()
         tiers = [Tier.parse(t) for t in layout.tiers]
-        self.features = [f for c in configs for f in c.feature_names]
-        self._config = {f: c for c in configs for f in c.feature_names}
+        slots = layout.slots()
+        # One slot per (feature, table): the input feature it reads (a feature several tables
+        # read appears once per table), its output name and its table.
+        self.features = [f for _, f, _ in slots]
+        self.slots = [e for e, _, _ in slots]
+        self._slot_config = [c for _, _, c in slots]
         self.num_tiers = len(tiers)
-        # Every bucket block_bucketize makes, [tier][feature] (what :meth:`bucketize` returns).
-        self.bucket_keys = [f"{f}@{t.value}" for t in tiers for f in self.features]
-        # Buckets that never hold an id: a tier the feature's table has no rows in.
-        self.empty_buckets = {f"{f}@{t.value}" for k, t in enumerate(tiers) for f in self.features
-                              if layout.rows[self._config[f].name][k] == 0}
+        # Every bucket block_bucketize makes, [tier][slot] (what :meth:`bucketize` returns).
+        self.bucket_keys = [f"{e}@{t.value}" for t in tiers for e in self.slots]
+        # Buckets that never hold an id: a tier the slot's table has no rows in.
+        self.empty_buckets = {f"{e}@{t.value}" for k, t in enumerate(tiers)
+                              for e, c in zip(self.slots, self._slot_config) if layout.rows[c.name][k] == 0}
         has_rows = [not k.endswith(f"@{Tier.DROP.value}") and k not in self.empty_buckets
                     for k in self.bucket_keys]
         mean_with_drop = Tier.DROP in tiers and any(c.pooling == PoolingType.MEAN for c in configs)
@@ -96,31 +102,27 @@ class RowwiseInputTransform(nn.Module):
         # Renumbered row of every row of every table (tables concatenated): 4 bytes per row.
         self.register_buffer("row_map", torch.zeros(base, dtype=torch.int32, device=device))
         self.register_buffer("block_sizes", torch.tensor(
-            [max(1, self._config[f].num_embeddings) for f in self.features], device=device),
-            persistent=False)
+            [max(1, c.num_embeddings) for c in self._slot_config], device=device), persistent=False)
         self.register_buffer("feature_base", torch.tensor(
-            [self.table_base[self._config[f].name] for f in self.features], device=device),
-            persistent=False)
+            [self.table_base[c.name] for c in self._slot_config], device=device), persistent=False)
         self.register_buffer("feature_rows", torch.tensor(
-            [self._config[f].num_embeddings for f in self.features], device=device),
-            persistent=False)
-        self._bucket_pos = [torch.cumsum(torch.tensor([0] + layout.rows[self._config[f].name]), 0).to(device)
-                            for f in self.features]
+            [c.num_embeddings for c in self._slot_config], device=device), persistent=False)
+        self._bucket_pos = [torch.cumsum(torch.tensor([0] + layout.rows[c.name]), 0).to(device)
+                            for c in self._slot_config]
 
     def _renumber_per_feature(self, values: torch.Tensor, per_key: List[int]) -> torch.Tensor:
         """CPU: per feature, a min/max check and one gather from the feature's table's slice of
         the id map (no per-id feature index is materialised)."""
         renumbered = torch.empty(values.shape, dtype=torch.int32, device=values.device)
         start = 0
-        for f, n in zip(self.features, per_key):
+        for s, (c, n) in enumerate(zip(self._slot_config, per_key)):
             if n == 0:
                 continue
             ids = values[start : start + n]
-            c = self._config[f]
             if self.check_ids:
                 lo, hi = torch.aminmax(ids)
                 if int(lo) < 0 or int(hi) >= c.num_embeddings:
-                    self._raise_bad_id(f, ids)
+                    self._raise_bad_id(s, ids)
             base = self.table_base[c.name]
             torch.index_select(self.row_map[base : base + c.num_embeddings], 0, ids,
                                out=renumbered[start : start + n])
@@ -139,15 +141,23 @@ class RowwiseInputTransform(nn.Module):
             bad = (values < 0) | (values >= self.feature_rows[feature_of_id])
             if bool(bad.any()):
                 i = int(bad.nonzero()[0])
-                f = self.features[int(feature_of_id[i])]
-                self._raise_bad_id(f, values[i : i + 1])
+                self._raise_bad_id(int(feature_of_id[i]), values[i : i + 1])
         return self.row_map[values.long() + self.feature_base[feature_of_id]]
 
-    def _raise_bad_id(self, f: str, ids: torch.Tensor) -> None:
-        c = self._config[f]
+    def _raise_bad_id(self, slot: int, ids: torch.Tensor) -> None:
+        """Raise naming the feature, the first id of ``ids`` outside the table of ``slot``, and
+        that table."""
+        f, c = self.features[slot], self._slot_config[slot]
         bad = ids[(ids < 0) | (ids >= c.num_embeddings)][0]
         raise ValueError(f"feature {f!r}: id {int(bad)} is outside table "
                          f"{c.name!r} ({c.num_embeddings} rows)")
+
+    def raise_if_outside(self, feature: str, ids: torch.Tensor) -> None:
+        """Raise (see :meth:`_raise_bad_id`) if one of ``ids`` of input ``feature`` is outside
+        a table of this group that reads it."""
+        for s, (f, c) in enumerate(zip(self.features, self._slot_config)):
+            if f == feature and bool(((ids < 0) | (ids >= c.num_embeddings)).any()):
+                self._raise_bad_id(s, ids)
 
     def bucketize(self, features: KeyedJaggedTensor
                   ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], int]:
