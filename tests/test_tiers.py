@@ -14,6 +14,7 @@ from shark_torchrec.quant import (
     row_bytes,
     sub_table_bytes,
 )
+from shark_torchrec.quant.tiers import weighted_error
 
 
 def test_row_bytes_follow_fbgemm_layout() -> None:
@@ -74,7 +75,7 @@ def test_budget_is_met_and_beats_fractions_of_the_same_size() -> None:
         return sum(float((p[n].double() * torch.stack([quantization_error(w[n], t) for t in TIER_ORDER], 1)
                           .gather(1, a.tiers[n].long().unsqueeze(1)).squeeze(1)).sum()) for n in w)
 
-    assert objective(opt) == pytest.approx(opt.details["weighted_error"], rel=1e-9)
+    assert objective(opt) == pytest.approx(weighted_error(opt, p, w), rel=1e-9)
     assert objective(opt) < objective(frac)
 
 
@@ -91,7 +92,7 @@ def test_budget_solution_is_optimal_for_its_size_by_brute_force() -> None:
         best = min(sum(float(p["a"][r] * err[r, k]) for r, k in enumerate(choice))
                    for choice in itertools.product(range(4), repeat=4)
                    if sum(size[k] for k in choice) <= used)
-        assert opt.details["weighted_error"] == pytest.approx(best, rel=1e-9, abs=1e-15)
+        assert weighted_error(opt, p, w) == pytest.approx(best, rel=1e-9, abs=1e-15)
         assert used <= budget
 
 

@@ -1,4 +1,7 @@
-"""The mixed collection's CPU lookup kernel: ``torch.ops.shark_torchrec.mixed_embedding_bag``.
+"""The project's CPU kernels: the mixed collection's lookup
+(``torch.ops.shark_torchrec.mixed_embedding_bag``, ``csrc/mixed_lookup.cpp``) and the tier
+choice of a byte budget (``row_tier_errors``, ``tier_hull``, ``hull_histogram``, ``hull_pick``,
+``csrc/tier_choice.cpp``; see :mod:`shark_torchrec.quant.budget`).
 
 FBGEMM has no CPU op that reads a bag whose rows sit in sub-tables of different precisions:
 its TBE reads each sub-table's part of a bag apart, so the ids must first be split by tier
@@ -7,7 +10,7 @@ its TBE reads each sub-table's part of a bag apart, so the ids must first be spl
 in one pass over the ids, reading the rows where FBGEMM's TBE holds them (so the weights, the
 state dict, sharding and the CUDA path stay FBGEMM's).
 
-It is compiled on first use with ``torch.utils.cpp_extension.load`` (g++ and ninja; about 20 s
+Both are compiled together, on first use with ``torch.utils.cpp_extension.load`` (g++ and ninja; about 20 s
 once, then cached under ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) for the
 machine it runs on (``-march=native``: AVX2/F16C where the CPU has them, a scalar loop
 otherwise).  Where it cannot be built the collection falls back to FBGEMM's ops, with one
@@ -25,14 +28,15 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-_SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "mixed_lookup.cpp")
+_SOURCES = [os.path.join(os.path.dirname(__file__), "csrc", name)
+            for name in ("mixed_lookup.cpp", "tier_choice.cpp")]
 _lock = threading.Lock()
 _state = {"loaded": None}  # None: not tried yet; then True / False
 
 
 def cpu_kernel_available() -> bool:
-    """Whether ``torch.ops.shark_torchrec.mixed_embedding_bag`` can be used (building it on
-    the first call)."""
+    """Whether the kernels (``torch.ops.shark_torchrec.*``) can be used (building them on the
+    first call)."""
     if _state["loaded"] is not None:
         return _state["loaded"]
     with _lock:
@@ -44,17 +48,19 @@ def cpu_kernel_available() -> bool:
 def _load() -> bool:
     if os.environ.get("SHARK_TORCHREC_CPU_KERNEL", "1") == "0":
         return False
-    if hasattr(torch.ops.shark_torchrec, "mixed_embedding_bag"):  # loaded by another copy
+    if hasattr(torch.ops.shark_torchrec, "mixed_embedding_bag") and hasattr(
+            torch.ops.shark_torchrec, "tier_hull"):  # loaded by another copy
         return True
     try:
         from torch.utils.cpp_extension import load
 
-        logger.info("building the mixed collection's CPU kernel (once per machine)")
-        load(name="shark_torchrec_mixed_lookup", sources=[_SOURCE], is_python_module=False,
+        logger.info("building shark_torchrec's CPU kernels (once per machine)")
+        load(name="shark_torchrec_kernels", sources=_SOURCES, is_python_module=False,
              extra_cflags=["-O3", "-march=native"], verbose=False)
-        return hasattr(torch.ops.shark_torchrec, "mixed_embedding_bag")
+        return hasattr(torch.ops.shark_torchrec, "mixed_embedding_bag") and hasattr(
+            torch.ops.shark_torchrec, "tier_hull")
     except Exception as e:  # no compiler, no ninja, read-only cache, ...
-        warnings.warn(f"shark_torchrec: the mixed collection's CPU kernel could not be built "
-                      f"({type(e).__name__}: {e}); using FBGEMM's block_bucketize + TBE path, "
-                      f"which is slower", RuntimeWarning)
+        warnings.warn(f"shark_torchrec: the CPU kernels could not be built "
+                      f"({type(e).__name__}: {e}); using FBGEMM's block_bucketize + TBE path for "
+                      f"lookups and plain torch for tier choices, which are slower", RuntimeWarning)
         return False

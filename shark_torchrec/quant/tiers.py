@@ -12,8 +12,9 @@ or counts supplied by the user:
 * :func:`assign_by_budget` — minimise ``Σ_v p[v] · err_tier(v)`` subject to the bytes of all
   tables ≤ budget, where ``err_tier(v)`` is the measured squared error of row ``v`` quantized to
   that tier (DROP: the row's squared norm).  Solved by Lagrangian relaxation: for a price ``λ``
-  per byte, each row takes the tier minimising ``p·err + λ·bytes``; ``λ`` is bisected to the
-  smallest price that meets the budget (so the result may leave a little of the budget unused).
+  per byte, each row takes the tier minimising ``p·err + λ·bytes``; ``λ`` is the lowest price
+  that meets the budget, found exactly from each row's breakpoints
+  (:mod:`~shark_torchrec.quant.budget`; the result may leave a little of the budget unused).
 
 Bytes come from FBGEMM's own helpers (``rounded_row_size_in_bytes``: scale/bias and row
 alignment included; ``align_to_cacheline`` per physical sub-table).
@@ -220,11 +221,13 @@ def assign_by_budget(
     budget_bytes: int,
     tiers: Sequence["str | Tier"] = ("fp16", "int8", "int4", "int2", "drop"),
     row_alignment: int = DEFAULT_ROW_ALIGNMENT,
-    iterations: int = 60,
     drop_rows: str = "any",
+    column_blocks: Optional[Dict[str, Sequence[int]]] = None,
 ) -> TierAssignment:
     """Tiers minimising the priority-weighted quantization error within ``budget_bytes``
-    (all tables together).
+    (all tables together), by the exact Lagrangian search of :mod:`~shark_torchrec.quant.budget`
+    (the lowest price per byte that meets the budget; every row takes its least
+    ``p·err + price·bytes`` tier).  Rows are read in chunks: no copy of a table is made.
 
     Args:
         priorities: ``{table: [rows]}`` priorities (or counts), >= 0.
@@ -236,7 +239,12 @@ def assign_by_budget(
             priority is 0: rows training never read, still at their initial values).  The
             priority-weighted squared error prices dropping a rarely used row low, yet zeroing
             it hurt AUC far more than storing it in INT2 (see ``attribute_quantization_loss``).
+        column_blocks: ``{table: [widths]}`` for tables stored in column blocks (column-wise
+            sharding): each block is quantized apart (its own scale and bias), so a row's error
+            is the sum of its blocks' errors and its bytes those of every block.
     """
+    from shark_torchrec.quant import budget as B  # (budget.py builds on this module)
+
     if drop_rows not in ("any", "unused"):
         raise ValueError(f"drop_rows must be 'any' or 'unused', got {drop_rows!r}")
     dims = {name: int(w.shape[1]) for name, w in weights.items()}
@@ -244,44 +252,67 @@ def assign_by_budget(
     allowed = sorted({Tier.parse(t) for t in tiers}, key=TIER_ORDER.index)
     if not allowed:
         raise ValueError("no tiers allowed")
+    blocks = {n: list((column_blocks or {}).get(n, [dims[n]])) for n in weights}
     for name, w in weights.items():
-        if not bool(torch.isfinite(w).all()):
-            row = int((~torch.isfinite(w)).any(1).nonzero()[0])
-            raise ValueError(f"table {name!r}: row {row} of the weights is not finite")
         if w.shape[0] != priorities[name].numel():
             raise ValueError(f"table {name!r}: {priorities[name].numel()} priorities for "
                              f"{w.shape[0]} rows")
-    names = list(weights)
-    cost, size = [], []
-    for name in names:
-        err = torch.stack([quantization_error(weights[name], t) for t in allowed], 1)  # [N, K]
-        c = priorities[name].double().unsqueeze(1) * err
-        if drop_rows == "unused" and Tier.DROP in allowed:
-            k = allowed.index(Tier.DROP)
-            c[:, k] = torch.where(priorities[name].double() > 0, math.inf, c[:, k])
-        cost.append(c)
-        size.append(torch.tensor([row_bytes(t, dims[name], row_alignment) for t in allowed],
-                                 dtype=torch.float64))
-
-    def choose(lam: float) -> Tuple[List[torch.Tensor], float]:
-        picks, total = [], 0.0
-        for c, b in zip(cost, size):
-            k = torch.argmin(c + lam * b.unsqueeze(0), dim=1)
-            picks.append(k)
-            total += float(b[k].sum())
-        return picks, total
-
-    # (each row's smallest size among the tiers it may take)
-    smallest = sum(float(torch.where(torch.isfinite(c), b.unsqueeze(0), math.inf).min(1).values.sum())
-                   for c, b in zip(cost, size))
+        if sum(blocks[name]) != dims[name]:
+            raise ValueError(f"table {name!r}: column blocks {blocks[name]} do not add up to dim {dims[name]}")
+    choices = {}
+    for name, w in weights.items():
+        sizes = B.tier_sizes(blocks[name], allowed, row_alignment)
+        choices[name] = table_choices(name, w, priorities[name], allowed, sizes, blocks[name], drop_rows)
+    smallest = sum(B.smallest_bytes(c) for c in choices.values())
     if smallest > budget_bytes:
         raise BudgetError(f"budget {budget_bytes} bytes is below the smallest possible size "
-                         f"{int(smallest)} with tiers {[t.value for t in allowed]}")
-    lam_hi = lowest_price(lambda lam: choose(lam)[1], budget_bytes, iterations)
-    picks, total = choose(lam_hi)
-    out = {name: torch.tensor([TIER_ORDER.index(allowed[i]) for i in range(len(allowed))],
-                              dtype=torch.int8)[k] for name, k in zip(names, picks)}
-    objective = sum(float(c.gather(1, k.unsqueeze(1)).sum()) for c, k in zip(cost, picks))
+                          f"{int(smallest)} with tiers {[t.value for t in allowed]}")
+    price = B.price_for_budget(list(choices.values()), budget_bytes)
+    out = {name: B.pick(c, price) for name, c in choices.items()}
+    total = sum(int(B.tier_sizes(blocks[n], TIER_ORDER, row_alignment)[t.long()].sum()) for n, t in out.items())
     return TierAssignment(out, dims, row_alignment, method=f"budget {budget_bytes} bytes (drop {drop_rows} rows)",
-                          details={"row_bytes": total, "weighted_error": objective,
-                                   "lambda": lam_hi if total else 0.0})
+                          details={"row_bytes": total, "lambda": B.price_value(price)})
+
+
+def table_choices(name: str, weights: torch.Tensor, priorities: torch.Tensor, allowed: Sequence[Tier],
+                  sizes: torch.Tensor, blocks: Sequence[int], drop_rows: str = "any",
+                  extra_errors: Optional[Callable[[int, int], torch.Tensor]] = None):
+    """:class:`~shark_torchrec.quant.budget.RowChoices` of a table's rows, read in chunks;
+    ``blocks``: the widths of its column blocks in ``weights`` (each measured apart);
+    ``extra_errors(r0, r1)``: errors of rows ``[r0, r1)`` in blocks held elsewhere (added, in
+    column order, after these).  A non-finite row is an error naming the table and the row."""
+    from shark_torchrec.quant import budget as B
+
+    parts = []
+    n = weights.shape[0]
+    edges = [0]
+    for b in blocks:
+        edges.append(edges[-1] + b)
+    for r0 in range(0, max(n, 1), B.CHUNK_ROWS):
+        r1 = min(n, r0 + B.CHUNK_ROWS)
+        err = None
+        for c0, c1 in zip(edges, edges[1:]):
+            e = B.tier_errors(weights[r0:r1, c0:c1], allowed)
+            err = e if err is None else err.add_(e)
+        if extra_errors is not None:
+            e = extra_errors(r0, r1)
+            err = e if err is None else err.add_(e)
+        bad = torch.isnan(err).any(1)
+        if bool(bad.any()):
+            row = r0 + int(bad.nonzero()[0])
+            raise ValueError(f"table {name!r}: row {row} of the weights is not finite")
+        parts.append(B.row_choices(err, priorities[r0:r1], allowed, sizes, drop_rows))
+    out = parts[0]
+    for p in parts[1:]:
+        out = out.cat(p)
+    return out
+
+
+def weighted_error(assignment: "TierAssignment", priorities: Dict[str, torch.Tensor],
+                   weights: Dict[str, torch.Tensor]) -> float:
+    """``Σ_v p[v] · err_tier(v)`` of an assignment (what :func:`assign_by_budget` minimises)."""
+    total = 0.0
+    for name, t in assignment.tiers.items():
+        err = torch.stack([quantization_error(weights[name], tier) for tier in TIER_ORDER], 1)
+        total += float((priorities[name].double() * err.gather(1, t.long().unsqueeze(1)).squeeze(1)).sum())
+    return total

@@ -1,0 +1,331 @@
+// Choosing row tiers at memory speed: the per-row error of every tier, each row's Lagrangian
+// choices as the price per byte rises, and the exact global price for a byte budget.
+//
+// The byte-budget assignment (shark_torchrec/quant/budget.py) minimises
+// sum_v p[v] * err_tier(v) subject to sum_v bytes_tier(v) <= budget.  For a price lambda per
+// byte every row takes the tier minimising p * err + lambda * bytes; as lambda rises a row moves
+// to smaller tiers at a few prices, its breakpoints (the lower convex hull of its
+// (bytes, cost) points).  So the whole search is: one pass computing every row's errors and
+// breakpoints (row_tier_errors, tier_hull), a histogram of the bytes saved at each breakpoint
+// to find the lowest price that meets the budget (hull_histogram: the price's float32 bits,
+// 16 at a time; the histograms add up over shards and ranks), and one pass reading each row's
+// tier at that price (hull_pick).  No pass over all rows per bisection step.
+//
+// The errors are those of FBGEMM's row-wise quantizers (FloatOrHalfToFusedNBitRowwise-
+// QuantizedSBHalf: bias = the row minimum rounded to fp16, scale = range / (2^bits - 1) rounded
+// to fp16, q = round-to-nearest-even((x - bias) / scale) clamped; read back as scale * q + bias)
+// and of fp16 rounding; DROP's error is the row's squared norm, FP32's is 0.
+//
+// Built with mixed_lookup.cpp by shark_torchrec/quant/cpu_kernel.py; registered as
+// torch.ops.shark_torchrec.{row_tier_errors, tier_hull, hull_histogram, hull_pick}.
+#include <ATen/Functions.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+
+constexpr int kMaxTiers = 6;
+
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+#include <immintrin.h>
+#define SHARK_AVX2 1
+#endif
+
+inline float round_to_half(float x) {
+#ifdef SHARK_AVX2
+  return _cvtsh_ss(_cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT));
+#else
+  return static_cast<float>(c10::Half(x));
+#endif
+}
+
+// FBGEMM's reference quantizer's parameters (QuantUtils.cc,
+// FloatOrHalfToFusedNBitRowwiseQuantizedSBHalfRef): bias, scale and 1 / scale.
+inline void nbit_params(float lo, float hi, int b, float* bias, float* scale, float* inv) {
+  *bias = round_to_half(lo);
+  const float range = hi - *bias;
+  *scale = round_to_half(range == 0.f ? 1.f : range / (float)((1 << b) - 1));
+  if (*scale == 0.f) *scale = 1.f;
+  *inv = 1.f / *scale;
+  if (std::isinf(*inv)) {
+    *scale = 1.f;
+    *inv = 1.f;
+  }
+}
+
+inline double norm_or_zero(int b, double norm) { return b == 0 ? norm : 0.0; }
+
+// Squared error of one row in every tier; bits: 32 FP32, 16 FP16, 8/4/2 INTn, 0 DROP.
+// Returns false if the row holds a NaN or an infinity.
+bool row_errors(const float* x, int64_t D, const int64_t* bits, int K, double* out) {
+#ifdef SHARK_AVX2
+  if (D % 8 == 0) {
+    __m256 vlo = _mm256_loadu_ps(x), vhi = vlo, vnorm = _mm256_setzero_ps();
+    __m256 bad = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += 8) {
+      const __m256 v = _mm256_loadu_ps(x + d);
+      vlo = _mm256_min_ps(vlo, v);
+      vhi = _mm256_max_ps(vhi, v);
+      vnorm = _mm256_fmadd_ps(v, v, vnorm);
+      bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_sub_ps(v, v), _mm256_setzero_ps(), _CMP_NEQ_UQ));
+    }
+    if (_mm256_movemask_ps(bad)) return false;
+    float lo_l[8], hi_l[8], n_l[8];
+    _mm256_storeu_ps(lo_l, vlo);
+    _mm256_storeu_ps(hi_l, vhi);
+    _mm256_storeu_ps(n_l, vnorm);
+    float lo = lo_l[0], hi = hi_l[0];
+    double norm = 0.0;
+    for (int i = 0; i < 8; ++i) {
+      lo = std::min(lo, lo_l[i]);
+      hi = std::max(hi, hi_l[i]);
+      norm += n_l[i];
+    }
+    for (int k = 0; k < K; ++k) {
+      const int b = (int)bits[k];
+      __m256 acc = _mm256_setzero_ps();
+      if (b == 16) {
+        for (int64_t d = 0; d < D; d += 8) {
+          const __m256 v = _mm256_loadu_ps(x + d);
+          const __m256 e = _mm256_sub_ps(v, _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT)));
+          acc = _mm256_fmadd_ps(e, e, acc);
+        }
+      } else if (b == 8 || b == 4 || b == 2) {
+        float bias, scale, inv;
+        nbit_params(lo, hi, b, &bias, &scale, &inv);
+        const __m256 vb = _mm256_set1_ps(bias), vs = _mm256_set1_ps(scale), vi = _mm256_set1_ps(inv);
+        const __m256 top = _mm256_set1_ps((float)((1 << b) - 1)), zero = _mm256_setzero_ps();
+        for (int64_t d = 0; d < D; d += 8) {
+          const __m256 v = _mm256_loadu_ps(x + d);
+          __m256 q = _mm256_round_ps(_mm256_mul_ps(_mm256_sub_ps(v, vb), vi),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+          q = _mm256_min_ps(_mm256_max_ps(q, zero), top);
+          const __m256 e = _mm256_sub_ps(v, _mm256_add_ps(_mm256_mul_ps(vs, q), vb));
+          acc = _mm256_fmadd_ps(e, e, acc);
+        }
+      } else {
+        out[k] = norm_or_zero(b, norm);
+        continue;
+      }
+      float a[8];
+      _mm256_storeu_ps(a, acc);
+      double sum = 0.0;
+      for (int i = 0; i < 8; ++i) sum += a[i];
+      out[k] = sum;
+    }
+    return true;
+  }
+#endif
+  float lo = x[0], hi = x[0];
+  double norm = 0.0;
+  bool finite = true;
+  for (int64_t d = 0; d < D; ++d) {
+    const float v = x[d];
+    finite &= std::isfinite(v);
+    lo = v < lo ? v : lo;
+    hi = v > hi ? v : hi;
+    norm += (double)v * v;
+  }
+  if (!finite) return false;
+  for (int k = 0; k < K; ++k) {
+    const int b = (int)bits[k];
+    if (b == 16) {
+      double acc = 0.0;
+      for (int64_t d = 0; d < D; ++d) {
+        const float e = x[d] - round_to_half(x[d]);
+        acc += (double)e * e;
+      }
+      out[k] = acc;
+    } else if (b == 8 || b == 4 || b == 2) {
+      float bias, scale, inv;
+      nbit_params(lo, hi, b, &bias, &scale, &inv);
+      const float levels = (float)((1 << b) - 1);
+      double acc = 0.0;
+      for (int64_t d = 0; d < D; ++d) {
+        float q = std::nearbyint((x[d] - bias) * inv);
+        q = q < 0.f ? 0.f : (q > levels ? levels : q);
+        const float e = x[d] - (scale * q + bias);
+        acc += (double)e * e;
+      }
+      out[k] = acc;
+    } else {
+      out[k] = norm_or_zero(b, norm);
+    }
+  }
+  return true;
+}
+
+// err [n, K] float64: row r's squared error in tier k (bits[k]); a row with a NaN or infinity
+// gets NaN in every column.
+Tensor row_tier_errors(const Tensor& weights, at::IntArrayRef bits) {
+  TORCH_CHECK(weights.device().is_cpu() && weights.scalar_type() == at::kFloat && weights.dim() == 2,
+              "row_tier_errors: weights must be a float32 [rows, dim] CPU tensor");
+  TORCH_CHECK(weights.stride(1) == 1, "row_tier_errors: rows must be contiguous");
+  const int K = (int)bits.size();
+  TORCH_CHECK(K >= 1 && K <= kMaxTiers, "row_tier_errors: 1 to ", kMaxTiers, " tiers");
+  for (int64_t b : bits)
+    TORCH_CHECK(b == 32 || b == 16 || b == 8 || b == 4 || b == 2 || b == 0, "row_tier_errors: bits ", b);
+  const int64_t n = weights.size(0), D = weights.size(1), stride = weights.stride(0);
+  Tensor out = at::empty({n, K}, weights.options().dtype(at::kDouble));
+  if (n == 0) return out;
+  TORCH_CHECK(D > 0, "row_tier_errors: rows of dim 0");
+  const float* w = weights.data_ptr<float>();
+  double* o = out.data_ptr<double>();
+  const std::vector<int64_t> b(bits.begin(), bits.end());
+  at::parallel_for(0, n, 2048, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      if (!row_errors(w + r * stride, D, b.data(), K, o + r * K))
+        for (int k = 0; k < K; ++k) o[r * K + k] = std::numeric_limits<double>::quiet_NaN();
+    }
+  });
+  return out;
+}
+
+// Each row's choices as the price per byte rises from 0: seq [n, K] int8 (tier positions, -1
+// after the last) and bp [n, K - 1] float32 (the price at which the row moves from seq[m] to
+// seq[m + 1]; +inf after the last).  cost_k = p * err_k; with drop_unused, tier drop_index is
+// closed to rows whose priority is > 0.  At price 0 a row takes its least-cost tier (the first
+// on ties); then, at each breakpoint, the tier the cost line reaches first (the smallest on
+// ties).  Breakpoints are rounded to float32 and never decrease along a row.
+std::tuple<Tensor, Tensor> tier_hull(const Tensor& err, const Tensor& priority, const Tensor& sizes,
+                                     bool drop_unused, int64_t drop_index) {
+  TORCH_CHECK(err.device().is_cpu() && err.scalar_type() == at::kDouble && err.dim() == 2 && err.is_contiguous(),
+              "tier_hull: err must be a contiguous float64 [rows, tiers] CPU tensor");
+  TORCH_CHECK(priority.scalar_type() == at::kDouble && priority.is_contiguous() && priority.numel() == err.size(0),
+              "tier_hull: priority must be float64, one per row");
+  const int64_t n = err.size(0);
+  const int K = (int)err.size(1);
+  TORCH_CHECK(K >= 1 && K <= kMaxTiers, "tier_hull: 1 to ", kMaxTiers, " tiers");
+  TORCH_CHECK(sizes.scalar_type() == at::kLong && sizes.numel() == K, "tier_hull: sizes must be int64 [tiers]");
+  Tensor seq = at::full({n, K}, -1, err.options().dtype(at::kChar));
+  Tensor bp = at::full({n, std::max(K - 1, 1)}, std::numeric_limits<float>::infinity(),
+                       err.options().dtype(at::kFloat));
+  const double* e = err.data_ptr<double>();
+  const double* p = priority.data_ptr<double>();
+  const int64_t* s = sizes.data_ptr<int64_t>();
+  int8_t* q = seq.data_ptr<int8_t>();
+  float* b = bp.data_ptr<float>();
+  const int64_t W = bp.size(1);
+  at::parallel_for(0, n, 4096, [&](int64_t r0, int64_t r1) {
+    double c[kMaxTiers];
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int k = 0; k < K; ++k) {
+        c[k] = p[r] * e[r * K + k];
+        if (drop_unused && k == drop_index && p[r] > 0) c[k] = std::numeric_limits<double>::infinity();
+      }
+      int cur = 0;
+      for (int k = 1; k < K; ++k)
+        if (c[k] < c[cur]) cur = k;
+      q[r * K] = (int8_t)cur;
+      float last = 0.f;
+      for (int m = 0; m < K - 1; ++m) {
+        int next = -1;
+        double best = std::numeric_limits<double>::infinity();
+        for (int j = 0; j < K; ++j) {
+          if (s[j] >= s[cur] || !std::isfinite(c[j])) continue;
+          const double lam = (c[j] - c[cur]) / (double)(s[cur] - s[j]);
+          if (next < 0 || lam < best || (lam == best && s[j] < s[next])) {
+            best = lam;
+            next = j;
+          }
+        }
+        if (next < 0) break;
+        float f = (float)(best > 0 ? best : 0.0);
+        if (f < last) f = last;
+        last = f;
+        b[r * W + m] = f;
+        q[r * K + m + 1] = (int8_t)next;
+        cur = next;
+      }
+    }
+  });
+  return {bp, seq};
+}
+
+inline uint32_t float_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
+// Bytes saved at each breakpoint, binned by 16 bits of its float32 pattern (non-negative
+// floats order as their bit patterns): prefix < 0 bins by the high 16 bits; otherwise only
+// breakpoints whose high 16 bits equal prefix count, binned by the low 16.  int64 [65536].
+Tensor hull_histogram(const Tensor& bp, const Tensor& seq, const Tensor& sizes, int64_t prefix) {
+  TORCH_CHECK(bp.scalar_type() == at::kFloat && seq.scalar_type() == at::kChar && bp.is_contiguous() &&
+                  seq.is_contiguous() && bp.size(0) == seq.size(0),
+              "hull_histogram: bp float32 [rows, K-1] and seq int8 [rows, K] from tier_hull");
+  const int64_t n = seq.size(0), K = seq.size(1), W = bp.size(1);
+  TORCH_CHECK(sizes.scalar_type() == at::kLong && sizes.numel() == K, "hull_histogram: sizes int64 [K]");
+  Tensor hist = at::zeros({65536}, seq.options().dtype(at::kLong));
+  int64_t* h = hist.data_ptr<int64_t>();
+  const float* b = bp.data_ptr<float>();
+  const int8_t* q = seq.data_ptr<int8_t>();
+  const int64_t* s = sizes.data_ptr<int64_t>();
+  for (int64_t r = 0; r < n; ++r) {
+    for (int64_t m = 0; m + 1 < K && m < W; ++m) {
+      const int8_t to = q[r * K + m + 1];
+      if (to < 0) break;
+      const uint32_t u = float_bits(b[r * W + m]);
+      const int64_t saved = s[q[r * K + m]] - s[to];
+      if (prefix < 0) {
+        h[u >> 16] += saved;
+      } else if ((int64_t)(u >> 16) == prefix) {
+        h[u & 0xffff] += saved;
+      }
+    }
+  }
+  return hist;
+}
+
+// Each row's tier position at price bits `price` (a float32 bit pattern; -1: price 0 before any
+// breakpoint at 0, i.e. every row's least-cost tier): the last seq entry whose breakpoint is
+// <= the price.  Returns (positions int8 [rows], rows per position int64 [K]).
+std::tuple<Tensor, Tensor> hull_pick(const Tensor& bp, const Tensor& seq, int64_t price) {
+  TORCH_CHECK(bp.scalar_type() == at::kFloat && seq.scalar_type() == at::kChar && bp.is_contiguous() &&
+                  seq.is_contiguous() && bp.size(0) == seq.size(0),
+              "hull_pick: bp float32 [rows, K-1] and seq int8 [rows, K] from tier_hull");
+  const int64_t n = seq.size(0), K = seq.size(1), W = bp.size(1);
+  Tensor pick = at::empty({n}, seq.options());
+  Tensor counts = at::zeros({K}, seq.options().dtype(at::kLong));
+  int8_t* out = pick.data_ptr<int8_t>();
+  int64_t* c = counts.data_ptr<int64_t>();
+  const float* b = bp.data_ptr<float>();
+  const int8_t* q = seq.data_ptr<int8_t>();
+  for (int64_t r = 0; r < n; ++r) {
+    int64_t m = 0;
+    if (price >= 0) {
+      while (m + 1 < K && m < W && q[r * K + m + 1] >= 0 && (int64_t)float_bits(b[r * W + m]) <= price) ++m;
+    }
+    out[r] = q[r * K + m];
+    ++c[q[r * K + m]];
+  }
+  return {pick, counts};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(shark_torchrec, m) {
+  m.def("row_tier_errors(Tensor weights, int[] bits) -> Tensor");
+  m.def("tier_hull(Tensor err, Tensor priority, Tensor sizes, bool drop_unused, int drop_index) -> (Tensor, Tensor)");
+  m.def("hull_histogram(Tensor bp, Tensor seq, Tensor sizes, int prefix) -> Tensor");
+  m.def("hull_pick(Tensor bp, Tensor seq, int price) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(shark_torchrec, CPU, m) {
+  m.impl("row_tier_errors", &row_tier_errors);
+  m.impl("tier_hull", &tier_hull);
+  m.impl("hull_histogram", &hull_histogram);
+  m.impl("hull_pick", &hull_pick);
+}
