@@ -43,7 +43,7 @@ from torchrec.distributed.types import ShardingType
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from shark_torchrec.errors import SharkInputError
-from shark_torchrec.quant.api import RowwiseQuantConfig
+from shark_torchrec.quant.config import RowwiseQuantConfig
 from shark_torchrec.quant.tiers import Tier
 
 _CONSTRAINT_KEYS = {

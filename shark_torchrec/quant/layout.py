@@ -127,11 +127,3 @@ class MixedLayout:
                            is_weighted=self.is_weighted, groups=[list(names)],
                            row_alignment=self.row_alignment,
                            embedding_names={n: e for n, e in self.embedding_names.items() if n in keep})
-
-
-def tier_positions(tier_index: torch.Tensor, used: Sequence[int]) -> torch.Tensor:
-    """Map TIER_ORDER indices to positions in ``used`` (the tiers present)."""
-    lut = torch.full((len(TIER_ORDER),), -1, dtype=torch.long)
-    for k, i in enumerate(used):
-        lut[i] = k
-    return lut[tier_index]

@@ -96,11 +96,15 @@ class _MixedGroup(nn.Module):
                 views[spec[0]] = (w, sb)
         return views
 
-    def _set_weights(self, name: str, data: Tuple[torch.Tensor, Optional[torch.Tensor]]) -> None:
-        w, sb = self._tbe_views()[name]
-        w.copy_(data[0].to(w.device))
+    def _set_weights(self, name: str, data: Tuple[torch.Tensor, Optional[torch.Tensor]], start: int = 0,
+                     views: Optional[Dict[str, Tuple[torch.Tensor, Optional[torch.Tensor]]]] = None) -> None:
+        """Write stored rows (:func:`~shark_torchrec.quant.rows.quantize_rows`) into sub-table
+        ``name`` from its row ``start`` on (``views``: :meth:`_tbe_views`, when already read)."""
+        w, sb = (views or self._tbe_views())[name]
+        n = data[0].shape[0]
+        w[start:start + n].copy_(data[0].to(w.device))
         if sb is not None:
-            sb.copy_(data[1].to(sb.device))
+            sb[start:start + n].copy_(data[1].to(sb.device))
 
     def memory(self) -> Tuple[Dict[str, Dict[str, int]], int, int]:
         """(bytes per table and tier, weight bytes held, id-map bytes held)."""

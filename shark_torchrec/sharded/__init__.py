@@ -1,0 +1,23 @@
+"""Compressing and serving sharded models where their shards lie.
+
+* :class:`ShardedLayout` (:func:`collection_layout`) — every shard's table, rows, columns and
+  rank, read from a ``DistributedModelParallel`` collection; each rank's shards as views.
+* :func:`assign_tiers_sharded` — the tier policy of ``quantize_`` decided by each row's
+  leader, with one global byte budget (all-reduced histograms).
+* :class:`Comm` — the collectives they use (none in a single process).
+"""
+
+from shark_torchrec.sharded.assign import ShardedTierAssignment, assign_tiers_sharded
+from shark_torchrec.sharded.comm import Comm
+from shark_torchrec.sharded.layout import REPLICATED, RowGroup, ShardedLayout, TableShard, collection_layout
+
+__all__ = [
+    "Comm",
+    "REPLICATED",
+    "RowGroup",
+    "ShardedLayout",
+    "ShardedTierAssignment",
+    "TableShard",
+    "assign_tiers_sharded",
+    "collection_layout",
+]

@@ -1,0 +1,302 @@
+"""Row tiers of a sharded collection, assigned where its shards lie.
+
+The same policy as :func:`~shark_torchrec.quant.assign_tiers` (a :class:`RowwiseQuantConfig`:
+one byte budget or row fractions, per-table pins, fractions and budgets), decided by each row
+group's leader (:mod:`.layout`) from the rows it holds, with:
+
+* **one global byte budget**: each rank's breakpoints histograms are all-reduced, so the price
+  per byte is the lowest that meets the budget over every rank
+  (:func:`~shark_torchrec.quant.budget.price_for_budget`);
+* **column-wise shards**: a row's blocks on other ranks send their errors (float64, a chunk of
+  rows at a time) to the leader, which adds them in column order and decides one tier for
+  the row; the tier goes back to every block;
+* **row fractions**: each table's boundary priorities by exact selection over the ranks
+  (:func:`~shark_torchrec.quant.budget.fraction_tiers`).
+
+The byte accounting does not depend on the placement: per table, an id map of 4 bytes per row
+and up to 128 bytes of padding per tier, once per column block.  (A table split into ``S``
+row shards holds up to ``128 · tiers · (S-1)`` bytes of padding more.)  So the tiers equal
+those of one process holding the same tables, whatever the number of ranks (tested); a
+column-wise sharded table is measured block by block, as it is stored.
+
+Memory per rank: its own shards are read in place, in chunks; on top, per row it leads, a
+priority (8 bytes) and its choices (``5 · K - 4`` bytes for ``K`` tiers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from shark_torchrec.quant import budget as B
+from shark_torchrec.quant.config import EXCLUDE, RowwiseQuantConfig
+from shark_torchrec.quant.tiers import TIER_ORDER, BudgetError, Tier, row_bytes
+from shark_torchrec.sharded.comm import Comm
+from shark_torchrec.sharded.layout import REPLICATED, RowGroup, ShardedLayout
+
+#: ``priorities(table, row_offset, rows)`` → float64 [rows]: the priorities of rows this rank
+#: leads.
+PriorityFn = Callable[[str, int, int], torch.Tensor]
+
+#: Bytes a table's sub-tables may pad per tier (a cache line), counted against budgets.
+PADDING_PER_TIER = 128
+
+
+@dataclasses.dataclass
+class ShardedTierAssignment:
+    """Tiers of the rows of this rank's shards.
+
+    Attributes:
+        tiers: ``{shard name: int8 [rows]}`` indices into :data:`TIER_ORDER`.
+        rows_per_tier: ``{table: [rows in each TIER_ORDER tier]}``, over all ranks.
+        row_alignment: the row alignment bytes were computed with.
+        method: the config, as JSON.
+        details: budget bytes, rows budget, price (budgets only).
+    """
+
+    tiers: Dict[str, torch.Tensor]
+    rows_per_tier: Dict[str, List[int]]
+    row_alignment: int
+    method: str = ""
+    details: Dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+def table_overhead(rows: int, blocks: int) -> int:
+    """Bytes a converted table holds besides its rows: the id map and sub-table padding, once
+    per column block."""
+    return blocks * (4 * rows + PADDING_PER_TIER * len(TIER_ORDER))
+
+
+class _Assigner:
+    """One rank's part of :func:`assign_tiers_sharded` (see the module docstring)."""
+
+    def __init__(self, layout: ShardedLayout, weights: Dict[str, torch.Tensor], config: RowwiseQuantConfig,
+                 priorities: Optional[PriorityFn], comm: Comm) -> None:
+        self.layout, self.weights, self.config, self.comm = layout, weights, config, comm
+        self.rank = comm.rank
+        self._priorities = priorities
+        self.configs = {c.name: c for c in layout.configs()}
+        self.order = [t["name"] for t in layout.tables]
+        self.groups = {t: layout.row_groups(t) for t in self.order}
+        self.blocks = {t: layout.column_blocks(t) for t in self.order}
+        self.decided: Dict[Tuple[str, int], torch.Tensor] = {}  # (table, row_offset) -> tiers
+
+    # ------------------------------------------------------------------ helpers
+    def led(self, table: str) -> List[Tuple[int, RowGroup]]:
+        """(position, group) of the table's row groups this rank decides."""
+        return [(i, g) for i, g in enumerate(self.groups[table]) if g.leader == self.rank]
+
+    def priority(self, g: RowGroup) -> torch.Tensor:
+        if self._priorities is None:
+            return torch.ones(g.rows, dtype=torch.float64)
+        p = self._priorities(g.table, g.row_offset, g.rows)
+        p = torch.as_tensor(p).double().reshape(-1)
+        if p.numel() != g.rows:
+            raise ValueError(f"table {g.table!r}: {p.numel()} priorities for rows "
+                             f"{g.row_offset}..{g.row_offset + g.rows}")
+        bad = ~torch.isfinite(p) | (p < 0)
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0])
+            raise ValueError(f"table {g.table!r}: priority of row {g.row_offset + row} is {float(p[row])} "
+                             f"(must be finite and >= 0)")
+        return p
+
+    def sizes(self, table: str, tiers: Sequence[Tier]) -> torch.Tensor:
+        return B.tier_sizes(self.blocks[table], tiers, self.config.row_alignment)
+
+    def decided_bytes(self, tables: Sequence[str]) -> int:
+        """Bytes of the rows already decided in ``tables``, over all ranks."""
+        local = 0
+        for t in tables:
+            all_sizes = self.sizes(t, TIER_ORDER)
+            for i, g in self.led(t):
+                local += int(all_sizes[self.decided[(t, g.row_offset)].long()].sum())
+        return int(self.comm.all_reduce(torch.tensor([local], dtype=torch.long))[0])
+
+    # ------------------------------------------------------------------ policies
+    def pin(self, table: str, tier: Tier) -> None:
+        for _, g in self.led(table):
+            self.decided[(table, g.row_offset)] = torch.full((g.rows,), TIER_ORDER.index(tier), dtype=torch.int8)
+
+    def fractions(self, table: str, fractions: Dict[str, float]) -> None:
+        """Collective: every rank calls it for every table, in the same order."""
+        order = [t for t in TIER_ORDER if fractions.get(t.value, 0) > 0]
+        mine = self.led(table)
+        parts = [self.priority(g) for _, g in mine]
+        tiers = B.fraction_tiers(parts, [i for i, _ in mine], len(self.groups[table]),
+                                 self.configs[table].num_embeddings, order,
+                                 [fractions[t.value] for t in order], self.comm.all_reduce)
+        for (_, g), t in zip(mine, tiers):
+            self.decided[(table, g.row_offset)] = t
+
+    def budget(self, tables: Sequence[str], rows_budget: int, label: str) -> Dict[str, float]:
+        """Collective: tiers of ``tables`` minimising the priority-weighted error within
+        ``rows_budget`` bytes over all ranks."""
+        allowed = sorted({Tier.parse(t) for t in self.config.tiers}, key=TIER_ORDER.index)
+        choices: Dict[Tuple[str, int], List[B.RowChoices]] = {}
+        for t in tables:
+            sizes = self.sizes(t, allowed)
+            for _, g in self.led(t):
+                choices[(t, g.row_offset)] = self.group_choices(g, allowed, sizes)
+        self.exchange_column_errors(tables, allowed, choices)
+        flat = [c for cs in choices.values() for c in cs]
+        smallest = int(self.comm.all_reduce(torch.tensor([sum(B.smallest_bytes(c) for c in flat)],
+                                                         dtype=torch.long))[0])
+        if smallest > rows_budget:
+            raise BudgetError(f"{label}: budget {rows_budget} bytes for the rows is below the smallest "
+                              f"possible size {smallest} with tiers {[t.value for t in allowed]}")
+        price = B.price_for_budget(flat, rows_budget, self.comm.all_reduce)
+        for key, cs in choices.items():
+            self.decided[key] = torch.cat([B.pick(c, price) for c in cs]) if cs else torch.zeros(0, dtype=torch.int8)
+        return {"price": B.price_value(price)}
+
+    def group_choices(self, g: RowGroup, allowed: List[Tier], sizes: torch.Tensor) -> List[B.RowChoices]:
+        """Choices of a row group whose blocks are all here; [] when some lie elsewhere (they
+        come from :meth:`exchange_column_errors`)."""
+        if any(b.rank not in (self.rank, REPLICATED) for b in g.blocks):
+            return []
+        p = self.priority(g)
+        out = []
+        for r0 in range(0, g.rows, B.CHUNK_ROWS):
+            r1 = min(g.rows, r0 + B.CHUNK_ROWS)
+            err = None
+            for b in g.blocks:
+                e = B.tier_errors(self.weights[b.name][r0:r1], allowed)
+                err = e if err is None else err.add_(e)
+            out.append(self.checked_choices(g, r0, err, p[r0:r1], allowed, sizes))
+        return out
+
+    def checked_choices(self, g: RowGroup, r0: int, err: torch.Tensor, p: torch.Tensor,
+                        allowed: List[Tier], sizes: torch.Tensor) -> B.RowChoices:
+        bad = torch.isnan(err).any(1)
+        if bool(bad.any()):
+            row = g.row_offset + r0 + int(bad.nonzero()[0])
+            raise ValueError(f"table {g.table!r}: row {row} of the weights is not finite")
+        return B.row_choices(err, p, allowed, sizes, self.config.drop_rows)
+
+    def exchange_column_errors(self, tables: Sequence[str], allowed: List[Tier],
+                               choices: Dict[Tuple[str, int], List[B.RowChoices]]) -> None:
+        """Collective: row groups with blocks on other ranks than their leader, chunk by chunk
+        in the same order on every rank: block holders send their errors, leaders add them in
+        column order and make the choices."""
+        K = len(allowed)
+        for t in tables:
+            sizes = self.sizes(t, allowed)
+            for g in self.groups[t]:
+                if all(b.rank in (g.leader, REPLICATED) for b in g.blocks):
+                    continue
+                lead = g.leader == self.rank
+                p = self.priority(g) if lead else None
+                for r0 in range(0, g.rows, B.CHUNK_ROWS):
+                    r1 = min(g.rows, r0 + B.CHUNK_ROWS)
+                    sends = [torch.zeros(0, dtype=torch.float64) for _ in range(self.comm.world)]
+                    mine = [b for b in g.blocks if b.rank == self.rank and b.rank != g.leader]
+                    if mine:
+                        sends[g.leader] = torch.cat([B.tier_errors(self.weights[b.name][r0:r1], allowed).reshape(-1)
+                                                     for b in mine])
+                    got = self.comm.exchange(sends)
+                    if not lead:
+                        continue
+                    received = {r: list(torch.split(got[r], (r1 - r0) * K)) for r in range(self.comm.world)}
+                    err = None
+                    for b in g.blocks:  # column order
+                        e = (B.tier_errors(self.weights[b.name][r0:r1], allowed) if b.rank == self.rank
+                             else received[b.rank].pop(0).view(r1 - r0, K))
+                        err = e.clone() if err is None else err.add_(e)
+                    choices[(t, g.row_offset)].append(self.checked_choices(g, r0, err, p[r0:r1], allowed, sizes))
+
+    # ------------------------------------------------------------------ result
+    def tiers_of_shards(self) -> Dict[str, torch.Tensor]:
+        """Collective: every shard's tiers on the rank holding it (leaders send theirs to the
+        other blocks of their rows, and to every rank for replicated tables)."""
+        sends: List[List[torch.Tensor]] = [[] for _ in range(self.comm.world)]
+        expect: List[Tuple[int, RowGroup]] = []
+        for t in self.order:
+            for g in self.groups[t]:
+                holders = sorted({r for b in g.blocks for r in (range(self.comm.world) if b.rank == REPLICATED
+                                                               else [b.rank])} - {g.leader})
+                for r in holders:
+                    if self.rank == g.leader:
+                        sends[r].append(self.decided[(t, g.row_offset)])
+                    if self.rank == r:
+                        expect.append((g.leader, g))
+        got = self.comm.exchange([torch.cat(s) if s else torch.zeros(0, dtype=torch.int8) for s in sends])
+        offsets = [0] * self.comm.world
+        for src, g in expect:
+            self.decided[(g.table, g.row_offset)] = got[src][offsets[src]:offsets[src] + g.rows]
+            offsets[src] += g.rows
+        return {b.name: self.decided[(t, g.row_offset)] for t in self.order for g in self.groups[t]
+                for b in g.blocks if b.held_by(self.rank)}
+
+    def rows_per_tier(self) -> Dict[str, List[int]]:
+        counts = torch.zeros(len(self.order), len(TIER_ORDER), dtype=torch.long)
+        for i, t in enumerate(self.order):
+            for _, g in self.led(t):
+                counts[i] += torch.bincount(self.decided[(t, g.row_offset)].long(), minlength=len(TIER_ORDER))
+        counts = self.comm.all_reduce(counts)
+        return {t: counts[i].tolist() for i, t in enumerate(self.order)}
+
+
+def assign_tiers_sharded(layout: ShardedLayout, weights: Dict[str, torch.Tensor], config: RowwiseQuantConfig,
+                         priorities: Optional[PriorityFn] = None, comm: Optional[Comm] = None
+                         ) -> ShardedTierAssignment:
+    """Tiers for every row of a sharded collection under ``config``, decided where the rows lie.
+
+    A collective: every rank calls it with the same ``layout`` and ``config`` and its own
+    ``weights`` (``{shard name: rows}``, e.g. from
+    :func:`~shark_torchrec.sharded.layout.collection_layout`).
+
+    Args:
+        priorities: ``priorities(table, row_offset, rows)``: the priorities of rows this rank
+            leads (default: all rows equal).
+        comm: the process group (default: the world).
+    """
+    comm = comm or Comm()
+    a = _Assigner(layout, weights, config, priorities, comm)
+    names = a.order
+    unknown = sorted((set(config.table_overrides) | set(config.table_fractions) | set(config.table_budgets))
+                     - set(names))
+    if unknown:
+        raise ValueError(f"table_overrides/table_fractions/table_budgets name unknown tables "
+                         f"{unknown} (tables: {names})")
+    pinned = {t: (Tier.FP32 if v == EXCLUDE else Tier.parse(v)) for t, v in config.table_overrides.items()}
+    for t in names:
+        if t in pinned:
+            a.pin(t, pinned[t])
+        elif t in config.table_fractions:
+            a.fractions(t, config.table_fractions[t])
+    details: Dict[str, float] = {}
+    for t in names:
+        if t in config.table_budgets:
+            c = a.configs[t]
+            rows_budget = config.table_budgets[t] - table_overhead(c.num_embeddings, len(a.blocks[t]))
+            if rows_budget < 0:
+                raise BudgetError(f"table {t!r}: budget {config.table_budgets[t]} bytes is below its id map "
+                                  f"and padding ({table_overhead(c.num_embeddings, len(a.blocks[t]))} bytes)")
+            a.budget([t], rows_budget, f"table {t!r}")
+    free = [t for t in names if t not in pinned and t not in config.table_fractions and t not in config.table_budgets]
+    if free:
+        if config.fractions is not None:
+            for t in free:
+                a.fractions(t, config.fractions)
+        else:
+            fp32 = sum(row_bytes(Tier.FP32, c.embedding_dim, config.row_alignment) * c.num_embeddings
+                       for c in a.configs.values())
+            budget = config.budget_bytes if config.budget_bytes is not None else int(config.budget_fraction * fp32)
+            fixed = a.decided_bytes([t for t in names if t not in free])
+            overhead = sum(table_overhead(a.configs[t].num_embeddings, len(a.blocks[t])) for t in names)
+            rows_budget = budget - fixed - overhead
+            if rows_budget < 0:
+                raise BudgetError(
+                    f"budget of {budget} bytes is below what the quantized tables hold whatever "
+                    f"the tiers: id map, padding and pinned tables ({fixed + overhead} "
+                    f"bytes, a budget fraction of {(fixed + overhead) / fp32:.3f} of the "
+                    f"fp32 tables); raise the budget (--quant_budget_fraction)")
+            details = dict(a.budget(free, rows_budget, "the tables"), budget_bytes=budget,
+                           rows_budget_bytes=rows_budget)
+    tiers = a.tiers_of_shards()
+    return ShardedTierAssignment(tiers, a.rows_per_tier(), config.row_alignment,
+                                 method=json.dumps(config.to_dict()), details=details)

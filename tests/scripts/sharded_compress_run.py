@@ -1,0 +1,85 @@
+"""Compress a DMP-sharded DLRM where its shards lie; save what the tests compare with one
+process.  Used by tests/test_sharded_compress.py.
+
+The model has one table per sharding type (table-wise, row-wise, column-wise, table-row-wise,
+data-parallel, table-column-wise; or only some, --types), initialised the same way on any
+number of ranks.  For each tier policy it saves every shard's tiers (gathered: small); and the
+full tables, gathered for the test's single-process reference only.
+"""
+
+import argparse
+import json
+
+import torch
+from torchrec.distributed.planner import ParameterConstraints
+
+from shark_torchrec.planning import AllShardingTypesEBCSharder
+from shark_torchrec.quant import RowwiseQuantConfig
+from shark_torchrec.sharded import Comm, assign_tiers_sharded, collection_layout
+from shark_torchrec.training import DLRMConfig, DLRMTrainer, OptimConfig, init_distributed
+from shark_torchrec.training.distributed import destroy_distributed, exit_worker
+from shark_torchrec.training.gather import full_state_dict
+
+TYPES = ["table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel", "table_column_wise"]
+POLICIES = {
+    "budget": dict(budget_fraction=0.2, row_alignment=1),
+    "budget_unused": dict(budget_fraction=0.45, drop_rows="unused", row_alignment=16),
+    "fractions": dict(fractions={"fp16": 0.1, "int8": 0.3, "int4": 0.5, "drop": 0.1}),
+    "mixed": dict(budget_fraction=0.4, table_overrides={"t_f0": "int8"},
+                  table_fractions={"t_f1": {"fp16": 0.5, "int2": 0.5}}, table_budgets={"t_f3": 3000}),
+}
+
+
+def priorities(table: str, rows: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(sum(map(ord, table)))
+    p = torch.rand(rows, generator=g, dtype=torch.float64) ** 4
+    p[::9] = 0.0  # rows never read
+    p[1::11] = p[1]  # ties
+    return p
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True)
+    p.add_argument("--types", default=",".join(TYPES))
+    args = p.parse_args()
+    env = init_distributed("cpu")
+    torch.set_num_threads(1)
+    types = args.types.split(",")
+    rows = [300 + 37 * i for i in range(len(types))]
+    config = DLRMConfig(feature_names=[f"f{i}" for i in range(len(types))], num_embeddings_per_feature=rows,
+                        embedding_dim=16, dense_in_features=4, dense_arch_layer_sizes=(16, 16),
+                        over_arch_layer_sizes=(8, 1))
+    constraints = {t.name: ParameterConstraints(sharding_types=[ty], min_partition=8)
+                   for t, ty in zip(config.tables(), types)}
+    trainer = DLRMTrainer(config, OptimConfig(embedding_optimizer="sgd"), env, 8, seed=5,
+                          constraints=constraints, sharders=[AllShardingTypesEBCSharder()])
+    ebc = trainer.model.module.model.sparse_arch.embedding_bag_collection
+    layout, weights = collection_layout(ebc, env.rank, env.world_size)
+    comm = Comm()
+    prio = {t.name: priorities(t.name, t.num_embeddings) for t in config.tables()}
+    result = {"layout": layout.to_dict(), "tiers": {}, "rows_per_tier": {}}
+    for name, kwargs in POLICIES.items():
+        a = assign_tiers_sharded(layout, weights, RowwiseQuantConfig(**kwargs),
+                                 lambda t, r0, n: prio[t][r0:r0 + n], comm)
+        gathered = comm.all_gather_object({k: v.clone() for k, v in a.tiers.items()})
+        merged = {}
+        for part in gathered:
+            for k, v in part.items():
+                if k in merged:  # replicated tables: every rank must hold the same tiers
+                    assert torch.equal(merged[k], v), k
+                merged[k] = v
+        result["tiers"][name] = merged
+        result["rows_per_tier"][name] = a.rows_per_tier
+    full = full_state_dict(trainer.model)  # the test's reference only
+    if env.rank == 0:
+        result["weights"] = {k.split(".")[-2]: v for k, v in full.items() if ".embedding_bags." in k}
+        result["priorities"] = prio
+        result["policies"] = json.dumps(POLICIES)
+        torch.save(result, args.out)
+    destroy_distributed(synchronize=True)
+    exit_worker(0)
+
+
+if __name__ == "__main__":
+    main()

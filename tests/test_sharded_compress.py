@@ -1,0 +1,75 @@
+"""Compressing a DMP-sharded model where its shards lie (tests/scripts/sharded_compress_run.py,
+2 processes) gives what one process gives on the same tables."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torchrec import EmbeddingBagCollection
+
+from conftest import ROOT, run_torchrun
+from shark_torchrec.quant import RowwiseQuantConfig, assign_tiers
+from shark_torchrec.sharded import REPLICATED, Comm, ShardedLayout, assign_tiers_sharded
+
+SCRIPT = ROOT / "tests" / "scripts" / "sharded_compress_run.py"
+_RUNS: dict = {}
+
+
+def _run(tmp_path: Path, types: str) -> dict:
+    if types not in _RUNS:
+        out = tmp_path / f"sharded_{len(_RUNS)}.pt"
+        run_torchrun(SCRIPT, ["--out", out, "--types", types], nproc=2)
+        _RUNS[types] = torch.load(out, weights_only=False)
+    return _RUNS[types]
+
+
+def _one_process_layout(layout: ShardedLayout) -> ShardedLayout:
+    """The same shards, every one in this process."""
+    shards = [dataclasses.replace(s, rank=s.rank if s.rank == REPLICATED else 0) for s in layout.shards]
+    return ShardedLayout(layout.tables, shards, 1, layout.is_weighted)
+
+
+@pytest.mark.slow
+def test_every_sharding_type_gets_the_tiers_one_process_gets(tmp_path: Path) -> None:
+    run = _run(tmp_path, "table_wise,row_wise,column_wise,table_row_wise,data_parallel,table_column_wise")
+    layout = ShardedLayout.from_dict(run["layout"])
+    kinds = {t["name"]: {(s.rank, s.rows, s.cols) for s in layout.shards_of(t["name"])} for t in layout.tables}
+    assert len(kinds["t_f1"]) == 2 and {r for r, _, _ in kinds["t_f1"]} == {0, 1}  # row-wise over both
+    assert {c for _, _, c in kinds["t_f2"]} == {8} and {r for r, _, _ in kinds["t_f2"]} == {0, 1}  # column-wise
+    assert {r for r, _, _ in kinds["t_f4"]} == {REPLICATED}  # data parallel
+    one = _one_process_layout(layout)
+    weights = {s.name: run["weights"][s.table][s.row_offset:s.row_offset + s.rows, s.col_offset:s.col_offset + s.cols]
+               for s in one.shards}
+    prio = run["priorities"]
+    for name, kwargs in json.loads(run["policies"]).items():
+        ref = assign_tiers_sharded(one, weights, RowwiseQuantConfig(**kwargs),
+                                   lambda t, r0, n: prio[t][r0:r0 + n], Comm.local())
+        got = run["tiers"][name]
+        assert set(got) == set(ref.tiers), name
+        for shard, tiers in ref.tiers.items():
+            assert torch.equal(got[shard], tiers), (name, shard)
+        assert run["rows_per_tier"][name] == ref.rows_per_tier
+        # the blocks of a column-wise row share its tier
+        assert torch.equal(got["t_f2#0"], got["t_f2#1"]) and torch.equal(got["t_f5#0"], got["t_f5#1"])
+    # the policies really differ, and a budget does compress
+    b = run["rows_per_tier"]["budget"]
+    assert sum(n for t in b.values() for n in t[:2]) < sum(n for t in b.values() for n in t[2:])
+
+
+@pytest.mark.slow
+def test_row_sharded_tables_get_the_tiers_of_the_unsharded_collection(tmp_path: Path) -> None:
+    """Without column blocks, the sharded assignment equals ``assign_tiers`` on the plain
+    collection holding the whole tables."""
+    run = _run(tmp_path, "table_wise,row_wise,table_row_wise,data_parallel")
+    layout = ShardedLayout.from_dict(run["layout"])
+    ebc = EmbeddingBagCollection(tables=layout.configs())
+    with torch.no_grad():
+        for t, w in run["weights"].items():
+            ebc.embedding_bags[t].weight.copy_(w)
+    for name, kwargs in json.loads(run["policies"]).items():
+        ref = assign_tiers(ebc, RowwiseQuantConfig(**kwargs), run["priorities"])
+        for s in layout.shards:
+            assert torch.equal(run["tiers"][name][s.name], ref.tiers[s.table][s.row_offset:s.row_offset + s.rows]), \
+                (name, s.name)
