@@ -40,24 +40,29 @@ def _linears(module: nn.Module):
     return [m for m in module.modules() if isinstance(m, nn.Linear)]
 
 
-def _describe(dlrm: DLRM) -> Dict[str, Any]:
-    ebc = dlrm.sparse_arch.embedding_bag_collection
-    if not isinstance(ebc, RowwiseMixedEmbeddingBagCollection):
-        raise TypeError("export expects a DLRM whose collection went through quantize_ "
-                        f"(got {type(ebc).__name__})")
+def describe_dlrm(dlrm: DLRM) -> Dict[str, Any]:
+    """The shape of a TorchRec DLRM/DLRM_DCN besides its collection (kind, dense and over-arch
+    sizes, DCN layers): what :func:`build_dlrm` needs to build it again."""
     dense, over = _linears(dlrm.dense_arch), _linears(dlrm.over_arch)
     desc = {
         "kind": "dlrm_dcn" if isinstance(dlrm, DLRM_DCN) else "dlrm",
         "dense_in_features": dense[0].in_features,
         "dense_arch_layer_sizes": [m.out_features for m in dense],
         "over_arch_layer_sizes": [m.out_features for m in over],
-        "embedding": ebc.layout.to_dict(),
     }
     if isinstance(dlrm, DLRM_DCN):
         cross = dlrm.inter_arch.crossnet
         desc["dcn_num_layers"] = len(cross.V_kernels)
         desc["dcn_low_rank_dim"] = cross.V_kernels[0].shape[0]
     return desc
+
+
+def _describe(dlrm: DLRM) -> Dict[str, Any]:
+    ebc = dlrm.sparse_arch.embedding_bag_collection
+    if not isinstance(ebc, RowwiseMixedEmbeddingBagCollection):
+        raise TypeError("export expects a DLRM whose collection went through quantize_ "
+                        f"(got {type(ebc).__name__})")
+    return {**describe_dlrm(dlrm), "embedding": ebc.layout.to_dict()}
 
 
 def export_model(
@@ -88,7 +93,12 @@ def export_model(
 
 
 def _build(desc: Dict[str, Any], layout: MixedLayout) -> DLRM:
-    ebc = RowwiseMixedEmbeddingBagCollection(layout)
+    return build_dlrm(desc, RowwiseMixedEmbeddingBagCollection(layout))
+
+
+def build_dlrm(desc: Dict[str, Any], ebc: nn.Module) -> DLRM:
+    """A DLRM/DLRM_DCN of the shape :func:`describe_dlrm` gave, over the collection ``ebc``
+    (dense weights freshly initialised)."""
     common = dict(embedding_bag_collection=ebc, dense_in_features=desc["dense_in_features"],
                   dense_arch_layer_sizes=desc["dense_arch_layer_sizes"],
                   over_arch_layer_sizes=desc["over_arch_layer_sizes"])

@@ -73,3 +73,53 @@ def test_row_sharded_tables_get_the_tiers_of_the_unsharded_collection(tmp_path: 
         for s in layout.shards:
             assert torch.equal(run["tiers"][name][s.name], ref.tiers[s.table][s.row_offset:s.row_offset + s.rows]), \
                 (name, s.name)
+
+
+def _dequantized_collection(layout: ShardedLayout, weights, tiers) -> EmbeddingBagCollection:
+    """TorchRec's float collection holding every row as its shard stores it (each column block
+    quantized apart, DROP rows zero): the reference a sharded mixed collection must equal."""
+    from shark_torchrec.quant import TIER_ORDER, dequantize_rows
+
+    ebc = EmbeddingBagCollection(tables=layout.configs())
+    with torch.no_grad():
+        for s in layout.shards:
+            w = weights[s.table][s.row_offset:s.row_offset + s.rows, s.col_offset:s.col_offset + s.cols]
+            deq = torch.zeros_like(w)
+            for i, tier in enumerate(TIER_ORDER):
+                rows = tiers[s.name].long() == i
+                if rows.any():
+                    deq[rows] = dequantize_rows(w[rows], tier)
+            ebc.embedding_bags[s.table].weight[s.row_offset:s.row_offset + s.rows,
+                                               s.col_offset:s.col_offset + s.cols] = deq
+    return ebc
+
+
+@pytest.mark.slow
+def test_the_converted_model_serves_sharded_what_the_dequantized_tables_give(tmp_path: Path) -> None:
+    from torchrec.models.dlrm import DLRM, DLRMTrain
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    run = _run(tmp_path, "table_wise,row_wise,column_wise,table_row_wise,data_parallel,table_column_wise")
+    layout = ShardedLayout.from_dict(run["layout"])
+    ebc = _dequantized_collection(layout, run["weights"], run["served_tiers"])
+    assert run["served_tiers"].keys() == {s.name for s in layout.shards}
+    model = DLRMTrain(DLRM(embedding_bag_collection=ebc, dense_in_features=4, dense_arch_layer_sizes=[16, 16],
+                           over_arch_layer_sizes=[8, 1]))
+    missing, unexpected = model.load_state_dict(run["dense"], strict=False)
+    assert not unexpected and all(".embedding_bags." in k for k in missing)
+    features = run["features"]
+    for served in run["served"]:
+        dense, lengths, values = served["batch"]
+        kjt = KeyedJaggedTensor.from_lengths_sync(features, torch.cat(values), lengths.reshape(-1))
+        with torch.no_grad():
+            want = ebc(kjt)
+            logits = model.model(dense, kjt).reshape(-1)
+        assert served["keys"] == want.keys()
+        torch.testing.assert_close(served["pooled"], want.values(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(served["logits"], logits, rtol=1e-5, atol=1e-6)
+    # the tables really were quantized (the values are not the fp32 ones)
+    fp32 = EmbeddingBagCollection(tables=layout.configs())
+    with torch.no_grad():
+        for t, w in run["weights"].items():
+            fp32.embedding_bags[t].weight.copy_(w)
+        assert (fp32(kjt).values() - ebc(kjt).values()).abs().max() > 1e-3

@@ -15,7 +15,10 @@ from torchrec.distributed.planner import ParameterConstraints
 
 from shark_torchrec.planning import AllShardingTypesEBCSharder
 from shark_torchrec.quant import RowwiseQuantConfig
-from shark_torchrec.sharded import Comm, assign_tiers_sharded, collection_layout
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from shark_torchrec.sharded import Comm, assign_tiers_sharded, collection_layout, quantize_sharded_dlrm
+from shark_torchrec.sharded.convert import dense_state
 from shark_torchrec.training import DLRMConfig, DLRMTrainer, OptimConfig, init_distributed
 from shark_torchrec.training.distributed import destroy_distributed, exit_worker
 from shark_torchrec.training.gather import full_state_dict
@@ -36,6 +39,28 @@ def priorities(table: str, rows: int) -> torch.Tensor:
     p[::9] = 0.0  # rows never read
     p[1::11] = p[1]  # ties
     return p
+
+
+def global_batch(features, rows, size: int, seed: int):
+    """A batch of ``size`` samples (the same on every rank): dense inputs, a KJT, labels."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, 4, (len(features), size), generator=g)
+    values = [torch.randint(0, n, (int(lengths[i].sum()),), generator=g) for i, n in enumerate(rows)]
+    return torch.rand(size, 4, generator=g), lengths, values
+
+
+def rank_slice(features, batch, rank: int, world: int):
+    """This rank's samples of a global batch: a contiguous slice (uneven sizes, maybe empty)."""
+    dense, lengths, values = batch
+    size = dense.shape[0]
+    bounds = [size * r // world for r in range(world + 1)]
+    lo, hi = bounds[rank], bounds[rank + 1]
+    vals = []
+    for i in range(len(features)):
+        start = int(lengths[i, :lo].sum())
+        vals.append(values[i][start:start + int(lengths[i, lo:hi].sum())])
+    kjt = KeyedJaggedTensor.from_lengths_sync(features, torch.cat(vals), lengths[:, lo:hi].reshape(-1))
+    return dense[lo:hi], kjt
 
 
 def main() -> None:
@@ -71,6 +96,24 @@ def main() -> None:
                 merged[k] = v
         result["tiers"][name] = merged
         result["rows_per_tier"][name] = a.rows_per_tier
+    # Convert with the "budget" policy and serve: pooled embeddings and logits of batches split
+    # unevenly over the ranks (one rank may get none), gathered in global sample order.
+    model, a = quantize_sharded_dlrm(trainer.model, RowwiseQuantConfig(**POLICIES["budget"]),
+                                     lambda t, r0, n: prio[t][r0:r0 + n], comm)
+    collection = model.model.sparse_arch.embedding_bag_collection
+    served = []
+    for size, seed in ((32, 1), (9, 2), (1, 3)):
+        batch = global_batch(config.feature_names, rows, size, seed)
+        dense, kjt = rank_slice(config.feature_names, batch, env.rank, env.world_size)
+        kt = collection(kjt)
+        logits = model.model(dense, kjt)
+        parts = comm.all_gather_object((kt.keys(), kt.values(), logits.reshape(-1)))
+        served.append({"batch": batch, "keys": parts[0][0], "pooled": torch.cat([p[1] for p in parts]),
+                       "logits": torch.cat([p[2] for p in parts])})
+    result["served"] = served
+    result["served_tiers"] = {k: v for part in comm.all_gather_object(a.tiers) for k, v in part.items()}
+    result["dense"] = dense_state(trainer.model)
+    result["features"] = list(config.feature_names)
     full = full_state_dict(trainer.model)  # the test's reference only
     if env.rank == 0:
         result["weights"] = {k.split(".")[-2]: v for k, v in full.items() if ".embedding_bags." in k}
