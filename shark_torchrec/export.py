@@ -129,24 +129,7 @@ def _is_positive_int(x: Any) -> bool:
 def _check_description(path: str, desc: Dict[str, Any]) -> MixedLayout:
     """Check the ``model`` field's description (everything :func:`_build` reads) and return
     its collection layout; raises :class:`ExportError` naming the key."""
-    required = ["kind", "dense_in_features", "dense_arch_layer_sizes", "over_arch_layer_sizes",
-                "embedding"]
-    if desc.get("kind") == "dlrm_dcn":
-        required += ["dcn_num_layers", "dcn_low_rank_dim"]
-    missing = [k for k in required if k not in desc]
-    if missing:
-        raise ExportError(f"{path}: field 'model' lacks {missing}")
-    if desc["kind"] not in _MODEL_KINDS:
-        raise ExportError(f"{path}: field 'model': kind must be one of {list(_MODEL_KINDS)}, "
-                          f"got {desc['kind']!r}")
-    for key in ("dense_in_features", "dcn_num_layers", "dcn_low_rank_dim"):
-        if key in required and not _is_positive_int(desc[key]):
-            raise ExportError(f"{path}: field 'model': {key} must be an integer >= 1, got {desc[key]!r}")
-    for key in ("dense_arch_layer_sizes", "over_arch_layer_sizes"):
-        sizes = desc[key]
-        if not isinstance(sizes, list) or not sizes or not all(map(_is_positive_int, sizes)):
-            raise ExportError(f"{path}: field 'model': {key} must be a non-empty list of integers "
-                              f">= 1, got {sizes!r}")
+    check_model_shape(path, desc, extra=["embedding"])
     try:
         layout = MixedLayout.from_dict(desc["embedding"])
         layout.configs()  # every table entry complete and well-typed
@@ -163,6 +146,30 @@ def _check_description(path: str, desc: Dict[str, Any]) -> MixedLayout:
     return layout
 
 
+def check_model_shape(path: str, desc: Dict[str, Any], extra: Sequence[str] = ()) -> None:
+    """Check a :func:`describe_dlrm` description (everything :func:`build_dlrm` reads, and the
+    keys ``extra``); raises :class:`ExportError` naming the key."""
+    if not isinstance(desc, dict):
+        raise ExportError(f"{path}: field 'model' must be an object, got {type(desc).__name__}")
+    required = ["kind", "dense_in_features", "dense_arch_layer_sizes", "over_arch_layer_sizes", *extra]
+    if desc.get("kind") == "dlrm_dcn":
+        required += ["dcn_num_layers", "dcn_low_rank_dim"]
+    missing = [k for k in required if k not in desc]
+    if missing:
+        raise ExportError(f"{path}: field 'model' lacks {missing}")
+    if desc["kind"] not in _MODEL_KINDS:
+        raise ExportError(f"{path}: field 'model': kind must be one of {list(_MODEL_KINDS)}, "
+                          f"got {desc['kind']!r}")
+    for key in ("dense_in_features", "dcn_num_layers", "dcn_low_rank_dim"):
+        if key in required and not _is_positive_int(desc[key]):
+            raise ExportError(f"{path}: field 'model': {key} must be an integer >= 1, got {desc[key]!r}")
+    for key in ("dense_arch_layer_sizes", "over_arch_layer_sizes"):
+        sizes = desc[key]
+        if not isinstance(sizes, list) or not sizes or not all(map(_is_positive_int, sizes)):
+            raise ExportError(f"{path}: field 'model': {key} must be a non-empty list of integers "
+                              f">= 1, got {sizes!r}")
+
+
 def _check_state_dict(path: str, state: Any) -> None:
     if not isinstance(state, Mapping):
         raise ExportError(f"{path}: field 'state_dict' must be a mapping of names to tensors, "
@@ -172,6 +179,16 @@ def _check_state_dict(path: str, state: Any) -> None:
         isinstance(v, torch.Tensor) or k.endswith("._extra_state"))]
     if bad:
         raise ExportError(f"{path}: field 'state_dict' holds entries that are not named tensors: {bad[:5]}")
+
+
+def _check_expected(path: str, features: List[str], dense_in: int, expect_features: Optional[Sequence[str]],
+                    expect_dense_in_features: Optional[int]) -> None:
+    if expect_features is not None and list(expect_features) != features:
+        raise ExportError(f"{path}: exported model reads features {features}, expected "
+                          f"{list(expect_features)}")
+    if expect_dense_in_features is not None and expect_dense_in_features != dense_in:
+        raise ExportError(f"{path}: exported model takes {dense_in} dense inputs, "
+                          f"expected {expect_dense_in_features}")
 
 
 def load_export(
@@ -188,7 +205,20 @@ def load_export(
 
     Returns ``(DLRMTrain around the model, info)`` where ``info`` has ``model`` (the
     description), ``pruning_plan`` (JSON text or ``""``) and ``metadata``.
+
+    A sharded export (a directory, :mod:`shark_torchrec.sharded.export`) loads onto the
+    processes that call this (a collective under ``torch.distributed``; one plain process
+    loads it whole): the model then serves sharded.
     """
+    from shark_torchrec.sharded.export import is_sharded_export, load_sharded_export
+
+    if is_sharded_export(path):
+        model, info = load_sharded_export(path)
+        collection = model.model.sparse_arch.embedding_bag_collection
+        features = [f for c in collection.embedding_bag_configs() for f in c.feature_names]
+        _check_expected(path, features, info["model"]["dense_in_features"], expect_features,
+                        expect_dense_in_features)
+        return model, info
     if not os.path.isfile(path):
         raise ExportError(f"{path}: no such file")
     with torch.serialization.safe_globals([UInt4Tensor, UInt2Tensor]):
@@ -212,12 +242,7 @@ def load_export(
                           f"got {type(payload['pruning_plan']).__name__}")
     _check_state_dict(path, payload["state_dict"])
     features = [f for c in layout.configs() for f in c.feature_names]
-    if expect_features is not None and list(expect_features) != features:
-        raise ExportError(f"{path}: exported model reads features {features}, expected "
-                          f"{list(expect_features)}")
-    if expect_dense_in_features is not None and expect_dense_in_features != desc["dense_in_features"]:
-        raise ExportError(f"{path}: exported model takes {desc['dense_in_features']} dense inputs, "
-                          f"expected {expect_dense_in_features}")
+    _check_expected(path, features, desc["dense_in_features"], expect_features, expect_dense_in_features)
     try:
         model = _build(desc, layout)
     except (KeyError, TypeError, ValueError) as e:  # e.g. groups that do not cover the tables

@@ -20,8 +20,10 @@ _RUNS: dict = {}
 def _run(tmp_path: Path, types: str) -> dict:
     if types not in _RUNS:
         out = tmp_path / f"sharded_{len(_RUNS)}.pt"
-        run_torchrun(SCRIPT, ["--out", out, "--types", types], nproc=2)
+        export = tmp_path / f"export_{len(_RUNS)}"
+        run_torchrun(SCRIPT, ["--out", out, "--types", types, "--export", export], nproc=2)
         _RUNS[types] = torch.load(out, weights_only=False)
+        _RUNS[types]["export"] = export
     return _RUNS[types]
 
 
@@ -123,3 +125,78 @@ def test_the_converted_model_serves_sharded_what_the_dequantized_tables_give(tmp
         for t, w in run["weights"].items():
             fp32.embedding_bags[t].weight.copy_(w)
         assert (fp32(kjt).values() - ebc(kjt).values()).abs().max() > 1e-3
+
+
+@pytest.mark.slow
+def test_the_sharded_export_loads_on_any_number_of_processes(tmp_path: Path) -> None:
+    """Written by 2 processes; loaded by 2 (each shard where it was), by this one process and
+    by 3 (placed anew): the same logits every time."""
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from shark_torchrec.export import load_export
+
+    run = _run(tmp_path, "table_wise,row_wise,column_wise,table_row_wise,data_parallel,table_column_wise")
+    served = run["served"]
+    for item, again in zip(served, run["reloaded_logits"]):
+        assert torch.equal(again, item["logits"])
+    assert ShardedLayout.from_dict(run["reload_placement"]) == ShardedLayout.from_dict(run["layout"])
+    model, info = load_export(str(run["export"]))  # one plain process: every shard here
+    assert info["metadata"] == {"note": "test"} and info["placement"].world_size == 1
+    for item in served:
+        dense, lengths, values = item["batch"]
+        kjt = KeyedJaggedTensor.from_lengths_sync(run["features"], torch.cat(values), lengths.reshape(-1))
+        torch.testing.assert_close(model.model(dense, kjt).reshape(-1), item["logits"], rtol=1e-6, atol=1e-7)
+    batches = tmp_path / "batches.pt"
+    torch.save({"features": run["features"], "batches": [item["batch"] for item in served]}, batches)
+    out = tmp_path / "three.pt"
+    run_torchrun(ROOT / "tests" / "scripts" / "sharded_load_run.py",
+                 ["--export", run["export"], "--batches", batches, "--out", out], nproc=3)
+    three = torch.load(out, weights_only=False)
+    assert all(three["shards_per_rank"])  # every one of the 3 ranks holds shards
+    for got, item in zip(three["logits"], served):
+        torch.testing.assert_close(got, item["logits"], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_a_missing_truncated_or_foreign_part_is_an_error_naming_it(tmp_path: Path) -> None:
+    import hashlib
+    import shutil
+
+    from shark_torchrec.export import ExportError, load_export
+    from shark_torchrec.sharded.export import export_sharded
+
+    run = _run(tmp_path, "table_wise,row_wise,column_wise,table_row_wise,data_parallel,table_column_wise")
+    model, _ = load_export(str(run["export"]))
+    other = tmp_path / "other"
+    export_sharded(model, str(other))  # another export of the same model, by one process
+
+    def broken(name):
+        d = tmp_path / name
+        shutil.copytree(run["export"], d)
+        return d
+
+    d = broken("missing")
+    (d / "part-00001.pt").unlink()
+    with pytest.raises(ExportError, match=r"missing/part-00001\.pt: part of the export is missing"):
+        load_export(str(d))
+    d = broken("truncated")
+    data = (d / "part-00000.pt").read_bytes()
+    (d / "part-00000.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ExportError, match=r"truncated/part-00000\.pt: \d+ bytes, the manifest says"):
+        load_export(str(d))
+    d = broken("foreign")
+    shutil.copy(other / "part-00000.pt", d / "part-00000.pt")
+    with pytest.raises(ExportError, match=r"foreign/part-00000\.pt: "):
+        load_export(str(d))
+    # even with the manifest edited to its size and checksum, its export id gives it away
+    manifest = json.loads((d / "manifest.json").read_text())
+    part = next(p for p in manifest["parts"] if p["file"] == "part-00000.pt")
+    part["bytes"] = (d / "part-00000.pt").stat().st_size
+    part["sha256"] = hashlib.sha256((d / "part-00000.pt").read_bytes()).hexdigest()
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ExportError, match=r"foreign/part-00000\.pt: a part of another export"):
+        load_export(str(d))
+    d = broken("bad_manifest")
+    (d / "manifest.json").write_text("{")
+    with pytest.raises(ExportError, match=r"bad_manifest/manifest\.json: not valid JSON"):
+        load_export(str(d))

@@ -57,13 +57,15 @@ class ShardedRowwiseMixedEmbeddingBagCollection(nn.Module):
         replicated: the data-parallel tables, whole on every rank (None: there are none).
         comm: the process group.
         check_ids: raise on ids outside their table, naming the feature and the table.
+        row_alignment: the bytes rows are padded to (the same in every rank's tables).
     """
 
     def __init__(self, layout: ShardedLayout, routed: Optional[RowwiseMixedEmbeddingBagCollection],
                  replicated: Optional[RowwiseMixedEmbeddingBagCollection], comm: Optional[Comm] = None,
-                 check_ids: bool = True) -> None:
+                 check_ids: bool = True, row_alignment: int = 16) -> None:
         super().__init__()
         self.layout = layout
+        self.row_alignment = row_alignment
         self.comm = comm or Comm()
         if layout.world_size != self.comm.world:
             raise ValueError(f"the layout is for {layout.world_size} ranks, the process group has {self.comm.world}")

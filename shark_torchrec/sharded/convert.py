@@ -49,7 +49,7 @@ def build_sharded_collection(layout: ShardedLayout, weights: Dict[str, torch.Ten
             row_alignment=row_alignment, device=device, check_ids=False)
 
     return ShardedRowwiseMixedEmbeddingBagCollection(layout, convert(routed), convert(replicated), comm,
-                                                     check_ids=check_ids)
+                                                     check_ids=check_ids, row_alignment=row_alignment)
 
 
 def quantize_sharded(ebc: nn.Module, config: RowwiseQuantConfig, priorities: Optional[PriorityFn] = None,

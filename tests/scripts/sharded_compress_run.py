@@ -67,6 +67,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
     p.add_argument("--types", default=",".join(TYPES))
+    p.add_argument("--export", help="also export the converted model to this directory and load it back")
     args = p.parse_args()
     env = init_distributed("cpu")
     torch.set_num_threads(1)
@@ -111,6 +112,18 @@ def main() -> None:
         served.append({"batch": batch, "keys": parts[0][0], "pooled": torch.cat([p[1] for p in parts]),
                        "logits": torch.cat([p[2] for p in parts])})
     result["served"] = served
+    if args.export:
+        from shark_torchrec.export import load_export
+        from shark_torchrec.sharded.export import export_sharded
+
+        export_sharded(model, args.export, metadata={"note": "test"})
+        loaded, info = load_export(args.export)
+        again = []
+        for item in served:
+            dense, kjt = rank_slice(config.feature_names, item["batch"], env.rank, env.world_size)
+            again.append(torch.cat(comm.all_gather_object(loaded.model(dense, kjt).reshape(-1))))
+        result["reloaded_logits"] = again
+        result["reload_placement"] = info["placement"].to_dict()
     result["served_tiers"] = {k: v for part in comm.all_gather_object(a.tiers) for k, v in part.items()}
     result["dense"] = dense_state(trainer.model)
     result["features"] = list(config.feature_names)
