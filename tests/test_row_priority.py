@@ -53,7 +53,7 @@ def test_priorities_equal_naive_reference(shared: bool, gamma: float) -> None:
         torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-12)
     assert rp.memory_bytes == 4 * 40 * len(tables)
     if gamma == 0.3:
-        assert rp._log_scale < 80 * -math.log(0.3)  # it did renormalise
+        assert rp._log_scale["priority"] < 80 * -math.log(0.3)  # it did renormalise
 
 
 def test_bad_id_names_feature_and_id() -> None:
@@ -104,3 +104,39 @@ def test_state_dict_round_trip() -> None:
         torch.testing.assert_close(resumed.priorities()[name], p, rtol=1e-6, atol=1e-12)
     with pytest.raises(ValueError, match="gamma=0.8"):
         RowPriority(tables, gamma=0.9).load_state_dict(first.state_dict())
+
+
+@pytest.mark.slow
+def test_sharded_over_two_processes_equals_one(tmp_path) -> None:
+    """Each rank keeps half the rows; several channels, requests for any rows and a save read
+    back by one process all give what one process computes from the global batches."""
+    from conftest import ROOT, run_torchrun
+
+    out, saved = tmp_path / "two.pt", tmp_path / "saved"
+    run_torchrun(ROOT / "tests" / "scripts" / "row_priority_run.py", ["--out", out, "--save", saved], nproc=2)
+    two = torch.load(out, weights_only=False)
+    channels = {"pos": (1.0, 0.0, 0.9), "neg": (0.0, 1.0, 0.9), "plain": (1.0, 0.2, 1.0)}
+    tables = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=4, num_embeddings=41, feature_names=[f"cat_{i}"])
+              for i in range(3)]
+    cfg = SyntheticConfig.default(num_fields=3, num_informative=1, cardinality=41, multi_hot_fields=1,
+                                  max_hot=4, seed=4)
+    one = RowPriority(tables, channels=channels)
+    batches = [SyntheticClickDataset(cfg, 16, 10).global_batch(g) for g in range(10)]
+    for b in batches:
+        one.update(b.sparse_features, b.labels)
+    for c, (a, b_, g) in channels.items():
+        ref = _naive(tables, batches, a, b_, g)
+        for t in ref:
+            torch.testing.assert_close(two["full"][c][t], ref[t], rtol=1e-5, atol=1e-12)
+            torch.testing.assert_close(one.priorities(c)[t], ref[t], rtol=1e-5, atol=1e-12)
+    mixed = {t: 1.0 * one.priorities("pos")[t] + 0.25 * one.priorities("neg")[t] for t in ref}
+    for requests, answers, memory in two["gathered"]:
+        assert memory == one.memory_bytes // 2 or abs(memory - one.memory_bytes / 2) <= 4 * 3 * 3
+        for (t, r0, n), got in zip(requests, answers):
+            torch.testing.assert_close(got, mixed[t][r0:r0 + n], rtol=1e-6, atol=1e-12)
+    resumed = RowPriority(tables, channels=channels)
+    resumed.load(str(saved))  # written by 2 ranks, read by 1
+    assert resumed.step == two["step"] == 10
+    for c in channels:
+        for t, p in one.priorities(c).items():
+            torch.testing.assert_close(resumed.priorities(c)[t], p, rtol=1e-6, atol=1e-12)

@@ -13,41 +13,65 @@ The decay is applied through one global scale, never row by row: increments at s
 stored multiplied by ``γ^-t`` and read back multiplied by ``γ^T``.  When that scale grows past
 ``e^60`` every stored value is renormalised once (with ``γ = 0.9999``: every 600,000 steps).
 
-Memory: one float32 per row per rank (4 bytes per row); readout reduces over ranks.  Under
-``DistributedModelParallel`` every rank updates from its local batch; after reduction the
-priorities equal a single-process run on the same global batches.
+**Sharded.**  Each table's rows are split evenly over the ranks of the process group, and a
+rank keeps only its own rows: 4 bytes per row and channel, divided by the world size.  Every
+rank buffers the ids of its own batches and, every ``flush_every`` steps, sends them (with
+their increments) to the ranks that own their rows (one ``all_to_all``).  After a flush the
+priorities equal a single-process run on the same global batches.  :meth:`rows` answers any
+rank's request for any rows (the tier assignment asks for the rows it decides);
+:meth:`save` / :meth:`load` write and read each rank's part, on any number of ranks.
+
+Several ``(α, β, γ)`` channels can share one tracker (one pass over the ids, one exchange):
+``RowPriority(tables, channels={"positive": (1, 0, γ), "negative": (0, 1, γ)})`` keeps the
+counts any ``α · positive + β · negative`` is made of (see :meth:`rows`).
+
+``update`` (and :meth:`attach`'s hook) is a collective every ``flush_every`` steps: every rank
+updates at every training step, as data-parallel training does.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional, Sequence
+import os
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torchrec.datasets.utils import Batch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from shark_torchrec.sharded.comm import Comm
+
 _RENORMALISE_AT = 60.0  # log of the stored scale at which values are renormalised
+_STATE_FORMAT = "shark-torchrec/row-priority/v2"
+
+
+def owned_rows(rows: int, world: int, rank: int) -> Tuple[int, int]:
+    """``[start, end)`` of the rows of a table of ``rows`` rows that ``rank`` of ``world`` keeps."""
+    return rows * rank // world, rows * (rank + 1) // world
 
 
 class RowPriority:
-    """Per-row priorities of a model's embedding tables, accumulated while training.
+    """Per-row priorities of a model's embedding tables, accumulated while training, sharded
+    over the ranks (see the module docstring).
 
     Args:
         tables: the tables to track (e.g. ``ebc.embedding_bag_configs()``).
         alpha: increment for an occurrence in a positive sample.
         beta: increment for an occurrence in a negative sample.
         gamma: decay per step, in ``(0, 1]``.
-        process_group: the group priorities are reduced over (default: the world, when
+        process_group: the group rows are sharded over (default: the world, when
             ``torch.distributed`` is initialised).
+        channels: ``{name: (alpha, beta, gamma)}`` to keep several priorities at once (then
+            ``alpha``, ``beta``, ``gamma`` are not used); default one channel ``"priority"``.
+        flush_every: steps between two exchanges of the buffered ids.
 
     Use :meth:`update` with every training batch, or :meth:`attach` it to the module that
     receives the ``Batch`` (TorchRec's ``DLRMTrain``, or the DMP model wrapping it).
     """
 
+    #: bytes per row and channel, over all ranks (each keeps its share)
     bytes_per_row = 4
 
     def __init__(
@@ -57,14 +81,23 @@ class RowPriority:
         beta: float = 0.2,
         gamma: float = 0.9999,
         process_group: Optional[Any] = None,
+        channels: Optional[Mapping[str, Tuple[float, float, float]]] = None,
+        flush_every: int = 32,
     ) -> None:
-        if not (alpha >= 0 and beta >= 0 and alpha + beta > 0):
-            raise ValueError(f"alpha and beta must be >= 0, not both 0 (got {alpha}, {beta})")
-        if not 0 < gamma <= 1:
-            raise ValueError(f"gamma must be in (0, 1], got {gamma}")
-        self.alpha, self.beta, self.gamma = float(alpha), float(beta), float(gamma)
+        channels = dict(channels) if channels else {"priority": (alpha, beta, gamma)}
+        for name, (a, b, g) in channels.items():
+            if not (a >= 0 and b >= 0 and a + b > 0):
+                raise ValueError(f"alpha and beta must be >= 0, not both 0 (got {a}, {b}, channel {name!r})")
+            if not 0 < g <= 1:
+                raise ValueError(f"gamma must be in (0, 1], got {g} (channel {name!r})")
+        if flush_every < 1:
+            raise ValueError(f"flush_every must be >= 1, got {flush_every}")
+        self.channels = {n: (float(a), float(b), float(g)) for n, (a, b, g) in channels.items()}
+        self._names = list(self.channels)
+        self.alpha, self.beta, self.gamma = self.channels[self._names[0]]
         self.tables = list(tables)
-        self._pg = process_group
+        self.flush_every = flush_every
+        self.comm = Comm(process_group)
         self._feature_table: Dict[str, str] = {}
         self._rows: Dict[str, int] = {}
         for t in self.tables:
@@ -73,15 +106,19 @@ class RowPriority:
                 if f in self._feature_table:
                     raise ValueError(f"feature {f!r} is served by two tables")
                 self._feature_table[f] = t.name
-        self._values = {t.name: torch.zeros(t.num_embeddings, dtype=torch.float32) for t in self.tables}
+        W, r = self.comm.world, self.comm.rank
+        self._own = {t.name: owned_rows(t.num_embeddings, W, r) for t in self.tables}
+        self._values = {c: {t.name: torch.zeros(e - s, dtype=torch.float32) for t, (s, e) in
+                            zip(self.tables, self._own.values())} for c in self._names}
+        self._log_scale = {c: 0.0 for c in self._names}
         self.step = 0
-        self._log_scale = 0.0  # log of the factor increments are stored with (γ^-t, renormalised)
+        self._buffer: List[Tuple[Dict[str, Tuple[torch.Tensor, torch.Tensor]], List[float]]] = []
         self._handle = None
 
     @property
     def memory_bytes(self) -> int:
-        """Bytes this rank holds for the priorities (``bytes_per_row`` × rows)."""
-        return sum(v.numel() * v.element_size() for v in self._values.values())
+        """Bytes this rank holds for the priorities (its rows, every channel)."""
+        return sum(v.numel() * v.element_size() for ch in self._values.values() for v in ch.values())
 
     # ------------------------------------------------------------------ updates
     def update(self, kjt: KeyedJaggedTensor, labels: torch.Tensor) -> None:
@@ -91,14 +128,14 @@ class RowPriority:
             raise ValueError(f"{labels.numel()} labels for a batch of {B}")
         # This step's decay first (old values × γ), then its increments at full weight: with
         # values stored × γ^-t, that is one more factor γ^-1 on the stored scale.
-        if self.gamma < 1:
-            self._log_scale -= math.log(self.gamma)
-        scale = math.exp(self._log_scale)
-        pos = labels.detach().reshape(-1).to("cpu", torch.float64) > 0.5
-        per_sample = torch.where(pos, self.alpha, self.beta) * scale
+        for c, (_, _, g) in self.channels.items():
+            if g < 1:
+                self._log_scale[c] -= math.log(g)
+        pos = labels.detach().reshape(-1).cpu() > 0.5
         lengths = kjt.lengths().cpu()
         values = kjt.values().cpu().long()
         per_key = kjt.length_per_key()
+        record: Dict[str, List[Tuple[torch.Tensor, torch.Tensor]]] = {}
         start = 0
         for i, key in enumerate(kjt.keys()):
             n = per_key[i]
@@ -106,21 +143,69 @@ class RowPriority:
             if table is not None and n:
                 ids = values[start : start + n]
                 rows = self._rows[table]
-                bad = (ids < 0) | (ids >= rows)
-                if bool(bad.any()):
-                    raise ValueError(
-                        f"feature {key!r}: id {int(ids[bad][0])} is outside table {table!r} "
-                        f"({rows} rows)"
-                    )
-                inc = torch.repeat_interleave(per_sample, lengths[i * B : (i + 1) * B])
-                self._values[table].index_add_(0, ids, inc.to(torch.float32))
+                lo, hi = torch.aminmax(ids)
+                if int(lo) < 0 or int(hi) >= rows:
+                    bad = ids[(ids < 0) | (ids >= rows)]
+                    raise ValueError(f"feature {key!r}: id {int(bad[0])} is outside table {table!r} "
+                                     f"({rows} rows)")
+                record.setdefault(table, []).append(
+                    (ids, torch.repeat_interleave(pos, lengths[i * B : (i + 1) * B], output_size=n)))
             start += n
+        merged = {t: (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+                  for t, parts in record.items()}
+        self._buffer.append((merged, [self._log_scale[c] for c in self._names]))
         self.step += 1
-        if self._log_scale > _RENORMALISE_AT:
-            factor = math.exp(-self._log_scale)
-            for v in self._values.values():
-                v.mul_(factor)
-            self._log_scale = 0.0
+        renormalise = any(s > _RENORMALISE_AT for s in self._log_scale.values())
+        if len(self._buffer) >= self.flush_every or renormalise:
+            self._flush()
+        if renormalise:
+            for c in self._names:
+                factor = math.exp(-self._log_scale[c])
+                for v in self._values[c].values():
+                    v.mul_(factor)
+                self._log_scale[c] = 0.0
+
+    def _flush(self) -> None:
+        """Collective: send the buffered ids and increments to the ranks owning their rows."""
+        W, C = self.comm.world, len(self._names)
+        ab = torch.tensor([[a, b] for a, b, _ in self.channels.values()], dtype=torch.float64)  # [C, 2]
+        ids_to: List[List[torch.Tensor]] = [[] for _ in range(W)]
+        inc_to: List[List[torch.Tensor]] = [[] for _ in range(W)]
+        base = 0
+        for t in self.tables:
+            parts = [(rec[t.name], scales) for rec, scales in self._buffer if t.name in rec]
+            if parts:
+                ids = torch.cat([p[0][0] for p in parts])
+                # per occurrence and channel: (α | β) × the stored scale of its step
+                lab = torch.cat([p[0][1] for p in parts]).long()
+                scale = torch.cat([torch.exp(torch.tensor(s, dtype=torch.float64)).expand(p[0].numel(), C)
+                                   for p, s in parts])
+                inc = (ab[:, 1].unsqueeze(0) + lab.unsqueeze(1) * (ab[:, 0] - ab[:, 1]).unsqueeze(0)) * scale
+                bounds = torch.tensor([owned_rows(t.num_embeddings, W, r)[1] for r in range(W)])
+                owner = torch.searchsorted(bounds, ids, right=True)
+                order = torch.argsort(owner, stable=True)
+                counts = torch.bincount(owner, minlength=W).tolist()
+                for r, (i, x) in enumerate(zip(torch.split(ids[order] + base, counts),
+                                               torch.split(inc[order].float(), counts))):
+                    ids_to[r].append(i)
+                    inc_to[r].append(x.reshape(-1))
+            base += t.num_embeddings
+        self._buffer = []
+        got_ids = self.comm.exchange([torch.cat(x) if x else torch.zeros(0, dtype=torch.long) for x in ids_to])
+        sizes = [int(g.numel()) * C for g in got_ids]
+        got_inc = self.comm.exchange([torch.cat(x) if x else torch.zeros(0) for x in inc_to], sizes)
+        ids = torch.cat(got_ids)
+        inc = torch.cat(got_inc).view(-1, C)
+        if ids.numel() == 0:
+            return
+        starts = torch.cumsum(torch.tensor([0] + [t.num_embeddings for t in self.tables]), 0)
+        table = torch.searchsorted(starts[1:], ids, right=True)
+        for j, t in enumerate(self.tables):
+            sel = table == j
+            if bool(sel.any()):
+                local = ids[sel] - starts[j] - self._own[t.name][0]
+                for k, c in enumerate(self._names):
+                    self._values[c][t.name].index_add_(0, local, inc[sel, k])
 
     def attach(self, module: nn.Module) -> "RowPriority":
         """Update from every training-mode forward of ``module`` (which takes a ``Batch``)."""
@@ -148,49 +233,135 @@ class RowPriority:
         self.detach()
 
     # ------------------------------------------------------------------ results
-    def _reduced(self) -> Dict[str, torch.Tensor]:
-        out = {}
-        world = dist.get_world_size(self._pg) if dist.is_initialized() else 1
-        for name, v in self._values.items():
-            total = v.double()
-            if world > 1:
-                dev = torch.device("cuda", torch.cuda.current_device()) \
-                    if dist.get_backend(self._pg) == "nccl" else torch.device("cpu")
-                total = total.to(dev)
-                dist.all_reduce(total, group=self._pg)
-                total = total.cpu()
-            out[name] = total
+    def _channel(self, channel: Optional[str]) -> str:
+        if channel is None:
+            if len(self._names) > 1:
+                raise ValueError(f"name the channel: {self._names}")
+            return self._names[0]
+        if channel not in self.channels:
+            raise KeyError(f"no channel {channel!r} (channels: {self._names})")
+        return channel
+
+    def _mixed(self, table: str, mix: Mapping[str, float]) -> torch.Tensor:
+        """This rank's rows of ``table``: ``Σ coef · channel``, decayed to the current step."""
+        out = torch.zeros(self._values[self._names[0]][table].numel(), dtype=torch.float64)
+        for c, coef in mix.items():
+            out += coef * math.exp(-self._log_scale[self._channel(c)]) * self._values[c][table].double()
         return out
 
-    def priorities(self) -> Dict[str, torch.Tensor]:
-        """``{table: float64 tensor [rows]}`` over all ranks, decayed to the current step
-        (a collective under torch.distributed)."""
-        factor = math.exp(-self._log_scale)
-        return {name: v * factor for name, v in self._reduced().items()}
+    def _mix(self, mix: Optional[Mapping[str, float]]) -> Dict[str, float]:
+        return {self._channel(None): 1.0} if mix is None else {self._channel(c): float(v) for c, v in mix.items()}
 
+    def rows(self, requests: Sequence[Tuple[str, int, int]], mix: Optional[Mapping[str, float]] = None
+             ) -> List[torch.Tensor]:
+        """Collective: the priorities (float64) of each requested ``(table, row_offset, rows)``
+        — each rank asks for its own rows (e.g. those it decides the tiers of).  ``mix``:
+        ``{channel: coefficient}`` (default: the only channel)."""
+        self._flush()
+        mix = self._mix(mix)
+        asked = self.comm.all_gather_object([(t, int(r0), int(n)) for t, r0, n in requests])
+        sends = []
+        mine = {t.name: self._mixed(t.name, mix) for t in self.tables}
+        for reqs in asked:  # what each rank asked for, answered from the rows kept here
+            parts = []
+            for t, r0, n in reqs:
+                s, e = self._own[t]
+                lo, hi = max(r0, s), min(r0 + n, e)
+                if lo < hi:
+                    parts.append(mine[t][lo - s:hi - s])
+            sends.append(torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64))
+        got = self.comm.exchange(sends)
+        out = []
+        offsets = [0] * self.comm.world
+        for t, r0, n in requests:
+            pieces = []
+            for r in range(self.comm.world):
+                s, e = owned_rows(self._rows[t], self.comm.world, r)
+                lo, hi = max(r0, s), min(r0 + n, e)
+                if lo < hi:
+                    pieces.append(got[r][offsets[r]:offsets[r] + hi - lo])
+                    offsets[r] += hi - lo
+            out.append(torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.float64))
+        return out
+
+    def priorities(self, channel: Optional[str] = None) -> Dict[str, torch.Tensor]:
+        """``{table: float64 tensor [rows]}``: whole tables on every rank, decayed to the current
+        step (a collective).  It gathers every row to every rank: for tests and small models;
+        :meth:`rows` asks for some rows only."""
+        tables = [t.name for t in self.tables]
+        got = self.rows([(t, 0, self._rows[t]) for t in tables], {self._channel(channel): 1.0})
+        return dict(zip(tables, got))
+
+    # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
-        """Totals over all ranks (a collective), identical on every rank."""
-        return {
-            "alpha": self.alpha, "beta": self.beta, "gamma": self.gamma,
-            "step": torch.tensor(self.step), "log_scale": torch.tensor(self._log_scale, dtype=torch.float64),
-            "values": {k: v.float() for k, v in self._reduced().items()},
-        }
+        """This rank's part (a collective: buffered ids are flushed first).  Load it with
+        :meth:`load_state_dict` on the same rank of a group of the same size; :meth:`save` /
+        :meth:`load` reshard."""
+        self._flush()
+        return {"format": _STATE_FORMAT, "channels": {c: list(v) for c, v in self.channels.items()},
+                "step": self.step, "log_scale": dict(self._log_scale), "world_size": self.comm.world,
+                "rank": self.comm.rank, "rows": dict(self._rows),
+                "values": {c: {t: v.clone() for t, v in ch.items()} for c, ch in self._values.items()}}
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        for key in ("alpha", "beta", "gamma"):
-            if float(state[key]) != getattr(self, key):
-                raise ValueError(
-                    f"row-priority state has {key}={state[key]}, this tracker {getattr(self, key)}"
-                )
-        values = state["values"]
-        if set(values) != set(self._values):
-            raise ValueError(f"row-priority state covers tables {sorted(values)}, "
-                             f"this tracker {sorted(self._values)}")
-        rank0 = not dist.is_initialized() or dist.get_rank(self._pg) == 0
-        for name, v in values.items():
-            if v.numel() != self._rows[name]:
-                raise ValueError(f"row-priority state for {name!r} has {v.numel()} rows, "
-                                 f"the table has {self._rows[name]}")
-            self._values[name] = v.float().clone() if rank0 else torch.zeros_like(self._values[name])
+    def _check_state(self, state: Mapping[str, Any]) -> None:
+        if not isinstance(state, Mapping) or state.get("format") != _STATE_FORMAT:
+            raise ValueError(f"not a row-priority state (format {_STATE_FORMAT!r})")
+        theirs = {c: tuple(float(x) for x in v) for c, v in state["channels"].items()}
+        if theirs != self.channels:
+            for key, i in (("alpha", 0), ("beta", 1), ("gamma", 2)):
+                for c in self.channels:
+                    if c in theirs and theirs[c][i] != self.channels[c][i]:
+                        raise ValueError(f"row-priority state has {key}={theirs[c][i]}, this tracker "
+                                         f"{self.channels[c][i]} (channel {c!r})")
+            raise ValueError(f"row-priority state has channels {theirs}, this tracker {self.channels}")
+        if dict(state["rows"]) != self._rows:
+            raise ValueError(f"row-priority state covers tables {state['rows']}, this tracker {self._rows}")
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._check_state(state)
+        if (state["world_size"], state["rank"]) != (self.comm.world, self.comm.rank):
+            raise ValueError(f"row-priority state of rank {state['rank']} of {state['world_size']}, loaded "
+                             f"on rank {self.comm.rank} of {self.comm.world}: use save() / load() to reshard")
+        self._buffer = []
+        self._values = {c: {t: v.float().clone() for t, v in ch.items()} for c, ch in state["values"].items()}
         self.step = int(state["step"])
-        self._log_scale = float(state["log_scale"])
+        self._log_scale = {c: float(v) for c, v in state["log_scale"].items()}
+
+    def save(self, directory: str) -> None:
+        """Collective: every rank writes its part to ``directory`` (``rank-<r>.pt``)."""
+        state = self.state_dict()
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, f"rank-{self.comm.rank:05d}.pt")
+        torch.save(state, path + ".tmp")
+        os.replace(path + ".tmp", path)
+        self.comm.barrier()
+
+    def load(self, directory: str) -> None:
+        """Read a :meth:`save`\\ d directory written by any number of ranks: this rank reads
+        the parts holding its rows (memory-mapped)."""
+        first = os.path.join(directory, f"rank-{0:05d}.pt")
+        if not os.path.isfile(first):
+            raise FileNotFoundError(f"{directory}: no row-priority parts (rank-00000.pt)")
+        head = torch.load(first, map_location="cpu", weights_only=True, mmap=True)
+        self._check_state(head)
+        W0 = int(head["world_size"])
+        parts = {0: head}
+        self._buffer = []
+        for c in self._names:
+            for t in self.tables:
+                s, e = self._own[t.name]
+                out = torch.zeros(e - s, dtype=torch.float32)
+                for r in range(W0):
+                    s0, e0 = owned_rows(t.num_embeddings, W0, r)
+                    lo, hi = max(s, s0), min(e, e0)
+                    if lo < hi:
+                        if r not in parts:
+                            path = os.path.join(directory, f"rank-{r:05d}.pt")
+                            if not os.path.isfile(path):
+                                raise FileNotFoundError(f"{path}: missing part of the row priorities")
+                            parts[r] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                        out[lo - s:hi - s] = parts[r]["values"][c][t.name][lo - s0:hi - s0]
+                self._values[c][t.name] = out
+        self.step = int(head["step"])
+        self._log_scale = {c: float(v) for c, v in head["log_scale"].items()}
+

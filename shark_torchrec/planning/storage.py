@@ -1,7 +1,7 @@
 """Storage the SHARK trackers hold per rank, reserved in TorchRec's planner.
 
 The trackers are not sharded tensors, so they are not in the planner's per-shard estimates:
-:class:`RowPriority` keeps one float32 per row of every table on every rank, and
+:class:`RowPriority` keeps one float32 per row and channel, each rank its share of the rows, and
 :class:`TaylorFieldImportance` keeps, per training step, the pooled embeddings and their
 baseline (and, for ``shuffle``, the gathered global batch).  :class:`TrackerStorageReservation`
 takes them off every device's capacity before the planner places tables, on top of TorchRec's
@@ -23,7 +23,7 @@ def tracker_bytes_per_rank(
     tables: Sequence[EmbeddingBagConfig],
     local_batch_size: int,
     world_size: int,
-    row_priority: bool = True,
+    row_priority: int = 1,
     field_importance: Optional[str] = None,
 ) -> Dict[str, int]:
     """``{"ddr": bytes, "hbm": bytes}`` the trackers need on each rank.
@@ -32,7 +32,8 @@ def tracker_bytes_per_rank(
         tables: every table of the model.
         local_batch_size: per-rank batch size.
         world_size: ranks (the ``shuffle`` baseline gathers the global batch).
-        row_priority: a :class:`~shark_torchrec.importance.RowPriority` is kept (host memory).
+        row_priority: channels of :class:`~shark_torchrec.importance.RowPriority` kept (host
+            memory, sharded over the ranks; ``True`` is one, ``False`` none).
         field_importance: the :class:`~shark_torchrec.importance.TaylorFieldImportance` baseline,
             if one is attached (its per-step buffers live where the embeddings do).
     """
@@ -40,7 +41,9 @@ def tracker_bytes_per_rank(
 
     rows = sum(t.num_embeddings for t in tables)
     width = sum(t.embedding_dim * len(t.feature_names) for t in tables)
-    ddr = rows * RowPriority.bytes_per_row if row_priority else 0
+    # each rank keeps its share of every table's rows (the larger share when they do not divide)
+    share = sum(-(-t.num_embeddings // world_size) for t in tables)
+    ddr = share * RowPriority.bytes_per_row * int(row_priority)
     step = 0
     if field_importance is not None:
         step = 4 * local_batch_size * width  # the pooled embeddings kept for the backward
