@@ -12,9 +12,11 @@ finished stage and ends with the same result.
 * ``prune``: fields are dropped by their scores (``--keep_fields`` or ``--drop_fraction``), the
   smaller model is sharded anew with the surviving weights and fine-tuned on the last
   ``--finetune_fraction`` of the train split, which training did not see.
-* ``quantize``: the pruned model is gathered, its tables converted with ``quantize_`` using the
-  row priorities (``--quant_budget_fraction`` of the pruned tables' fp32 bytes), evaluated, and
-  exported (:mod:`shark_torchrec.export`).
+* ``quantize``: the pruned model's tables are converted where their shards lie
+  (:mod:`shark_torchrec.quantize_stage`: each rank its own shards, with the row priorities of
+  the rows it decides; ``--quant_budget_fraction`` of the pruned tables' fp32 bytes over all
+  ranks), every stage is evaluated sharded, and the model is exported, each rank writing its
+  part (``OUT/model/``, :mod:`shark_torchrec.sharded.export`).  No table is gathered.
 
 The report (``OUT/report.json``, ``OUT/report.md`` and PNG plots, :mod:`shark_torchrec.report`)
 gives every stage's AUC and log loss, the embedding bytes before and after, and the compressed
@@ -25,12 +27,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import json
 import logging
 import os
 import time
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -44,8 +45,6 @@ from shark_torchrec.cli_args import (
     tier_fractions,
     unit_fraction,
 )
-from shark_torchrec.export import export_model
-from shark_torchrec.evaluation import PairedBootstrap
 from shark_torchrec.importance import (
     BASELINES,
     PermutationImportance,
@@ -54,16 +53,13 @@ from shark_torchrec.importance import (
     TaylorFieldImportance,
     dlrm_per_sample_loss,
 )
-from shark_torchrec.pruning import PruningPlan, choose_plan, filter_batch
+from shark_torchrec.pruning import PruningPlan, choose_plan
 from shark_torchrec.planning.overrides import load_overrides
 from shark_torchrec.pruning.sharded import iterative_prune, prune_trainer, pruned_config
-from shark_torchrec.quant import RowwiseQuantConfig, quantize_
-from shark_torchrec.quant.attribution import attribute_quantization_loss
+from shark_torchrec.quant import RowwiseQuantConfig
 from shark_torchrec.quant.layout import serving_row_alignment
 from shark_torchrec.training.checkpoint import CheckpointManager
 from shark_torchrec.training.distributed import DistEnv, run_job
-from shark_torchrec.training.gather import full_state_dict
-from shark_torchrec.training.model import build_dlrm_train
 from shark_torchrec.training.datasets import require_rows
 from shark_torchrec.training.train_dlrm import (
     build_parser as build_train_parser,
@@ -222,21 +218,17 @@ def _run(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
         if args.epochs < 1:
             raise SystemExit("--epochs must be >= 1: field scores and row priorities are collected while training")
         fields = TaylorFieldImportance(trainer.model, baseline=args.prune_baseline, seed=args.seed)
-        counters = {name: RowPriority(config.tables(), alpha=a, beta=b, gamma=g).attach(trainer.model)
-                    for name, (a, b, g) in _row_counters(args).items()}
+        counters = RowPriority(config.tables(), channels=_row_counters(args)).attach(trainer.model)
         with fields:
             with _timed("training with the trackers"):
                 _train_epochs(trainer, spec, args, env, args.epochs, parts["train"])
-        for c in counters.values():
-            c.detach()
+        counters.detach()
         metrics = trainer.evaluate(_eval_batches(args, spec, env), desc=f"{args.eval_split} (trained)")
         scores = fields.scores()
         gradient_scales = fields.gradient_scales()
-        counts = {name: c.priorities() for name, c in counters.items()}
         with _timed("checkpointing the trained model"):
             path = ckpt.save(trainer.state_dict(), {"global_step": 0, "stage": "train"})
-        if env.is_main:
-            torch.save(counts, os.path.join(out, "train", "row_counts.pt"))
+        counters.save(os.path.join(out, "train", "row_counts"))  # each rank its rows
         done = {"metrics": metrics, "scores": scores, "checkpoint": path,
                 "gradient_scales": gradient_scales}
         _finish(env, out, "train", done)
@@ -331,61 +323,8 @@ def _run(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
     # ------------------------------------------------------------------ quantize + export
     qdone = _done(out, "quantize")
     if qdone is None:
-        with _timed("gathering the pruned model"):
-            full = full_state_dict(pruned.model)  # collective
-        with _timed("gathering the uncompressed reference"):
-            original = full_state_dict(trainer.model)  # collective: the uncompressed tables
-        if env.is_main:
-            model = build_dlrm_train(small, torch.device("cpu"), args.seed, embedding_device=torch.device("cpu"))
-            model.load_state_dict(full)
-            model.eval()
-            kept_features = list(small.feature_names)
-            pruned_eval = _evaluate_local(model, spec, args, kept_features, env.world_size)
-            priorities = _row_priorities(args, out, done.get("gradient_scales"), small.tables())
-            kept = {t.name for t in small.tables()}
-            float_model = copy.deepcopy(model) if args.attribute_quant_loss else None
-            with _timed("row-wise mixed precision (quantize_)"):
-                quantize_(model, _quant_config(args, overrides, kept, env.device),
-                          priorities={k: v for k, v in priorities.items() if k in kept})
-            model.eval()
-            metrics = _evaluate_local(model, spec, args, kept_features, env.world_size)
-            mixed = model.model.sparse_arch.embedding_bag_collection
-            os.makedirs(os.path.join(out, "quantize"), exist_ok=True)
-            # Every row's tier (TIER_ORDER index), e.g. to score the tiers against a ground truth.
-            torch.save({t: v.to(torch.int8) for t, v in mixed.assignment.tiers.items()},
-                       os.path.join(out, "quantize", "row_tiers.pt"))
-            fp32_bytes = sum(t.num_embeddings * t.embedding_dim * 4 for t in config.tables())
-            metrics["embedding_bytes"] = mixed.memory_report()["total_bytes"]
-            metrics["fp32_embedding_bytes"] = fp32_bytes
-            metrics["bytes_saved_fraction"] = 1 - metrics["embedding_bytes"] / fp32_bytes
-            export_model(model, os.path.join(out, "model.pt"),
-                         pruning_plan=PruningPlan.load(os.path.join(out, "prune", "plan.json")),
-                         metadata={"test_auc": metrics["auc"]})
-            fp32_model = build_dlrm_train(config, torch.device("cpu"), args.seed,
-                                          embedding_device=torch.device("cpu"))
-            fp32_model.load_state_dict(original)
-            fp32_model.eval()
-            reference_eval = _evaluate_local(fp32_model, spec, args, list(config.feature_names), env.world_size)
-            with _timed("paired comparisons"):
-                paired = _paired(args, reference_eval, pruned_eval, metrics)
-            attribution = None
-            if float_model is not None:
-                with _timed("attributing the quantization step's loss to tiers and tables"):
-                    attribution = attribute_quantization_loss(
-                        float_model, mixed.assignment.tiers,
-                        lambda m: _evaluate_local(m, spec, args, kept_features, env.world_size)["logits"],
-                        metrics["labels"], bootstrap=args.bootstrap, seed=args.seed)
-            for m in (metrics, pruned_eval, reference_eval):
-                m.pop("logits"), m.pop("labels")
-            speed = _lookup_speed(fp32_model.model.sparse_arch.embedding_bag_collection, mixed,
-                                  spec, args, list(small.feature_names))
-            _write_report(out, report, done, pdone, metrics, mixed, priorities, config, speed, paired,
-                          args, attribution)
-            qdone = {"metrics": metrics, "lookup_speed_vs_fp32": speed, "paired": paired}
-            if attribution is not None:
-                qdone["quant_loss_attribution"] = attribution
-        _finish(env, out, "quantize", qdone or {})
-        qdone = _done(out, "quantize")
+        qdone = _quantize(args, env, spec, config, small, trainer, pruned, done, pdone, overrides, out)
+        _finish(env, out, "quantize", qdone)
     report["stages"]["quantized"] = qdone["metrics"]
     report["lookup_speed_vs_fp32"] = qdone["lookup_speed_vs_fp32"]
     report["paired"] = qdone.get("paired", {})
@@ -443,9 +382,10 @@ def _row_counters(args) -> Dict[str, tuple]:
     return counters
 
 
-def _row_priorities(args, out: str, gradient_scales, tables) -> Dict[str, torch.Tensor]:
-    """The row priorities ``--row_priority`` asks for, from the train stage's counters:
-    ``α · positive + β · negative`` (SHARK), or the plain use counts (frequency).
+def _priority_mix(args, gradient_scales, tables) -> Tuple[Dict[str, float], Dict[str, float]]:
+    """The row priorities ``--row_priority`` asks for, as ``(channel coefficients, scale per
+    table)`` of the train stage's counters: ``α · positive + β · negative`` (SHARK), or the
+    plain use counts (frequency).
 
     With ``--tier_weighting gradient`` (SHARK priorities only), each table's priorities are
     scaled by its field's mean squared per-sample gradient ``mean_n ‖g[n,f]‖²`` (collected by
@@ -453,19 +393,19 @@ def _row_priorities(args, out: str, gradient_scales, tables) -> Dict[str, torch.
     about ``uses × ‖g‖² × ‖δ‖² / dim``, so a byte budget shared by all tables goes where errors
     move the loss most, not only where rows are used most.  A table serving several features
     takes the largest of their scales."""
-    counts = torch.load(os.path.join(out, "train", "row_counts.pt"), weights_only=True)
+    channels = _row_counters(args)
     if args.row_priority == "frequency":
-        pos, neg = counts.get("positive_plain", counts["positive"]), counts.get("negative_plain", counts["negative"])
-        return {t: pos[t] + neg[t] for t in pos}
-    pos, neg = counts["positive"], counts["negative"]
-    priorities = {t: args.priority_alpha * pos[t] + args.priority_beta * neg[t] for t in pos}
+        plain = "positive_plain" if "positive_plain" in channels else "positive"
+        return {plain: 1.0, plain.replace("positive", "negative"): 1.0}, {}
+    mix = {"positive": args.priority_alpha, "negative": args.priority_beta}
+    scale: Dict[str, float] = {}
     if args.tier_weighting == "gradient" and gradient_scales:
         for t in tables:
-            scales = [gradient_scales.get(f, float("nan")) for f in t.feature_names]
-            scale = max((x for x in scales if x == x), default=float("nan"))
-            if t.name in priorities and scale == scale and scale > 0:
-                priorities[t.name] = priorities[t.name] * scale
-    return priorities
+            values = [gradient_scales.get(f, float("nan")) for f in t.feature_names]
+            s = max((x for x in values if x == x), default=float("nan"))
+            if s == s and s > 0:
+                scale[t.name] = s
+    return mix, scale
 
 
 def _field_scores(args, done, trainer: DLRMTrainer, spec, env, config):
@@ -493,100 +433,64 @@ def _eval_batches(args, spec, env):
     return spec.batches(ds, args.num_workers)
 
 
-def _paired(args, reference, pruned, quantized) -> Dict[str, Any]:
-    """Paired comparisons on the same evaluation rows: the compressed model, the pruning step
-    and the quantization step, each with a bootstrap interval and a verdict in words."""
-    for name, m in (("pruned", pruned), ("quantized", quantized)):
-        if not torch.equal(reference["labels"], m["labels"]):
-            raise RuntimeError(f"the {name} and the reference evaluations saw different rows")
-    boot = PairedBootstrap(reference["labels"].numpy(),
-                           {"uncompressed": reference["logits"].numpy(), "pruned": pruned["logits"].numpy(),
-                            "quantized": quantized["logits"].numpy()},
-                           bootstrap=args.bootstrap, seed=args.seed)
-    out = {}
-    for name, (ref, new) in {"compressed vs uncompressed": ("uncompressed", "quantized"),
-                             "pruning step (pruned vs uncompressed)": ("uncompressed", "pruned"),
-                             "quantization step (quantized vs pruned)": ("pruned", "quantized")}.items():
-        c = boot.compare(ref, new)
-        out[name] = {**c.to_dict(), "verdict": c.verdict()}
-    return out
+def _quantize(args, env, spec, config, small, trainer: DLRMTrainer, pruned: DLRMTrainer, done, pdone,
+              overrides, out: str) -> Dict[str, Any]:
+    """The quantize stage on every rank (:mod:`shark_torchrec.quantize_stage`): no table is
+    gathered.  Returns the stage's ``done.json`` content; rank 0 writes the report."""
+    from shark_torchrec.quantize_stage import lookup_batches, quantize_stage
+    from shark_torchrec.sharded.export import export_sharded
+    from shark_torchrec.training.sharding import plan_summary
+
+    counters = RowPriority(config.tables(), channels=_row_counters(args))
+    counters.load(os.path.join(out, "train", "row_counts"))
+    mix, scale = _priority_mix(args, done.get("gradient_scales"), small.tables())
+    kept = {t.name for t in small.tables()}
+    plan = PruningPlan.load(os.path.join(out, "prune", "plan.json"))
+
+    def export(model, metrics) -> None:
+        export_sharded(model, os.path.join(out, "model"), pruning_plan=plan,
+                       metadata={f"{args.eval_split}_auc": metrics["auc"]}, plan=plan_summary(pruned.plan))
+
+    with _timed("row-wise mixed precision, evaluation and export (sharded)"):
+        result = quantize_stage(
+            pruned, trainer, _quant_config(args, overrides, kept, env.device), counters, mix, scale,
+            lambda: _eval_batches(args, spec, env),
+            lookup_batches(spec, args.test_batch_size or args.batch_size, args.limit_test_batches, env),
+            env, out, args.attribute_quant_loss, args.bootstrap, args.seed, export)
+    metrics = result.metrics
+    fp32_bytes = sum(t.num_embeddings * t.embedding_dim * 4 for t in config.tables())
+    metrics["fp32_embedding_bytes"] = fp32_bytes
+    metrics["bytes_saved_fraction"] = 1 - metrics["embedding_bytes"] / fp32_bytes
+    qdone = {"metrics": metrics, "lookup_speed_vs_fp32": result.speed, "paired": result.paired,
+             "rows_per_tier": result.rows_per_tier}
+    if result.attribution is not None:
+        qdone["quant_loss_attribution"] = result.attribution
+    if env.is_main:
+        _write_report(out, done, pdone, result, config, args)
+    return qdone
 
 
-def _write_report(out, report, done, pdone, metrics, mixed, priorities, config, speed, paired,
-                  args, attribution=None) -> None:
+def _write_report(out, done, pdone, result, config, args) -> None:
     from shark_torchrec import report as rep
 
     stages = {"trained": done["metrics"], "uncompressed, fine-tuned": pdone["reference"],
-              "pruned": pdone["metrics"], "quantized": metrics}
+              "pruned": pdone["metrics"], "quantized": result.metrics}
     figures = ["field_scores.png", "auc_by_stage.png", "bytes_per_table.png", "row_priorities.png"]
     plan = PruningPlan.load(os.path.join(out, "prune", "plan.json"))
     rep.plot_field_scores(done["scores"], plan.dropped_features, os.path.join(out, figures[0]))
     rep.plot_auc_by_stage(stages, os.path.join(out, figures[1]))
-    after = {name: dict(tiers) for name, tiers in mixed.memory_report()["tables"].items()}
-    for t in mixed.embedding_bag_configs():  # the id map is part of what a mixed table costs
-        after[t.name]["id map"] = 4 * t.num_embeddings
     rep.plot_bytes_per_table({t.name: t.num_embeddings * t.embedding_dim * 4 for t in config.tables()},
-                             after, os.path.join(out, figures[2]))
-    rep.plot_priorities({t: priorities[t] for t in mixed.assignment.tiers}, mixed.assignment.tiers,
-                        os.path.join(out, figures[3]))
-    rep.write_markdown(out, {"stages": stages, "plan": pdone["plan"], "lookup_speed_vs_fp32": speed,
-                             "paired": paired, "scorer": pdone.get("scorer", ""),
+                             result.bytes_per_table, os.path.join(out, figures[2]))
+    rep.plot_priorities(result.plot_priorities, result.plot_tiers, os.path.join(out, figures[3]),
+                        never_used=result.unused_rows)
+    rep.write_markdown(out, {"stages": stages, "plan": pdone["plan"], "lookup_speed_vs_fp32": result.speed,
+                             "paired": result.paired, "scorer": pdone.get("scorer", ""),
                              "row_priority": args.row_priority, "eval_split": args.eval_split,
-                             "quant_loss_attribution": attribution,
-                             "row_alignment": mixed.layout.row_alignment},
+                             "quant_loss_attribution": result.attribution,
+                             "row_alignment": row_alignment(args, _device_of(args))},
                        figures)
 
 
-@torch.no_grad()
-def _lookup_speed(fp32_ebc, mixed, spec, args, kept) -> float:
-    """Throughput of the compressed collection over the uncompressed one on the test batches.
-
-    Both read the same batches as they come (the compressed one ignores the pruned features,
-    as TorchRec's collections do).  Batches are timed one at a time, the two collections
-    alternating, with Python's garbage collector paused (it would fire inside whichever
-    collection allocates next): the ratio of the median per-batch times over 7 passes, the
-    first a warm-up."""
-    import gc
-    import statistics
-    import time
-
-    ds = spec.dataset("test", args.test_batch_size or args.batch_size, 0, 1,
-                      max_batches=args.limit_test_batches)
-    batches = [b.sparse_features for b in spec.batches(ds, 0)]
-    times = {"fp32": [], "mixed": []}
-    for p in range(7):
-        gc.collect()
-        gc.disable()
-        try:
-            for kjt in batches:
-                for name, module in (("fp32", fp32_ebc), ("mixed", mixed)):
-                    t0 = time.perf_counter()
-                    module(kjt)
-                    if p:
-                        times[name].append(time.perf_counter() - t0)
-        finally:
-            gc.enable()
-    return statistics.median(times["fp32"]) / statistics.median(times["mixed"])
-
-
-@torch.no_grad()
-def _evaluate_local(model, spec, args, features, world_size: int) -> Dict[str, Any]:
-    """AUC and log loss of an unsharded model over the whole ``--eval_split`` (one process), fed
-    only the ``features`` it keeps (the data still carries the pruned ones); with the logits
-    and labels, for paired comparisons."""
-    from torchmetrics.functional.classification import binary_auroc
-    import torch.nn.functional as F
-
-    logits, labels = [], []
-    # The global batch (per-rank size × ranks), so that this one process reads exactly the
-    # rows the sharded evaluations of the other stages read.
-    global_batch = (args.test_batch_size or args.batch_size) * world_size
-    ds = spec.dataset(args.eval_split, global_batch, 0, 1, max_batches=args.limit_test_batches)
-    for b in spec.batches(ds, 0):
-        _, (_, lg, lb) = model(filter_batch(b, features))
-        logits.append(lg.float())
-        labels.append(lb.float())
-    lg, lb = torch.cat(logits), torch.cat(labels)
-    return {"auc": float(binary_auroc(torch.sigmoid(lg), lb.long())),
-            "log_loss": float(F.binary_cross_entropy_with_logits(lg.double(), lb.double())),
-            "examples": int(lb.numel()), "logits": lg, "labels": lb}
+def _device_of(args) -> torch.device:
+    return torch.device("cuda" if (args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()))
+                        else "cpu")

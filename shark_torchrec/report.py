@@ -8,7 +8,7 @@ at which each tier starts.
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -77,9 +77,11 @@ def plot_bytes_per_table(fp32_bytes: Dict[str, int], after: Dict[str, Dict[str, 
     plt.close(fig)
 
 
-def plot_priorities(priorities: Dict[str, torch.Tensor], tiers: Dict[str, torch.Tensor], path: str) -> None:
+def plot_priorities(priorities: Dict[str, torch.Tensor], tiers: Dict[str, torch.Tensor], path: str,
+                    never_used: Optional[int] = None) -> None:
     """Histogram of row priorities (log scale) over the compressed tables, with the lowest
-    priority of each tier marked."""
+    priority of each tier marked.  ``priorities``/``tiers`` may be a sample of the rows (a
+    sharded run samples each rank's); ``never_used`` then counts all rows of priority 0."""
     from shark_torchrec.quant.tiers import TIER_ORDER
 
     plt = _plt()
@@ -97,7 +99,9 @@ def plot_priorities(priorities: Dict[str, torch.Tensor], tiers: Dict[str, torch.
             ax.axvline(float(sel.min()), color=TIER_COLOURS[tier.value], ls="--", label=f"{tier.value} from")
     ax.set_xlabel("row priority")
     ax.set_ylabel("rows")
-    ax.set_title(f"Row priorities ({int((p == 0).sum())} rows never used)")
+    unused = int((p == 0).sum()) if never_used is None else never_used
+    ax.set_title(f"Row priorities ({unused:,} rows never used"
+                 + (f"; {p.numel():,} rows sampled)" if never_used is not None else ")"))
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

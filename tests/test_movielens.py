@@ -186,6 +186,6 @@ def test_shark_recipe_on_an_ml100k_slice(ml100k_slice, tmp_path: Path) -> None:
     assert report["plan"]["fields_before"] == 8 and report["plan"]["fields_after"] == 6
     assert report["stages"]["trained"]["auc"] > 0.6, report["stages"]
     # --row_alignment 1 (CPU serving): the export keeps the unpadded layout.
-    model, _ = load_export(str(out / "model.pt"))
+    model, info = load_export(str(out / "model"))
     mixed = [m for m in model.modules() if isinstance(m, RowwiseMixedEmbeddingBagCollection)]
-    assert [m.layout.row_alignment for m in mixed] == [1]
+    assert info["row_alignment"] == 1 and mixed and all(m.layout.row_alignment == 1 for m in mixed)

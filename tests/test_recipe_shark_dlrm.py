@@ -26,9 +26,11 @@ ARGS = [*SMALL, "--attribute_quant_loss"]
 
 @pytest.fixture(scope="module")
 def full(tmp_path_factory) -> Path:
-    """One uninterrupted run of the pipeline, the reference of the resumed ones."""
+    """One uninterrupted run of the pipeline, the reference of the resumed ones — with every
+    way of gathering a sharded table made to raise (tests/scripts/no_gather_run.py): it
+    compresses, evaluates and exports where the shards lie."""
     out = tmp_path_factory.mktemp("shark_recipe") / "full"
-    run_torchrun(RECIPE, [*ARGS, "--out", out], nproc=2)
+    run_torchrun(ROOT / "tests" / "scripts" / "no_gather_run.py", [*ARGS, "--out", out], nproc=2)
     return out
 
 
@@ -71,10 +73,12 @@ def test_pipeline_runs_resumes_and_exports(tmp_path: Path, full: Path) -> None:
     # 4 of 8 equal tables kept, then half of their fp32 bytes (id maps and padding included).
     assert q["embedding_bytes"] <= 0.5 * (q["fp32_embedding_bytes"] * 4 / 8)
     assert q["bytes_saved_fraction"] >= 0.75
-    model_a, info = load_export(str(full / "model.pt"))
-    model_b, _ = load_export(str(part / "model.pt"))
+    # the sharded export, loaded whole by this one process
+    model_a, info = load_export(str(full / "model"))
+    model_b, _ = load_export(str(part / "model"))
     assert info["metadata"]["test_auc"] == q["auc"]
-    kept = [f for t in info["model"]["embedding"]["tables"] for f in t["features"]]
+    assert {p["rank"] for p in json.loads((full / "model" / "manifest.json").read_text())["parts"]} == {0, 1}
+    kept = [f for t in info["placement"].tables for f in t["features"]]
     cfg = SyntheticConfig.default(num_fields=8, num_informative=3, cardinality=500, seed=0)
     batch = SyntheticClickDataset(cfg, 64, 1, batch_offset=123).global_batch(0)
     kjt = batch.sparse_features
@@ -126,14 +130,12 @@ def test_init_from_iterative_pruning_fractions_and_overrides(tmp_path: Path) -> 
                           "--planner_overrides", overrides, "--out", out], nproc=2)
     r = json.loads((out / "report.json").read_text())
     assert r["plan"]["fields_after"] == 4 and "cat_7" not in r["plan"]["dropped_features"]
-    model, info = load_export(str(out / "model.pt"))
-    tables = {t["name"]: t for t in info["model"]["embedding"]["tables"]}
-    rows = info["model"]["embedding"]["rows"]
-    tiers = info["model"]["embedding"]["tiers"]
-    if "t_cat_0" in tables:  # pinned to one tier
-        assert [t for t, n in zip(tiers, rows["t_cat_0"]) if n] == ["fp16"]
+    model, info = load_export(str(out / "model"))
+    rows = info["rows_per_tier"]
+    if "t_cat_0" in rows:  # pinned to one tier
+        assert [t for t, n in rows["t_cat_0"].items() if n] == ["fp16"]
     others = [n for n in rows if n != "t_cat_0"]
-    assert all(sorted(t for t, n in zip(tiers, rows[n]) if n) == ["fp16", "int4"] for n in others)
+    assert others and all(sorted(t for t, n in rows[n].items() if n) == ["fp16", "int4"] for n in others)
 
 
 def test_other_scorers_priorities_and_the_dev_split(tmp_path: Path) -> None:
@@ -165,7 +167,10 @@ def test_other_scorers_priorities_and_the_dev_split(tmp_path: Path) -> None:
     assert r["eval_split"] == "dev" and r["row_priority"] == "frequency"
     assert r["paired"]["compressed vs uncompressed"]["bootstrap"] == 50
     # Row counters vs a direct count over the train part (75% of 12 batches of 32 = 9).
-    counts = torch.load(tmp_path / "random" / "train" / "row_counts.pt", weights_only=True)
+    from shark_torchrec.importance import RowPriority
+    from shark_torchrec.pipeline import _row_counters, build_parser
+    from shark_torchrec.training.model import DLRMConfig
+
     cfg = SyntheticConfig.default(num_fields=8, num_informative=3, cardinality=500, seed=0)
     ds = SyntheticClickDataset(cfg, 32, 9, batch_offset=SYNTHETIC_OFFSETS["train"])
     pos = {f: np.zeros(500) for f in cfg.feature_names}
@@ -176,6 +181,10 @@ def test_other_scorers_priorities_and_the_dev_split(tmp_path: Path) -> None:
             y = torch.repeat_interleave(b.labels, jt.lengths()).numpy()
             np.add.at(pos[f], jt.values().numpy(), y)
             np.add.at(neg[f], jt.values().numpy(), 1 - y)
+    tables = DLRMConfig(feature_names=cfg.feature_names, num_embeddings_per_feature=[500] * 8,
+                        embedding_dim=8, dense_arch_layer_sizes=(16, 8)).tables()
+    counts = RowPriority(tables, channels=_row_counters(build_parser().parse_args([])))
+    counts.load(str(tmp_path / "random" / "train" / "row_counts"))
     for f in cfg.feature_names:
-        np.testing.assert_allclose(counts["positive_plain"][f"t_{f}"].numpy(), pos[f], rtol=1e-6)
-        np.testing.assert_allclose(counts["negative_plain"][f"t_{f}"].numpy(), neg[f], rtol=1e-6)
+        np.testing.assert_allclose(counts.priorities("positive_plain")[f"t_{f}"].numpy(), pos[f], rtol=1e-6)
+        np.testing.assert_allclose(counts.priorities("negative_plain")[f"t_{f}"].numpy(), neg[f], rtol=1e-6)

@@ -101,7 +101,9 @@ def row_truth_metrics(cfg, run_dir: str) -> Dict[str, float]:
     """Shares of the true row importance (of the kept tables) stored in each tier."""
     from shark_torchrec.data import true_row_importance
 
-    tiers = torch.load(os.path.join(run_dir, "quantize", "row_tiers.pt"), weights_only=True)
+    from shark_torchrec.quantize_stage import read_row_tiers
+
+    tiers = read_row_tiers(os.path.join(run_dir, "quantize", "row_tiers"))
     mass = np.zeros(len(TIER_ORDER))
     for table, t in tiers.items():
         field = table[len("t_"):]

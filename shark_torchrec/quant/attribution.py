@@ -26,7 +26,7 @@ from shark_torchrec.evaluation import PairedBootstrap
 from shark_torchrec.quant.rows import dequantize_rows
 from shark_torchrec.quant.tiers import TIER_ORDER, Tier
 
-__all__ = ["attribute_quantization_loss", "simulated_tiers"]
+__all__ = ["attribute_quantization_loss", "attribution_report", "simulated_tiers"]
 
 
 def _collection(model: nn.Module) -> EmbeddingBagCollection:
@@ -126,19 +126,31 @@ def attribute_quantization_loss(
         for key, masks in groups.items():
             with _substituted(ebc, stored, masks):
                 logits[key] = evaluate(model)
+    rows = {key: sum(int(m.sum()) for m in masks.values()) for key, masks in groups.items()}
+    rows["fp32"] = sum(t.numel() for t in tiers.values())
+    return attribution_report(logits, labels, rows, bootstrap, seed)
+
+
+def attribution_report(logits: Dict[str, torch.Tensor], labels: torch.Tensor, rows: Dict[str, int],
+                       bootstrap: int = 1000, seed: int = 0) -> Dict[str, object]:
+    """The report of :func:`attribute_quantization_loss` from the logits of every variant:
+    ``"fp32"``, ``"quantized"`` and one per group (``"tier:<tier>"``, ``"table:<table>"``: that
+    group's rows kept fp32), on the rows whose ``labels`` are given; ``rows`` counts each
+    group's rows (and ``"fp32"`` all of them).  Shared by the float-model simulation and the
+    sharded pipeline, which converts the model again for each group."""
     boot = PairedBootstrap(np.asarray(labels, dtype=np.float64),
                            {k: np.asarray(v, dtype=np.float64) for k, v in logits.items()},
                            bootstrap=bootstrap, seed=seed)
     total = boot.compare("quantized", "fp32")
     out: Dict[str, object] = {
         "auc": {"fp32": total.auc, "quantized": total.auc_reference},
-        "fp32": {"rows": sum(t.numel() for t in tiers.values()), "recovered": total.delta_auc,
-                 "ci": total.delta_auc_ci},
+        "fp32": {"rows": rows["fp32"], "recovered": total.delta_auc, "ci": total.delta_auc_ci},
         "tiers": {}, "tables": {},
     }
-    for key, masks in groups.items():
+    for key in logits:
+        if ":" not in key:
+            continue
         c = boot.compare("quantized", key)
         kind, name = key.split(":", 1)
-        out[kind + "s"][name] = {"rows": sum(int(m.sum()) for m in masks.values()),
-                                 "recovered": c.delta_auc, "ci": c.delta_auc_ci}
+        out[kind + "s"][name] = {"rows": rows[key], "recovered": c.delta_auc, "ci": c.delta_auc_ci}
     return out

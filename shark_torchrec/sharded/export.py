@@ -278,6 +278,12 @@ def load_sharded_export(path: str, comm: Optional[Comm] = None, check_ids: bool 
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):
             raise ExportError(f"{dense_file}: dense weight {k!r} is not finite")
     model.eval()
-    info = {k: m.get(k) for k in ("model", "pruning_plan", "metadata", "sharding_plan")}
+    info = {k: m.get(k) for k in ("model", "pruning_plan", "metadata", "sharding_plan", "row_alignment")}
     info["placement"] = layout
+    per_table: Dict[str, List[int]] = {}
+    for s in layout.shards:  # rows per tier of each table (column blocks counted once)
+        if s.col_offset == 0:
+            per_table[s.table] = [a + b for a, b in zip(per_table.get(s.table, [0] * len(TIER_ORDER)),
+                                                        counts[s.name])]
+    info["rows_per_tier"] = {t: dict(zip(m["tiers"], c)) for t, c in per_table.items()}
     return model, info

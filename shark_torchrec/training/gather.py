@@ -14,8 +14,11 @@ def full_state_dict(model: nn.Module, dst: int = 0) -> Optional[Dict[str, torch.
     """The model's state with every ``ShardedTensor`` gathered whole, on rank ``dst``.
 
     Every rank must call it (it is collective); ranks other than ``dst`` get ``None``.
-    Keys lose a leading DMP/DDP ``module.`` prefix.  Meant for tests, export and small
-    models: the full tables must fit in ``dst``'s memory.
+    Keys lose a leading DMP/DDP ``module.`` prefix.
+
+    For tests and small models only: every table is gathered whole into ``dst``'s memory.
+    Nothing in the pipeline calls it: a sharded model is compressed, evaluated and exported
+    where its shards lie (:mod:`shark_torchrec.sharded`).
     """
     rank = dist.get_rank() if dist.is_initialized() else 0
     out: Dict[str, torch.Tensor] = {}

@@ -229,49 +229,65 @@ class DLRMTrainer:
     def evaluate(
         self, batches: Iterable[Batch], desc: str = "eval", return_predictions: bool = False
     ) -> Dict[str, Any]:
-        """AUC (torchmetrics, synchronised over ranks) and log loss over all ranks' examples.
-
-        With ``return_predictions``, also ``"logits"`` and ``"labels"``: every rank's examples
-        as CPU tensors in global example order (batch by batch, rank slices in rank order),
-        the same on every rank — for paired comparisons of two models on the same rows."""
+        """AUC (torchmetrics, synchronised over ranks) and log loss over all ranks' examples
+        (see :func:`evaluate_model`)."""
         self.model.eval()
-        auroc = BinaryAUROC().to(self.env.device)
-        loss_sum = torch.zeros(2, dtype=torch.float64, device=self.env.device)  # [sum, count]
-        local_logits, local_labels = [], []
-        for batch in tqdm(batches, desc=desc, disable=not self.env.is_main, dynamic_ncols=True):
-            _, (_, logits, labels) = self.model(self._to_device(batch))
-            auroc.update(torch.sigmoid(logits), labels.long())
-            loss_sum[0] += torch.nn.functional.binary_cross_entropy_with_logits(
-                logits.double(), labels.double(), reduction="sum"
-            )
-            loss_sum[1] += labels.numel()
-            if return_predictions:
-                local_logits.append(logits.detach().float().cpu())
-                local_labels.append(labels.detach().float().cpu())
-        if dist.is_initialized() and self.env.world_size > 1:
-            dist.all_reduce(loss_sum)
-        examples = int(loss_sum[1].item())
-        if examples == 0:
-            raise RuntimeError("evaluate: the evaluation data is empty")
-        out: Dict[str, Any] = {
-            "auc": float(auroc.compute().item()),
-            "log_loss": float((loss_sum[0] / loss_sum[1]).item()),
-            "examples": examples,
-        }
-        if return_predictions:
-            out["logits"], out["labels"] = self._gather_in_order(local_logits, local_labels)
-        return out
+        return evaluate_model(lambda b: self.model(self._to_device(b)), batches, self.env, desc,
+                              return_predictions)
 
-    def _gather_in_order(self, logits: List[torch.Tensor], labels: List[torch.Tensor]):
-        if not (dist.is_initialized() and self.env.world_size > 1):
-            return torch.cat(logits), torch.cat(labels)
-        parts: List[Any] = [None] * self.env.world_size
-        dist.all_gather_object(parts, (logits, labels))
-        n_batches = max(len(p[0]) for p in parts)
-        lg, lb = [], []
-        for i in range(n_batches):  # a global batch is its ranks' slices in rank order
-            for rank_logits, rank_labels in parts:
-                if i < len(rank_logits):
-                    lg.append(rank_logits[i])
-                    lb.append(rank_labels[i])
-        return torch.cat(lg), torch.cat(lb)
+
+@torch.no_grad()
+def evaluate_model(
+    forward: Callable[[Batch], Any], batches: Iterable[Batch], env: DistEnv, desc: str = "eval",
+    return_predictions: bool = False,
+) -> Dict[str, Any]:
+    """AUC (torchmetrics, synchronised over ranks) and log loss over all ranks' examples of a
+    model whose ``forward(batch)`` returns ``DLRMTrain``'s ``(loss, (loss, logits, labels))``
+    for this rank's part of each batch (a sharded ``DLRMTrain`` — DMP-wrapped or with a sharded
+    mixed collection — or a plain one).
+
+    With ``return_predictions``, also ``"logits"`` and ``"labels"``: every rank's examples
+    as CPU tensors in global example order (batch by batch, rank slices in rank order),
+    the same on every rank — for paired comparisons of two models on the same rows.  Only the
+    logits are gathered, never the model."""
+    auroc = BinaryAUROC().to(env.device)
+    loss_sum = torch.zeros(2, dtype=torch.float64, device=env.device)  # [sum, count]
+    local_logits, local_labels = [], []
+    for batch in tqdm(batches, desc=desc, disable=not env.is_main, dynamic_ncols=True):
+        _, (_, logits, labels) = forward(batch)
+        auroc.update(torch.sigmoid(logits), labels.long())
+        loss_sum[0] += torch.nn.functional.binary_cross_entropy_with_logits(
+            logits.double(), labels.double(), reduction="sum"
+        )
+        loss_sum[1] += labels.numel()
+        if return_predictions:
+            local_logits.append(logits.detach().float().cpu())
+            local_labels.append(labels.detach().float().cpu())
+    if dist.is_initialized() and env.world_size > 1:
+        dist.all_reduce(loss_sum)
+    examples = int(loss_sum[1].item())
+    if examples == 0:
+        raise RuntimeError("evaluate: the evaluation data is empty")
+    out: Dict[str, Any] = {
+        "auc": float(auroc.compute().item()),
+        "log_loss": float((loss_sum[0] / loss_sum[1]).item()),
+        "examples": examples,
+    }
+    if return_predictions:
+        out["logits"], out["labels"] = _gather_in_order(env, local_logits, local_labels)
+    return out
+
+
+def _gather_in_order(env: DistEnv, logits: List[torch.Tensor], labels: List[torch.Tensor]):
+    if not (dist.is_initialized() and env.world_size > 1):
+        return torch.cat(logits), torch.cat(labels)
+    parts: List[Any] = [None] * env.world_size
+    dist.all_gather_object(parts, (logits, labels))
+    n_batches = max(len(p[0]) for p in parts)
+    lg, lb = [], []
+    for i in range(n_batches):  # a global batch is its ranks' slices in rank order
+        for rank_logits, rank_labels in parts:
+            if i < len(rank_logits):
+                lg.append(rank_logits[i])
+                lb.append(rank_labels[i])
+    return torch.cat(lg), torch.cat(lb)
