@@ -76,6 +76,8 @@ def test_kernel_hull_equals_the_torch_one(drop_rows, monkeypatch) -> None:
             slow = B.row_choices(err, p, tiers, sizes, drop_rows)
         assert torch.equal(fast.seq, slow.seq)
         assert torch.equal(fast.breakpoints, slow.breakpoints)
+        assert (fast.top_bytes, fast.bottom_bytes) == (slow.top_bytes, slow.bottom_bytes)
+        assert fast.top_bytes == int(sizes[slow.seq[:, 0].long()].sum()) > fast.bottom_bytes
         for price in (-1, 0, 0x3A000000, 0x3F000000, 0x7F000000):
             assert torch.equal(B.pick(fast, price), _pick_torch(slow, price, monkeypatch))
 
@@ -111,7 +113,7 @@ def test_the_price_is_the_lowest_that_meets_the_budget() -> None:
     tiers = [Tier.FP16, Tier.INT8, Tier.INT4, Tier.INT2, Tier.DROP]
     sizes = B.tier_sizes([32], tiers, 1)
     halves = [B.row_choices(err[:2500], p[:2500], tiers, sizes), B.row_choices(err[2500:], p[2500:], tiers, sizes)]
-    full = halves[0].cat(halves[1])
+    full = B.RowChoices.concat(halves)
     top = B.bytes_at_price_zero(full)
     assert top == sum(B.bytes_at_price_zero(h) for h in halves)
     bps = torch.sort(full.breakpoints[torch.isfinite(full.breakpoints)].unique()).values

@@ -502,3 +502,42 @@ def test_the_kernel_pools_every_dim_and_bag_length(dim, pooling, weighted) -> No
     out = m(kjt).to_dict()
     for f, r in _reference(tables, ebc, a, kjt).items():
         assert (out[f] - r).abs().max() <= 1e-6 * max(1.0, float(r.abs().max())), f
+
+
+@pytest.mark.parametrize("row_alignment", [1, 16])
+@pytest.mark.parametrize("dim", [8, 16, 24, 64])
+def test_the_conversion_kernel_stores_what_fbgemm_quantizers_store(row_alignment, dim, monkeypatch) -> None:
+    """from_weights' one-pass CPU kernel (csrc/quantize_rows.cpp) against the FBGEMM-op path,
+    byte for byte: every sub-table's rows, scales and biases, and the id map."""
+    if not cpu_kernel_available():
+        pytest.skip("the CPU kernels could not be built here")
+    torch.manual_seed(dim)
+    configs = [EmbeddingBagConfig(name=n, embedding_dim=dim, num_embeddings=r, feature_names=[f"f_{n}"])
+               for n, r in (("a", 700), ("b", 33))]
+    weights = {c.name: torch.randn(c.num_embeddings, dim) * torch.rand(c.num_embeddings, 1) for c in configs}
+    weights["a"][5] = 0.25  # constant rows: FBGEMM's range-0 case
+    weights["a"][6] = 0.0
+    weights["a"][7] = torch.linspace(-1e4, 1e4, dim)  # a wide row
+    tiers = {c.name: torch.randint(0, len(TIER_ORDER), (c.num_embeddings,), dtype=torch.int8) for c in configs}
+    fast = RowwiseMixedEmbeddingBagCollection.from_weights(configs, weights, tiers, row_alignment=row_alignment)
+    monkeypatch.setattr(mixed_ebc, "cpu_kernel_available", lambda: False)
+    ref = RowwiseMixedEmbeddingBagCollection.from_weights(configs, weights, tiers, row_alignment=row_alignment)
+    a, b = fast.state_dict(), ref.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], torch.Tensor):
+            assert torch.equal(a[k].view(torch.uint8) if a[k].dtype != torch.int32 else a[k],
+                               b[k].view(torch.uint8) if b[k].dtype != torch.int32 else b[k]), k
+    assert torch.equal(fast.groups[0].weight_buffer(), ref.groups[0].weight_buffer())
+
+
+def test_the_conversion_kernel_names_a_non_finite_row() -> None:
+    if not cpu_kernel_available():
+        pytest.skip("the CPU kernels could not be built here")
+    c = EmbeddingBagConfig(name="t", embedding_dim=8, num_embeddings=50, feature_names=["f"])
+    w = torch.randn(50, 8)
+    w[31, 4] = float("inf")
+    for tier in (Tier.INT4, Tier.DROP):  # a dropped row must be finite too
+        t = torch.full((50,), TIER_ORDER.index(tier), dtype=torch.int8)
+        with pytest.raises(ValueError, match=r"table 't': row 31 has NaN/Inf weights"):
+            RowwiseMixedEmbeddingBagCollection.from_weights([c], {"t": w}, {"t": t})

@@ -83,20 +83,25 @@ class RowChoices:
         seq: int8 [n, K] the tiers a row takes from price 0 upwards (-1 after its last).
         breakpoints: float32 [n, K-1] the price at which it moves from ``seq[m]`` to
             ``seq[m+1]`` (+inf after its last move).
+        top_bytes, bottom_bytes: the rows' bytes at price 0, and in their last tiers.
     """
 
     tiers: List[Tier]
     sizes: torch.Tensor
     seq: torch.Tensor
     breakpoints: torch.Tensor
+    top_bytes: int = 0
+    bottom_bytes: int = 0
 
     @property
     def rows(self) -> int:
         return int(self.seq.shape[0])
 
-    def cat(self, other: "RowChoices") -> "RowChoices":
-        return RowChoices(self.tiers, self.sizes, torch.cat([self.seq, other.seq]),
-                          torch.cat([self.breakpoints, other.breakpoints]))
+    @staticmethod
+    def concat(parts: Sequence["RowChoices"]) -> "RowChoices":
+        return RowChoices(parts[0].tiers, parts[0].sizes, torch.cat([p.seq for p in parts]),
+                          torch.cat([p.breakpoints for p in parts]), sum(p.top_bytes for p in parts),
+                          sum(p.bottom_bytes for p in parts))
 
 
 def _hull_torch(err: torch.Tensor, p: torch.Tensor, sizes: torch.Tensor, drop_index: int
@@ -143,25 +148,23 @@ def row_choices(err: torch.Tensor, priority: torch.Tensor, tiers: Sequence[Tier]
     err = err.double().contiguous()
     p = priority.double().contiguous()
     if cpu_kernel_available():
-        bp, seq = torch.ops.shark_torchrec.tier_hull(err, p, sizes, drop_index >= 0, drop_index)
-    else:
-        bp, seq = _hull_torch(err, p, sizes, drop_index)
-    return RowChoices(tiers, sizes, seq, bp)
+        bp, seq, totals = torch.ops.shark_torchrec.tier_hull(err, p, sizes, drop_index >= 0, drop_index)
+        return RowChoices(tiers, sizes, seq, bp, int(totals[0]), int(totals[1]))
+    bp, seq = _hull_torch(err, p, sizes, drop_index)
+    last = (seq >= 0).sum(1) - 1
+    bottom = int(sizes[seq.gather(1, last.unsqueeze(1)).squeeze(1).long()].sum()) if seq.numel() else 0
+    top = int(sizes[seq[:, 0].long()].sum()) if seq.numel() else 0
+    return RowChoices(tiers, sizes, seq, bp, top, bottom)
 
 
 def bytes_at_price_zero(choices: RowChoices) -> int:
     """Bytes of the rows in their least-cost tiers (what a budget with room for it takes)."""
-    if choices.rows == 0:
-        return 0
-    return int(choices.sizes[choices.seq[:, 0].long()].sum())
+    return choices.top_bytes
 
 
 def smallest_bytes(choices: RowChoices) -> int:
     """Bytes of the rows in the last tier each may reach (the least a budget can buy)."""
-    if choices.rows == 0:
-        return 0
-    last = (choices.seq >= 0).sum(1) - 1
-    return int(choices.sizes[choices.seq.gather(1, last.unsqueeze(1)).squeeze(1).long()].sum())
+    return choices.bottom_bytes
 
 
 def _price_histogram(choices: RowChoices, prefix: int) -> torch.Tensor:

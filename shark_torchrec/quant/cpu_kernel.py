@@ -1,7 +1,8 @@
 """The project's CPU kernels: the mixed collection's lookup
 (``torch.ops.shark_torchrec.mixed_embedding_bag``, ``csrc/mixed_lookup.cpp``) and the tier
 choice of a byte budget (``row_tier_errors``, ``tier_hull``, ``hull_histogram``, ``hull_pick``,
-``csrc/tier_choice.cpp``; see :mod:`shark_torchrec.quant.budget`).
+``csrc/tier_choice.cpp``; see :mod:`shark_torchrec.quant.budget`) and the conversion of rows
+into sub-tables (``quantize_into``, ``csrc/quantize_rows.cpp``).
 
 FBGEMM has no CPU op that reads a bag whose rows sit in sub-tables of different precisions:
 its TBE reads each sub-table's part of a bag apart, so the ids must first be split by tier
@@ -29,7 +30,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 _SOURCES = [os.path.join(os.path.dirname(__file__), "csrc", name)
-            for name in ("mixed_lookup.cpp", "tier_choice.cpp")]
+            for name in ("mixed_lookup.cpp", "tier_choice.cpp", "quantize_rows.cpp")]
 _lock = threading.Lock()
 _state = {"loaded": None}  # None: not tried yet; then True / False
 
@@ -45,11 +46,15 @@ def cpu_kernel_available() -> bool:
     return _state["loaded"]
 
 
+def _registered() -> bool:
+    return all(hasattr(torch.ops.shark_torchrec, op) for op in
+               ("mixed_embedding_bag", "tier_hull", "quantize_into"))
+
+
 def _load() -> bool:
     if os.environ.get("SHARK_TORCHREC_CPU_KERNEL", "1") == "0":
         return False
-    if hasattr(torch.ops.shark_torchrec, "mixed_embedding_bag") and hasattr(
-            torch.ops.shark_torchrec, "tier_hull"):  # loaded by another copy
+    if _registered():  # loaded by another copy
         return True
     try:
         from torch.utils.cpp_extension import load
@@ -57,8 +62,7 @@ def _load() -> bool:
         logger.info("building shark_torchrec's CPU kernels (once per machine)")
         load(name="shark_torchrec_kernels", sources=_SOURCES, is_python_module=False,
              extra_cflags=["-O3", "-march=native"], verbose=False)
-        return hasattr(torch.ops.shark_torchrec, "mixed_embedding_bag") and hasattr(
-            torch.ops.shark_torchrec, "tier_hull")
+        return _registered()
     except Exception as e:  # no compiler, no ninja, read-only cache, ...
         warnings.warn(f"shark_torchrec: the CPU kernels could not be built "
                       f"({type(e).__name__}: {e}); using FBGEMM's block_bucketize + TBE path for "

@@ -157,6 +157,24 @@ class _MixedGroup(nn.Module):
             self._device_cache[key] = (feature_meta, tier_start, sub_meta)
         return self._device_cache[key]
 
+    def table_sub_meta(self, table: str) -> torch.Tensor:
+        """Where ``table``'s sub-tables lie in the TBE's weight buffer: int64 [6, 3] by
+        :data:`TIER_ORDER` tier (byte offset, bytes per stored row, FBGEMM ``SparseType``; -1
+        where it has none, as DROP) — what ``quantize_into`` writes rows by."""
+        from shark_torchrec.quant.tiers import TIER_ORDER
+
+        meta = torch.tensor([0, 0, -1], dtype=torch.long).repeat(len(TIER_ORDER), 1)
+        for tbe in self._tbes():
+            first = {}
+            for i, t in enumerate(tbe.feature_table_map):
+                first.setdefault(t, i)
+            for j, (spec, (w, _)) in enumerate(zip(tbe.embedding_specs, tbe.split_embedding_weights())):
+                name, tier = spec[0].rsplit("@", 1)
+                if name == table:
+                    meta[TIER_ORDER.index(Tier(tier))] = torch.tensor(
+                        [int(tbe.weights_offsets[first[j]]), w.stride(0), int(tbe.weights_tys[first[j]])])
+        return meta
+
     def weight_buffer(self) -> torch.Tensor:
         """The TBE's host weight buffer (every sub-table's rows), or an empty one."""
         tbes = self._tbes()

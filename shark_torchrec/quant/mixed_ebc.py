@@ -67,6 +67,21 @@ IDS_PER_THREAD = 16_384
 _QUANTIZE_ROWS = 65_536
 
 
+def _quantize_into(c: EmbeddingBagConfig, w: torch.Tensor, tiers: torch.Tensor, counts: torch.Tensor, group) -> None:
+    """Write a table's rows into its sub-tables and its id map with the CPU kernel; raise
+    naming the first row holding NaN/Inf."""
+    base = group.input_transform.table_base[c.name]
+    tier_start = torch.cumsum(torch.cat([torch.zeros(1, dtype=torch.long), counts[:-1]]), 0)
+    weights = w.detach()
+    if weights.dtype != torch.float32 or weights.stride(-1) != 1:
+        weights = weights.float().contiguous()
+    bad = torch.ops.shark_torchrec.quantize_into(
+        weights, tiers.to(torch.int8).contiguous(), group.table_sub_meta(c.name), tier_start,
+        group.weight_buffer(), group.input_transform.row_map[base:base + c.num_embeddings])
+    if bad >= 0:
+        raise ValueError(f"table {c.name!r}: row {bad} has NaN/Inf weights")
+
+
 def _check_finite(table: str, w: torch.Tensor) -> None:
     """Raise naming the first row of ``w`` that holds a NaN or an infinity (read in chunks)."""
     for r0 in range(0, w.shape[0], _QUANTIZE_ROWS):
@@ -190,7 +205,6 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
             if t.numel() != c.num_embeddings or tuple(w.shape) != (c.num_embeddings, c.embedding_dim):
                 raise ValueError(f"table {c.name!r}: {t.numel()} tiers and weights {tuple(w.shape)} "
                                  f"for {c.num_embeddings} rows of dim {c.embedding_dim}")
-            _check_finite(c.name, w)
         counts = {c.name: torch.bincount(tiers[c.name].long(), minlength=len(TIER_ORDER)) for c in configs}
         used = [i for i in range(len(TIER_ORDER)) if any(int(n[i]) for n in counts.values())] or [0]
         names = [c.name for c in configs]
@@ -204,8 +218,13 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
             row_alignment=row_alignment)
         module = RowwiseMixedEmbeddingBagCollection(layout, device=device, check_ids=check_ids, strict=strict)
         group_of = {n: g for g in module.groups for n in g.input_transform.table_base}
+        if device.type == "cpu" and cpu_kernel_available():
+            for c in configs:  # one streaming pass per table (csrc/quantize_rows.cpp)
+                _quantize_into(c, weights[c.name], tiers[c.name], counts[c.name], group_of[c.name])
+            return module
         views = {id(g): g._tbe_views() for g in module.groups}
         for c in configs:
+            _check_finite(c.name, weights[c.name])
             group = group_of[c.name]
             t, w = tiers[c.name], weights[c.name]
             base = group.input_transform.table_base[c.name]

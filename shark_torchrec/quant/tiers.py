@@ -302,8 +302,7 @@ def table_choices(name: str, weights: torch.Tensor, priorities: torch.Tensor, al
             row = r0 + int(bad.nonzero()[0])
             raise ValueError(f"table {name!r}: row {row} of the weights is not finite")
         parts.append(B.row_choices(err, priorities[r0:r1], allowed, sizes, drop_rows))
-    return B.RowChoices(allowed, sizes, torch.cat([p.seq for p in parts]),
-                        torch.cat([p.breakpoints for p in parts]))
+    return B.RowChoices.concat(parts)
 
 
 def weighted_error(assignment: "TierAssignment", priorities: Dict[str, torch.Tensor],

@@ -115,32 +115,40 @@ bool row_errors_vec(const float* x, int64_t D, const int64_t* bits, int K, doubl
     lo = std::min(lo, lo_l[i]);
     hi = std::max(hi, hi_l[i]);
   }
+  // The four lossy tiers' errors in one pass over the row, one accumulator each: independent
+  // chains in registers (a pass per tier waited on its accumulator's latency).  Tiers not
+  // asked for cost little and are dropped below.
+  float fb[3], fs[3], fi[3];
+  const int nbits[3] = {8, 4, 2};
+  for (int j = 0; j < 3; ++j) nbit_params(lo, hi, nbits[j], &fb[j], &fs[j], &fi[j]);
+  const F b8 = V::set1(fb[0]), s8 = V::set1(fs[0]), i8 = V::set1(fi[0]), t8 = V::set1(255.f);
+  const F b4 = V::set1(fb[1]), s4 = V::set1(fs[1]), i4 = V::set1(fi[1]), t4 = V::set1(15.f);
+  const F b2 = V::set1(fb[2]), s2 = V::set1(fs[2]), i2 = V::set1(fi[2]), t2 = V::set1(3.f);
+  const F zero = V::zero();
+  F a16 = zero, a8 = zero, a4 = zero, a2 = zero;
+  for (int64_t d = 0; d < D; d += V::L) {
+    const F v = V::load(x + d);
+    const F e16 = V::sub(v, V::via_half(v));
+    a16 = V::fma(e16, e16, a16);
+    const F q8 = V::min(V::max(V::round(V::mul(V::sub(v, b8), i8)), zero), t8);
+    const F e8 = V::sub(v, V::add(V::mul(s8, q8), b8));
+    a8 = V::fma(e8, e8, a8);
+    const F q4 = V::min(V::max(V::round(V::mul(V::sub(v, b4), i4)), zero), t4);
+    const F e4 = V::sub(v, V::add(V::mul(s4, q4), b4));
+    a4 = V::fma(e4, e4, a4);
+    const F q2 = V::min(V::max(V::round(V::mul(V::sub(v, b2), i2)), zero), t2);
+    const F e2 = V::sub(v, V::add(V::mul(s2, q2), b2));
+    a2 = V::fma(e2, e2, a2);
+  }
   for (int k = 0; k < K; ++k) {
-    const int b = (int)bits[k];
-    F acc = V::zero();
-    if (b == 16) {
-      for (int64_t d = 0; d < D; d += V::L) {
-        const F v = V::load(x + d);
-        const F e = V::sub(v, V::via_half(v));
-        acc = V::fma(e, e, acc);
-      }
-    } else if (b == 8 || b == 4 || b == 2) {
-      float bias, scale, inv;
-      nbit_params(lo, hi, b, &bias, &scale, &inv);
-      const F vb = V::set1(bias), vs = V::set1(scale), vi = V::set1(inv);
-      const F top = V::set1((float)((1 << b) - 1)), zero = V::zero();
-      for (int64_t d = 0; d < D; d += V::L) {
-        const F v = V::load(x + d);
-        F q = V::round(V::mul(V::sub(v, vb), vi));
-        q = V::min(V::max(q, zero), top);
-        const F e = V::sub(v, V::add(V::mul(vs, q), vb));
-        acc = V::fma(e, e, acc);
-      }
-    } else {
-      out[k] = b == 0 ? hsum<V>(vnorm) : 0.0;
-      continue;
+    switch ((int)bits[k]) {
+      case 16: out[k] = hsum<V>(a16); break;
+      case 8: out[k] = hsum<V>(a8); break;
+      case 4: out[k] = hsum<V>(a4); break;
+      case 2: out[k] = hsum<V>(a2); break;
+      case 0: out[k] = hsum<V>(vnorm); break;
+      default: out[k] = 0.0;  // FP32
     }
-    out[k] = hsum<V>(acc);
   }
   return true;
 }
@@ -223,8 +231,10 @@ Tensor row_tier_errors(const Tensor& weights, at::IntArrayRef bits) {
 // closed to rows whose priority is > 0.  At price 0 a row takes its least-cost tier (the first
 // on ties); then, at each breakpoint, the tier the cost line reaches first (the smallest on
 // ties).  Breakpoints are rounded to float32 and never decrease along a row.
-std::tuple<Tensor, Tensor> tier_hull(const Tensor& err, const Tensor& priority, const Tensor& sizes,
-                                     bool drop_unused, int64_t drop_index) {
+// Also returns int64 [2]: the rows' bytes at price 0 and in their last tiers (the most and the
+// least a budget can buy).
+std::tuple<Tensor, Tensor, Tensor> tier_hull(const Tensor& err, const Tensor& priority, const Tensor& sizes,
+                                             bool drop_unused, int64_t drop_index) {
   TORCH_CHECK(err.device().is_cpu() && err.scalar_type() == at::kDouble && err.dim() == 2 && err.is_contiguous(),
               "tier_hull: err must be a contiguous float64 [rows, tiers] CPU tensor");
   TORCH_CHECK(priority.scalar_type() == at::kDouble && priority.is_contiguous() && priority.numel() == err.size(0),
@@ -242,8 +252,10 @@ std::tuple<Tensor, Tensor> tier_hull(const Tensor& err, const Tensor& priority, 
   int8_t* q = seq.data_ptr<int8_t>();
   float* b = bp.data_ptr<float>();
   const int64_t W = bp.size(1);
+  std::vector<int64_t> totals(2 * std::max<int64_t>(1, at::get_num_threads()), 0);
   at::parallel_for(0, n, 4096, [&](int64_t r0, int64_t r1) {
     double c[kMaxTiers];
+    int64_t top = 0, bottom = 0;
     for (int64_t r = r0; r < r1; ++r) {
       for (int k = 0; k < K; ++k) {
         c[k] = p[r] * e[r * K + k];
@@ -273,9 +285,19 @@ std::tuple<Tensor, Tensor> tier_hull(const Tensor& err, const Tensor& priority, 
         q[r * K + m + 1] = (int8_t)next;
         cur = next;
       }
+      top += s[q[r * K]];
+      bottom += s[cur];
     }
+    const int t = at::get_thread_num();
+    totals[2 * t] += top;
+    totals[2 * t + 1] += bottom;
   });
-  return {bp, seq};
+  Tensor bytes = at::zeros({2}, err.options().dtype(at::kLong));
+  for (size_t t = 0; t < totals.size(); t += 2) {
+    bytes.data_ptr<int64_t>()[0] += totals[t];
+    bytes.data_ptr<int64_t>()[1] += totals[t + 1];
+  }
+  return {bp, seq, bytes};
 }
 
 inline uint32_t float_bits(float f) {
@@ -343,7 +365,7 @@ std::tuple<Tensor, Tensor> hull_pick(const Tensor& bp, const Tensor& seq, int64_
 
 TORCH_LIBRARY_FRAGMENT(shark_torchrec, m) {
   m.def("row_tier_errors(Tensor weights, int[] bits) -> Tensor");
-  m.def("tier_hull(Tensor err, Tensor priority, Tensor sizes, bool drop_unused, int drop_index) -> (Tensor, Tensor)");
+  m.def("tier_hull(Tensor err, Tensor priority, Tensor sizes, bool drop_unused, int drop_index) -> (Tensor, Tensor, Tensor)");
   m.def("hull_histogram(Tensor bp, Tensor seq, Tensor sizes, int prefix) -> Tensor");
   m.def("hull_pick(Tensor bp, Tensor seq, int price) -> (Tensor, Tensor)");
 }

@@ -1,0 +1,234 @@
+// Converting a table's float rows into a mixed collection's sub-tables in one streaming pass.
+//
+// Rows are read in order; row r of tier k goes to the next free row of tier k's sub-table
+// (inside the FBGEMM TBE's weight buffer, where the lookups read it) and gets the id
+// tier_start[k] + (rows of tier k before r) in the id map.  So the table is read sequentially
+// and each tier's sub-table written sequentially: no gather of rows by tier, no copy.  Rows
+// are stored exactly as FBGEMM's quantizers store them (FloatOrHalfToFusedNBitRowwise-
+// QuantizedSBHalf: bias = the row minimum rounded to fp16, scale = range / (2^bits - 1)
+// rounded to fp16, q = round-to-nearest-even((x - bias) / scale) clamped; fp16 rows rounded to
+// nearest even), in the TBE's layout (integer rows: fp16 scale and bias first, then the codes,
+// element j at bit (j * bits) % 8 of byte j * bits / 8).  Tested byte for byte against FBGEMM's
+// ops.
+//
+// Multi-threaded over row ranges (each range's first row per tier from a counting pass).
+// Built with the other kernels by shark_torchrec/quant/cpu_kernel.py; registered as
+// torch.ops.shark_torchrec.quantize_into.
+#include <ATen/Functions.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+using at::Tensor;
+
+constexpr int kTiers = 6;  // TIER_ORDER: FP32, FP16, INT8, INT4, INT2, DROP
+enum Ty : int32_t { FP32 = 0, FP16 = 1, INT8 = 2, INT4 = 3, INT2 = 4, NO_TABLE = -1 };
+
+inline uint16_t to_half(float x) { return c10::Half(x).x; }
+inline float from_half(uint16_t h) { return static_cast<float>(c10::Half(h, c10::Half::from_bits())); }
+
+// FBGEMM's row-wise quantization parameters: the fp16 bias and scale, and 1 / scale.
+inline void nbit_params(float lo, float hi, int bits, uint16_t* bias_h, float* bias, float* scale, float* inv) {
+  *bias_h = to_half(lo);
+  *bias = from_half(*bias_h);
+  const float range = hi - *bias;
+  *scale = from_half(to_half(range == 0.f ? 1.f : range / (float)((1 << bits) - 1)));
+  if (*scale == 0.f) *scale = 1.f;
+  *inv = 1.f / *scale;
+  if (std::isinf(*inv)) {
+    *scale = 1.f;
+    *inv = 1.f;
+  }
+}
+
+#if defined(__AVX2__) && defined(__F16C__)
+// The same for D a multiple of 8, the arithmetic in 8-float vectors (FBGEMM's AVX2 quantizer
+// computes the codes the same way: (x - bias) * inv, rounded to nearest even).
+bool store_row_avx2(const float* x, int64_t D, int32_t ty, uint8_t* dst) {
+  __m256 lo_v = _mm256_loadu_ps(x), hi_v = lo_v, nan_v = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; d += 8) {
+    const __m256 v = _mm256_loadu_ps(x + d);
+    lo_v = _mm256_min_ps(lo_v, v);
+    hi_v = _mm256_max_ps(hi_v, v);
+    nan_v = _mm256_add_ps(nan_v, _mm256_sub_ps(v, v));  // NaN for NaN and +-inf
+  }
+  if (_mm256_movemask_ps(_mm256_cmp_ps(nan_v, nan_v, _CMP_UNORD_Q))) return false;
+  if (ty == FP32) {
+    std::memcpy(dst, x, 4 * D);
+    return true;
+  }
+  if (ty == FP16) {
+    for (int64_t d = 0; d < D; d += 8)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 2 * d),
+                       _mm256_cvtps_ph(_mm256_loadu_ps(x + d), _MM_FROUND_TO_NEAREST_INT));
+    return true;
+  }
+  float l8[8], h8[8];
+  _mm256_storeu_ps(l8, lo_v);
+  _mm256_storeu_ps(h8, hi_v);
+  float lo = l8[0], hi = h8[0];
+  for (int i = 1; i < 8; ++i) {
+    lo = std::min(lo, l8[i]);
+    hi = std::max(hi, h8[i]);
+  }
+  const int bits = ty == INT8 ? 8 : (ty == INT4 ? 4 : 2);
+  uint16_t bias_h;
+  float bias, scale, inv;
+  nbit_params(lo, hi, bits, &bias_h, &bias, &scale, &inv);
+  uint16_t sb[2] = {to_half(scale), bias_h};
+  std::memcpy(dst, sb, 4);
+  uint8_t* q = dst + 4;
+  const __m256 b_v = _mm256_set1_ps(bias), i_v = _mm256_set1_ps(inv);
+  const __m256i top = _mm256_set1_epi32((1 << bits) - 1), zero = _mm256_setzero_si256();
+  alignas(32) int32_t c[8];
+  for (int64_t d = 0; d < D; d += 8) {
+    __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + d), b_v), i_v));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(c), _mm256_min_epi32(_mm256_max_epi32(v, zero), top));
+    if (bits == 8) {
+      for (int j = 0; j < 8; ++j) q[d + j] = (uint8_t)c[j];
+    } else if (bits == 4) {
+      for (int j = 0; j < 8; j += 2) q[(d + j) / 2] = (uint8_t)(c[j] | (c[j + 1] << 4));
+    } else {
+      q[d / 4] = (uint8_t)(c[0] | (c[1] << 2) | (c[2] << 4) | (c[3] << 6));
+      q[d / 4 + 1] = (uint8_t)(c[4] | (c[5] << 2) | (c[6] << 4) | (c[7] << 6));
+    }
+  }
+  return true;
+}
+#endif
+
+// One row, stored as FBGEMM stores it, at dst.  Returns false for a NaN or an infinity.
+bool store_row(const float* x, int64_t D, int32_t ty, uint8_t* dst) {
+#if defined(__AVX2__) && defined(__F16C__)
+  if (D % 8 == 0) return store_row_avx2(x, D, ty, dst);
+#endif
+  for (int64_t d = 0; d < D; ++d)
+    if (!std::isfinite(x[d])) return false;
+  if (ty == FP32) {
+    std::memcpy(dst, x, 4 * D);
+  } else if (ty == FP16) {
+    uint16_t* h = reinterpret_cast<uint16_t*>(dst);
+    for (int64_t d = 0; d < D; ++d) h[d] = to_half(x[d]);
+  } else {
+    const int bits = ty == INT8 ? 8 : (ty == INT4 ? 4 : 2);
+    float lo = x[0], hi = x[0];
+    for (int64_t d = 1; d < D; ++d) {
+      lo = std::min(lo, x[d]);
+      hi = std::max(hi, x[d]);
+    }
+    uint16_t bias_h;
+    float bias, scale, inv;
+    nbit_params(lo, hi, bits, &bias_h, &bias, &scale, &inv);
+    uint16_t sb[2] = {to_half(scale), bias_h};
+    std::memcpy(dst, sb, 4);
+    uint8_t* q = dst + 4;
+    const int per_byte = 8 / bits;
+    const int top = (1 << bits) - 1;
+    std::memset(q, 0, (D + per_byte - 1) / per_byte);
+    for (int64_t d = 0; d < D; ++d) {
+      long v = std::lrintf((x[d] - bias) * inv);
+      v = v < 0 ? 0 : (v > top ? top : v);
+      q[d / per_byte] |= (uint8_t)(v << ((d % per_byte) * bits));
+    }
+  }
+  return true;
+}
+
+// Writes every row of `weights` into its tier's sub-table in `buffer` and its id into
+// `row_map`; returns the first row holding a NaN or an infinity (then nothing is promised
+// about what was written), else -1.
+//   tiers [n] int8: TIER_ORDER index of each row.
+//   sub_meta [6, 3] int64: per TIER_ORDER tier, byte offset of the table's sub-table in
+//     buffer, bytes per stored row, FBGEMM SparseType (-1: no sub-table, e.g. DROP).
+//   tier_start [6] int64: the first id of each tier's rows.
+int64_t quantize_into(const Tensor& weights, const Tensor& tiers, const Tensor& sub_meta, const Tensor& tier_start,
+                      Tensor buffer, Tensor row_map) {
+  TORCH_CHECK(weights.device().is_cpu() && weights.scalar_type() == at::kFloat && weights.dim() == 2 &&
+                  weights.stride(1) == 1,
+              "quantize_into: weights must be float32 [rows, dim] with contiguous rows");
+  const int64_t n = weights.size(0), D = weights.size(1), stride = weights.stride(0);
+  TORCH_CHECK(tiers.scalar_type() == at::kChar && tiers.is_contiguous() && tiers.numel() == n,
+              "quantize_into: tiers must be int8, one per row");
+  TORCH_CHECK(sub_meta.scalar_type() == at::kLong && sub_meta.is_contiguous() && sub_meta.numel() == 3 * kTiers &&
+                  tier_start.scalar_type() == at::kLong && tier_start.numel() == kTiers,
+              "quantize_into: sub_meta int64 [6, 3] and tier_start int64 [6]");
+  TORCH_CHECK(buffer.scalar_type() == at::kByte && buffer.is_contiguous(), "quantize_into: buffer must be uint8");
+  TORCH_CHECK(row_map.scalar_type() == at::kInt && row_map.is_contiguous() && row_map.numel() == n,
+              "quantize_into: row_map must be int32, one per row");
+  const float* w = weights.data_ptr<float>();
+  const int8_t* t = tiers.data_ptr<int8_t>();
+  const int64_t* sm = sub_meta.data_ptr<int64_t>();
+  const int64_t* ts = tier_start.data_ptr<int64_t>();
+  uint8_t* buf = buffer.data_ptr<uint8_t>();
+  int32_t* map = row_map.data_ptr<int32_t>();
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(t[i] >= 0 && t[i] < kTiers, "quantize_into: tier ", (int)t[i], " of row ", i);
+  // Rows per tier in each range, so that ranges can be written in parallel.
+  const int64_t chunk = 16384;
+  const int64_t chunks = (n + chunk - 1) / chunk;
+  std::vector<int64_t> first(std::max<int64_t>(chunks, 1) * kTiers, 0);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c)
+      for (int64_t i = c * chunk; i < std::min(n, (c + 1) * chunk); ++i) ++first[c * kTiers + t[i]];
+  });
+  int64_t running[kTiers] = {0, 0, 0, 0, 0, 0};
+  for (int64_t c = 0; c < chunks; ++c)
+    for (int k = 0; k < kTiers; ++k) {
+      const int64_t count = first[c * kTiers + k];
+      first[c * kTiers + k] = running[k];
+      running[k] += count;
+    }
+  for (int k = 0; k < kTiers; ++k) {
+    if (running[k] == 0 || sm[3 * k + 2] == NO_TABLE) continue;
+    TORCH_CHECK(sm[3 * k] >= 0 && sm[3 * k] + running[k] * sm[3 * k + 1] <= buffer.numel(),
+                "quantize_into: tier ", k, "'s sub-table lies outside the buffer");
+  }
+  std::vector<int64_t> bad(std::max<int64_t>(chunks, 1), -1);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      int64_t next[kTiers];
+      for (int k = 0; k < kTiers; ++k) next[k] = first[c * kTiers + k];
+      for (int64_t i = c * chunk; i < std::min(n, (c + 1) * chunk); ++i) {
+        const int k = t[i];
+        const int64_t local = next[k]++;
+        map[i] = (int32_t)(ts[k] + local);
+        const int32_t ty = (int32_t)sm[3 * k + 2];
+        if (ty == NO_TABLE) {  // DROP: no stored row, but the row must still be finite
+          for (int64_t d = 0; d < D; ++d)
+            if (!std::isfinite(w[i * stride + d])) {
+              if (bad[c] < 0) bad[c] = i;
+              break;
+            }
+          continue;
+        }
+        if (!store_row(w + i * stride, D, ty, buf + sm[3 * k] + local * sm[3 * k + 1]) && bad[c] < 0) bad[c] = i;
+      }
+    }
+  });
+  for (int64_t b : bad)
+    if (b >= 0) return b;
+  return -1;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(shark_torchrec, m) {
+  m.def("quantize_into(Tensor weights, Tensor tiers, Tensor sub_meta, Tensor tier_start, Tensor(a!) buffer, "
+        "Tensor(b!) row_map) -> int");
+}
+
+TORCH_LIBRARY_IMPL(shark_torchrec, CPU, m) {
+  m.impl("quantize_into", &quantize_into);
+}
