@@ -157,6 +157,31 @@ def row_choices(err: torch.Tensor, priority: torch.Tensor, tiers: Sequence[Tier]
     return RowChoices(tiers, sizes, seq, bp, top, bottom)
 
 
+def measure_choices(weights: torch.Tensor, priority: torch.Tensor, tiers: Sequence[Tier], sizes: torch.Tensor,
+                    drop_rows: str = "any", extra_errors: Optional[torch.Tensor] = None
+                    ) -> Tuple[RowChoices, int]:
+    """:func:`row_choices` of rows measured from their weights (a chunk [n, d], any row
+    stride) in one fused pass, plus ``extra_errors`` [n, K] (their other column blocks'
+    :func:`tier_errors`, added after these); and the first row holding NaN or Inf (-1: none)."""
+    tiers = list(tiers)
+    drop_index = tiers.index(Tier.DROP) if (drop_rows == "unused" and Tier.DROP in tiers) else -1
+    w = weights.detach()
+    if w.dtype != torch.float32 or w.device.type != "cpu" or (w.numel() and w.stride(-1) != 1):
+        w = w.float().cpu().contiguous()
+    p = priority.double().contiguous()
+    extra = None if extra_errors is None else extra_errors.double().contiguous()
+    if cpu_kernel_available():
+        bp, seq, totals, bad = torch.ops.shark_torchrec.row_choices(
+            w, [_BITS[t] for t in tiers], p, sizes, extra, drop_index >= 0, drop_index)
+        return RowChoices(tiers, sizes, seq, bp, int(totals[0]), int(totals[1])), int(bad)
+    err = tier_errors(w, tiers)
+    if extra is not None:
+        err = err + extra
+    nan = torch.isnan(err).any(1)
+    bad = int(nan.nonzero()[0]) if bool(nan.any()) else -1
+    return row_choices(torch.nan_to_num(err), p, tiers, sizes, drop_rows), bad
+
+
 def bytes_at_price_zero(choices: RowChoices) -> int:
     """Bytes of the rows in their least-cost tiers (what a budget with room for it takes)."""
     return choices.top_bytes

@@ -275,12 +275,11 @@ def assign_by_budget(
 
 
 def table_choices(name: str, weights: torch.Tensor, priorities: torch.Tensor, allowed: Sequence[Tier],
-                  sizes: torch.Tensor, blocks: Sequence[int], drop_rows: str = "any",
-                  extra_errors: Optional[Callable[[int, int], torch.Tensor]] = None):
+                  sizes: torch.Tensor, blocks: Sequence[int], drop_rows: str = "any"):
     """:class:`~shark_torchrec.quant.budget.RowChoices` of a table's rows, read in chunks;
-    ``blocks``: the widths of its column blocks in ``weights`` (each measured apart);
-    ``extra_errors(r0, r1)``: errors of rows ``[r0, r1)`` in blocks held elsewhere (added, in
-    column order, after these).  A non-finite row is an error naming the table and the row."""
+    ``blocks``: the widths of its column blocks in ``weights`` (each measured apart, the later
+    blocks' errors added to the first's).  A non-finite row is an error naming the table and
+    the row."""
     from shark_torchrec.quant import budget as B
 
     parts = []
@@ -290,18 +289,16 @@ def table_choices(name: str, weights: torch.Tensor, priorities: torch.Tensor, al
         edges.append(edges[-1] + b)
     for r0 in range(0, max(n, 1), B.CHUNK_ROWS):
         r1 = min(n, r0 + B.CHUNK_ROWS)
-        err = None
-        for c0, c1 in zip(edges, edges[1:]):
+        extra = None
+        for c0, c1 in zip(edges[1:], edges[2:]):
             e = B.tier_errors(weights[r0:r1, c0:c1], allowed)
-            err = e if err is None else err.add_(e)
-        if extra_errors is not None:
-            e = extra_errors(r0, r1)
-            err = e if err is None else err.add_(e)
-        bad = torch.isnan(err).any(1)
-        if bool(bad.any()):
-            row = r0 + int(bad.nonzero()[0])
+            extra = e if extra is None else extra.add_(e)
+        choices, bad = B.measure_choices(weights[r0:r1, edges[0]:edges[1]], priorities[r0:r1], allowed, sizes,
+                                         drop_rows, extra)
+        if bad >= 0 or (extra is not None and bool(torch.isnan(extra).any())):
+            row = r0 + (bad if bad >= 0 else int(torch.isnan(extra).any(1).nonzero()[0]))
             raise ValueError(f"table {name!r}: row {row} of the weights is not finite")
-        parts.append(B.row_choices(err, priorities[r0:r1], allowed, sizes, drop_rows))
+        parts.append(choices)
     return B.RowChoices.concat(parts)
 
 

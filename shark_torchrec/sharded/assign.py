@@ -162,20 +162,24 @@ class _Assigner:
         out = []
         for r0 in range(0, g.rows, B.CHUNK_ROWS):
             r1 = min(g.rows, r0 + B.CHUNK_ROWS)
-            err = None
-            for b in g.blocks:
+            extra = None
+            for b in g.blocks[1:]:
                 e = B.tier_errors(self.weights[b.name][r0:r1], allowed)
-                err = e if err is None else err.add_(e)
-            out.append(self.checked_choices(g, r0, err, p[r0:r1], allowed, sizes))
+                extra = e if extra is None else extra.add_(e)
+            out.append(self.checked_choices(g, r0, r1, extra, p[r0:r1], allowed, sizes))
         return out
 
-    def checked_choices(self, g: RowGroup, r0: int, err: torch.Tensor, p: torch.Tensor,
+    def checked_choices(self, g: RowGroup, r0: int, r1: int, extra: Optional[torch.Tensor], p: torch.Tensor,
                         allowed: List[Tier], sizes: torch.Tensor) -> B.RowChoices:
-        bad = torch.isnan(err).any(1)
-        if bool(bad.any()):
-            row = g.row_offset + r0 + int(bad.nonzero()[0])
-            raise ValueError(f"table {g.table!r}: row {row} of the weights is not finite")
-        return B.row_choices(err, p, allowed, sizes, self.config.drop_rows)
+        """The choices of rows ``[r0, r1)`` of a group, measured from its first block (held
+        here) plus ``extra``, the errors of its other blocks in column order."""
+        choices, bad = B.measure_choices(self.weights[g.blocks[0].name][r0:r1], p, allowed, sizes,
+                                         self.config.drop_rows, extra)
+        if bad < 0 and extra is not None and bool(torch.isnan(extra).any()):
+            bad = int(torch.isnan(extra).any(1).nonzero()[0])
+        if bad >= 0:
+            raise ValueError(f"table {g.table!r}: row {g.row_offset + r0 + bad} of the weights is not finite")
+        return choices
 
     def exchange_column_errors(self, tables: Sequence[str], allowed: List[Tier],
                                choices: Dict[Tuple[str, int], List[B.RowChoices]]) -> None:
@@ -201,12 +205,13 @@ class _Assigner:
                     if not lead:
                         continue
                     received = {r: list(torch.split(got[r], (r1 - r0) * K)) for r in range(self.comm.world)}
-                    err = None
-                    for b in g.blocks:  # column order
+                    extra = None
+                    for b in g.blocks[1:]:  # column order
                         e = (B.tier_errors(self.weights[b.name][r0:r1], allowed) if b.rank == self.rank
                              else received[b.rank].pop(0).view(r1 - r0, K))
-                        err = e.clone() if err is None else err.add_(e)
-                    choices[(t, g.row_offset)].append(self.checked_choices(g, r0, err, p[r0:r1], allowed, sizes))
+                        extra = e.clone() if extra is None else extra.add_(e)
+                    choices[(t, g.row_offset)].append(self.checked_choices(g, r0, r1, extra, p[r0:r1], allowed,
+                                                                           sizes))
 
     # ------------------------------------------------------------------ result
     def tiers_of_shards(self) -> Dict[str, torch.Tensor]:

@@ -28,6 +28,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -225,6 +226,52 @@ Tensor row_tier_errors(const Tensor& weights, at::IntArrayRef bits) {
   return out;
 }
 
+// One row's choices (see tier_hull) from its errors e[K]; adds its bytes at price 0 and at
+// its last tier to *top and *bottom.
+inline void hull_row(const double* e, double p, const int64_t* s, int K, bool drop_unused, int64_t drop_index,
+                     int8_t* q, float* b, int64_t* top, int64_t* bottom) {
+  double c[kMaxTiers];
+  for (int k = 0; k < K; ++k) {
+    c[k] = p * e[k];
+    if (drop_unused && k == drop_index && p > 0) c[k] = std::numeric_limits<double>::infinity();
+  }
+  int cur = 0;
+  for (int k = 1; k < K; ++k)
+    if (c[k] < c[cur]) cur = k;
+  q[0] = (int8_t)cur;
+  float last = 0.f;
+  for (int m = 0; m < K - 1; ++m) {
+    int next = -1;
+    double best = std::numeric_limits<double>::infinity();
+    for (int j = 0; j < K; ++j) {
+      if (s[j] >= s[cur] || !std::isfinite(c[j])) continue;
+      const double lam = (c[j] - c[cur]) / (double)(s[cur] - s[j]);
+      if (next < 0 || lam < best || (lam == best && s[j] < s[next])) {
+        best = lam;
+        next = j;
+      }
+    }
+    if (next < 0) break;
+    float f = (float)(best > 0 ? best : 0.0);
+    if (f < last) f = last;
+    last = f;
+    b[m] = f;
+    q[m + 1] = (int8_t)next;
+    cur = next;
+  }
+  *top += s[q[0]];
+  *bottom += s[cur];
+}
+
+Tensor sum_totals(const std::vector<int64_t>& totals, const at::TensorOptions& options) {
+  Tensor bytes = at::zeros({2}, options.dtype(at::kLong));
+  for (size_t t = 0; t < totals.size(); t += 2) {
+    bytes.data_ptr<int64_t>()[0] += totals[t];
+    bytes.data_ptr<int64_t>()[1] += totals[t + 1];
+  }
+  return bytes;
+}
+
 // Each row's choices as the price per byte rises from 0: seq [n, K] int8 (tier positions, -1
 // after the last) and bp [n, K - 1] float32 (the price at which the row moves from seq[m] to
 // seq[m + 1]; +inf after the last).  cost_k = p * err_k; with drop_unused, tier drop_index is
@@ -254,50 +301,72 @@ std::tuple<Tensor, Tensor, Tensor> tier_hull(const Tensor& err, const Tensor& pr
   const int64_t W = bp.size(1);
   std::vector<int64_t> totals(2 * std::max<int64_t>(1, at::get_num_threads()), 0);
   at::parallel_for(0, n, 4096, [&](int64_t r0, int64_t r1) {
-    double c[kMaxTiers];
     int64_t top = 0, bottom = 0;
-    for (int64_t r = r0; r < r1; ++r) {
-      for (int k = 0; k < K; ++k) {
-        c[k] = p[r] * e[r * K + k];
-        if (drop_unused && k == drop_index && p[r] > 0) c[k] = std::numeric_limits<double>::infinity();
-      }
-      int cur = 0;
-      for (int k = 1; k < K; ++k)
-        if (c[k] < c[cur]) cur = k;
-      q[r * K] = (int8_t)cur;
-      float last = 0.f;
-      for (int m = 0; m < K - 1; ++m) {
-        int next = -1;
-        double best = std::numeric_limits<double>::infinity();
-        for (int j = 0; j < K; ++j) {
-          if (s[j] >= s[cur] || !std::isfinite(c[j])) continue;
-          const double lam = (c[j] - c[cur]) / (double)(s[cur] - s[j]);
-          if (next < 0 || lam < best || (lam == best && s[j] < s[next])) {
-            best = lam;
-            next = j;
-          }
-        }
-        if (next < 0) break;
-        float f = (float)(best > 0 ? best : 0.0);
-        if (f < last) f = last;
-        last = f;
-        b[r * W + m] = f;
-        q[r * K + m + 1] = (int8_t)next;
-        cur = next;
-      }
-      top += s[q[r * K]];
-      bottom += s[cur];
-    }
+    for (int64_t r = r0; r < r1; ++r)
+      hull_row(e + r * K, p[r], s, K, drop_unused, drop_index, q + r * K, b + r * W, &top, &bottom);
     const int t = at::get_thread_num();
     totals[2 * t] += top;
     totals[2 * t + 1] += bottom;
   });
-  Tensor bytes = at::zeros({2}, err.options().dtype(at::kLong));
-  for (size_t t = 0; t < totals.size(); t += 2) {
-    bytes.data_ptr<int64_t>()[0] += totals[t];
-    bytes.data_ptr<int64_t>()[1] += totals[t + 1];
+  return {bp, seq, sum_totals(totals, err.options())};
+}
+
+// The fused pass of a chunk of rows: their errors (row_errors; plus extra_err [n, K] from
+// column blocks held elsewhere, when defined) and choices (hull_row) without an errors tensor.
+// Returns (bp, seq, bytes [2], first row holding NaN or Inf or -1).
+std::tuple<Tensor, Tensor, Tensor, int64_t> row_choices(const Tensor& weights, at::IntArrayRef bits,
+                                                       const Tensor& priority, const Tensor& sizes,
+                                                       const std::optional<Tensor>& extra_err, bool drop_unused,
+                                                       int64_t drop_index) {
+  TORCH_CHECK(weights.device().is_cpu() && weights.scalar_type() == at::kFloat && weights.dim() == 2 &&
+                  weights.stride(1) == 1,
+              "row_choices: weights must be a float32 [rows, dim] CPU tensor with contiguous rows");
+  const int64_t n = weights.size(0), D = weights.size(1), stride = weights.stride(0);
+  const int K = (int)bits.size();
+  TORCH_CHECK(K >= 1 && K <= kMaxTiers, "row_choices: 1 to ", kMaxTiers, " tiers");
+  TORCH_CHECK(priority.scalar_type() == at::kDouble && priority.is_contiguous() && priority.numel() == n,
+              "row_choices: priority must be float64, one per row");
+  TORCH_CHECK(sizes.scalar_type() == at::kLong && sizes.numel() == K, "row_choices: sizes must be int64 [tiers]");
+  const double* extra = nullptr;
+  if (extra_err.has_value() && extra_err->defined()) {
+    TORCH_CHECK(extra_err->scalar_type() == at::kDouble && extra_err->is_contiguous() && extra_err->size(0) == n &&
+                    extra_err->size(1) == K,
+                "row_choices: extra_err must be float64 [rows, tiers]");
+    extra = extra_err->data_ptr<double>();
   }
-  return {bp, seq, bytes};
+  Tensor seq = at::full({n, K}, -1, weights.options().dtype(at::kChar));
+  Tensor bp = at::full({n, std::max(K - 1, 1)}, std::numeric_limits<float>::infinity(),
+                       weights.options().dtype(at::kFloat));
+  const float* w = weights.data_ptr<float>();
+  const double* p = priority.data_ptr<double>();
+  const int64_t* s = sizes.data_ptr<int64_t>();
+  int8_t* q = seq.data_ptr<int8_t>();
+  float* b = bp.data_ptr<float>();
+  const int64_t W = bp.size(1);
+  const std::vector<int64_t> bv(bits.begin(), bits.end());
+  std::vector<int64_t> totals(2 * std::max<int64_t>(1, at::get_num_threads()), 0);
+  std::vector<int64_t> bad(std::max<int64_t>(1, at::get_num_threads()), -1);
+  if (n > 0) TORCH_CHECK(D > 0, "row_choices: rows of dim 0");
+  at::parallel_for(0, n, 2048, [&](int64_t r0, int64_t r1) {
+    double e[kMaxTiers];
+    int64_t top = 0, bottom = 0;
+    const int t = at::get_thread_num();
+    for (int64_t r = r0; r < r1; ++r) {
+      if (!row_errors(w + r * stride, D, bv.data(), K, e)) {
+        if (bad[t] < 0 || r < bad[t]) bad[t] = r;
+        continue;
+      }
+      if (extra != nullptr)
+        for (int k = 0; k < K; ++k) e[k] += extra[r * K + k];
+      hull_row(e, p[r], s, K, drop_unused, drop_index, q + r * K, b + r * W, &top, &bottom);
+    }
+    totals[2 * t] += top;
+    totals[2 * t + 1] += bottom;
+  });
+  int64_t first_bad = -1;
+  for (int64_t x : bad)
+    if (x >= 0 && (first_bad < 0 || x < first_bad)) first_bad = x;
+  return {bp, seq, sum_totals(totals, weights.options()), first_bad};
 }
 
 inline uint32_t float_bits(float f) {
@@ -366,6 +435,8 @@ std::tuple<Tensor, Tensor> hull_pick(const Tensor& bp, const Tensor& seq, int64_
 TORCH_LIBRARY_FRAGMENT(shark_torchrec, m) {
   m.def("row_tier_errors(Tensor weights, int[] bits) -> Tensor");
   m.def("tier_hull(Tensor err, Tensor priority, Tensor sizes, bool drop_unused, int drop_index) -> (Tensor, Tensor, Tensor)");
+  m.def("row_choices(Tensor weights, int[] bits, Tensor priority, Tensor sizes, Tensor? extra_err, "
+        "bool drop_unused, int drop_index) -> (Tensor, Tensor, Tensor, int)");
   m.def("hull_histogram(Tensor bp, Tensor seq, Tensor sizes, int prefix) -> Tensor");
   m.def("hull_pick(Tensor bp, Tensor seq, int price) -> (Tensor, Tensor)");
 }
@@ -373,6 +444,7 @@ TORCH_LIBRARY_FRAGMENT(shark_torchrec, m) {
 TORCH_LIBRARY_IMPL(shark_torchrec, CPU, m) {
   m.impl("row_tier_errors", &row_tier_errors);
   m.impl("tier_hull", &tier_hull);
+  m.impl("row_choices", &row_choices);
   m.impl("hull_histogram", &hull_histogram);
   m.impl("hull_pick", &hull_pick);
 }
