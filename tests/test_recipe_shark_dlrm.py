@@ -85,6 +85,20 @@ def test_pipeline_runs_resumes_and_exports(tmp_path: Path, full: Path) -> None:
     batch.sparse_features = kjt.permute([kjt.keys().index(f) for f in kept])
     with torch.no_grad():
         assert torch.equal(model_a(batch)[1][1], model_b(batch)[1][1])
+    # The quantized stage was evaluated sharded over 2 processes (AUC and log loss reduced over
+    # ranks); this one process, reading the same test rows whole, gets the same figures.
+    from shark_torchrec.pipeline import build_parser
+    from shark_torchrec.training.distributed import DistEnv
+    from shark_torchrec.training.train_dlrm import data_spec_from_args
+    from shark_torchrec.training.trainer import evaluate_model
+
+    args = build_parser().parse_args([str(a) for a in ARGS])
+    spec = data_spec_from_args(args)
+    rows = spec.batches(spec.dataset("test", 2 * args.batch_size, 0, 1), 0)  # 2 ranks' global batches
+    one = evaluate_model(model_a, rows, DistEnv(0, 1, 0, torch.device("cpu"), "gloo"))
+    assert one["examples"] == q["examples"]
+    assert one["auc"] == pytest.approx(q["auc"], abs=1e-6)
+    assert one["log_loss"] == pytest.approx(q["log_loss"], rel=1e-6)
 
 
 @pytest.mark.slow

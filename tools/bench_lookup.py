@@ -28,6 +28,14 @@ run, with the interquartile range.
     python tools/bench_lookup.py --out runs/bench_lookup.json
     python tools/bench_lookup.py --device cuda        # EmbeddingLocation.DEVICE tables
     python tools/bench_lookup.py --row_alignment 1 --threads 1   # FBGEMM's unpadded CPU rows
+
+Sharded (``--sharded`` under ``torchrun``): TorchRec's fp32 collection sharded by
+``DistributedModelParallel`` (``--sharding_type``, on every table) against the mixed collection
+converted from it where its shards lie (:func:`shark_torchrec.sharded.quantize_sharded`), each
+rank feeding its part of the global batch (``--batch_size`` is global); a call is as slow as
+its slowest rank, so each block's time is the maximum over ranks:
+
+    torchrun --standalone --nproc_per_node 2 tools/bench_lookup.py --sharded --out runs/bench_lookup_sharded.json
 """
 
 import argparse
@@ -221,6 +229,105 @@ def _fmt(r: Dict[str, float]) -> str:
     return f"{r['median']:.2f} ({r['p25']:.2f}–{r['p75']:.2f})"
 
 
+def build_sharded_case(name: str, cfg: SyntheticConfig, dim: int, batch_size: int, iters: int, args) -> Dict:
+    """The sharded fp32 collection and its sharded mixed conversions, on this rank's part of
+    each global batch (a collective: every rank builds the same case)."""
+    import torch.distributed as dist
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec.distributed.sharding_plan import construct_module_sharding_plan, row_wise, table_wise
+    from torchrec.distributed.types import ShardingEnv, ShardingPlan
+
+    from shark_torchrec.quant import RowwiseQuantConfig
+    from shark_torchrec.sharded import Comm, quantize_sharded
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local = batch_size // world
+    id_dtype = torch.int32 if args.int32 else torch.int64
+    data = SyntheticClickDataset(cfg, local, args.batches, rank=rank, world_size=world, id_dtype=id_dtype)
+    batches = [b.sparse_features for b in data]
+    tables = [EmbeddingBagConfig(name=f"t_{f.name}", embedding_dim=dim, num_embeddings=f.cardinality,
+                                 feature_names=[f.name]) for f in cfg.fields]
+    if rank == 0:
+        print(f"building {name} ({args.sharding_type} over {world}): {len(tables)} x "
+              f"{max(t.num_embeddings for t in tables):,} x {dim}", flush=True)
+    ebc = EmbeddingBagCollection(tables=tables, device=torch.device("meta"))
+    kind = {"table_wise": lambda i: table_wise(rank=i % world), "row_wise": lambda i: row_wise()}[args.sharding_type]
+    plan = construct_module_sharding_plan(ebc, {t.name: kind(i) for i, t in enumerate(tables)}, world_size=world,
+                                          device_type="cpu")
+    dmp = DistributedModelParallel(ebc, device=torch.device("cpu"), plan=ShardingPlan({"": plan}),
+                                   sharders=[EmbeddingBagCollectionSharder()],
+                                   env=ShardingEnv.from_process_group(dist.GroupMember.WORLD))
+    fp32 = dmp._dmp_wrapped_module
+    fp32.eval()
+    # Priorities: id counts over a separate sample of global batches (small: one vector per table).
+    sample = SyntheticClickDataset(cfg, batch_size, 4, batch_offset=1000).global_batch
+    counts = {t.name: torch.zeros(t.num_embeddings, dtype=torch.float64) for t in tables}
+    for g in range(4):
+        kjt = sample(g).sparse_features
+        for t in tables:
+            v = kjt[t.feature_names[0]].values().long()
+            counts[t.name].index_add_(0, v, torch.ones(v.numel(), dtype=torch.float64))
+
+    def fp32_call(kjt):
+        return fp32(kjt).wait().values()
+
+    variants: Dict[str, Callable] = {FP32: fp32_call}
+    comm = Comm()
+    for label, fractions in MIXES.items():
+        mixed, _ = quantize_sharded(fp32, RowwiseQuantConfig(fractions=fractions, row_alignment=args.row_alignment),
+                                    lambda t, r0, n: counts[t][r0:r0 + n], comm)
+        variants[f"{label}, sharded, fused CPU kernel per shard"] = (lambda m: lambda kjt: m(kjt).values())(mixed)
+    ids_per_batch = statistics.mean(k.values().numel() for k in batches)
+    return {"name": name, "batches": batches, "variants": variants, "inputs": {}, "bags": local * len(tables),
+            "ids": ids_per_batch, "tables": len(tables), "rows": [t.num_embeddings for t in tables], "dim": dim,
+            "batch_size": batch_size, "iters": iters}
+
+
+def sharded_main(args, big: SyntheticConfig, pipeline: SyntheticConfig, shapes: List[str]) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    rank = dist.get_rank()
+    cases = []
+    if "benchmark" in shapes:
+        cases.append(build_sharded_case("benchmark shape", big, args.dim, args.batch_size, args.iters, args))
+    if "pipeline" in shapes:
+        cases.append(build_sharded_case("pipeline shape", pipeline, args.pipeline_dim, args.pipeline_batch_size,
+                                        args.pipeline_iters, args))
+    result = {"config": vars(args), "world_size": dist.get_world_size(), "cases": []}
+    lines = []
+    for case in cases:
+        blocks = time_case(case, args, torch.device("cpu"))
+        names = list(case["variants"])
+        packed = torch.tensor([blocks[v] for v in names], dtype=torch.float64)
+        dist.all_reduce(packed, op=dist.ReduceOp.MAX)  # a sharded call is as slow as its slowest rank
+        blocks = {v: packed[i].tolist() for i, v in enumerate(names)}
+        rows = [{"variant": v, "ms_per_batch": 1e3 * statistics.median(blocks[v]),
+                 "speed_vs_fp32": _ratio(blocks[FP32], blocks[v]), "ms_per_block": [1e3 * t for t in blocks[v]]}
+                for v in names]
+        result["cases"].append({"case": case["name"], "sharding_type": args.sharding_type, "tables": case["tables"],
+                                "rows": case["rows"], "dim": case["dim"], "global_batch_size": case["batch_size"],
+                                "ids_per_rank_batch": case["ids"], "results": rows})
+        lines.append(f"\n{case['name']}, sharded {args.sharding_type} over {dist.get_world_size()} processes "
+                     f"(1 thread each; {case['tables']} tables x {max(case['rows']):,} rows x dim {case['dim']}, "
+                     f"global batch {case['batch_size']}, {case['ids']:,.0f} ids per rank):\n")
+        lines.append("| variant | ms / batch (slowest rank) | speed vs sharded fp32 (IQR over blocks) |")
+        lines.append("|---|---|---|")
+        for r in rows:
+            lines.append(f"| {r['variant']} | {r['ms_per_batch']:.3f} | {_fmt(r['speed_vs_fp32'])} |")
+    if rank == 0:
+        print("\n".join(lines), flush=True)
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+        with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
+            f.write("\n".join(lines) + "\n")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tables", type=int, default=8)
@@ -251,6 +358,10 @@ def main() -> None:
                    "quantized collection, GPUs) or 1 (FBGEMM's CPU layout)")
     p.add_argument("--shapes", default="benchmark,pipeline", help="shapes to time, comma-separated")
     p.add_argument("--out", default="runs/bench_lookup.json")
+    p.add_argument("--sharded", action="store_true",
+                   help="under torchrun: the sharded fp32 collection against the sharded mixed one")
+    p.add_argument("--sharding_type", choices=["table_wise", "row_wise"], default="table_wise",
+                   help="--sharded: how every table is sharded")
     args = p.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -268,6 +379,9 @@ def main() -> None:
     unknown = sorted(set(shapes) - {"benchmark", "pipeline"})
     if unknown:
         p.error(f"--shapes: unknown {unknown} (known: benchmark, pipeline)")
+    if args.sharded:
+        sharded_main(args, big, pipeline, shapes)
+        return
     cases = []
     if "benchmark" in shapes:
         cases.append(build_case("benchmark shape", big, args.dim, args.batch_size, args.iters, args, device))

@@ -2,7 +2,8 @@
 (``torch.ops.shark_torchrec.mixed_embedding_bag``, ``csrc/mixed_lookup.cpp``) and the tier
 choice of a byte budget (``row_tier_errors``, ``tier_hull``, ``hull_histogram``, ``hull_pick``,
 ``csrc/tier_choice.cpp``; see :mod:`shark_torchrec.quant.budget`) and the conversion of rows
-into sub-tables (``quantize_into``, ``csrc/quantize_rows.cpp``).
+into sub-tables (``quantize_into``, ``csrc/quantize_rows.cpp``), and an id check
+(``first_id_outside``, ``csrc/check_ids.cpp``).
 
 FBGEMM has no CPU op that reads a bag whose rows sit in sub-tables of different precisions:
 its TBE reads each sub-table's part of a bag apart, so the ids must first be split by tier
@@ -30,7 +31,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 _SOURCES = [os.path.join(os.path.dirname(__file__), "csrc", name)
-            for name in ("mixed_lookup.cpp", "tier_choice.cpp", "quantize_rows.cpp")]
+            for name in ("mixed_lookup.cpp", "tier_choice.cpp", "quantize_rows.cpp", "check_ids.cpp")]
 _lock = threading.Lock()
 _state = {"loaded": None}  # None: not tried yet; then True / False
 
@@ -48,7 +49,7 @@ def cpu_kernel_available() -> bool:
 
 def _registered() -> bool:
     return all(hasattr(torch.ops.shark_torchrec, op) for op in
-               ("mixed_embedding_bag", "tier_hull", "quantize_into"))
+               ("mixed_embedding_bag", "tier_hull", "quantize_into", "first_id_outside"))
 
 
 def _load() -> bool:

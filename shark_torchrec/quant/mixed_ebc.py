@@ -325,6 +325,14 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
             values = self._run_groups(parts, transformed=False)
         return KeyedTensor(keys=list(self._features), length_per_key=list(self._dims), values=values)
 
+    def pooled_into(self, features: KeyedJaggedTensor, out: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward`'s values written into ``out`` [B, width] (a contiguous float
+        tensor, e.g. a slice of a larger buffer; the fused CPU kernel writes it in place)."""
+        calls = self._kernel_calls(features)
+        if calls is not None and out.is_contiguous() and out.dtype == torch.float32:
+            return self._forward_kernel(features, calls, out)
+        return out.copy_(self(features).values())
+
     def _kernel_calls(self, features: KeyedJaggedTensor) -> Optional[List[tuple]]:
         """The fused kernel's calls, each its inputs after the ids and offsets (the group's
         slot each input key fills, id map, metadata, weight buffer), or None where the kernel
@@ -382,11 +390,13 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
         futures = [pool.submit(g, p, transformed) for g, p in zip(self.groups, parts)]
         return torch.cat([f.result() for f in futures], dim=1)
 
-    def _forward_kernel(self, features: KeyedJaggedTensor, calls: List[tuple]) -> torch.Tensor:
+    def _forward_kernel(self, features: KeyedJaggedTensor, calls: List[tuple],
+                        out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """CPU: every group's features read by the fused kernel straight from the input ids
         into one output (no split of the input, no per-tier outputs to add up)."""
         B = features.stride()
-        out = torch.empty(B, self._width)
+        if out is None:
+            out = torch.empty(B, self._width)
         if B == 0:
             return out
         values, offsets = features.values(), features.offsets()

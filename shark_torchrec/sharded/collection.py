@@ -30,6 +30,7 @@ from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from shark_torchrec.quant.cpu_kernel import cpu_kernel_available
 from shark_torchrec.quant.mixed_ebc import RowwiseMixedEmbeddingBagCollection
 from shark_torchrec.quant.remap import select_features
 from shark_torchrec.sharded.comm import Comm
@@ -117,6 +118,20 @@ class ShardedRowwiseMixedEmbeddingBagCollection(nn.Module):
             c = [torch.arange(self._column[e] + s.col_offset, self._column[e] + s.col_offset + s.cols)
                  for s, e in per_rank[d]]
             cols.append(torch.cat(c) if c else torch.zeros(0, dtype=torch.long))
+        # Contiguous runs of each rank's columns in the output: (output column, its column, width,
+        # add), add where an earlier rank (row-wise partial sums) already wrote the column.
+        written = torch.zeros(self._width, dtype=torch.bool)
+        runs = []
+        for d in range(self.comm.world):
+            mine = []
+            for j, g in enumerate(cols[d].tolist()):
+                add = bool(written[g])  # (two row ranges of a table on one rank: the second adds)
+                written[g] = True
+                if mine and mine[-1][0] + mine[-1][2] == g and mine[-1][1] + mine[-1][2] == j and mine[-1][3] == add:
+                    mine[-1][2] += 1
+                else:
+                    mine.append([g, j, 1, add])
+            runs.append([tuple(r) for r in mine])
         return {
             "R": R, "pos": pos, "count": [len(p) for p in per_rank],
             "permute": torch.tensor(segments, dtype=torch.int32),
@@ -124,7 +139,7 @@ class ShardedRowwiseMixedEmbeddingBagCollection(nn.Module):
             "rows": torch.tensor([c.num_embeddings for _, _, c in routed]),
             "features": [f for _, f, _ in routed], "tables": [c.name for _, _, c in routed],
             "local_keys": [f"{e}#{s.index}" for s, e in per_rank[rank]],
-            "cols": cols,
+            "cols": cols, "runs": runs,
             "rep_features": [self._slots[i][1] for i in self._rep_slots],
             "rep_rows": torch.tensor([self._slots[i][2].num_embeddings for i in self._rep_slots]),
             "rep_tables": [self._slots[i][2].name for i in self._rep_slots],
@@ -142,34 +157,41 @@ class ShardedRowwiseMixedEmbeddingBagCollection(nn.Module):
 
     # ------------------------------------------------------------------ forward
     @staticmethod
-    def _check(values: torch.Tensor, lengths: torch.Tensor, B: int, features: List[str],
-               rows: torch.Tensor, tables: List[str]) -> None:
-        """Raise naming the feature, the id and the table of the first id outside its table."""
-        F = len(features)
-        if values.numel() == 0 or F == 0:
-            return
-        feature_of_id = torch.repeat_interleave(torch.arange(F, device=values.device).repeat_interleave(B),
-                                                lengths.long(), output_size=values.numel())
-        bad = (values < 0) | (values >= rows.to(values.device)[feature_of_id])
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0])
-            j = int(feature_of_id[i])
-            raise ValueError(f"feature {features[j]!r}: id {int(values[i])} is outside table "
-                             f"{tables[j]!r} ({int(rows[j])} rows)")
+    def _first_bad(kjt: KeyedJaggedTensor, rows: torch.Tensor, tables: List[str]) -> Optional[str]:
+        """The error message for the first id outside its table (per feature, one min/max),
+        or None."""
+        values = kjt.values()
+        if values.device.type == "cpu" and cpu_kernel_available():
+            per_key = torch.tensor(kjt.length_per_key(), dtype=torch.long)
+            if torch.ops.shark_torchrec.first_id_outside(values.contiguous(), per_key, rows) < 0:
+                return None  # (the loop below names the first bad id)
+        start = 0
+        for j, n in enumerate(kjt.length_per_key()):
+            if n:
+                ids = values[start:start + n]
+                lo, hi = torch.aminmax(ids)
+                if int(lo) < 0 or int(hi) >= int(rows[j]):
+                    bad = ids[(ids < 0) | (ids >= int(rows[j]))][0]
+                    return (f"feature {kjt.keys()[j]!r}: id {int(bad)} is outside table {tables[j]!r} "
+                            f"({int(rows[j])} rows)")
+            start += n
+        return None
 
     @torch.no_grad()
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """Pooled embeddings of this rank's batch (a collective: every rank calls it)."""
         B = features.stride()
-        out = torch.zeros(B, self._width, device=features.values().device)
+        # every column is written below: by its shards (the first in rank order copies, later
+        # row-range partial sums add) or by its data-parallel table
+        out = torch.empty(B, self._width, device=features.values().device)
         plan = self._plan
         if self._routed_slots:
             self._forward_routed(features, B, out)
         if self._rep_slots:
             kjt = select_features(features, plan["rep_features"])
-            if self.check_ids:
-                self._check(kjt.values(), kjt.lengths(), B, plan["rep_features"], plan["rep_rows"],
-                            plan["rep_tables"])
+            message = self._first_bad(kjt, plan["rep_rows"], plan["rep_tables"]) if self.check_ids else None
+            if message:  # (read here only: no other rank waits for this rank's replicated rows)
+                raise ValueError(message)
             kjt = KeyedJaggedTensor(keys=plan["rep_keys"], values=kjt.values(), lengths=kjt.lengths(),
                                     weights=kjt.weights_or_none(), stride=B)
             if B:
@@ -185,43 +207,65 @@ class ShardedRowwiseMixedEmbeddingBagCollection(nn.Module):
     def _forward_routed(self, features: KeyedJaggedTensor, B: int, out: torch.Tensor) -> None:
         plan, comm = self._plan, self.comm
         kjt = select_features(features, plan["features"])
+        # A bad id is found before anything is sent, and every rank learns of it in the first
+        # exchange: all raise together rather than leave the others waiting.
+        message = self._first_bad(kjt, plan["rows"], plan["tables"]) if self.check_ids else None
         # one dtype on every rank: what one sends, another reads
         values, lengths, weights = kjt.values().long(), kjt.lengths().long(), kjt.weights_or_none()
-        if self.check_ids:
-            self._check(values, lengths, B, plan["features"], plan["rows"], plan["tables"])
         F, R = len(plan["features"]), plan["R"]
-        if R > 1:
+        if R > 1 and message is None:
             lengths, values, weights, _, _ = torch.ops.fbgemm.block_bucketize_sparse_features(
                 lengths, values, False, False, plan["block_sizes"].to(values.dtype), R, weights, None, -1,
                 [p.to(values.dtype) for p in plan["pos"]])
+        elif R > 1:  # (not sent: only the lengths' shapes matter)
+            lengths = lengths.new_zeros(R * F * B)
         # segments (row group, slot) -> one per (rank, local feature), in rank order
         lengths, values, weights = torch.ops.fbgemm.permute_2D_sparse_data(
             plan["permute"], lengths.view(R * F, B), values, weights)
         counts = plan["count"]
         seg_sums = lengths.sum(1) if B else torch.zeros(len(plan["permute"]), dtype=lengths.dtype)
-        per_rank = torch.split(seg_sums, counts)
-        n_values = [int(s.sum()) for s in per_rank]
-        meta = comm.exchange([torch.tensor([n, B], dtype=torch.long) for n in n_values], [2] * comm.world)
+        n_values = [int(x.sum()) for x in torch.split(seg_sums, counts)]
+        meta = comm.exchange([torch.tensor([n, B, message is not None], dtype=torch.long) for n in n_values],
+                             [3] * comm.world)
+        if message is not None:
+            raise ValueError(message)
+        failed = [r for r, m in enumerate(meta) if int(m[2])]
+        if failed:
+            raise ValueError(f"rank {failed[0]}'s batch holds an id outside its table (that rank's error names it)")
         src_values = [int(m[0]) for m in meta]
         src_B = [int(m[1]) for m in meta]
         mine = len(plan["local_keys"])
-        got_lengths = comm.exchange(list(torch.split(lengths.reshape(-1), [c * B for c in counts])),
-                                    [mine * b for b in src_B])
-        got_values = comm.exchange(list(torch.split(values, n_values)), src_values)
-        got_weights = None
+        sends = [(lengths.reshape(-1), [c * B for c in counts], [mine * b for b in src_B]),
+                 (values, n_values, src_values)]
         if self.layout.is_weighted:
             w = weights if weights is not None else torch.ones(values.numel(), device=values.device)
-            got_weights = comm.exchange(list(torch.split(w.float(), n_values)), src_values)
-        pooled = []
+            sends.append((w.float(), n_values, src_values))
+        got = comm.exchange_flat_many(sends)  # in flight together
+        got_lengths, got_values = got[0], got[1]
+        got_weights = got[2] if self.layout.is_weighted else None
+        width = int(plan["cols"][comm.rank].numel())
+        pooled = torch.empty(sum(src_B), width, device=out.device)
+        lo = vo = bo = 0
         for s in range(comm.world):
-            if mine == 0 or src_B[s] == 0:
-                pooled.append(torch.zeros(0, device=out.device))
-                continue
-            part = KeyedJaggedTensor(keys=plan["local_keys"], values=got_values[s], lengths=got_lengths[s],
-                                     weights=None if got_weights is None else got_weights[s], stride=src_B[s])
-            pooled.append(self.routed(part).values().reshape(-1))
+            if mine and src_B[s]:
+                part = KeyedJaggedTensor(keys=plan["local_keys"], values=got_values[vo:vo + src_values[s]],
+                                         lengths=got_lengths[lo:lo + mine * src_B[s]],
+                                         weights=None if got_weights is None else got_weights[vo:vo + src_values[s]],
+                                         stride=src_B[s])
+                self.routed.pooled_into(part, pooled[bo:bo + src_B[s]])
+            lo += mine * src_B[s]
+            vo += src_values[s]
+            bo += src_B[s]
         widths = [int(c.numel()) for c in plan["cols"]]
-        back = comm.exchange(pooled, [B * w for w in widths])
+        back = comm.exchange_flat(pooled.view(-1), [b * width for b in src_B], [B * w for w in widths])
+        if not B:
+            return
+        start = 0
         for d in range(comm.world):
-            if widths[d] and B:
-                out.index_add_(1, plan["cols"][d].to(out.device), back[d].view(B, widths[d]))
+            block = back[start:start + B * widths[d]].view(B, widths[d])
+            start += B * widths[d]
+            for dst, src, n, add in plan["runs"][d]:
+                if add:
+                    out[:, dst:dst + n] += block[:, src:src + n]
+                else:
+                    out[:, dst:dst + n] = block[:, src:src + n]

@@ -77,6 +77,32 @@ class Comm:
         dist.all_to_all_single(out, inp, list(recv_sizes), send_sizes, group=self.group)
         return list(torch.split(out, list(recv_sizes)))
 
+    def exchange_flat(self, send: torch.Tensor, send_sizes: Sequence[int], recv_sizes: Sequence[int]
+                      ) -> torch.Tensor:
+        """All-to-all of one 1-D tensor already laid out rank by rank (``send_sizes[r]``
+        elements for rank ``r``); returns what every rank sent here, rank by rank."""
+        if self.world == 1:
+            return send
+        out = torch.empty(sum(recv_sizes), dtype=send.dtype, device=self.device)
+        dist.all_to_all_single(out, send.reshape(-1).to(self.device), list(recv_sizes), list(send_sizes),
+                               group=self.group)
+        return out
+
+    def exchange_flat_many(self, sends: Sequence[tuple]) -> List[torch.Tensor]:
+        """Several :meth:`exchange_flat` (``(send, send_sizes, recv_sizes)`` each) in flight
+        at once (their latencies overlap)."""
+        if self.world == 1:
+            return [s[0] for s in sends]
+        outs, works = [], []
+        for send, send_sizes, recv_sizes in sends:
+            out = torch.empty(sum(recv_sizes), dtype=send.dtype, device=self.device)
+            works.append(dist.all_to_all_single(out, send.reshape(-1).to(self.device), list(recv_sizes),
+                                                list(send_sizes), group=self.group, async_op=True))
+            outs.append(out)
+        for w in works:
+            w.wait()
+        return outs
+
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier(group=self.group)

@@ -112,6 +112,20 @@ def main() -> None:
         served.append({"batch": batch, "keys": parts[0][0], "pooled": torch.cat([p[1] for p in parts]),
                        "logits": torch.cat([p[2] for p in parts])})
     result["served"] = served
+    # An id outside its table in one rank's batch: every rank raises (none is left waiting in
+    # a collective), the one holding it naming the feature, the id and the table.
+    dense, kjt = rank_slice(config.feature_names, global_batch(config.feature_names, rows, 8, 9), env.rank,
+                            env.world_size)
+    if env.rank == 1:
+        values = kjt.values().clone()
+        values[0] = 10_000
+        kjt = KeyedJaggedTensor.from_lengths_sync(kjt.keys(), values, kjt.lengths())
+    try:
+        collection(kjt)
+        message = None
+    except ValueError as e:
+        message = str(e)
+    result["bad_id_messages"] = comm.all_gather_object(message)
     if args.export:
         from shark_torchrec.export import load_export
         from shark_torchrec.sharded.export import export_sharded
