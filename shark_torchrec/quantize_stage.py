@@ -42,12 +42,6 @@ logger = logging.getLogger(__name__)
 PLOT_SAMPLE_ROWS = 4096
 
 
-def leader_requests(layout: ShardedLayout, rank: int) -> List[Tuple[str, int, int]]:
-    """``(table, row_offset, rows)`` of the row groups whose tiers ``rank`` decides."""
-    return [(g.table, g.row_offset, g.rows) for t in layout.tables for g in layout.row_groups(t["name"])
-            if g.leader == rank]
-
-
 def priority_rows(counters: RowPriority, requests: Sequence[Tuple[str, int, int]], mix: Dict[str, float],
                   table_scale: Optional[Dict[str, float]] = None) -> Dict[Tuple[str, int], torch.Tensor]:
     """Collective: ``{(table, row_offset): priorities}`` of the requested rows, ``Σ coef ·
@@ -264,7 +258,7 @@ def quantize_stage(pruned: DLRMTrainer, reference: DLRMTrainer, config: RowwiseQ
     writes the compressed model."""
     comm = Comm()
     layout, weights = fp32_weights(pruned.model)
-    requests = leader_requests(layout, comm.rank)
+    requests = layout.led_by(comm.rank)
     prio = priority_rows(counters, requests, mix, table_scale)
     pruned_eval = evaluate(pruned, eval_batches(), env, "eval (pruned)")
     reference_eval = evaluate(reference, eval_batches(), env, "eval (reference)")

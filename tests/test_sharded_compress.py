@@ -119,6 +119,7 @@ def test_the_converted_model_serves_sharded_what_the_dequantized_tables_give(tmp
         assert served["keys"] == want.keys()
         torch.testing.assert_close(served["pooled"], want.values(), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(served["logits"], logits, rtol=1e-5, atol=1e-6)
+    assert run["tracker_tiers_agree"]  # priorities from a sharded RowPriority, asked for by each leader
     # a bad id in rank 1's batch: both ranks raised, rank 1 naming it
     m0, m1 = run["bad_id_messages"]
     assert m1 is not None and "id 10000 is outside table" in m1

@@ -18,8 +18,8 @@ reset before it starts).  ``--mem_cap_gib`` runs every process under a memory ca
 of its own; exceeding it is an out-of-memory kill), to show a model whose fp32 tables exceed
 the cap compressed sharded where the gathering version is killed.
 
-    python tools/bench_sharded_compress.py --sizes_gib 0.25,0.5,1,2,4,8,12 --out runs/bench_sharded
-    python tools/bench_sharded_compress.py --sizes_gib 8 --modes sharded,gathered --mem_cap_gib 6.5 \\
+    python tools/bench_sharded_compress.py --out runs/bench_sharded_compress
+    python tools/bench_sharded_compress.py --sizes_gib 8 --gathered_sizes_gib 8 --mem_cap_gib 6.5 \\
         --out runs/bench_sharded_cap
 
 Writes ``OUT/results.json``, ``OUT/summary.md`` (the table for BENCHMARKS.md) and
@@ -173,6 +173,18 @@ def worker(args) -> None:
 
 
 # ------------------------------------------------------------------------------ driver
+def _remove_cgroups() -> None:
+    """The memory cgroups the workers made (empty once they have exited)."""
+    for base in ("/sys/fs/cgroup/memory", "/sys/fs/cgroup"):
+        if os.path.isdir(base):
+            for name in os.listdir(base):
+                if name.startswith("shark_bench_"):
+                    try:
+                        os.rmdir(os.path.join(base, name))
+                    except OSError:
+                        pass
+
+
 def run_size(args, size: float, mode: str) -> Dict:
     result = os.path.join(args.out, f"{mode}_{size:g}.json")
     if os.path.exists(result):
@@ -187,6 +199,8 @@ def run_size(args, size: float, mode: str) -> Dict:
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
                           env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
     wall = time.perf_counter() - t0
+    if args.mem_cap_gib:
+        _remove_cgroups()
     if proc.returncode != 0 or not os.path.exists(result):
         killed = "SIGKILL" in proc.stderr or "-9" in proc.stderr or "exitcode  : -9" in proc.stderr
         print(f"  {mode} {size:g} GiB: FAILED ({'killed: out of memory' if killed else 'rc ' + str(proc.returncode)})",
@@ -242,7 +256,8 @@ def plot(runs: List[Dict], path: str) -> None:
         if not ok:
             continue
         sizes = [r["size_gib"] for r in ok]
-        a.plot(sizes, [max(x["total_s"] for x in r["ranks"]) for r in ok], "o-", color=colour, label=mode)
+        a.plot(sizes, [max(x["total_s"] for x in r["ranks"]) for r in ok], "o-", color=colour,
+               label=f"{mode}" + (" (rank 0 alone)" if mode == "gathered" else ""))
         b.plot(sizes, [max(x["peak_kib"] for x in r["ranks"]) / 2**20 for r in ok], "o-", color=colour,
                label=f"{mode}: peak RSS (largest rank)")
         if mode == "sharded":
@@ -263,8 +278,10 @@ def plot(runs: List[Dict], path: str) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sizes_gib", default="0.25,0.5,1,2,4,8,12")
-    p.add_argument("--modes", default="sharded")
+    p.add_argument("--sizes_gib", default="0.25,0.5,1,2,4,8,12", help="sizes compressed sharded")
+    p.add_argument("--gathered_sizes_gib", default="0.25,0.5,1,2",
+                   help="sizes compressed the gathering way (rank 0 holds about 5x the whole model: "
+                   "keep them small, or cap the memory)")
     p.add_argument("--tables", type=int, default=4)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--budget_fraction", type=float, default=0.15)
@@ -283,8 +300,8 @@ def main() -> None:
         return
     os.makedirs(args.out, exist_ok=True)
     runs = []
-    for size in [float(x) for x in args.sizes_gib.split(",")]:
-        for mode in args.modes.split(","):
+    for mode, sizes in (("sharded", args.sizes_gib), ("gathered", args.gathered_sizes_gib)):
+        for size in [float(x) for x in sizes.split(",") if x]:
             runs.append(run_size(args, size, mode))
     summary = summarise(runs, args)
     command = "python tools/bench_sharded_compress.py " + " ".join(sys.argv[1:])

@@ -14,7 +14,12 @@
 from shark_torchrec.sharded.assign import ShardedTierAssignment, assign_tiers_sharded
 from shark_torchrec.sharded.collection import ShardedRowwiseMixedEmbeddingBagCollection
 from shark_torchrec.sharded.comm import Comm
-from shark_torchrec.sharded.convert import build_sharded_collection, quantize_sharded, quantize_sharded_dlrm
+from shark_torchrec.sharded.convert import (
+    build_sharded_collection,
+    leader_priorities,
+    quantize_sharded,
+    quantize_sharded_dlrm,
+)
 from shark_torchrec.sharded.layout import REPLICATED, RowGroup, ShardedLayout, TableShard, collection_layout
 
 __all__ = [
@@ -27,6 +32,7 @@ __all__ = [
     "TableShard",
     "assign_tiers_sharded",
     "build_sharded_collection",
+    "leader_priorities",
     "collection_layout",
     "quantize_sharded",
     "quantize_sharded_dlrm",

@@ -8,12 +8,12 @@ a chunk at a time straight into FBGEMM's buffers
 (:meth:`~shark_torchrec.quant.RowwiseMixedEmbeddingBagCollection.from_weights`).
 
     sharded_dlrm, assignment = quantize_sharded_dlrm(dmp_model, RowwiseQuantConfig(budget_fraction=0.15),
-                                                     priorities=row_priority.rows)
+                                                     priorities=row_priority)   # a sharded RowPriority
 """
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -52,7 +52,17 @@ def build_sharded_collection(layout: ShardedLayout, weights: Dict[str, torch.Ten
                                                      check_ids=check_ids, row_alignment=row_alignment)
 
 
-def quantize_sharded(ebc: nn.Module, config: RowwiseQuantConfig, priorities: Optional[PriorityFn] = None,
+def leader_priorities(layout: ShardedLayout, source: Any, comm: Comm, mix: Optional[Dict[str, float]] = None
+                      ) -> PriorityFn:
+    """The priorities of the rows this rank decides, asked of ``source`` (a sharded
+    :class:`~shark_torchrec.importance.RowPriority`: anything with ``rows(requests, mix)``) in
+    one collective, as a :data:`PriorityFn`."""
+    requests = layout.led_by(comm.rank)
+    got = dict(zip(((t, r0) for t, r0, _ in requests), source.rows(requests, mix)))
+    return lambda t, r0, n: got[(t, r0)]
+
+
+def quantize_sharded(ebc: nn.Module, config: RowwiseQuantConfig, priorities: Any = None,
                      comm: Optional[Comm] = None, check_ids: bool = True,
                      ) -> Tuple[ShardedRowwiseMixedEmbeddingBagCollection, ShardedTierAssignment]:
     """A sharded mixed collection from a ``DistributedModelParallel``-sharded
@@ -61,13 +71,16 @@ def quantize_sharded(ebc: nn.Module, config: RowwiseQuantConfig, priorities: Opt
     Args:
         ebc: the sharded collection (``ShardedEmbeddingBagCollection``).
         config: the tier policy (as for ``quantize_``; the budget covers all ranks).
-        priorities: ``priorities(table, row_offset, rows)`` for the rows this rank leads
-            (default: all rows equal).
+        priorities: a sharded ``RowPriority`` (each rank gets the rows it decides), or
+            ``priorities(table, row_offset, rows)`` for the rows this rank decides (default:
+            all rows equal).
         comm: the process group (default: the world).
     """
     comm = comm or Comm()
     layout, weights = collection_layout(ebc, comm.rank, comm.world)
     weights = {k: v.detach() for k, v in weights.items()}
+    if priorities is not None and hasattr(priorities, "rows"):
+        priorities = leader_priorities(layout, priorities, comm)
     assignment = assign_tiers_sharded(layout, weights, config, priorities, comm)
     device = next(iter(weights.values())).device if weights else torch.device("cpu")
     mixed = build_sharded_collection(layout, weights, assignment.tiers, config.row_alignment, comm,
@@ -86,7 +99,7 @@ def dense_state(model: nn.Module) -> Dict[str, torch.Tensor]:
     return out
 
 
-def quantize_sharded_dlrm(model: nn.Module, config: RowwiseQuantConfig, priorities: Optional[PriorityFn] = None,
+def quantize_sharded_dlrm(model: nn.Module, config: RowwiseQuantConfig, priorities: Any = None,
                           comm: Optional[Comm] = None, check_ids: bool = True,
                           ) -> Tuple[DLRMTrain, ShardedTierAssignment]:
     """A TorchRec ``DLRMTrain`` for inference whose collection is the sharded mixed conversion

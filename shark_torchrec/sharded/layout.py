@@ -115,6 +115,11 @@ class ShardedLayout:
         return [RowGroup(table, r0, n, tuple(sorted(b, key=lambda s: s.col_offset)))
                 for (r0, n), b in sorted(by_rows.items())]
 
+    def led_by(self, rank: int) -> List[Tuple[str, int, int]]:
+        """``(table, row_offset, rows)`` of the row groups whose tiers ``rank`` decides."""
+        return [(g.table, g.row_offset, g.rows) for t in self.tables for g in self.row_groups(t["name"])
+                if g.leader == rank]
+
     def column_blocks(self, table: str) -> List[int]:
         """Widths of a table's column blocks (``[dim]`` unless it is column-wise sharded)."""
         return self.row_groups(table)[0].widths

@@ -112,6 +112,23 @@ def main() -> None:
         served.append({"batch": batch, "keys": parts[0][0], "pooled": torch.cat([p[1] for p in parts]),
                        "logits": torch.cat([p[2] for p in parts])})
     result["served"] = served
+    # A sharded RowPriority as the priorities: each rank asks it for the rows it decides; the
+    # tiers are those of its whole tables given as a function.
+    from shark_torchrec.importance import RowPriority
+    from shark_torchrec.sharded import quantize_sharded
+
+    tracker = RowPriority(config.tables(), gamma=0.9, flush_every=2)
+    for seed in range(5):
+        _, kjt = rank_slice(config.feature_names, global_batch(config.feature_names, rows, 16, 20 + seed),
+                            env.rank, env.world_size)
+        tracker.update(kjt, (torch.arange(kjt.stride()) % 3 == 0).float())
+    whole = tracker.priorities()  # (gathered: the comparison's reference only)
+    budget = RowwiseQuantConfig(budget_fraction=0.3, row_alignment=1)
+    source = trainer.model.module.model.sparse_arch.embedding_bag_collection
+    _, by_tracker = quantize_sharded(source, budget, tracker, comm)
+    _, by_function = quantize_sharded(source, budget, lambda t, r0, n: whole[t][r0:r0 + n], comm)
+    result["tracker_tiers_agree"] = all(comm.all_gather_object(
+        all(torch.equal(by_tracker.tiers[k], by_function.tiers[k]) for k in by_function.tiers)))
     # An id outside its table in one rank's batch: every rank raises (none is left waiting in
     # a collective), the one holding it naming the feature, the id and the table.
     dense, kjt = rank_slice(config.feature_names, global_batch(config.feature_names, rows, 8, 9), env.rank,
