@@ -1,11 +1,19 @@
 #!/usr/bin/env python
-"""Cost of SHARK's field-importance tracker on a sharded DLRM training step.
+"""Cost of SHARK's trackers on a sharded DLRM training step: what the pipeline attaches, and
+each piece alone.
 
-Measures the median time of a training step (forward, backward, fused embedding update,
-dense optimizer step) without a tracker and with a TaylorFieldImportance tracker of each
-baseline attached, on the same model and batches, interleaving the variants round by round so
-that machine noise hits them alike.  Reports each as a ratio to the untracked step of the
-same run.
+Measures the median time of a training step (forward, backward, fused embedding update, dense
+optimizer step) without trackers and with:
+
+* ``pipeline``: exactly what ``recipes/shark_dlrm.py`` attaches while training — a
+  ``TaylorFieldImportance`` (``--baseline``, default ``mean``; its gradient scales come from the
+  same hook) and one ``RowPriority`` with the pipeline's four row-count channels;
+* ``taylor (<baseline>)``: the field tracker alone, for every baseline;
+* ``row counters``: the ``RowPriority`` alone (its own time in its hook is reported per step too);
+
+on the same model and batches, the variants interleaved round by round so that machine noise
+hits them alike.  Each is reported as a ratio to the untracked step of the same run; under
+``torchrun`` a step counts as long as its slowest rank.
 
     python tools/bench_importance_overhead.py                      # one process
     torchrun --standalone --nproc_per_node 2 tools/bench_importance_overhead.py
@@ -23,7 +31,8 @@ import torch
 import torch.distributed as dist
 
 from shark_torchrec.data import SyntheticClickDataset, SyntheticConfig
-from shark_torchrec.importance import BASELINES, TaylorFieldImportance
+from shark_torchrec.importance import BASELINES, RowPriority, TaylorFieldImportance
+from shark_torchrec.pipeline import _row_counters, build_parser
 from shark_torchrec.training import DLRMConfig, DLRMTrainer, OptimConfig, init_distributed
 from shark_torchrec.training.distributed import destroy_distributed, exit_worker
 
@@ -34,8 +43,9 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=100_000)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--batch_size", type=int, default=2048, help="global batch")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per variant per round")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=4, help="timed steps per variant per round")
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--baseline", default="mean", choices=BASELINES, help="the pipeline's field-tracker baseline")
     p.add_argument("--out", default="runs/bench_importance_overhead.json")
     args = p.parse_args()
 
@@ -53,44 +63,84 @@ def main() -> None:
     data = SyntheticClickDataset(cfg, local, 8, rank=env.rank, world_size=env.world_size)
     batches = [b.to(env.device) for b in data]
 
-    variants = ["none", *BASELINES]
-    trackers = {b: TaylorFieldImportance(trainer.model, baseline=b) for b in BASELINES}
-    times = {v: [] for v in variants}
+    channels = _row_counters(build_parser().parse_args([]))  # the pipeline's defaults
+    counters = RowPriority(config.tables(), channels=channels)
+    taylor = {b: TaylorFieldImportance(trainer.model, baseline=b) for b in BASELINES}
+    variants = {
+        "none": [],
+        f"pipeline (taylor {args.baseline} + row counters)": [taylor[args.baseline], counters],
+        **{f"taylor ({b})": [taylor[b]] for b in BASELINES},
+        "row counters": [counters],
+    }
+
+    def attach(trackers):
+        for t in trackers:
+            t.attach(trainer.model) if isinstance(t, RowPriority) else t.attach()
+
+    def detach(trackers):
+        for t in trackers:
+            t.detach()
+
+    # Variants take turns in short blocks (one untimed step, then --steps timed), their order
+    # reversed every round; a variant's cost is its block's median step over the untracked
+    # block's of the same round (steps a second apart: the machine's drift, 2-4x over
+    # minutes, hits both alike), summarised as the median over rounds with its IQR.  The
+    # trackers' own time in their hooks is measured too: their direct cost, free of that drift.
+    names = list(variants)
+    block_ms = {v: [] for v in names}
+    hook_ms = {v: [] for v in names}  # per timed step, the trackers' time in their hooks
     step = 0
     for r in range(args.rounds + 1):  # round 0 warms up
-        for v in variants:
-            if v != "none":
-                trackers[v].attach()
-            for _ in range(args.steps):
+        for v in (names if r % 2 == 0 else names[::-1]):
+            trackers = variants[v]
+            attach(trackers)
+            own0 = sum(t.hook_seconds if isinstance(t, TaylorFieldImportance) else t.seconds for t in trackers)
+            times = []
+            for j in range(args.steps + 1):
                 if env.device.type == "cuda":
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
                 trainer.train_step(batches[step % len(batches)])
                 if env.device.type == "cuda":
                     torch.cuda.synchronize()
-                if r > 0:
-                    times[v].append(time.perf_counter() - t0)
+                if j:
+                    times.append(time.perf_counter() - t0)
                 step += 1
-            if v != "none":
-                trackers[v].detach()
+            own = sum(t.hook_seconds if isinstance(t, TaylorFieldImportance) else t.seconds for t in trackers) - own0
+            detach(trackers)
+            if r > 0:
+                block_ms[v].append(1e3 * statistics.median(times))
+                hook_ms[v].append(1e3 * own / (args.steps + 1))
     if dist.is_initialized() and env.world_size > 1:
         # A step is as slow as its slowest rank.
-        packed = torch.tensor([times[v] for v in variants], dtype=torch.float64)
+        packed = torch.tensor([block_ms[v] + hook_ms[v] for v in names], dtype=torch.float64)
         dist.all_reduce(packed, op=dist.ReduceOp.MAX)
-        times = {v: packed[i].tolist() for i, v in enumerate(variants)}
-    med = {v: statistics.median(times[v]) for v in variants}
-    result = {
-        "config": vars(args), "world_size": env.world_size, "device": str(env.device),
-        "median_step_ms": {v: 1e3 * med[v] for v in variants},
-        "ratio_to_untracked": {v: med[v] / med["none"] for v in variants},
-    }
+        n = args.rounds
+        block_ms = {v: packed[i, :n].tolist() for i, v in enumerate(names)}
+        hook_ms = {v: packed[i, n:].tolist() for i, v in enumerate(names)}
+
+    def quartiles(xs):
+        xs = sorted(xs)
+        return statistics.median(xs), xs[len(xs) // 4], xs[(3 * len(xs)) // 4]
+
+    rows = {}
+    for v in names:
+        ratios = [b / a for a, b in zip(block_ms["none"], block_ms[v])]
+        direct = [h / a for a, h in zip(block_ms["none"], hook_ms[v])]
+        rows[v] = {"step_ms": quartiles(block_ms[v]), "ratio": quartiles(ratios),
+                   "hook_ms": quartiles(hook_ms[v]), "hook_fraction": quartiles(direct)}
+    result = {"config": vars(args), "world_size": env.world_size, "device": str(env.device), "variants": rows,
+              "blocks_ms": block_ms, "hook_ms": hook_ms}
     if env.is_main:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
-        print("| tracker | ms / step | ratio to untracked |\n|---|---|---|")
-        for v in variants:
-            print(f"| {v} | {1e3 * med[v]:.1f} | {med[v] / med['none']:.3f} |")
+        print("| trackers | ms / step | step vs untracked (IQR over rounds) | in the hooks, ms / step | "
+              "in the hooks / untracked step |\n|---|---|---|---|---|")
+        for v in names:
+            x = rows[v]
+            print(f"| {v} | {x['step_ms'][0]:.1f} | {x['ratio'][0]:.3f} ({x['ratio'][1]:.3f}–{x['ratio'][2]:.3f}) | "
+                  f"{x['hook_ms'][0]:.2f} | {100 * x['hook_fraction'][0]:.1f}% |")
     destroy_distributed(synchronize=True)
 
 

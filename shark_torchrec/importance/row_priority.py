@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -41,6 +42,8 @@ from torchrec.datasets.utils import Batch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from shark_torchrec.importance.background import Background
+from shark_torchrec.quant.cpu_kernel import cpu_kernel_available
 from shark_torchrec.sharded.comm import Comm
 
 _RENORMALISE_AT = 60.0  # log of the stored scale at which values are renormalised
@@ -66,6 +69,9 @@ class RowPriority:
         channels: ``{name: (alpha, beta, gamma)}`` to keep several priorities at once (then
             ``alpha``, ``beta``, ``gamma`` are not used); default one channel ``"priority"``.
         flush_every: steps between two exchanges of the buffered ids.
+        background: add each step's counts on a worker thread while the step goes on
+            (:mod:`~shark_torchrec.importance.background`; ids are still checked at once);
+            ``False``: in :meth:`update`.  The results are the same.
 
     Use :meth:`update` with every training batch, or :meth:`attach` it to the module that
     receives the ``Batch`` (TorchRec's ``DLRMTrain``, or the DMP model wrapping it).
@@ -83,6 +89,7 @@ class RowPriority:
         process_group: Optional[Any] = None,
         channels: Optional[Mapping[str, Tuple[float, float, float]]] = None,
         flush_every: int = 32,
+        background: bool = True,
     ) -> None:
         channels = dict(channels) if channels else {"priority": (alpha, beta, gamma)}
         for name, (a, b, g) in channels.items():
@@ -108,21 +115,64 @@ class RowPriority:
                 self._feature_table[f] = t.name
         W, r = self.comm.world, self.comm.rank
         self._own = {t.name: owned_rows(t.num_embeddings, W, r) for t in self.tables}
-        self._values = {c: {t.name: torch.zeros(e - s, dtype=torch.float32) for t, (s, e) in
-                            zip(self.tables, self._own.values())} for c in self._names}
+        # Global row index: tables one after the other.  Segment (t, q) is rank q's share of
+        # table t; a row's segment gives its owner (q) and its place in the owner's flat
+        # storage (every table's owned rows one after the other).
+        self._base = {}
+        bounds, local_offset, base, offset = [], [], 0, 0
+        for t in self.tables:
+            self._base[t.name] = base
+            for q in range(W):
+                s0, e0 = owned_rows(t.num_embeddings, W, q)
+                bounds.append(base + s0)
+                if q == r:
+                    local_offset.append(offset - base - s0)  # local = global + this
+                else:
+                    local_offset.append(0)
+            offset += self._own[t.name][1] - self._own[t.name][0]
+            base += t.num_embeddings
+        self._bounds = torch.tensor(bounds, dtype=torch.long)
+        self._local_offset = torch.tensor(local_offset, dtype=torch.long)
+        # this rank's rows × channels, a row's channels side by side (one cache line per update)
+        self._counts = torch.zeros(offset, len(self._names), dtype=torch.float32)
         self._log_scale = {c: 0.0 for c in self._names}
         self.step = 0
-        self._buffer: List[Tuple[Dict[str, Tuple[torch.Tensor, torch.Tensor]], List[float]]] = []
+        # buffered (global rows, labels, step in the buffer) of this rank's batches
+        self._buffer: List[Tuple[torch.Tensor, torch.Tensor]] = []
+        self._buffer_scales: List[List[float]] = []
         self._handle = None
+        #: wall time spent in :meth:`update` on this rank (its direct cost, flushes included)
+        self.seconds = 0.0
+        self._background = Background(background)
+
+    @property
+    def _values(self) -> Dict[str, Dict[str, torch.Tensor]]:
+        """``{channel: {table: this rank's rows}}`` (views of the storage)."""
+        out = {}
+        for k, c in enumerate(self._names):
+            views, offset = {}, 0
+            for t in self.tables:
+                n = self._own[t.name][1] - self._own[t.name][0]
+                views[t.name] = self._counts[offset:offset + n, k]
+                offset += n
+            out[c] = views
+        return out
 
     @property
     def memory_bytes(self) -> int:
         """Bytes this rank holds for the priorities (its rows, every channel)."""
-        return sum(v.numel() * v.element_size() for ch in self._values.values() for v in ch.values())
+        return self._counts.numel() * self._counts.element_size()
 
     # ------------------------------------------------------------------ updates
     def update(self, kjt: KeyedJaggedTensor, labels: torch.Tensor) -> None:
         """Add one training step: ``kjt`` (this rank's batch) and its 0/1 ``labels``."""
+        t0 = time.perf_counter()
+        try:
+            self._update(kjt, labels)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def _update(self, kjt: KeyedJaggedTensor, labels: torch.Tensor) -> None:
         B = kjt.stride()
         if labels.numel() != B:
             raise ValueError(f"{labels.numel()} labels for a batch of {B}")
@@ -131,81 +181,122 @@ class RowPriority:
         for c, (_, _, g) in self.channels.items():
             if g < 1:
                 self._log_scale[c] -= math.log(g)
-        pos = labels.detach().reshape(-1).cpu() > 0.5
-        lengths = kjt.lengths().cpu()
-        values = kjt.values().cpu().long()
-        per_key = kjt.length_per_key()
-        record: Dict[str, List[Tuple[torch.Tensor, torch.Tensor]]] = {}
-        start = 0
-        for i, key in enumerate(kjt.keys()):
-            n = per_key[i]
-            table = self._feature_table.get(key)
-            if table is not None and n:
-                ids = values[start : start + n]
-                rows = self._rows[table]
-                lo, hi = torch.aminmax(ids)
-                if int(lo) < 0 or int(hi) >= rows:
-                    bad = ids[(ids < 0) | (ids >= rows)]
-                    raise ValueError(f"feature {key!r}: id {int(bad[0])} is outside table {table!r} "
-                                     f"({rows} rows)")
-                record.setdefault(table, []).append(
-                    (ids, torch.repeat_interleave(pos, lengths[i * B : (i + 1) * B], output_size=n)))
-            start += n
-        merged = {t: (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
-                  for t, parts in record.items()}
-        self._buffer.append((merged, [self._log_scale[c] for c in self._names]))
+        keys = kjt.keys()
+        tracked = [i for i, k in enumerate(keys) if k in self._feature_table]
+        if tracked and len(tracked) != len(keys):
+            kjt = kjt.permute(tracked)
+        positive = labels.detach().reshape(-1).cpu() > 0.5
+        scales = [self._log_scale[c] for c in self._names]
         self.step += 1
+        if self.comm.world == 1 and tracked and cpu_kernel_available():
+            # every row is this rank's: added at once from the batch, nothing buffered
+            self._check_ids(kjt)  # at once: the error belongs to this step
+            key_base = torch.tensor([self._base[self._feature_table[k]] for k in kjt.keys()], dtype=torch.long)
+            # copies: the worker reads them after this step, and a loader may reuse its buffers
+            values, lengths = kjt.values().cpu().clone(), kjt.lengths().cpu().clone()
+            w = self._increments([scales])
+            self._background.submit(lambda: torch.ops.shark_torchrec.row_counts_add_batch(
+                self._counts, values, lengths, key_base, positive.contiguous(), w))
+        else:
+            if tracked:
+                rows, labels_of_id = self._global_rows(kjt, positive, B)
+            else:
+                rows, labels_of_id = torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.bool)
+            if self.comm.world == 1:
+                self._add(rows, labels_of_id, torch.zeros(rows.numel(), dtype=torch.long), [scales])
+            else:
+                self._buffer.append((rows, labels_of_id))
+                self._buffer_scales.append(scales)
         renormalise = any(s > _RENORMALISE_AT for s in self._log_scale.values())
+        if renormalise:
+            self._background.drain()  # the counts added at the old scale first
         if len(self._buffer) >= self.flush_every or renormalise:
             self._flush()
         if renormalise:
-            for c in self._names:
-                factor = math.exp(-self._log_scale[c])
-                for v in self._values[c].values():
-                    v.mul_(factor)
+            for k, c in enumerate(self._names):
+                self._counts[:, k].mul_(math.exp(-self._log_scale[c]))
                 self._log_scale[c] = 0.0
 
-    def _flush(self) -> None:
-        """Collective: send the buffered ids and increments to the ranks owning their rows."""
-        W, C = self.comm.world, len(self._names)
+    def _increments(self, scales: List[List[float]]) -> torch.Tensor:
+        """float32 [steps, 2, channels]: (α, then β) × the stored scale of each step."""
         ab = torch.tensor([[a, b] for a, b, _ in self.channels.values()], dtype=torch.float64)  # [C, 2]
-        ids_to: List[List[torch.Tensor]] = [[] for _ in range(W)]
-        inc_to: List[List[torch.Tensor]] = [[] for _ in range(W)]
-        base = 0
-        for t in self.tables:
-            parts = [(rec[t.name], scales) for rec, scales in self._buffer if t.name in rec]
-            if parts:
-                ids = torch.cat([p[0][0] for p in parts])
-                # per occurrence and channel: (α | β) × the stored scale of its step
-                lab = torch.cat([p[0][1] for p in parts]).long()
-                scale = torch.cat([torch.exp(torch.tensor(s, dtype=torch.float64)).expand(p[0].numel(), C)
-                                   for p, s in parts])
-                inc = (ab[:, 1].unsqueeze(0) + lab.unsqueeze(1) * (ab[:, 0] - ab[:, 1]).unsqueeze(0)) * scale
-                bounds = torch.tensor([owned_rows(t.num_embeddings, W, r)[1] for r in range(W)])
-                owner = torch.searchsorted(bounds, ids, right=True)
-                order = torch.argsort(owner, stable=True)
-                counts = torch.bincount(owner, minlength=W).tolist()
-                for r, (i, x) in enumerate(zip(torch.split(ids[order] + base, counts),
-                                               torch.split(inc[order].float(), counts))):
-                    ids_to[r].append(i)
-                    inc_to[r].append(x.reshape(-1))
-            base += t.num_embeddings
-        self._buffer = []
-        got_ids = self.comm.exchange([torch.cat(x) if x else torch.zeros(0, dtype=torch.long) for x in ids_to])
-        sizes = [int(g.numel()) * C for g in got_ids]
-        got_inc = self.comm.exchange([torch.cat(x) if x else torch.zeros(0) for x in inc_to], sizes)
-        ids = torch.cat(got_ids)
-        inc = torch.cat(got_inc).view(-1, C)
-        if ids.numel() == 0:
+        return (torch.exp(torch.tensor(scales, dtype=torch.float64)).unsqueeze(1)
+                * ab.t().unsqueeze(0)).float().contiguous()
+
+    def _add(self, local: torch.Tensor, positive: torch.Tensor, step: torch.Tensor, scales: List[List[float]]) -> None:
+        """counts[local[i]] += (α | β) × the stored scale of step[i], every channel."""
+        if local.numel() == 0:
             return
-        starts = torch.cumsum(torch.tensor([0] + [t.num_embeddings for t in self.tables]), 0)
-        table = torch.searchsorted(starts[1:], ids, right=True)
-        for j, t in enumerate(self.tables):
-            sel = table == j
-            if bool(sel.any()):
-                local = ids[sel] - starts[j] - self._own[t.name][0]
-                for k, c in enumerate(self._names):
-                    self._values[c][t.name].index_add_(0, local, inc[sel, k])
+        w = self._increments(scales)
+        if cpu_kernel_available():
+            torch.ops.shark_torchrec.row_counts_add(self._counts, local.contiguous(), positive.contiguous(),
+                                                    step.contiguous(), w)
+            return
+        inc = w[step, (~positive).long()]  # [n, C]
+        self._counts.index_add_(0, local, inc)
+
+    def _check_ids(self, kjt: KeyedJaggedTensor) -> None:
+        """Raise naming the feature, the id and the table of the first id outside its table."""
+        keys = kjt.keys()
+        values = kjt.values().cpu()
+        per_key = torch.tensor(kjt.length_per_key(), dtype=torch.long)
+        rows = torch.tensor([self._rows[self._feature_table[k]] for k in keys], dtype=torch.long)
+        if cpu_kernel_available():
+            bad = torch.ops.shark_torchrec.first_id_outside(values.contiguous(), per_key, rows)
+        else:
+            key_of = torch.repeat_interleave(torch.arange(len(keys)), per_key)
+            wrong = (values.long() < 0) | (values.long() >= rows[key_of])
+            bad = int(wrong.nonzero()[0]) if bool(wrong.any()) else -1
+        if bad >= 0:
+            j = int(torch.searchsorted(torch.cumsum(per_key, 0), torch.tensor([bad]), right=True)[0])
+            table = self._feature_table[keys[j]]
+            raise ValueError(f"feature {keys[j]!r}: id {int(values[bad])} is outside table {table!r} "
+                             f"({self._rows[table]} rows)")
+
+    def _global_rows(self, kjt: KeyedJaggedTensor, positive: torch.Tensor, B: int
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Every id's global row and its sample's label: a few vector ops over all the batch's
+        ids (the ids checked against their tables first, naming a bad one)."""
+        self._check_ids(kjt)
+        keys = kjt.keys()
+        values = kjt.values().cpu()
+        per_key = torch.tensor(kjt.length_per_key(), dtype=torch.long)
+        base = torch.tensor([self._base[self._feature_table[k]] for k in keys], dtype=torch.long)
+        n = values.numel()
+        global_rows = values.long() + torch.repeat_interleave(base, per_key, output_size=n)
+        lengths = kjt.lengths().cpu()
+        labels = torch.repeat_interleave(positive.repeat(len(keys)), lengths, output_size=n)
+        return global_rows, labels
+
+    def _flush(self) -> None:
+        """Collective: the buffered ids go to the ranks owning their rows (one exchange), which
+        add their increments; and the counts handed to the worker thread are in."""
+        self._background.drain()
+        if not self._buffer:
+            return
+        rows = torch.cat([b[0] for b in self._buffer])
+        labels = torch.cat([b[1] for b in self._buffer])
+        step = torch.repeat_interleave(torch.arange(len(self._buffer)),
+                                       torch.tensor([b[0].numel() for b in self._buffer]), output_size=rows.numel())
+        scales = self._buffer_scales
+        self._buffer, self._buffer_scales = [], []
+        W = self.comm.world
+        if W > 1:
+            seg = torch.searchsorted(self._bounds, rows, right=True) - 1
+            owner = seg % W
+            # (ids, labels, buffer steps) per owner, in one exchange each; the owner computes
+            # the increments (sending them would cost 4 bytes per channel and id)
+            parts = [owner == q for q in range(W)]
+            counts = [int(m.sum()) for m in parts]
+            packed = torch.cat([torch.stack([rows[m], labels[m].long(), step[m]]).t().reshape(-1) for m in parts])
+            sizes = self.comm.exchange([torch.tensor([c], dtype=torch.long) for c in counts], [1] * W)
+            got = self.comm.exchange_flat(packed, [3 * c for c in counts], [3 * int(x) for x in sizes]).view(-1, 3)
+            # every rank buffered the same steps: the scales of step i are the same everywhere
+            rows, labels, step = got[:, 0], got[:, 1].bool(), got[:, 2]
+            seg = torch.searchsorted(self._bounds, rows, right=True) - 1
+        else:
+            seg = torch.searchsorted(self._bounds, rows, right=True) - 1
+        self._add(rows + self._local_offset[seg], labels, step, scales)
 
     def attach(self, module: nn.Module) -> "RowPriority":
         """Update from every training-mode forward of ``module`` (which takes a ``Batch``)."""
@@ -318,12 +409,16 @@ class RowPriority:
             raise ValueError(f"row-priority state covers tables {state['rows']}, this tracker {self._rows}")
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._background.drain()
         self._check_state(state)
         if (state["world_size"], state["rank"]) != (self.comm.world, self.comm.rank):
             raise ValueError(f"row-priority state of rank {state['rank']} of {state['world_size']}, loaded "
                              f"on rank {self.comm.rank} of {self.comm.world}: use save() / load() to reshard")
-        self._buffer = []
-        self._values = {c: {t: v.float().clone() for t, v in ch.items()} for c, ch in state["values"].items()}
+        self._buffer, self._buffer_scales = [], []
+        for c, ch in state["values"].items():
+            views = self._values[c]
+            for t, v in ch.items():
+                views[t].copy_(v.float())
         self.step = int(state["step"])
         self._log_scale = {c: float(v) for c, v in state["log_scale"].items()}
 
@@ -339,6 +434,7 @@ class RowPriority:
     def load(self, directory: str) -> None:
         """Read a :meth:`save`\\ d directory written by any number of ranks: this rank reads
         the parts holding its rows (memory-mapped)."""
+        self._background.drain()
         first = os.path.join(directory, f"rank-{0:05d}.pt")
         if not os.path.isfile(first):
             raise FileNotFoundError(f"{directory}: no row-priority parts (rank-00000.pt)")
@@ -346,7 +442,7 @@ class RowPriority:
         self._check_state(head)
         W0 = int(head["world_size"])
         parts = {0: head}
-        self._buffer = []
+        self._buffer, self._buffer_scales = [], []
         for c in self._names:
             for t in self.tables:
                 s, e = self._own[t.name]
@@ -361,7 +457,7 @@ class RowPriority:
                                 raise FileNotFoundError(f"{path}: missing part of the row priorities")
                             parts[r] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
                         out[lo - s:hi - s] = parts[r]["values"][c][t.name][lo - s0:hi - s0]
-                self._values[c][t.name] = out
+                self._values[c][t.name].copy_(out)
         self.step = int(head["step"])
         self._log_scale = {c: float(v) for c, v in head["log_scale"].items()}
 

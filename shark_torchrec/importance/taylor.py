@@ -45,6 +45,9 @@ from torch import nn
 from torchrec.distributed.types import Awaitable
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
+from shark_torchrec.importance.background import Background
+from shark_torchrec.sharded.comm import Comm
+from shark_torchrec.quant.cpu_kernel import cpu_kernel_available
 from shark_torchrec.importance.base import (
     FieldImportance,
     collection_tables,
@@ -54,6 +57,22 @@ from shark_torchrec.importance.base import (
 logger = logging.getLogger(__name__)
 
 BASELINES = ("mean", "shuffle", "zero")
+
+
+def _fused(*tensors: torch.Tensor) -> bool:
+    """Whether the tracker's C++ kernels apply: float32 CPU tensors, kernels built."""
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and cpu_kernel_available()
+
+
+def _column_stats(e: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(column sums in float64, minima, maxima) of a step's pooled embeddings [B, C]."""
+    if e.shape[0] and _fused(e):
+        return torch.ops.shark_torchrec.column_stats(e.contiguous())
+    if e.shape[0] == 0:
+        C = e.shape[1]
+        return (torch.zeros(C, dtype=torch.float64, device=e.device),
+                torch.full((C,), float("inf"), device=e.device), torch.full((C,), float("-inf"), device=e.device))
+    return e.sum(0).double(), e.amin(0), e.amax(0)
 
 
 class _Accumulator:
@@ -108,6 +127,9 @@ class TaylorFieldImportance(FieldImportance):
         seed: seeds the ``shuffle`` permutations.
         process_group: the group scores are reduced over (default: the world, when
             ``torch.distributed`` is initialised).
+        background: accumulate each step's sums on a worker thread while the step goes on
+            (CPU tensors; :mod:`~shark_torchrec.importance.background`); ``False``: in the
+            gradient hook.  The results are the same.
     """
 
     def __init__(
@@ -117,6 +139,7 @@ class TaylorFieldImportance(FieldImportance):
         loss_reduction: str = "mean",
         seed: int = 0,
         process_group: Optional[Any] = None,
+        background: bool = True,
     ) -> None:
         if baseline not in BASELINES:
             raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
@@ -135,6 +158,7 @@ class TaylorFieldImportance(FieldImportance):
             dims = [t.embedding_dim for t in tables for _ in t.feature_names]
             self._acc[path] = _Accumulator(feats, dims)
         self._handles: List[Any] = []
+        self._background = Background(background)
         self._generation = 0  # tensor hooks of a detached generation do nothing
         #: wall time spent in this tracker's hooks on this rank (its direct cost)
         self.hook_seconds = 0.0
@@ -204,71 +228,103 @@ class TaylorFieldImportance(FieldImportance):
         if layout is None:  # output order can differ from the config order (sharded)
             layout = acc.layouts[key] = _Layout(acc, kt.keys(), kt.length_per_key())
         e = kt.values().detach()
-        base = self._baseline(acc, e, layout)
-        varies = self._varies(e, layout)
+        # One pass over the batch (column sums, minima, maxima) and one collective, started here
+        # and waited for in the backward hook (the forward goes on meanwhile).
+        stats = self._global_stats(e, _column_stats(e))
         step = acc.steps
         acc.steps += 1
+        shuffled = self._shuffled(step, e, stats()) if self.baseline == "shuffle" else None
 
         def grad_hook(g: torch.Tensor) -> None:
             if self._generation == generation:
                 t0 = time.perf_counter()
-                self._accumulate(acc, e, base, varies, g, layout, step)
+                sums, count, hi, lo, _ = stats()
+                varies = self._varies(layout, hi, lo, e.device)
+                base = shuffled if self.baseline == "shuffle" else self._mean(sums, count, e)
+                if g.is_cuda:  # (on the step's own stream)
+                    self._accumulate(acc, e, base, varies, g, layout, step)
+                else:  # reads g, e and base only; writes only the tracker's sums
+                    self._background.submit(lambda: self._accumulate(acc, e, base, varies, g, layout, step))
                 self.hook_seconds += time.perf_counter() - t0
 
         kt.values().register_hook(grad_hook)
 
-    def _baseline(
-        self, acc: _Accumulator, e: torch.Tensor, layout: _Layout
-    ) -> Optional[torch.Tensor]:
+    def _global_stats(self, e: torch.Tensor, local: Tuple[torch.Tensor, torch.Tensor, torch.Tensor]):
+        """A function returning ``(column sums, samples, column maxima, column minima, samples
+        per rank)`` over the global batch: one ``all_gather`` of this rank's, started now and
+        waited for on the first call."""
+        sums, lo, hi = local
+        B = e.shape[0]
+        C = sums.numel()
+        packed = torch.cat([sums.double().cpu(), torch.tensor([float(B)], dtype=torch.float64),
+                            hi.double().cpu(), lo.double().cpu()])
+        W = self._world()
+        if W == 1:
+            result = (packed[:C], float(B), packed[C + 1:2 * C + 1], packed[2 * C + 1:], [B])
+            return lambda: result
+        parts = [torch.empty_like(packed) for _ in range(W)]
+        work = dist.all_gather(parts, packed, group=self._pg, async_op=True)
+        done: List[Any] = []
+
+        def wait():
+            if not done:
+                work.wait()
+                rows = torch.stack(parts)
+                sizes = [int(x) for x in rows[:, C].tolist()]
+                done.append((rows[:, :C].sum(0), float(sum(sizes)), rows[:, C + 1:2 * C + 1].amax(0),
+                             rows[:, 2 * C + 1:].amin(0), sizes))
+            return done[0]
+
+        return wait
+
+    def _mean(self, sums: torch.Tensor, count: float, e: torch.Tensor) -> Optional[torch.Tensor]:
+        """The ``mean`` baseline: the global batch's own mean (not a mean over past batches: the
+        rows move while training, and a stale mean would score the drift); None for ``zero``."""
         if self.baseline == "zero":
             return None
-        if self.baseline == "mean":
-            # The global batch's own mean (sums over ranks), not a mean over past batches:
-            # the rows move while training, and a stale mean would score the drift.
-            stats = torch.cat(
-                [e.sum(0).double().cpu(), torch.tensor([float(e.shape[0])], dtype=torch.float64)]
-            )
-            stats = self._all_reduce(stats, e.device)
-            mean = stats[:-1] / stats[-1].clamp(min=1)
-            return mean.to(device=e.device, dtype=e.dtype).unsqueeze(0)
-        # shuffle: a permutation of the global batch, the same draw for every world size
-        if self._world() > 1:
-            rank = dist.get_rank(self._pg)
-            sizes = torch.zeros(self._world(), dtype=torch.long)
-            sizes[rank] = e.shape[0]
-            sizes = self._all_reduce(sizes, e.device)
-            offset = int(sizes[:rank].sum())
-            padded = e.new_zeros(int(sizes.max()), e.shape[1])
-            padded[: e.shape[0]] = e
-            parts = [torch.empty_like(padded) for _ in range(self._world())]
-            dist.all_gather(parts, padded, group=self._pg)
-            everything = torch.cat([p[: int(n)] for p, n in zip(parts, sizes.tolist())])
-        else:
-            offset, everything = 0, e
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + acc.steps)
-        perm = torch.randperm(everything.shape[0], generator=gen)
-        return everything[perm[offset : offset + e.shape[0]].to(e.device)]
+        mean = sums / max(count, 1.0)
+        return mean.to(device=e.device, dtype=e.dtype).unsqueeze(0)
 
-    def _varies(self, e: torch.Tensor, layout: _Layout) -> torch.Tensor:
+    def _shuffled(self, step: int, e: torch.Tensor, stats) -> torch.Tensor:
+        """The ``shuffle`` baseline: each sample's embedding swapped for that of a random other
+        sample of the global batch (the same permutation for every world size).  Each rank
+        receives only the rows its samples drew (one exchange), not the whole batch."""
+        sizes = stats[4]
+        N = sum(sizes)
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        perm = torch.randperm(N, generator=gen)
+        W = self._world()
+        if W == 1:
+            return e[perm.to(e.device)]
+        rank = dist.get_rank(self._pg)
+        starts = [sum(sizes[:r]) for r in range(W)]
+        ends = torch.tensor([starts[r] + sizes[r] for r in range(W)])
+        mine = perm[starts[rank]:starts[rank] + sizes[rank]]
+        owner_of_mine = torch.searchsorted(ends, mine, right=True)
+        sends, recv_sizes = [], []
+        for r in range(W):  # what rank r's samples drew from this rank's rows (all ranks know perm)
+            theirs = perm[starts[r]:starts[r] + sizes[r]]
+            asked = theirs[torch.searchsorted(ends, theirs, right=True) == rank] - starts[rank]
+            sends.append(e[asked.to(e.device)].reshape(-1).cpu())
+            recv_sizes.append(int((owner_of_mine == r).sum()) * e.shape[1])
+        got = Comm(self._pg).exchange(sends, recv_sizes)
+        out = torch.empty_like(e)
+        for r in range(W):  # rows from rank r, in the order this rank's samples drew them
+            where = (owner_of_mine == r).nonzero().squeeze(1)
+            if where.numel():
+                out[where.to(e.device)] = got[r].view(-1, e.shape[1]).to(device=e.device, dtype=e.dtype)
+        return out
+
+    def _varies(self, layout: _Layout, hi: torch.Tensor, lo: torch.Tensor, device: torch.device) -> torch.Tensor:
         """Per output feature: does its pooled embedding take more than one value over the
-        global batch?  (One MAX all-reduce of the column ranges.)"""
-        C = e.shape[1]
-        if e.shape[0] == 0:  # a rank with no samples this step
-            hi = torch.full((C,), float("-inf"), device=e.device)
-            lo = torch.full((C,), float("inf"), device=e.device)
-        else:
-            hi, lo = e.amax(0).float(), e.amin(0).float()
-        if self._world() > 1:
-            packed = torch.cat([hi, -lo])
-            dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=self._pg)
-            hi, lo = packed[:C], -packed[C:]
-        # NaN ranges count as varying, so that non-finite embeddings are counted as skipped.
+        global batch?  (From the global column ranges; NaN ranges count as varying, so that
+        non-finite embeddings are counted as skipped.)"""
         col_varies = ~(hi - lo == 0)
         if layout.dim is not None:
-            return col_varies.view(layout.num_out, layout.dim).any(1)
-        per_out = torch.zeros(layout.num_out, device=e.device)
-        per_out.index_add_(0, layout.col_to_out.to(e.device), col_varies.float())
-        return per_out > 0
+            return col_varies.view(layout.num_out, layout.dim).any(1).to(device)
+        per_out = torch.zeros(layout.num_out)
+        per_out.index_add_(0, layout.col_to_out, col_varies.float())
+        return (per_out > 0).to(device)
 
     def _accumulate(
         self,
@@ -282,31 +338,36 @@ class TaylorFieldImportance(FieldImportance):
     ) -> None:
         B = g.shape[0]
         g = g.detach()
-        # |<g, 0 - e>| = |<g, e>|: the zero baseline needs no difference tensor.
-        x = e if base is None else base - e
-        if layout.dim is not None:
-            # Batched dot products: no [B, sum D] product tensor is materialised.
-            s = torch.bmm(
-                g.reshape(B * layout.num_out, 1, layout.dim),
-                x.reshape(B * layout.num_out, layout.dim, 1),
-            ).view(B, layout.num_out)
+        # per-sample gradients: a loss averaged over the batch scaled them by 1/B
+        k = float(B) if self.loss_reduction == "mean" else 1.0
+        if layout.dim is not None and _fused(g, e):
+            # One pass over g and e (csrc/taylor_sums.cpp): per feature, the sums of |s|, the
+            # finite samples and ‖g‖², with no [B, F] or [B, F*D] tensor in between.
+            sums, counts, gsq_sums = torch.ops.shark_torchrec.taylor_sums(
+                g.contiguous(), e.contiguous(), None if base is None else base.contiguous(), layout.dim,
+                varies.to(torch.bool).contiguous())
+            sums, gsq_sums = sums * k, gsq_sums * (k * k)
         else:
-            s = torch.zeros(B, layout.num_out, dtype=g.dtype, device=g.device)
-            s.index_add_(1, layout.col_to_out.to(g.device), g * x)
-        if layout.dim is not None:
-            gsq = g.reshape(B, layout.num_out, layout.dim).double().pow(2).sum(2)
-        else:
-            gsq = torch.zeros(B, layout.num_out, dtype=torch.float64, device=g.device)
-            gsq.index_add_(1, layout.col_to_out.to(g.device), g.double().pow(2))
-        s = s.double()
-        if self.loss_reduction == "mean":
-            s = s * B  # per-sample gradients: the loss was averaged over this batch
-            gsq = gsq * (B * B)
-        finite = torch.isfinite(s)
-        zero = torch.zeros((), dtype=s.dtype, device=s.device)
-        sums = torch.where(finite & varies.unsqueeze(0), s.abs(), zero).sum(0)
-        counts = finite.sum(0).double()
-        gsq_sums = torch.where(finite & torch.isfinite(gsq), gsq, zero).sum(0)
+            # |<g, 0 - e>| = |<g, e>|: the zero baseline needs no difference tensor.
+            x = e if base is None else base - e
+            if layout.dim is not None:
+                # Batched dot products: no [B, sum D] product tensor is materialised.
+                g3 = g.reshape(B * layout.num_out, 1, layout.dim)
+                s = torch.bmm(g3, x.reshape(B * layout.num_out, layout.dim, 1)).view(B, layout.num_out)
+                gsq = torch.bmm(g3, g3.transpose(1, 2)).view(B, layout.num_out).double()
+            else:
+                s = torch.zeros(B, layout.num_out, dtype=g.dtype, device=g.device)
+                s.index_add_(1, layout.col_to_out.to(g.device), g * x)
+                gsq = torch.zeros(B, layout.num_out, dtype=g.dtype, device=g.device)
+                gsq.index_add_(1, layout.col_to_out.to(g.device), g * g)
+                gsq = gsq.double()
+            s = s.double() * k
+            gsq = gsq * (k * k)
+            finite = torch.isfinite(s)
+            zero = torch.zeros((), dtype=s.dtype, device=s.device)
+            sums = torch.where(finite & varies.unsqueeze(0), s.abs(), zero).sum(0)
+            counts = finite.sum(0).double()
+            gsq_sums = torch.where(finite & torch.isfinite(gsq), gsq, zero).sum(0)
         acc.score_sum.index_add_(0, layout.out_features, sums.cpu())
         acc.count.index_add_(0, layout.out_features, counts.cpu())
         acc.grad_sq_sum.index_add_(0, layout.out_features, gsq_sums.cpu())
@@ -321,6 +382,7 @@ class TaylorFieldImportance(FieldImportance):
     # ------------------------------------------------------------------ results
     def _reduced(self) -> Dict[str, Tuple[torch.Tensor, ...]]:
         """Per collection, over all ranks: (score sums, counts, skipped, squared-gradient sums)."""
+        self._background.drain()
         out = {}
         for path, acc in self._acc.items():
             packed = torch.cat([acc.score_sum, acc.count, acc.skipped, acc.grad_sq_sum])
@@ -384,6 +446,7 @@ class TaylorFieldImportance(FieldImportance):
 
     def reset(self) -> None:
         """Forget every accumulated score (the hooks stay as they are)."""
+        self._background.drain()
         for path, acc in self._acc.items():
             self._acc[path] = _Accumulator(acc.features, acc.dims)
 
@@ -407,6 +470,7 @@ class TaylorFieldImportance(FieldImportance):
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore totals saved by :meth:`state_dict` (on every rank)."""
+        self._background.drain()
         if state.get("baseline") != self.baseline:
             raise ValueError(
                 f"importance state was collected with baseline {state.get('baseline')!r}, "

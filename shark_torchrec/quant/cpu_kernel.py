@@ -2,8 +2,10 @@
 (``torch.ops.shark_torchrec.mixed_embedding_bag``, ``csrc/mixed_lookup.cpp``) and the tier
 choice of a byte budget (``row_tier_errors``, ``tier_hull``, ``hull_histogram``, ``hull_pick``,
 ``csrc/tier_choice.cpp``; see :mod:`shark_torchrec.quant.budget`) and the conversion of rows
-into sub-tables (``quantize_into``, ``csrc/quantize_rows.cpp``), and an id check
-(``first_id_outside``, ``csrc/check_ids.cpp``).
+into sub-tables (``quantize_into``, ``csrc/quantize_rows.cpp``), an id check
+(``first_id_outside``, ``csrc/check_ids.cpp``) and the field-importance tracker's per-step sums
+(``taylor_sums``, ``column_stats``, ``csrc/taylor_sums.cpp``; ``row_counts_add``,
+``csrc/row_counts.cpp``).
 
 FBGEMM has no CPU op that reads a bag whose rows sit in sub-tables of different precisions:
 its TBE reads each sub-table's part of a bag apart, so the ids must first be split by tier
@@ -31,7 +33,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 _SOURCES = [os.path.join(os.path.dirname(__file__), "csrc", name)
-            for name in ("mixed_lookup.cpp", "tier_choice.cpp", "quantize_rows.cpp", "check_ids.cpp")]
+            for name in ("mixed_lookup.cpp", "tier_choice.cpp", "quantize_rows.cpp", "check_ids.cpp",
+                         "taylor_sums.cpp", "row_counts.cpp")]
 _lock = threading.Lock()
 _state = {"loaded": None}  # None: not tried yet; then True / False
 
@@ -49,7 +52,8 @@ def cpu_kernel_available() -> bool:
 
 def _registered() -> bool:
     return all(hasattr(torch.ops.shark_torchrec, op) for op in
-               ("mixed_embedding_bag", "tier_hull", "quantize_into", "first_id_outside"))
+               ("mixed_embedding_bag", "tier_hull", "quantize_into", "first_id_outside", "taylor_sums",
+                "row_counts_add_batch"))
 
 
 def _load() -> bool:
@@ -62,7 +66,7 @@ def _load() -> bool:
 
         logger.info("building shark_torchrec's CPU kernels (once per machine)")
         load(name="shark_torchrec_kernels", sources=_SOURCES, is_python_module=False,
-             extra_cflags=["-O3", "-march=native"], verbose=False)
+             extra_cflags=["-O3", "-march=native", "-fopenmp-simd"], verbose=False)
         return _registered()
     except Exception as e:  # no compiler, no ninja, read-only cache, ...
         warnings.warn(f"shark_torchrec: the CPU kernels could not be built "

@@ -1,0 +1,70 @@
+"""Running a tracker's per-step work beside the training step.
+
+The trackers' accumulations read a step's tensors (pooled embeddings and their gradients, the
+batch's ids and labels) and write only the trackers' own sums, which nothing reads until a
+result is asked for.  So they can run on a worker thread while the step goes on — their
+kernels release the GIL — and the step only pays for handing them over.  Collectives stay on
+the calling thread: their order must be the same on every rank.
+
+Results are read after :meth:`Background.drain`, which waits for the work handed over so far
+and re-raises the first error one of them met (on the thread that drains).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Callable, Optional
+
+
+class Background:
+    """One worker thread, started on first use, running submitted callables in order.
+
+    Args:
+        enabled: ``False`` runs every callable at once on the caller's thread (the same
+            results, no overlap).
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._queue: "queue.Queue[Optional[Callable[[], None]]]" = queue.Queue()
+        self._thread: Optional[threading.Thread] = None
+        self._error: Optional[BaseException] = None
+        self._lock = threading.Lock()
+
+    def __getstate__(self):  # threads do not pickle or deep-copy
+        return {"enabled": self.enabled}
+
+    def __setstate__(self, state):
+        self.__init__(state["enabled"])
+
+    def _run(self) -> None:
+        while True:
+            fn = self._queue.get()
+            try:
+                if fn is None:
+                    return
+                if self._error is None:  # after an error, the rest is skipped until drained
+                    fn()
+            except BaseException as e:  # handed to the thread that drains
+                self._error = e
+            finally:
+                self._queue.task_done()
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        if not self.enabled:
+            fn()
+            return
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="shark-tracker", daemon=True)
+                self._thread.start()
+        self._queue.put(fn)
+
+    def drain(self) -> None:
+        """Wait for every submitted callable; re-raise the first error one of them raised."""
+        if self._thread is not None:
+            self._queue.join()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
