@@ -2,9 +2,11 @@
 row-wise mixed precision → evaluate every stage → export.
 
 Stages run under one process group (``torchrun`` or one plain process) and each writes
-``OUT/<stage>/done.json`` when it has finished; a run started again with the same ``--out``
-skips finished stages and loads their outputs, so an interrupted run resumes from the last
-finished stage and ends with the same result.
+``OUT/<stage>/done.json`` when it has finished, keyed by the flags it reads and the stages before
+it (:func:`stage_inputs`, :mod:`shark_torchrec.stages`); a run started again with the same
+``--out`` skips the finished stages whose keys match and loads their outputs, so an interrupted
+run resumes from the last finished stage and ends with the same result, and a run with other
+flags reruns the stages they reach.
 
 * ``train``: the DLRM trains with a SHARK field-importance tracker and a row-priority tracker
   attached (ordinary steps: the trackers only read); its checkpoint, field scores and row
@@ -58,6 +60,7 @@ from shark_torchrec.planning.overrides import load_overrides
 from shark_torchrec.pruning.sharded import iterative_prune, prune_trainer, pruned_config
 from shark_torchrec.quant import RowwiseQuantConfig
 from shark_torchrec.quant.layout import serving_row_alignment
+from shark_torchrec.stages import StageStore
 from shark_torchrec.training.checkpoint import CheckpointManager
 from shark_torchrec.training.distributed import DistEnv, run_job
 from shark_torchrec.training.datasets import require_rows
@@ -143,21 +146,46 @@ def _add_comparison_flags(p: argparse.ArgumentParser) -> None:
                    "step loses')")
 
 
-def _done(out: str, stage: str) -> Optional[Dict[str, Any]]:
-    path = os.path.join(out, stage, "done.json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            return json.load(f)
-    return None
+#: flags that change nothing a stage computes
+NOT_STAGE_INPUTS = frozenset({"out", "stop_after", "log_level", "debug"})
+#: flags the prune stage reads and the train stage does not
+PRUNE_INPUTS = frozenset({"keep_fields", "drop_fraction", "finetune_epochs", "prune_rounds", "score_batches",
+                          "finetune_steps", "field_scorer", "permutation_batches", "planner_overrides"})
+#: flags the quantize stage reads and the stages before it do not
+QUANTIZE_INPUTS = frozenset({"quant_budget_fraction", "quant_fractions", "drop_rows", "row_alignment",
+                             "row_priority", "priority_alpha", "priority_beta", "tier_weighting", "bootstrap",
+                             "attribute_quant_loss"})
+#: flags of train_dlrm's parser that this pipeline does not use: refused when set
+UNUSED_FLAGS = {"sharding_type": None, "max_steps": None, "score_fields": None, "checkpoint_every": 0,
+                "resume": False}
 
 
-def _finish(env: DistEnv, out: str, stage: str, result: Dict[str, Any]) -> None:
-    if env.is_main:
-        os.makedirs(os.path.join(out, stage), exist_ok=True)
-        with open(os.path.join(out, stage, "done.json"), "w") as f:
-            json.dump(result, f, indent=1)
-    if dist.is_initialized():
-        dist.barrier()
+def stage_inputs(args: argparse.Namespace, device: torch.device, world_size: int) -> Dict[str, Dict[str, Any]]:
+    """Each stage's inputs, keying its ``done.json`` (:mod:`shark_torchrec.stages`): the
+    quantize stage's are :data:`QUANTIZE_INPUTS`, the prune stage's :data:`PRUNE_INPUTS`, and
+    the train stage's every other flag (a flag nobody classified counts as the train stage's:
+    changing it reruns every stage rather than being ignored), plus the device the run
+    resolved (``--device auto``, ``--row_alignment auto``) and the world size (``--batch_size``
+    is per rank)."""
+    flags = {k: v for k, v in vars(args).items() if k not in NOT_STAGE_INPUTS}
+    return {
+        "train": {**{k: v for k, v in flags.items() if k not in PRUNE_INPUTS | QUANTIZE_INPUTS},
+                  "resolved_device": device.type, "world_size": world_size},
+        "prune": {k: v for k, v in flags.items() if k in PRUNE_INPUTS},
+        "quantize": {k: v for k, v in flags.items() if k in QUANTIZE_INPUTS},
+    }
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Refuse flags this pipeline would ignore, and an --out that cannot be a directory."""
+    for flag, default in UNUSED_FLAGS.items():
+        if getattr(args, flag) != default:
+            raise SystemExit(f"--{flag} is not used by the SHARK pipeline (recipes/shark_dlrm.py); "
+                             f"recipes/train_dlrm.py takes it")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as e:
+        raise SystemExit(f"--out {args.out}: cannot be a directory ({e.strerror}: {e.filename})") from None
 
 
 def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
@@ -194,17 +222,40 @@ def _parts(spec, args, env) -> Dict[str, range]:
 
 
 def _run(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
+    _check_args(args)
+    if args.keep_fields is None and args.drop_fraction is None:
+        args = argparse.Namespace(**{**vars(args), "drop_fraction": 0.25})  # (the default, keyed as such)
     spec = data_spec_from_args(args)
     config = model_config_from_args(args, spec)
     optim = optim_config_from_args(args)
     out = args.out
     report: Dict[str, Any] = {"stages": {}}
     parts = _parts(spec, args, env)
+    store = StageStore(out, env.is_main)
+    inputs = stage_inputs(args, env.device, env.world_size)
+    keys = {"train": store.key(inputs["train"])}
+    keys["prune"] = store.key(inputs["prune"], [keys["train"]])
+    keys["quantize"] = store.key(inputs["quantize"], [keys["prune"]])
+    upstream = {"train": [], "prune": [keys["train"]], "quantize": [keys["prune"]]}
+
+    records = {stage: store.load(stage, inputs[stage], upstream[stage]) for stage in STAGES}
+    ran: list = []  # stages run by this process: the stages after them run too
+
+    def finished(stage: str) -> Optional[Dict[str, Any]]:
+        record = None if any(STAGES.index(r) < STAGES.index(stage) for r in ran) else records[stage]
+        if record is None:
+            ran.append(stage)
+        return record
+
+    if env.is_main and None in records.values():
+        for name in ("report.json", "report.md"):  # a report of other inputs must not outlive them
+            if os.path.isfile(os.path.join(out, name)):
+                os.remove(os.path.join(out, name))
 
     # ------------------------------------------------------------------ train
     trainer = DLRMTrainer(config, optim, env, args.batch_size, seed=args.seed)
     ckpt = CheckpointManager(os.path.join(out, "train", "checkpoints"), fingerprint(args, config))
-    done = _done(out, "train")
+    done = finished("train")
     if done is None and args.init_from:
         source = CheckpointManager(os.path.join(args.init_from, "checkpoints"), fingerprint(args, config))
         state = trainer.state_dict()
@@ -229,12 +280,14 @@ def _run(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
         with _timed("checkpointing the trained model"):
             path = ckpt.save(trainer.state_dict(), {"global_step": 0, "stage": "train"})
         counters.save(os.path.join(out, "train", "row_counts"))  # each rank its rows
-        done = {"metrics": metrics, "scores": scores, "checkpoint": path,
+        done = {"metrics": metrics, "scores": scores, "checkpoint": store.rel(path),
                 "gradient_scales": gradient_scales}
-        _finish(env, out, "train", done)
+        store.save("train", inputs["train"], upstream["train"], done)
+        trained = path
     else:
+        trained = store.resolve(done["checkpoint"])
         state = trainer.state_dict()
-        ckpt.load(state, done["checkpoint"])
+        ckpt.load(state, trained)
         trainer.load_state_dict(state)
     report["stages"]["trained"] = done["metrics"]
     if args.stop_after == "train":
@@ -243,22 +296,17 @@ def _run(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
     # ------------------------------------------------------------------ prune + fine-tune
     overrides = load_overrides(args.planner_overrides, config.tables()) if args.planner_overrides else None
     protected = overrides.protected_features(config.tables()) if overrides else []
-    if args.keep_fields is None and args.drop_fraction is None:
-        args.drop_fraction = 0.25
     if args.prune_rounds and args.keep_fields is None:
         raise SystemExit("--prune_rounds needs --keep_fields (the number of fields at the end)")
-    if _done(out, "prune") is None:
+    pdone = finished("prune")
+    if pdone is None:
         field_scores, scorer = _field_scores(args, done, trainer, spec, env, config)
+        plan = choose_plan(field_scores, config.tables(), keep=args.keep_fields,
+                           drop_fraction=args.drop_fraction, protected=protected, method=scorer)
     else:
-        field_scores, scorer = _done(out, "prune").get("scores", done["scores"]), args.field_scorer
-    plan = choose_plan(field_scores, config.tables(), keep=args.keep_fields,
-                       drop_fraction=args.drop_fraction, protected=protected, method=scorer)
-    saved_plan = os.path.join(out, "prune", "plan.json")
-    if _done(out, "prune") is not None:
-        plan = PruningPlan.load(saved_plan)  # what the finished stage did (iterative included)
+        plan = PruningPlan.load(os.path.join(out, "prune", "plan.json"))  # what the stage did (iterative too)
     small = pruned_config(config, plan)
     pruned_ckpt = CheckpointManager(os.path.join(out, "prune", "checkpoints"), fingerprint(args, small))
-    pdone = _done(out, "prune")
     reference_ckpt = CheckpointManager(os.path.join(out, "prune", "reference_checkpoints"),
                                        fingerprint(args, config))
     if pdone is None:
@@ -282,11 +330,11 @@ def _run(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
                                protected=protected)
             # iterative_prune trains the original model too; rebuild it from its checkpoint
             state = trainer.state_dict()
-            ckpt.load(state, done["checkpoint"])
+            ckpt.load(state, trained)
             trainer.load_state_dict(state)
         else:
             with _timed("pruning (sharding the smaller model, reading its tables)"):
-                pruned = prune_trainer(trainer, plan, done["checkpoint"], args.batch_size, seed=args.seed)
+                pruned = prune_trainer(trainer, plan, trained, args.batch_size, seed=args.seed)
             with _timed("fine-tuning the pruned model"):
                 _train_epochs(pruned, spec, args, env, args.finetune_epochs, parts["finetune"])
         small = pruned_config(config, plan)
@@ -302,18 +350,18 @@ def _run(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
         ref_path = reference_ckpt.save(trainer.state_dict(), {"global_step": 0, "stage": "reference"})
         if env.is_main:
             plan.save(os.path.join(out, "prune", "plan.json"))
-        pdone = {"metrics": metrics, "reference": reference, "checkpoint": path, "plan": plan.summary(),
-                 "scores": field_scores, "scorer": scorer, "reference_checkpoint": ref_path}
-        _finish(env, out, "prune", pdone)
+        pdone = {"metrics": metrics, "reference": reference, "checkpoint": store.rel(path),
+                 "plan": plan.summary(), "scores": field_scores, "scorer": scorer,
+                 "reference_checkpoint": store.rel(ref_path)}
+        store.save("prune", inputs["prune"], upstream["prune"], pdone)
     else:
         pruned = DLRMTrainer(small, optim, env, args.batch_size, seed=args.seed)
         state = pruned.state_dict()
-        pruned_ckpt.load(state, pdone["checkpoint"])
+        pruned_ckpt.load(state, store.resolve(pdone["checkpoint"]))
         pruned.load_state_dict(state)
-        if "reference_checkpoint" in pdone:
-            state = trainer.state_dict()
-            reference_ckpt.load(state, pdone["reference_checkpoint"])
-            trainer.load_state_dict(state)
+        state = trainer.state_dict()
+        reference_ckpt.load(state, store.resolve(pdone["reference_checkpoint"]))
+        trainer.load_state_dict(state)
     report["stages"]["uncompressed, fine-tuned"] = pdone["reference"]
     report["stages"]["pruned"] = pdone["metrics"]
     report["plan"] = pdone["plan"]
@@ -321,10 +369,10 @@ def _run(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
         return report
 
     # ------------------------------------------------------------------ quantize + export
-    qdone = _done(out, "quantize")
+    qdone = finished("quantize")
     if qdone is None:
         qdone = _quantize(args, env, spec, config, small, trainer, pruned, done, pdone, overrides, out)
-        _finish(env, out, "quantize", qdone)
+        store.save("quantize", inputs["quantize"], upstream["quantize"], qdone)
     report["stages"]["quantized"] = qdone["metrics"]
     report["lookup_speed_vs_fp32"] = qdone["lookup_speed_vs_fp32"]
     report["paired"] = qdone.get("paired", {})

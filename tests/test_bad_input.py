@@ -4,6 +4,7 @@ the project's own errors (bad files, data, flags that contradict each other) end
 back."""
 
 import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -93,6 +94,21 @@ def test_out_of_range_flags_fail_when_parsed(tmp_path: Path, capsys, kind, args,
     for name, path in _paths(tmp_path).items():
         message = message.replace(name, path)
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--num_embeddings", "500"], "--num_embeddings: for click-log files; --data synthetic sizes its tables by "
+                                  "its generator (--synthetic_cardinality"),
+    (["--data", "synthetic_criteo", "--num_embeddings_per_feature", "5,6"],
+     "--num_embeddings_per_feature: for click-log files; --data synthetic_criteo"),
+])
+def test_table_sizes_synthetic_data_would_ignore_are_refused(tmp_path: Path, args, message) -> None:
+    from shark_torchrec.errors import FlagError
+    from shark_torchrec.training.train_dlrm import data_spec_from_args
+
+    for parser in (train_parser(), pipeline_parser()):
+        with pytest.raises(FlagError, match=re.escape(message)):
+            data_spec_from_args(parser.parse_args(args))
 
 
 def test_boundary_values_are_accepted(tmp_path: Path) -> None:

@@ -294,6 +294,56 @@ def test_bad_ids_and_weights(lookup) -> None:
         RowwiseMixedEmbeddingBagCollection.from_float(ebc, a)
 
 
+@pytest.mark.parametrize("lookup", LOOKUPS)
+def test_malformed_batches_are_refused(lookup) -> None:
+    """Float ids, negative lengths and lengths that do not add up to the ids raise, naming what
+    is wrong (the fused kernel used to return output for the last two)."""
+    tables, ebc, a = _setup()
+    m = _use(RowwiseMixedEmbeddingBagCollection.from_float(ebc, a), lookup)
+    keys = ["cat_0", "cat_1", "cat_2"]
+
+    def kjt(values, lengths, weights=None):
+        return KeyedJaggedTensor(keys=keys, values=values, lengths=lengths, weights=weights)
+
+    with pytest.raises(ValueError, match=r"ids must be int32 or int64, got torch\.float32"):
+        m(kjt(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1, 1, 1])))
+    with pytest.raises(ValueError, match=r"lengths add up to 2 ids, but 3 ids were given"):
+        m(kjt(torch.tensor([1, 2, 3]), torch.tensor([1, 1, 0])))
+    with pytest.raises(ValueError, match=r"lengths add up to 4 ids, but 3 ids were given"):
+        m(kjt(torch.tensor([1, 2, 3]), torch.tensor([1, 2, 1])))
+    with pytest.raises(ValueError, match=r"feature 'cat_2': negative length -1 at sample 0"):
+        m(kjt(torch.tensor([1, 2, 3]), torch.tensor([2, 2, -1])))
+    with pytest.raises(ValueError, match=r"feature 'cat_0': negative length -2"):
+        m(KeyedJaggedTensor(keys=keys, values=torch.tensor([1, 2]), lengths=torch.tensor([-2, 4, 0, 0, 0, 0]),
+                            stride=2))
+
+
+@pytest.mark.parametrize("lookup", LOOKUPS)
+def test_weights_are_read_as_torchrec_reads_them(lookup) -> None:
+    """An unweighted collection ignores per-id weights (TorchRec's float and quantized
+    collections do; the kernels used to multiply by them); a weighted one refuses an input
+    without weights, as TorchRec's does, and weights not one per id."""
+    tables, ebc, a = _setup(fractions={"int8": 1.0})
+    m = _use(RowwiseMixedEmbeddingBagCollection.from_float(ebc, a), lookup)
+    plain = _batch()
+    weighted = _batch(weighted=True)
+    assert torch.equal(weighted.values(), plain.values())
+    assert torch.equal(m(weighted).values(), m(plain).values())
+    torch.testing.assert_close(m(weighted).values(), ebc(weighted).values(), atol=0.02, rtol=0)
+    tables, webc, wa = _setup(weighted=True, fractions={"int8": 1.0})
+    w = _use(RowwiseMixedEmbeddingBagCollection.from_float(webc, wa), lookup)
+    torch.testing.assert_close(w(weighted).values(), webc(weighted).values(), atol=0.02, rtol=0)
+    assert not torch.allclose(w(weighted).values(), m(weighted).values(), atol=0.1)
+    with pytest.raises(AssertionError):  # TorchRec's own
+        webc(plain)
+    with pytest.raises(ValueError, match="weighted, but the input has no per-id weights"):
+        w(plain)
+    short = KeyedJaggedTensor(keys=weighted.keys(), values=weighted.values(), lengths=weighted.lengths(),
+                              weights=weighted.weights()[:-1])
+    with pytest.raises(ValueError, match=r"per-id weights for \d+ ids"):
+        w(short)
+
+
 def test_state_dict_round_trip_without_the_float_model(tmp_path) -> None:
     tables, ebc, a = _setup()
     m = RowwiseMixedEmbeddingBagCollection.from_float(ebc, a)

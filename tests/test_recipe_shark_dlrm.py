@@ -172,7 +172,7 @@ def test_other_scorers_priorities_and_the_dev_split(tmp_path: Path) -> None:
                               cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         reports[scorer] = json.loads((out / "report.json").read_text())
-        pdone = json.loads((out / "prune" / "done.json").read_text())
+        pdone = json.loads((out / "prune" / "done.json").read_text())["result"]
         scores = pdone["scores"]
         dropped = sorted(scores, key=lambda f: (scores[f], f))[:4]
         assert sorted(pdone["plan"]["dropped_features"]) == sorted(dropped)
@@ -202,3 +202,53 @@ def test_other_scorers_priorities_and_the_dev_split(tmp_path: Path) -> None:
     for f in cfg.feature_names:
         np.testing.assert_allclose(counts.priorities("positive_plain")[f"t_{f}"].numpy(), pos[f], rtol=1e-6)
         np.testing.assert_allclose(counts.priorities("negative_plain")[f"t_{f}"].numpy(), neg[f], rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_changed_flags_rerun_the_stages_they_reach(tmp_path: Path, full: Path) -> None:
+    """A finished run started again with other quantize flags reuses train and prune (their
+    records untouched) and reruns quantize, saying why; its report is the new run's."""
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(full, out)  # (records hold paths relative to the run: the copy reads its own)
+    before = {s: (out / s / "done.json").read_bytes() for s in ("train", "prune", "quantize")}
+    proc = run_torchrun(RECIPE, [*SMALL[:-4], "--quant_budget_fraction", 0.3, "--out", out], nproc=2)
+    assert "stage 'quantize'" in proc.stderr and (
+        "its inputs changed: attribute_quant_loss True -> False, quant_budget_fraction 0.5 -> 0.3") in proc.stderr
+    assert "stage 'train'" not in proc.stderr and "stage 'prune'" not in proc.stderr
+    for s in ("train", "prune"):
+        assert (out / s / "done.json").read_bytes() == before[s]
+    record = json.loads((out / "quantize" / "done.json").read_text())
+    assert record["inputs"]["quant_budget_fraction"] == 0.3 and not record["inputs"]["attribute_quant_loss"]
+    a = json.loads((full / "report.json").read_text())
+    b = json.loads((out / "report.json").read_text())
+    assert b["stages"]["pruned"] == a["stages"]["pruned"] and b["stages"]["trained"] == a["stages"]["trained"]
+    saved = b["stages"]["quantized"]["bytes_saved_fraction"]
+    assert saved > a["stages"]["quantized"]["bytes_saved_fraction"] + 0.03  # a smaller budget
+    assert "quant_loss_attribution" not in b
+
+
+def test_bad_run_directories_and_unused_flags_are_refused(tmp_path: Path) -> None:
+    """One line naming the file or flag, before anything trains."""
+    import subprocess
+    import sys
+
+    def run(*extra):
+        proc = subprocess.run([sys.executable, str(RECIPE), *map(str, SMALL), *map(str, extra)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1, proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr
+        return proc.stderr
+
+    out = tmp_path / "run"
+    (out / "prune").mkdir(parents=True)
+    (out / "prune" / "done.json").write_text('{"metrics": {"auc": 0.7}, "checkp')  # killed mid-write
+    assert f"{out}/prune/done.json: damaged stage record" in run("--out", out)
+    (tmp_path / "file").write_text("")
+    assert "--out" in run("--out", tmp_path / "file" / "sub") and "cannot be a directory" in run(
+        "--out", tmp_path / "file" / "sub")
+    for flag, value in (("--max_steps", 5), ("--checkpoint_every", 3), ("--score_fields", "mean"),
+                        ("--sharding_type", "row_wise")):
+        assert f"{flag} is not used by the SHARK pipeline" in run(flag, value, "--out", tmp_path / "x")
+    assert "--resume is not used" in run("--resume", "--out", tmp_path / "x")

@@ -87,6 +87,52 @@ def test_attached_to_a_model_counts_training_forwards_only() -> None:
         torch.testing.assert_close(p, ref[name])
 
 
+def test_attach_refuses_models_it_cannot_read() -> None:
+    """TorchRec's DLRM takes (dense, sparse) and no labels: attaching to it used to leave the
+    priorities zero, and quantize_ then dropped every row without a word."""
+    tables = _tables()
+    dlrm = DLRM(embedding_bag_collection=EmbeddingBagCollection(tables=tables), dense_in_features=13,
+                dense_arch_layer_sizes=[8, 4], over_arch_layer_sizes=[8, 1])
+    with pytest.raises(TypeError, match=r"DLRM is called with \(dense, sparse\) features and no labels.*"
+                                        r"tracker\.update\(kjt, labels\)"):
+        RowPriority(tables).attach(dlrm)
+
+    class Wrapper(torch.nn.Module):  # not recognisable at attach time: refused at its first forward
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = dlrm
+
+        def forward(self, dense, sparse):
+            return self.inner(dense, sparse)
+
+    model = Wrapper()
+    batch = SyntheticClickDataset(CFG, 16, 1).global_batch(0)
+    rp = RowPriority(tables).attach(model)
+    with pytest.raises(TypeError, match=r"Wrapper was called with \('Tensor', 'KeyedJaggedTensor'\), not a "
+                                        r"TorchRec Batch"):
+        model(batch.dense_features, batch.sparse_features)
+    model.eval()
+    model(batch.dense_features, batch.sparse_features)  # evaluation is not tracked: no error
+    rp.detach()
+
+
+def test_priorities_never_fed_are_refused_not_used_to_drop_every_row() -> None:
+    from shark_torchrec.quant import RowwiseQuantConfig, quantize_
+
+    tables = _tables()
+    ebc = EmbeddingBagCollection(tables=tables)
+    rp = RowPriority(tables)
+    with pytest.raises(ValueError, match=r"row priorities are zero in every table.*no training batch"):
+        quantize_(ebc, RowwiseQuantConfig(budget_fraction=0.3), priorities=rp.priorities())
+    # one table never seen: a warning naming it, and its rows priced as unused
+    batch = SyntheticClickDataset(CFG, 16, 1).global_batch(0)
+    kjt = batch.sparse_features
+    keep = [i for i, k in enumerate(kjt.keys()) if k != "cat_2"]
+    rp.update(kjt.permute(keep), batch.labels)
+    with pytest.warns(UserWarning, match=r"row priorities are zero in tables \['t2'\]"):
+        quantize_(ebc, RowwiseQuantConfig(fractions={"int8": 0.5, "drop": 0.5}), priorities=rp.priorities())
+
+
 def test_state_dict_round_trip() -> None:
     tables = _tables()
     batches = [SyntheticClickDataset(CFG, 16, 10).global_batch(g) for g in range(10)]

@@ -123,7 +123,10 @@ def test_the_converted_model_serves_sharded_what_the_dequantized_tables_give(tmp
     # a bad id in rank 1's batch: both ranks raised, rank 1 naming it
     m0, m1 = run["bad_id_messages"]
     assert m1 is not None and "id 10000 is outside table" in m1
-    assert m0 == "rank 1's batch holds an id outside its table (that rank's error names it)"
+    assert m0 == "rank 1's batch was refused: malformed or an id outside its table (that rank's error says which)"
+    m0, m1 = run["malformed_messages"]
+    assert m0 is not None and "lengths add up to" in m0 and "ids were given" in m0
+    assert m1 is not None and m1.startswith("rank 0's batch was refused")
     # the tables really were quantized (the values are not the fp32 ones)
     fp32 = EmbeddingBagCollection(tables=layout.configs())
     with torch.no_grad():

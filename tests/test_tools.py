@@ -52,8 +52,11 @@ def test_bench_importance_overhead_runs(tmp_path: Path) -> None:
     _run("bench_importance_overhead.py", "--fields", 4, "--rows", 1000, "--dim", 8,
          "--batch_size", 64, "--steps", 2, "--rounds", 1, "--out", out)
     r = json.loads(out.read_text())
-    assert set(r["ratio_to_untracked"]) == {"none", "mean", "shuffle", "zero"}
-    assert r["ratio_to_untracked"]["none"] == 1.0
+    assert set(r["variants"]) == {"none", "pipeline (taylor mean + row counters)", "taylor (mean)",
+                                  "taylor (shuffle)", "taylor (zero)", "row counters"}
+    assert r["variants"]["none"]["ratio"][0] == 1.0 and r["variants"]["none"]["hook_ms"][0] == 0.0
+    v = r["variants"]  # the trackers really ran (their hooks were entered)
+    assert all(v[k]["hook_ms"][0] > 0 for k in v if k != "none")
 
 
 @pytest.mark.slow

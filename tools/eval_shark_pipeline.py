@@ -42,6 +42,7 @@ import torch
 from report_io import save_results
 from shark_torchrec.evaluation import bottom_k, recall_at_k, spearman, summarize_seeds
 from shark_torchrec.quant import TIER_ORDER
+from shark_torchrec.stages import StageStore
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(ROOT, "recipes", "shark_dlrm.py")
@@ -80,8 +81,7 @@ def run_variant(out: str, seed: int, variant: str, recipe_args: List[str], nproc
         log(f"   {time.perf_counter() - t0:.0f} s")
     with open(os.path.join(out, "report.json")) as f:
         report = json.load(f)
-    with open(os.path.join(out, "prune", "done.json")) as f:
-        report["field_scores"] = json.load(f).get("scores", {})
+    report["field_scores"] = StageStore(out).read("prune")["result"].get("scores", {})
     return report
 
 

@@ -27,15 +27,17 @@ from typing import Dict, List
 
 from report_io import save_results
 
+from shark_torchrec.pipeline import PRUNE_INPUTS, QUANTIZE_INPUTS
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(ROOT, "recipes", "shark_dlrm.py")
-#: Settings read only by the quantize stage: points differing only in these share the prune stage.
-QUANTIZE_ONLY = {"quant_budget_fraction", "quant_fractions", "row_priority", "priority_alpha",
-                 "priority_beta", "bootstrap", "tier_weighting", "drop_rows", "attribute_quant_loss",
-                 "row_alignment"}
-#: Settings the train stage reads: they may not vary (one trained model for the whole grid).
-TRAIN_SETTINGS = {"epochs", "learning_rate", "finetune_fraction", "priority_gamma", "seed",
-                  "batch_size", "embedding_dim", "prune_baseline"}
+#: Settings read only by the quantize stage: points differing only in these share the prune
+#: stage.  From the pipeline's own stage inputs; the pipeline checks each linked stage's key
+#: and runs it again if its inputs differ, so a shared stage is never a stale one.
+QUANTIZE_ONLY = set(QUANTIZE_INPUTS)
+#: Settings the prune or quantize stage reads; every other one is the train stage's, which may
+#: not vary (one trained model for the whole grid).
+LATER_STAGES = set(PRUNE_INPUTS) | set(QUANTIZE_INPUTS)
 COMPARISONS = ("compressed vs uncompressed", "pruning step (pruned vs uncompressed)",
                "quantization step (quantized vs pruned)")
 
@@ -50,7 +52,7 @@ def parse_grid(items: List[str]) -> Dict[str, List[str]]:
         key, sep, values = item.partition("=")
         if not sep or not values:
             raise SystemExit(f"--grid {item!r}: expected name=value1,value2,...")
-        if key in TRAIN_SETTINGS:
+        if key.lstrip("-") not in LATER_STAGES:
             raise SystemExit(f"--grid {key}: the train stage reads it, so it cannot vary here "
                              f"(run the sweep once per value)")
         grid[key.lstrip("-")] = [v for v in values.split(",") if v]

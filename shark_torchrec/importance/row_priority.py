@@ -39,6 +39,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 from torchrec.datasets.utils import Batch
+from torchrec.models.dlrm import DLRM
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
@@ -299,13 +300,31 @@ class RowPriority:
         self._add(rows + self._local_offset[seg], labels, step, scales)
 
     def attach(self, module: nn.Module) -> "RowPriority":
-        """Update from every training-mode forward of ``module`` (which takes a ``Batch``)."""
+        """Update from every training-mode forward of ``module``, which must be called with a
+        TorchRec ``Batch`` (ids and labels): ``DLRMTrain``, or the DMP model wrapping it.  A
+        module called otherwise (TorchRec's ``DLRM`` takes no labels) is refused — at once when
+        it is recognisably one, else at its first training forward — since the priorities
+        would stay zero; call :meth:`update` with each batch instead."""
         if self._handle is not None:
             raise RuntimeError("RowPriority is already attached")
+        inner = module
+        while hasattr(inner, "module") and isinstance(inner.module, nn.Module):  # DMP, DDP
+            inner = inner.module
+        if isinstance(inner, DLRM):
+            raise TypeError(f"RowPriority.attach: {type(inner).__name__} is called with (dense, sparse) "
+                            "features and no labels, so the tracker cannot see them. Attach to the "
+                            "module called with the Batch (e.g. torchrec's DLRMTrain), or call "
+                            "tracker.update(kjt, labels) in the training loop.")
 
         def hook(mod: nn.Module, args: tuple) -> None:
-            if mod.training and args and isinstance(args[0], Batch):
-                self.update(args[0].sparse_features, args[0].labels)
+            if not mod.training:
+                return
+            if not (args and isinstance(args[0], Batch)):
+                raise TypeError(f"RowPriority.attach: {type(mod).__name__} was called with "
+                                f"{tuple(type(a).__name__ for a in args)}, not a TorchRec Batch, so the "
+                                "tracker sees no ids or labels. Attach to the module called with the "
+                                "Batch, or call tracker.update(kjt, labels) in the training loop.")
+            self.update(args[0].sparse_features, args[0].labels)
 
         self._handle = module.register_forward_pre_hook(hook)
         return self

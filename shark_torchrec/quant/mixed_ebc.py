@@ -43,7 +43,9 @@ from shark_torchrec.quant.remap import (
     MixedInputTransform,
     RowwiseInputTransform,
     check_features,
+    jagged_error,
     split_features,
+    without_weights,
 )
 from shark_torchrec.quant.rows import check_cuda_scale, dequantize_rows, quantize_rows, unpack_rows
 from shark_torchrec.quant.tiers import TIER_ORDER, Tier, TierAssignment
@@ -313,7 +315,12 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """Pooled embeddings of ``features``: the collection's own features (others are
         ignored, or raise with ``strict``), or the output of :attr:`input_transform` (already
-        split by tier, e.g. in data-loader workers)."""
+        split by tier, e.g. in data-loader workers).
+
+        Ids must be int32/int64 and lengths non-negative, adding up to the ids given (else a
+        ``ValueError`` says what is wrong).  Like TorchRec's collections, an unweighted
+        collection ignores per-id weights in its input."""
+        features = self._checked(features)
         calls = self._kernel_calls(features)
         if calls is not None:
             values = self._forward_kernel(features, calls)
@@ -328,10 +335,19 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
     def pooled_into(self, features: KeyedJaggedTensor, out: torch.Tensor) -> torch.Tensor:
         """:meth:`forward`'s values written into ``out`` [B, width] (a contiguous float
         tensor, e.g. a slice of a larger buffer; the fused CPU kernel writes it in place)."""
+        features = self._checked(features)
         calls = self._kernel_calls(features)
         if calls is not None and out.is_contiguous() and out.dtype == torch.float32:
             return self._forward_kernel(features, calls, out)
         return out.copy_(self(features).values())
+
+    def _checked(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        """``features`` after :func:`jagged_error`'s checks, without weights when the collection
+        is unweighted (TorchRec's collections ignore them; the kernels would apply them)."""
+        message = jagged_error(features, self.layout.is_weighted)
+        if message is not None:
+            raise ValueError(f"{type(self).__name__}: {message}")
+        return features if self.layout.is_weighted else without_weights(features)
 
     def _kernel_calls(self, features: KeyedJaggedTensor) -> Optional[List[tuple]]:
         """The fused kernel's calls, each its inputs after the ids and offsets (the group's

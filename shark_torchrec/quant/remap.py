@@ -35,6 +35,48 @@ def check_features(keys: Sequence[str], features: Sequence[str], strict: bool) -
                        f"missing {missing}")
 
 
+def jagged_error(features: KeyedJaggedTensor, weighted: bool = False) -> Optional[str]:
+    """What is wrong with the structure of ``features`` (the message), or None: ids that are
+    not int32/int64, negative lengths, lengths that do not add up to the ids given, weights
+    missing or not one per id (when ``weighted``).  TorchRec's lookups raise a raw kernel error on
+    some of these and silently read past or around the ids on others; a collection checks
+    them first.  One reduction over the lengths (the offsets, which the lookup needs anyway,
+    give their total)."""
+    values, lengths = features.values(), features.lengths()
+    if values.dtype not in (torch.int32, torch.int64):
+        return f"ids must be int32 or int64, got {values.dtype} (features {features.keys()})"
+    if lengths.dtype not in (torch.int32, torch.int64):
+        return f"lengths must be int32 or int64, got {lengths.dtype} (features {features.keys()})"
+    n = values.numel()
+    if lengths.numel():
+        B = features.stride()
+        if int(lengths.min()) < 0:
+            i = int((lengths < 0).nonzero()[0])
+            key = features.keys()[i // B] if B else "?"
+            return f"feature {key!r}: negative length {int(lengths[i])} at sample {i % B if B else i}"
+        total = int(features.offsets()[-1])
+        if total != n:
+            return f"lengths add up to {total} ids, but {n} ids were given (features {features.keys()})"
+    elif n:
+        return f"{n} ids given with no lengths (features {features.keys()})"
+    weights = features.weights_or_none()
+    if weighted and weights is None:
+        return f"the collection is weighted, but the input has no per-id weights (features {features.keys()})"
+    if weighted and weights.numel() != n:
+        return f"{weights.numel()} per-id weights for {n} ids (features {features.keys()})"
+    return None
+
+
+def without_weights(features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+    """``features`` without per-id weights (the same ids and lengths, no copy)."""
+    if features.weights_or_none() is None:
+        return features
+    return KeyedJaggedTensor(keys=features.keys(), values=features.values(), lengths=features.lengths(),
+                             offsets=features.offsets_or_none(), stride=features.stride(),
+                             length_per_key=features.length_per_key_or_none(),
+                             offset_per_key=features.offset_per_key_or_none())
+
+
 def select_features(features: KeyedJaggedTensor, order: List[str], strict: bool = False) -> KeyedJaggedTensor:
     """``features`` holding exactly ``order``, in that order (the input itself when it already
     does; else one permute, which also leaves out the features no table serves)."""

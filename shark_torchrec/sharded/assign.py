@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -83,6 +84,26 @@ class _Assigner:
         self.groups = {t: layout.row_groups(t) for t in self.order}
         self.blocks = {t: layout.column_blocks(t) for t in self.order}
         self.decided: Dict[Tuple[str, int], torch.Tensor] = {}  # (table, row_offset) -> tiers
+
+    def check_seen(self, tables: Sequence[str]) -> None:
+        """Collective: refuse priorities that are zero in every one of ``tables`` (no training
+        batch reached the tracker: every row would be priced as unused and dropped), and warn
+        about single tables whose rows were never seen."""
+        if self._priorities is None or not tables:
+            return
+        local = torch.tensor([sum(float(self.priority(g).sum()) for _, g in self.led(t)) for t in tables],
+                             dtype=torch.float64)
+        totals = self.comm.all_reduce(local)
+        unseen = [t for t, x in zip(tables, totals.tolist()) if x == 0]
+        if len(unseen) == len(tables):
+            raise ValueError(
+                f"row priorities are zero in every table ({list(tables)}): no training batch reached the "
+                "row tracker, and every row would be dropped. RowPriority.attach(model) reads models "
+                "called with a TorchRec Batch (DLRMTrain, or DMP wrapping it); with other models call "
+                "tracker.update(kjt, labels) every step. priorities=None treats all rows alike.")
+        if unseen:
+            warnings.warn(f"row priorities are zero in tables {unseen}: none of their rows was seen in "
+                          "training, so they are priced as unused (the cheapest tier)")
 
     # ------------------------------------------------------------------ helpers
     def led(self, table: str) -> List[Tuple[int, RowGroup]]:
@@ -268,6 +289,7 @@ def assign_tiers_sharded(layout: ShardedLayout, weights: Dict[str, torch.Tensor]
         raise ValueError(f"table_overrides/table_fractions/table_budgets name unknown tables "
                          f"{unknown} (tables: {names})")
     pinned = {t: (Tier.FP32 if v == EXCLUDE else Tier.parse(v)) for t, v in config.table_overrides.items()}
+    a.check_seen([t for t in names if t not in pinned])
     for t in names:
         if t in pinned:
             a.pin(t, pinned[t])

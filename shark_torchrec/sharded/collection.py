@@ -32,7 +32,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from shark_torchrec.quant.cpu_kernel import cpu_kernel_available
 from shark_torchrec.quant.mixed_ebc import RowwiseMixedEmbeddingBagCollection
-from shark_torchrec.quant.remap import select_features
+from shark_torchrec.quant.remap import jagged_error, select_features, without_weights
 from shark_torchrec.sharded.comm import Comm
 from shark_torchrec.sharded.layout import REPLICATED, ShardedLayout, TableShard
 
@@ -185,8 +185,14 @@ class ShardedRowwiseMixedEmbeddingBagCollection(nn.Module):
         # row-range partial sums add) or by its data-parallel table
         out = torch.empty(B, self._width, device=features.values().device)
         plan = self._plan
+        # a malformed batch is found before anything is sent (every rank learns of it below)
+        malformed = jagged_error(features, self.layout.is_weighted)
+        if malformed is None and not self.layout.is_weighted:
+            features = without_weights(features)  # ignored, as TorchRec's collections do
         if self._routed_slots:
-            self._forward_routed(features, B, out)
+            self._forward_routed(features, B, out, malformed)
+        elif malformed is not None:
+            raise ValueError(f"{type(self).__name__}: {malformed}")
         if self._rep_slots:
             kjt = select_features(features, plan["rep_features"])
             message = self._first_bad(kjt, plan["rep_rows"], plan["rep_tables"]) if self.check_ids else None
@@ -204,12 +210,20 @@ class ShardedRowwiseMixedEmbeddingBagCollection(nn.Module):
                 out[:, c0:c0 + self._dims[i]] /= L
         return KeyedTensor(keys=list(self._keys), length_per_key=list(self._dims), values=out)
 
-    def _forward_routed(self, features: KeyedJaggedTensor, B: int, out: torch.Tensor) -> None:
+    def _forward_routed(self, features: KeyedJaggedTensor, B: int, out: torch.Tensor,
+                        malformed: Optional[str]) -> None:
         plan, comm = self._plan, self.comm
-        kjt = select_features(features, plan["features"])
-        # A bad id is found before anything is sent, and every rank learns of it in the first
-        # exchange: all raise together rather than leave the others waiting.
-        message = self._first_bad(kjt, plan["rows"], plan["tables"]) if self.check_ids else None
+        # A malformed batch or a bad id is found before anything is sent, and every rank learns
+        # of it in the first exchange: all raise together rather than leave the others waiting.
+        if malformed is not None:
+            message = f"{type(self).__name__}: {malformed}"
+            features = KeyedJaggedTensor(keys=features.keys(), values=torch.zeros(0, dtype=torch.long),
+                                         lengths=torch.zeros(len(features.keys()) * B, dtype=torch.long),
+                                         stride=B)  # (nothing is sent; only the shapes matter)
+            kjt = select_features(features, plan["features"])
+        else:
+            kjt = select_features(features, plan["features"])
+            message = self._first_bad(kjt, plan["rows"], plan["tables"]) if self.check_ids else None
         # one dtype on every rank: what one sends, another reads
         values, lengths, weights = kjt.values().long(), kjt.lengths().long(), kjt.weights_or_none()
         F, R = len(plan["features"]), plan["R"]
@@ -231,7 +245,8 @@ class ShardedRowwiseMixedEmbeddingBagCollection(nn.Module):
             raise ValueError(message)
         failed = [r for r, m in enumerate(meta) if int(m[2])]
         if failed:
-            raise ValueError(f"rank {failed[0]}'s batch holds an id outside its table (that rank's error names it)")
+            raise ValueError(f"rank {failed[0]}'s batch was refused: malformed or an id outside its table "
+                             "(that rank's error says which)")
         src_values = [int(m[0]) for m in meta]
         src_B = [int(m[1]) for m in meta]
         mine = len(plan["local_keys"])

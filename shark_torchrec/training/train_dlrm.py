@@ -63,6 +63,8 @@ from shark_torchrec.training.trainer import (
     OptimConfig,
 )
 
+#: rows per table of click-log data when neither --num_embeddings nor a schema says
+DEFAULT_NUM_EMBEDDINGS = 100_000
 logger = logging.getLogger(__name__)
 
 
@@ -131,8 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "that comes as one file)")
     d.add_argument("--split_seed", type=nonnegative_int, default=0,
                    help="seed of the --valid_fraction/--test_fraction split")
-    d.add_argument("--num_embeddings", type=positive_int, default=100_000,
-                   help="rows per table when --num_embeddings_per_feature is not given")
+    d.add_argument("--num_embeddings", type=positive_int,
+                   help="rows per table when --num_embeddings_per_feature is not given (default "
+                   f"{DEFAULT_NUM_EMBEDDINGS:,}; click-log data only: --data synthetic sizes its tables "
+                   "by --synthetic_cardinality)")
     d.add_argument("--num_embeddings_per_feature", type=positive_int_list,
                    help="comma-separated rows per sparse feature, in feature order")
     d.add_argument("--skip_malformed", action="store_true",
@@ -206,6 +210,12 @@ def data_spec_from_args(args: argparse.Namespace) -> DataSpec:
                                            ("--valid_fraction", args.valid_fraction)) if value]
         if unused:
             raise FlagError(f"{', '.join(unused)}: for click-log files; --data synthetic generates its splits")
+        sized = [flag for flag, value in (("--num_embeddings", args.num_embeddings),
+                                          ("--num_embeddings_per_feature", args.num_embeddings_per_feature))
+                 if value]
+        if sized:
+            raise FlagError(f"{', '.join(sized)}: for click-log files; --data {args.data} sizes its tables "
+                            "by its generator (--synthetic_cardinality for --data synthetic)")
         train_rows, test_rows = args.synthetic_train_rows, args.synthetic_test_rows
         if args.data == "synthetic_criteo":
             # The Criteo-shaped benchmark with a known ground truth (data/synthetic.py).
@@ -268,9 +278,9 @@ def data_spec_from_args(args: argparse.Namespace) -> DataSpec:
     if args.num_embeddings_per_feature:
         sizes = list(args.num_embeddings_per_feature)
     elif schema_file is not None:
-        sizes = schema_file.sizes(args.num_embeddings)
+        sizes = schema_file.sizes(args.num_embeddings or DEFAULT_NUM_EMBEDDINGS)
     else:
-        sizes = [args.num_embeddings] * len(features)
+        sizes = [args.num_embeddings or DEFAULT_NUM_EMBEDDINGS] * len(features)
     if len(sizes) != len(features):
         raise FlagError(
             f"--num_embeddings_per_feature has {len(sizes)} values; --data {args.data} has "

@@ -143,6 +143,18 @@ def main() -> None:
     except ValueError as e:
         message = str(e)
     result["bad_id_messages"] = comm.all_gather_object(message)
+    # Lengths that do not add up to the ids on rank 0: every rank raises, rank 0 saying why.
+    dense, kjt = rank_slice(config.feature_names, global_batch(config.feature_names, rows, 8, 9), env.rank,
+                            env.world_size)
+    if env.rank == 0:
+        kjt = KeyedJaggedTensor(keys=kjt.keys(), values=torch.cat([kjt.values(), kjt.values()[:1]]),
+                                lengths=kjt.lengths())
+    try:
+        collection(kjt)
+        message = None
+    except ValueError as e:
+        message = str(e)
+    result["malformed_messages"] = comm.all_gather_object(message)
     if args.export:
         from shark_torchrec.export import load_export
         from shark_torchrec.sharded.export import export_sharded

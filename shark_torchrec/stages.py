@@ -1,0 +1,132 @@
+"""Finished stages of a job, each keyed by its inputs.
+
+A job (the SHARK pipeline) runs stages one after the other under ``OUT``; each finished stage
+leaves ``OUT/<stage>/done.json``.  A stage's *key* is a hash of the inputs it reads (a
+JSON-able mapping: its settings) and of the keys of the stages it builds on, so a finished
+stage is reused only by a run that would compute the same thing: a run started again with
+other settings reruns the first stage whose inputs changed, and every stage after it (their
+keys change with it), logging which inputs changed.
+
+``done.json`` is written atomically (a temporary file renamed over it), by one process, and
+holds paths relative to ``OUT`` only (:meth:`StageStore.rel`), so a copied run directory reads
+its own files.  A damaged record (not JSON, not a record, written by another version) is an
+error naming the file, never a raw traceback or a silent rerun.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from typing import Any, Dict, Mapping, Optional, Sequence
+
+import torch.distributed as dist
+
+from shark_torchrec.errors import SharkInputError
+
+logger = logging.getLogger(__name__)
+
+RECORD_FORMAT = "shark-stage/1"
+
+
+class StageRecordError(SharkInputError, ValueError):
+    """A stage's ``done.json`` that cannot be read as a record (the message names it)."""
+
+
+class StageStore:
+    """The ``done.json`` records of the stages under ``out``.
+
+    Args:
+        out: the job's output directory.
+        is_main: whether this process writes the records (rank 0); every process reads them.
+    """
+
+    def __init__(self, out: str, is_main: bool = True) -> None:
+        self.out = out
+        self.is_main = is_main
+
+    # ------------------------------------------------------------------ keys
+    @staticmethod
+    def key(inputs: Mapping[str, Any], upstream: Sequence[str] = ()) -> str:
+        """The stage key: a hash of its inputs (canonical JSON) and its upstream stages' keys."""
+        text = json.dumps({"inputs": _jsonable(inputs), "upstream": list(upstream)}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def record_path(self, stage: str) -> str:
+        return os.path.join(self.out, stage, "done.json")
+
+    # ------------------------------------------------------------------ paths
+    def rel(self, path: str) -> str:
+        """``path`` (a file the stage wrote under ``out``) relative to ``out``, for a record."""
+        rel = os.path.relpath(path, self.out)
+        if rel.startswith(os.pardir):
+            raise ValueError(f"{path} is outside the run directory {self.out}")
+        return rel
+
+    def resolve(self, rel: str) -> str:
+        """A path from a record, under this ``out``."""
+        return os.path.join(self.out, rel)
+
+    # ------------------------------------------------------------------ records
+    def read(self, stage: str) -> Optional[Dict[str, Any]]:
+        """The record of ``stage`` as written (``None`` when it has not finished); a damaged
+        one raises :class:`StageRecordError` naming the file."""
+        path = self.record_path(stage)
+        if not os.path.isfile(path):
+            return None
+        try:
+            with open(path) as f:
+                record = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise StageRecordError(f"{path}: damaged stage record ({e}); delete {os.path.dirname(path)} "
+                             f"to run the {stage!r} stage again") from None
+        if not (isinstance(record, dict) and record.get("format") == RECORD_FORMAT
+                and isinstance(record.get("key"), str) and isinstance(record.get("result"), dict)
+                and isinstance(record.get("inputs"), dict)):
+            raise StageRecordError(f"{path}: not a stage record of this version (expected format "
+                             f"{RECORD_FORMAT!r} with key, inputs and result); delete "
+                             f"{os.path.dirname(path)} to run the {stage!r} stage again")
+        return record
+
+    def load(self, stage: str, inputs: Mapping[str, Any], upstream: Sequence[str] = ()) -> Optional[Dict[str, Any]]:
+        """The result of ``stage`` finished with these ``inputs`` after these upstream keys, or
+        ``None`` (not finished, or finished with other inputs: logged, naming them; the stage
+        then runs again and its new record replaces the old one)."""
+        record = self.read(stage)
+        if record is None:
+            return None
+        if record["key"] == self.key(inputs, upstream):
+            return record["result"]
+        now, before = _jsonable(inputs), record["inputs"]
+        changed = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k))
+        listed = ", ".join(f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
+        why = f"its inputs changed: {listed}" if changed else "a stage before it was run again"
+        if self.is_main:
+            logger.warning("stage %r in %s was finished with other inputs; running it again (%s)",
+                           stage, self.out, why)
+        return None
+
+    def save(self, stage: str, inputs: Mapping[str, Any], upstream: Sequence[str], result: Mapping[str, Any]) -> str:
+        """Write the record of a finished stage (atomically, on the main process; every
+        process waits for it) and return its key."""
+        key = self.key(inputs, upstream)
+        if self.is_main:
+            path = self.record_path(stage)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            record = {"format": RECORD_FORMAT, "stage": stage, "key": key, "upstream": list(upstream),
+                      "inputs": _jsonable(inputs), "result": dict(result)}
+            tmp = path + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(record, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        if dist.is_initialized():
+            dist.barrier()
+        return key
+
+
+def _jsonable(inputs: Mapping[str, Any]) -> Dict[str, Any]:
+    """``inputs`` as plain JSON values (tuples become lists), keys sorted."""
+    return json.loads(json.dumps(dict(inputs), sort_keys=True, default=str))
