@@ -23,6 +23,7 @@ import yaml
 
 from shark_torchrec.cli_args import (
     DEBUG_HELP,
+    closed_fraction,
     existing_file,
     nonnegative_float,
     output_file,
@@ -36,6 +37,11 @@ GB = 1024 ** 3
 
 class TablesFileError(SharkInputError, ValueError):
     """A ``--tables`` file that does not describe tables; the message names file and entry."""
+
+
+class DoesNotFitError(SharkInputError, RuntimeError):
+    """A model that does not fit the topology, even compressed (or only by dropping more rows
+    than ``--max_drop_fraction`` allows)."""
 
 
 def _load_tables(path: str):
@@ -66,6 +72,8 @@ def _load_tables(path: str):
         if not isinstance(features, list) or not all(isinstance(f, str) and f for f in features):
             raise TablesFileError(f"{path}: tables[{i}].features: expected a list of feature names, "
                                   f"got {features!r}")
+        if any(c.name == str(t["name"]) for c in out):
+            raise TablesFileError(f"{path}: tables[{i}]: table name {t['name']!r} is used twice")
         out.append(EmbeddingBagConfig(name=str(t["name"]), num_embeddings=t["rows"],
                                       embedding_dim=t["dim"], feature_names=list(features)))
     return out
@@ -91,6 +99,7 @@ def plan_command(args: argparse.Namespace) -> int:
     from shark_torchrec.planning.compress import compress_to_fit, criteo_1tb_tables, plan_inference
     from shark_torchrec.planning.overrides import load_overrides
     from shark_torchrec.quant.layout import serving_row_alignment
+    from shark_torchrec.quant.tiers import BudgetError
 
     tables = criteo_1tb_tables(args.dim) if args.preset == "criteo1tb" else _load_tables(args.tables)
     topology = Topology(world_size=args.world_size, compute_device=args.device,
@@ -106,8 +115,8 @@ def plan_command(args: argparse.Namespace) -> int:
         "fp32_bytes": total_fp32,
     }
     print(f"model: {len(tables)} tables, {report['rows']:,} rows, {total_fp32 / GB:.1f} GiB in fp32")
-    print(f"topology: {args.world_size} × {args.device}, "
-          f"{args.hbm_gb if args.device == 'cuda' else args.ddr_gb} GiB per device")
+    memory = args.hbm_gb if args.device == "cuda" else args.ddr_gb
+    print(f"topology: {args.world_size} × {args.device}, {memory} GiB per device")
     t0 = time.perf_counter()
     try:
         _, planner = plan_inference(tables, topology, batch_size=args.batch_size)
@@ -119,11 +128,26 @@ def plan_command(args: argparse.Namespace) -> int:
         print(f"\nbefore compression (fp32): does not fit — {str(e).splitlines()[0].strip()}")
     align = serving_row_alignment(args.device, args.row_alignment)
     report["row_alignment"] = align
-    compression, _, planner = compress_to_fit(
-        tables, topology, zipf=args.zipf, batch_size=args.batch_size,
-        pins=overrides.pins if overrides else None,
-        fractions=overrides.tier_fractions if overrides else None,
-        table_budgets=overrides.budgets if overrides else None, row_alignment=align)
+    try:
+        compression, _, planner = compress_to_fit(
+            tables, topology, zipf=args.zipf, batch_size=args.batch_size,
+            pins=overrides.pins if overrides else None,
+            fractions=overrides.tier_fractions if overrides else None,
+            table_budgets=overrides.budgets if overrides else None, row_alignment=align)
+    except (PlannerError, BudgetError) as e:
+        raise DoesNotFitError(f"the model does not fit {args.world_size} × {args.device} with {memory} GiB per "
+                              f"device, even compressed: {str(e).splitlines()[0].strip()}") from None
+    dropped = {n: c.fractions.get("drop", 0.0) for n, c in compression.items() if c.fractions.get("drop", 0.0) > 0}
+    too_many = {n: f for n, f in dropped.items() if f > args.max_drop_fraction}
+    if too_many:
+        listed = ", ".join(f"{n} {f:.0%}" for n, f in too_many.items())
+        raise DoesNotFitError(f"the model fits {args.world_size} × {args.device} with {memory} GiB per device "
+                              f"only by dropping more than --max_drop_fraction {args.max_drop_fraction} of the rows "
+                              f"of {len(too_many)} table(s) ({listed}; dropped rows read as zeros): add devices "
+                              "or memory, or raise --max_drop_fraction")
+    if dropped:
+        print("\nwarning: dropped rows (they read as zeros): "
+              + ", ".join(f"{n} {f:.1%}" for n, f in dropped.items()), file=sys.stderr)
     after = _placement(planner, args.world_size)
     report["after"] = {"fits": True, **after, "compression": {
         n: {"rows": c.rows, "bytes": c.bytes, "fp32_bytes": c.fp32_bytes, "predicted_loss": c.predicted_loss}
@@ -177,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--row_alignment", choices=["auto", "16", "1"], default="auto",
                       help="bytes each compressed row is padded to: auto (default) is 16 for cuda, "
                       "1 for cpu (FBGEMM's CPU layout)")
+    plan.add_argument("--max_drop_fraction", type=closed_fraction, default=0.5,
+                      help="refuse a fit that drops more than this fraction of any table's rows "
+                      "(dropped rows read as zeros; default 0.5)")
     plan.add_argument("--json", type=output_file, help="also write the report as JSON")
     # SUPPRESS: a subcommand's default would overwrite `shark-torchrec --debug plan ...`.
     plan.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)

@@ -101,6 +101,14 @@ def unit_fraction(text: str) -> float:
     return value
 
 
+def closed_fraction(text: str) -> float:
+    """A fraction in [0, 1]: nothing, everything or a share between."""
+    value = _float(text, "a fraction in [0, 1]")
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {value:g}")
+    return value
+
+
 def positive_int_list(text: str) -> List[int]:
     """Comma-separated integers >= 1, at least one (layer sizes)."""
     try:

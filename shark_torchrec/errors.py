@@ -25,6 +25,7 @@ type it has always been (``ExportError`` and ``OverridesError`` are ``ValueError
     :class:`~shark_torchrec.quant.tiers.BudgetError`        a byte budget below what must be stored
     :class:`InputFileNotFoundError`                         a path given on the command line
     :class:`FlagError`                                      flags that contradict each other
+    :class:`~shark_torchrec.cli.DoesNotFitError`            ``plan``: a model the topology cannot hold
     :class:`~shark_torchrec.stages.StageRecordError`        a stage's ``done.json`` in a run directory
     ======================================================  ======================================
 """

@@ -179,6 +179,17 @@ def _check_state_dict(path: str, state: Any) -> None:
         isinstance(v, torch.Tensor) or k.endswith("._extra_state"))]
     if bad:
         raise ExportError(f"{path}: field 'state_dict' holds entries that are not named tensors: {bad[:5]}")
+    for k, v in state.items():  # a NaN weight would make every prediction NaN, silently
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise ExportError(f"{path}: field 'state_dict': weight {k!r} is not finite (NaN or Inf)")
+
+
+def check_pruning_plan(path: str, text: Any) -> None:
+    """An export's ``pruning_plan``: ``""`` (none) or the JSON text of a plan object."""
+    if not isinstance(text, str):
+        raise ExportError(f"{path}: field 'pruning_plan' must be JSON text or empty, got {type(text).__name__}")
+    if text:
+        _json_field(path, {"pruning_plan": text}, "pruning_plan")
 
 
 def _check_expected(path: str, features: List[str], dense_in: int, expect_features: Optional[Sequence[str]],
@@ -237,9 +248,7 @@ def load_export(
     desc = _json_field(path, payload, "model")
     layout = _check_description(path, desc)
     metadata = _json_field(path, payload, "metadata")
-    if not isinstance(payload["pruning_plan"], str):
-        raise ExportError(f"{path}: field 'pruning_plan' must be JSON text or empty, "
-                          f"got {type(payload['pruning_plan']).__name__}")
+    check_pruning_plan(path, payload["pruning_plan"])
     _check_state_dict(path, payload["state_dict"])
     features = [f for c in layout.configs() for f in c.feature_names]
     _check_expected(path, features, desc["dense_in_features"], expect_features, expect_dense_in_features)

@@ -149,6 +149,29 @@ def test_plan_bad_files_print_one_line(tmp_path: Path, capsys, plan_command_side
     assert err.count("\n") == 1 and "Traceback" not in err
 
 
+def test_plan_refuses_what_it_cannot_plan_honestly(tmp_path: Path, capsys, plan_command_side_effects) -> None:
+    """Duplicate table names, a model that cannot fit even compressed, and a fit that drops most
+    rows of a table: one line each, not a traceback or a silent "fits"."""
+    tables = tmp_path / "tables.yaml"
+    tables.write_text("tables:\n  - {name: t0, rows: 100, dim: 8}\n  - {name: t0, rows: 50, dim: 8}\n")
+    assert cli.main(["plan", "--tables", str(tables), "--device", "cpu", "--ddr_gb", "1"]) == 1
+    assert capsys.readouterr().err == (f"shark-torchrec: error: {tables}: tables[1]: table name 't0' is used "
+                                       "twice\n")
+    # 4 tables of 1M x 64 (256 MB each in fp32) on one 1 MB device: nothing fits
+    tables.write_text("tables:\n" + "".join(f"  - {{name: t{i}, rows: 1000000, dim: 64}}\n" for i in range(4)))
+    assert cli.main(["plan", "--tables", str(tables), "--device", "cpu", "--ddr_gb", "0.001"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("shark-torchrec: error: the model does not fit 1 × cpu with 0.001 GiB per device, "
+                          "even compressed") and err.count("\n") == 1
+    # the Criteo 1TB preset on one 1 GiB GPU "fits" only by dropping nearly all rows of its big tables
+    assert cli.main(["plan", "--preset", "criteo1tb", "--hbm_gb", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "only by dropping more than --max_drop_fraction 0.5 of the rows of" in err and err.count("\n") == 1
+    assert cli.main(["plan", "--preset", "criteo1tb", "--hbm_gb", "1", "--max_drop_fraction", "1"]) == 0
+    out = capsys.readouterr()
+    assert "warning: dropped rows (they read as zeros): " in out.err
+
+
 def test_plan_debug_raises_with_traceback(tmp_path: Path, plan_command_side_effects) -> None:
     tables = tmp_path / "tables.yaml"
     tables.write_text("tables: []\n")

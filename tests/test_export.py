@@ -107,7 +107,17 @@ def _bad_payloads():
         ("state_dict_a_list", lambda p: p.update(state_dict=[1, 2]),
          r"field 'state_dict' must be a mapping of names to tensors, got list"),
         ("plan_not_text", lambda p: p.update(pruning_plan=3), r"field 'pruning_plan' must be JSON text"),
+        ("plan_not_json", lambda p: p.update(pruning_plan="{dropped: [a"), r"field 'pruning_plan' is not valid JSON"),
+        ("plan_a_list", lambda p: p.update(pruning_plan="[1]"), r"field 'pruning_plan' must be a JSON object"),
+        ("nan_dense_weight", _nan_weight, r"field 'state_dict': weight '.*over_arch.*' is not finite"),
     ]
+
+
+def _nan_weight(p):
+    key = next(k for k in p["state_dict"] if "over_arch" in k and k.endswith("weight"))
+    w = p["state_dict"][key].clone()
+    w[0, 0] = float("nan")
+    p["state_dict"][key] = w
 
 
 @pytest.fixture(scope="module")

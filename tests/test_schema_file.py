@@ -41,6 +41,26 @@ def test_worked_example_reads_to_hand_computed_rows() -> None:
     assert kjt["tags"].values().tolist() == [_h("sport", 100), _h("news", 100), _h("news", 100), _h("sport", 100)]
 
 
+@pytest.mark.parametrize("gz", [False, True])
+def test_a_byte_order_mark_before_the_header_is_not_part_of_the_first_column(tmp_path: Path, gz: bool) -> None:
+    """Spreadsheet exports start with a UTF-8 BOM; it used to make the first column "not there"."""
+    import gzip
+
+    sf = load_schema_file(str(EXAMPLE_SCHEMA))
+    # the label first, so that the BOM would stick to a column the schema needs
+    lines = [line.split(",", 2) for line in EXAMPLE_LOG.read_text().splitlines()]
+    text = "\n".join(",".join([b, a, rest]) for a, b, rest in lines) + "\n"
+    assert text.startswith("clicked,ts,")
+    data = b"\xef\xbb\xbf" + text.encode()
+    path = tmp_path / ("bom.csv.gz" if gz else "bom.csv")
+    path.write_bytes(gzip.compress(data) if gz else data)
+    (a,) = list(ClickLogDataset(EXAMPLE_LOG, sf.schema, sf.sizes(7), batch_size=8))
+    (b,) = list(ClickLogDataset(path, sf.schema, sf.sizes(7), batch_size=8))
+    assert b.labels.tolist() == a.labels.tolist()
+    assert b.sparse_features.values().tolist() == a.sparse_features.values().tolist()
+    assert b.dense_features.tolist() == a.dense_features.tolist()
+
+
 def test_json_schema_equals_yaml_and_vocabulary_values_are_text(tmp_path: Path) -> None:
     doc = yaml.safe_load(EXAMPLE_SCHEMA.read_text())
     path = tmp_path / "s.json"

@@ -208,3 +208,9 @@ def test_a_missing_truncated_or_foreign_part_is_an_error_naming_it(tmp_path: Pat
     (d / "manifest.json").write_text("{")
     with pytest.raises(ExportError, match=r"bad_manifest/manifest\.json: not valid JSON"):
         load_export(str(d))
+    d = broken("bad_plan")
+    manifest = json.loads((d / "manifest.json").read_text())
+    manifest["pruning_plan"] = "{not json"
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ExportError, match=r"bad_plan/manifest\.json: field 'pruning_plan' is not valid JSON"):
+        load_export(str(d))

@@ -72,11 +72,12 @@ def _unreadable(path: str, after_line: int, error: BaseException) -> MalformedLi
 
 
 def open_text(path: PathLike) -> io.TextIOBase:
-    """Open a text file, transparently decompressing ``.gz``."""
+    """Open a UTF-8 text file, transparently decompressing ``.gz``; a byte-order mark at its
+    start (spreadsheet exports write one) is not part of the first column's name."""
     path = os.fspath(path)
     if path.endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
-    return open(path, "r", encoding="utf-8", newline="")
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig", newline="")
+    return open(path, "r", encoding="utf-8-sig", newline="")
 
 
 def _hash_value(value: str) -> int:

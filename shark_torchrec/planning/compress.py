@@ -37,6 +37,7 @@ from shark_torchrec.planning.storage import TrackerStorageReservation
 
 from shark_torchrec.quant.tiers import (
     DEFAULT_ROW_ALIGNMENT,
+    BudgetError,
     TIER_ORDER,
     Tier,
     lowest_price,
@@ -190,7 +191,7 @@ def choose_compression(
 
     smallest = sum(sum(c) * min(p) for _, c, _, _, p, _ in items)
     if smallest > budget:
-        raise ValueError(f"the tables cannot fit {budget_bytes} bytes: at least "
+        raise BudgetError(f"the tables cannot fit {budget_bytes} bytes: at least "
                          f"{fixed_bytes + smallest} with tiers {[t.value for t in allowed]}")
     picks, total = solve(lowest_price(lambda lam: solve(lam)[1], budget, iterations=80))
     for (t, counts, mass, err, per_row, fp32), choice in zip(items, picks):

@@ -32,7 +32,7 @@ import torch
 from torchrec.models.dlrm import DLRMTrain
 from torchrec.tensor_types import UInt2Tensor, UInt4Tensor
 
-from shark_torchrec.export import ExportError, build_dlrm, check_model_shape, describe_dlrm
+from shark_torchrec.export import ExportError, build_dlrm, check_model_shape, check_pruning_plan, describe_dlrm
 from shark_torchrec.quant.layout import MixedLayout
 from shark_torchrec.quant.mixed_ebc import RowwiseMixedEmbeddingBagCollection
 from shark_torchrec.quant.tiers import TIER_ORDER, sub_table_bytes
@@ -176,6 +176,7 @@ def read_manifest(path: str) -> Dict[str, Any]:
     if m["tiers"] != [t.value for t in TIER_ORDER]:
         raise ExportError(f"{file}: field 'tiers' {m['tiers']} is not this version's tier order")
     check_model_shape(file, m["model"])
+    check_pruning_plan(file, m.get("pruning_plan", ""))
     try:
         layout = ShardedLayout.from_dict(m["layout"])
     except (KeyError, TypeError, ValueError) as e:
