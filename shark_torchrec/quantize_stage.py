@@ -112,6 +112,18 @@ def evaluate(model, batches, env, desc: str) -> Dict[str, Any]:
     return evaluate_model(model, batches, env, desc, return_predictions=True)
 
 
+PREDICTIONS_FILE = "predictions.pt"
+
+
+def save_predictions(path: str, reference: Dict[str, Any], pruned: Dict[str, Any], quantized: Dict[str, Any]) -> None:
+    """The evaluation rows' labels and each model's logits (float32, in the evaluation's global
+    order: the same rows in the same order for every run on the same data and batch size)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save({"labels": reference["labels"].float(), "reference": reference["logits"].float(),
+                "pruned": pruned["logits"].float(), "quantized": quantized["logits"].float()}, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
 def paired(reference: Dict[str, Any], pruned: Dict[str, Any], quantized: Dict[str, Any], bootstrap: int,
            seed: int) -> Dict[str, Any]:
     """Paired comparisons on the same evaluation rows: the compressed model, the pruning step
@@ -272,6 +284,8 @@ def quantize_stage(pruned: DLRMTrainer, reference: DLRMTrainer, config: RowwiseQ
     export(model, metrics)
     metrics["embedding_bytes"] = sum(sum(v.values()) for v in per_table.values())
     comparisons = paired(reference_eval, pruned_eval, metrics, bootstrap, seed)
+    if comm.rank == 0:  # every example's logit, for comparisons across runs (tools/frontier.py)
+        save_predictions(os.path.join(out, "quantize", PREDICTIONS_FILE), reference_eval, pruned_eval, metrics)
     attribution = None
     if attribute_loss:
         attribution = attribute(model, weights, assignment.tiers, assignment.rows_per_tier,

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from conftest import ROOT
@@ -231,3 +232,26 @@ def test_bad_schema_stops_the_recipe_naming_the_key_path(tmp_path: Path) -> None
         capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 1
     assert f"{bad}:3: categorical.user.encoding: expected one of hash, hex, int, got 'decimal'" in proc.stderr
+
+
+@pytest.mark.parametrize("argv", [["--data", "synthetic", "--synthetic_num_fields", "3", "--synthetic_informative", "1", "--synthetic_cardinality",
+                                   "50", "--synthetic_test_batches", "2"],
+                                  ["--data", "csv", "--schema", str(EXAMPLE_SCHEMA), "--train_files",
+                                   str(EXAMPLE_LOG), "--test_files", str(EXAMPLE_LOG)]])
+def test_hashed_tables_take_each_id_modulo_their_rows(argv) -> None:
+    """--hash_rows_fraction: the smaller hashed tables of the frontier's baseline, for generated
+    data and click logs (vocabulary features included)."""
+    plain = data_spec_from_args(build_parser().parse_args(argv))
+    hashed = data_spec_from_args(build_parser().parse_args([*argv, "--hash_rows_fraction", "0.1"]))
+    assert hashed.model_rows == [max(1, math.ceil(0.1 * n)) for n in plain.num_embeddings_per_feature]
+    assert plain.model_rows == plain.num_embeddings_per_feature
+    a = list(plain.batches(plain.dataset("test", 4, 0, 1)))
+    b = list(hashed.batches(hashed.dataset("test", 4, 0, 1)))
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b):
+        for k, rows in zip(plain.feature_names, hashed.model_rows):
+            assert y.sparse_features[k].values().tolist() == [v % rows for v in x.sparse_features[k].values().tolist()]
+            assert y.sparse_features[k].lengths().tolist() == x.sparse_features[k].lengths().tolist()
+        assert torch.equal(x.labels, y.labels) and torch.equal(x.dense_features, y.dense_features)
+    assert any(max(b_.sparse_features.values().tolist() or [0]) < max(a_.sparse_features.values().tolist() or [0])
+               for a_, b_ in zip(a, b))  # the hashing changed some ids

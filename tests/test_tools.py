@@ -110,3 +110,31 @@ def test_sweep_shares_the_stages_a_setting_does_not_change(tmp_path: Path) -> No
     assert a["paired"][step] == b["paired"][step]  # one pruned model for both budgets
     assert a["bytes_saved"] < b["bytes_saved"]
     assert (tmp_path / "tradeoff.png").stat().st_size > 5_000
+
+
+@pytest.mark.slow
+def test_frontier_pairs_every_method_against_the_same_uncompressed_model(tmp_path: Path) -> None:
+    recipe = ["--data", "synthetic", "--synthetic_num_fields", 4, "--synthetic_informative", 2,
+              "--synthetic_cardinality", 300, "--synthetic_train_batches", 8, "--synthetic_test_batches", 2,
+              "--embedding_dim", 32, "--dense_arch_layer_sizes", "16,32", "--over_arch_layer_sizes", "16,1",
+              "--batch_size", 32, "--bootstrap", 50]
+    _run("frontier.py", "--seeds", 0, "--saved", "0.8", "--bootstrap", 50, "--out", tmp_path, "--", *recipe)
+    r = json.loads((tmp_path / "results.json").read_text())
+    m = r["methods"]
+    assert set(m) == {"shark", "frequency", "uniform int8", "uniform int4", "uniform int2", "hashed"}
+    # TorchRec's layout, 1-byte rows: dim 32 -> int8 36 bytes, int4 20, int2 12 (fp16 scale and
+    # bias) per 128-byte fp32 row, no id map
+    for tier, row in (("int8", 36), ("int4", 20), ("int2", 12)):
+        assert m[f"uniform {tier}"][tier]["bytes_saved"] == pytest.approx(1 - row / 128)
+    assert m["hashed"]["80%"]["bytes_saved"] == pytest.approx(1 - 60 / 300)  # 300-row tables -> 60 rows
+    # the tool's pairing reproduces the pipeline's own paired comparison (same rows, same model)
+    own = json.loads((tmp_path / "seed0" / "uniform_int4" / "report.json").read_text())
+    paired = own["paired"]["compressed vs uncompressed"]
+    assert m["uniform int4"]["int4"]["per_seed"]["0"]["delta_auc"] == pytest.approx(paired["delta_auc"], abs=1e-12)
+    shark = json.loads((tmp_path / "seed0" / "shark_0.2" / "report.json").read_text())
+    assert m["shark"]["80%"]["bytes_saved"] == shark["stages"]["quantized"]["bytes_saved_fraction"] >= 0.8
+    # one trained model: the hashed run trained its own, the others share the first run's
+    assert (tmp_path / "seed0" / "frequency_0.2" / "train" / "done.json").read_text() == (
+        tmp_path / "seed0" / "shark_0.2" / "train" / "done.json").read_text()
+    assert (tmp_path / "frontier.png").stat().st_size > 10_000
+    assert "| hashed | 80% | 80.0% |" in (tmp_path / "summary.md").read_text()

@@ -10,13 +10,16 @@ evaluates.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
+import math
 import os
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, List, Optional, Sequence
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence
 
 import torch
 from torchrec.datasets.utils import Batch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from shark_torchrec.data import (
     AVAZU_SCHEMA,
@@ -89,6 +92,10 @@ class DataSpec:
         line_split: a seeded split of ``train_files`` into train/dev/test
             (``--valid_fraction``/``--test_fraction``); a split with a fraction of 0 keeps its
             own files.
+        hashed_rows: the model's rows per feature when its tables are smaller than the data's
+            ids (the hashing trick, ``--hash_rows_fraction``): :meth:`batches` takes each id
+            modulo its table's rows.  ``None``: one row per id (:attr:`model_rows` is
+            ``num_embeddings_per_feature``).
     """
 
     kind: str
@@ -107,6 +114,20 @@ class DataSpec:
     id_dtype: torch.dtype = torch.int64
     click_schema: Optional[ClickLogSchema] = None
     line_split: Optional[LineSplit] = None
+    hashed_rows: Optional[List[int]] = None
+
+    @property
+    def model_rows(self) -> List[int]:
+        """Rows per feature of the model's tables (fewer than the data's ids when hashed)."""
+        return list(self.hashed_rows or self.num_embeddings_per_feature)
+
+    def hashed(self, fraction: float) -> "DataSpec":
+        """This data for tables of ``fraction`` of the rows (at least 1 each), ids hashed
+        into them by their remainder (the hashing trick: colliding ids share a row)."""
+        if not 0 < fraction <= 1:
+            raise ValueError(f"hash fraction must be in (0, 1], got {fraction}")
+        rows = [max(1, math.ceil(fraction * n)) for n in self.num_embeddings_per_feature]
+        return dataclasses.replace(self, hashed_rows=rows)
 
     @property
     def dense_in_features(self) -> int:
@@ -184,9 +205,30 @@ class DataSpec:
 
     def batches(self, dataset, num_workers: int = 0) -> Iterable[Batch]:
         """Iterate ``dataset`` through a ``DataLoader`` (adding the constant dense column
-        where the data has none)."""
+        where the data has none; hashing ids into :attr:`hashed_rows` when set)."""
         loader = make_dataloader(dataset, num_workers=num_workers)
+        if self.hashed_rows is not None:
+            loader = _HashedIds(loader, dict(zip(self.feature_names, self.hashed_rows)))
         return loader if self.num_dense > 0 else _ConstantDense(loader)
+
+
+class _HashedIds:
+    """Each feature's ids modulo its table's rows (ids stay non-negative)."""
+
+    def __init__(self, loader: Iterable[Batch], rows: Dict[str, int]) -> None:
+        self.loader = loader
+        self.rows = rows
+
+    def __iter__(self) -> Iterator[Batch]:
+        for b in self.loader:
+            kjt = b.sparse_features
+            per_id = torch.repeat_interleave(
+                torch.tensor([self.rows[k] for k in kjt.keys()], dtype=kjt.values().dtype),
+                torch.tensor(kjt.length_per_key()), output_size=kjt.values().numel())
+            hashed = KeyedJaggedTensor(keys=kjt.keys(), values=torch.remainder(kjt.values(), per_id),
+                                       lengths=kjt.lengths(), weights=kjt.weights_or_none(),
+                                       stride=kjt.stride())
+            yield Batch(dense_features=b.dense_features, sparse_features=hashed, labels=b.labels)
 
 
 class _ConstantDense:

@@ -28,6 +28,7 @@ from shark_torchrec.cli_args import (
     positive_float,
     positive_int,
     positive_int_list,
+    unit_fraction,
 )
 from shark_torchrec.data import SyntheticConfig, criteo_config
 from shark_torchrec.data.movielens import SCHEMA_FILE as MOVIELENS_SCHEMA_FILE, ensure_ml100k
@@ -139,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "by --synthetic_cardinality)")
     d.add_argument("--num_embeddings_per_feature", type=positive_int_list,
                    help="comma-separated rows per sparse feature, in feature order")
+    d.add_argument("--hash_rows_fraction", type=unit_fraction,
+                   help="tables of this fraction of their rows, ids hashed into them by their "
+                   "remainder (the hashing trick: a smaller model trained from scratch, colliding "
+                   "ids sharing a row; a model trained so expects hashed ids)")
     d.add_argument("--skip_malformed", action="store_true",
                    help="skip and count malformed lines instead of stopping at the first")
     d.add_argument("--int32_ids", action="store_true", help="int32 ids/lengths in the KJT")
@@ -201,9 +206,15 @@ def data_spec_from_args(args: argparse.Namespace) -> DataSpec:
     """The data of the ``data`` flags: files, schema, rows per feature and splits.
 
     ``--data ml100k`` converts MovieLens-100K first if ``--data_path`` (or the cache) holds no
-    conversion yet.  Raises :class:`~shark_torchrec.errors.FlagError` for flags that do not go
-    together, :class:`~shark_torchrec.data.SchemaFileError` for a bad ``--schema``.
+    conversion yet.  ``--hash_rows_fraction`` shrinks every table and hashes ids into it.
+    Raises :class:`~shark_torchrec.errors.FlagError` for flags that do not go together,
+    :class:`~shark_torchrec.data.SchemaFileError` for a bad ``--schema``.
     """
+    spec = _data_spec(args)
+    return spec.hashed(args.hash_rows_fraction) if args.hash_rows_fraction is not None else spec
+
+
+def _data_spec(args: argparse.Namespace) -> DataSpec:
     id_dtype = torch.int32 if args.int32_ids else torch.int64
     if args.data in ("synthetic", "synthetic_criteo"):
         unused = [flag for flag, value in (("--schema", args.schema), ("--test_fraction", args.test_fraction),
@@ -316,7 +327,7 @@ def model_config_from_args(args: argparse.Namespace, spec: DataSpec) -> DLRMConf
     try:
         return DLRMConfig(
             feature_names=spec.feature_names,
-            num_embeddings_per_feature=spec.num_embeddings_per_feature,
+            num_embeddings_per_feature=spec.model_rows,
             embedding_dim=args.embedding_dim,
             dense_in_features=spec.dense_in_features,
             dense_arch_layer_sizes=tuple(args.dense_arch_layer_sizes),
