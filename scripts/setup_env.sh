@@ -18,7 +18,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${VENV:-$ROOT/.venv}"
 PYTHON="${PYTHON:-python3}"
-STAMP_CONTENT="torch==2.13.0 fbgemm-gpu-cpu==1.8.0 torchrec==1.8.0 torchmetrics==1.0.3 v5"
+STAMP_CONTENT="torch==2.13.0 fbgemm-gpu-cpu==1.8.0 torchrec==1.8.0 torchmetrics==1.0.3 faiss-cpu==1.15.1 v6"
 STAMP="$VENV/.shark-torchrec-stack"
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$STAMP_CONTENT" ] && "$VENV/bin/python" -c "import shark_torchrec" 2>/dev/null; then

@@ -16,7 +16,7 @@ VENV="${VENV:-$ROOT/.venv-gpu}"
 PYTHON="${PYTHON:-python3}"
 CUDA_VARIANT="${CUDA_VARIANT:-cu128}"
 INDEX="${TORCH_INDEX_URL:-https://download.pytorch.org/whl/$CUDA_VARIANT}"
-STAMP_CONTENT="torch==2.13.0 fbgemm-gpu==1.8.0 $CUDA_VARIANT torchrec==1.8.0 torchmetrics==1.0.3 v1"
+STAMP_CONTENT="torch==2.13.0 fbgemm-gpu==1.8.0 $CUDA_VARIANT torchrec==1.8.0 torchmetrics==1.0.3 faiss-cpu==1.15.1 v2"
 STAMP="$VENV/.shark-torchrec-stack"
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$STAMP_CONTENT" ] && "$VENV/bin/python" -c "import shark_torchrec" 2>/dev/null; then

@@ -120,6 +120,23 @@ def positive_int_list(text: str) -> List[int]:
     return values
 
 
+def tier_list(text: str) -> str:
+    """``tier,tier,...``: known tiers, none twice.  Returns the text unchanged (the job parses
+    it); only its validity is checked here."""
+    from shark_torchrec.quant.tiers import Tier  # imports FBGEMM: only when the flag is used
+
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected tiers, e.g. fp16,int8,int4,int2,shared, got {text!r}")
+    try:
+        tiers = [Tier.parse(n) for n in names]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+    if len(set(tiers)) != len(tiers):
+        raise argparse.ArgumentTypeError(f"{text!r}: a tier named twice")
+    return text
+
+
 def tier_fractions(text: str) -> str:
     """``tier=fraction,...`` with known tiers, fractions >= 0 summing to 1.  Returns the text
     unchanged (the job parses it); only its validity is checked here."""

@@ -45,6 +45,7 @@ from shark_torchrec.cli_args import (
     nonnegative_int,
     positive_int,
     tier_fractions,
+    tier_list,
     unit_fraction,
 )
 from shark_torchrec.importance import (
@@ -78,6 +79,8 @@ logger = logging.getLogger(__name__)
 STAGES = ("train", "prune", "quantize")
 FIELD_SCORERS = ("shark", "permutation", "random")
 ROW_PRIORITIES = ("shark", "frequency")
+#: Tiers the byte budget may use by default.
+DEFAULT_QUANT_TIERS = "fp16,int8,int4,int2,shared"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,9 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--quant_budget_fraction", type=unit_fraction,
                    help="embedding bytes after quantization, as a fraction of the pruned fp32 "
                    "bytes (default 0.15)")
+    g.add_argument("--quant_tiers", type=tier_list, default=DEFAULT_QUANT_TIERS,
+                   help="tiers the byte budget may use (default %(default)s): fp32, fp16, int8, int4, "
+                   "int2, shared (a row read as one of its table's centroids, storing only its id-map "
+                   "entry) and drop (a row read as zeros)")
     g.add_argument("--drop_rows", choices=["any", "unused"], default="any",
-                   help="rows the byte budget may drop (read as zeros): any row (default), or "
-                   "only rows training never read")
+                   help="with drop among --quant_tiers: rows the byte budget may drop (read as "
+                   "zeros): any row (default), or only rows training never read")
     g.add_argument("--row_alignment", choices=["auto", "16", "1"], default="auto",
                    help="bytes each quantized row is padded to: 16 (GPUs need it) or 1 (a model "
                    "served on CPU only: smaller INT4/INT2 rows); auto (default): as TorchRec's "
@@ -152,7 +159,7 @@ NOT_STAGE_INPUTS = frozenset({"out", "stop_after", "log_level", "debug"})
 PRUNE_INPUTS = frozenset({"keep_fields", "drop_fraction", "finetune_epochs", "prune_rounds", "score_batches",
                           "finetune_steps", "field_scorer", "permutation_batches", "planner_overrides"})
 #: flags the quantize stage reads and the stages before it do not
-QUANTIZE_INPUTS = frozenset({"quant_budget_fraction", "quant_fractions", "drop_rows", "row_alignment",
+QUANTIZE_INPUTS = frozenset({"quant_budget_fraction", "quant_fractions", "quant_tiers", "drop_rows", "row_alignment",
                              "row_priority", "priority_alpha", "priority_beta", "tier_weighting", "bootstrap",
                              "attribute_quant_loss"})
 #: flags of train_dlrm's parser that this pipeline does not use: refused when set
@@ -182,6 +189,12 @@ def _check_args(args: argparse.Namespace) -> None:
         if getattr(args, flag) != default:
             raise SystemExit(f"--{flag} is not used by the SHARK pipeline (recipes/shark_dlrm.py); "
                              f"recipes/train_dlrm.py takes it")
+    tiers = [t.strip().lower() for t in args.quant_tiers.split(",")]
+    if args.drop_rows != "any" and "drop" not in tiers:
+        raise SystemExit(f"--drop_rows {args.drop_rows}: drop is not among --quant_tiers {args.quant_tiers} "
+                         f"(add it, e.g. --quant_tiers {args.quant_tiers},drop)")
+    if args.quant_fractions and args.quant_tiers != DEFAULT_QUANT_TIERS:
+        raise SystemExit("--quant_tiers is for a byte budget; --quant_fractions names its tiers itself")
     try:
         os.makedirs(args.out, exist_ok=True)
     except (FileExistsError, NotADirectoryError) as e:
@@ -408,6 +421,7 @@ def _quant_config(args, overrides, kept, device: torch.device) -> RowwiseQuantCo
         config = RowwiseQuantConfig(fractions=fractions, row_alignment=align)
     else:
         config = RowwiseQuantConfig(budget_fraction=args.quant_budget_fraction or 0.15,
+                                    tiers=[t.strip() for t in args.quant_tiers.split(",") if t.strip()],
                                     drop_rows=args.drop_rows, row_alignment=align)
     if overrides is None:
         return config
@@ -510,7 +524,7 @@ def _quantize(args, env, spec, config, small, trainer: DLRMTrainer, pruned: DLRM
     metrics["fp32_embedding_bytes"] = fp32_bytes
     metrics["bytes_saved_fraction"] = 1 - metrics["embedding_bytes"] / fp32_bytes
     qdone = {"metrics": metrics, "lookup_speed_vs_fp32": result.speed, "paired": result.paired,
-             "rows_per_tier": result.rows_per_tier}
+             "rows_per_tier": result.rows_per_tier, "centroids": result.centroids}
     if result.attribution is not None:
         qdone["quant_loss_attribution"] = result.attribution
     if env.is_main:
@@ -535,7 +549,8 @@ def _write_report(out, done, pdone, result, config, args) -> None:
                              "paired": result.paired, "scorer": pdone.get("scorer", ""),
                              "row_priority": args.row_priority, "eval_split": args.eval_split,
                              "quant_loss_attribution": result.attribution,
-                             "row_alignment": row_alignment(args, _device_of(args))},
+                             "row_alignment": row_alignment(args, _device_of(args)),
+                             "rows_per_tier": result.rows_per_tier, "centroids": result.centroids},
                        figures)
 
 

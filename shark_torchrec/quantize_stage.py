@@ -30,7 +30,7 @@ from shark_torchrec.evaluation import PairedBootstrap
 from shark_torchrec.importance import RowPriority
 from shark_torchrec.quant.attribution import attribution_report
 from shark_torchrec.quant.config import RowwiseQuantConfig
-from shark_torchrec.quant.tiers import TIER_ORDER, Tier, sub_table_bytes
+from shark_torchrec.quant.tiers import CENTROID_TIER, TIER_ORDER, Tier, sub_table_bytes
 from shark_torchrec.sharded import Comm, ShardedLayout, build_sharded_collection, quantize_sharded_dlrm
 from shark_torchrec.sharded.collection import ShardedRowwiseMixedEmbeddingBagCollection
 from shark_torchrec.sharded.layout import REPLICATED, collection_layout
@@ -52,9 +52,13 @@ def priority_rows(counters: RowPriority, requests: Sequence[Tuple[str, int, int]
 
 
 # ------------------------------------------------------------------------------ bytes
-def shard_counts(tiers: Dict[str, torch.Tensor], comm: Comm) -> Dict[str, List[int]]:
-    """``{shard: rows per TIER_ORDER tier}`` of every shard, on every rank (small)."""
+def shard_counts(tiers: Dict[str, torch.Tensor], comm: Comm, shared: Optional[Dict[str, Any]] = None
+                 ) -> Dict[str, List[int]]:
+    """``{shard: rows per TIER_ORDER tier}`` of every shard, on every rank (small); the FP16
+    count includes the shard's centroids (``shared``: its SharedRows), stored among them."""
     mine = {k: torch.bincount(v.long(), minlength=len(TIER_ORDER)).tolist() for k, v in tiers.items()}
+    for k, s in (shared or {}).items():
+        mine[k][TIER_ORDER.index(CENTROID_TIER)] += s.k
     out: Dict[str, List[int]] = {}
     for part in comm.all_gather_object(mine):
         out.update(part)
@@ -77,11 +81,16 @@ def bytes_per_table(layout: ShardedLayout, counts: Dict[str, List[int]], row_ali
 
 
 # ------------------------------------------------------------------------------ tiers on disk
+#: The key of the tier order in a row-tiers file (files without it used the order before SHARED).
+_ORDER_KEY = "__tier_order__"
+_ORDER_BEFORE_SHARED = [t.value for t in TIER_ORDER if t is not Tier.SHARED]
+
+
 def save_row_tiers(directory: str, layout: ShardedLayout, tiers: Dict[str, torch.Tensor], comm: Comm) -> None:
     """Every row's tier (:data:`TIER_ORDER` index), each rank writing the row groups it
-    decides (``rank-<r>.pt``: ``{(table, row_offset): tiers}``)."""
+    decides (``rank-<r>.pt``: ``{(table, row_offset): tiers}``, and the tier order)."""
     os.makedirs(directory, exist_ok=True)
-    mine = {}
+    mine: Dict[str, Any] = {_ORDER_KEY: [t.value for t in TIER_ORDER]}
     for t in layout.tables:
         for g in layout.row_groups(t["name"]):
             if g.leader == comm.rank:
@@ -96,9 +105,12 @@ def read_row_tiers(directory: str) -> Dict[str, torch.Tensor]:
     parts: Dict[str, List[Tuple[int, torch.Tensor]]] = {}
     for name in sorted(os.listdir(directory)):
         if name.startswith("rank-") and name.endswith(".pt"):
-            for key, t in torch.load(os.path.join(directory, name), weights_only=True).items():
+            saved = torch.load(os.path.join(directory, name), weights_only=True)
+            order = saved.pop(_ORDER_KEY, _ORDER_BEFORE_SHARED)
+            lut = torch.tensor([TIER_ORDER.index(Tier(v)) for v in order], dtype=torch.int8)
+            for key, t in saved.items():
                 table, r0 = key.rsplit("@", 1)
-                parts.setdefault(table, []).append((int(r0), t))
+                parts.setdefault(table, []).append((int(r0), lut[t.long()]))
     return {t: torch.cat([x for _, x in sorted(p, key=lambda q: q[0])]) for t, p in parts.items()}
 
 
@@ -147,7 +159,7 @@ def paired(reference: Dict[str, Any], pruned: Dict[str, Any], quantized: Dict[st
 def attribute(model, weights: Dict[str, torch.Tensor], tiers: Dict[str, torch.Tensor], rows_per_tier: Dict[str, List[int]],
               evaluate_logits: Callable[[], torch.Tensor], fp32_logits: torch.Tensor,
               quantized_logits: torch.Tensor, labels: torch.Tensor, row_alignment: int, comm: Comm,
-              bootstrap: int, seed: int) -> Dict[str, object]:
+              bootstrap: int, seed: int, shared: Optional[Dict[str, Any]] = None) -> Dict[str, object]:
     """Where the quantization step loses: the AUC each tier's rows and each table's rows give
     back when only they stay fp32, each by converting the sharded model again with those rows
     in FP32 and evaluating it (every variant sharded; the model's collection is restored)."""
@@ -171,7 +183,7 @@ def attribute(model, weights: Dict[str, torch.Tensor], tiers: Dict[str, torch.Te
         for key, change in groups.items():
             variant = {name: change(name, t) for name, t in tiers.items()}
             sparse.embedding_bag_collection = build_sharded_collection(
-                layout, weights, variant, row_alignment, comm, check_ids=original.check_ids)
+                layout, weights, variant, row_alignment, comm, check_ids=original.check_ids, shared=shared)
             logits[key] = evaluate_logits()
             sparse.embedding_bag_collection = original  # before the next variant is built
             gc.collect()
@@ -259,6 +271,7 @@ class QuantizeResult:
     plot_priorities: Dict[str, torch.Tensor]
     plot_tiers: Dict[str, torch.Tensor]
     unused_rows: int
+    centroids: Dict[str, int]  # per table (all its shards'), where rows share
 
 
 def quantize_stage(pruned: DLRMTrainer, reference: DLRMTrainer, config: RowwiseQuantConfig,
@@ -278,7 +291,7 @@ def quantize_stage(pruned: DLRMTrainer, reference: DLRMTrainer, config: RowwiseQ
     model, assignment = quantize_sharded_dlrm(pruned.model, config, lambda t, r0, n: prio[(t, r0)], comm)
     logger.info("row-wise mixed precision, sharded over %d ranks: %.1f s", comm.world, time.perf_counter() - t0)
     metrics = evaluate(model, eval_batches(), env, "eval (quantized)")
-    counts = shard_counts(assignment.tiers, comm)
+    counts = shard_counts(assignment.tiers, comm, assignment.shared)
     per_table = bytes_per_table(layout, counts, config.row_alignment)
     save_row_tiers(os.path.join(out, "quantize", "row_tiers"), layout, assignment.tiers, comm)
     export(model, metrics)
@@ -291,14 +304,14 @@ def quantize_stage(pruned: DLRMTrainer, reference: DLRMTrainer, config: RowwiseQ
         attribution = attribute(model, weights, assignment.tiers, assignment.rows_per_tier,
                                 lambda: evaluate(model, eval_batches(), env, "eval (attribution)")["logits"],
                                 pruned_eval["logits"], metrics["logits"], metrics["labels"], config.row_alignment,
-                                comm, bootstrap, seed)
+                                comm, bootstrap, seed, assignment.shared)
     fp32_ebc = reference.model.module.model.sparse_arch.embedding_bag_collection
     speed = lookup_speed(fp32_ebc, model.model.sparse_arch.embedding_bag_collection, speed_batches, comm)
     plot_p, plot_t, unused = sample_priorities(requests, prio, layout, assignment.tiers, comm, seed)
     for m in (metrics, pruned_eval, reference_eval):
         m.pop("logits"), m.pop("labels")
     return QuantizeResult(metrics, pruned_eval, reference_eval, comparisons, speed, attribution, per_table,
-                          assignment.rows_per_tier, plot_p, plot_t, unused)
+                          assignment.rows_per_tier, plot_p, plot_t, unused, assignment.centroids)
 
 
 def lookup_batches(spec, batch_size: int, limit: Optional[int], env) -> List[KeyedJaggedTensor]:

@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 TIER_COLOURS = {"fp32": "#1f77b4", "fp16": "#2ca02c", "int8": "#ff7f0e", "int4": "#d62728",
-                "int2": "#9467bd", "drop": "#7f7f7f", "id map": "#17becf"}
+                "int2": "#9467bd", "shared": "#bcbd22", "drop": "#7f7f7f", "id map": "#17becf"}
 
 
 def _plt():
@@ -139,6 +139,15 @@ def write_markdown(out: str, report: Dict, figures: List[str]) -> str:
     if report.get("scorer") or report.get("row_priority"):
         lines += ["", f"Field scores: {report.get('scorer', '')}; row priorities: "
                       f"{report.get('row_priority', '')}."]
+    rows = report.get("rows_per_tier")
+    if rows:
+        from shark_torchrec.quant.tiers import TIER_ORDER
+
+        totals = [sum(c[i] for c in rows.values()) for i in range(len(TIER_ORDER))]
+        text = ", ".join(f"{n:,} {t.value}" for t, n in zip(TIER_ORDER, totals) if n)
+        k = report.get("centroids") or {}
+        lines += ["", f"Rows: {text}" + (f" (sharing {sum(k.values()):,} centroids in {len(k)} tables)" if k else "")
+                  + "."]
     lines += ["", "| stage | AUC | log loss |", "|---|---|---|"]
     for name, m in s.items():
         lines.append(f"| {name} | {m['auc']:.4f} | {m['log_loss']:.4f} |")

@@ -51,6 +51,8 @@ BAD_FLAGS = [
     ("shark", ["--quant_budget_fraction", "0"], "argument --quant_budget_fraction: expected a fraction in (0, 1]"),
     ("shark", ["--quant_fractions", "fp16=0.5"], "argument --quant_fractions: fractions must be >= 0 and sum"),
     ("shark", ["--quant_fractions", "fp9=1"], "--quant_fractions: 'fp9=1': unknown tier 'fp9'"),
+    ("shark", ["--quant_tiers", "int8,shard"], "--quant_tiers: 'int8,shard': unknown tier 'shard'"),
+    ("shark", ["--quant_tiers", "int8,int8"], "--quant_tiers: 'int8,int8': a tier named twice"),
     ("shark", ["--init_from", "MISSING"], "argument --init_from: MISSING: no such directory"),
     ("shark", ["--out", "FILE"], "argument --out: FILE: is an existing file"),
     ("prune", ["--keep_fields", "0"], "argument --keep_fields: expected an integer >= 1"),

@@ -119,3 +119,14 @@ def test_cpu_rows_unpadded_are_planned_by_their_real_bytes() -> None:
     # The planner's estimate differs by the padding the 16-byte layout adds (plus a little of
     # TorchRec's per-table buffer estimates, which grow with the row size).
     assert rows * (48 - 36) <= stored[16] - stored[1] <= 1.03 * rows * (48 - 36)
+
+
+def test_the_shared_tier_is_refused_by_planning_without_trained_rows() -> None:
+    """Its loss depends on the trained rows' clusters: compress to fit refuses it (as a tier, a
+    pin or in a table's fractions), naming what to do instead."""
+    tables = criteo_1tb_tables(dim=16)[:3]
+    fp32 = sum(t.num_embeddings * 16 * 4 for t in tables)
+    for kwargs in ({"tiers": ["int8", "shared"]}, {"pins": {"t_cat_0": "shared"}},
+                   {"fractions": {"t_cat_1": {"int8": 0.5, "shared": 0.5}}}):
+        with pytest.raises(ValueError, match="SHARED tier's loss depends on the trained rows"):
+            choose_compression(tables, int(0.3 * fp32), **kwargs)

@@ -18,6 +18,7 @@ from shark_torchrec.quant import TIER_ORDER, Tier, assign_by_fractions
 from shark_torchrec.quant import mixed_ebc
 from shark_torchrec.quant.cpu_kernel import cpu_kernel_available
 from shark_torchrec.quant.mixed_ebc import RowwiseMixedEmbeddingBagCollection, dequantize_rows
+from shark_torchrec.quant.shared_rows import cluster_rows
 
 # The two CPU lookups every reference test runs through.
 LOOKUPS = ["kernel", "fbgemm"]
@@ -569,9 +570,12 @@ def test_the_conversion_kernel_stores_what_fbgemm_quantizers_store(row_alignment
     weights["a"][6] = 0.0
     weights["a"][7] = torch.linspace(-1e4, 1e4, dim)  # a wide row
     tiers = {c.name: torch.randint(0, len(TIER_ORDER), (c.num_embeddings,), dtype=torch.int8) for c in configs}
-    fast = RowwiseMixedEmbeddingBagCollection.from_weights(configs, weights, tiers, row_alignment=row_alignment)
+    shared = {c.name: cluster_rows(weights[c.name], None, 4) for c in configs}  # SHARED rows' centroids
+    fast = RowwiseMixedEmbeddingBagCollection.from_weights(configs, weights, tiers, row_alignment=row_alignment,
+                                                           shared=shared)
     monkeypatch.setattr(mixed_ebc, "cpu_kernel_available", lambda: False)
-    ref = RowwiseMixedEmbeddingBagCollection.from_weights(configs, weights, tiers, row_alignment=row_alignment)
+    ref = RowwiseMixedEmbeddingBagCollection.from_weights(configs, weights, tiers, row_alignment=row_alignment,
+                                                          shared=shared)
     a, b = fast.state_dict(), ref.state_dict()
     assert a.keys() == b.keys()
     for k in a:

@@ -252,3 +252,10 @@ def test_bad_run_directories_and_unused_flags_are_refused(tmp_path: Path) -> Non
                         ("--sharding_type", "row_wise")):
         assert f"{flag} is not used by the SHARK pipeline" in run(flag, value, "--out", tmp_path / "x")
     assert "--resume is not used" in run("--resume", "--out", tmp_path / "x")
+    assert "--drop_rows unused: drop is not among --quant_tiers fp16,int8,int4,int2,shared" in run(
+        "--drop_rows", "unused", "--out", tmp_path / "x")
+    no_budget = [str(a) for a in SMALL if a not in ("--quant_budget_fraction", 0.5)]
+    proc = subprocess.run([sys.executable, str(RECIPE), *no_budget, "--quant_tiers", "int8,shared",
+                           "--quant_fractions", "int8=1", "--out", str(tmp_path / "x")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "--quant_tiers is for a byte budget" in proc.stderr

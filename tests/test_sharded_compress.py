@@ -53,6 +53,7 @@ def test_every_sharding_type_gets_the_tiers_one_process_gets(tmp_path: Path) -> 
         for shard, tiers in ref.tiers.items():
             assert torch.equal(got[shard], tiers), (name, shard)
         assert run["rows_per_tier"][name] == ref.rows_per_tier
+        assert run["centroids"][name] == ref.centroids
         # the blocks of a column-wise row share its tier
         assert torch.equal(got["t_f2#0"], got["t_f2#1"]) and torch.equal(got["t_f5#0"], got["t_f5#1"])
     # the policies really differ, and a budget does compress
@@ -71,16 +72,19 @@ def test_row_sharded_tables_get_the_tiers_of_the_unsharded_collection(tmp_path: 
         for t, w in run["weights"].items():
             ebc.embedding_bags[t].weight.copy_(w)
     for name, kwargs in json.loads(run["policies"]).items():
+        if "shared" in kwargs.get("tiers", ()):
+            continue  # centroids are per shard: a row-wise sharded table's differ from the whole table's
         ref = assign_tiers(ebc, RowwiseQuantConfig(**kwargs), run["priorities"])
         for s in layout.shards:
             assert torch.equal(run["tiers"][name][s.name], ref.tiers[s.table][s.row_offset:s.row_offset + s.rows]), \
                 (name, s.name)
 
 
-def _dequantized_collection(layout: ShardedLayout, weights, tiers) -> EmbeddingBagCollection:
+def _dequantized_collection(layout: ShardedLayout, weights, tiers, shared) -> EmbeddingBagCollection:
     """TorchRec's float collection holding every row as its shard stores it (each column block
-    quantized apart, DROP rows zero): the reference a sharded mixed collection must equal."""
-    from shark_torchrec.quant import TIER_ORDER, dequantize_rows
+    quantized apart, DROP rows zero, SHARED rows their shard's centroid): the reference a
+    sharded mixed collection must equal."""
+    from shark_torchrec.quant import TIER_ORDER, Tier, dequantize_rows
 
     ebc = EmbeddingBagCollection(tables=layout.configs())
     with torch.no_grad():
@@ -89,7 +93,10 @@ def _dequantized_collection(layout: ShardedLayout, weights, tiers) -> EmbeddingB
             deq = torch.zeros_like(w)
             for i, tier in enumerate(TIER_ORDER):
                 rows = tiers[s.name].long() == i
-                if rows.any():
+                if rows.any() and tier is Tier.SHARED:
+                    centroids, index = shared[s.name]
+                    deq[rows] = centroids[index[rows].long()]
+                elif rows.any():
                     deq[rows] = dequantize_rows(w[rows], tier)
             ebc.embedding_bags[s.table].weight[s.row_offset:s.row_offset + s.rows,
                                                s.col_offset:s.col_offset + s.cols] = deq
@@ -103,8 +110,14 @@ def test_the_converted_model_serves_sharded_what_the_dequantized_tables_give(tmp
 
     run = _run(tmp_path, "table_wise,row_wise,column_wise,table_row_wise,data_parallel,table_column_wise")
     layout = ShardedLayout.from_dict(run["layout"])
-    ebc = _dequantized_collection(layout, run["weights"], run["served_tiers"])
+    ebc = _dequantized_collection(layout, run["weights"], run["served_tiers"], run["served_shared"])
     assert run["served_tiers"].keys() == {s.name for s in layout.shards}
+    # SHARED rows in every kind of shard but the column blocks, each shard its own centroids
+    from shark_torchrec.quant import TIER_ORDER, Tier
+
+    shared = {k for k, t in run["served_tiers"].items() if bool((t == TIER_ORDER.index(Tier.SHARED)).any())}
+    assert shared == set(run["served_shared"]) and {"t_f1#0", "t_f1#1", "t_f0#0", "t_f4#0"} <= shared
+    assert not {k for k in shared if k.startswith(("t_f2", "t_f5"))}
     model = DLRMTrain(DLRM(embedding_bag_collection=ebc, dense_in_features=4, dense_arch_layer_sizes=[16, 16],
                            over_arch_layer_sizes=[8, 1]))
     missing, unexpected = model.load_state_dict(run["dense"], strict=False)

@@ -19,15 +19,16 @@ from shark_torchrec.quant.tiers import weighted_error
 
 def test_row_bytes_follow_fbgemm_layout() -> None:
     # dim 64: fp32 4 B/elem; fp16 2; int8 1 + 4 B fp16 scale/bias; int4 ½; int2 ¼; rows padded to 16.
-    assert [row_bytes(t, 64) for t in TIER_ORDER] == [256, 128, 80, 48, 32, 0]
-    assert [row_bytes(t, 64, row_alignment=1) for t in TIER_ORDER] == [256, 128, 68, 36, 20, 0]
+    # SHARED and DROP rows store nothing of their own
+    assert [row_bytes(t, 64) for t in TIER_ORDER] == [256, 128, 80, 48, 32, 0, 0]
+    assert [row_bytes(t, 64, row_alignment=1) for t in TIER_ORDER] == [256, 128, 68, 36, 20, 0, 0]
     assert sub_table_bytes(Tier.INT4, 3, 64) == 256  # 3 × 48 = 144, padded to a 128-byte line
-    assert sub_table_bytes(Tier.DROP, 1000, 64) == 0
+    assert sub_table_bytes(Tier.DROP, 1000, 64) == 0 == sub_table_bytes(Tier.SHARED, 1000, 64)
 
 
 def test_quantization_errors_are_ordered_by_precision() -> None:
     w = torch.randn(200, 32) * 0.1
-    errs = [float(quantization_error(w, t).mean()) for t in TIER_ORDER]
+    errs = [float(quantization_error(w, t).mean()) for t in TIER_ORDER if t is not Tier.SHARED]
     assert errs[0] == 0 and all(a < b for a, b in zip(errs, errs[1:]))
     assert quantization_error(w, Tier.DROP).allclose((w.double() ** 2).sum(1))
 
@@ -72,7 +73,10 @@ def test_budget_is_met_and_beats_fractions_of_the_same_size() -> None:
     assert opt.details["row_bytes"] <= budget
 
     def objective(a):
-        return sum(float((p[n].double() * torch.stack([quantization_error(w[n], t) for t in TIER_ORDER], 1)
+        def err(n, t):  # (no SHARED rows here: assign_by_budget refuses the tier)
+            return quantization_error(w[n], t) if t is not Tier.SHARED else torch.zeros(w[n].shape[0], dtype=torch.float64)
+
+        return sum(float((p[n].double() * torch.stack([err(n, t) for t in TIER_ORDER], 1)
                           .gather(1, a.tiers[n].long().unsqueeze(1)).squeeze(1)).sum()) for n in w)
 
     assert objective(opt) == pytest.approx(weighted_error(opt, p, w), rel=1e-9)

@@ -99,7 +99,7 @@ def test_eval_rowwise_quant_runs_with_paired_intervals(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_sweep_shares_the_stages_a_setting_does_not_change(tmp_path: Path) -> None:
-    _run("sweep_shark_pipeline.py", "--out", tmp_path, "--grid", "quant_budget_fraction=0.6,0.35",
+    _run("sweep_shark_pipeline.py", "--out", tmp_path, "--grid", "quant_budget_fraction=0.2,0.1",
          "--", "--data", "synthetic", "--synthetic_num_fields", 4, "--synthetic_informative", 2,
          "--synthetic_cardinality", 2000, "--synthetic_train_batches", 6, "--synthetic_test_batches", 2,
          "--embedding_dim", 16, "--dense_arch_layer_sizes", "16,16", "--over_arch_layer_sizes", "16,1",
@@ -121,7 +121,7 @@ def test_frontier_pairs_every_method_against_the_same_uncompressed_model(tmp_pat
     _run("frontier.py", "--seeds", 0, "--saved", "0.8", "--bootstrap", 50, "--out", tmp_path, "--", *recipe)
     r = json.loads((tmp_path / "results.json").read_text())
     m = r["methods"]
-    assert set(m) == {"shark", "frequency", "uniform int8", "uniform int4", "uniform int2", "hashed"}
+    assert set(m) == {"shark", "shark-drop", "frequency", "uniform int8", "uniform int4", "uniform int2", "hashed"}
     # TorchRec's layout, 1-byte rows: dim 32 -> int8 36 bytes, int4 20, int2 12 (fp16 scale and
     # bias) per 128-byte fp32 row, no id map
     for tier, row in (("int8", 36), ("int4", 20), ("int2", 12)):

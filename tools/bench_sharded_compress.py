@@ -21,6 +21,8 @@ the cap compressed sharded where the gathering version is killed.
     python tools/bench_sharded_compress.py --out runs/bench_sharded_compress
     python tools/bench_sharded_compress.py --sizes_gib 8 --gathered_sizes_gib 8 --mem_cap_gib 6.5 \\
         --out runs/bench_sharded_cap
+    python tools/bench_sharded_compress.py --tiers fp16,int8,int4,int2,shared --gathered_sizes_gib "" \\
+        --out runs/bench_sharded_shared
 
 Writes ``OUT/results.json``, ``OUT/summary.md`` (the table for BENCHMARKS.md) and
 ``OUT/scale.png`` (time and peak memory per rank against the tables' size).
@@ -88,11 +90,12 @@ def worker(args) -> None:
     cpu_kernel_available()  # built (once per machine) before anything is timed
     # One tiny conversion first: FBGEMM's inference TBE takes ~0.4 s to set up the first time
     # in a process (a fixed cost, which a pipeline has paid long before it compresses).
-    from shark_torchrec.quant import RowwiseMixedEmbeddingBagCollection
+    from shark_torchrec.quant import TIER_ORDER, RowwiseMixedEmbeddingBagCollection, Tier
 
     RowwiseMixedEmbeddingBagCollection.from_weights(
         [EmbeddingBagConfig(name="w", embedding_dim=8, num_embeddings=4, feature_names=["w"])],
-        {"w": torch.zeros(4, 8)}, {"w": torch.tensor([1, 2, 3, 5], dtype=torch.int8)})
+        {"w": torch.zeros(4, 8)},
+        {"w": torch.tensor([TIER_ORDER.index(Tier(t)) for t in ("fp16", "int8", "int4", "drop")], dtype=torch.int8)})
     rank, world = dist.get_rank(), dist.get_world_size()
     rows = int(args.size_gib * GIB / (4 * args.dim * args.tables))
     tables = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=args.dim, num_embeddings=rows,
@@ -124,7 +127,8 @@ def worker(args) -> None:
     def priorities(t, r0, n):
         return ready[(t, r0)]
 
-    config = RowwiseQuantConfig(budget_fraction=args.budget_fraction, row_alignment=1)
+    config = RowwiseQuantConfig(budget_fraction=args.budget_fraction, row_alignment=1,
+                                tiers=[t for t in args.tiers.split(",") if t])
     dist.barrier()
     rss_before = _rss_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
@@ -137,7 +141,7 @@ def worker(args) -> None:
         a = assign_tiers_sharded(layout, weights, config, priorities, comm)
         timings["assign_s"] = time.perf_counter() - t0
         t1 = time.perf_counter()
-        mixed = build_sharded_collection(layout, weights, a.tiers, config.row_alignment, comm)
+        mixed = build_sharded_collection(layout, weights, a.tiers, config.row_alignment, comm, shared=a.shared)
         timings["convert_s"] = time.perf_counter() - t1
         held = sum(m.memory_report()["total_bytes"] for m in (mixed.routed, mixed.replicated) if m is not None)
     else:
@@ -192,7 +196,7 @@ def run_size(args, size: float, mode: str) -> Dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
            os.path.abspath(__file__), "--worker", "--mode", mode, "--size_gib", str(size), "--tables",
            str(args.tables), "--dim", str(args.dim), "--budget_fraction", str(args.budget_fraction),
-           "--threads", str(args.threads), "--result", result]
+           "--threads", str(args.threads), "--tiers", args.tiers, "--result", result]
     if args.mem_cap_gib:
         cmd += ["--mem_cap_gib", str(args.mem_cap_gib)]
     t0 = time.perf_counter()
@@ -285,6 +289,9 @@ def main() -> None:
     p.add_argument("--tables", type=int, default=4)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--budget_fraction", type=float, default=0.15)
+    p.add_argument("--tiers", default="fp16,int8,int4,int2,drop",
+                   help="tiers the budget may use (with shared: the centroids' k-means and "
+                   "assignment passes are part of the tier assignment)")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--mem_cap_gib", type=float, help="memory cap per process (a cgroup each)")

@@ -7,8 +7,9 @@ the same test rows (ΔAUC with a 95% bootstrap interval per seed, then mean ± s
 with a t-interval):
 
 * ``shark``: SHARK's row tiers at byte budgets (``--saved``: the fractions of the fp32
-  embedding bytes saved, id map included);
-* ``frequency``: the same budgets, tiers by plain use counts (``--row_priority frequency``);
+  embedding bytes saved, id map included), tiers FP16/INT8/INT4/INT2/SHARED;
+* ``shark-drop``: the same with DROP (rows read as zeros) instead of SHARED;
+* ``frequency``: as ``shark``, tiers by plain use counts (``--row_priority frequency``);
 * ``uniform int8/int4/int2``: every row in one tier — TorchRec's uniform quantized collection
   (computed through the mixed collection, which reads each tier exactly as FBGEMM does; its
   bytes are counted in TorchRec's own layout: rows only, no id map);
@@ -18,8 +19,10 @@ with a t-interval):
 
 The runs of one seed share the trained model (stages linked, checked by their keys).
 
-    python tools/frontier.py --seeds 0,1,2 --out runs/frontier_ml -- --data ml100k
+    python tools/frontier.py --seeds 0,1,2 --out runs/frontier_ml1 -- --data ml100k
     python tools/frontier.py --seeds 0,1,2 --out runs/frontier_ml16 -- --data ml100k --row_alignment 16
+    python tools/frontier.py --seeds 0,1,2 --saved 0.80,0.85,0.90,0.93 --out runs/frontier_syn -- \
+        --data synthetic_criteo     # dim 16: the 4-byte id map alone is 6.25% of the fp32 bytes
 
 Writes ``OUT/results.json``, ``OUT/summary.md`` (one row per method and point) and
 ``OUT/frontier.png`` (bytes saved against mean ΔAUC, with the seeds' t-intervals).
@@ -45,9 +48,11 @@ from shark_torchrec.training.train_dlrm import data_spec_from_args, model_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(ROOT, "recipes", "shark_dlrm.py")
-METHODS = ("shark", "frequency", "uniform", "hashed")
+METHODS = ("shark", "shark-drop", "frequency", "uniform", "hashed")
+SHARED_TIERS = ["--quant_tiers", "fp16,int8,int4,int2,shared"]
+DROP_TIERS = ["--quant_tiers", "fp16,int8,int4,int2,drop"]
 UNIFORM_TIERS = ("int8", "int4", "int2")
-OWN_FLAGS = ("--out", "--seed", "--quant_budget_fraction", "--quant_fractions", "--row_priority",
+OWN_FLAGS = ("--out", "--seed", "--quant_budget_fraction", "--quant_fractions", "--quant_tiers", "--row_priority",
              "--hash_rows_fraction", "--drop_fraction", "--keep_fields")
 
 
@@ -107,7 +112,11 @@ def main() -> None:
     p.add_argument("--methods", default=",".join(METHODS), help=f"any of {', '.join(METHODS)}")
     p.add_argument("--bootstrap", type=int, default=1000)
     p.add_argument("--out", default="runs/frontier")
+    p.add_argument("--replot", action="store_true", help="only rewrite summary.md and frontier.png from results.json")
     args = p.parse_args(own)
+    if args.replot:
+        replot(args.out)
+        return
     methods = [m for m in args.methods.split(",") if m]
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
@@ -133,10 +142,14 @@ def main() -> None:
         for saved in args.saved:
             budget = f"{1 - saved:.4g}"
             if "shark" in methods:
-                todo.append(("shark", f"{saved:.0%}", f"shark_{budget}", ["--quant_budget_fraction", budget], True))
+                todo.append(("shark", f"{saved:.0%}", f"shark_{budget}",
+                             ["--quant_budget_fraction", budget, *SHARED_TIERS], True))
+            if "shark-drop" in methods:
+                todo.append(("shark-drop", f"{saved:.0%}", f"shark-drop_{budget}",
+                             ["--quant_budget_fraction", budget, *DROP_TIERS], True))
             if "frequency" in methods:
                 todo.append(("frequency", f"{saved:.0%}", f"frequency_{budget}",
-                             ["--quant_budget_fraction", budget, "--row_priority", "frequency"], True))
+                             ["--quant_budget_fraction", budget, *SHARED_TIERS, "--row_priority", "frequency"], True))
         if "uniform" in methods:
             for tier in UNIFORM_TIERS:
                 todo.append((f"uniform {tier}", tier, f"uniform_{tier}", ["--quant_fractions", f"{tier}=1"], True))
@@ -207,28 +220,86 @@ def write_summary(results: Dict, out: str) -> None:
         lo, hi = r["delta_auc_ci"]
         lines.append(f"| {m} | {pt} | {r['bytes_saved']:.1%} | " + " | ".join(cells) +
                      f" | {r['delta_auc_mean']:+.4f} ± {r['delta_auc_std']:.4f} [{lo:+.4f}, {hi:+.4f}] |")
+    lines += ["", "Mean ΔAUC over the seeds [95% t-interval], each method at each target (bytes saved as "
+                  "measured):", ""]
+    targets = sorted({pt for m, by in results["methods"].items() if not m.startswith("uniform") for pt in by},
+                     key=lambda t: float(t.rstrip("%")))
+    lines += ["| method | " + " | ".join(targets) + " |", "|---" * (1 + len(targets)) + "|"]
+    for m, by in results["methods"].items():
+        if m.startswith("uniform"):
+            continue
+        cells = []
+        for t in targets:
+            r = by.get(t)
+            cells.append("" if r is None else f"{r['delta_auc_mean']:+.4f} [{r['delta_auc_ci'][0]:+.4f}, "
+                         f"{r['delta_auc_ci'][1]:+.4f}] ({r['bytes_saved']:.1%})")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    if "shark" in results["methods"]:
+        lines += ["", "SHARK against the other methods at the same target, paired (the same model and rows: "
+                      "per seed the difference of the two ΔAUCs; mean over seeds [95% t-interval]):", "",
+                  "| shark − | " + " | ".join(targets) + " |", "|---" * (1 + len(targets)) + "|"]
+        shark = results["methods"]["shark"]
+        for m, by in results["methods"].items():
+            if m == "shark" or m.startswith("uniform"):
+                continue
+            cells = []
+            for t in targets:
+                if t not in by or t not in shark:
+                    cells.append("")
+                    continue
+                d = summarize_seeds([shark[t]["per_seed"][str(k)]["delta_auc"] - by[t]["per_seed"][str(k)]["delta_auc"]
+                                     for k in seeds])
+                cells.append(f"{d.mean:+.4f} [{d.ci[0]:+.4f}, {d.ci[1]:+.4f}]")
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    uniform = [(m, pt, r) for m, by in results["methods"].items() if m.startswith("uniform") for pt, r in by.items()]
+    if uniform:
+        lines += ["", "TorchRec's uniform collections (no id map): " + "; ".join(
+            f"{pt.upper()} {r['bytes_saved']:.1%} saved, {r['delta_auc_mean']:+.4f} [{r['delta_auc_ci'][0]:+.4f}, "
+            f"{r['delta_auc_ci'][1]:+.4f}]" for _, pt, r in sorted(uniform, key=lambda x: x[2]["bytes_saved"])) + "."]
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
 
 def plot(results: Dict, plt, out: str) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method, by in results["methods"].items():
-        pts = sorted(by.values(), key=lambda r: r["bytes_saved"])
-        x = [100 * r["bytes_saved"] for r in pts]
-        y = [r["delta_auc_mean"] for r in pts]
-        err = [[r["delta_auc_mean"] - r["delta_auc_ci"][0] for r in pts],
-               [r["delta_auc_ci"][1] - r["delta_auc_mean"] for r in pts]]
-        style = "o" if method.startswith("uniform") else "o-"
-        ax.errorbar(x, y, yerr=err, fmt=style, capsize=3, label=method)
-    ax.axhline(0, color="grey", lw=0.8)
-    ax.set_xlabel("embedding bytes saved (%)")
-    ax.set_ylabel("ΔAUC vs uncompressed (mean over seeds, 95% t-interval)")
-    ax.set_title(f"{' '.join(results['recipe_args'])}, {results['row_alignment']}-byte rows")
-    ax.legend(fontsize=8)
+    """Bytes saved against mean ΔAUC with the seeds' t-intervals: every point (left), and the
+    region near 0 where the methods part (right)."""
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    for ax, zoom in zip(axes, (False, True)):
+        for method, by in results["methods"].items():
+            pts = sorted(by.values(), key=lambda r: r["bytes_saved"])
+            x = [100 * r["bytes_saved"] for r in pts]
+            y = [r["delta_auc_mean"] for r in pts]
+            err = [[r["delta_auc_mean"] - r["delta_auc_ci"][0] for r in pts],
+                   [r["delta_auc_ci"][1] - r["delta_auc_mean"] for r in pts]]
+            style = "o" if method.startswith("uniform") else "o-"
+            ax.errorbar(x, y, yerr=err, fmt=style, capsize=3, label=method)
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xlabel("embedding bytes saved (%)")
+        ax.grid(alpha=0.3)
+        if zoom:
+            ax.set_ylim(-0.02, 0.003)
+            ax.set_title("near 0")
+        else:
+            ax.set_ylabel("ΔAUC vs uncompressed (mean over seeds, 95% t-interval)")
+            ax.set_title(f"{' '.join(results['recipe_args'])}, {results['row_alignment']}-byte rows, "
+                         f"seeds {', '.join(map(str, results['seeds']))}")
+            ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "frontier.png"), dpi=120)
+    fig.savefig(os.path.join(out, "frontier.png"), dpi=110)
     plt.close(fig)
+
+
+def replot(out: str) -> None:
+    """Rewrite ``OUT/summary.md`` and ``OUT/frontier.png`` from ``OUT/results.json``."""
+    with open(os.path.join(out, "results.json")) as f:
+        results = json.load(f)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    write_summary(results, out)
+    plot(results, plt, out)
 
 
 if __name__ == "__main__":

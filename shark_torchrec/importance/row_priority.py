@@ -293,7 +293,7 @@ class RowPriority:
             sizes = self.comm.exchange([torch.tensor([c], dtype=torch.long) for c in counts], [1] * W)
             got = self.comm.exchange_flat(packed, [3 * c for c in counts], [3 * int(x) for x in sizes]).view(-1, 3)
             # every rank buffered the same steps: the scales of step i are the same everywhere
-            rows, labels, step = got[:, 0], got[:, 1].bool(), got[:, 2]
+            rows, labels, step = got[:, 0].contiguous(), got[:, 1].bool(), got[:, 2]
             seg = torch.searchsorted(self._bounds, rows, right=True) - 1
         else:
             seg = torch.searchsorted(self._bounds, rows, right=True) - 1

@@ -50,9 +50,16 @@ _DATA_TYPES = {Tier.FP32: DataType.FP32, Tier.FP16: DataType.FP16, Tier.INT8: Da
                Tier.INT4: DataType.INT4, Tier.INT2: DataType.INT2}
 
 
+_NO_SHARED = ("compress to fit: the SHARED tier's loss depends on the trained rows (their clusters), which "
+              "a plan made without them cannot predict; plan with fp32..int2 and drop, and let the "
+              "conversion (RowwiseQuantConfig tiers) share rows")
+
+
 @lru_cache(maxsize=None)
 def tier_error(tier: Tier, dim: int, samples: int = 2048) -> float:
     """Mean relative squared error of a Gaussian row of ``dim`` stored in ``tier`` (measured)."""
+    if tier is Tier.SHARED:
+        raise ValueError(_NO_SHARED)
     if tier is Tier.DROP:
         return 1.0
     w = torch.randn(samples, dim, generator=torch.Generator().manual_seed(dim))
@@ -160,6 +167,9 @@ def choose_compression(
                                           row_alignment=row_alignment))
         return {t.name: out[t.name] for t in tables}
     allowed = sorted({Tier.parse(t) for t in tiers}, key=TIER_ORDER.index)
+    named = list(allowed) + [Tier.parse(v) for v in pins.values() if v != "exclude"]
+    if Tier.SHARED in named:
+        raise ValueError(_NO_SHARED)
     fixed_bytes = 0
     out: Dict[str, TableCompression] = {}
     items = []  # (table, bucket rows, bucket mass, cost per tier, bytes per tier)
@@ -230,7 +240,7 @@ class InferenceModel(nn.Module):
             rows = {"fp32": t.num_embeddings} if compression is None else compression[t.name].rows
             for tier in TIER_ORDER:
                 n = rows.get(tier.value, 0)
-                if n and tier is not Tier.DROP:
+                if n and tier.stored:
                     suffix = "" if compression is None else f"@{tier.value}"
                     physical.append(EmbeddingBagConfig(
                         name=f"{t.name}{suffix}", embedding_dim=t.embedding_dim, num_embeddings=n,

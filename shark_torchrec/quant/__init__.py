@@ -1,7 +1,8 @@
 """Row-wise mixed precision (SHARK's F-Quantization): tiers per embedding row.
 
 * :class:`Tier`, :data:`TIER_ORDER` — FP32, FP16, INT8, INT4, INT2 (FBGEMM's inference
-  precisions) and DROP.
+  precisions), SHARED (a row read as one of its table's centroids,
+  :mod:`~shark_torchrec.quant.shared_rows`) and DROP.
 * :func:`assign_by_fractions`, :func:`assign_by_budget` → :class:`TierAssignment` — from row
   priorities to per-row tiers, with byte reports computed by FBGEMM's own helpers.
 * :class:`RowwiseMixedEmbeddingBagCollection` (+ its input transform,

@@ -55,8 +55,9 @@ def assign_tiers(
     rows = None if priorities is None else (lambda t, r0, n: priorities[t][r0:r0 + n])
     a = assign_tiers_sharded(layout, weights, config, rows, Comm.local())
     tiers = {s.table: a.tiers[s.name] for s in layout.shards}
+    shared = {s.table: a.shared[s.name] for s in layout.shards if s.name in a.shared}
     return TierAssignment(tiers, {c.name: c.embedding_dim for c in configs}, config.row_alignment,
-                          method=a.method, details=a.details)
+                          method=a.method, details=a.details, shared=shared)
 
 
 def _default_filter(module: nn.Module, fqn: str) -> bool:

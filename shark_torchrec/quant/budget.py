@@ -43,7 +43,7 @@ Reduce = Callable[[torch.Tensor], torch.Tensor]
 #: Rows per chunk of the per-row passes: 64k rows of dim 64 are 16 MiB of fp32.
 CHUNK_ROWS = 65_536
 
-_BITS = {Tier.FP32: 32, Tier.FP16: 16, Tier.INT8: 8, Tier.INT4: 4, Tier.INT2: 2, Tier.DROP: 0}
+_BITS = {Tier.FP32: 32, Tier.FP16: 16, Tier.INT8: 8, Tier.INT4: 4, Tier.INT2: 2, Tier.DROP: 0}  # (not SHARED)
 
 
 def no_reduce(t: torch.Tensor) -> torch.Tensor:
@@ -51,10 +51,20 @@ def no_reduce(t: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------- errors
-def tier_errors(weights: torch.Tensor, tiers: Sequence[Tier]) -> torch.Tensor:
+def tier_errors(weights: torch.Tensor, tiers: Sequence[Tier], shared: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Squared L2 error of every row of ``weights`` [n, d] in each of ``tiers``: float64
-    [n, len(tiers)] (FBGEMM's quantizers; DROP: the squared norm).  A row holding NaN or Inf
-    gets NaN."""
+    [n, len(tiers)] (FBGEMM's quantizers; DROP: the squared norm; SHARED: ``shared`` [n], the
+    rows' distances to their centroids, :class:`~shark_torchrec.quant.shared_rows.SharedRows`).
+    A row holding NaN or Inf gets NaN."""
+    tiers = list(tiers)
+    if Tier.SHARED in tiers:
+        if shared is None:
+            raise ValueError("tier_errors: the SHARED tier needs the rows' distances to their centroids")
+        i = tiers.index(Tier.SHARED)
+        rest = tier_errors(weights, tiers[:i] + tiers[i + 1:])
+        col = shared.double().reshape(-1, 1).clone()
+        col[torch.isnan(rest).any(1) if rest.shape[1] else torch.zeros(col.shape[0], dtype=torch.bool)] = math.nan
+        return torch.cat([rest[:, :i], col, rest[:, i:]], 1)
     w = weights.detach()
     if w.dtype != torch.float32 or w.device.type != "cpu" or (w.numel() and w.stride(-1) != 1):
         w = w.float().cpu().contiguous()
@@ -158,12 +168,21 @@ def row_choices(err: torch.Tensor, priority: torch.Tensor, tiers: Sequence[Tier]
 
 
 def measure_choices(weights: torch.Tensor, priority: torch.Tensor, tiers: Sequence[Tier], sizes: torch.Tensor,
-                    drop_rows: str = "any", extra_errors: Optional[torch.Tensor] = None
-                    ) -> Tuple[RowChoices, int]:
+                    drop_rows: str = "any", extra_errors: Optional[torch.Tensor] = None,
+                    shared: Optional[torch.Tensor] = None) -> Tuple[RowChoices, int]:
     """:func:`row_choices` of rows measured from their weights (a chunk [n, d], any row
     stride) in one fused pass, plus ``extra_errors`` [n, K] (their other column blocks'
-    :func:`tier_errors`, added after these); and the first row holding NaN or Inf (-1: none)."""
+    :func:`tier_errors`, added after these); and the first row holding NaN or Inf (-1: none).
+    With SHARED among ``tiers``, ``shared`` [n] gives the rows' distances to their centroids
+    (then the errors are measured apart from the choices)."""
     tiers = list(tiers)
+    if Tier.SHARED in tiers:
+        err = tier_errors(weights, tiers, shared)
+        if extra_errors is not None:
+            err = err + extra_errors.double()
+        nan = torch.isnan(err).any(1)
+        bad = int(nan.nonzero()[0]) if bool(nan.any()) else -1
+        return row_choices(torch.nan_to_num(err), priority, tiers, sizes, drop_rows), bad
     drop_index = tiers.index(Tier.DROP) if (drop_rows == "unused" and Tier.DROP in tiers) else -1
     w = weights.detach()
     if w.dtype != torch.float32 or w.device.type != "cpu" or (w.numel() and w.stride(-1) != 1):

@@ -26,7 +26,8 @@ class RowwiseQuantConfig:
         budget_bytes: bytes for all converted tables together: rows in FBGEMM's layout, the
             4-byte-per-row id map and sub-table padding (pinned tables count against it).
         budget_fraction: the budget as a fraction of the converted tables' fp32 bytes.
-        tiers: tiers a budget may use.
+        tiers: tiers a budget may use (with ``"shared"``, rows may read as one of their table's
+            centroids, whose count the budget chooses: :mod:`~shark_torchrec.quant.shared_rows`).
         table_overrides: ``{table: tier}`` pins every row of a table to one tier;
             ``{table: "exclude"}`` keeps a table exact (all rows FP32).
         table_fractions: ``{table: {tier: fraction}}``: these tables are assigned by their own
@@ -38,8 +39,9 @@ class RowwiseQuantConfig:
             its byte budget: 16 (default: what FBGEMM's CUDA kernels need and TorchRec's
             quantized collection uses everywhere) or 1 for a model served on CPU only (FBGEMM's
             CPU default; at dim 64 INT4 rows take 36 bytes instead of 48, INT2 20 instead of 32).
-        drop_rows: which rows a budget may drop: ``"any"`` or ``"unused"`` (rows whose
-            priority is 0 only; see :func:`~shark_torchrec.quant.tiers.assign_by_budget`).
+        drop_rows: which rows a budget may drop (with ``"drop"`` among the tiers): ``"any"`` or
+            ``"unused"`` (rows whose priority is 0 only; see
+            :func:`~shark_torchrec.quant.tiers.assign_by_budget`).
     """
 
     fractions: Optional[Dict[str, float]] = None

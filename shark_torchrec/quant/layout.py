@@ -39,8 +39,12 @@ class MixedLayout:
 
     Attributes:
         tables: the logical tables (name, rows, dim, features, pooling).
-        tiers: the tiers in use, most precise first (DROP last if used).
-        rows: ``{table: [rows per tier in tiers order]}``.
+        tiers: the tiers with rows, most precise first (DROP last if used; never SHARED,
+            whose rows have none of their own).
+        rows: ``{table: [renumbered rows per tier in tiers order]}``: the table's rows in each
+            tier, plus, in FP16, its centroids (:attr:`shared`).
+        shared: ``{table: [SHARED rows, centroids]}`` for tables with SHARED rows: their id-map
+            entries point at the centroids, stored after the table's own FP16 rows.
         is_weighted: whether inputs carry per-id weights.
         groups: tables split into groups, each its own TBE.
         row_alignment: bytes each stored row is padded to (FBGEMM's layout): 16, which FBGEMM's
@@ -61,6 +65,7 @@ class MixedLayout:
     groups: List[List[str]] = dataclasses.field(default_factory=list)
     row_alignment: int = 16
     embedding_names: Dict[str, List[str]] = dataclasses.field(default_factory=dict)
+    shared: Dict[str, List[int]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.groups:  # one group of every table
@@ -81,7 +86,8 @@ class MixedLayout:
         return MixedLayout(tables=d["tables"], tiers=d["tiers"], rows=d["rows"],
                            is_weighted=d["is_weighted"], groups=d.get("groups") or [],
                            row_alignment=d.get("row_alignment", 16),  # (16 before it was stored)
-                           embedding_names=d.get("embedding_names") or {})
+                           embedding_names=d.get("embedding_names") or {},
+                           shared={k: list(v) for k, v in (d.get("shared") or {}).items()})
 
     def configs(self) -> List[EmbeddingBagConfig]:
         return [EmbeddingBagConfig(name=t["name"], num_embeddings=t["rows"], embedding_dim=t["dim"],
@@ -98,11 +104,17 @@ class MixedLayout:
     def check(self) -> None:
         """Raise naming the table whose rows per tier do not add up to its rows."""
         K = len(self.tiers)
+        if Tier.SHARED.value in self.tiers:
+            raise ValueError("layout tiers list the tiers with rows of their own: not 'shared'")
         for t in self.tables:
             counts = self.rows[t["name"]]
-            if len(counts) != K or sum(counts) != t["rows"]:
+            shared, centroids = self.shared.get(t["name"], (0, 0))
+            if shared and Tier.FP16.value not in self.tiers:
+                raise ValueError(f"table {t['name']!r}: SHARED rows without an fp16 tier for their centroids")
+            if len(counts) != K or sum(counts) != t["rows"] - shared + centroids or min(counts, default=0) < 0:
                 raise ValueError(f"table {t['name']!r}: rows per tier {counts} do not add up to "
-                                 f"{t['rows']} over tiers {self.tiers}")
+                                 f"{t['rows']} rows ({shared} of them shared, {centroids} centroids) "
+                                 f"over tiers {self.tiers}")
 
     def physical_configs(self) -> List[EmbeddingBagConfig]:
         """The TBE tables of this layout: one per (tier, table) with rows, tier-major — the
@@ -126,4 +138,5 @@ class MixedLayout:
                            rows={n: r for n, r in self.rows.items() if n in keep},
                            is_weighted=self.is_weighted, groups=[list(names)],
                            row_alignment=self.row_alignment,
-                           embedding_names={n: e for n, e in self.embedding_names.items() if n in keep})
+                           embedding_names={n: e for n, e in self.embedding_names.items() if n in keep},
+                           shared={n: s for n, s in self.shared.items() if n in keep})

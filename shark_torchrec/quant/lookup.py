@@ -158,7 +158,7 @@ class _MixedGroup(nn.Module):
         return self._device_cache[key]
 
     def table_sub_meta(self, table: str) -> torch.Tensor:
-        """Where ``table``'s sub-tables lie in the TBE's weight buffer: int64 [6, 3] by
+        """Where ``table``'s sub-tables lie in the TBE's weight buffer: int64 [7, 3] by
         :data:`TIER_ORDER` tier (byte offset, bytes per stored row, FBGEMM ``SparseType``; -1
         where it has none, as DROP) — what ``quantize_into`` writes rows by."""
         from shark_torchrec.quant.tiers import TIER_ORDER

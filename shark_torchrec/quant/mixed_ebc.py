@@ -15,7 +15,9 @@ be built, the ids are split by tier with FBGEMM's ``block_bucketize_sparse_featu
 (:mod:`~shark_torchrec.quant.remap`) and read with FBGEMM's TBE op
 (:mod:`~shark_torchrec.quant.lookup`).
 
-DROP rows have no physical row: they read as zeros (and a MEAN bag still counts them).  The
+DROP rows have no physical row: they read as zeros (and a MEAN bag still counts them).  SHARED
+rows have none either: their id-map entries point at their table's centroids, stored after its
+own FP16 rows (:mod:`~shark_torchrec.quant.shared_rows`), so both lookups read them unchanged.  The
 output is the ``KeyedTensor`` a float ``EmbeddingBagCollection`` with the same tables returns:
 same keys, dims and order (a feature several tables read gives one output per table, named
 ``"<feature>@<table>"`` as TorchRec names it); like it, the collection ignores input features no table serves
@@ -48,6 +50,7 @@ from shark_torchrec.quant.remap import (
     without_weights,
 )
 from shark_torchrec.quant.rows import check_cuda_scale, dequantize_rows, quantize_rows, unpack_rows
+from shark_torchrec.quant.shared_rows import SharedRows
 from shark_torchrec.quant.tiers import TIER_ORDER, Tier, TierAssignment
 
 __all__ = [
@@ -94,6 +97,52 @@ def _check_finite(table: str, w: torch.Tensor) -> None:
         if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
             bad = ~torch.isfinite(chunk).all(1)
             raise ValueError(f"table {table!r}: row {r0 + int(bad.nonzero()[0])} has NaN/Inf weights")
+
+
+_FP16 = TIER_ORDER.index(Tier.FP16)
+_SHARED = TIER_ORDER.index(Tier.SHARED)
+
+
+def _quantize_python(configs, weights, tiers, physical, used, group_of, device) -> None:
+    """:func:`_quantize_into` in torch and FBGEMM's quantizers (CUDA, or no kernel built)."""
+    views = {id(g): g._tbe_views() for g in set(group_of.values())}
+    for c in configs:
+        _check_finite(c.name, weights[c.name])
+        group = group_of[c.name]
+        t, w = tiers[c.name], weights[c.name]
+        base = group.input_transform.table_base[c.name]
+        row_map = group.input_transform.row_map
+        start = 0  # renumbered rows: tier by tier, in row order within a tier
+        for i in used:
+            tier = TIER_ORDER[i]
+            rows = (t == i).nonzero().squeeze(1)
+            n = rows.numel()
+            if n:
+                row_map[base + rows] = torch.arange(start, start + n, dtype=torch.int32, device=row_map.device)
+            if n and tier is not Tier.DROP:
+                # index_select into one buffer: 4-8x faster than w[rows] here
+                buf = torch.empty(min(n, _QUANTIZE_ROWS), c.embedding_dim, dtype=w.dtype, device=w.device)
+                for r0 in range(0, n, _QUANTIZE_ROWS):
+                    chunk = rows[r0:r0 + _QUANTIZE_ROWS]
+                    picked = torch.index_select(w, 0, chunk.to(w.device), out=buf[:chunk.numel()])
+                    data = quantize_rows(picked.cpu(), tier)
+                    if device.type == "cuda" and data[1] is not None:
+                        check_cuda_scale(c.name, data[1], chunk)
+                    group._set_weights(f"{c.name}@{tier.value}", data, r0, views[id(group)])
+            start += int(physical[c.name][i])  # (FP16: its rows, then the centroids)
+
+
+def _place_centroids(name: str, tiers: torch.Tensor, counts: torch.Tensor, physical: torch.Tensor,
+                     shared: SharedRows, group) -> None:
+    """Write a table's centroids after its own FP16 rows, and point its SHARED rows' id-map
+    entries at them."""
+    own = int(counts[_FP16])
+    group._set_weights(f"{name}@{Tier.FP16.value}", quantize_rows(shared.centroids, Tier.FP16), own)
+    first = int(physical[:_FP16].sum()) + own  # renumbered row of centroid 0
+    rows = (tiers == _SHARED).nonzero().squeeze(1)
+    base = group.input_transform.table_base[name]
+    row_map = group.input_transform.row_map
+    row_map[base + rows.to(row_map.device)] = (first + shared.index[rows].long()).to(torch.int32).to(row_map.device)
 
 
 class RowwiseMixedEmbeddingBagCollection(nn.Module):
@@ -185,7 +234,7 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
             configs, {c.name: ebc.embedding_bags[c.name].weight for c in configs}, assignment.tiers,
             is_weighted=ebc.is_weighted(), row_alignment=assignment.row_alignment,
             device=next(iter(ebc.parameters())).device, check_ids=check_ids, num_groups=num_groups,
-            strict=strict)
+            strict=strict, shared=assignment.shared)
 
     @staticmethod
     @torch.no_grad()
@@ -193,13 +242,16 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
                      tiers: Mapping[str, torch.Tensor], is_weighted: bool = False,
                      row_alignment: int = 16, device: torch.device = torch.device("cpu"),
                      check_ids: bool = True, num_groups: Optional[int] = None, strict: bool = False,
+                     shared: Optional[Mapping[str, SharedRows]] = None,
                      ) -> "RowwiseMixedEmbeddingBagCollection":
         """Build from tables' float rows and their tiers (:data:`TIER_ORDER` indices per row):
         ``weights[name]`` may be any [rows, dim] view (a sharded model's local shard, a column
         block).  Rows are quantized in chunks straight into FBGEMM's buffers, so no copy of a
         table is made (memory: the quantized tables, 4 bytes per row of id map, and a chunk).
+        ``shared[name]``: the centroids of a table with SHARED rows (and each row's centroid).
         NaN/Inf weights raise an error naming the table and row."""
         device = torch.device(device)
+        shared = dict(shared or {})
         num_groups = max(1, min(num_groups or 1, len(configs)))
         for c in configs:
             t = tiers[c.name]
@@ -208,48 +260,39 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
                 raise ValueError(f"table {c.name!r}: {t.numel()} tiers and weights {tuple(w.shape)} "
                                  f"for {c.num_embeddings} rows of dim {c.embedding_dim}")
         counts = {c.name: torch.bincount(tiers[c.name].long(), minlength=len(TIER_ORDER)) for c in configs}
-        used = [i for i in range(len(TIER_ORDER)) if any(int(n[i]) for n in counts.values())] or [0]
+        # Renumbered rows per tier: SHARED rows have none, their centroids follow the FP16 rows.
+        physical = {}
+        for c in configs:
+            n = counts[c.name].clone()
+            if int(n[_SHARED]) > 0:
+                s = shared.get(c.name)
+                if s is None or s.index.numel() != c.num_embeddings or s.centroids.shape[1:] != (c.embedding_dim,):
+                    raise ValueError(f"table {c.name!r}: {int(n[_SHARED])} SHARED rows need its centroids "
+                                     f"(SharedRows with an index for each of its {c.num_embeddings} rows)")
+                n[_FP16] += s.k
+                n[_SHARED] = 0
+            physical[c.name] = n
+        used = [i for i in range(len(TIER_ORDER)) if any(int(n[i]) for n in physical.values())] or [0]
         names = [c.name for c in configs]
         bounds = [round(i * len(names) / num_groups) for i in range(num_groups + 1)]
         layout = MixedLayout(
             tables=[{"name": c.name, "rows": c.num_embeddings, "dim": c.embedding_dim,
                      "features": list(c.feature_names), "pooling": c.pooling.value} for c in configs],
             tiers=[TIER_ORDER[i].value for i in used],
-            rows={c.name: [int(counts[c.name][i]) for i in used] for c in configs},
+            rows={c.name: [int(physical[c.name][i]) for i in used] for c in configs},
             is_weighted=is_weighted, groups=[names[bounds[i]:bounds[i + 1]] for i in range(num_groups)],
-            row_alignment=row_alignment)
+            row_alignment=row_alignment,
+            shared={c.name: [int(counts[c.name][_SHARED]), shared[c.name].k] for c in configs
+                    if int(counts[c.name][_SHARED]) > 0})
         module = RowwiseMixedEmbeddingBagCollection(layout, device=device, check_ids=check_ids, strict=strict)
         group_of = {n: g for g in module.groups for n in g.input_transform.table_base}
         if device.type == "cpu" and cpu_kernel_available():
             for c in configs:  # one streaming pass per table (csrc/quantize_rows.cpp)
-                _quantize_into(c, weights[c.name], tiers[c.name], counts[c.name], group_of[c.name])
-            return module
-        views = {id(g): g._tbe_views() for g in module.groups}
-        for c in configs:
-            _check_finite(c.name, weights[c.name])
-            group = group_of[c.name]
-            t, w = tiers[c.name], weights[c.name]
-            base = group.input_transform.table_base[c.name]
-            row_map = group.input_transform.row_map
-            start = 0  # renumbered rows: tier by tier, in row order within a tier
-            for i in used:
-                tier = TIER_ORDER[i]
-                rows = (t == i).nonzero().squeeze(1)
-                n = rows.numel()
-                if n == 0:
-                    continue
-                row_map[base + rows] = torch.arange(start, start + n, dtype=torch.int32, device=row_map.device)
-                if tier is not Tier.DROP:
-                    # index_select into one buffer: 4-8x faster than w[rows] here
-                    buf = torch.empty(min(n, _QUANTIZE_ROWS), c.embedding_dim, dtype=w.dtype, device=w.device)
-                    for r0 in range(0, n, _QUANTIZE_ROWS):
-                        chunk = rows[r0:r0 + _QUANTIZE_ROWS]
-                        picked = torch.index_select(w, 0, chunk.to(w.device), out=buf[:chunk.numel()])
-                        data = quantize_rows(picked.cpu(), tier)
-                        if device.type == "cuda" and data[1] is not None:
-                            check_cuda_scale(c.name, data[1], chunk)
-                        group._set_weights(f"{c.name}@{tier.value}", data, r0, views[id(group)])
-                start += n
+                _quantize_into(c, weights[c.name], tiers[c.name], physical[c.name], group_of[c.name])
+        else:
+            _quantize_python(configs, weights, tiers, physical, used, group_of, device)
+        for name in layout.shared:
+            _place_centroids(name, tiers[name], counts[name], physical[name], shared[name], group_of[name])
         return module
 
     # ------------------------------------------------------------------ state

@@ -1,8 +1,10 @@
 """Assigning every embedding row a precision tier (SHARK's F-Quantization).
 
 Tiers are the precisions FBGEMM's inference kernels read — ``FP32``, ``FP16``, ``INT8``,
-``INT4``, ``INT2`` (integer tiers row-wise quantized, each row with an fp16 scale and bias) —
-and ``DROP`` (the row reads as zeros and stores nothing).
+``INT4``, ``INT2`` (integer tiers row-wise quantized, each row with an fp16 scale and bias) —,
+``SHARED`` (the row stores nothing of its own and reads as one of its table's FP16 centroid
+rows: :mod:`~shark_torchrec.quant.shared_rows`) and ``DROP`` (the row reads as zeros and stores
+nothing).
 
 Two ways to assign them, from per-row priorities (:class:`~shark_torchrec.importance.RowPriority`)
 or counts supplied by the user:
@@ -45,11 +47,17 @@ class Tier(str, enum.Enum):
     INT8 = "int8"
     INT4 = "int4"
     INT2 = "int2"
+    SHARED = "shared"
     DROP = "drop"
 
     @property
     def sparse_type(self) -> Optional[SparseType]:
-        return None if self is Tier.DROP else SparseType(self.value)
+        return None if self in (Tier.SHARED, Tier.DROP) else SparseType(self.value)
+
+    @property
+    def stored(self) -> bool:
+        """Whether the tier's rows have rows of their own in a sub-table (not SHARED, DROP)."""
+        return self not in (Tier.SHARED, Tier.DROP)
 
     @staticmethod
     def parse(name: "str | Tier") -> "Tier":
@@ -68,7 +76,9 @@ class BudgetError(SharkInputError, ValueError):
 
 
 #: Tiers from most to least precise (the order priorities are mapped onto).
-TIER_ORDER: Tuple[Tier, ...] = (Tier.FP32, Tier.FP16, Tier.INT8, Tier.INT4, Tier.INT2, Tier.DROP)
+TIER_ORDER: Tuple[Tier, ...] = (Tier.FP32, Tier.FP16, Tier.INT8, Tier.INT4, Tier.INT2, Tier.SHARED, Tier.DROP)
+#: Where SHARED rows' centroids are stored (after the table's own FP16 rows).
+CENTROID_TIER = Tier.FP16
 
 #: Row alignment of FBGEMM's inference TBE on CUDA (on CPU it is 1); 16 is the conservative
 #: choice for byte budgets, since a model may be served on either.
@@ -76,22 +86,26 @@ DEFAULT_ROW_ALIGNMENT = 16
 
 
 def row_bytes(tier: Tier, dim: int, row_alignment: int = DEFAULT_ROW_ALIGNMENT) -> int:
-    """Bytes of one row in ``tier`` (0 for DROP), as FBGEMM lays it out."""
-    if tier is Tier.DROP:
+    """Bytes of one row in ``tier`` (0 for SHARED and DROP: no row of its own), as FBGEMM lays
+    it out."""
+    if not tier.stored:
         return 0
     return rounded_row_size_in_bytes(dim, tier.sparse_type, row_alignment)
 
 
 def sub_table_bytes(tier: Tier, rows: int, dim: int, row_alignment: int = DEFAULT_ROW_ALIGNMENT) -> int:
     """Bytes of a physical sub-table of ``rows`` rows in ``tier`` (cache-line aligned)."""
-    if tier is Tier.DROP or rows == 0:
+    if not tier.stored or rows == 0:
         return 0
     return align_to_cacheline(rows * row_bytes(tier, dim, row_alignment))
 
 
 def quantization_error(weights: torch.Tensor, tier: Tier) -> torch.Tensor:
     """Squared L2 error per row of ``weights`` [N, D] stored in ``tier`` and read back
-    (FBGEMM's own row-wise quantizers; DROP: the squared norm)."""
+    (FBGEMM's own row-wise quantizers; DROP: the squared norm; SHARED depends on the
+    centroids: :class:`~shark_torchrec.quant.shared_rows.SharedRows`)."""
+    if tier is Tier.SHARED:
+        raise ValueError("the SHARED tier's error depends on the table's centroids (SharedRows.error)")
     w = weights.detach().float().cpu().contiguous()
     if tier is Tier.FP32:
         return torch.zeros(w.shape[0], dtype=torch.float64)
@@ -115,6 +129,8 @@ class TierAssignment:
         dims: ``{table: embedding_dim}``.
         row_alignment: the row alignment bytes were computed with.
         method: how it was chosen (for reports).
+        shared: ``{table: SharedRows}`` for tables with SHARED rows: their centroids (stored in
+            the table's FP16 sub-table) and each row's centroid.
     """
 
     tiers: Dict[str, torch.Tensor]
@@ -122,15 +138,19 @@ class TierAssignment:
     row_alignment: int = DEFAULT_ROW_ALIGNMENT
     method: str = ""
     details: Dict[str, float] = field(default_factory=dict)
+    shared: Dict[str, object] = field(default_factory=dict)
 
     def rows_per_tier(self, table: str) -> Dict[Tier, int]:
         counts = torch.bincount(self.tiers[table].long(), minlength=len(TIER_ORDER))
         return {t: int(counts[i]) for i, t in enumerate(TIER_ORDER) if counts[i] > 0}
 
     def bytes_per_tier(self, table: str) -> Dict[Tier, int]:
-        """Bytes of each tier's physical sub-table of ``table`` (cache-line aligned)."""
-        return {t: sub_table_bytes(t, n, self.dims[table], self.row_alignment)
-                for t, n in self.rows_per_tier(table).items()}
+        """Bytes of each tier's physical sub-table of ``table`` (cache-line aligned; the FP16
+        one holds the SHARED rows' centroids too)."""
+        rows = self.rows_per_tier(table)
+        if table in self.shared:
+            rows[CENTROID_TIER] = rows.get(CENTROID_TIER, 0) + self.shared[table].k
+        return {t: sub_table_bytes(t, n, self.dims[table], self.row_alignment) for t, n in rows.items()}
 
     def table_bytes(self, table: str) -> int:
         return sum(self.bytes_per_tier(table).values())
@@ -179,6 +199,9 @@ def assign_by_fractions(
     fr = {Tier.parse(k): float(v) for k, v in fractions.items()}
     if any(v < 0 for v in fr.values()) or not math.isclose(sum(fr.values()), 1.0, abs_tol=1e-6):
         raise ValueError(f"tier fractions must be >= 0 and sum to 1, got {fractions}")
+    if fr.get(Tier.SHARED, 0) > 0:
+        raise ValueError("assign_by_fractions: the SHARED tier needs centroids per table; use "
+                         "shark_torchrec.quant.assign_tiers (or quantize_) with a RowwiseQuantConfig")
     order = [t for t in TIER_ORDER if fr.get(t, 0) > 0]
     tiers = {}
     for name, p in priorities.items():
@@ -252,6 +275,9 @@ def assign_by_budget(
     allowed = sorted({Tier.parse(t) for t in tiers}, key=TIER_ORDER.index)
     if not allowed:
         raise ValueError("no tiers allowed")
+    if Tier.SHARED in allowed:
+        raise ValueError("assign_by_budget: the SHARED tier needs centroids per table; use "
+                         "shark_torchrec.quant.assign_tiers (or quantize_) with a RowwiseQuantConfig")
     blocks = {n: list((column_blocks or {}).get(n, [dims[n]])) for n in weights}
     for name, w in weights.items():
         if w.shape[0] != priorities[name].numel():
@@ -307,6 +333,8 @@ def weighted_error(assignment: "TierAssignment", priorities: Dict[str, torch.Ten
     """``Σ_v p[v] · err_tier(v)`` of an assignment (what :func:`assign_by_budget` minimises)."""
     total = 0.0
     for name, t in assignment.tiers.items():
-        err = torch.stack([quantization_error(weights[name], tier) for tier in TIER_ORDER], 1)
+        err = torch.stack([quantization_error(weights[name], tier) if tier is not Tier.SHARED
+                           else assignment.shared[name].error if name in assignment.shared
+                           else torch.zeros(t.numel(), dtype=torch.float64) for tier in TIER_ORDER], 1)
         total += float((priorities[name].double() * err.gather(1, t.long().unsqueeze(1)).squeeze(1)).sum())
     return total

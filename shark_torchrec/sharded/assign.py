@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -34,7 +35,8 @@ import torch
 
 from shark_torchrec.quant import budget as B
 from shark_torchrec.quant.config import EXCLUDE, RowwiseQuantConfig
-from shark_torchrec.quant.tiers import TIER_ORDER, BudgetError, Tier, row_bytes
+from shark_torchrec.quant.shared_rows import K_CANDIDATES, SharedRows, cluster_rows
+from shark_torchrec.quant.tiers import CENTROID_TIER, TIER_ORDER, BudgetError, Tier, row_bytes
 from shark_torchrec.sharded.comm import Comm
 from shark_torchrec.sharded.layout import REPLICATED, RowGroup, ShardedLayout
 
@@ -44,6 +46,10 @@ PriorityFn = Callable[[str, int, int], torch.Tensor]
 
 #: Bytes a table's sub-tables may pad per tier (a cache line), counted against budgets.
 PADDING_PER_TIER = 128
+#: Tiers counted for padding (six, SHARED aside: its rows have no sub-table).
+PADDED_TIERS = 6
+#: Rounds of choosing each table's centroid count at the budget's price (see ``_Assigner.budget``).
+REFINE_ROUNDS = 3
 
 
 @dataclasses.dataclass
@@ -56,6 +62,9 @@ class ShardedTierAssignment:
         row_alignment: the row alignment bytes were computed with.
         method: the config, as JSON.
         details: budget bytes, rows budget, price (budgets only).
+        shared: ``{shard name: SharedRows}``: the centroids of this rank's shards with SHARED
+            rows (each shard its own), and each row's centroid.
+        centroids: ``{table: centroids}`` over all ranks (every shard's together).
     """
 
     tiers: Dict[str, torch.Tensor]
@@ -63,12 +72,14 @@ class ShardedTierAssignment:
     row_alignment: int
     method: str = ""
     details: Dict[str, float] = dataclasses.field(default_factory=dict)
+    shared: Dict[str, SharedRows] = dataclasses.field(default_factory=dict)
+    centroids: Dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def table_overhead(rows: int, blocks: int) -> int:
     """Bytes a converted table holds besides its rows: the id map and sub-table padding, once
     per column block."""
-    return blocks * (4 * rows + PADDING_PER_TIER * len(TIER_ORDER))
+    return blocks * (4 * rows + PADDING_PER_TIER * PADDED_TIERS)
 
 
 class _Assigner:
@@ -82,8 +93,12 @@ class _Assigner:
         self.configs = {c.name: c for c in layout.configs()}
         self.order = [t["name"] for t in layout.tables]
         self.groups = {t: layout.row_groups(t) for t in self.order}
+        self.groups_by_offset = {(t, g.row_offset): g for t in self.order for g in self.groups[t]}
         self.blocks = {t: layout.column_blocks(t) for t in self.order}
         self.decided: Dict[Tuple[str, int], torch.Tensor] = {}  # (table, row_offset) -> tiers
+        # (table, row_offset) -> the centroids of a group led here (SHARED rows' reads)
+        self.shared: Dict[Tuple[str, int], SharedRows] = {}
+        self.seed = 0
 
     def check_seen(self, tables: Sequence[str]) -> None:
         """Collective: refuse priorities that are zero in every one of ``tables`` (no training
@@ -135,7 +150,40 @@ class _Assigner:
             all_sizes = self.sizes(t, TIER_ORDER)
             for i, g in self.led(t):
                 local += int(all_sizes[self.decided[(t, g.row_offset)].long()].sum())
+                if (t, g.row_offset) in self.shared:
+                    local += self.centroid_bytes(t, self.shared[(t, g.row_offset)].k)
         return int(self.comm.all_reduce(torch.tensor([local], dtype=torch.long))[0])
+
+    # ------------------------------------------------------------------ shared rows
+    def centroid_bytes(self, table: str, k: int) -> int:
+        """Bytes of one row group's ``k`` centroids (stored FP16)."""
+        return k * row_bytes(CENTROID_TIER, self.configs[table].embedding_dim, self.config.row_alignment)
+
+    def shares(self, table: str) -> bool:
+        """Whether ``table``'s rows may take the SHARED tier: not where a row is split in column
+        blocks (each block would need centroids of its own columns; not supported yet)."""
+        return all(len(g.blocks) == 1 for g in self.groups[table])
+
+    def k_candidates(self, table: str) -> List[int]:
+        """The centroid counts a table may take (the same on every rank): up to a quarter of its
+        smallest row group."""
+        rows = min(g.rows for g in self.groups[table])
+        return [k for k in K_CANDIDATES if k == 1 or k <= rows // 4] or [min(K_CANDIDATES)]
+
+    def cluster(self, g: RowGroup, k: int) -> SharedRows:
+        try:
+            return cluster_rows(self.weights[g.blocks[0].name], self.priority(g), k, self.seed)
+        except ValueError as e:
+            raise ValueError(f"table {g.table!r}, rows from {g.row_offset}: {e}") from None
+
+    def share_decided(self, tables: Sequence[str]) -> None:
+        """Centroids (the largest ``K``) for groups given SHARED rows by a pin or fractions."""
+        shared = TIER_ORDER.index(Tier.SHARED)
+        for t in tables:
+            for _, g in self.led(t):
+                key = (t, g.row_offset)
+                if key not in self.shared and bool((self.decided[key] == shared).any()):
+                    self.shared[key] = self.cluster(g, self.k_candidates(t)[-1])
 
     # ------------------------------------------------------------------ policies
     def pin(self, table: str, tier: Tier) -> None:
@@ -155,28 +203,99 @@ class _Assigner:
 
     def budget(self, tables: Sequence[str], rows_budget: int, label: str) -> Dict[str, float]:
         """Collective: tiers of ``tables`` minimising the priority-weighted error within
-        ``rows_budget`` bytes over all ranks."""
+        ``rows_budget`` bytes over all ranks.
+
+        With the SHARED tier, every row group first gets centroids for each ``K`` its table may
+        take; the budget is solved with the smallest (the centroids' bytes taken off it), then each
+        table takes the ``K`` of least Lagrangian cost at that price
+        (``Σ_rows min_tier(p·err + λ·bytes) + λ·centroid bytes``, over all ranks) and the budget
+        is solved again with them, up to :data:`REFINE_ROUNDS` times while some ``K`` changes."""
         allowed = sorted({Tier.parse(t) for t in self.config.tiers}, key=TIER_ORDER.index)
+        allowed_of = {t: allowed for t in tables}
+        if Tier.SHARED in allowed:
+            column_wise = [t for t in tables if not self.shares(t)]
+            if column_wise:
+                warnings.warn(f"tables {column_wise} are column-wise sharded: their rows do not take the "
+                              "SHARED tier (not supported there yet)")
+            for t in column_wise:
+                allowed_of[t] = [x for x in allowed if x is not Tier.SHARED]
+        k_of = {t: self.k_candidates(t)[0] for t in tables if Tier.SHARED in allowed_of[t]}
+        candidates = {(t, g.row_offset): {k: self.cluster(g, k) for k in self.k_candidates(t)}
+                      for t in k_of for _, g in self.led(t)}
+        price = self.solve(tables, allowed_of, k_of, candidates, rows_budget, label)
+        for _ in range(REFINE_ROUNDS if any(len(self.k_candidates(t)) > 1 for t in k_of) else 0):
+            best = self.best_k(k_of, candidates, allowed_of, B.price_value(price))
+            if best == k_of:
+                break
+            try:
+                price, k_of = self.solve(tables, allowed_of, best, candidates, rows_budget, label), best
+            except BudgetError:  # the centroids chosen leave too little for the rows
+                price = self.solve(tables, allowed_of, k_of, candidates, rows_budget, label)
+                break
+        shared = TIER_ORDER.index(Tier.SHARED)
+        for (t, r0), by_k in candidates.items():
+            if bool((self.decided[(t, r0)] == shared).any()):
+                self.shared[(t, r0)] = by_k[k_of[t]]
+        return {"price": B.price_value(price), **{f"centroids {t}": k for t, k in k_of.items()}}
+
+    def solve(self, tables: Sequence[str], allowed_of: Dict[str, List[Tier]], k_of: Dict[str, int],
+              candidates: Dict[Tuple[str, int], Dict[int, SharedRows]], rows_budget: int, label: str) -> int:
+        """Collective: the exact price for ``rows_budget`` less the centroids of ``k_of``; every
+        row group's tiers at that price go to :attr:`decided`."""
         choices: Dict[Tuple[str, int], List[B.RowChoices]] = {}
         for t in tables:
-            sizes = self.sizes(t, allowed)
+            sizes = self.sizes(t, allowed_of[t])
             for _, g in self.led(t):
-                choices[(t, g.row_offset)] = self.group_choices(g, allowed, sizes)
-        self.exchange_column_errors(tables, allowed, choices)
+                shared = candidates[(t, g.row_offset)][k_of[t]] if t in k_of else None
+                choices[(t, g.row_offset)] = self.group_choices(g, allowed_of[t], sizes, shared)
+        self.exchange_column_errors(tables, allowed_of, choices)
+        rows_budget -= sum(self.centroid_bytes(t, k) * len(self.groups[t]) for t, k in k_of.items())
         flat = [c for cs in choices.values() for c in cs]
         smallest = int(self.comm.all_reduce(torch.tensor([sum(B.smallest_bytes(c) for c in flat)],
                                                          dtype=torch.long))[0])
         if smallest > rows_budget:
+            tiers = sorted({x.value for a in allowed_of.values() for x in a}, key=lambda v: TIER_ORDER.index(Tier(v)))
             raise BudgetError(f"{label}: budget {rows_budget} bytes for the rows is below the smallest "
-                              f"possible size {smallest} with tiers {[t.value for t in allowed]}")
+                              f"possible size {smallest} with tiers {tiers}")
         price = B.price_for_budget(flat, rows_budget, self.comm.all_reduce)
         for key, cs in choices.items():
             self.decided[key] = torch.cat([B.pick(c, price) for c in cs]) if cs else torch.zeros(0, dtype=torch.int8)
-        return {"price": B.price_value(price)}
+        return price
 
-    def group_choices(self, g: RowGroup, allowed: List[Tier], sizes: torch.Tensor) -> List[B.RowChoices]:
+    def best_k(self, k_of: Dict[str, int], candidates: Dict[Tuple[str, int], Dict[int, SharedRows]],
+               allowed_of: Dict[str, List[Tier]], price: float) -> Dict[str, int]:
+        """Collective: each table's ``K`` of least Lagrangian cost at ``price`` per byte."""
+        tables = list(k_of)
+        width = len(K_CANDIDATES)
+        cost = torch.zeros(len(tables), width, dtype=torch.float64)
+        for i, t in enumerate(tables):
+            ks = self.k_candidates(t)
+            rest = [x for x in allowed_of[t] if x is not Tier.SHARED]
+            sizes = self.sizes(t, rest).double()
+            drop = rest.index(Tier.DROP) if (Tier.DROP in rest and self.config.drop_rows == "unused") else -1
+            for _, g in self.led(t):
+                p = self.priority(g)
+                for r0 in range(0, g.rows, B.CHUNK_ROWS):
+                    r1 = min(g.rows, r0 + B.CHUNK_ROWS)
+                    err = B.tier_errors(self.weights[g.blocks[0].name][r0:r1], rest)
+                    c = p[r0:r1].unsqueeze(1) * err + price * sizes.unsqueeze(0)
+                    if drop >= 0:
+                        c[:, drop] = torch.where(p[r0:r1] > 0, math.inf, c[:, drop])
+                    best_rest = c.min(1).values if c.shape[1] else torch.full((r1 - r0,), math.inf, dtype=torch.float64)
+                    for j, k in enumerate(ks):
+                        shared = p[r0:r1] * candidates[(t, g.row_offset)][k].error[r0:r1]
+                        cost[i, j] += float(torch.minimum(best_rest, shared).sum())
+                for j, k in enumerate(ks):
+                    cost[i, j] += price * self.centroid_bytes(t, k)
+            cost[i, len(ks):] = math.inf
+        cost = self.comm.all_reduce(cost)
+        return {t: self.k_candidates(t)[int(torch.argmin(cost[i, :len(self.k_candidates(t))]))]
+                for i, t in enumerate(tables)}
+
+    def group_choices(self, g: RowGroup, allowed: List[Tier], sizes: torch.Tensor,
+                      shared: Optional[SharedRows] = None) -> List[B.RowChoices]:
         """Choices of a row group whose blocks are all here; [] when some lie elsewhere (they
-        come from :meth:`exchange_column_errors`)."""
+        come from :meth:`exchange_column_errors`).  ``shared``: its centroids (SHARED allowed)."""
         if any(b.rank not in (self.rank, REPLICATED) for b in g.blocks):
             return []
         p = self.priority(g)
@@ -187,28 +306,32 @@ class _Assigner:
             for b in g.blocks[1:]:
                 e = B.tier_errors(self.weights[b.name][r0:r1], allowed)
                 extra = e if extra is None else extra.add_(e)
-            out.append(self.checked_choices(g, r0, r1, extra, p[r0:r1], allowed, sizes))
+            out.append(self.checked_choices(g, r0, r1, extra, p[r0:r1], allowed, sizes,
+                                            None if shared is None else shared.error[r0:r1]))
         return out
 
     def checked_choices(self, g: RowGroup, r0: int, r1: int, extra: Optional[torch.Tensor], p: torch.Tensor,
-                        allowed: List[Tier], sizes: torch.Tensor) -> B.RowChoices:
+                        allowed: List[Tier], sizes: torch.Tensor, shared: Optional[torch.Tensor] = None
+                        ) -> B.RowChoices:
         """The choices of rows ``[r0, r1)`` of a group, measured from its first block (held
-        here) plus ``extra``, the errors of its other blocks in column order."""
+        here) plus ``extra``, the errors of its other blocks in column order (``shared``: the
+        rows' SHARED-tier errors)."""
         choices, bad = B.measure_choices(self.weights[g.blocks[0].name][r0:r1], p, allowed, sizes,
-                                         self.config.drop_rows, extra)
+                                         self.config.drop_rows, extra, shared)
         if bad < 0 and extra is not None and bool(torch.isnan(extra).any()):
             bad = int(torch.isnan(extra).any(1).nonzero()[0])
         if bad >= 0:
             raise ValueError(f"table {g.table!r}: row {g.row_offset + r0 + bad} of the weights is not finite")
         return choices
 
-    def exchange_column_errors(self, tables: Sequence[str], allowed: List[Tier],
+    def exchange_column_errors(self, tables: Sequence[str], allowed_of: Dict[str, List[Tier]],
                                choices: Dict[Tuple[str, int], List[B.RowChoices]]) -> None:
         """Collective: row groups with blocks on other ranks than their leader, chunk by chunk
         in the same order on every rank: block holders send their errors, leaders add them in
         column order and make the choices."""
-        K = len(allowed)
         for t in tables:
+            allowed = allowed_of[t]
+            K = len(allowed)
             sizes = self.sizes(t, allowed)
             for g in self.groups[t]:
                 if all(b.rank in (g.leader, REPLICATED) for b in g.blocks):
@@ -257,6 +380,29 @@ class _Assigner:
         return {b.name: self.decided[(t, g.row_offset)] for t in self.order for g in self.groups[t]
                 for b in g.blocks if b.held_by(self.rank)}
 
+    def shared_of_shards(self) -> Tuple[Dict[str, SharedRows], Dict[str, int]]:
+        """Collective: the centroids of every shard held here that has SHARED rows (a replicated
+        table's from its leader), and every table's centroids over all ranks."""
+        replicated = {f"{t}@{r0}": (s.centroids, s.index, s.error) for (t, r0), s in self.shared.items()
+                      if self.groups_by_offset[(t, r0)].blocks[0].rank == REPLICATED}
+        got = {}
+        if any(b.rank == REPLICATED for gs in self.groups.values() for g in gs for b in g.blocks):
+            for part in self.comm.all_gather_object(replicated):
+                got.update(part)
+        out: Dict[str, SharedRows] = {}
+        counts = torch.zeros(len(self.order), dtype=torch.long)
+        for i, t in enumerate(self.order):
+            for g in self.groups[t]:
+                mine = self.shared.get((t, g.row_offset))
+                if mine is not None:
+                    counts[i] += mine.k
+                elif f"{t}@{g.row_offset}" in got:
+                    mine = SharedRows(*got[f"{t}@{g.row_offset}"])
+                if mine is not None and g.blocks[0].held_by(self.rank):
+                    out[g.blocks[0].name] = mine
+        counts = self.comm.all_reduce(counts)
+        return out, {t: int(counts[i]) for i, t in enumerate(self.order) if int(counts[i])}
+
     def rows_per_tier(self) -> Dict[str, List[int]]:
         counts = torch.zeros(len(self.order), len(TIER_ORDER), dtype=torch.long)
         for i, t in enumerate(self.order):
@@ -289,12 +435,19 @@ def assign_tiers_sharded(layout: ShardedLayout, weights: Dict[str, torch.Tensor]
         raise ValueError(f"table_overrides/table_fractions/table_budgets name unknown tables "
                          f"{unknown} (tables: {names})")
     pinned = {t: (Tier.FP32 if v == EXCLUDE else Tier.parse(v)) for t, v in config.table_overrides.items()}
+    # (checked on every rank alike: the layout and config are the same everywhere)
+    for t in names:
+        fractions = config.table_fractions.get(t, config.fractions if t not in pinned else None) or {}
+        if not a.shares(t) and (pinned.get(t) is Tier.SHARED or fractions.get(Tier.SHARED.value, 0) > 0):
+            raise ValueError(f"table {t!r} is column-wise sharded: its rows cannot take the SHARED tier "
+                             "(each column block would need centroids of its own columns; not supported yet)")
     a.check_seen([t for t in names if t not in pinned])
     for t in names:
         if t in pinned:
             a.pin(t, pinned[t])
         elif t in config.table_fractions:
             a.fractions(t, config.table_fractions[t])
+    a.share_decided([t for t in names if t in pinned or t in config.table_fractions])
     details: Dict[str, float] = {}
     for t in names:
         if t in config.table_budgets:
@@ -309,6 +462,7 @@ def assign_tiers_sharded(layout: ShardedLayout, weights: Dict[str, torch.Tensor]
         if config.fractions is not None:
             for t in free:
                 a.fractions(t, config.fractions)
+            a.share_decided(free)
         else:
             fp32 = sum(row_bytes(Tier.FP32, c.embedding_dim, config.row_alignment) * c.num_embeddings
                        for c in a.configs.values())
@@ -325,5 +479,7 @@ def assign_tiers_sharded(layout: ShardedLayout, weights: Dict[str, torch.Tensor]
             details = dict(a.budget(free, rows_budget, "the tables"), budget_bytes=budget,
                            rows_budget_bytes=rows_budget)
     tiers = a.tiers_of_shards()
+    shared, centroids = a.shared_of_shards()
     return ShardedTierAssignment(tiers, a.rows_per_tier(), config.row_alignment,
-                                 method=json.dumps(config.to_dict()), details=details)
+                                 method=json.dumps(config.to_dict()), details=details, shared=shared,
+                                 centroids=centroids)

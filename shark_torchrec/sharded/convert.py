@@ -23,6 +23,7 @@ from torchrec.models.dlrm import DLRMTrain
 from shark_torchrec.export import build_dlrm, describe_dlrm
 from shark_torchrec.quant.config import RowwiseQuantConfig
 from shark_torchrec.quant.mixed_ebc import RowwiseMixedEmbeddingBagCollection
+from shark_torchrec.quant.shared_rows import SharedRows
 from shark_torchrec.sharded.assign import PriorityFn, ShardedTierAssignment, assign_tiers_sharded
 from shark_torchrec.sharded.collection import ShardedRowwiseMixedEmbeddingBagCollection, local_configs
 from shark_torchrec.sharded.comm import Comm
@@ -32,9 +33,11 @@ from shark_torchrec.sharded.layout import REPLICATED, ShardedLayout, collection_
 def build_sharded_collection(layout: ShardedLayout, weights: Dict[str, torch.Tensor], tiers: Dict[str, torch.Tensor],
                              row_alignment: int, comm: Comm, check_ids: bool = True,
                              device: torch.device = torch.device("cpu"),
+                             shared: Optional[Dict[str, SharedRows]] = None,
                              ) -> ShardedRowwiseMixedEmbeddingBagCollection:
     """This rank's part of a sharded mixed collection, from its shards' rows and tiers
-    (``{shard name: ...}``)."""
+    (``{shard name: ...}``; ``shared``: the centroids of shards with SHARED rows,
+    :attr:`ShardedTierAssignment.shared`)."""
     routed = [s for s in layout.local(comm.rank) if s.rank != REPLICATED]
     replicated = [s for s in layout.shards if s.rank == REPLICATED]
 
@@ -46,7 +49,8 @@ def build_sharded_collection(layout: ShardedLayout, weights: Dict[str, torch.Ten
         return RowwiseMixedEmbeddingBagCollection.from_weights(
             local_configs(layout, shards), {s.name: weights[s.name] for s in shards},
             {s.name: tiers[s.name] for s in shards}, is_weighted=layout.is_weighted,
-            row_alignment=row_alignment, device=device, check_ids=False)
+            row_alignment=row_alignment, device=device, check_ids=False,
+            shared={s.name: shared[s.name] for s in shards if s.name in (shared or {})})
 
     return ShardedRowwiseMixedEmbeddingBagCollection(layout, convert(routed), convert(replicated), comm,
                                                      check_ids=check_ids, row_alignment=row_alignment)
@@ -84,7 +88,7 @@ def quantize_sharded(ebc: nn.Module, config: RowwiseQuantConfig, priorities: Any
     assignment = assign_tiers_sharded(layout, weights, config, priorities, comm)
     device = next(iter(weights.values())).device if weights else torch.device("cpu")
     mixed = build_sharded_collection(layout, weights, assignment.tiers, config.row_alignment, comm,
-                                     check_ids, device)
+                                     check_ids, device, assignment.shared)
     return mixed, assignment
 
 

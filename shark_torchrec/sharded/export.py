@@ -35,7 +35,7 @@ from torchrec.tensor_types import UInt2Tensor, UInt4Tensor
 from shark_torchrec.export import ExportError, build_dlrm, check_model_shape, check_pruning_plan, describe_dlrm
 from shark_torchrec.quant.layout import MixedLayout
 from shark_torchrec.quant.mixed_ebc import RowwiseMixedEmbeddingBagCollection
-from shark_torchrec.quant.tiers import TIER_ORDER, sub_table_bytes
+from shark_torchrec.quant.tiers import CENTROID_TIER, TIER_ORDER, Tier, sub_table_bytes
 from shark_torchrec.sharded.collection import ShardedRowwiseMixedEmbeddingBagCollection, local_configs
 from shark_torchrec.sharded.comm import Comm
 from shark_torchrec.sharded.layout import REPLICATED, ShardedLayout, TableShard
@@ -79,13 +79,27 @@ def _shard_state(collection: RowwiseMixedEmbeddingBagCollection, shard: TableSha
 
 
 def _shard_counts(collection: RowwiseMixedEmbeddingBagCollection, shard: TableShard) -> List[int]:
-    """The shard's rows in each :data:`TIER_ORDER` tier."""
+    """The shard's renumbered rows in each :data:`TIER_ORDER` tier (FP16: its centroids too;
+    SHARED: none, see :attr:`MixedLayout.shared`)."""
     counts = dict(zip(collection.layout.tiers, collection.layout.rows[shard.name]))
     return [int(counts.get(t.value, 0)) for t in TIER_ORDER]
 
 
+#: The tier order of exports written before the SHARED tier (their counts lack it).
+_TIERS_BEFORE_SHARED = [t.value for t in TIER_ORDER if t is not Tier.SHARED]
+
+
+def _logical_counts(counts: List[int], shared: List[int]) -> List[int]:
+    """Rows per tier as assigned (SHARED rows counted, centroids not) from renumbered counts."""
+    out = list(counts)
+    out[TIER_ORDER.index(CENTROID_TIER)] -= shared[1]
+    out[TIER_ORDER.index(Tier.SHARED)] += shared[0]
+    return out
+
+
 def _build_local(layout: ShardedLayout, shards: List[TableShard], counts: Dict[str, List[int]],
-                 states: Dict[str, Dict[str, Any]], row_alignment: int) -> Optional[RowwiseMixedEmbeddingBagCollection]:
+                 states: Dict[str, Dict[str, Any]], row_alignment: int, shared: Dict[str, List[int]]
+                 ) -> Optional[RowwiseMixedEmbeddingBagCollection]:
     """A rank's local collection over ``shards``, from their saved states."""
     if not shards:
         return None
@@ -95,7 +109,8 @@ def _build_local(layout: ShardedLayout, shards: List[TableShard], counts: Dict[s
         tables=[{"name": c.name, "rows": c.num_embeddings, "dim": c.embedding_dim,
                  "features": list(c.feature_names), "pooling": c.pooling.value} for c in configs],
         tiers=[TIER_ORDER[i].value for i in used], rows={s.name: [counts[s.name][i] for i in used] for s in shards},
-        is_weighted=layout.is_weighted, row_alignment=row_alignment)
+        is_weighted=layout.is_weighted, row_alignment=row_alignment,
+        shared={s.name: list(shared[s.name]) for s in shards if s.name in shared})
     module = RowwiseMixedEmbeddingBagCollection(mixed, check_ids=False)
     group = module.groups[0]
     views = group._tbe_views()
@@ -127,21 +142,24 @@ def export_sharded(model: DLRMTrain, path: str, pruning_plan: Optional[Any] = No
         if s.rank == REPLICATED and comm.rank != 0:
             continue
         source = collection.replicated if s.rank == REPLICATED else collection.routed
-        mine[s.name] = (_shard_state(source, s), _shard_counts(source, s))
+        mine[s.name] = (_shard_state(source, s), _shard_counts(source, s), source.layout.shared.get(s.name))
     part = f"part-{comm.rank:05d}.pt"
     _atomic_save({"format": SHARDED_EXPORT_FORMAT, "export_id": export_id, "rank": comm.rank,
                   "shards": {k: v[0] for k, v in mine.items()}}, os.path.join(path, part))
     record = {"file": part, "rank": comm.rank, "shards": sorted(mine), "bytes": os.path.getsize(os.path.join(path, part)),
-              "sha256": _sha256(os.path.join(path, part)), "counts": {k: v[1] for k, v in mine.items()}}
+              "sha256": _sha256(os.path.join(path, part)), "counts": {k: v[1] for k, v in mine.items()},
+              "shared": {k: v[2] for k, v in mine.items() if v[2]}}
     records = comm.all_gather_object(record)
     if comm.rank == 0:
         dense = {k: v for k, v in dlrm.state_dict().items() if not k.startswith("sparse_arch.")}
         _atomic_save({"format": SHARDED_EXPORT_FORMAT, "export_id": export_id, "state_dict": dense},
                      os.path.join(path, "dense.pt"))
         counts = {k: c for r in records for k, c in r["counts"].items()}
+        shared = {k: c for r in records for k, c in r["shared"].items()}
         manifest = {
             "format": SHARDED_EXPORT_FORMAT, "export_id": export_id, "model": describe_dlrm(dlrm),
             "layout": layout.to_dict(), "row_alignment": collection.row_alignment, "rows_per_tier": counts,
+            "shared": shared,
             "parts": [{k: r[k] for k in ("file", "rank", "shards", "bytes", "sha256")} for r in records],
             "dense": {"file": "dense.pt", "bytes": os.path.getsize(os.path.join(path, "dense.pt")),
                       "sha256": _sha256(os.path.join(path, "dense.pt"))},
@@ -173,8 +191,18 @@ def read_manifest(path: str) -> Dict[str, Any]:
                            "tiers") if k not in m]
     if missing:
         raise ExportError(f"{file}: manifest lacks {missing}")
+    if m["tiers"] == _TIERS_BEFORE_SHARED and isinstance(m["rows_per_tier"], dict):  # an earlier version's
+        at = TIER_ORDER.index(Tier.SHARED)
+        m["rows_per_tier"] = {k: (c[:at] + [0] + c[at:] if isinstance(c, list) else c)
+                              for k, c in m["rows_per_tier"].items()}
+        m["tiers"] = [t.value for t in TIER_ORDER]
     if m["tiers"] != [t.value for t in TIER_ORDER]:
         raise ExportError(f"{file}: field 'tiers' {m['tiers']} is not this version's tier order")
+    shared = m.setdefault("shared", {})
+    if not isinstance(shared, dict) or not all(
+            isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) and x >= 0 for x in v)
+            for v in shared.values()):
+        raise ExportError(f"{file}: field 'shared' must map shards to [shared rows, centroids]")
     check_model_shape(file, m["model"])
     check_pruning_plan(file, m.get("pruning_plan", ""))
     try:
@@ -188,8 +216,10 @@ def read_manifest(path: str) -> Dict[str, Any]:
     for name in shards:
         c = m["rows_per_tier"].get(name)
         s = next(x for x in layout.shards if x.name == name)
-        if not isinstance(c, list) or len(c) != len(TIER_ORDER) or sum(c) != s.rows:
-            raise ExportError(f"{file}: field 'rows_per_tier' of shard {name!r} is {c!r} ({s.rows} rows)")
+        n_shared, k = shared.get(name, [0, 0])
+        if not isinstance(c, list) or len(c) != len(TIER_ORDER) or sum(c) != s.rows - n_shared + k:
+            raise ExportError(f"{file}: field 'rows_per_tier' of shard {name!r} is {c!r} ({s.rows} rows, "
+                              f"{n_shared} of them shared, {k} centroids)")
     return m
 
 
@@ -261,9 +291,10 @@ def load_sharded_export(path: str, comm: Optional[Comm] = None, check_ids: bool 
         states[s.name] = shard_states[s.name]
     counts = m["rows_per_tier"]
     try:
-        routed = _build_local(layout, [s for s in mine if s.rank != REPLICATED], counts, states, m["row_alignment"])
+        routed = _build_local(layout, [s for s in mine if s.rank != REPLICATED], counts, states, m["row_alignment"],
+                              m["shared"])
         replicated = _build_local(layout, [s for s in mine if s.rank == REPLICATED], counts, states,
-                                  m["row_alignment"])
+                                  m["row_alignment"], m["shared"])
     except (KeyError, RuntimeError, ValueError, TypeError) as e:
         raise ExportError(f"{path}: a part's shard data does not match the manifest ({type(e).__name__}: {e})") from e
     collection = ShardedRowwiseMixedEmbeddingBagCollection(layout, routed, replicated, comm, check_ids=check_ids,
@@ -285,6 +316,7 @@ def load_sharded_export(path: str, comm: Optional[Comm] = None, check_ids: bool 
     for s in layout.shards:  # rows per tier of each table (column blocks counted once)
         if s.col_offset == 0:
             per_table[s.table] = [a + b for a, b in zip(per_table.get(s.table, [0] * len(TIER_ORDER)),
-                                                        counts[s.name])]
+                                                        _logical_counts(counts[s.name],
+                                                                        m["shared"].get(s.name, [0, 0])))]
     info["rows_per_tier"] = {t: dict(zip(m["tiers"], c)) for t, c in per_table.items()}
     return model, info

@@ -30,7 +30,12 @@ POLICIES = {
     "fractions": dict(fractions={"fp16": 0.1, "int8": 0.3, "int4": 0.5, "drop": 0.1}),
     "mixed": dict(budget_fraction=0.4, table_overrides={"t_f0": "int8"},
                   table_fractions={"t_f1": {"fp16": 0.5, "int2": 0.5}}, table_budgets={"t_f3": 3000}),
+    # shard-local centroids (column-wise tables take no SHARED rows); unused rows dropped
+    "shared": dict(budget_fraction=0.3, tiers=("fp16", "int8", "int4", "int2", "shared", "drop"),
+                   drop_rows="unused", row_alignment=1),
 }
+#: The policy of the converted model that is served, exported and loaded.
+SERVED = "shared"
 
 
 def priorities(table: str, rows: int) -> torch.Tensor:
@@ -97,9 +102,10 @@ def main() -> None:
                 merged[k] = v
         result["tiers"][name] = merged
         result["rows_per_tier"][name] = a.rows_per_tier
-    # Convert with the "budget" policy and serve: pooled embeddings and logits of batches split
+        result.setdefault("centroids", {})[name] = a.centroids
+    # Convert with the SERVED policy and serve: pooled embeddings and logits of batches split
     # unevenly over the ranks (one rank may get none), gathered in global sample order.
-    model, a = quantize_sharded_dlrm(trainer.model, RowwiseQuantConfig(**POLICIES["budget"]),
+    model, a = quantize_sharded_dlrm(trainer.model, RowwiseQuantConfig(**POLICIES[SERVED]),
                                      lambda t, r0, n: prio[t][r0:r0 + n], comm)
     collection = model.model.sparse_arch.embedding_bag_collection
     served = []
@@ -168,6 +174,8 @@ def main() -> None:
         result["reloaded_logits"] = again
         result["reload_placement"] = info["placement"].to_dict()
     result["served_tiers"] = {k: v for part in comm.all_gather_object(a.tiers) for k, v in part.items()}
+    result["served_shared"] = {k: (v.centroids, v.index) for part in comm.all_gather_object(a.shared)
+                               for k, v in part.items()}
     result["dense"] = dense_state(trainer.model)
     result["features"] = list(config.feature_names)
     full = full_state_dict(trainer.model)  # the test's reference only

@@ -209,8 +209,9 @@ inline void accumulate(float* __restrict acc, const uint8_t* __restrict row, int
   for (; d < D; ++d) acc[d] = std::fma(w, element<TY>(row, d, scale, bias), acc[d]);
 }
 
-// A table has one tier per storage type at most (FP32 ... INT2, DROP: 6); 8 tier starts fill
-// one AVX2 register.
+// A table has one tier per storage type at most (FP32 ... INT2, DROP: 6; SHARED rows have none:
+// their id-map entries point at centroids among the FP16 rows); 8 tier starts fill one AVX2
+// register.
 constexpr int kMaxTiers = 8;
 
 // Where a renumbered row r of tier k lies: origin + r * row_bytes (origin = the sub-table's
@@ -507,7 +508,9 @@ int64_t mixed_embedding_bag(const Tensor& values, const Tensor& offsets,
     const int64_t* m = fm + 5 * f;
     const int64_t* start = ts + f * (K + 1);
     TORCH_CHECK(m[3] + m[2] <= W, "feature columns outside out");
-    TORCH_CHECK(start[K] == m[1] && m[1] <= INT32_MAX, "tier starts must end at the table's rows (< 2^31)");
+    // (the renumbered rows: the table's rows, less its SHARED rows, plus their centroids)
+    TORCH_CHECK(start[K] >= 0 && start[K] <= INT32_MAX && m[1] <= INT32_MAX,
+                "tier starts and table rows must lie below 2^31");
     Feature& ft = features[f];
     ft.map = map + m[0];
     ft.rows = (uint64_t)m[1];

@@ -33,7 +33,7 @@ namespace {
 
 using at::Tensor;
 
-constexpr int kTiers = 6;  // TIER_ORDER: FP32, FP16, INT8, INT4, INT2, DROP
+constexpr int kTiers = 7;  // TIER_ORDER: FP32, FP16, INT8, INT4, INT2, SHARED, DROP
 enum Ty : int32_t { FP32 = 0, FP16 = 1, INT8 = 2, INT4 = 3, INT2 = 4, NO_TABLE = -1 };
 
 inline uint16_t to_half(float x) { return c10::Half(x).x; }
@@ -150,9 +150,9 @@ bool store_row(const float* x, int64_t D, int32_t ty, uint8_t* dst) {
 // `row_map`; returns the first row holding a NaN or an infinity (then nothing is promised
 // about what was written), else -1.
 //   tiers [n] int8: TIER_ORDER index of each row.
-//   sub_meta [6, 3] int64: per TIER_ORDER tier, byte offset of the table's sub-table in
+//   sub_meta [7, 3] int64: per TIER_ORDER tier, byte offset of the table's sub-table in
 //     buffer, bytes per stored row, FBGEMM SparseType (-1: no sub-table, e.g. DROP).
-//   tier_start [6] int64: the first id of each tier's rows.
+//   tier_start [7] int64: the first id of each tier's rows.
 int64_t quantize_into(const Tensor& weights, const Tensor& tiers, const Tensor& sub_meta, const Tensor& tier_start,
                       Tensor buffer, Tensor row_map) {
   TORCH_CHECK(weights.device().is_cpu() && weights.scalar_type() == at::kFloat && weights.dim() == 2 &&
@@ -163,7 +163,7 @@ int64_t quantize_into(const Tensor& weights, const Tensor& tiers, const Tensor& 
               "quantize_into: tiers must be int8, one per row");
   TORCH_CHECK(sub_meta.scalar_type() == at::kLong && sub_meta.is_contiguous() && sub_meta.numel() == 3 * kTiers &&
                   tier_start.scalar_type() == at::kLong && tier_start.numel() == kTiers,
-              "quantize_into: sub_meta int64 [6, 3] and tier_start int64 [6]");
+              "quantize_into: sub_meta int64 [7, 3] and tier_start int64 [7]");
   TORCH_CHECK(buffer.scalar_type() == at::kByte && buffer.is_contiguous(), "quantize_into: buffer must be uint8");
   TORCH_CHECK(row_map.scalar_type() == at::kInt && row_map.is_contiguous() && row_map.numel() == n,
               "quantize_into: row_map must be int32, one per row");
@@ -183,7 +183,7 @@ int64_t quantize_into(const Tensor& weights, const Tensor& tiers, const Tensor& 
     for (int64_t c = c0; c < c1; ++c)
       for (int64_t i = c * chunk; i < std::min(n, (c + 1) * chunk); ++i) ++first[c * kTiers + t[i]];
   });
-  int64_t running[kTiers] = {0, 0, 0, 0, 0, 0};
+  int64_t running[kTiers] = {};
   for (int64_t c = 0; c < chunks; ++c)
     for (int k = 0; k < kTiers; ++k) {
       const int64_t count = first[c * kTiers + k];

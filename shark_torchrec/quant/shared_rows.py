@@ -1,0 +1,147 @@
+"""Shared rows: the SHARED tier's centroids (shared rows instead of dropped rows).
+
+A row in the SHARED tier stores nothing of its own: its id-map entry points at one of ``K``
+centroid rows of its table (of its shard, in a sharded model), stored FP16 after the table's
+FP16 rows.  It reads as its cluster's centroid where a DROP row reads as zeros.  ``K = 1`` is the
+table's priority-weighted mean row.
+
+The centroids are a priority-weighted k-means of the fp32 rows (k-means++ seeds, then faiss's
+Lloyd iterations on all cores), trained on a sample of at most :data:`SAMPLE_PER_CENTROID` rows
+per centroid; then every row is assigned to its nearest centroid *as stored* (fp16), in chunks.
+Memory: the sample, the centroids and 6 bytes per row (per candidate ``K``).  Which ``K`` a table
+gets is the byte budget's choice (:mod:`~shark_torchrec.sharded.assign`: the ``K`` among
+:data:`K_CANDIDATES` with the least Lagrangian cost at the budget's price, centroids' bytes
+included).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import List, Optional
+
+import numpy as np
+import torch
+
+#: Centroids per table (per shard) the byte budget chooses from (a table takes those up to a
+#: quarter of its rows).
+K_CANDIDATES = (1, 4, 16, 64, 256, 1024)
+#: Rows k-means trains on, per centroid (faiss's default cap is 256; 64 keeps K = 1024 on a
+#: large table to seconds, and faiss warns only below 39).
+SAMPLE_PER_CENTROID = 64
+#: Rows assigned to centroids at a time.
+CHUNK_ROWS = 65_536
+#: k-means iterations (Lloyd's, by faiss, from k-means++ seeds).
+ITERATIONS = 20
+
+
+@dataclasses.dataclass
+class SharedRows:
+    """The centroids of one table (or shard) and each row's nearest one.
+
+    Attributes:
+        centroids: float32 [K, dim], fp16-representable: what a SHARED row reads as.
+        index: [rows] each row's nearest centroid (int16; int32 beyond 32,767 centroids).
+        error: float32 [rows], each row's squared distance to it (its SHARED-tier error,
+            measured in float64).
+    """
+
+    centroids: torch.Tensor
+    index: torch.Tensor
+    error: torch.Tensor
+
+    @property
+    def k(self) -> int:
+        return int(self.centroids.shape[0])
+
+
+def _as_float(weights: torch.Tensor) -> torch.Tensor:
+    w = weights.detach()
+    if w.dtype != torch.float32 or w.device.type != "cpu":
+        w = w.float().cpu()
+    return w
+
+
+def _check_finite(w: torch.Tensor, r0: int) -> None:
+    bad = ~torch.isfinite(w).all(1)
+    if bool(bad.any()):
+        raise ValueError(f"row {r0 + int(bad.nonzero()[0])} of the weights is not finite")
+
+
+def _assign(weights: torch.Tensor, centroids: torch.Tensor) -> tuple:
+    """Nearest centroid and squared distance of every row, in chunks: the nearest by one float32
+    matrix product per chunk (``|c|^2 - 2 w.c``), its distance then measured in float64."""
+    n = weights.shape[0]
+    index = torch.empty(n, dtype=torch.int16 if centroids.shape[0] <= 32767 else torch.int32)
+    error = torch.empty(n, dtype=torch.float32)
+    c = centroids.float()
+    c_norm = (c.double() * c.double()).sum(1).float()
+    c64 = c.double()
+    for r0 in range(0, n, CHUNK_ROWS):
+        w = _as_float(weights[r0:r0 + CHUNK_ROWS])
+        _check_finite(w, r0)
+        nearest = torch.argmin(torch.addmm(c_norm.unsqueeze(0), w, c.t(), alpha=-2.0), 1)
+        index[r0:r0 + w.shape[0]] = nearest.to(index.dtype)
+        error[r0:r0 + w.shape[0]] = ((w.double() - c64[nearest]) ** 2).sum(1)
+    return index, error
+
+
+def _kmeans_pp(x: np.ndarray, weights: Optional[np.ndarray], k: int, g: torch.Generator) -> np.ndarray:
+    """Weighted k-means++ seeds (Arthur & Vassilvitskii, 2007): each next seed drawn with
+    probability ∝ weight × squared distance to the nearest seed so far."""
+    pts = torch.from_numpy(x).double()
+    w = torch.ones(pts.shape[0], dtype=torch.float64) if weights is None else torch.from_numpy(weights).double()
+    first = int(torch.multinomial(w / w.sum(), 1, generator=g))
+    seeds = [first]
+    nearest = ((pts - pts[first]) ** 2).sum(1)
+    for _ in range(1, k):
+        mass = w * nearest
+        i = int(torch.multinomial(mass / mass.sum(), 1, generator=g)) if float(mass.sum()) > 0 else \
+            int(torch.randint(pts.shape[0], (1,), generator=g))
+        seeds.append(i)
+        nearest = torch.minimum(nearest, ((pts - pts[i]) ** 2).sum(1))
+    return x[seeds].copy()
+
+
+def cluster_rows(weights: torch.Tensor, priority: Optional[torch.Tensor], k: int, seed: int = 0) -> SharedRows:
+    """``k`` centroids of ``weights`` [rows, dim] (any view; read in chunks), weighted by
+    ``priority`` [rows] (``None`` or all zero: equal weights), stored FP16.
+
+    ``k = 1`` is the weighted mean row (exact); larger ``k`` a faiss k-means on a seeded sample.
+    Raises ``ValueError`` on a non-finite row (naming it)."""
+    n, dim = weights.shape
+    if n == 0:
+        return SharedRows(torch.zeros(0, dim), torch.zeros(0, dtype=torch.int16), torch.zeros(0, dtype=torch.float32))
+    k = max(1, min(int(k), n))
+    p = None if priority is None else priority.double().reshape(-1)
+    if p is not None and not float(p.sum()) > 0:
+        p = None
+    if k == 1:
+        total = torch.zeros(dim, dtype=torch.float64)
+        for r0 in range(0, n, CHUNK_ROWS):
+            w = _as_float(weights[r0:r0 + CHUNK_ROWS]).double()
+            _check_finite(w, r0)
+            total += (w * p[r0:r0 + w.shape[0]].unsqueeze(1)).sum(0) if p is not None else w.sum(0)
+        mean = total / (float(p.sum()) if p is not None else n)
+        centroids = mean.float().unsqueeze(0)
+    else:
+        import faiss  # (a dependency of the SHARED tier only)
+
+        g = torch.Generator().manual_seed(seed)
+        take = min(n, SAMPLE_PER_CENTROID * k)
+        rows = torch.randperm(n, generator=g)[:take].sort().values if take < n else torch.arange(n)
+        x = _as_float(weights.index_select(0, rows) if take < n else weights).contiguous().numpy()
+        if not np.isfinite(x).all():  # (the first such row of all, not only of the sample)
+            for r0 in range(0, n, CHUNK_ROWS):
+                _check_finite(_as_float(weights[r0:r0 + CHUNK_ROWS]), r0)
+        km = faiss.Kmeans(dim, k, niter=ITERATIONS, seed=seed, verbose=False,
+                          max_points_per_centroid=SAMPLE_PER_CENTROID, min_points_per_centroid=1)
+        # faiss takes weights per training point; a tiny floor keeps unseen rows in the sample
+        # from being ignored entirely (all-zero weights would leave centroids undefined).
+        w = None if p is None else (p[rows].numpy() + 1e-12).astype(np.float32)
+        # faiss seeds with random rows, which on well-separated clusters often leaves two seeds
+        # in one cluster and none in another, for good; k-means++ seeds do not.
+        km.train(x, weights=w, init_centroids=_kmeans_pp(x, w, k, g))
+        centroids = torch.from_numpy(km.centroids.copy())
+    centroids = centroids.half().float()  # as stored: FP16
+    index, error = _assign(weights, centroids)
+    return SharedRows(centroids, index, error)

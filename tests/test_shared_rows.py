@@ -1,0 +1,216 @@
+"""The SHARED tier: rows read as one of their table's FP16 centroids (a priority-weighted
+k-means), storing only their id-map entry."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+from torchrec.modules.embedding_configs import PoolingType
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from shark_torchrec.quant import (
+    TIER_ORDER,
+    RowwiseMixedEmbeddingBagCollection,
+    RowwiseQuantConfig,
+    Tier,
+    assign_by_budget,
+    assign_by_fractions,
+    dequantize_rows,
+    quantize_,
+)
+from shark_torchrec.quant.layout import MixedLayout
+from shark_torchrec.quant.tiers import BudgetError
+from shark_torchrec.quant.shared_rows import K_CANDIDATES, cluster_rows
+
+SHARED = TIER_ORDER.index(Tier.SHARED)
+
+
+def test_one_centroid_is_the_priority_weighted_mean_row() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(300, 12)
+    p = torch.rand(300, dtype=torch.float64)
+    s = cluster_rows(w, p, 1)
+    mean = (w.double() * p.unsqueeze(1)).sum(0) / p.sum()
+    assert s.k == 1 and torch.equal(s.centroids[0], mean.float().half().float())
+    assert torch.equal(s.index.long(), torch.zeros(300, dtype=torch.long))
+    torch.testing.assert_close(s.error.double(), ((w.double() - s.centroids[0].double()) ** 2).sum(1))
+    # no priorities (or all zero): the plain mean
+    assert torch.equal(cluster_rows(w, torch.zeros(300), 1).centroids, cluster_rows(w, None, 1).centroids)
+    torch.testing.assert_close(cluster_rows(w, None, 1).centroids[0], w.mean(0).half().float())
+
+
+def test_every_row_gets_its_nearest_centroid_as_stored() -> None:
+    torch.manual_seed(1)
+    centers = torch.randn(8, 16) * 4
+    w = centers[torch.randint(8, (2000,))] + 0.1 * torch.randn(2000, 16)
+    s = cluster_rows(w, torch.rand(2000), 8, seed=3)
+    assert s.k == 8 and s.centroids.dtype == torch.float32
+    assert torch.equal(s.centroids, s.centroids.half().float())  # what FP16 storage reads back
+    d = torch.cdist(w.double(), s.centroids.double()) ** 2
+    assert torch.equal(d.argmin(1), s.index.long())
+    torch.testing.assert_close(s.error.double(), d.min(1).values)
+    # well-separated clusters are found: nearly every row within its noise of a centroid
+    assert float((s.error < 16 * 0.1 ** 2 * 4).double().mean()) > 0.95
+    assert float(cluster_rows(w, None, 1).error.mean()) > 10 * float(s.error.mean())
+    again = cluster_rows(w, torch.rand(2000, generator=torch.Generator().manual_seed(0)), 8, seed=3)
+    assert again.k == 8  # (priorities change the centroids, not the contract)
+
+
+def test_a_non_finite_row_is_named() -> None:
+    w = torch.randn(100, 4)
+    w[42, 1] = float("nan")
+    for k in (1, 4):
+        with pytest.raises(ValueError, match="row 42 of the weights is not finite"):
+            cluster_rows(w, None, k)
+
+
+def _reference(weights, tiers, shared):
+    """Each row as the mixed collection stores it: its tier's dequantized row, its centroid
+    (SHARED) or zeros (DROP)."""
+    out = torch.zeros_like(weights)
+    for i, tier in enumerate(TIER_ORDER):
+        rows = tiers == i
+        if not bool(rows.any()):
+            continue
+        out[rows] = shared.centroids[shared.index[rows].long()] if tier is Tier.SHARED else \
+            dequantize_rows(weights[rows], tier)
+    return out
+
+
+@pytest.mark.parametrize("use_kernel", [True, False])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_shared_rows_read_their_centroids_in_both_lookups(use_kernel: bool, weighted: bool) -> None:
+    """Exact against F.embedding_bag on the rows as stored, SUM and MEAN (a DROP id still
+    counts in a MEAN bag), through the fused CPU kernel and FBGEMM's bucketize + TBE path, and
+    after a save/load round trip."""
+    torch.manual_seed(2)
+    configs = [EmbeddingBagConfig(name="a", num_embeddings=400, embedding_dim=16, feature_names=["fa"]),
+               EmbeddingBagConfig(name="b", num_embeddings=90, embedding_dim=8, feature_names=["fb"],
+                                  pooling=PoolingType.MEAN)]
+    weights = {c.name: torch.randn(c.num_embeddings, c.embedding_dim) for c in configs}
+    tiers = {c.name: torch.randint(0, len(TIER_ORDER), (c.num_embeddings,), dtype=torch.int8) for c in configs}
+    tiers["a"][:40] = SHARED
+    shared = {"a": cluster_rows(weights["a"], None, 16), "b": cluster_rows(weights["b"], None, 1)}
+    m = RowwiseMixedEmbeddingBagCollection.from_weights(configs, weights, tiers, is_weighted=weighted,
+                                                        row_alignment=1, shared=shared)
+    m.use_cpu_kernel = use_kernel
+    B = 32
+    lengths = torch.randint(0, 6, (2 * B,))
+    values = torch.cat([torch.randint(400, (int(lengths[:B].sum()),)), torch.randint(90, (int(lengths[B:].sum()),))])
+    w = torch.rand(values.numel()) if weighted else None
+    kjt = KeyedJaggedTensor.from_lengths_sync(["fa", "fb"], values, lengths, weights=w)
+    out = m(kjt)
+    loaded = RowwiseMixedEmbeddingBagCollection.from_state_dict(m.state_dict())
+    loaded.use_cpu_kernel = use_kernel
+    again = loaded(kjt)
+    for c, f in zip(configs, ["fa", "fb"]):
+        j = kjt[f]
+        table = _reference(weights[c.name], tiers[c.name], shared[c.name])
+        mode = "sum" if c.pooling == PoolingType.SUM else "mean"
+        want = F.embedding_bag(j.values(), table, j.offsets()[:-1], mode=mode,
+                               per_sample_weights=j.weights() if weighted and mode == "sum" else None,
+                               include_last_offset=False)
+        if weighted and mode == "mean":  # weighted MEAN: the weighted sum over the bag's length
+            s = F.embedding_bag(j.values(), table, j.offsets()[:-1], mode="sum", per_sample_weights=j.weights())
+            want = s / j.lengths().clamp(min=1).unsqueeze(1)
+        torch.testing.assert_close(out[f], want, rtol=1e-5, atol=1e-6)
+        assert torch.equal(again[f], out[f])
+    # bytes: the centroids sit in the FP16 sub-table, the shared rows store nothing
+    assert m.layout.shared == {"a": [int((tiers["a"] == SHARED).sum()), 16],
+                               "b": [int((tiers["b"] == SHARED).sum()), 1]}
+    fp16 = m.layout.tiers.index("fp16")
+    assert m.layout.rows["a"][fp16] == int((tiers["a"] == TIER_ORDER.index(Tier.FP16)).sum()) + 16
+
+
+def test_a_layout_whose_rows_do_not_add_up_is_refused() -> None:
+    t = {"name": "t", "rows": 10, "dim": 4, "features": ["f"], "pooling": "SUM"}
+    MixedLayout(tables=[t], tiers=["fp16", "int8"], rows={"t": [3, 4]}, shared={"t": [5, 2]}).check()
+    with pytest.raises(ValueError, match=r"table 't': rows per tier \[3, 5\] do not add up to 10 rows "
+                                         r"\(5 of them shared, 2 centroids\)"):
+        MixedLayout(tables=[t], tiers=["fp16", "int8"], rows={"t": [3, 5]}, shared={"t": [5, 2]}).check()
+    with pytest.raises(ValueError, match="without an fp16 tier"):
+        MixedLayout(tables=[t], tiers=["int8"], rows={"t": [7]}, shared={"t": [5, 2]}).check()
+
+
+def test_shared_rows_without_centroids_are_refused() -> None:
+    c = EmbeddingBagConfig(name="t", num_embeddings=20, embedding_dim=4, feature_names=["f"])
+    tiers = torch.full((20,), SHARED, dtype=torch.int8)
+    with pytest.raises(ValueError, match=r"table 't': 20 SHARED rows need its centroids"):
+        RowwiseMixedEmbeddingBagCollection.from_weights([c], {"t": torch.randn(20, 4)}, {"t": tiers})
+    with pytest.raises(ValueError, match="SHARED tier needs centroids per table; use shark_torchrec.quant.assign_tiers"):
+        assign_by_fractions({"t": torch.rand(20)}, {"t": 4}, {"shared": 1.0})
+    with pytest.raises(ValueError, match="SHARED tier needs centroids per table"):
+        assign_by_budget({"t": torch.rand(20)}, {"t": torch.randn(20, 4)}, 100, tiers=("int8", "shared"))
+
+
+def _clustered_collection(clusters: int) -> EmbeddingBagCollection:
+    torch.manual_seed(4)
+    configs = [EmbeddingBagConfig(name=f"t{i}", num_embeddings=n, embedding_dim=16, feature_names=[f"f{i}"])
+               for i, n in enumerate([4000, 600])]
+    ebc = EmbeddingBagCollection(tables=configs)
+    with torch.no_grad():
+        for c in configs:
+            centers = torch.randn(clusters, 16)
+            ebc.embedding_bags[c.name].weight.copy_(centers[torch.randint(clusters, (c.num_embeddings,))]
+                                                    + 0.05 * torch.randn(c.num_embeddings, 16))
+    return ebc
+
+
+def _weighted_error(ebc, m, prio) -> float:
+    a = m.assignment
+    total = 0.0
+    for n in a.tiers:
+        w = ebc.embedding_bags[n].weight.detach()
+        stored = _reference(w, a.tiers[n], a.shared.get(n))
+        total += float((prio[n].double() * ((stored - w).double() ** 2).sum(1)).sum())
+    return total
+
+
+def test_the_budget_chooses_centroids_per_table_and_holds_its_bytes(monkeypatch) -> None:
+    """16 clusters per table: the budget's choice of K per table does as well as the best
+    single K forced on every table, the collection holds no more than the budget, reads what
+    the assignment says, and its priority-weighted error is far below dropping the rows."""
+    import shark_torchrec.sharded.assign as assign
+
+    ebc = _clustered_collection(16)
+    prio = {c.name: torch.rand(c.num_embeddings) ** 3 for c in ebc.embedding_bag_configs()}
+    fp32 = sum(c.num_embeddings * 64 for c in ebc.embedding_bag_configs())
+
+    def compress(last: str):
+        config = RowwiseQuantConfig(budget_fraction=0.1, tiers=("fp16", "int8", "int4", "int2", last), row_alignment=1)
+        m = quantize_(ebc, config, priorities=prio)
+        assert m.memory_report()["total_bytes"] <= int(0.1 * fp32)
+        return m
+
+    m = compress("shared")
+    a = m.assignment
+    chosen = {n: s.k for n, s in a.shared.items()}
+    assert set(chosen) == {"t0", "t1"} and min(chosen.values()) >= 16  # not the mean row
+    assert a.details["centroids t0"] == chosen["t0"] and set(chosen.values()) <= set(K_CANDIDATES)
+    assert all(int((t == SHARED).sum()) > 0.5 * t.numel() for t in a.tiers.values())
+    kjt = KeyedJaggedTensor.from_lengths_sync(["f0", "f1"], torch.tensor([5, 17, 3]), torch.tensor([2, 1]))
+    table = _reference(ebc.embedding_bags["t0"].weight.detach(), a.tiers["t0"], a.shared["t0"])
+    torch.testing.assert_close(m(kjt)["f0"][0], table[5] + table[17])
+    error = _weighted_error(ebc, m, prio)
+    forced = {}
+    for k in K_CANDIDATES:
+        monkeypatch.setattr(assign, "K_CANDIDATES", (k,))
+        try:
+            forced[k] = _weighted_error(ebc, compress("shared"), prio)
+        except BudgetError:  # that many centroids in every table do not fit the budget
+            pass
+    monkeypatch.undo()
+    assert error <= 1.01 * min(forced.values()), (error, forced)
+    assert error < 0.2 * _weighted_error(ebc, compress("drop"), prio)
+
+
+def test_row_tiers_saved_before_the_shared_tier_still_read_right(tmp_path) -> None:
+    """A run's quantize/row_tiers written with the six-tier order (5 was DROP) reads as DROP
+    now that SHARED sits before it; files written now carry their order."""
+    from shark_torchrec.quantize_stage import _ORDER_KEY, read_row_tiers
+
+    torch.save({"t@0": torch.tensor([0, 1, 5], dtype=torch.int8)}, tmp_path / "rank-00000.pt")
+    assert read_row_tiers(str(tmp_path))["t"].tolist() == [0, 1, TIER_ORDER.index(Tier.DROP)]
+    torch.save({_ORDER_KEY: [t.value for t in TIER_ORDER], "t@0": torch.tensor([SHARED, 6], dtype=torch.int8)},
+               tmp_path / "rank-00000.pt")
+    assert read_row_tiers(str(tmp_path))["t"].tolist() == [SHARED, TIER_ORDER.index(Tier.DROP)]
