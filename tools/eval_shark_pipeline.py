@@ -39,7 +39,7 @@ from typing import Dict, List
 import numpy as np
 import torch
 
-from report_io import save_results
+from report_io import save_results, split_recipe_args
 from shark_torchrec.evaluation import bottom_k, recall_at_k, spearman, summarize_seeds
 from shark_torchrec.quant import TIER_ORDER
 from shark_torchrec.stages import StageStore
@@ -114,9 +114,7 @@ def row_truth_metrics(cfg, run_dir: str) -> Dict[str, float]:
 
 
 def main() -> None:
-    argv = sys.argv[1:]
-    recipe_args = argv[argv.index("--") + 1:] if "--" in argv else []
-    own = argv[: argv.index("--")] if "--" in argv else argv
+    own, recipe_args = split_recipe_args(sys.argv[1:])
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--variants", default=",".join(VARIANTS))

@@ -38,7 +38,7 @@ import time
 from typing import Dict, List, Optional
 
 import torch
-from report_io import save_results
+from report_io import save_results, split_recipe_args
 
 from shark_torchrec.evaluation import PairedBootstrap, summarize_seeds
 from shark_torchrec.pipeline import build_parser
@@ -102,9 +102,7 @@ def tables_of(recipe_args: List[str]):
 
 
 def main() -> None:
-    argv = sys.argv[1:]
-    recipe_args = argv[argv.index("--") + 1:] if "--" in argv else []
-    own = argv[: argv.index("--")] if "--" in argv else argv
+    own, recipe_args = split_recipe_args(sys.argv[1:])
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--saved", type=fractions, default=fractions("0.80,0.85,0.90,0.93,0.95,0.97"),

@@ -1,8 +1,17 @@
-"""Shared by the evaluation tools: where results go and how plots are made headless."""
+"""Shared by the evaluation tools: their command lines, where results go and how plots are made
+headless."""
 
 import json
 import os
-from typing import Dict
+from typing import Dict, List, Tuple
+
+
+def split_recipe_args(argv: List[str]) -> Tuple[List[str], List[str]]:
+    """``(the tool's own flags, the recipe's flags)`` of ``tool [own...] -- [recipe...]``."""
+    if "--" not in argv:
+        return list(argv), []
+    i = argv.index("--")
+    return argv[:i], argv[i + 1:]
 
 
 def save_results(results: Dict, out: str):

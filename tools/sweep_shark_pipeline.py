@@ -25,7 +25,7 @@ import sys
 import time
 from typing import Dict, List
 
-from report_io import save_results
+from report_io import save_results, split_recipe_args
 
 from shark_torchrec.pipeline import PRUNE_INPUTS, QUANTIZE_INPUTS
 
@@ -68,9 +68,7 @@ def link_stage(src: str, dst: str, stage: str) -> None:
 
 
 def main() -> None:
-    argv = sys.argv[1:]
-    recipe_args = argv[argv.index("--") + 1:] if "--" in argv else []
-    own = argv[: argv.index("--")] if "--" in argv else argv
+    own, recipe_args = split_recipe_args(sys.argv[1:])
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--grid", nargs="+", required=True, help="name=v1,v2 ... (recipe flags without --)")
     p.add_argument("--out", default="runs/sweep_shark_pipeline")
