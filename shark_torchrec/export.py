@@ -24,6 +24,7 @@ from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRMTrain
 from torchrec.tensor_types import UInt2Tensor, UInt4Tensor
 
 from shark_torchrec.errors import SharkInputError
+from shark_torchrec.pruning.mean_fill import MeanFilledSparseArch, stand_in_collection
 from shark_torchrec.quant.mixed_ebc import MixedLayout, RowwiseMixedEmbeddingBagCollection
 from shark_torchrec.quant.tiers import Tier
 
@@ -54,6 +55,9 @@ def describe_dlrm(dlrm: DLRM) -> Dict[str, Any]:
         cross = dlrm.inter_arch.crossnet
         desc["dcn_num_layers"] = len(cross.V_kernels)
         desc["dcn_low_rank_dim"] = cross.V_kernels[0].shape[0]
+    if isinstance(dlrm.sparse_arch, MeanFilledSparseArch):
+        # fields pruned by mean replacement: their constants are in the state dict
+        desc["interaction_features"] = list(dlrm.sparse_arch.sparse_feature_names)
     return desc
 
 
@@ -98,7 +102,18 @@ def _build(desc: Dict[str, Any], layout: MixedLayout) -> DLRM:
 
 def build_dlrm(desc: Dict[str, Any], ebc: nn.Module) -> DLRM:
     """A DLRM/DLRM_DCN of the shape :func:`describe_dlrm` gave, over the collection ``ebc``
-    (dense weights freshly initialised)."""
+    (dense weights freshly initialised; the constants of fields pruned by mean replacement
+    zero until the state dict is loaded)."""
+    fields = desc.get("interaction_features")
+    if fields:
+        dim = ebc.embedding_bag_configs()[0].embedding_dim
+        model = _build_dlrm(desc, stand_in_collection(fields, dim))
+        model.sparse_arch = MeanFilledSparseArch(ebc, fields)
+        return model
+    return _build_dlrm(desc, ebc)
+
+
+def _build_dlrm(desc: Dict[str, Any], ebc: nn.Module) -> DLRM:
     common = dict(embedding_bag_collection=ebc, dense_in_features=desc["dense_in_features"],
                   dense_arch_layer_sizes=desc["dense_arch_layer_sizes"],
                   over_arch_layer_sizes=desc["over_arch_layer_sizes"])
@@ -168,6 +183,11 @@ def check_model_shape(path: str, desc: Dict[str, Any], extra: Sequence[str] = ()
         if not isinstance(sizes, list) or not sizes or not all(map(_is_positive_int, sizes)):
             raise ExportError(f"{path}: field 'model': {key} must be a non-empty list of integers "
                               f">= 1, got {sizes!r}")
+    fields = desc.get("interaction_features")
+    if fields is not None and (not isinstance(fields, list) or not fields or len(set(map(str, fields))) != len(fields)
+                               or not all(isinstance(f, str) for f in fields)):
+        raise ExportError(f"{path}: field 'model': interaction_features must be a non-empty list of distinct "
+                          f"field names, got {fields!r}")
 
 
 def _check_state_dict(path: str, state: Any) -> None:

@@ -90,7 +90,18 @@ def build_parser() -> argparse.ArgumentParser:
     c = g.add_mutually_exclusive_group()
     c.add_argument("--keep_fields", type=positive_int, help="fields kept by pruning")
     c.add_argument("--drop_fraction", type=fraction, help="fraction of fields pruned, in [0, 1) (default 0.25)")
+    c.add_argument("--drop_score_share", type=fraction,
+                   help="prune the fields that save the most bytes for their field score (least score per "
+                   "byte first) while the pruned fields' scores add up to at most this share of all "
+                   "fields' scores, in [0, 1); fields scoring 0 (constant fields) are always pruned")
     g.add_argument("--prune_baseline", choices=BASELINES, default="mean")
+    g.add_argument("--prune_mode", choices=["mean", "remove"], default="mean",
+                   help="what a pruned field becomes: mean (default): a constant, its mean pooled "
+                   "embedding over --mean_batches training batches, that the interaction keeps reading "
+                   "(its table is gone; lossless for a field that carries no information); remove: the "
+                   "interaction and the over-arch's first layer shrink without it")
+    g.add_argument("--mean_batches", type=positive_int, default=100,
+                   help="training batches (per rank) the pruned fields' means are taken over")
     g.add_argument("--finetune_epochs", type=nonnegative_int, default=1)
     g.add_argument("--finetune_fraction", type=fraction, default=0.25,
                    help="last fraction of the train split kept from training, to fine-tune the "
@@ -156,8 +167,9 @@ def _add_comparison_flags(p: argparse.ArgumentParser) -> None:
 #: flags that change nothing a stage computes
 NOT_STAGE_INPUTS = frozenset({"out", "stop_after", "log_level", "debug"})
 #: flags the prune stage reads and the train stage does not
-PRUNE_INPUTS = frozenset({"keep_fields", "drop_fraction", "finetune_epochs", "prune_rounds", "score_batches",
-                          "finetune_steps", "field_scorer", "permutation_batches", "planner_overrides"})
+PRUNE_INPUTS = frozenset({"keep_fields", "drop_fraction", "drop_score_share", "finetune_epochs", "prune_rounds", "score_batches",
+                          "finetune_steps", "field_scorer", "permutation_batches", "planner_overrides",
+                          "prune_mode", "mean_batches"})
 #: flags the quantize stage reads and the stages before it do not
 QUANTIZE_INPUTS = frozenset({"quant_budget_fraction", "quant_fractions", "quant_tiers", "drop_rows", "row_alignment",
                              "row_priority", "priority_alpha", "priority_beta", "tier_weighting", "bootstrap",
@@ -236,7 +248,7 @@ def _parts(spec, args, env) -> Dict[str, range]:
 
 def _run(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
     _check_args(args)
-    if args.keep_fields is None and args.drop_fraction is None:
+    if args.keep_fields is None and args.drop_fraction is None and args.drop_score_share is None:
         args = argparse.Namespace(**{**vars(args), "drop_fraction": 0.25})  # (the default, keyed as such)
     spec = data_spec_from_args(args)
     config = model_config_from_args(args, spec)
@@ -315,10 +327,12 @@ def _run(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
     if pdone is None:
         field_scores, scorer = _field_scores(args, done, trainer, spec, env, config)
         plan = choose_plan(field_scores, config.tables(), keep=args.keep_fields,
-                           drop_fraction=args.drop_fraction, protected=protected, method=scorer)
+                           drop_fraction=args.drop_fraction, score_share=args.drop_score_share,
+                           protected=protected, method=scorer)
     else:
         plan = PruningPlan.load(os.path.join(out, "prune", "plan.json"))  # what the stage did (iterative too)
-    small = pruned_config(config, plan)
+    by_mean = args.prune_mode == "mean"
+    small = pruned_config(config, plan, mean_filled=by_mean)
     pruned_ckpt = CheckpointManager(os.path.join(out, "prune", "checkpoints"), fingerprint(args, small))
     reference_ckpt = CheckpointManager(os.path.join(out, "prune", "reference_checkpoints"),
                                        fingerprint(args, config))
@@ -335,7 +349,8 @@ def _run(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
                 trainer, finetune_data(), rounds=args.prune_rounds, score_batches=args.score_batches,
                 finetune_steps=args.finetune_steps, keep_fields=args.keep_fields,
                 work_dir=os.path.join(out, "prune", "rounds"), batch_size=args.batch_size,
-                baseline=args.prune_baseline, protected=protected, seed=args.seed)
+                baseline=args.prune_baseline, protected=protected, seed=args.seed,
+                mean_batches=args.mean_batches if by_mean else None)
             plan = PruningPlan(tables=plan.tables, table_bytes=plan.table_bytes,
                                dropped_features=[f for f in config.feature_names if f not in pruned.features],
                                method=f"iterative shark-{args.prune_baseline}",
@@ -346,11 +361,12 @@ def _run(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
             ckpt.load(state, trained)
             trainer.load_state_dict(state)
         else:
+            means = _pruned_field_means(trainer, plan, spec, args, env, parts["train"]) if by_mean else None
             with _timed("pruning (sharding the smaller model, reading its tables)"):
-                pruned = prune_trainer(trainer, plan, trained, args.batch_size, seed=args.seed)
+                pruned = prune_trainer(trainer, plan, trained, args.batch_size, seed=args.seed, means=means)
             with _timed("fine-tuning the pruned model"):
                 _train_epochs(pruned, spec, args, env, args.finetune_epochs, parts["finetune"])
-        small = pruned_config(config, plan)
+        small = pruned_config(config, plan, mean_filled=by_mean)
         pruned_ckpt = CheckpointManager(os.path.join(out, "prune", "checkpoints"), fingerprint(args, small))
         metrics = pruned.evaluate(_eval_batches(args, spec, env), desc=f"{args.eval_split} (pruned)")
         # The reference a compressed model is judged against: the uncompressed model given the
@@ -484,6 +500,18 @@ def _field_scores(args, done, trainer: DLRMTrainer, spec, env, config):
     pi.evaluate(tqdm(spec.batches(ds, args.num_workers), desc="permutation importance (dev)",
                      disable=not env.is_main, dynamic_ncols=True))
     return pi.scores(), "permutation"
+
+
+def _pruned_field_means(trainer: DLRMTrainer, plan: PruningPlan, spec, args, env, part: range):
+    """The dropped fields' mean pooled embeddings over the first ``--mean_batches`` batches of
+    the training data, by the trained model (a collective)."""
+    if not plan.dropped_features:
+        return {}
+    with _timed(f"mean pooled embeddings of the pruned fields {plan.dropped_features}"):
+        ds = spec.dataset("train", args.batch_size, env.rank, env.world_size, start_batch=part.start,
+                          max_batches=part.stop)
+        return trainer.field_means(spec.batches(ds, args.num_workers), plan.dropped_features,
+                                   args.mean_batches)
 
 
 def _eval_batches(args, spec, env):

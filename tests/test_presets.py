@@ -14,10 +14,12 @@ def test_preset_defaults_fill_only_unset_flags() -> None:
     b = build_parser().parse_args(["--data", "ml100k", "--embedding_dim=16",
                                    "--dense_arch", "64,16", "--keep_fields", "4"])
     assert b.embedding_dim == 16 and b.dense_arch_layer_sizes == [64, 16]  # given, also abbreviated
-    assert b.drop_fraction is None and b.keep_fields == 4  # --keep_fields excludes the preset's drop
+    assert b.drop_score_share is None and b.keep_fields == 4  # --keep_fields excludes the preset's criterion
     assert b.epochs == 3
     c = build_parser().parse_args(["--data", "synthetic_criteo"])
-    assert c.batch_size == 1024 and c.drop_fraction == 0.0
+    assert c.batch_size == 1024 and c.drop_score_share == 0.005 and c.drop_fraction is None
+    e = build_parser().parse_args(["--data", "synthetic_criteo", "--drop_fraction", "0.1"])
+    assert e.drop_fraction == 0.1 and e.drop_score_share is None
     d = build_parser().parse_args([])  # no preset for the default synthetic data
     assert d.batch_size == 256 and d.embedding_dim == 16 and d.drop_fraction is None
 

@@ -64,6 +64,24 @@ def test_byte_target() -> None:
         choose_plan(SCORES, tables, byte_target=10)
 
 
+def test_score_share_drops_the_least_score_per_byte_saved() -> None:
+    # score per byte (tables of 1,600..8,000 bytes): cat_2 < cat_4 < cat_0 < cat_3 < cat_1
+    tables = _tables()
+    total = sum(SCORES.values())
+    plan = choose_plan(SCORES, tables, score_share=0.45 / total)
+    assert plan.dropped_features == ["cat_0", "cat_2", "cat_4"]  # 0.05 + 0.3 + 0.1 = 0.45
+    assert plan.criterion == {"score_share": 0.45 / total}
+    # cat_4 (0.3) no longer fits; the next field by score per byte (cat_0) still does
+    assert choose_plan(SCORES, tables, score_share=0.2 / total).dropped_features == ["cat_0", "cat_2"]
+    assert choose_plan(SCORES, tables, score_share=0.2 / total, protected=["cat_2"]).dropped_features == ["cat_0"]
+    # a zero score is always dropped; one field always stays
+    zero = {f: 0.0 for f in SCORES}
+    assert len(choose_plan(zero, tables, score_share=0.0).kept_features) == 1
+    assert choose_plan({**SCORES, "cat_3": 0.0}, tables, score_share=0.0).dropped_features == ["cat_3"]
+    with pytest.raises(ValueError, match="score_share must be in"):
+        choose_plan(SCORES, tables, score_share=1.0)
+
+
 def test_shared_table_is_removed_only_with_all_its_features() -> None:
     tables = _tables(shared=True)
     scores = dict(SCORES, cat_5=0.95)

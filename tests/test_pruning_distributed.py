@@ -24,3 +24,8 @@ def test_sharded_pruning_matches_unsharded_reference(tmp_path: Path, interaction
     assert r["max_finetune_step_change"] > 1e-3
     assert r["max_finetune_step_err"] < 1e-5
     assert len(r["iterative_features"]) == 1
+    # by mean replacement: the same means and predictions as the unsharded reference
+    assert r["mean_filled"] == ["cat_3", "cat_4", "cat_5"]
+    assert r["max_mean_err"] < 1e-6 and r["max_mean_logit_err"] < 1e-5
+    assert len(r["iterative_mean_features"]) == 1 and sorted(r["iterative_mean_filled"]) == sorted(
+        f"cat_{i}" for i in range(6) if f"cat_{i}" not in r["iterative_mean_features"])

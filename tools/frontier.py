@@ -53,7 +53,7 @@ SHARED_TIERS = ["--quant_tiers", "fp16,int8,int4,int2,shared"]
 DROP_TIERS = ["--quant_tiers", "fp16,int8,int4,int2,drop"]
 UNIFORM_TIERS = ("int8", "int4", "int2")
 OWN_FLAGS = ("--out", "--seed", "--quant_budget_fraction", "--quant_fractions", "--quant_tiers", "--row_priority",
-             "--hash_rows_fraction", "--drop_fraction", "--keep_fields")
+             "--hash_rows_fraction", "--drop_fraction", "--keep_fields", "--drop_score_share")
 
 
 def log(*a) -> None:

@@ -2,10 +2,14 @@
 
 * :func:`prune_embedding_collection` — a new ``EmbeddingBagCollection`` without the dropped
   tables (and without dropped features on shared tables); surviving weights copied unchanged.
-* :func:`prune_dlrm` — TorchRec's ``DLRM`` / ``DLRM_DCN`` (or ``DLRMTrain`` around one) rebuilt
-  for the smaller field set: the interaction and the over-arch's first layer shrink, and every
-  weight that still applies is carried over (the over-arch columns of surviving feature
-  interactions; for DCN, the cross-net rows/columns of surviving feature blocks).
+* :func:`prune_dlrm` — TorchRec's ``DLRM`` / ``DLRM_DCN`` (or ``DLRMTrain`` around one) without
+  the dropped fields' tables.  Given each dropped field's mean pooled embedding (``means``),
+  the fields read those constants and everything else stays as it was
+  (:mod:`~shark_torchrec.pruning.mean_fill`: lossless for a constant field).  Without, the
+  model is rebuilt for the smaller field set: the interaction and the over-arch's first layer
+  shrink, and every weight that still applies is carried over (the over-arch columns of
+  surviving feature interactions; for DCN, the cross-net rows/columns of surviving feature
+  blocks).
 * :class:`ZeroFilledEmbeddingBagCollection` / :func:`prune_model` — for any other model: the
   collection is replaced by one that keeps the original output layout, dropped features
   reading as zeros, so the model runs unchanged.
@@ -13,8 +17,9 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-from typing import List, Sequence, Union
+from typing import List, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -23,6 +28,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from shark_torchrec.pruning.mean_fill import MeanFilledSparseArch
 from shark_torchrec.pruning.plan import PruningPlan
 
 
@@ -52,6 +58,23 @@ def prune_embedding_collection(ebc: EmbeddingBagCollection, plan: PruningPlan) -
     return new
 
 
+def _mean_filled(model: DLRM, plan: PruningPlan, means: Mapping[str, torch.Tensor]) -> DLRM:
+    """``model`` whose dropped fields read ``means`` (see :func:`prune_dlrm`)."""
+    old = model.sparse_arch
+    dropped = list(plan.dropped_features)
+    missing = [f for f in dropped if f not in means]
+    if missing:
+        raise ValueError(f"prune_dlrm: no mean given for the dropped fields {missing}")
+    constants = old.means() if isinstance(old, MeanFilledSparseArch) else {}
+    constants.update({f: means[f] for f in dropped})
+    new_ebc = prune_embedding_collection(old.embedding_bag_collection, plan)
+    # Every dense module copied; the old sparse arch (and its tables) not.
+    new = copy.deepcopy(model, memo={id(old): None})
+    new.sparse_arch = MeanFilledSparseArch(new_ebc, old.sparse_feature_names, constants,
+                                           device=_linears(model.dense_arch)[0].weight.device)
+    return new
+
+
 def _linears(module: nn.Module) -> List[nn.Linear]:
     return [m for m in module.modules() if isinstance(m, nn.Linear)]
 
@@ -62,13 +85,26 @@ def _kept_index(old_features: List[str], kept: List[str]) -> List[int]:
 
 
 @torch.no_grad()
-def prune_dlrm(model: Union[DLRM, DLRM_DCN, DLRMTrain], plan: PruningPlan) -> Union[DLRM, DLRM_DCN, DLRMTrain]:
-    """TorchRec's DLRM (or DLRM_DCN, or a ``DLRMTrain`` around one) rebuilt without the
-    fields ``plan`` drops, with every weight that still applies carried over."""
+def prune_dlrm(model: Union[DLRM, DLRM_DCN, DLRMTrain], plan: PruningPlan,
+               means: Optional[Mapping[str, torch.Tensor]] = None) -> Union[DLRM, DLRM_DCN, DLRMTrain]:
+    """TorchRec's DLRM (or DLRM_DCN, or a ``DLRMTrain`` around one) without the tables of the
+    fields ``plan`` drops (a new model; ``model`` is left as it was).
+
+    Args:
+        means: each dropped field's constant, ``{field: [D]}`` (its mean pooled embedding,
+            :func:`~shark_torchrec.pruning.mean_fill.field_means`): the fields stay in the
+            interaction reading those, and every dense weight is kept.  Without it, the model
+            is rebuilt without the fields, every weight that still applies carried over.
+    """
     if isinstance(model, DLRMTrain):
-        return DLRMTrain(prune_dlrm(model.model, plan))
+        return DLRMTrain(prune_dlrm(model.model, plan, means))
     if not isinstance(model, DLRM):
         raise TypeError(f"prune_dlrm expects TorchRec's DLRM/DLRM_DCN/DLRMTrain, got {type(model).__name__}")
+    if means is not None and (plan.dropped_features or isinstance(model.sparse_arch, MeanFilledSparseArch)):
+        return _mean_filled(model, plan, means)
+    if isinstance(model.sparse_arch, MeanFilledSparseArch):
+        raise ValueError(f"prune_dlrm: fields {model.sparse_arch.pruned_features} of this model already read "
+                         "their means; prune it further with means too")
     old_ebc = model.sparse_arch.embedding_bag_collection
     old_features = list(model.sparse_arch.sparse_feature_names)
     new_ebc = prune_embedding_collection(old_ebc, plan)

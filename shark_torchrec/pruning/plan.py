@@ -5,7 +5,11 @@ A plan is chosen by exactly one criterion:
 * ``keep=k``: keep the ``k`` highest-scoring fields;
 * ``drop_fraction=x``: drop ``floor(x · F)`` of the ``F`` fields, lowest scores first;
 * ``byte_target=b``: drop fields, lowest scores first, until the tables still needed take at
-  most ``b`` bytes.
+  most ``b`` bytes;
+* ``score_share=s``: drop the fields that save the most bytes for their score: least score
+  per byte saved first, each field dropped if the dropped fields' scores still add up to at
+  most ``s`` of all fields' scores (a field whose score is 0, such as a constant field, is
+  always dropped).
 
 Protected fields are never dropped.  A table is removed only when every feature it serves is
 dropped (a shared table with one surviving feature stays whole).  Plans are JSON files and are
@@ -181,6 +185,28 @@ class PruningPlan:
             return PruningPlan.from_json(f.read(), source=path)
 
 
+def _by_score_per_byte(scores: Dict[str, float], tables: Sequence[EmbeddingBagConfig], candidates: List[str],
+                       share: float) -> List[str]:
+    """The ``score_share`` criterion: fields by least score per byte saved (a table's bytes
+    split evenly over the features it serves), each dropped while the dropped scores stay
+    within ``share`` of the total; at least one field is kept."""
+    if not 0 <= share < 1:
+        raise PlanError(f"score_share must be in [0, 1), got {share}")
+    field_bytes = {f: table_bytes(t) / len(t.feature_names) for t in tables for f in t.feature_names}
+    value = {f: max(scores[f], 0.0) for f in field_bytes}  # (a negative score: dropping helps)
+    allowed = share * sum(value.values())
+    order = sorted(candidates, key=lambda f: (value[f] / max(field_bytes[f], 1.0), value[f], f))
+    dropped: List[str] = []
+    spent = 0.0
+    for f in order:
+        if len(dropped) + 1 == len(field_bytes):
+            break
+        if spent + value[f] <= allowed:
+            dropped.append(f)
+            spent += value[f]
+    return dropped
+
+
 def choose_plan(
     scores: Dict[str, float],
     tables: Sequence[EmbeddingBagConfig],
@@ -189,21 +215,24 @@ def choose_plan(
     byte_target: Optional[int] = None,
     protected: Sequence[str] = (),
     method: str = "",
+    score_share: Optional[float] = None,
 ) -> PruningPlan:
     """Choose the fields to drop from ``scores`` (higher = more important).
 
     Args:
         scores: a score for every feature of ``tables`` (no others, no NaN).
         tables: the model's tables.
-        keep, drop_fraction, byte_target: exactly one criterion (see the module docstring).
+        keep, drop_fraction, byte_target, score_share: exactly one criterion (see the module
+            docstring).
         protected: fields never dropped.
         method: the scorer's name, recorded in the plan.
     """
     criteria = {k: v for k, v in
-                {"keep": keep, "drop_fraction": drop_fraction, "byte_target": byte_target}.items()
+                {"keep": keep, "drop_fraction": drop_fraction, "byte_target": byte_target,
+                 "score_share": score_share}.items()
                 if v is not None}
     if len(criteria) != 1:
-        raise PlanError(f"choose exactly one of keep, drop_fraction, byte_target (got {criteria})")
+        raise PlanError(f"choose exactly one of keep, drop_fraction, byte_target, score_share (got {criteria})")
     table_map = {t.name: list(t.feature_names) for t in tables}
     features = [f for fs in table_map.values() for f in fs]
     unknown = sorted(set(scores) - set(features))
@@ -234,6 +263,8 @@ def choose_plan(
         if not 0 <= drop_fraction < 1:
             raise PlanError(f"drop_fraction must be in [0, 1), got {drop_fraction}")
         dropped = candidates[: min(int(math.floor(drop_fraction * F)), len(candidates))]
+    elif score_share is not None:
+        dropped = _by_score_per_byte(scores, tables, candidates, score_share)
     else:
         if byte_target < 0:
             raise PlanError(f"byte_target must be >= 0, got {byte_target}")

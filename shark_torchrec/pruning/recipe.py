@@ -19,7 +19,7 @@ from shark_torchrec.cli_args import existing_dir, existing_file, fraction, nonne
 from shark_torchrec.importance import BASELINES
 from shark_torchrec.planning import load_overrides
 from shark_torchrec.pruning.plan import PruningPlan, choose_plan, table_bytes
-from shark_torchrec.pruning.sharded import PruningRound, iterative_prune, prune_trainer, pruned_config
+from shark_torchrec.pruning.sharded import PruningRound, iterative_prune, prune_trainer
 from shark_torchrec.training.checkpoint import CheckpointManager
 from shark_torchrec.training.distributed import DistEnv, run_job
 from shark_torchrec.training.datasets import require_rows
@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--keep_fields", type=positive_int, help="keep this many fields")
     c.add_argument("--drop_fraction", type=fraction, help="drop this fraction of the fields, in [0, 1)")
     c.add_argument("--byte_target", type=nonnegative_int, help="embedding-table bytes to reach")
+    c.add_argument("--drop_score_share", type=fraction,
+                   help="drop the fields with the least score per byte saved while their scores add up "
+                   "to at most this share of the total, in [0, 1)")
     g.add_argument("--protect", default="", help="comma-separated fields never dropped")
     g.add_argument("--finetune_epochs", type=nonnegative_int, default=1)
     g.add_argument("--rounds", type=nonnegative_int, default=0,
@@ -61,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--finetune_steps", type=positive_int, default=20, help="fine-tuning steps per round")
     g.add_argument("--prune_baseline", choices=BASELINES, default="mean",
                    help="SHARK baseline used by the iterative rounds")
+    g.add_argument("--prune_mode", choices=["mean", "remove"], default="mean",
+                   help="what a pruned field becomes: mean (default): a constant, its mean pooled embedding "
+                   "over --mean_batches training batches, that the interaction keeps reading; remove: the "
+                   "interaction shrinks without it")
+    g.add_argument("--mean_batches", type=positive_int, default=100,
+                   help="training batches (per rank) the pruned fields' means are taken over")
     return p
 
 
@@ -82,11 +91,12 @@ def _load_plan_or_scores(args: argparse.Namespace, trainer: DLRMTrainer) -> Prun
         doc = json.load(f)
     if not isinstance(doc, dict) or not isinstance(doc.get("scores"), dict):
         raise SystemExit(f"{path}: not a field-scores file (no 'scores' object)")
-    if args.keep_fields is None and args.drop_fraction is None and args.byte_target is None:
-        raise SystemExit("choose a criterion: --keep_fields, --drop_fraction or --byte_target")
+    if (args.keep_fields, args.drop_fraction, args.byte_target, args.drop_score_share) == (None,) * 4:
+        raise SystemExit("choose a criterion: --keep_fields, --drop_fraction, --byte_target or --drop_score_share")
     try:
         return choose_plan(doc["scores"], tables, keep=args.keep_fields,
                            drop_fraction=args.drop_fraction, byte_target=args.byte_target,
+                           score_share=args.drop_score_share,
                            protected=protected, method=doc.get("method", ""))
     except ValueError as e:
         raise SystemExit(f"{path}: {e}") from e
@@ -116,6 +126,7 @@ def _run(args: argparse.Namespace, env: DistEnv) -> Dict:
     logger.info("before pruning: %s", before)
 
     rounds: List[Dict] = []
+    by_mean = args.prune_mode == "mean"
     if args.rounds:
         if args.keep_fields is None:
             raise SystemExit("--rounds needs --keep_fields (the number of fields at the end)")
@@ -136,7 +147,7 @@ def _run(args: argparse.Namespace, env: DistEnv) -> Dict:
             finetune_steps=args.finetune_steps, keep_fields=args.keep_fields,
             work_dir=os.path.join(args.out, "rounds"), batch_size=args.batch_size,
             baseline=args.prune_baseline, protected=_protected(args, config.tables()),
-            seed=args.seed, on_round=on_round)
+            seed=args.seed, on_round=on_round, mean_batches=args.mean_batches if by_mean else None)
         dropped = [f for f in first_features if f not in trainer.features]
         plan = PruningPlan(tables={t.name: list(t.feature_names) for t in config.tables()},
                            table_bytes={t.name: table_bytes(t) for t in config.tables()},
@@ -145,7 +156,12 @@ def _run(args: argparse.Namespace, env: DistEnv) -> Dict:
     else:
         plan = _load_plan_or_scores(args, trainer)
         logger.info("plan: %s", plan.summary())
-        trainer = prune_trainer(trainer, plan, source_path, args.batch_size, seed=args.seed)
+        means = None
+        if by_mean:  # the dropped fields' means over the first --mean_batches training batches
+            ds = spec.dataset("train", args.batch_size, env.rank, env.world_size, max_batches=args.limit_train_batches)
+            means = trainer.field_means(spec.batches(ds, args.num_workers), plan.dropped_features,
+                                        args.mean_batches)
+        trainer = prune_trainer(trainer, plan, source_path, args.batch_size, seed=args.seed, means=means)
         for epoch in range(args.finetune_epochs):
             ds = spec.dataset("train", args.batch_size, env.rank, env.world_size,
                               max_batches=args.limit_train_batches)
@@ -153,7 +169,7 @@ def _run(args: argparse.Namespace, env: DistEnv) -> Dict:
     after = trainer.evaluate(test_batches(args, spec, env), desc="test (after)")
     logger.info("after pruning: %s", after)
 
-    new_config = pruned_config(config, plan)
+    new_config = trainer.model_config
     ckpt = CheckpointManager(os.path.join(args.out, "checkpoints"), fingerprint(args, new_config))
     ckpt.save(trainer.state_dict(), {"global_step": 0, "pruned_from": source_path})
     result = {"before": before, "after": after, "plan": plan.summary(), "rounds": rounds,

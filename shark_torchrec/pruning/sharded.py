@@ -35,15 +35,22 @@ from shark_torchrec.training.trainer import DLRMTrainer
 logger = logging.getLogger(__name__)
 
 
-def pruned_config(config: DLRMConfig, plan: PruningPlan) -> DLRMConfig:
-    """The DLRM config without the fields ``plan`` drops."""
+def pruned_config(config: DLRMConfig, plan: PruningPlan, mean_filled: bool = False) -> DLRMConfig:
+    """The DLRM config without the tables of the fields ``plan`` drops; with ``mean_filled``
+    (pruning by mean replacement) they stay in the interaction, reading constants."""
     plan.validate(config.tables())
+    if config.mean_filled and not mean_filled:
+        raise ValueError(f"fields {config.mean_filled} of this model already read their means: "
+                         "prune it further by mean replacement too")
     kept = [(f, n) for f, n in zip(config.feature_names, config.num_embeddings_per_feature)
             if f not in set(plan.dropped_features)]
+    fields = list(config.interaction_features or config.feature_names)
     return dataclasses.replace(
         config,
         feature_names=[f for f, _ in kept],
         num_embeddings_per_feature=[n for _, n in kept],
+        # (none when nothing is filled: the model is then a plain DLRM)
+        interaction_features=fields if mean_filled and len(kept) < len(fields) else (),
     )
 
 
@@ -62,6 +69,7 @@ def prune_trainer(
     checkpoint_path: str,
     batch_size: int,
     seed: int = 0,
+    means: Optional[Dict[str, torch.Tensor]] = None,
 ) -> DLRMTrainer:
     """A new sharded trainer for the pruned model, weights carried over.
 
@@ -72,27 +80,29 @@ def prune_trainer(
             :class:`~shark_torchrec.training.CheckpointManager`) holding the current weights.
         batch_size: per-rank batch size (for the planner).
         seed: seeds nothing that survives (every weight is carried over), kept for the planner.
+        means: each dropped field's mean pooled embedding (:meth:`DLRMTrainer.field_means`):
+            prune by mean replacement (:func:`~shark_torchrec.pruning.prune_dlrm`).
     """
     config = trainer.model_config
-    new_config = pruned_config(config, plan)
+    new_config = pruned_config(config, plan, mean_filled=means is not None)
     # Old model skeleton: dense layers with the trained weights, tables on meta.
     skeleton = build_dlrm_train(config, trainer.env.device, seed)
     missing, unexpected = skeleton.load_state_dict(_dense_state(trainer), strict=False)
     if unexpected or any(".embedding_bags." not in k for k in missing):
         raise RuntimeError(f"dense state mismatch: missing {missing}, unexpected {unexpected}")
-    pruned = prune_dlrm(skeleton, plan)
+    pruned = prune_dlrm(skeleton, plan, means)
     new = DLRMTrainer(new_config, trainer.optim_config, trainer.env, batch_size, seed=seed,
                       model=pruned)
     tables = {k: v for k, v in new.model.state_dict().items() if ".embedding_bags." in k}
     state = {"model": tables}
     dcp.load(state, checkpoint_id=checkpoint_path)
     new.model.load_state_dict(state["model"], strict=False)
-    _carry_optimizer_state(trainer, new, plan, checkpoint_path)
+    _carry_optimizer_state(trainer, new, plan, checkpoint_path, means)
     return new
 
 
 def _carry_optimizer_state(old: DLRMTrainer, new: DLRMTrainer, plan: PruningPlan,
-                           checkpoint_path: str) -> None:
+                           checkpoint_path: str, means: Optional[Dict[str, torch.Tensor]]) -> None:
     """The pruned trainer's optimizer state from the old one's (see the module docstring)."""
     new_state = new.optimizer.state_dict()
     per_param = new_state["state"]
@@ -113,10 +123,11 @@ def _carry_optimizer_state(old: DLRMTrainer, new: DLRMTrainer, plan: PruningPlan
         values = {k: old_state[k][name] for k in old_state if ".embedding_bags." not in k and name in old_state[k]}
         with torch.no_grad():
             missing, unexpected = skeleton.load_state_dict(values, strict=False)
-            if unexpected or any(".embedding_bags." not in k for k in missing):
+            buffers = {k for k, _ in skeleton.named_buffers()}  # (state exists for parameters only)
+            if unexpected or any(".embedding_bags." not in k and k not in buffers for k in missing):
                 raise RuntimeError(f"optimizer state {name!r} does not match the dense "
                                    f"parameters: missing {missing}, unexpected {unexpected}")
-            pruned = prune_dlrm(skeleton, plan).state_dict()
+            pruned = prune_dlrm(skeleton, plan, means).state_dict()
         for k in dense_keys:
             if name in per_param[k]:
                 per_param[k][name] = pruned[k].to(per_param[k][name].device)
@@ -151,6 +162,7 @@ def iterative_prune(
     protected: Sequence[str] = (),
     seed: int = 0,
     on_round: Optional[Callable[[PruningRound, DLRMTrainer], None]] = None,
+    mean_batches: Optional[int] = None,
 ) -> DLRMTrainer:
     """R rounds of: train ``score_batches`` steps with a SHARK tracker attached → drop fields
     (the count kept shrinks evenly from the current one to ``keep_fields`` over the rounds) →
@@ -158,7 +170,8 @@ def iterative_prune(
 
     ``batches`` is one iterator of training batches consumed by every phase (scoring steps are
     ordinary training steps).  Each round checkpoints the model under ``work_dir`` (the new
-    model's tables are read from it).
+    model's tables are read from it).  With ``mean_batches``, fields are pruned by mean
+    replacement, each dropped field's mean taken over the next ``mean_batches`` batches.
     """
     from shark_torchrec.training.checkpoint import CheckpointManager
 
@@ -182,7 +195,8 @@ def iterative_prune(
         ckpt = CheckpointManager(os.path.join(work_dir, f"round_{r}"), {"round": r})
         path = ckpt.save(trainer.state_dict(), {"global_step": r})
         logger.info("round %d: keeping %d fields, dropping %s", r, target, plan.dropped_features)
-        trainer = prune_trainer(trainer, plan, path, batch_size, seed=seed)
+        means = trainer.field_means(batches, plan.dropped_features, mean_batches) if mean_batches else None
+        trainer = prune_trainer(trainer, plan, path, batch_size, seed=seed, means=means)
         done = trainer.train(batches, max_steps=finetune_steps, desc=f"round {r}: fine-tune")
         result = PruningRound(r, scores, plan, scoring_seconds, done)
         if on_round is not None:

@@ -151,7 +151,7 @@ def export_sharded(model: DLRMTrain, path: str, pruning_plan: Optional[Any] = No
               "shared": {k: v[2] for k, v in mine.items() if v[2]}}
     records = comm.all_gather_object(record)
     if comm.rank == 0:
-        dense = {k: v for k, v in dlrm.state_dict().items() if not k.startswith("sparse_arch.")}
+        dense = {k: v for k, v in dlrm.state_dict().items() if not k.startswith("sparse_arch.embedding_bag_collection.")}
         _atomic_save({"format": SHARDED_EXPORT_FORMAT, "export_id": export_id, "state_dict": dense},
                      os.path.join(path, "dense.pt"))
         counts = {k: c for r in records for k, c in r["counts"].items()}
@@ -303,7 +303,7 @@ def load_sharded_export(path: str, comm: Optional[Comm] = None, check_ids: bool 
     dense = _read_part(path, m["dense"], m["export_id"], checked)
     model = DLRMTrain(build_dlrm(m["model"], collection))
     missing, unexpected = model.model.load_state_dict(dense["state_dict"], strict=False)
-    if unexpected or any(not k.startswith("sparse_arch.") for k in missing):
+    if unexpected or any(not k.startswith("sparse_arch.embedding_bag_collection.") for k in missing):
         raise ExportError(f"{dense_file}: dense weights do not match the model: missing {missing}, "
                           f"unexpected {unexpected}")
     for k, v in dense["state_dict"].items():

@@ -70,17 +70,23 @@ logger = logging.getLogger(__name__)
 
 
 #: Defaults a data preset brings, for the flags the command line does not set (tuned on the
-#: preset's dev split, see BENCHMARKS.md): MovieLens-100K's 8 fields are all informative, so the
-#: pipeline prunes none there, and its ~3,500 rows need a wider embedding for mixed precision to
-#: pay (FBGEMM pads rows to 16 bytes: at dim 16 an INT2 row takes as much as an INT4 one).
+#: preset's dev split, see BENCHMARKS.md).  Both presets prune by field score per byte saved,
+#: up to 0.5% of the total field score, by mean replacement (the pipeline's --prune_mode
+#: default): on synthetic Criteo that prunes the constant and near-constant fields (scores
+#: 0-0.07% of the total, the next field 1%), losslessly; MovieLens-100K's 8 fields all carry
+#: information (each >= 5% of the total score; pruning the two lowest by mean replacement costs
+#: 0.0025 test AUC), so none is pruned there.  MovieLens's ~3,500 rows need a wider embedding for
+#: mixed precision to pay (FBGEMM pads rows to 16 bytes: at dim 16 an INT2 row takes as much as
+#: an INT4 one).
 PRESET_DEFAULTS = {
     "ml100k": {"embedding_dim": 64, "dense_arch_layer_sizes": [64, 64], "epochs": 3,
-               "drop_fraction": 0.0},
-    # No field pruning: the fields SHARK ranks last there are constant or near-constant ones
-    # with small tables; dropping them from DLRM's dot interaction cost 0.0013-0.0035 dev AUC
-    # and saved under 3% of the bytes (BENCHMARKS.md).
-    "synthetic_criteo": {"batch_size": 1024, "drop_fraction": 0.0},
+               "drop_score_share": 0.005},
+    "synthetic_criteo": {"batch_size": 1024, "drop_score_share": 0.005},
 }
+
+
+#: the pipeline's exclusive pruning criteria (a preset's applies only when none is given)
+PRUNING_CRITERIA = ("keep_fields", "drop_fraction", "drop_score_share")
 
 
 class PresetArgumentParser(argparse.ArgumentParser):
@@ -93,8 +99,8 @@ class PresetArgumentParser(argparse.ArgumentParser):
         for dest, value in PRESET_DEFAULTS.get(getattr(ns, "data", None), {}).items():
             if not hasattr(ns, dest) or dest in given:
                 continue
-            if dest == "drop_fraction" and getattr(ns, "keep_fields", None) is not None:
-                continue  # --keep_fields chose the pruning: the two are exclusive
+            if dest in PRUNING_CRITERIA and any(getattr(ns, c, None) is not None for c in PRUNING_CRITERIA):
+                continue  # the command line chose the pruning: the criteria are exclusive
             setattr(ns, dest, value)
         return ns, rest
 
@@ -352,6 +358,8 @@ def fingerprint(args: argparse.Namespace, model_config: DLRMConfig) -> Dict:
         "interaction": model_config.interaction,
         "dcn": [model_config.dcn_num_layers, model_config.dcn_low_rank_dim]
         if model_config.interaction == "dcn" else None,
+        **({"interaction_features": list(model_config.interaction_features)}
+           if model_config.interaction_features else {}),
     }
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -29,6 +29,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 from tqdm import tqdm
 
+from shark_torchrec.pruning.mean_fill import field_means
 from shark_torchrec.training.distributed import DistEnv
 from shark_torchrec.training.init import init_embedding_shards
 from shark_torchrec.training.model import EBC_FQN, DLRMConfig, build_dlrm_train
@@ -176,6 +177,17 @@ class DLRMTrainer:
                 labels=batch.labels,
             )
         return batch.to(self.env.device, non_blocking=True)
+
+    def field_means(self, batches: Iterable[Batch], features: Sequence[str],
+                    max_batches: Optional[int] = None) -> Dict[str, torch.Tensor]:
+        """Mean pooled embedding of each of ``features`` over ``batches`` (at most
+        ``max_batches``), over all ranks: a collective, every rank passing its own batches
+        (:func:`~shark_torchrec.pruning.mean_fill.field_means`).  What pruning by mean
+        replacement fills the fields with."""
+        ebc = self.model.module.model.sparse_arch.embedding_bag_collection
+        with torch.no_grad():
+            return field_means(ebc, (self._to_device(b).sparse_features for b in batches), features,
+                               max_batches)
 
     def train_step(self, batch: Batch) -> torch.Tensor:
         """One optimizer step on this rank's part of a global batch; returns the local loss."""

@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 from shark_torchrec.data import SyntheticClickDataset, SyntheticConfig, make_dataloader
 from shark_torchrec.pruning import choose_plan, prune_dlrm
+from shark_torchrec.pruning.mean_fill import field_means
 from shark_torchrec.pruning.sharded import iterative_prune, prune_trainer
 from shark_torchrec.training import (CheckpointManager, DLRMConfig, DLRMTrainer, OptimConfig,
                                      build_dlrm_train, init_distributed)
@@ -92,8 +93,37 @@ if env.rank == 0:
 
 final = iterative_prune(pruned, data, rounds=2, score_batches=4, finetune_steps=3, keep_fields=1,
                         work_dir=os.path.join(args.out, "iter"), batch_size=B)
+
+# Pruning by mean replacement: the means over the ranks' batches equal the unsharded model's
+# over the global batches, and the sharded pruned model predicts what prune_dlrm(means) gives.
+mean_data = [SyntheticClickDataset(cfg, B, 1, rank=env.rank, world_size=env.world_size, batch_offset=500 + i)
+             for i in range(3)]
+means = trainer.field_means((next(iter(make_dataloader(d))) for d in mean_data), plan.dropped_features)
+by_mean = prune_trainer(trainer, plan, path, B, means=means)
+mean_logits = by_mean.predict(next(iter(test)))
+parts = [torch.empty_like(mean_logits) for _ in range(env.world_size)]
+dist.all_gather(parts, mean_logits)
+if env.rank == 0:
+    ref_model = build_dlrm_train(config, torch.device("cpu"), 0, embedding_device=torch.device("cpu"))
+    ref_model.load_state_dict(full_old)
+    ref_ebc = ref_model.model.sparse_arch.embedding_bag_collection
+    ref_means = field_means(ref_ebc, (SyntheticClickDataset(cfg, 64, 1, batch_offset=500 + i).global_batch(0)
+                                      .sparse_features for i in range(3)), plan.dropped_features,
+                            reduce=False)
+    result["max_mean_err"] = max(float((means[f] - ref_means[f]).abs().max()) for f in plan.dropped_features)
+    ref_pruned = prune_dlrm(ref_model, plan, ref_means)
+    ref_pruned.eval()
+    with torch.no_grad():
+        _, (_, ref_logits, _) = ref_pruned(glob)
+    result["max_mean_logit_err"] = float((torch.cat(parts) - ref_logits).abs().max())
+    result["mean_filled"] = by_mean.model_config.mean_filled
+final_mean = iterative_prune(by_mean, data, rounds=2, score_batches=3, finetune_steps=2, keep_fields=1,
+                             work_dir=os.path.join(args.out, "iter_mean"), batch_size=B, mean_batches=2)
+final_mean.evaluate(iter([next(iter(test))]))
 if env.rank == 0:
     result["iterative_features"] = final.features
+    result["iterative_mean_filled"] = final_mean.model_config.mean_filled
+    result["iterative_mean_features"] = final_mean.features
     with open(os.path.join(args.out, "result.json"), "w") as f:
         json.dump(result, f)
 # Wait for every rank, tear down, and skip interpreter finalization (see exit_worker).
