@@ -71,6 +71,7 @@ from shark_torchrec.training.train_dlrm import (
     fingerprint,
     model_config_from_args,
     optim_config_from_args,
+    planning_options,
     test_batches,
 )
 from shark_torchrec.training.trainer import DLRMTrainer
@@ -278,7 +279,12 @@ def _run(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
                 os.remove(os.path.join(out, name))
 
     # ------------------------------------------------------------------ train
-    trainer = DLRMTrainer(config, optim, env, args.batch_size, seed=args.seed)
+    # Planned like train_dlrm's trainer, reserving what the trackers attached here hold.
+    trainer = DLRMTrainer(config, optim, env, args.batch_size, seed=args.seed,
+                          **planning_options(config, args.batch_size, env.world_size,
+                                             planner_overrides=args.planner_overrides,
+                                             row_priority_channels=len(_row_counters(args)),
+                                             field_importance=args.prune_baseline))
     ckpt = CheckpointManager(os.path.join(out, "train", "checkpoints"), fingerprint(args, config))
     done = finished("train")
     if done is None and args.init_from:
@@ -384,7 +390,8 @@ def _run(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
                  "reference_checkpoint": store.rel(ref_path)}
         store.save("prune", inputs["prune"], upstream["prune"], pdone)
     else:
-        pruned = DLRMTrainer(small, optim, env, args.batch_size, seed=args.seed)
+        pruned = DLRMTrainer(small, optim, env, args.batch_size, seed=args.seed,
+                             **trainer.planning_options([t.name for t in small.tables()]))
         state = pruned.state_dict()
         pruned_ckpt.load(state, store.resolve(pdone["checkpoint"]))
         pruned.load_state_dict(state)

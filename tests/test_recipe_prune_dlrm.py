@@ -81,3 +81,18 @@ def test_planner_overrides_file_in_the_recipes(tmp_path: Path) -> None:
     kept = [f for f in json.loads((out / "plan.json").read_text())["tables"]
             if f not in json.loads((out / "metrics.json").read_text())["plan"]["dropped_tables"]]
     assert "t_cat_0" in kept  # never_prune in the overrides file
+    # the pruned model is planned under the same constraints
+    pruned_plan = json.loads((out / "metrics.json").read_text())["sharding_plan"]
+    assert pruned_plan["model.sparse_arch.embedding_bag_collection"]["t_cat_0"]["sharding_type"] == "row_wise"
+
+
+def test_flags_the_recipe_does_not_use_are_refused(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    for extra in (["--max_steps", "5"], ["--checkpoint_every", "3"], ["--score_fields", "mean"], ["--resume"]):
+        proc = subprocess.run([sys.executable, str(ROOT / "recipes" / "prune_dlrm.py"), *map(str, SMALL),
+                               "--from_run", str(tmp_path), "--keep_fields", "3", *extra,
+                               "--out", str(tmp_path / "x")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert f"{extra[0]} is not used by recipes/prune_dlrm.py" in proc.stderr

@@ -135,7 +135,8 @@ def test_init_from_iterative_pruning_fractions_and_overrides(tmp_path: Path) -> 
     base = tmp_path / "base"
     run_torchrun(ROOT / "recipes" / "train_dlrm.py", [*SMALL[:-8], "--out", base], nproc=2)
     overrides = tmp_path / "overrides.yaml"
-    overrides.write_text("tables:\n  t_cat_7:\n    compression:\n      never_prune: true\n"
+    overrides.write_text("tables:\n  t_cat_7:\n    sharding_types: [row_wise]\n    compression:\n"
+                         "      never_prune: true\n"
                          "  t_cat_0:\n    compression:\n      pin: fp16\n")
     out = tmp_path / "shark"
     args = [a for a in SMALL if a not in ("--quant_budget_fraction", 0.5)]
@@ -145,6 +146,9 @@ def test_init_from_iterative_pruning_fractions_and_overrides(tmp_path: Path) -> 
     r = json.loads((out / "report.json").read_text())
     assert r["plan"]["fields_after"] == 4 and "cat_7" not in r["plan"]["dropped_features"]
     model, info = load_export(str(out / "model"))
+    # the file's sharding constraint reached the planner of the (pruned) model the pipeline trained
+    placed = {t: p["sharding_type"] for m in info["sharding_plan"].values() for t, p in m.items()}
+    assert placed["t_cat_7"] == "row_wise" and len(placed) == 4
     rows = info["rows_per_tier"]
     if "t_cat_0" in rows:  # pinned to one tier
         assert [t for t, n in rows["t_cat_0"].items() if n] == ["fp16"]

@@ -30,8 +30,10 @@ from shark_torchrec.training.train_dlrm import (
     fingerprint,
     model_config_from_args,
     optim_config_from_args,
+    planning_options,
     test_batches,
 )
+from shark_torchrec.training.sharding import plan_summary
 from shark_torchrec.training.trainer import DLRMTrainer
 
 logger = logging.getLogger(__name__)
@@ -110,11 +112,24 @@ def _protected(args: argparse.Namespace, tables) -> List[str]:
     return list(dict.fromkeys(protected))
 
 
+#: flags of train_dlrm's parser that this recipe does not use: refused when set
+UNUSED_FLAGS = {"max_steps": None, "score_fields": None, "checkpoint_every": 0, "resume": False}
+
+
 def _run(args: argparse.Namespace, env: DistEnv) -> Dict:
+    for flag, default in UNUSED_FLAGS.items():
+        if getattr(args, flag) != default:
+            raise SystemExit(f"--{flag} is not used by recipes/prune_dlrm.py; recipes/train_dlrm.py takes it")
     spec = data_spec_from_args(args)
     require_rows(spec, args, env.world_size, train=args.finetune_epochs > 0 or args.rounds > 0)
     config = model_config_from_args(args, spec)
-    trainer = DLRMTrainer(config, optim_config_from_args(args), env, args.batch_size, seed=args.seed)
+    if args.sharding_type and args.planner_overrides:
+        raise SystemExit("--sharding_type and --planner_overrides both set sharding: use one")
+    trainer = DLRMTrainer(config, optim_config_from_args(args), env, args.batch_size, seed=args.seed,
+                          **planning_options(config, args.batch_size, env.world_size,
+                                             sharding_type=args.sharding_type,
+                                             planner_overrides=args.planner_overrides,
+                                             field_importance=args.prune_baseline if args.rounds else None))
     source = CheckpointManager(os.path.join(args.from_run, "checkpoints"), fingerprint(args, config))
     source_path = source.latest()
     if source_path is None:
@@ -173,6 +188,7 @@ def _run(args: argparse.Namespace, env: DistEnv) -> Dict:
     ckpt = CheckpointManager(os.path.join(args.out, "checkpoints"), fingerprint(args, new_config))
     ckpt.save(trainer.state_dict(), {"global_step": 0, "pruned_from": source_path})
     result = {"before": before, "after": after, "plan": plan.summary(), "rounds": rounds,
+              "sharding_plan": plan_summary(trainer.plan),
               "world_size": env.world_size, "rank": env.rank, "args": vars(args)}
     if env.is_main:
         os.makedirs(args.out, exist_ok=True)

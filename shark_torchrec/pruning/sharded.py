@@ -91,8 +91,9 @@ def prune_trainer(
     if unexpected or any(".embedding_bags." not in k for k in missing):
         raise RuntimeError(f"dense state mismatch: missing {missing}, unexpected {unexpected}")
     pruned = prune_dlrm(skeleton, plan, means)
+    # Planned under the old trainer's rules (constraints of the kept tables, sharders, reservation).
     new = DLRMTrainer(new_config, trainer.optim_config, trainer.env, batch_size, seed=seed,
-                      model=pruned)
+                      model=pruned, **trainer.planning_options([t.name for t in new_config.tables()]))
     tables = {k: v for k, v in new.model.state_dict().items() if ".embedding_bags." in k}
     state = {"model": tables}
     dcp.load(state, checkpoint_id=checkpoint_path)

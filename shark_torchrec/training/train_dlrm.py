@@ -387,6 +387,26 @@ def field_scores_document(tracker: TaylorFieldImportance, config: DLRMConfig) ->
     }
 
 
+def planning_options(model_config: DLRMConfig, batch_size: int, world_size: int,
+                     sharding_type: Optional[str] = None, planner_overrides: Optional[str] = None,
+                     row_priority_channels: int = 0, field_importance: Optional[str] = None) -> Dict:
+    """The planner options every recipe builds its :class:`DLRMTrainer` with: per-table
+    constraints (``sharding_type`` for every table, or a planner-overrides file), the sharder
+    that offers every sharding type on CPU too, and a storage reservation for what the
+    trackers attached while training hold per rank (``row_priority_channels`` channels of
+    ``RowPriority``, a ``TaylorFieldImportance`` with baseline ``field_importance``)."""
+    tables = model_config.tables()
+    constraints = None
+    if sharding_type:
+        constraints = {t.name: ParameterConstraints(sharding_types=[sharding_type]) for t in tables}
+    if planner_overrides:
+        constraints = load_overrides(planner_overrides, tables).constraints
+    reservation = TrackerStorageReservation(tracker_bytes_per_rank(
+        tables, batch_size, world_size, row_priority=row_priority_channels, field_importance=field_importance))
+    return {"constraints": constraints, "sharders": [AllShardingTypesEBCSharder()],
+            "storage_reservation": reservation}
+
+
 def run(argv: Optional[Sequence[str]] = None) -> Dict:
     """Run the job; returns the metrics (also written to ``OUT/metrics.json`` by rank 0)."""
     return run_job(build_parser().parse_args(argv), _run)
@@ -396,21 +416,13 @@ def _run(args: argparse.Namespace, env: DistEnv) -> Dict:
     spec = data_spec_from_args(args)
     require_rows(spec, args, env.world_size)
     model_config = model_config_from_args(args, spec)
-    constraints = None
     if args.sharding_type and args.planner_overrides:
         raise SystemExit("--sharding_type and --planner_overrides both set sharding: use one")
-    if args.sharding_type:
-        constraints = {t.name: ParameterConstraints(sharding_types=[args.sharding_type])
-                       for t in model_config.tables()}
-    if args.planner_overrides:
-        constraints = load_overrides(args.planner_overrides, model_config.tables()).constraints
-    # The planner reserves what the importance tracker holds per rank.
-    reservation = TrackerStorageReservation(tracker_bytes_per_rank(
-        model_config.tables(), args.batch_size, env.world_size, row_priority=False,
-        field_importance=args.score_fields))
-    trainer = DLRMTrainer(model_config, optim_config_from_args(args), env, args.batch_size,
-                          seed=args.seed, constraints=constraints,
-                          sharders=[AllShardingTypesEBCSharder()], storage_reservation=reservation)
+    trainer = DLRMTrainer(model_config, optim_config_from_args(args), env, args.batch_size, seed=args.seed,
+                          **planning_options(model_config, args.batch_size, env.world_size,
+                                             sharding_type=args.sharding_type,
+                                             planner_overrides=args.planner_overrides,
+                                             field_importance=args.score_fields))
     tracker = None
     if args.score_fields:
         # Attached after DMP: hooks go on the sharded collection (see importance.taylor).

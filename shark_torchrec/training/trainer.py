@@ -128,6 +128,8 @@ class DLRMTrainer:
         self.model_config = model_config
         self.optim_config = optim_config
         self.env = env
+        self._planning = {"constraints": constraints, "sharders": sharders,
+                          "storage_reservation": storage_reservation}
         self.features = list(model_config.feature_names)
         if model is None:
             model = build_dlrm_train(model_config, env.device, seed)
@@ -149,6 +151,17 @@ class DLRMTrainer:
             lambda params: dense_cls(params, **dense_kwargs),
         )
         self.optimizer = CombinedOptimizer([self.model.fused_optimizer, dense_opt])
+
+    def planning_options(self, tables: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+        """The planner options this trainer was built with (``constraints``, ``sharders``,
+        ``storage_reservation``: keyword arguments of :class:`DLRMTrainer`), the constraints
+        restricted to ``tables`` (e.g. those a pruned model keeps): what a trainer for a
+        derived model is built with, so that it is planned under the same rules."""
+        options = dict(self._planning)
+        if tables is not None and options["constraints"] is not None:
+            keep = set(tables)
+            options["constraints"] = {t: c for t, c in options["constraints"].items() if t in keep}
+        return options
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Dict]:
