@@ -36,7 +36,6 @@ import time
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from shark_torchrec.cli_args import (
@@ -63,6 +62,7 @@ from shark_torchrec.quant import RowwiseQuantConfig
 from shark_torchrec.quant.layout import serving_row_alignment
 from shark_torchrec.stages import StageStore
 from shark_torchrec.training.checkpoint import CheckpointManager
+from shark_torchrec.training.loop import TrainingLoop, new_progress
 from shark_torchrec.training.distributed import DistEnv, run_job
 from shark_torchrec.training.datasets import require_rows
 from shark_torchrec.training.train_dlrm import (
@@ -166,7 +166,7 @@ def _add_comparison_flags(p: argparse.ArgumentParser) -> None:
 
 
 #: flags that change nothing a stage computes
-NOT_STAGE_INPUTS = frozenset({"out", "stop_after", "log_level", "debug"})
+NOT_STAGE_INPUTS = frozenset({"out", "stop_after", "log_level", "debug", "checkpoint_every"})
 #: flags the prune stage reads and the train stage does not
 PRUNE_INPUTS = frozenset({"keep_fields", "drop_fraction", "drop_score_share", "finetune_epochs", "prune_rounds", "score_batches",
                           "finetune_steps", "field_scorer", "permutation_batches", "planner_overrides",
@@ -176,7 +176,7 @@ QUANTIZE_INPUTS = frozenset({"quant_budget_fraction", "quant_fractions", "quant_
                              "row_priority", "priority_alpha", "priority_beta", "tier_weighting", "bootstrap",
                              "attribute_quant_loss"})
 #: flags of train_dlrm's parser that this pipeline does not use: refused when set
-UNUSED_FLAGS = {"sharding_type": None, "max_steps": None, "score_fields": None, "checkpoint_every": 0,
+UNUSED_FLAGS = {"sharding_type": None, "max_steps": None, "score_fields": None,
                 "resume": False}
 
 
@@ -227,12 +227,22 @@ def _timed(what: str):
     logger.info("%s: %.1f s", what, time.perf_counter() - t0)
 
 
-def _train_epochs(trainer: DLRMTrainer, spec, args, env, epochs: int, part: range) -> None:
-    """``epochs`` passes over the global train batches in ``part``."""
-    for epoch in range(epochs):
+def _loop(trainer: DLRMTrainer, ckpt: CheckpointManager, spec, args, env, epochs: int, part: range,
+          match: Dict[str, Any], desc: str, **trackers) -> TrainingLoop:
+    """A resumable loop of ``epochs`` passes over the global train batches in ``part``,
+    checkpointed every ``--checkpoint_every`` steps under ``ckpt`` with ``match`` (the stage's
+    key) in its progress; resumed from a checkpoint of the same ``match`` if one is there."""
+
+    def batches(epoch: int, start_batch: int):
         ds = spec.dataset("train", args.batch_size, env.rank, env.world_size,
-                          start_batch=part.start, max_batches=part.stop)
-        trainer.train(spec.batches(ds, args.num_workers), desc=f"epoch {epoch}")
+                          start_batch=part.start + start_batch, max_batches=part.stop)
+        return spec.batches(ds, args.num_workers)
+
+    loop = TrainingLoop(trainer, ckpt, batches, epochs, args.batch_size * env.world_size,
+                        checkpoint_every=args.checkpoint_every, progress=new_progress(**match), desc=desc,
+                        **trackers)
+    loop.resume(match=match)
+    return loop
 
 
 def _parts(spec, args, env) -> Dict[str, range]:
@@ -247,168 +257,64 @@ def _parts(spec, args, env) -> Dict[str, range]:
     return {"train": range(0, total - held), "finetune": range(total - held, total) if held else range(0, total)}
 
 
+class _Job:
+    """One run of the pipeline: its settings, data, stage keys and the stages' records."""
+
+    def __init__(self, args: argparse.Namespace, env: DistEnv) -> None:
+        self.args, self.env, self.out = args, env, args.out
+        self.spec = data_spec_from_args(args)
+        self.config = model_config_from_args(args, self.spec)
+        self.optim = optim_config_from_args(args)
+        self.parts = _parts(self.spec, args, env)
+        self.store = StageStore(self.out, env.is_main)
+        self.inputs = stage_inputs(args, env.device, env.world_size)
+        keys = {"train": self.store.key(self.inputs["train"])}
+        keys["prune"] = self.store.key(self.inputs["prune"], [keys["train"]])
+        keys["quantize"] = self.store.key(self.inputs["quantize"], [keys["prune"]])
+        self.keys = keys
+        self.upstream = {"train": [], "prune": [keys["train"]], "quantize": [keys["prune"]]}
+        self.records = {stage: self.store.load(stage, self.inputs[stage], self.upstream[stage]) for stage in STAGES}
+        self.ran: list = []  # stages run by this process: the stages after them run too
+
+    def finished(self, stage: str) -> Optional[Dict[str, Any]]:
+        """The stage's record if it is finished with these inputs and nothing before it ran."""
+        record = None if any(STAGES.index(r) < STAGES.index(stage) for r in self.ran) else self.records[stage]
+        if record is None:
+            self.ran.append(stage)
+        return record
+
+    def save(self, stage: str, result: Dict[str, Any]) -> None:
+        self.store.save(stage, self.inputs[stage], self.upstream[stage], result)
+
+    def eval_batches(self):
+        return _eval_batches(self.args, self.spec, self.env)
+
+
 def _run(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
     _check_args(args)
     if args.keep_fields is None and args.drop_fraction is None and args.drop_score_share is None:
         args = argparse.Namespace(**{**vars(args), "drop_fraction": 0.25})  # (the default, keyed as such)
-    spec = data_spec_from_args(args)
-    config = model_config_from_args(args, spec)
-    optim = optim_config_from_args(args)
-    out = args.out
-    report: Dict[str, Any] = {"stages": {}}
-    parts = _parts(spec, args, env)
-    store = StageStore(out, env.is_main)
-    inputs = stage_inputs(args, env.device, env.world_size)
-    keys = {"train": store.key(inputs["train"])}
-    keys["prune"] = store.key(inputs["prune"], [keys["train"]])
-    keys["quantize"] = store.key(inputs["quantize"], [keys["prune"]])
-    upstream = {"train": [], "prune": [keys["train"]], "quantize": [keys["prune"]]}
-
-    records = {stage: store.load(stage, inputs[stage], upstream[stage]) for stage in STAGES}
-    ran: list = []  # stages run by this process: the stages after them run too
-
-    def finished(stage: str) -> Optional[Dict[str, Any]]:
-        record = None if any(STAGES.index(r) < STAGES.index(stage) for r in ran) else records[stage]
-        if record is None:
-            ran.append(stage)
-        return record
-
-    if env.is_main and None in records.values():
+    job = _Job(args, env)
+    if env.is_main and None in job.records.values():
         for name in ("report.json", "report.md"):  # a report of other inputs must not outlive them
-            if os.path.isfile(os.path.join(out, name)):
-                os.remove(os.path.join(out, name))
-
-    # ------------------------------------------------------------------ train
-    # Planned like train_dlrm's trainer, reserving what the trackers attached here hold.
-    trainer = DLRMTrainer(config, optim, env, args.batch_size, seed=args.seed,
-                          **planning_options(config, args.batch_size, env.world_size,
-                                             planner_overrides=args.planner_overrides,
-                                             row_priority_channels=len(_row_counters(args)),
-                                             field_importance=args.prune_baseline))
-    ckpt = CheckpointManager(os.path.join(out, "train", "checkpoints"), fingerprint(args, config))
-    done = finished("train")
-    if done is None and args.init_from:
-        source = CheckpointManager(os.path.join(args.init_from, "checkpoints"), fingerprint(args, config))
-        state = trainer.state_dict()
-        path = source.latest()
-        if path is None:
-            raise SystemExit(f"--init_from {args.init_from}: no checkpoint")
-        source.load(state, path)
-        trainer.load_state_dict(state)
-        logger.info("initialised from %s", path)
-    if done is None:
-        if args.epochs < 1:
-            raise SystemExit("--epochs must be >= 1: field scores and row priorities are collected while training")
-        fields = TaylorFieldImportance(trainer.model, baseline=args.prune_baseline, seed=args.seed)
-        counters = RowPriority(config.tables(), channels=_row_counters(args)).attach(trainer.model)
-        with fields:
-            with _timed("training with the trackers"):
-                _train_epochs(trainer, spec, args, env, args.epochs, parts["train"])
-        counters.detach()
-        metrics = trainer.evaluate(_eval_batches(args, spec, env), desc=f"{args.eval_split} (trained)")
-        scores = fields.scores()
-        gradient_scales = fields.gradient_scales()
-        with _timed("checkpointing the trained model"):
-            path = ckpt.save(trainer.state_dict(), {"global_step": 0, "stage": "train"})
-        counters.save(os.path.join(out, "train", "row_counts"))  # each rank its rows
-        done = {"metrics": metrics, "scores": scores, "checkpoint": store.rel(path),
-                "gradient_scales": gradient_scales}
-        store.save("train", inputs["train"], upstream["train"], done)
-        trained = path
-    else:
-        trained = store.resolve(done["checkpoint"])
-        state = trainer.state_dict()
-        ckpt.load(state, trained)
-        trainer.load_state_dict(state)
+            if os.path.isfile(os.path.join(job.out, name)):
+                os.remove(os.path.join(job.out, name))
+    report: Dict[str, Any] = {"stages": {}}
+    trainer, done = _train_stage(job)
     report["stages"]["trained"] = done["metrics"]
     if args.stop_after == "train":
         return report
-
-    # ------------------------------------------------------------------ prune + fine-tune
-    overrides = load_overrides(args.planner_overrides, config.tables()) if args.planner_overrides else None
-    protected = overrides.protected_features(config.tables()) if overrides else []
-    if args.prune_rounds and args.keep_fields is None:
-        raise SystemExit("--prune_rounds needs --keep_fields (the number of fields at the end)")
-    pdone = finished("prune")
-    if pdone is None:
-        field_scores, scorer = _field_scores(args, done, trainer, spec, env, config)
-        plan = choose_plan(field_scores, config.tables(), keep=args.keep_fields,
-                           drop_fraction=args.drop_fraction, score_share=args.drop_score_share,
-                           protected=protected, method=scorer)
-    else:
-        plan = PruningPlan.load(os.path.join(out, "prune", "plan.json"))  # what the stage did (iterative too)
-    by_mean = args.prune_mode == "mean"
-    small = pruned_config(config, plan, mean_filled=by_mean)
-    pruned_ckpt = CheckpointManager(os.path.join(out, "prune", "checkpoints"), fingerprint(args, small))
-    reference_ckpt = CheckpointManager(os.path.join(out, "prune", "reference_checkpoints"),
-                                       fingerprint(args, config))
-    if pdone is None:
-        if args.prune_rounds:
-            # Iterative: the rounds' scoring and fine-tuning steps run on the held-out part.
-            def finetune_data():
-                while True:
-                    ds = spec.dataset("train", args.batch_size, env.rank, env.world_size,
-                                      start_batch=parts["finetune"].start, max_batches=parts["finetune"].stop)
-                    yield from spec.batches(ds, args.num_workers)
-
-            pruned = iterative_prune(
-                trainer, finetune_data(), rounds=args.prune_rounds, score_batches=args.score_batches,
-                finetune_steps=args.finetune_steps, keep_fields=args.keep_fields,
-                work_dir=os.path.join(out, "prune", "rounds"), batch_size=args.batch_size,
-                baseline=args.prune_baseline, protected=protected, seed=args.seed,
-                mean_batches=args.mean_batches if by_mean else None)
-            plan = PruningPlan(tables=plan.tables, table_bytes=plan.table_bytes,
-                               dropped_features=[f for f in config.feature_names if f not in pruned.features],
-                               method=f"iterative shark-{args.prune_baseline}",
-                               criterion={"keep": args.keep_fields, "rounds": args.prune_rounds},
-                               protected=protected)
-            # iterative_prune trains the original model too; rebuild it from its checkpoint
-            state = trainer.state_dict()
-            ckpt.load(state, trained)
-            trainer.load_state_dict(state)
-        else:
-            means = _pruned_field_means(trainer, plan, spec, args, env, parts["train"]) if by_mean else None
-            with _timed("pruning (sharding the smaller model, reading its tables)"):
-                pruned = prune_trainer(trainer, plan, trained, args.batch_size, seed=args.seed, means=means)
-            with _timed("fine-tuning the pruned model"):
-                _train_epochs(pruned, spec, args, env, args.finetune_epochs, parts["finetune"])
-        small = pruned_config(config, plan, mean_filled=by_mean)
-        pruned_ckpt = CheckpointManager(os.path.join(out, "prune", "checkpoints"), fingerprint(args, small))
-        metrics = pruned.evaluate(_eval_batches(args, spec, env), desc=f"{args.eval_split} (pruned)")
-        # The reference a compressed model is judged against: the uncompressed model given the
-        # same fine-tuning (fresh data improves it too).
-        with _timed("fine-tuning the uncompressed reference"):
-            _train_epochs(trainer, spec, args, env, args.finetune_epochs, parts["finetune"])
-        reference = trainer.evaluate(_eval_batches(args, spec, env), desc=f"{args.eval_split} (reference)")
-        path = pruned_ckpt.save(pruned.state_dict(), {"global_step": 0, "stage": "prune"})
-        # The fine-tuned reference too: the quantize stage compares against it row by row.
-        ref_path = reference_ckpt.save(trainer.state_dict(), {"global_step": 0, "stage": "reference"})
-        if env.is_main:
-            plan.save(os.path.join(out, "prune", "plan.json"))
-        pdone = {"metrics": metrics, "reference": reference, "checkpoint": store.rel(path),
-                 "plan": plan.summary(), "scores": field_scores, "scorer": scorer,
-                 "reference_checkpoint": store.rel(ref_path)}
-        store.save("prune", inputs["prune"], upstream["prune"], pdone)
-    else:
-        pruned = DLRMTrainer(small, optim, env, args.batch_size, seed=args.seed,
-                             **trainer.planning_options([t.name for t in small.tables()]))
-        state = pruned.state_dict()
-        pruned_ckpt.load(state, store.resolve(pdone["checkpoint"]))
-        pruned.load_state_dict(state)
-        state = trainer.state_dict()
-        reference_ckpt.load(state, store.resolve(pdone["reference_checkpoint"]))
-        trainer.load_state_dict(state)
+    overrides = load_overrides(args.planner_overrides, job.config.tables()) if args.planner_overrides else None
+    pruned, small, pdone = _prune_stage(job, trainer, done, overrides)
     report["stages"]["uncompressed, fine-tuned"] = pdone["reference"]
     report["stages"]["pruned"] = pdone["metrics"]
     report["plan"] = pdone["plan"]
     if args.stop_after == "prune":
         return report
-
-    # ------------------------------------------------------------------ quantize + export
-    qdone = finished("quantize")
+    qdone = job.finished("quantize")
     if qdone is None:
-        qdone = _quantize(args, env, spec, config, small, trainer, pruned, done, pdone, overrides, out)
-        store.save("quantize", inputs["quantize"], upstream["quantize"], qdone)
+        qdone = _quantize(args, env, job.spec, job.config, small, trainer, pruned, done, pdone, overrides, job.out)
+        job.save("quantize", qdone)
     report["stages"]["quantized"] = qdone["metrics"]
     report["lookup_speed_vs_fp32"] = qdone["lookup_speed_vs_fp32"]
     report["paired"] = qdone.get("paired", {})
@@ -417,10 +323,167 @@ def _run(args: argparse.Namespace, env: DistEnv) -> Dict[str, Any]:
     report["eval_split"] = args.eval_split
     report["field_scorer"], report["row_priority"] = args.field_scorer, args.row_priority
     if env.is_main:
-        with open(os.path.join(out, "report.json"), "w") as f:
+        with open(os.path.join(job.out, "report.json"), "w") as f:
             json.dump(report, f, indent=1)
-        logger.info("report: %s", os.path.join(out, "report.md"))
+        logger.info("report: %s", os.path.join(job.out, "report.md"))
     return report
+
+
+def _train_stage(job: _Job) -> Tuple[DLRMTrainer, Dict[str, Any]]:
+    """Train with the field-importance and row-priority trackers attached (resumable from its
+    last ``--checkpoint_every`` checkpoint); returns the trained trainer and the stage record."""
+    args, env, config = job.args, job.env, job.config
+    # Planned like train_dlrm's trainer, reserving what the trackers attached here hold.
+    trainer = DLRMTrainer(config, job.optim, env, args.batch_size, seed=args.seed,
+                          **planning_options(config, args.batch_size, env.world_size,
+                                             planner_overrides=args.planner_overrides,
+                                             row_priority_channels=len(_row_counters(args)),
+                                             field_importance=args.prune_baseline))
+    ckpt = CheckpointManager(os.path.join(job.out, "train", "checkpoints"), fingerprint(args, config))
+    done = job.finished("train")
+    if done is not None:
+        _load(trainer, ckpt, job.store.resolve(done["checkpoint"]))
+        return trainer, done
+    if args.epochs < 1:
+        raise SystemExit("--epochs must be >= 1: field scores and row priorities are collected while training")
+    fields = TaylorFieldImportance(trainer.model, baseline=args.prune_baseline, seed=args.seed)
+    counters = RowPriority(config.tables(), channels=_row_counters(args))
+    loop = _loop(trainer, ckpt, job.spec, args, env, args.epochs, job.parts["train"],
+                 {"stage": "train", "stage_key": job.keys["train"]}, "epoch", importance=fields,
+                 row_priority=counters)
+    if loop.last_checkpoint is None and args.init_from:
+        _init_from(trainer, args, config)
+    with _timed("training with the trackers"):
+        loop.run()
+    metrics = trainer.evaluate(job.eval_batches(), desc=f"{args.eval_split} (trained)")
+    scores = fields.scores()
+    gradient_scales = fields.gradient_scales()
+    counters.save(os.path.join(job.out, "train", "row_counts"))  # each rank its rows
+    done = {"metrics": metrics, "scores": scores, "checkpoint": job.store.rel(loop.last_checkpoint),
+            "gradient_scales": gradient_scales}
+    job.save("train", done)
+    return trainer, done
+
+
+def _load(trainer: DLRMTrainer, ckpt: CheckpointManager, path: str) -> None:
+    """Load the checkpoint at ``path`` (of ``ckpt``'s model) into ``trainer``."""
+    state = trainer.state_dict()
+    ckpt.load(state, path)
+    trainer.load_state_dict(state)
+
+
+def _init_from(trainer: DLRMTrainer, args, config) -> None:
+    """``--init_from``: the newest checkpoint of a ``recipes/train_dlrm.py`` run."""
+    source = CheckpointManager(os.path.join(args.init_from, "checkpoints"), fingerprint(args, config))
+    path = source.latest()
+    if path is None:
+        raise SystemExit(f"--init_from {args.init_from}: no checkpoint")
+    _load(trainer, source, path)
+    logger.info("initialised from %s", path)
+
+
+def _prune_stage(job: _Job, trainer: DLRMTrainer, done: Dict[str, Any], overrides):
+    """Prune fields, fine-tune the pruned model and, as the reference, the uncompressed one
+    (each resumable from its last ``--checkpoint_every`` checkpoint); returns the pruned
+    trainer, its config and the stage record.  ``trainer`` ends as the fine-tuned reference."""
+    args, env, config, out = job.args, job.env, job.config, job.out
+    protected = overrides.protected_features(config.tables()) if overrides else []
+    if args.prune_rounds and args.keep_fields is None:
+        raise SystemExit("--prune_rounds needs --keep_fields (the number of fields at the end)")
+    by_mean = args.prune_mode == "mean"
+    reference_ckpt = CheckpointManager(os.path.join(out, "prune", "reference_checkpoints"), fingerprint(args, config))
+    pdone = job.finished("prune")
+    if pdone is not None:
+        plan = PruningPlan.load(os.path.join(out, "prune", "plan.json"))  # what the stage did (iterative too)
+        small = pruned_config(config, plan, mean_filled=by_mean)
+        pruned = DLRMTrainer(small, job.optim, env, args.batch_size, seed=args.seed,
+                             **trainer.planning_options([t.name for t in small.tables()]))
+        _load(pruned, _pruned_ckpt(job, small), job.store.resolve(pdone["checkpoint"]))
+        _load(trainer, reference_ckpt, job.store.resolve(pdone["reference_checkpoint"]))
+        return pruned, small, pdone
+    field_scores, scorer = _field_scores(args, done, trainer, job.spec, env, config)
+    plan = choose_plan(field_scores, config.tables(), keep=args.keep_fields,
+                       drop_fraction=args.drop_fraction, score_share=args.drop_score_share,
+                       protected=protected, method=scorer)
+    trained = job.store.resolve(done["checkpoint"])
+    if args.prune_rounds:
+        pruned, plan = _iterative(job, trainer, plan, protected, trained)
+        small = pruned_config(config, plan, mean_filled=by_mean)
+        path = _pruned_ckpt(job, small).save(pruned.state_dict(),
+                                             new_progress(stage="prune/pruned", stage_key=job.keys["prune"]))
+    else:
+        small = pruned_config(config, plan, mean_filled=by_mean)
+        pruned, path = _fine_tuned_pruned(job, trainer, plan, small, trained)
+    metrics = pruned.evaluate(job.eval_batches(), desc=f"{args.eval_split} (pruned)")
+    # The reference a compressed model is judged against: the uncompressed model given the
+    # same fine-tuning (fresh data improves it too); the quantize stage compares row by row.
+    loop = _loop(trainer, reference_ckpt, job.spec, args, env, args.finetune_epochs, job.parts["finetune"],
+                 {"stage": "prune/reference", "stage_key": job.keys["prune"]}, "fine-tune (reference)")
+    with _timed("fine-tuning the uncompressed reference"):
+        loop.run()
+    reference = trainer.evaluate(job.eval_batches(), desc=f"{args.eval_split} (reference)")
+    if env.is_main:
+        plan.save(os.path.join(out, "prune", "plan.json"))
+    pdone = {"metrics": metrics, "reference": reference, "checkpoint": job.store.rel(path),
+             "plan": plan.summary(), "scores": field_scores, "scorer": scorer,
+             "reference_checkpoint": job.store.rel(loop.last_checkpoint)}
+    job.save("prune", pdone)
+    return pruned, small, pdone
+
+
+def _pruned_ckpt(job: _Job, small) -> CheckpointManager:
+    return CheckpointManager(os.path.join(job.out, "prune", "checkpoints"), fingerprint(job.args, small))
+
+
+def _fine_tuned_pruned(job: _Job, trainer: DLRMTrainer, plan: PruningPlan, small, trained: str):
+    """One-shot pruning: the pruned model (from the trained checkpoint, or resumed from its own
+    mid-fine-tuning checkpoint) fine-tuned; returns it and its last checkpoint."""
+    args, env = job.args, job.env
+    ckpt = _pruned_ckpt(job, small)
+    match = {"stage": "prune/pruned", "stage_key": job.keys["prune"]}
+    latest = ckpt.latest()
+    if latest is not None and all(CheckpointManager.progress_of(latest).get(k) == v for k, v in match.items()):
+        # (resumed below: the state comes from the checkpoint, the means included)
+        pruned = DLRMTrainer(small, job.optim, env, args.batch_size, seed=args.seed,
+                             **trainer.planning_options([t.name for t in small.tables()]))
+    else:
+        means = (_pruned_field_means(trainer, plan, job.spec, args, env, job.parts["train"])
+                 if args.prune_mode == "mean" else None)
+        with _timed("pruning (sharding the smaller model, reading its tables)"):
+            pruned = prune_trainer(trainer, plan, trained, args.batch_size, seed=args.seed, means=means)
+    loop = _loop(pruned, ckpt, job.spec, args, env, args.finetune_epochs, job.parts["finetune"], match,
+                 "fine-tune (pruned)")
+    with _timed("fine-tuning the pruned model"):
+        loop.run()
+    return pruned, loop.last_checkpoint
+
+
+def _iterative(job: _Job, trainer: DLRMTrainer, plan: PruningPlan, protected, trained: str):
+    """``--prune_rounds``: rounds of (score → drop → fine-tune) on the held-out part; returns
+    the pruned trainer and the plan it amounts to (``trainer`` is restored to ``trained``)."""
+    args, env, config = job.args, job.env, job.config
+    part = job.parts["finetune"]
+
+    def finetune_data():
+        while True:
+            ds = job.spec.dataset("train", args.batch_size, env.rank, env.world_size,
+                                  start_batch=part.start, max_batches=part.stop)
+            yield from job.spec.batches(ds, args.num_workers)
+
+    pruned = iterative_prune(
+        trainer, finetune_data(), rounds=args.prune_rounds, score_batches=args.score_batches,
+        finetune_steps=args.finetune_steps, keep_fields=args.keep_fields,
+        work_dir=os.path.join(job.out, "prune", "rounds"), batch_size=args.batch_size,
+        baseline=args.prune_baseline, protected=protected, seed=args.seed,
+        mean_batches=args.mean_batches if args.prune_mode == "mean" else None)
+    plan = PruningPlan(tables=plan.tables, table_bytes=plan.table_bytes,
+                       dropped_features=[f for f in config.feature_names if f not in pruned.features],
+                       method=f"iterative shark-{args.prune_baseline}",
+                       criterion={"keep": args.keep_fields, "rounds": args.prune_rounds}, protected=protected)
+    # iterative_prune trains the original model too; restore it from its checkpoint
+    _load(trainer, CheckpointManager(os.path.join(job.out, "train", "checkpoints"), fingerprint(args, config)),
+          trained)
+    return pruned, plan
 
 
 def row_alignment(args, device: torch.device) -> int:

@@ -130,6 +130,52 @@ def test_killed_after_pruning_resumes_to_the_same_result(tmp_path: Path, full: P
     assert a == b
 
 
+KILL_ARGS = [*map(str, SMALL), "--epochs", "2", "--finetune_epochs", "2", "--checkpoint_every", "2"]
+
+
+def _run_killable(out: Path, kill_at: int, loop: str = ""):
+    """The pipeline in one process, SIGKILLed after step ``kill_at`` of ``loop`` (0: never)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, KILL_AT_STEP=str(kill_at), KILL_IN=loop, STEPS_FILE=str(out) + ".steps",
+               OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, str(ROOT / "tests" / "scripts" / "kill_at_step.py"), str(RECIPE),
+                           *KILL_ARGS, "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("kill") / "full"
+    assert _run_killable(out, 0).returncode == 0
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, loop, at, resumed_steps", [
+    ("train", "epoch", 7, 18 - 6),                            # 9 steps an epoch, 2 epochs
+    ("prune", "fine-tune (pruned)", 3, 6 - 2),                # 3 steps an epoch, 2 epochs
+    ("prune", "fine-tune (reference)", 5, 6 - 4)])
+def test_killed_mid_stage_resumes_from_its_checkpoint(tmp_path: Path, uninterrupted: Path, stage: str,
+                                                      loop: str, at: int, resumed_steps: int) -> None:
+    """SIGKILL in the middle of a stage's training loop (one process); the run started again
+    resumes from the loop's last --checkpoint_every checkpoint, takes only the steps after it,
+    and ends exactly where the uninterrupted run does."""
+    part = tmp_path / "part"
+    killed = _run_killable(part, at, loop)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert not (part / stage / "done.json").exists()
+    done = _run_killable(part, 0, loop)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert int(Path(str(part) + ".steps").read_text()) == resumed_steps
+    a = json.loads((uninterrupted / "report.json").read_text())
+    b = json.loads((part / "report.json").read_text())
+    a.pop("lookup_speed_vs_fp32"), b.pop("lookup_speed_vs_fp32")
+    assert a == b
+
+
 @pytest.mark.slow
 def test_init_from_iterative_pruning_fractions_and_overrides(tmp_path: Path) -> None:
     base = tmp_path / "base"
@@ -252,7 +298,7 @@ def test_bad_run_directories_and_unused_flags_are_refused(tmp_path: Path) -> Non
     (tmp_path / "file").write_text("")
     assert "--out" in run("--out", tmp_path / "file" / "sub") and "cannot be a directory" in run(
         "--out", tmp_path / "file" / "sub")
-    for flag, value in (("--max_steps", 5), ("--checkpoint_every", 3), ("--score_fields", "mean"),
+    for flag, value in (("--max_steps", 5), ("--score_fields", "mean"),
                         ("--sharding_type", "row_wise")):
         assert f"{flag} is not used by the SHARK pipeline" in run(flag, value, "--out", tmp_path / "x")
     assert "--resume is not used" in run("--resume", "--out", tmp_path / "x")

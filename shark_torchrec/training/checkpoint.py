@@ -95,6 +95,16 @@ class CheckpointManager:
             if n != keep_name:
                 shutil.rmtree(os.path.join(self.root, n), ignore_errors=True)
 
+    @staticmethod
+    def progress_of(path: str) -> Dict[str, Any]:
+        """The progress saved with the checkpoint at ``path`` (no state loaded)."""
+        meta_file = os.path.join(path, "meta.json")
+        try:
+            with open(meta_file) as f:
+                return json.load(f)["progress"]
+        except (OSError, KeyError, TypeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{meta_file}: cannot read checkpoint metadata: {e}") from e
+
     def load(self, state: Dict[str, Any], path: Optional[str] = None) -> Dict[str, Any]:
         """Load into ``state`` in place (its structure must match) and return the progress."""
         path = path or self.latest()

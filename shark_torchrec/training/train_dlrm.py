@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import sys
-import time
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -55,6 +54,7 @@ from shark_torchrec.training.datasets import (
     require_rows,
 )
 from shark_torchrec.training.distributed import DistEnv, run_job
+from shark_torchrec.training.loop import TrainingLoop
 from shark_torchrec.training.model import DLRMConfig
 from shark_torchrec.training.sharding import plan_summary
 from shark_torchrec.training.trainer import (
@@ -428,72 +428,21 @@ def _run(args: argparse.Namespace, env: DistEnv) -> Dict:
         # Attached after DMP: hooks go on the sharded collection (see importance.taylor).
         tracker = TaylorFieldImportance(trainer.model, baseline=args.score_fields, seed=args.seed)
 
-    def full_state() -> Dict:
-        state = trainer.state_dict()
-        if tracker is not None:
-            state["importance"] = tracker.state_dict()
-        return state
+    def batches(epoch: int, start_batch: int):
+        ds = spec.dataset("train", args.batch_size, env.rank, env.world_size, start_batch=start_batch,
+                          max_batches=args.limit_train_batches)
+        return spec.batches(ds, args.num_workers)
 
     ckpt = CheckpointManager(os.path.join(args.out, "checkpoints"), fingerprint(args, model_config))
-    progress = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "train_examples": 0,
-                "train_seconds": 0.0, "history": []}
-    if args.resume and ckpt.latest() is not None:
-        state = full_state()
-        progress = ckpt.load(state)  # DCP loads in place, into these very tensors
-        trainer.load_state_dict(state)
-        if tracker is not None:
-            tracker.load_state_dict(state["importance"])
-        logger.info("resumed from %s at %s", ckpt.latest(), progress)
+    loop = TrainingLoop(trainer, ckpt, batches, args.epochs, args.batch_size * env.world_size,
+                        checkpoint_every=args.checkpoint_every, importance=tracker,
+                        evaluate=lambda: trainer.evaluate(test_batches(args, spec, env), desc="test"))
+    if args.resume:
+        loop.resume()
     logger.info("training on %d rank(s), %s, global batch %d", env.world_size, env.device,
                 args.batch_size * env.world_size)
-
-    saved_at = [-1]
-
-    def save() -> None:
-        if saved_at[0] != progress["global_step"] or progress["step_in_epoch"] == 0:
-            ckpt.save(full_state(), dict(progress))
-            saved_at[0] = progress["global_step"]
-
-    stopped = False
-    while progress["epoch"] < args.epochs and not stopped:
-        ds = spec.dataset("train", args.batch_size, env.rank, env.world_size,
-                          start_batch=progress["step_in_epoch"],
-                          max_batches=args.limit_train_batches)
-        total = len(ds) if hasattr(ds, "__len__") else None
-        remaining = None if args.max_steps is None else args.max_steps - progress["global_step"]
-        t0 = time.perf_counter()
-        step_t0 = [t0]
-
-        def on_step(_: int, loss: torch.Tensor) -> None:
-            now = time.perf_counter()
-            progress["train_seconds"] += now - step_t0[0]
-            step_t0[0] = now
-            progress["step_in_epoch"] += 1
-            progress["global_step"] += 1
-            progress["train_examples"] += args.batch_size * env.world_size
-            if args.checkpoint_every and progress["global_step"] % args.checkpoint_every == 0:
-                save()
-                step_t0[0] = time.perf_counter()  # checkpoint time is not training time
-
-        if tracker is not None:
-            tracker.attach()
-        try:
-            trainer.train(spec.batches(ds, args.num_workers), max_steps=remaining,
-                          on_step=on_step, total=total, desc=f"epoch {progress['epoch']}")
-        finally:
-            if tracker is not None:
-                tracker.detach()
-        if args.max_steps is not None and progress["global_step"] >= args.max_steps:
-            stopped = True
-            save()
-            break
-        metrics = trainer.evaluate(test_batches(args, spec, env), desc="test")
-        metrics["epoch"] = progress["epoch"]
-        progress["history"].append(metrics)
-        logger.info("epoch %d: test %s", progress["epoch"], metrics)
-        progress["epoch"] += 1
-        progress["step_in_epoch"] = 0
-        save()
+    stopped = not loop.run(args.max_steps)
+    progress = loop.progress
 
     final = progress["history"][-1] if progress["history"] and not stopped else None
     result = {
