@@ -199,6 +199,75 @@ class _Checker:
         return text
 
 
+def _sparse_fields(c: "_Checker", doc: Dict[str, Any], delimiter: str):
+    """The ``categorical`` and ``multi_valued`` columns: ``[(column, key path, settings)]`` in
+    file order of the schema, and each multi-valued column's separator."""
+    fields: List[Tuple[str, Tuple, Dict[str, Any]]] = []  # (column, key path, settings)
+    categorical = doc.get("categorical") or {}
+    if isinstance(categorical, list):
+        fields += [(name, ("categorical", i), {}) for i, name in
+                   enumerate(c.names(categorical, ("categorical",)))]
+    else:
+        c.mapping(categorical, ("categorical",), None, "column names to settings")
+        for name, settings in categorical.items():
+            at = ("categorical", name)
+            c.string(name, at)
+            if settings is None:
+                settings = {}
+            elif isinstance(settings, int) and not isinstance(settings, bool):
+                settings = {"num_embeddings": settings}
+            fields.append((name, at, c.mapping(settings, at, _FIELD_KEYS, "field settings")))
+    multi = doc.get("multi_valued") or {}
+    c.mapping(multi, ("multi_valued",), None, "column names to settings")
+    separators: Dict[str, str] = {}
+    for name, settings in multi.items():
+        at = ("multi_valued", name)
+        c.string(name, at)
+        c.mapping(settings, at, (*_FIELD_KEYS, "separator"), "field settings")
+        if "separator" not in settings:
+            c.fail((*at, "separator"), "missing (required: the separator between the values of a cell)")
+        sep = c.string(settings["separator"], (*at, "separator"))
+        if sep == delimiter:
+            c.fail((*at, "separator"), f"{sep!r} is also the column delimiter")
+        separators[name] = sep
+        fields.append((name, at, settings))
+    return fields, separators
+
+
+def _field_settings(c: "_Checker", fields, used: Dict[str, Tuple], default_rows: Optional[int]):
+    """Each sparse field's encoding, vocabulary and rows (checked; ``used`` gains its column)."""
+    encodings: Dict[str, str] = {}
+    vocabularies: Dict[str, List[str]] = {}
+    rows: List[Optional[int]] = []
+    for name, at, settings in fields:
+        if name in used:
+            c.fail(at, f"column {name!r} is already used by {_dotted(used[name])}")
+        used[name] = at
+        n = c.rows(settings["num_embeddings"], (*at, "num_embeddings")) if "num_embeddings" in settings else None
+        if "encoding" in settings:
+            encodings[name] = c.choice(settings["encoding"], (*at, "encoding"), _FILE_ENCODINGS)
+        if "vocabulary" in settings:
+            if "encoding" in settings:
+                c.fail((*at, "encoding"), "a field with a vocabulary is encoded by it: drop 'encoding'")
+            vocab = settings["vocabulary"]
+            if not isinstance(vocab, list) or not vocab:
+                c.fail((*at, "vocabulary"), f"expected a non-empty list of values, got {vocab!r}")
+            # YAML reads `[01, 02]` and `[yes, no]` as numbers and booleans; cells are text, so
+            # each value is taken as the text it was written as.
+            values = [c.text(v, (*at, "vocabulary", i)) for i, v in enumerate(vocab)]
+            for i, v in enumerate(values):
+                if v in values[:i]:
+                    c.fail((*at, "vocabulary", i), f"value {v!r} listed twice")
+            vocabularies[name] = values
+            if n is None:
+                n = len(values) + 1
+            elif n < len(values) + 1:
+                c.fail((*at, "num_embeddings"), f"{n} rows for a vocabulary of {len(values)} values: "
+                       f"at least {len(values) + 1} (one row for values outside it)")
+        rows.append(n if n is not None else default_rows)
+    return encodings, vocabularies, rows
+
+
 def parse_schema_document(doc: Any, source: str = "schema",
                           lines: Optional[Dict[Tuple, int]] = None,
                           texts: Optional[Dict[Tuple, str]] = None) -> SchemaFile:
@@ -234,70 +303,13 @@ def parse_schema_document(doc: Any, source: str = "schema",
     if not isinstance(missing_as_empty, bool):
         c.fail(("missing_as_empty",), f"expected true or false, got {missing_as_empty!r}")
 
-    fields: List[Tuple[str, Tuple, Dict[str, Any]]] = []  # (column, key path, settings)
-    categorical = doc.get("categorical") or {}
-    if isinstance(categorical, list):
-        fields += [(name, ("categorical", i), {}) for i, name in
-                   enumerate(c.names(categorical, ("categorical",)))]
-    else:
-        c.mapping(categorical, ("categorical",), None, "column names to settings")
-        for name, settings in categorical.items():
-            at = ("categorical", name)
-            c.string(name, at)
-            if settings is None:
-                settings = {}
-            elif isinstance(settings, int) and not isinstance(settings, bool):
-                settings = {"num_embeddings": settings}
-            fields.append((name, at, c.mapping(settings, at, _FIELD_KEYS, "field settings")))
-    multi = doc.get("multi_valued") or {}
-    c.mapping(multi, ("multi_valued",), None, "column names to settings")
-    separators: Dict[str, str] = {}
-    for name, settings in multi.items():
-        at = ("multi_valued", name)
-        c.string(name, at)
-        c.mapping(settings, at, (*_FIELD_KEYS, "separator"), "field settings")
-        if "separator" not in settings:
-            c.fail((*at, "separator"), "missing (required: the separator between the values of a cell)")
-        sep = c.string(settings["separator"], (*at, "separator"))
-        if sep == delimiter:
-            c.fail((*at, "separator"), f"{sep!r} is also the column delimiter")
-        separators[name] = sep
-        fields.append((name, at, settings))
-
+    fields, separators = _sparse_fields(c, doc, delimiter)
     used: Dict[str, Tuple] = {label: ("label",)}
     for i, name in enumerate(dense):
         if name in used:
             c.fail(("dense", i), f"column {name!r} is already the {_dotted(used[name])}")
         used[name] = ("dense", i)
-    encodings: Dict[str, str] = {}
-    vocabularies: Dict[str, List[str]] = {}
-    rows: List[Optional[int]] = []
-    for name, at, settings in fields:
-        if name in used:
-            c.fail(at, f"column {name!r} is already used by {_dotted(used[name])}")
-        used[name] = at
-        n = c.rows(settings["num_embeddings"], (*at, "num_embeddings")) if "num_embeddings" in settings else None
-        if "encoding" in settings:
-            encodings[name] = c.choice(settings["encoding"], (*at, "encoding"), _FILE_ENCODINGS)
-        if "vocabulary" in settings:
-            if "encoding" in settings:
-                c.fail((*at, "encoding"), "a field with a vocabulary is encoded by it: drop 'encoding'")
-            vocab = settings["vocabulary"]
-            if not isinstance(vocab, list) or not vocab:
-                c.fail((*at, "vocabulary"), f"expected a non-empty list of values, got {vocab!r}")
-            # YAML reads `[01, 02]` and `[yes, no]` as numbers and booleans; cells are text, so
-            # each value is taken as the text it was written as.
-            values = [c.text(v, (*at, "vocabulary", i)) for i, v in enumerate(vocab)]
-            for i, v in enumerate(values):
-                if v in values[:i]:
-                    c.fail((*at, "vocabulary", i), f"value {v!r} listed twice")
-            vocabularies[name] = values
-            if n is None:
-                n = len(values) + 1
-            elif n < len(values) + 1:
-                c.fail((*at, "num_embeddings"), f"{n} rows for a vocabulary of {len(values)} values: "
-                       f"at least {len(values) + 1} (one row for values outside it)")
-        rows.append(n if n is not None else default_rows)
+    encodings, vocabularies, rows = _field_settings(c, fields, used, default_rows)
     if not fields:
         c.fail(("categorical",), "no sparse fields: name at least one categorical or multi_valued column")
     if columns is not None:

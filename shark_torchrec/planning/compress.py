@@ -113,6 +113,61 @@ def needs_id_map(rows_per_tier: Dict) -> bool:
     return len(used) > 1 or Tier.DROP in used
 
 
+def _fixed_mix(t: EmbeddingBagConfig, fractions: Dict[str, float], zipf: float, buckets: int,
+               row_alignment: int) -> TableCompression:
+    """A table whose tier mix is given (``{tier: fraction}``): the most popular rows in the
+    most precise tier; its predicted loss gives each popularity bucket's mass its tier's error."""
+    counts, mass = zipf_bucket_mass(t.num_embeddings, zipf, buckets)
+    order = sorted((Tier.parse(k) for k in fractions), key=TIER_ORDER.index)
+    rows: Dict[str, int] = {}
+    start, acc = 0, 0.0
+    for i, tier in enumerate(order):
+        acc += fractions[tier.value]
+        end = t.num_embeddings if i == len(order) - 1 else int(round(acc * t.num_embeddings))
+        rows[tier.value] = end - start
+        start = end
+    edges, pos = [], 0
+    for tier in order:
+        pos += rows[tier.value]
+        edges.append((pos, tier))
+    seen, loss = 0, 0.0
+    for n, m in zip(counts, mass):
+        seen += n
+        tier = next(tt for e, tt in edges if seen <= e)
+        loss += m * tier_error(tier, t.embedding_dim)
+    b = compressed_bytes({Tier(k): n for k, n in rows.items()}, t.embedding_dim, row_alignment)
+    return TableCompression(t.name, rows, b, t.num_embeddings * row_bytes(Tier.FP32, t.embedding_dim, row_alignment),
+                            loss)
+
+
+def _solved(items, allowed: List[Tier], budget: int, row_alignment: int) -> Dict[str, TableCompression]:
+    """Each popularity bucket of each table in the tier of least ``mass · error + λ · bytes``,
+    at the lowest price ``λ`` whose bytes fit ``budget``."""
+
+    def solve(lam: float):
+        total, picks = 0.0, []
+        for t, counts, mass, err, per_row, _ in items:
+            choice = []
+            for n, m in zip(counts, mass):
+                k = min(range(len(allowed)), key=lambda i: m * err[i] + lam * n * per_row[i])
+                choice.append(k)
+                total += n * per_row[k]
+            picks.append(choice)
+        return picks, total
+
+    picks, _ = solve(lowest_price(lambda lam: solve(lam)[1], budget, iterations=80))
+    out: Dict[str, TableCompression] = {}
+    for (t, counts, mass, err, per_row, fp32), choice in zip(items, picks):
+        rows: Dict[str, int] = {}
+        loss = 0.0
+        for n, m, k in zip(counts, mass, choice):
+            rows[allowed[k].value] = rows.get(allowed[k].value, 0) + n
+            loss += m * err[k]
+        b = compressed_bytes({Tier(k): n for k, n in rows.items()}, t.embedding_dim, row_alignment)
+        out[t.name] = TableCompression(t.name, rows, b, fp32, loss)
+    return out
+
+
 def choose_compression(
     tables: Sequence[EmbeddingBagConfig],
     budget_bytes: int,
@@ -134,27 +189,7 @@ def choose_compression(
     fixed_tables: Dict[str, TableCompression] = {}
     for t in tables:
         if fractions and t.name in fractions:
-            counts, mass = zipf_bucket_mass(t.num_embeddings, zipf, buckets)
-            order = sorted((Tier.parse(k) for k in fractions[t.name]), key=TIER_ORDER.index)
-            rows: Dict[str, int] = {}
-            start, acc, loss = 0, 0.0, 0.0
-            for i, tier in enumerate(order):
-                acc += fractions[t.name][tier.value]
-                end = t.num_embeddings if i == len(order) - 1 else int(round(acc * t.num_embeddings))
-                rows[tier.value] = end - start
-                start = end
-            # predicted loss: bucket masses go to tiers in popularity order
-            edges, pos = [], 0
-            for tier in order:
-                pos += rows[tier.value]
-                edges.append((pos, tier))
-            seen = 0
-            for n, m in zip(counts, mass):
-                seen += n
-                tier = next(tt for e, tt in edges if seen <= e)
-                loss += m * tier_error(tier, t.embedding_dim)
-            b = compressed_bytes({Tier(k): n for k, n in rows.items()}, t.embedding_dim, row_alignment)
-            fixed_tables[t.name] = TableCompression(t.name, rows, b, t.num_embeddings * row_bytes(Tier.FP32, t.embedding_dim, row_alignment), loss)
+            fixed_tables[t.name] = _fixed_mix(t, fractions[t.name], zipf, buckets, row_alignment)
         elif table_budgets and t.name in table_budgets:
             fixed_tables.update(choose_compression([t], table_budgets[t.name], tiers=tiers, zipf=zipf,
                                                    buckets=buckets, row_alignment=row_alignment))
@@ -186,32 +221,11 @@ def choose_compression(
         err = [tier_error(tier, t.embedding_dim) for tier in allowed]
         per_row = [row_bytes(tier, t.embedding_dim, row_alignment) + ID_MAP_BYTES_PER_ROW for tier in allowed]
         items.append((t, counts, mass, err, per_row, fp32))
-    budget = budget_bytes - fixed_bytes
-
-    def solve(lam: float):
-        total, picks = 0.0, []
-        for t, counts, mass, err, per_row, _ in items:
-            choice = []
-            for n, m in zip(counts, mass):
-                k = min(range(len(allowed)), key=lambda i: m * err[i] + lam * n * per_row[i])
-                choice.append(k)
-                total += n * per_row[k]
-            picks.append(choice)
-        return picks, total
-
     smallest = sum(sum(c) * min(p) for _, c, _, _, p, _ in items)
-    if smallest > budget:
+    if smallest > budget_bytes - fixed_bytes:
         raise BudgetError(f"the tables cannot fit {budget_bytes} bytes: at least "
                          f"{fixed_bytes + smallest} with tiers {[t.value for t in allowed]}")
-    picks, total = solve(lowest_price(lambda lam: solve(lam)[1], budget, iterations=80))
-    for (t, counts, mass, err, per_row, fp32), choice in zip(items, picks):
-        rows: Dict[str, int] = {}
-        loss = 0.0
-        for n, m, k in zip(counts, mass, choice):
-            rows[allowed[k].value] = rows.get(allowed[k].value, 0) + n
-            loss += m * err[k]
-        b = compressed_bytes({Tier(k): n for k, n in rows.items()}, t.embedding_dim, row_alignment)
-        out[t.name] = TableCompression(t.name, rows, b, fp32, loss)
+    out.update(_solved(items, allowed, budget_bytes - fixed_bytes, row_alignment))
     return out
 
 

@@ -185,6 +185,43 @@ class PruningPlan:
             return PruningPlan.from_json(f.read(), source=path)
 
 
+def _check_scores(scores: Dict[str, float], features: List[str], protected: Sequence[str]) -> None:
+    """Scores for exactly ``features``, all finite; ``protected`` among them."""
+    unknown = sorted(set(scores) - set(features))
+    missing = [f for f in features if f not in scores]
+    if unknown or missing:
+        raise PlanError(f"scores do not match the model's fields: unknown {unknown}, missing {missing}")
+    bad = sorted(f for f, v in scores.items() if not math.isfinite(v))
+    if bad:
+        raise PlanError(f"scores are not finite for fields {bad}")
+    unknown_protected = sorted(set(protected) - set(features))
+    if unknown_protected:
+        raise PlanError(f"protected names unknown fields {unknown_protected}")
+
+
+def _to_byte_target(table_map: Dict[str, List[str]], sizes: Dict[str, int], candidates: List[str],
+                    byte_target: int) -> List[str]:
+    """The ``byte_target`` criterion: candidates dropped in order until the tables still
+    needed fit; at least one field is kept."""
+    if byte_target < 0:
+        raise PlanError(f"byte_target must be >= 0, got {byte_target}")
+    F = sum(len(fs) for fs in table_map.values())
+    dropped: List[str] = []
+
+    def needed(drop: List[str]) -> int:
+        gone = set(drop)
+        return sum(sizes[t] for t, fs in table_map.items() if not all(f in gone for f in fs))
+
+    for f in candidates:
+        if needed(dropped) <= byte_target or len(dropped) + 1 == F:
+            break
+        dropped.append(f)
+    if needed(dropped) > byte_target:
+        raise PlanError(f"byte_target {byte_target} cannot be reached: {needed(dropped)} bytes remain "
+                        f"after dropping every unprotected field but one")
+    return dropped
+
+
 def _by_score_per_byte(scores: Dict[str, float], tables: Sequence[EmbeddingBagConfig], candidates: List[str],
                        share: float) -> List[str]:
     """The ``score_share`` criterion: fields by least score per byte saved (a table's bytes
@@ -235,16 +272,7 @@ def choose_plan(
         raise PlanError(f"choose exactly one of keep, drop_fraction, byte_target, score_share (got {criteria})")
     table_map = {t.name: list(t.feature_names) for t in tables}
     features = [f for fs in table_map.values() for f in fs]
-    unknown = sorted(set(scores) - set(features))
-    missing = [f for f in features if f not in scores]
-    if unknown or missing:
-        raise PlanError(f"scores do not match the model's fields: unknown {unknown}, missing {missing}")
-    bad = sorted(f for f, v in scores.items() if not math.isfinite(v))
-    if bad:
-        raise PlanError(f"scores are not finite for fields {bad}")
-    unknown_protected = sorted(set(protected) - set(features))
-    if unknown_protected:
-        raise PlanError(f"protected names unknown fields {unknown_protected}")
+    _check_scores(scores, features, protected)
     candidates = sorted((f for f in features if f not in set(protected)),
                         key=lambda f: (scores[f], f))  # lowest first
     sizes = {t.name: table_bytes(t) for t in tables}
@@ -266,25 +294,7 @@ def choose_plan(
     elif score_share is not None:
         dropped = _by_score_per_byte(scores, tables, candidates, score_share)
     else:
-        if byte_target < 0:
-            raise PlanError(f"byte_target must be >= 0, got {byte_target}")
-        dropped = []
-
-        def needed(drop: List[str]) -> int:
-            gone = set(drop)
-            return sum(sizes[t] for t, fs in table_map.items() if not all(f in gone for f in fs))
-
-        for f in candidates:
-            if needed(dropped) <= byte_target:
-                break
-            if len(dropped) + 1 == F:
-                break
-            dropped.append(f)
-        if needed(dropped) > byte_target:
-            raise PlanError(
-                f"byte_target {byte_target} cannot be reached: {needed(dropped)} bytes remain "
-                f"after dropping every unprotected field but one"
-            )
+        dropped = _to_byte_target(table_map, sizes, candidates, byte_target)
     return PruningPlan(
         tables=table_map,
         table_bytes=sizes,

@@ -112,6 +112,36 @@ def _protected(args: argparse.Namespace, tables) -> List[str]:
     return list(dict.fromkeys(protected))
 
 
+def _iterative(args: argparse.Namespace, env: DistEnv, spec, trainer: DLRMTrainer, rounds: List[Dict]):
+    """``--rounds``: iterative pruning over the training data; returns the pruned trainer and
+    the plan it amounts to, each round's summary appended to ``rounds``."""
+    if args.keep_fields is None:
+        raise SystemExit("--rounds needs --keep_fields (the number of fields at the end)")
+    config = trainer.model_config
+    train = spec.dataset("train", args.batch_size, env.rank, env.world_size)
+
+    def endless():
+        while True:  # rounds may need more steps than one pass over the data
+            yield from spec.batches(train, args.num_workers)
+
+    def on_round(r: PruningRound, t: DLRMTrainer) -> None:
+        rounds.append({"round": r.round, "kept": r.plan.kept_features, "dropped": r.plan.dropped_features,
+                       "scores": r.scores, "scoring_seconds": r.scoring_seconds})
+
+    pruned = iterative_prune(
+        trainer, endless(), rounds=args.rounds, score_batches=args.score_batches,
+        finetune_steps=args.finetune_steps, keep_fields=args.keep_fields,
+        work_dir=os.path.join(args.out, "rounds"), batch_size=args.batch_size,
+        baseline=args.prune_baseline, protected=_protected(args, config.tables()),
+        seed=args.seed, on_round=on_round, mean_batches=args.mean_batches if args.prune_mode == "mean" else None)
+    plan = PruningPlan(tables={t.name: list(t.feature_names) for t in config.tables()},
+                       table_bytes={t.name: table_bytes(t) for t in config.tables()},
+                       dropped_features=[f for f in config.feature_names if f not in pruned.features],
+                       method=f"iterative shark-{args.prune_baseline}",
+                       criterion={"keep": args.keep_fields, "rounds": args.rounds})
+    return pruned, plan
+
+
 #: flags of train_dlrm's parser that this recipe does not use: refused when set
 UNUSED_FLAGS = {"max_steps": None, "score_fields": None, "checkpoint_every": 0, "resume": False}
 
@@ -143,31 +173,7 @@ def _run(args: argparse.Namespace, env: DistEnv) -> Dict:
     rounds: List[Dict] = []
     by_mean = args.prune_mode == "mean"
     if args.rounds:
-        if args.keep_fields is None:
-            raise SystemExit("--rounds needs --keep_fields (the number of fields at the end)")
-        train = spec.dataset("train", args.batch_size, env.rank, env.world_size)
-
-        def endless():
-            while True:  # rounds may need more steps than one pass over the data
-                yield from spec.batches(train, args.num_workers)
-
-        def on_round(r: PruningRound, t: DLRMTrainer) -> None:
-            rounds.append({"round": r.round, "kept": r.plan.kept_features,
-                           "dropped": r.plan.dropped_features, "scores": r.scores,
-                           "scoring_seconds": r.scoring_seconds})
-
-        first_features = list(config.feature_names)
-        trainer = iterative_prune(
-            trainer, endless(), rounds=args.rounds, score_batches=args.score_batches,
-            finetune_steps=args.finetune_steps, keep_fields=args.keep_fields,
-            work_dir=os.path.join(args.out, "rounds"), batch_size=args.batch_size,
-            baseline=args.prune_baseline, protected=_protected(args, config.tables()),
-            seed=args.seed, on_round=on_round, mean_batches=args.mean_batches if by_mean else None)
-        dropped = [f for f in first_features if f not in trainer.features]
-        plan = PruningPlan(tables={t.name: list(t.feature_names) for t in config.tables()},
-                           table_bytes={t.name: table_bytes(t) for t in config.tables()},
-                           dropped_features=dropped, method=f"iterative shark-{args.prune_baseline}",
-                           criterion={"keep": args.keep_fields, "rounds": args.rounds})
+        trainer, plan = _iterative(args, env, spec, trainer, rounds)
     else:
         plan = _load_plan_or_scores(args, trainer)
         logger.info("plan: %s", plan.summary())

@@ -120,6 +120,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train TorchRec's DLRM / DLRM_DCN, sharded with DistributedModelParallel. "
         "Launch with `torchrun --nproc_per_node N recipes/train_dlrm.py ...` or as one process."
     )
+    _add_data_flags(p)
+    _add_model_and_training_flags(p)
+    o = p.add_argument_group("output")
+    o.add_argument("--out", type=output_dir, default="runs/train_dlrm", help="output directory")
+    o.add_argument("--checkpoint_every", type=nonnegative_int, default=0,
+                   help="also checkpoint every N steps (0: at the end of every epoch only)")
+    o.add_argument("--resume", action="store_true", help="resume from the newest checkpoint")
+    o.add_argument("--log_level", type=log_level, default="INFO", help=", ".join(LOG_LEVELS))
+    o.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    return p
+
+
+def _add_data_flags(p: argparse.ArgumentParser) -> None:
     d = p.add_argument_group("data")
     d.add_argument("--data", choices=DATASETS, default="synthetic",
                    help="csv: your own click logs, laid out by --schema; ml100k: MovieLens-100K")
@@ -170,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rows of the test and dev splits (synthetic_criteo: 200,000)")
     s.add_argument("--synthetic_max_rows", type=positive_int, default=1_000_000,
                    help="synthetic_criteo: cap on the Criteo vocabulary sizes")
+
+
+def _add_model_and_training_flags(p: argparse.ArgumentParser) -> None:
     m = p.add_argument_group("model")
     m.add_argument("--embedding_dim", type=positive_int, default=16)
     m.add_argument("--dense_arch_layer_sizes", type=positive_int_list, default=[64, 16])
@@ -198,14 +214,6 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--score_fields", choices=BASELINES,
                    help="collect SHARK field scores with this baseline while training "
                    "(written to OUT/field_scores.json)")
-    o = p.add_argument_group("output")
-    o.add_argument("--out", type=output_dir, default="runs/train_dlrm", help="output directory")
-    o.add_argument("--checkpoint_every", type=nonnegative_int, default=0,
-                   help="also checkpoint every N steps (0: at the end of every epoch only)")
-    o.add_argument("--resume", action="store_true", help="resume from the newest checkpoint")
-    o.add_argument("--log_level", type=log_level, default="INFO", help=", ".join(LOG_LEVELS))
-    o.add_argument("--debug", action="store_true", help=DEBUG_HELP)
-    return p
 
 
 def data_spec_from_args(args: argparse.Namespace) -> DataSpec:
@@ -220,43 +228,48 @@ def data_spec_from_args(args: argparse.Namespace) -> DataSpec:
     return spec.hashed(args.hash_rows_fraction) if args.hash_rows_fraction is not None else spec
 
 
+def _synthetic_spec(args: argparse.Namespace, id_dtype: torch.dtype) -> DataSpec:
+    """``--data synthetic`` / ``synthetic_criteo``: generated splits, tables sized by the generator."""
+    unused = [flag for flag, value in (("--schema", args.schema), ("--test_fraction", args.test_fraction),
+                                       ("--valid_fraction", args.valid_fraction)) if value]
+    if unused:
+        raise FlagError(f"{', '.join(unused)}: for click-log files; --data synthetic generates its splits")
+    sized = [flag for flag, value in (("--num_embeddings", args.num_embeddings),
+                                      ("--num_embeddings_per_feature", args.num_embeddings_per_feature))
+             if value]
+    if sized:
+        raise FlagError(f"{', '.join(sized)}: for click-log files; --data {args.data} sizes its tables "
+                        "by its generator (--synthetic_cardinality for --data synthetic)")
+    train_rows, test_rows = args.synthetic_train_rows, args.synthetic_test_rows
+    if args.data == "synthetic_criteo":
+        # The Criteo-shaped benchmark with a known ground truth (data/synthetic.py).
+        cfg = criteo_config(seed=args.seed, max_rows=args.synthetic_max_rows)
+        train_rows, test_rows = train_rows or 1_000_000, test_rows or 200_000
+    else:
+        if args.synthetic_informative > args.synthetic_num_fields:
+            raise FlagError(f"--synthetic_informative {args.synthetic_informative} is more than "
+                            f"--synthetic_num_fields {args.synthetic_num_fields}")
+        cfg = SyntheticConfig.default(
+            num_fields=args.synthetic_num_fields,
+            num_informative=args.synthetic_informative,
+            cardinality=args.synthetic_cardinality,
+            seed=args.seed,
+        )
+    return DataSpec(
+        kind="synthetic", feature_names=cfg.feature_names,
+        num_embeddings_per_feature=cfg.num_embeddings_per_feature,
+        num_dense=cfg.num_dense, train_files=[], test_files=[], synthetic=cfg,
+        synthetic_train_batches=args.synthetic_train_batches,
+        synthetic_test_batches=args.synthetic_test_batches,
+        synthetic_train_rows=train_rows or 0, synthetic_test_rows=test_rows or 0,
+        id_dtype=id_dtype,
+    )
+
+
 def _data_spec(args: argparse.Namespace) -> DataSpec:
     id_dtype = torch.int32 if args.int32_ids else torch.int64
     if args.data in ("synthetic", "synthetic_criteo"):
-        unused = [flag for flag, value in (("--schema", args.schema), ("--test_fraction", args.test_fraction),
-                                           ("--valid_fraction", args.valid_fraction)) if value]
-        if unused:
-            raise FlagError(f"{', '.join(unused)}: for click-log files; --data synthetic generates its splits")
-        sized = [flag for flag, value in (("--num_embeddings", args.num_embeddings),
-                                          ("--num_embeddings_per_feature", args.num_embeddings_per_feature))
-                 if value]
-        if sized:
-            raise FlagError(f"{', '.join(sized)}: for click-log files; --data {args.data} sizes its tables "
-                            "by its generator (--synthetic_cardinality for --data synthetic)")
-        train_rows, test_rows = args.synthetic_train_rows, args.synthetic_test_rows
-        if args.data == "synthetic_criteo":
-            # The Criteo-shaped benchmark with a known ground truth (data/synthetic.py).
-            cfg = criteo_config(seed=args.seed, max_rows=args.synthetic_max_rows)
-            train_rows, test_rows = train_rows or 1_000_000, test_rows or 200_000
-        else:
-            if args.synthetic_informative > args.synthetic_num_fields:
-                raise FlagError(f"--synthetic_informative {args.synthetic_informative} is more than "
-                                f"--synthetic_num_fields {args.synthetic_num_fields}")
-            cfg = SyntheticConfig.default(
-                num_fields=args.synthetic_num_fields,
-                num_informative=args.synthetic_informative,
-                cardinality=args.synthetic_cardinality,
-                seed=args.seed,
-            )
-        return DataSpec(
-            kind="synthetic", feature_names=cfg.feature_names,
-            num_embeddings_per_feature=cfg.num_embeddings_per_feature,
-            num_dense=cfg.num_dense, train_files=[], test_files=[], synthetic=cfg,
-            synthetic_train_batches=args.synthetic_train_batches,
-            synthetic_test_batches=args.synthetic_test_batches,
-            synthetic_train_rows=train_rows or 0, synthetic_test_rows=test_rows or 0,
-            id_dtype=id_dtype,
-        )
+        return _synthetic_spec(args, id_dtype)
     data_path = args.data_path
     schema_file: Optional[SchemaFile] = None
     if args.data == "csv":
