@@ -132,6 +132,18 @@ def test_the_converted_model_serves_sharded_what_the_dequantized_tables_give(tmp
         assert served["keys"] == want.keys()
         torch.testing.assert_close(served["pooled"], want.values(), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(served["logits"], logits, rtol=1e-5, atol=1e-6)
+    assert all(a and b for a, b in run["fp16_matches"])  # output_dtype fp16: the same values, in fp16
+    # each table reports the data type of its most precise tier holding rows over every shard
+    # (FP16 also for the centroids of SHARED rows), the same on every rank
+    names = {t: [k for k in run["served_tiers"] if k.split("#")[0] == t] for t in {c.name for c in layout.configs()}}
+    want_types = {}
+    for t, shards in names.items():
+        present = set(int(i) for k in shards for i in run["served_tiers"][k].unique())
+        if any(k in run["served_shared"] for k in shards):
+            present.add(TIER_ORDER.index(Tier.FP16))
+        stored = [TIER_ORDER[i] for i in sorted(present) if TIER_ORDER[i] not in (Tier.SHARED, Tier.DROP)]
+        want_types[t] = stored[0].value.upper() if stored else "INT2"
+    assert run["data_types"][0] == run["data_types"][1] == want_types
     assert run["tracker_tiers_agree"]  # priorities from a sharded RowPriority, asked for by each leader
     # a bad id in rank 1's batch: both ranks raised, rank 1 naming it
     m0, m1 = run["bad_id_messages"]

@@ -52,6 +52,13 @@ def assign_tiers(
             raise ValueError(f"no priorities for tables {missing}")
     layout, weights = collection_layout(ebc, rank=0, world_size=1)
     weights = {k: v.detach() for k, v in weights.items()}
+    on_meta = sorted(s.table for s in layout.shards if weights[s.name].device.type == "meta")
+    # (a byte budget measures each row's error; SHARED rows cluster the rows' values)
+    fractions = [config.fractions or {}, *config.table_fractions.values()]
+    if on_meta and (config.fractions is None or config.table_budgets or any("shared" in f for f in fractions)):
+        raise ValueError(f"tables {on_meta} are on the meta device: they hold no values to measure "
+                         "quantization errors on, which a byte budget needs; convert them with fractions "
+                         "(the structure only, as TorchRec converts a meta collection) or materialize them first")
     rows = None if priorities is None else (lambda t, r0, n: priorities[t][r0:r0 + n])
     a = assign_tiers_sharded(layout, weights, config, rows, Comm.local())
     tiers = {s.table: a.tiers[s.name] for s in layout.shards}
@@ -104,7 +111,8 @@ def quantize_(
             table_fractions={k: v for k, v in config.table_fractions.items() if k in table_names},
             table_budgets={k: v for k, v in config.table_budgets.items() if k in table_names})
         assignment = assign_tiers(ebc, local, own)
-        mixed = RowwiseMixedEmbeddingBagCollection.from_float(ebc, assignment, check_ids=config.check_ids)
+        mixed = RowwiseMixedEmbeddingBagCollection.from_float(ebc, assignment, check_ids=config.check_ids,
+                                                              output_dtype=config.output_dtype)
         mixed.assignment = assignment
         if fqn == "":
             return mixed

@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Sequence
 
-from shark_torchrec.quant.layout import ROW_ALIGNMENTS
+from shark_torchrec.quant.layout import ROW_ALIGNMENTS, output_dtype_name
 from shark_torchrec.quant.tiers import DEFAULT_ROW_ALIGNMENT, Tier
 
 EXCLUDE = "exclude"
@@ -42,6 +42,9 @@ class RowwiseQuantConfig:
         drop_rows: which rows a budget may drop (with ``"drop"`` among the tiers): ``"any"`` or
             ``"unused"`` (rows whose priority is 0 only; see
             :func:`~shark_torchrec.quant.tiers.assign_by_budget`).
+        output_dtype: the dtype of the pooled embeddings the converted collections return:
+            ``"fp32"`` (default) or ``"fp16"`` (or ``torch.float32`` / ``torch.float16``), as
+            TorchRec's quantized collection's ``output_dtype``; sums are taken in fp32 either way.
     """
 
     fractions: Optional[Dict[str, float]] = None
@@ -54,8 +57,10 @@ class RowwiseQuantConfig:
     check_ids: bool = True
     row_alignment: int = DEFAULT_ROW_ALIGNMENT
     drop_rows: str = "any"
+    output_dtype: str = "fp32"
 
     def __post_init__(self) -> None:
+        self.output_dtype = output_dtype_name(self.output_dtype)
         if self.row_alignment not in ROW_ALIGNMENTS:
             raise ValueError(f"RowwiseQuantConfig.row_alignment must be one of {ROW_ALIGNMENTS}, "
                              f"got {self.row_alignment!r}")

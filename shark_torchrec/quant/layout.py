@@ -12,7 +12,7 @@ import dataclasses
 from typing import Dict, List, Sequence
 
 import torch
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import get_embedding_names_by_table
 
 from shark_torchrec.quant.rows import DATA_TYPE
@@ -31,6 +31,29 @@ def serving_row_alignment(device_type: str, choice: str = "auto") -> int:
     if choice != "auto":
         return int(choice)
     return 16 if device_type == "cuda" else 1
+
+
+#: the pooled embeddings' dtypes a collection can return (TorchRec's ``output_dtype``)
+OUTPUT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+def output_dtype_name(dtype) -> str:
+    """``"fp32"`` / ``"fp16"`` for a name or a ``torch.dtype`` (``torch.float``, ``torch.half``)."""
+    for name, d in OUTPUT_DTYPES.items():
+        if dtype == name or dtype == d:
+            return name
+    raise ValueError(f"output_dtype must be fp32 or fp16 (torch.float32 or torch.float16), got {dtype!r}")
+
+
+def reported_data_type(stored: List[Tier]) -> DataType:
+    """The ``data_type`` a mixed table reports, from the tiers that hold its rows: its one tier's
+    when it has one; for a mixed table the most precise one's (its widest rows: what a planner
+    sizing it by ``data_type`` must assume, an upper bound); ``INT2`` for a table all of whose
+    rows are dropped (it holds none)."""
+    for tier in TIER_ORDER:
+        if tier in stored and tier in DATA_TYPE:
+            return DATA_TYPE[tier]
+    return DataType.INT2
 
 
 @dataclasses.dataclass
@@ -66,6 +89,7 @@ class MixedLayout:
     row_alignment: int = 16
     embedding_names: Dict[str, List[str]] = dataclasses.field(default_factory=dict)
     shared: Dict[str, List[int]] = dataclasses.field(default_factory=dict)
+    output_dtype: str = "fp32"
 
     def __post_init__(self) -> None:
         if not self.groups:  # one group of every table
@@ -75,6 +99,8 @@ class MixedLayout:
             self.embedding_names = {t["name"]: n for t, n in zip(self.tables, names)}
         if self.row_alignment not in ROW_ALIGNMENTS:
             raise ValueError(f"row_alignment must be one of {ROW_ALIGNMENTS}, got {self.row_alignment!r}")
+        if self.output_dtype not in OUTPUT_DTYPES:
+            raise ValueError(f"output_dtype must be one of {sorted(OUTPUT_DTYPES)}, got {self.output_dtype!r}")
 
     def to_dict(self) -> Dict:
         return {"format": LAYOUT_FORMAT, **dataclasses.asdict(self)}
@@ -87,7 +113,19 @@ class MixedLayout:
                            is_weighted=d["is_weighted"], groups=d.get("groups") or [],
                            row_alignment=d.get("row_alignment", 16),  # (16 before it was stored)
                            embedding_names=d.get("embedding_names") or {},
-                           shared={k: list(v) for k, v in (d.get("shared") or {}).items()})
+                           shared={k: list(v) for k, v in (d.get("shared") or {}).items()},
+                           output_dtype=d.get("output_dtype", "fp32"))
+
+    def stored_tiers(self, table: str) -> List[Tier]:
+        """The tiers holding rows of ``table`` (FP16 also when it holds only the centroids of
+        SHARED rows), most precise first."""
+        return [Tier.parse(t) for t, n in zip(self.tiers, self.rows[table]) if n > 0]
+
+    def reported_configs(self) -> List[EmbeddingBagConfig]:
+        """:meth:`configs` with each table's ``data_type``: what the collection reports
+        (:func:`reported_data_type`)."""
+        return [dataclasses.replace(c, data_type=reported_data_type(self.stored_tiers(c.name)))
+                for c in self.configs()]
 
     def configs(self) -> List[EmbeddingBagConfig]:
         return [EmbeddingBagConfig(name=t["name"], num_embeddings=t["rows"], embedding_dim=t["dim"],
@@ -139,4 +177,5 @@ class MixedLayout:
                            is_weighted=self.is_weighted, groups=[list(names)],
                            row_alignment=self.row_alignment,
                            embedding_names={n: e for n, e in self.embedding_names.items() if n in keep},
-                           shared={n: s for n, s in self.shared.items() if n in keep})
+                           shared={n: s for n, s in self.shared.items() if n in keep},
+                           output_dtype=self.output_dtype)

@@ -39,7 +39,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from shark_torchrec.quant import serialization
 from shark_torchrec.quant.cpu_kernel import cpu_kernel_available
-from shark_torchrec.quant.layout import LAYOUT_FORMAT, MixedLayout
+from shark_torchrec.quant.layout import LAYOUT_FORMAT, OUTPUT_DTYPES, MixedLayout, output_dtype_name
 from shark_torchrec.quant.lookup import _MixedGroup
 from shark_torchrec.quant.remap import (
     MixedInputTransform,
@@ -216,7 +216,7 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
     @staticmethod
     @torch.no_grad()
     def from_float(ebc: EmbeddingBagCollection, assignment: TierAssignment, check_ids: bool = True,
-                   num_groups: Optional[int] = None, strict: bool = False,
+                   num_groups: Optional[int] = None, strict: bool = False, output_dtype="fp32",
                    ) -> "RowwiseMixedEmbeddingBagCollection":
         """Convert a float collection; every table must have a tier per row in ``assignment``.
         NaN/Inf weights raise an error naming the table and row.
@@ -225,6 +225,7 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
             num_groups: table groups, each its own TBE (default 1: the fused CPU kernel splits
                 work over threads by bags, so more TBEs only add calls).
             strict: see the class.
+            output_dtype: ``"fp32"`` or ``"fp16"``: the dtype of the pooled embeddings returned.
         """
         configs = ebc.embedding_bag_configs()
         missing = [c.name for c in configs if c.name not in assignment.tiers]
@@ -234,7 +235,7 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
             configs, {c.name: ebc.embedding_bags[c.name].weight for c in configs}, assignment.tiers,
             is_weighted=ebc.is_weighted(), row_alignment=assignment.row_alignment,
             device=next(iter(ebc.parameters())).device, check_ids=check_ids, num_groups=num_groups,
-            strict=strict, shared=assignment.shared)
+            strict=strict, shared=assignment.shared, output_dtype=output_dtype)
 
     @staticmethod
     @torch.no_grad()
@@ -242,7 +243,7 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
                      tiers: Mapping[str, torch.Tensor], is_weighted: bool = False,
                      row_alignment: int = 16, device: torch.device = torch.device("cpu"),
                      check_ids: bool = True, num_groups: Optional[int] = None, strict: bool = False,
-                     shared: Optional[Mapping[str, SharedRows]] = None,
+                     shared: Optional[Mapping[str, SharedRows]] = None, output_dtype="fp32",
                      ) -> "RowwiseMixedEmbeddingBagCollection":
         """Build from tables' float rows and their tiers (:data:`TIER_ORDER` indices per row):
         ``weights[name]`` may be any [rows, dim] view (a sharded model's local shard, a column
@@ -283,8 +284,11 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
             is_weighted=is_weighted, groups=[names[bounds[i]:bounds[i + 1]] for i in range(num_groups)],
             row_alignment=row_alignment,
             shared={c.name: [int(counts[c.name][_SHARED]), shared[c.name].k] for c in configs
-                    if int(counts[c.name][_SHARED]) > 0})
+                    if int(counts[c.name][_SHARED]) > 0},
+            output_dtype=output_dtype_name(output_dtype))
         module = RowwiseMixedEmbeddingBagCollection(layout, device=device, check_ids=check_ids, strict=strict)
+        if device.type == "meta":  # the structure only, as TorchRec converts a meta collection
+            return module
         group_of = {n: g for g in module.groups for n in g.input_transform.table_base}
         if device.type == "cpu" and cpu_kernel_available():
             for c in configs:  # one streaming pass per table (csrc/quantize_rows.cpp)
@@ -351,8 +355,11 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
         return {"tables": tables, "weights_bytes": weights, "id_map_bytes": id_map,
                 "total_bytes": weights + id_map}
 
-    def embedding_bag_configs(self) -> List:
-        return list(self._configs)
+    def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
+        """The tables, as TorchRec's collections report them, each with the ``data_type`` of
+        its rows: its one tier's, or for a mixed table its most precise tier's
+        (:func:`~shark_torchrec.quant.layout.reported_data_type`)."""
+        return self.layout.reported_configs()
 
     # ------------------------------------------------------------------ forward
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
@@ -373,6 +380,9 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
         else:
             parts = split_features(features, self._input_features, self._sizes, self.strict)
             values = self._run_groups(parts, transformed=False)
+        out_dtype = OUTPUT_DTYPES[self.layout.output_dtype]
+        if values.dtype != out_dtype:
+            values = values.to(out_dtype)
         return KeyedTensor(keys=list(self._features), length_per_key=list(self._dims), values=values)
 
     def pooled_into(self, features: KeyedJaggedTensor, out: torch.Tensor) -> torch.Tensor:
@@ -380,7 +390,8 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
         tensor, e.g. a slice of a larger buffer; the fused CPU kernel writes it in place)."""
         features = self._checked(features)
         calls = self._kernel_calls(features)
-        if calls is not None and out.is_contiguous() and out.dtype == torch.float32:
+        if (calls is not None and out.is_contiguous() and out.dtype == torch.float32
+                and self.layout.output_dtype == "fp32"):
             return self._forward_kernel(features, calls, out)
         return out.copy_(self(features).values())
 

@@ -23,6 +23,7 @@ collective), with batches of any size (0 included).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -31,6 +32,8 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from shark_torchrec.quant.cpu_kernel import cpu_kernel_available
+from shark_torchrec.quant.layout import reported_data_type
+from shark_torchrec.quant.tiers import Tier
 from shark_torchrec.quant.mixed_ebc import RowwiseMixedEmbeddingBagCollection
 from shark_torchrec.quant.remap import jagged_error, select_features, without_weights
 from shark_torchrec.sharded.comm import Comm
@@ -74,6 +77,9 @@ class ShardedRowwiseMixedEmbeddingBagCollection(nn.Module):
         self.routed = routed
         self.replicated = replicated
         self._configs = layout.configs()
+        self._reported = self._reported_configs()
+        #: the dtype of the pooled embeddings returned (``RowwiseQuantConfig.output_dtype``)
+        self.output_dtype = torch.float32
         names = layout.embedding_names()
         # Output slots: (output key, input feature, table config), TorchRec's order.
         self._slots = [(e, f, c) for c in self._configs for e, f in zip(names[c.name], c.feature_names)]
@@ -149,8 +155,28 @@ class ShardedRowwiseMixedEmbeddingBagCollection(nn.Module):
                                    for i in self._rep_slots]) if self._rep_slots else torch.zeros(0, dtype=torch.long),
         }
 
+    def _reported_configs(self) -> List[EmbeddingBagConfig]:
+        """The configs with each table's ``data_type``, from the tiers its shards hold on every
+        rank (a collective: built where the collection is, on every rank)."""
+        table_of = {s.name: s.table for s in self.layout.shards}
+        local: Dict[str, set] = {}
+        for part in (self.routed, self.replicated):
+            if part is None:
+                continue
+            for shard in part.layout.tables:
+                table = table_of[shard["name"]]
+                local.setdefault(table, set()).update(t.value for t in part.layout.stored_tiers(shard["name"]))
+        stored: Dict[str, set] = {}
+        for theirs in self.comm.all_gather_object(local):
+            for table, tiers in theirs.items():
+                stored.setdefault(table, set()).update(tiers)
+        return [dataclasses.replace(c, data_type=reported_data_type([Tier.parse(t) for t in stored.get(c.name, ())]))
+                for c in self._configs]
+
     def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
-        return list(self._configs)
+        """The tables, each with the ``data_type`` of its rows over all ranks' shards (as
+        :meth:`RowwiseMixedEmbeddingBagCollection.embedding_bag_configs`)."""
+        return list(self._reported)
 
     def is_weighted(self) -> bool:
         return self.layout.is_weighted
@@ -208,6 +234,8 @@ class ShardedRowwiseMixedEmbeddingBagCollection(nn.Module):
                 L = features[f].lengths().to(out.dtype).clamp(min=1).unsqueeze(1)
                 c0 = self._column[e]
                 out[:, c0:c0 + self._dims[i]] /= L
+        if out.dtype != self.output_dtype:
+            out = out.to(self.output_dtype)
         return KeyedTensor(keys=list(self._keys), length_per_key=list(self._dims), values=out)
 
     def _forward_routed(self, features: KeyedJaggedTensor, B: int, out: torch.Tensor,

@@ -22,6 +22,7 @@ from torchrec.models.dlrm import DLRMTrain
 
 from shark_torchrec.export import build_dlrm, describe_dlrm
 from shark_torchrec.quant.config import RowwiseQuantConfig
+from shark_torchrec.quant.layout import OUTPUT_DTYPES
 from shark_torchrec.quant.mixed_ebc import RowwiseMixedEmbeddingBagCollection
 from shark_torchrec.quant.shared_rows import SharedRows
 from shark_torchrec.sharded.assign import PriorityFn, ShardedTierAssignment, assign_tiers_sharded
@@ -89,6 +90,7 @@ def quantize_sharded(ebc: nn.Module, config: RowwiseQuantConfig, priorities: Any
     device = next(iter(weights.values())).device if weights else torch.device("cpu")
     mixed = build_sharded_collection(layout, weights, assignment.tiers, config.row_alignment, comm,
                                      check_ids, device, assignment.shared)
+    mixed.output_dtype = OUTPUT_DTYPES[config.output_dtype]
     return mixed, assignment
 
 

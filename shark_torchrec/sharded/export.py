@@ -33,7 +33,7 @@ from torchrec.models.dlrm import DLRMTrain
 from torchrec.tensor_types import UInt2Tensor, UInt4Tensor
 
 from shark_torchrec.export import ExportError, build_dlrm, check_model_shape, check_pruning_plan, describe_dlrm
-from shark_torchrec.quant.layout import MixedLayout
+from shark_torchrec.quant.layout import OUTPUT_DTYPES, MixedLayout, output_dtype_name
 from shark_torchrec.quant.mixed_ebc import RowwiseMixedEmbeddingBagCollection
 from shark_torchrec.quant.tiers import CENTROID_TIER, TIER_ORDER, Tier, sub_table_bytes
 from shark_torchrec.sharded.collection import ShardedRowwiseMixedEmbeddingBagCollection, local_configs
@@ -159,6 +159,7 @@ def export_sharded(model: DLRMTrain, path: str, pruning_plan: Optional[Any] = No
         manifest = {
             "format": SHARDED_EXPORT_FORMAT, "export_id": export_id, "model": describe_dlrm(dlrm),
             "layout": layout.to_dict(), "row_alignment": collection.row_alignment, "rows_per_tier": counts,
+            "output_dtype": output_dtype_name(collection.output_dtype),
             "shared": shared,
             "parts": [{k: r[k] for k in ("file", "rank", "shards", "bytes", "sha256")} for r in records],
             "dense": {"file": "dense.pt", "bytes": os.path.getsize(os.path.join(path, "dense.pt")),
@@ -299,6 +300,10 @@ def load_sharded_export(path: str, comm: Optional[Comm] = None, check_ids: bool 
         raise ExportError(f"{path}: a part's shard data does not match the manifest ({type(e).__name__}: {e})") from e
     collection = ShardedRowwiseMixedEmbeddingBagCollection(layout, routed, replicated, comm, check_ids=check_ids,
                                                            row_alignment=m["row_alignment"])
+    try:
+        collection.output_dtype = OUTPUT_DTYPES[output_dtype_name(m.get("output_dtype", "fp32"))]
+    except ValueError as e:
+        raise ExportError(f"{path}: manifest field 'output_dtype': {e}") from e
     dense_file = os.path.join(path, m["dense"]["file"])
     dense = _read_part(path, m["dense"], m["export_id"], checked)
     model = DLRMTrain(build_dlrm(m["model"], collection))

@@ -118,6 +118,13 @@ def main() -> None:
         served.append({"batch": batch, "keys": parts[0][0], "pooled": torch.cat([p[1] for p in parts]),
                        "logits": torch.cat([p[2] for p in parts])})
     result["served"] = served
+    # output_dtype fp16: the same pooled embeddings, in fp16; each table's data type, on every rank
+    collection.output_dtype = torch.float16
+    kt16 = collection(kjt)
+    result["fp16_matches"] = comm.all_gather_object(
+        (kt16.values().dtype == torch.float16, torch.equal(kt16.values(), kt.values().half())))
+    collection.output_dtype = torch.float32
+    result["data_types"] = comm.all_gather_object({c.name: c.data_type.value for c in collection.embedding_bag_configs()})
     # A sharded RowPriority as the priorities: each rank asks it for the rows it decides; the
     # tiers are those of its whole tables given as a function.
     from shark_torchrec.importance import RowPriority
