@@ -156,6 +156,10 @@ def test_pruning_twice_keeps_the_first_constants_and_rebuilds_from_its_config(tm
     loaded, info = load_export(str(tmp_path / "m.pt"), expect_features=["cat_2", "cat_3", "cat_4"])
     assert info["model"]["interaction_features"] == FEATURES
     assert torch.equal(_logits(loaded, batch), _logits(second, batch))
+    # ... and traces with torch.fx (as TorchRec's inference path serves a model), predicting the same
+    gm = torch.fx.symbolic_trace(loaded.model)
+    with torch.no_grad():
+        assert torch.equal(gm(batch.dense_features, batch.sparse_features).squeeze(-1), _logits(loaded, batch))
 
 
 def test_bad_means_are_refused() -> None:

@@ -32,6 +32,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+from torch.fx import _symbolic_trace as _fx_trace
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
@@ -46,6 +47,7 @@ from shark_torchrec.quant.remap import (
     RowwiseInputTransform,
     check_features,
     jagged_error,
+    select_features,
     split_features,
     without_weights,
 )
@@ -143,6 +145,42 @@ def _place_centroids(name: str, tiers: torch.Tensor, counts: torch.Tensor, physi
     base = group.input_transform.table_base[name]
     row_map = group.input_transform.row_map
     row_map[base + rows.to(row_map.device)] = (first + shared.index[rows].long()).to(torch.int32).to(row_map.device)
+
+
+@torch.fx.wrap
+def _fused_lookup(features: KeyedJaggedTensor, order: List[str], calls: List[tuple], width: int, check: bool,
+                  weighted: bool, strict: bool, tables: Dict[str, List[Tuple[str, int]]], output_dtype: str
+                  ) -> torch.Tensor:
+    """The mixed collection's CPU forward as one function of its input and tensors: a leaf of
+    ``torch.fx`` graphs (registered with ``torch.fx.wrap``), so a traced model calls it as the
+    eager forward runs it: the input checks (:func:`~shark_torchrec.quant.remap.jagged_error`),
+    per-id weights ignored by an unweighted collection, the input's features put in ``order``
+    (others ignored, or a ``KeyError`` with ``strict``), then ``calls`` of the fused kernel
+    (built for that order) over every bag, ids checked with ``check`` (``tables``: each
+    feature's tables and rows, for the error)."""
+    message = jagged_error(features, weighted)
+    if message is not None:
+        raise ValueError(f"RowwiseMixedEmbeddingBagCollection: {message}")
+    if not weighted:
+        features = without_weights(features)
+    features = select_features(features, order, strict)
+    B = features.stride()
+    out = torch.empty(B, width)
+    if B:
+        values, offsets = features.values(), features.offsets()
+        weights = features.weights_or_none()
+        if weights is not None and weights.dtype != torch.float32:
+            weights = weights.float()
+        op = torch.ops.shark_torchrec.mixed_embedding_bag
+        bad = max(op(values, offsets, weights, *c, out, 0, B, check) for c in calls)
+        if bad >= 0:
+            ends = torch.cumsum(torch.tensor(features.length_per_key()), 0)
+            f = order[int(torch.searchsorted(ends, bad, right=True))]
+            i = int(values[bad])
+            table, rows = next(((t, n) for t, n in tables[f] if not 0 <= i < n), tables[f][0])
+            raise ValueError(f"feature {f!r}: id {i} is outside table {table!r} ({rows} rows)")
+    dtype = OUTPUT_DTYPES[output_dtype]
+    return out if dtype == torch.float32 else out.to(dtype)
 
 
 class RowwiseMixedEmbeddingBagCollection(nn.Module):
@@ -370,6 +408,9 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
         Ids must be int32/int64 and lengths non-negative, adding up to the ids given (else a
         ``ValueError`` says what is wrong).  Like TorchRec's collections, an unweighted
         collection ignores per-id weights in its input."""
+        # (torch.fx's own flag: its is_fx_tracing() logs a warning on every call)
+        if _fx_trace._is_fx_tracing_flag and not torch.compiler.is_compiling():
+            return self._traced_forward(features)
         features = self._checked(features)
         calls = self._kernel_calls(features)
         if calls is not None:
@@ -416,7 +457,10 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
         forward is 1.17x faster for it (BENCHMARKS.md, lookup section)."""
         if not self.use_cpu_kernel or features.values().is_cuda:
             return None
-        keys = features.keys()
+        return self._kernel_calls_for(features.keys())
+
+    def _kernel_calls_for(self, keys: List[str]) -> Optional[List[tuple]]:
+        """:meth:`_kernel_calls` for inputs with these keys, in this order."""
         entry = self._kernel_plans.get(tuple(keys))
         groups = self._modules["groups"]
         if entry is not None and entry[0] is groups and all(
@@ -446,6 +490,21 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
             self._kernel_plans.clear()
         self._kernel_plans[tuple(keys)] = (groups, [g.kernel_state() for g in groups], calls)
         return calls
+
+    def _traced_forward(self, features) -> KeyedTensor:
+        """The forward as ``torch.fx`` records it: one leaf call (:func:`_fused_lookup`, the
+        checks, the key order and the fused kernel; the module's tensors become the graph's
+        attributes) and TorchRec's ``KeyedTensor`` around its output, so that a model holding
+        the collection traces whole and its graph gives the eager forward's output."""
+        order = list(dict.fromkeys(self._input_features))  # each input feature once, slot order
+        calls = self._kernel_calls_for(order) if self._device.type == "cpu" else None
+        if calls is None:
+            raise RuntimeError(f"{type(self).__name__}: tracing with torch.fx needs the fused CPU kernel "
+                               "(a CPU collection whose kernel builds); the FBGEMM path does not trace yet")
+        tables = {f: [(c.name, c.num_embeddings) for _, g, c in self.layout.slots() if g == f] for f in order}
+        values = _fused_lookup(features, order, calls, self._width, self.check_ids, self.layout.is_weighted,
+                               self.strict, tables, self.layout.output_dtype)
+        return KeyedTensor(keys=list(self._features), length_per_key=list(self._dims), values=values)
 
     def _thread_pool(self, workers: int) -> ThreadPoolExecutor:
         if self._pool is None or self._pool._max_workers < workers:
