@@ -33,9 +33,9 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from shark_torchrec.quant.cpu_kernel import cpu_kernel_available
 from shark_torchrec.quant.layout import reported_data_type
-from shark_torchrec.quant.tiers import Tier
 from shark_torchrec.quant.mixed_ebc import RowwiseMixedEmbeddingBagCollection
 from shark_torchrec.quant.remap import jagged_error, select_features, without_weights
+from shark_torchrec.quant.tiers import Tier
 from shark_torchrec.sharded.comm import Comm
 from shark_torchrec.sharded.layout import REPLICATED, ShardedLayout, TableShard
 
