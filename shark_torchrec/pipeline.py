@@ -62,7 +62,7 @@ from shark_torchrec.quant import RowwiseQuantConfig
 from shark_torchrec.quant.layout import serving_row_alignment
 from shark_torchrec.stages import StageStore
 from shark_torchrec.training.checkpoint import CheckpointManager
-from shark_torchrec.training.loop import TrainingLoop, new_progress
+from shark_torchrec.training.loop import TrainingLoop, checkpoint_matches, new_progress
 from shark_torchrec.training.distributed import DistEnv, run_job
 from shark_torchrec.training.datasets import require_rows
 from shark_torchrec.training.train_dlrm import (
@@ -442,7 +442,7 @@ def _fine_tuned_pruned(job: _Job, trainer: DLRMTrainer, plan: PruningPlan, small
     ckpt = _pruned_ckpt(job, small)
     match = {"stage": "prune/pruned", "stage_key": job.keys["prune"]}
     latest = ckpt.latest()
-    if latest is not None and all(CheckpointManager.progress_of(latest).get(k) == v for k, v in match.items()):
+    if latest is not None and checkpoint_matches(latest, match):
         # (resumed below: the state comes from the checkpoint, the means included)
         pruned = DLRMTrainer(small, job.optim, env, args.batch_size, seed=args.seed,
                              **trainer.planning_options([t.name for t in small.tables()]))

@@ -150,7 +150,7 @@ def field_means(collection: nn.Module, batches: Iterable[KeyedJaggedTensor], fea
         batch = torch.stack([pooled[f].double().sum(0) for f in features])
         device = batch.device
         sums = batch if sums is None else sums + batch
-        count += pooled[features[0]].shape[0] if features else 0
+        count += pooled[features[0]].shape[0]
     D = sums.shape[1] if sums is not None else 0
     packed = torch.cat([sums.reshape(-1) if sums is not None else torch.zeros(0, dtype=torch.float64, device=device),
                         torch.tensor([float(count)], dtype=torch.float64, device=device)])

@@ -238,6 +238,7 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
         self._input_features = [f for _, f, _ in layout.slots()]
         self._dims = [c.embedding_dim for _, _, c in layout.slots()]
         self._width = sum(self._dims)
+        self._out_dtype = OUTPUT_DTYPES[layout.output_dtype]  # (a load keeps the layout: checked)
         self._sizes = [len(g.input_transform.features) for g in self.groups]
         self._transformed_sizes = [len(g.input_transform.output_keys) for g in self.groups]
         self._columns = [sum(g._out_offsets[-1] for g in self.groups[:i]) for i in range(len(self.groups))]
@@ -421,9 +422,8 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
         else:
             parts = split_features(features, self._input_features, self._sizes, self.strict)
             values = self._run_groups(parts, transformed=False)
-        out_dtype = OUTPUT_DTYPES[self.layout.output_dtype]
-        if values.dtype != out_dtype:
-            values = values.to(out_dtype)
+        if values.dtype != self._out_dtype:
+            values = values.to(self._out_dtype)
         return KeyedTensor(keys=list(self._features), length_per_key=list(self._dims), values=values)
 
     def pooled_into(self, features: KeyedJaggedTensor, out: torch.Tensor) -> torch.Tensor:
@@ -432,7 +432,7 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
         features = self._checked(features)
         calls = self._kernel_calls(features)
         if (calls is not None and out.is_contiguous() and out.dtype == torch.float32
-                and self.layout.output_dtype == "fp32"):
+                and self._out_dtype == torch.float32):
             return self._forward_kernel(features, calls, out)
         return out.copy_(self(features).values())
 

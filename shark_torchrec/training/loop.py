@@ -36,6 +36,13 @@ def new_progress(**extra: Any) -> Dict[str, Any]:
             "train_seconds": 0.0, "history": [], **extra}
 
 
+def checkpoint_matches(path: str, match: Optional[Dict[str, Any]]) -> bool:
+    """Whether the checkpoint at ``path`` holds the progress fields ``match`` (e.g. the key of
+    the stage it belongs to)."""
+    progress = CheckpointManager.progress_of(path)
+    return all(progress.get(k) == v for k, v in (match or {}).items())
+
+
 class TrainingLoop:
     """``epochs`` passes of ``trainer`` over the batches ``batches(epoch, start_batch)`` gives,
     checkpointed by ``ckpt`` every ``checkpoint_every`` steps (0: never mid-epoch) and at the
@@ -95,8 +102,8 @@ class TrainingLoop:
         path = path or self.ckpt.latest()
         if path is None:
             return False
-        progress = CheckpointManager.progress_of(path)
-        if match and any(progress.get(k) != v for k, v in match.items()):
+        if not checkpoint_matches(path, match):
+            progress = CheckpointManager.progress_of(path)
             logger.warning("%s: a checkpoint of other inputs (%s); starting afresh", path,
                            {k: progress.get(k) for k in match})
             if not dist.is_initialized() or dist.get_rank() == 0:
