@@ -30,6 +30,7 @@ from shark_torchrec.evaluation import PairedBootstrap
 from shark_torchrec.importance import RowPriority
 from shark_torchrec.quant.attribution import attribution_report
 from shark_torchrec.quant.config import RowwiseQuantConfig
+from shark_torchrec.quant.id_map import map_bytes
 from shark_torchrec.quant.tiers import CENTROID_TIER, TIER_ORDER, Tier, sub_table_bytes
 from shark_torchrec.sharded import Comm, ShardedLayout, build_sharded_collection, quantize_sharded_dlrm
 from shark_torchrec.sharded.collection import ShardedRowwiseMixedEmbeddingBagCollection
@@ -70,13 +71,14 @@ def bytes_per_table(layout: ShardedLayout, counts: Dict[str, List[int]], row_ali
     """``{table: {tier: bytes, "id map": bytes}}``: what the sharded collection holds (every
     shard's sub-tables, cache-line aligned as FBGEMM allocates them, and id maps)."""
     out: Dict[str, Dict[str, int]] = {}
+    widths = layout.map_bytes(layout.shards)
     for s in layout.shards:
         table = out.setdefault(s.table, {})
         for tier, n in zip(TIER_ORDER, counts[s.name]):
             b = sub_table_bytes(tier, n, s.cols, row_alignment)
             if b:
                 table[tier.value] = table.get(tier.value, 0) + b
-        table["id map"] = table.get("id map", 0) + 4 * s.rows
+        table["id map"] = table.get("id map", 0) + map_bytes(s.rows, widths[s.name])
     return out
 
 

@@ -69,7 +69,10 @@ def test_zipf_buckets_and_bytes() -> None:
     assert sum(counts) == 1_000_000 and abs(sum(mass) - 1) < 1e-9
     assert mass[0] > mass[-1] and counts[0] < counts[-1]  # few popular rows, long tail
     assert compressed_bytes({Tier.FP32: 10}, 64) == 10 * 256  # one tier: no id map
-    assert compressed_bytes({Tier.FP16: 5, Tier.INT8: 5}, 64) == 5 * 128 + 5 * 80 + 10 * 4
+    # mixed: plus the id map, 2 bytes per row up to 64,512 rows (rounded up to 4), 3 beyond
+    assert compressed_bytes({Tier.FP16: 5, Tier.INT8: 5}, 64) == 5 * 128 + 5 * 80 + 10 * 2
+    assert compressed_bytes({Tier.FP16: 5, Tier.INT8: 6}, 64) == 5 * 128 + 6 * 80 + 24
+    assert compressed_bytes({Tier.FP16: 5, Tier.INT8: 70_000}, 64) == 5 * 128 + 70_000 * 80 + 70_005 * 3 + 1
 
 
 def test_plan_command_line(tmp_path: Path) -> None:

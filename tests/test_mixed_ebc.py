@@ -270,7 +270,9 @@ def test_memory_report_equals_the_buffers_held() -> None:
                for g in m.groups for tbe in g.qebc._emb_modules)
     assert r["weights_bytes"] == held
     assert sum(sum(t.values()) for t in r["tables"].values()) == held
-    assert r["total_bytes"] == held + sum(g.input_transform.row_map.numel() * 4 for g in m.groups)
+    # 2-byte id-map entries (tables under 64,512 rows), 4 bytes of tail per group
+    assert r["id_map_bytes"] == 2 * 200 + 2 * 300 + 4
+    assert r["total_bytes"] == held + sum(g.input_transform.row_map.numel() for g in m.groups)
     assert sum(a.table_bytes(t) for t in a.tiers) == held  # the assignment predicted it
 
 
@@ -386,8 +388,8 @@ def test_a_module_that_has_served_reads_its_tensors_as_they_are_now() -> None:
         transform = m.groups[0].input_transform
         row_map = transform.row_map.clone()
         for c in tables:
-            base = transform.table_base[c.name]
-            row_map[base : base + c.num_embeddings] = row_map[base]
+            base, width = transform.table_base[c.name], transform.table_width[c.name]
+            row_map[base : base + width * c.num_embeddings] = row_map[base : base + width].repeat(c.num_embeddings)
         transform.row_map = row_map
         assert torch.equal(m(kjt).values(), expected)
 

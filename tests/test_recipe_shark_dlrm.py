@@ -275,7 +275,8 @@ def test_changed_flags_rerun_the_stages_they_reach(tmp_path: Path, full: Path) -
     b = json.loads((out / "report.json").read_text())
     assert b["stages"]["pruned"] == a["stages"]["pruned"] and b["stages"]["trained"] == a["stages"]["trained"]
     saved = b["stages"]["quantized"]["bytes_saved_fraction"]
-    assert saved > a["stages"]["quantized"]["bytes_saved_fraction"] + 0.03  # a smaller budget
+    # a smaller budget: 0.2 of the kept tables' fp32 bytes (here 15% of the model's) more saved
+    assert saved > a["stages"]["quantized"]["bytes_saved_fraction"] + 0.025
     assert "quant_loss_attribution" not in b
 
 

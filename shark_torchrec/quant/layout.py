@@ -15,6 +15,7 @@ import torch
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import get_embedding_names_by_table
 
+from shark_torchrec.quant.id_map import check_width, entry_bytes
 from shark_torchrec.quant.rows import DATA_TYPE
 from shark_torchrec.quant.tiers import TIER_ORDER, Tier
 
@@ -68,6 +69,10 @@ class MixedLayout:
             tier, plus, in FP16, its centroids (:attr:`shared`).
         shared: ``{table: [SHARED rows, centroids]}`` for tables with SHARED rows: their id-map
             entries point at the centroids, stored after the table's own FP16 rows.
+        map_bytes: ``{table: bytes per id-map entry}`` (:mod:`~shark_torchrec.quant.id_map`):
+            by default what the table's rows need; a shard keeps its whole table's width, so
+            the bytes do not depend on the placement.  Layouts written before it was stored
+            had 4-byte entries.
         is_weighted: whether inputs carry per-id weights.
         groups: tables split into groups, each its own TBE.
         row_alignment: bytes each stored row is padded to (FBGEMM's layout): 16, which FBGEMM's
@@ -90,10 +95,15 @@ class MixedLayout:
     embedding_names: Dict[str, List[str]] = dataclasses.field(default_factory=dict)
     shared: Dict[str, List[int]] = dataclasses.field(default_factory=dict)
     output_dtype: str = "fp32"
+    map_bytes: Dict[str, int] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.groups:  # one group of every table
             self.groups = [[t["name"] for t in self.tables]]
+        self.map_bytes = {t["name"]: int(self.map_bytes.get(t["name"], entry_bytes(t["rows"])))
+                          for t in self.tables}
+        for t in self.tables:
+            check_width(t["name"], t["rows"], self.map_bytes[t["name"]], sum(self.rows.get(t["name"], [])))
         if not self.embedding_names:
             names = get_embedding_names_by_table(self.configs())
             self.embedding_names = {t["name"]: n for t, n in zip(self.tables, names)}
@@ -114,7 +124,9 @@ class MixedLayout:
                            row_alignment=d.get("row_alignment", 16),  # (16 before it was stored)
                            embedding_names=d.get("embedding_names") or {},
                            shared={k: list(v) for k, v in (d.get("shared") or {}).items()},
-                           output_dtype=d.get("output_dtype", "fp32"))
+                           output_dtype=d.get("output_dtype", "fp32"),
+                           # (4-byte entries before the width was stored)
+                           map_bytes=d.get("map_bytes") or {t["name"]: 4 for t in d["tables"]})
 
     def stored_tiers(self, table: str) -> List[Tier]:
         """The tiers holding rows of ``table`` (FP16 also when it holds only the centroids of
@@ -178,4 +190,5 @@ class MixedLayout:
                            row_alignment=self.row_alignment,
                            embedding_names={n: e for n, e in self.embedding_names.items() if n in keep},
                            shared={n: s for n, s in self.shared.items() if n in keep},
-                           output_dtype=self.output_dtype)
+                           output_dtype=self.output_dtype,
+                           map_bytes={n: w for n, w in self.map_bytes.items() if n in keep})

@@ -121,8 +121,8 @@ class _MixedGroup(nn.Module):
     # ------------------------------------------------------------------ fused CPU kernel
     def kernel_tensors(self, column: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """What ``torch.ops.shark_torchrec.mixed_embedding_bag`` needs to read this group's
-        features into output columns from ``column`` on: ``feature_meta`` [F, 5] (id-map base,
-        rows, dim, output column, MEAN), ``tier_start`` [F, K + 1] (renumbered row where each
+        features into output columns from ``column`` on: ``feature_meta`` [F, 6] (id-map byte
+        offset, rows, dim, output column, MEAN, bytes per id-map entry), ``tier_start`` [F, K + 1] (renumbered row where each
         tier starts) and ``sub_meta`` [F, K, 3] (byte offset of each (feature, tier) sub-table
         in the TBE's weight buffer, bytes per row as FBGEMM pads them, FBGEMM ``SparseType``;
         -1 for DROP and tiers the table has no rows in).  Built once."""
@@ -141,14 +141,14 @@ class _MixedGroup(nn.Module):
                     specs[spec[0]] = (int(tbe.weights_offsets[first[j]]), w.stride(0),
                                       int(tbe.weights_tys[first[j]]))
             F, K = len(self._features), len(self._tiers)
-            feature_meta = torch.zeros(F, 5, dtype=torch.long)
+            feature_meta = torch.zeros(F, 6, dtype=torch.long)
             sub_meta = torch.tensor([0, 0, -1], dtype=torch.long).repeat(F, K, 1)
             tier_start = torch.zeros(F, K + 1, dtype=torch.long)
             for i, f in enumerate(self._features):
                 c = self._feature_config[f]
                 feature_meta[i] = torch.tensor([t.table_base[c.name], c.num_embeddings, c.embedding_dim,
                                                 column + self._out_offsets[i],
-                                                int(c.pooling == PoolingType.MEAN)])
+                                                int(c.pooling == PoolingType.MEAN), t.table_width[c.name]])
                 tier_start[i] = torch.cumsum(torch.tensor([0] + self._rows[c.name]), 0)
                 for k, tier in enumerate(self._tiers):
                     name = f"{c.name}@{tier.value}"

@@ -4,8 +4,8 @@ Each logical table is stored as one physical TorchRec table per tier it uses
 (``"<table>@<tier>"``, with that tier's ``data_type``) inside a TorchRec quantized
 ``EmbeddingBagCollection`` — one FBGEMM ``IntNBitTableBatchedEmbeddingBagsCodegen`` holds all
 tiers of a group of tables (:mod:`~shark_torchrec.quant.layout`).  Rows are renumbered so that
-each tier's rows are contiguous (``perm = argsort(tier, stable)``), and a 4-byte id map per row
-gives every id its renumbered row.
+each tier's rows are contiguous (``perm = argsort(tier, stable)``), and an id map of 2 to 4 bytes
+per row (:mod:`~shark_torchrec.quant.id_map`) gives every id its renumbered row.
 
 A forward on CPU is one call of a fused kernel (:mod:`~shark_torchrec.quant.cpu_kernel`): id
 map, tier, lookup in the TBE's own buffer and pooling in one pass over the ids, each bag
@@ -77,14 +77,14 @@ _QUANTIZE_ROWS = 65_536
 def _quantize_into(c: EmbeddingBagConfig, w: torch.Tensor, tiers: torch.Tensor, counts: torch.Tensor, group) -> None:
     """Write a table's rows into its sub-tables and its id map with the CPU kernel; raise
     naming the first row holding NaN/Inf."""
-    base = group.input_transform.table_base[c.name]
+    transform = group.input_transform
     tier_start = torch.cumsum(torch.cat([torch.zeros(1, dtype=torch.long), counts[:-1]]), 0)
     weights = w.detach()
     if weights.dtype != torch.float32 or weights.stride(-1) != 1:
         weights = weights.float().contiguous()
     bad = torch.ops.shark_torchrec.quantize_into(
         weights, tiers.to(torch.int8).contiguous(), group.table_sub_meta(c.name), tier_start,
-        group.weight_buffer(), group.input_transform.row_map[base:base + c.num_embeddings])
+        group.weight_buffer(), transform.table_map(c.name), transform.table_width[c.name])
     if bad >= 0:
         raise ValueError(f"table {c.name!r}: row {bad} has NaN/Inf weights")
 
@@ -112,15 +112,13 @@ def _quantize_python(configs, weights, tiers, physical, used, group_of, device) 
         _check_finite(c.name, weights[c.name])
         group = group_of[c.name]
         t, w = tiers[c.name], weights[c.name]
-        base = group.input_transform.table_base[c.name]
-        row_map = group.input_transform.row_map
         start = 0  # renumbered rows: tier by tier, in row order within a tier
         for i in used:
             tier = TIER_ORDER[i]
             rows = (t == i).nonzero().squeeze(1)
             n = rows.numel()
             if n:
-                row_map[base + rows] = torch.arange(start, start + n, dtype=torch.int32, device=row_map.device)
+                group.input_transform.set_map_entries(c.name, rows, torch.arange(start, start + n))
             if n and tier is not Tier.DROP:
                 # index_select into one buffer: 4-8x faster than w[rows] here
                 buf = torch.empty(min(n, _QUANTIZE_ROWS), c.embedding_dim, dtype=w.dtype, device=w.device)
@@ -142,9 +140,7 @@ def _place_centroids(name: str, tiers: torch.Tensor, counts: torch.Tensor, physi
     group._set_weights(f"{name}@{Tier.FP16.value}", quantize_rows(shared.centroids, Tier.FP16), own)
     first = int(physical[:_FP16].sum()) + own  # renumbered row of centroid 0
     rows = (tiers == _SHARED).nonzero().squeeze(1)
-    base = group.input_transform.table_base[name]
-    row_map = group.input_transform.row_map
-    row_map[base + rows.to(row_map.device)] = (first + shared.index[rows].long()).to(torch.int32).to(row_map.device)
+    group.input_transform.set_map_entries(name, rows, first + shared.index[rows].long())
 
 
 @torch.fx.wrap
@@ -283,12 +279,15 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
                      row_alignment: int = 16, device: torch.device = torch.device("cpu"),
                      check_ids: bool = True, num_groups: Optional[int] = None, strict: bool = False,
                      shared: Optional[Mapping[str, SharedRows]] = None, output_dtype="fp32",
+                     map_bytes: Optional[Mapping[str, int]] = None,
                      ) -> "RowwiseMixedEmbeddingBagCollection":
         """Build from tables' float rows and their tiers (:data:`TIER_ORDER` indices per row):
         ``weights[name]`` may be any [rows, dim] view (a sharded model's local shard, a column
         block).  Rows are quantized in chunks straight into FBGEMM's buffers, so no copy of a
-        table is made (memory: the quantized tables, 4 bytes per row of id map, and a chunk).
+        table is made (memory: the quantized tables, the id map, and a chunk).
         ``shared[name]``: the centroids of a table with SHARED rows (and each row's centroid).
+        ``map_bytes[name]``: its id-map entries' width (default: what its rows need; a shard
+        takes its whole table's, :attr:`MixedLayout.map_bytes`).
         NaN/Inf weights raise an error naming the table and row."""
         device = torch.device(device)
         shared = dict(shared or {})
@@ -324,7 +323,7 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
             row_alignment=row_alignment,
             shared={c.name: [int(counts[c.name][_SHARED]), shared[c.name].k] for c in configs
                     if int(counts[c.name][_SHARED]) > 0},
-            output_dtype=output_dtype_name(output_dtype))
+            output_dtype=output_dtype_name(output_dtype), map_bytes=dict(map_bytes or {}))
         module = RowwiseMixedEmbeddingBagCollection(layout, device=device, check_ids=check_ids, strict=strict)
         if device.type == "meta":  # the structure only, as TorchRec converts a meta collection
             return module

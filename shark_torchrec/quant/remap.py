@@ -20,6 +20,7 @@ from torch import nn
 from torchrec.modules.embedding_configs import PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from shark_torchrec.quant import id_map
 from shark_torchrec.quant.layout import MixedLayout
 from shark_torchrec.quant.tiers import Tier
 
@@ -92,7 +93,8 @@ class RowwiseInputTransform(nn.Module):
     becomes one with features ``"<name>@<tier>"`` (``<name>`` the output key: the feature, or
     ``"<feature>@<table>"`` for a feature several tables read; tier-major, only the buckets
     that have a sub-table; all of them when MEAN pooling needs the DROP lengths) holding local
-    rows of each tier's sub-table.  It holds only the id map (4 bytes per row).
+    rows of each tier's sub-table.  It holds only the id map (2 to 4 bytes per row,
+    :mod:`~shark_torchrec.quant.id_map`).
 
     Every id is renumbered with one gather (per feature on CPU, one over all features on CUDA),
     then split by tier with one ``block_bucketize_sparse_features`` call.  Ids outside their
@@ -137,16 +139,22 @@ class RowwiseInputTransform(nn.Module):
             # before a kept one: true for DROP (last) and for buckets without rows.
             self.output_keys = [self.bucket_keys[i] for i in keep]
             self._keep = torch.tensor(keep, dtype=torch.long, device=device)
-        self.table_base, base = {}, 0
+        # Renumbered row of every row of every table (tables concatenated, each from a byte
+        # offset that is a multiple of 4), in entries of the table's width.
+        self.table_base, self.table_width, base = {}, {}, 0
+        self._table_rows = {c.name: c.num_embeddings for c in configs}
         for c in configs:
             self.table_base[c.name] = base
-            base += c.num_embeddings
-        # Renumbered row of every row of every table (tables concatenated): 4 bytes per row.
-        self.register_buffer("row_map", torch.zeros(base, dtype=torch.int32, device=device))
+            self.table_width[c.name] = layout.map_bytes[c.name]
+            base += id_map.map_bytes(c.num_embeddings, layout.map_bytes[c.name])
+        self.register_buffer("row_map", torch.zeros(base + id_map.TAIL_BYTES, dtype=torch.uint8, device=device))
+        self._register_load_state_dict_pre_hook(_old_int32_map)
         self.register_buffer("block_sizes", torch.tensor(
             [max(1, c.num_embeddings) for c in self._slot_config], device=device), persistent=False)
         self.register_buffer("feature_base", torch.tensor(
             [self.table_base[c.name] for c in self._slot_config], device=device), persistent=False)
+        self.register_buffer("feature_width", torch.tensor(
+            [self.table_width[c.name] for c in self._slot_config], device=device), persistent=False)
         self.register_buffer("feature_rows", torch.tensor(
             [c.num_embeddings for c in self._slot_config], device=device), persistent=False)
         self._bucket_pos = [torch.cumsum(torch.tensor([0] + layout.rows[c.name]), 0).to(device)
@@ -165,11 +173,30 @@ class RowwiseInputTransform(nn.Module):
                 lo, hi = torch.aminmax(ids)
                 if int(lo) < 0 or int(hi) >= c.num_embeddings:
                     self._raise_bad_id(s, ids)
-            base = self.table_base[c.name]
-            torch.index_select(self.row_map[base : base + c.num_embeddings], 0, ids,
-                               out=renumbered[start : start + n])
+            renumbered[start : start + n] = id_map.gather(self.table_map(c.name), ids, self.table_width[c.name])
             start += n
         return renumbered
+
+    def table_map(self, table: str) -> torch.Tensor:
+        """``table``'s id map: its slice of :attr:`row_map` (uint8, entries of
+        ``table_width[table]`` bytes)."""
+        base = self.table_base[table]
+        return self.row_map[base : base + self.table_width[table] * self._table_rows[table]]
+
+    def map_entries(self, table: str, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The renumbered rows of ``rows`` (all when None) of ``table``: int64."""
+        m = id_map.decode(self.table_map(table), self.table_width[table])
+        return m if rows is None else m[rows.to(m.device)]
+
+    def set_map_entries(self, table: str, rows: Optional[torch.Tensor], values: torch.Tensor) -> None:
+        """Point ``rows`` (all when None) of ``table`` at renumbered rows ``values``."""
+        width = self.table_width[table]
+        entries = self.table_map(table).view(-1, width)
+        encoded = id_map.encode(values, width).view(-1, width).to(entries.device)
+        if rows is None:
+            entries.copy_(encoded)
+        else:
+            entries[rows.to(entries.device)] = encoded
 
     def _renumber_vectorised(self, values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """CUDA: one check and one gather over all features.  The feature of every id comes
@@ -184,7 +211,8 @@ class RowwiseInputTransform(nn.Module):
             if bool(bad.any()):
                 i = int(bad.nonzero()[0])
                 self._raise_bad_id(int(feature_of_id[i]), values[i : i + 1])
-        return self.row_map[values.long() + self.feature_base[feature_of_id]]
+        start = values.long() * self.feature_width[feature_of_id] + self.feature_base[feature_of_id]
+        return id_map.gather_bytes(self.row_map, start, self.feature_width[feature_of_id])
 
     def _raise_bad_id(self, slot: int, ids: torch.Tensor) -> None:
         """Raise naming the feature, the first id of ``ids`` outside the table of ``slot``, and
@@ -230,6 +258,15 @@ class RowwiseInputTransform(nn.Module):
             new_weights = None if new_weights is None else new_weights[:n]
         return KeyedJaggedTensor(keys=self.output_keys, values=local_ids, lengths=new_lengths,
                                  weights=new_weights, stride=B)
+
+
+def _old_int32_map(state_dict, prefix, *args) -> None:
+    """Load hook: an id map saved as int32 (before entries had a width; its layout's entries are
+    4 bytes) is the same bytes, less the tail."""
+    old = state_dict.get(prefix + "row_map")
+    if old is not None and old.dtype == torch.int32:
+        tail = torch.zeros(id_map.TAIL_BYTES, dtype=torch.uint8, device=old.device)
+        state_dict[prefix + "row_map"] = torch.cat([old.contiguous().view(torch.uint8), tail])
 
 
 class MixedInputTransform(nn.Module):

@@ -13,9 +13,10 @@ group's leader (:mod:`.layout`) from the rows it holds, with:
 * **row fractions**: each table's boundary priorities by exact selection over the ranks
   (:func:`~shark_torchrec.quant.budget.fraction_tiers`).
 
-The byte accounting does not depend on the placement: per table, an id map of 4 bytes per row
-and up to 128 bytes of padding per tier, once per column block.  (A table split into ``S``
-row shards holds up to ``128 · tiers · (S-1)`` bytes of padding more.)  So the tiers equal
+The byte accounting does not depend on the placement: per table, an id map of 2 to 4 bytes per
+row (the width its rows need, :mod:`~shark_torchrec.quant.id_map`, which each of its shards
+keeps) and up to 128 bytes of padding per tier, once per column block.  (A table split into
+``S`` row shards holds up to ``(128 · tiers + 3) · (S-1)`` bytes of padding more.)  So the tiers equal
 those of one process holding the same tables, whatever the number of ranks (tested); a
 column-wise sharded table is measured block by block, as it is stored.
 
@@ -35,6 +36,7 @@ import torch
 
 from shark_torchrec.quant import budget as B
 from shark_torchrec.quant.config import EXCLUDE, RowwiseQuantConfig
+from shark_torchrec.quant.id_map import table_map_bytes
 from shark_torchrec.quant.shared_rows import K_CANDIDATES, SharedRows, cluster_rows
 from shark_torchrec.quant.tiers import CENTROID_TIER, TIER_ORDER, BudgetError, Tier, row_bytes
 from shark_torchrec.sharded.comm import Comm
@@ -79,7 +81,7 @@ class ShardedTierAssignment:
 def table_overhead(rows: int, blocks: int) -> int:
     """Bytes a converted table holds besides its rows: the id map and sub-table padding, once
     per column block."""
-    return blocks * (4 * rows + PADDING_PER_TIER * PADDED_TIERS)
+    return blocks * (table_map_bytes(rows) + PADDING_PER_TIER * PADDED_TIERS)
 
 
 class _Assigner:

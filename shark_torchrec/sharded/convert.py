@@ -51,7 +51,8 @@ def build_sharded_collection(layout: ShardedLayout, weights: Dict[str, torch.Ten
             local_configs(layout, shards), {s.name: weights[s.name] for s in shards},
             {s.name: tiers[s.name] for s in shards}, is_weighted=layout.is_weighted,
             row_alignment=row_alignment, device=device, check_ids=False,
-            shared={s.name: shared[s.name] for s in shards if s.name in (shared or {})})
+            shared={s.name: shared[s.name] for s in shards if s.name in (shared or {})},
+            map_bytes=layout.map_bytes(shards))
 
     return ShardedRowwiseMixedEmbeddingBagCollection(layout, convert(routed), convert(replicated), comm,
                                                      check_ids=check_ids, row_alignment=row_alignment)

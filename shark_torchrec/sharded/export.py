@@ -33,6 +33,7 @@ from torchrec.models.dlrm import DLRMTrain
 from torchrec.tensor_types import UInt2Tensor, UInt4Tensor
 
 from shark_torchrec.export import ExportError, build_dlrm, check_model_shape, check_pruning_plan, describe_dlrm
+from shark_torchrec.quant.id_map import map_bytes
 from shark_torchrec.quant.layout import OUTPUT_DTYPES, MixedLayout, output_dtype_name
 from shark_torchrec.quant.mixed_ebc import RowwiseMixedEmbeddingBagCollection
 from shark_torchrec.quant.tiers import CENTROID_TIER, TIER_ORDER, Tier, sub_table_bytes
@@ -67,7 +68,7 @@ def _shard_state(collection: RowwiseMixedEmbeddingBagCollection, shard: TableSha
     """A shard's id map and stored rows, as tensors of their own (for ``torch.save``)."""
     name = shard.name
     group = next(g for g in collection.groups if name in g.input_transform.table_base)
-    base = group.input_transform.table_base[name]
+    transform = group.input_transform
     views = group._tbe_views()
     rows = {}
     for tier in collection.layout.tiers:
@@ -75,7 +76,7 @@ def _shard_state(collection: RowwiseMixedEmbeddingBagCollection, shard: TableSha
         if key in views:
             w, sb = views[key]
             rows[tier] = [w.contiguous().clone(), None if sb is None else sb.contiguous().clone()]
-    return {"row_map": group.input_transform.row_map[base:base + shard.rows].clone(), "rows": rows}
+    return {"row_map": transform.table_map(name).clone(), "map_bytes": transform.table_width[name], "rows": rows}
 
 
 def _shard_counts(collection: RowwiseMixedEmbeddingBagCollection, shard: TableShard) -> List[int]:
@@ -97,6 +98,12 @@ def _logical_counts(counts: List[int], shared: List[int]) -> List[int]:
     return out
 
 
+def _saved_map_bytes(state: Dict[str, Any]) -> int:
+    """Bytes per id-map entry of a saved shard (4 in exports written before the width was
+    saved, whose maps are int32)."""
+    return 4 if state["row_map"].dtype == torch.int32 else int(state["map_bytes"])
+
+
 def _build_local(layout: ShardedLayout, shards: List[TableShard], counts: Dict[str, List[int]],
                  states: Dict[str, Dict[str, Any]], row_alignment: int, shared: Dict[str, List[int]]
                  ) -> Optional[RowwiseMixedEmbeddingBagCollection]:
@@ -110,14 +117,14 @@ def _build_local(layout: ShardedLayout, shards: List[TableShard], counts: Dict[s
                  "features": list(c.feature_names), "pooling": c.pooling.value} for c in configs],
         tiers=[TIER_ORDER[i].value for i in used], rows={s.name: [counts[s.name][i] for i in used] for s in shards},
         is_weighted=layout.is_weighted, row_alignment=row_alignment,
-        shared={s.name: list(shared[s.name]) for s in shards if s.name in shared})
+        shared={s.name: list(shared[s.name]) for s in shards if s.name in shared},
+        map_bytes={s.name: _saved_map_bytes(states[s.name]) for s in shards})
     module = RowwiseMixedEmbeddingBagCollection(mixed, check_ids=False)
     group = module.groups[0]
     views = group._tbe_views()
     for s in shards:
         state = states[s.name]
-        base = group.input_transform.table_base[s.name]
-        group.input_transform.row_map[base:base + s.rows] = state["row_map"]
+        group.input_transform.table_map(s.name).copy_(state["row_map"].contiguous().view(torch.uint8))
         for tier, (w, sb) in state["rows"].items():
             group._set_weights(f"{s.name}@{tier}", (w, sb), 0, views)
     return module
@@ -231,9 +238,11 @@ def placement(layout: ShardedLayout, world: int, rows_per_tier: Dict[str, List[i
     if world == layout.world_size:
         return layout
 
+    widths = layout.map_bytes(layout.shards)
+
     def size(s: TableShard) -> int:
-        return 4 * s.rows + sum(sub_table_bytes(t, n, s.cols, row_alignment)
-                                for t, n in zip(TIER_ORDER, rows_per_tier[s.name]))
+        return map_bytes(s.rows, widths[s.name]) + sum(
+            sub_table_bytes(t, n, s.cols, row_alignment) for t, n in zip(TIER_ORDER, rows_per_tier[s.name]))
 
     load = [0] * world
     moved = {}

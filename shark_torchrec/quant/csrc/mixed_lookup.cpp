@@ -1,7 +1,7 @@
 // Row-wise mixed-precision embedding-bag lookup on CPU, in one pass over the ids.
 //
-// For every bag of every served feature: each id goes through the table's id map (one int32
-// per row; tier = which of the table's tier ranges the renumbered row falls in, local row =
+// For every bag of every served feature: each id goes through the table's id map (2, 3 or 4
+// bytes per row, little-endian, read as one 4-byte load and masked; tier = which of the table's tier ranges the renumbered row falls in, local row =
 // renumbered row - tier start), the row is read from its sub-table inside the FBGEMM TBE's own
 // weight buffer (rows as FBGEMM stores them: FP32, FP16, or INT8/INT4/INT2 with an fp16
 // scale and bias first), dequantized and added into the bag's sum, which is written once into
@@ -37,6 +37,10 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "id-map entries are read little-endian"
+#endif
 
 #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
 #include <immintrin.h>
@@ -226,7 +230,9 @@ struct TierRows {
 };
 
 struct Feature {
-  const int32_t* map;    // the table's slice of the id map
+  const uint8_t* map;    // the table's slice of the id map
+  int64_t width;         // bytes per entry (2, 3 or 4)
+  uint32_t mask;         // the entry's bits of a 4-byte load
   uint64_t rows;
   int32_t K;
   int32_t last_tier_start[kMaxTiers];  // tier t starts at renumbered row last_tier_start[t-1]+1;
@@ -290,7 +296,7 @@ struct Locator {
   Locator(const Feature& f_, const V* values_, int64_t first, int64_t last_, bool check_)
       : f(f_), values(values_), last(last_), next(first), check(check_) {
     for (int64_t i = first; i < std::min(first + kPrefetch, last); ++i)
-      __builtin_prefetch(f.map + (int64_t)values[i]);
+      __builtin_prefetch(f.map + (int64_t)values[i] * f.width);
   }
 
   // Locates ids up to `upto` (exclusive); false at an id outside the table (its position is
@@ -300,10 +306,14 @@ struct Locator {
   __attribute__((always_inline)) inline bool locate_to(int64_t upto) {
     for (; next < upto; ++next) {
       const int64_t i = next;
-      if (i + kPrefetch < last) __builtin_prefetch(f.map + (int64_t)values[i + kPrefetch]);
+      if (i + kPrefetch < last) __builtin_prefetch(f.map + (int64_t)values[i + kPrefetch] * f.width);
       const int64_t v = (int64_t)values[i];
       if (check && (uint64_t)v >= f.rows) return false;  // negative ids wrap to huge
-      const int32_t r = f.map[v];
+      // One 4-byte load whatever the width (the map's tail keeps the last entry's inside the
+      // buffer): no branch on the width per id.
+      uint32_t entry;
+      std::memcpy(&entry, f.map + v * f.width, 4);
+      const int32_t r = (int32_t)(entry & f.mask);
       const TierRows& t = f.tier[tier_of(f, r)];
       const uintptr_t row = t.origin + (uintptr_t)((int64_t)r * t.row_bytes);
       Located& slot = ring[i & (kRing - 1)];
@@ -477,7 +487,7 @@ int64_t mixed_embedding_bag(const Tensor& values, const Tensor& offsets,
               "mixed_embedding_bag: CPU tensors only");
   TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.scalar_type() == at::kFloat,
               "mixed_embedding_bag: out must be a contiguous float [B, W] tensor");
-  TORCH_CHECK(row_map.scalar_type() == at::kInt && row_map.is_contiguous(), "row_map must be int32");
+  TORCH_CHECK(row_map.scalar_type() == at::kByte && row_map.is_contiguous(), "row_map must be uint8");
   TORCH_CHECK(key_feature.scalar_type() == at::kLong && feature_meta.scalar_type() == at::kLong &&
                   tier_start.scalar_type() == at::kLong && sub_meta.scalar_type() == at::kLong,
               "mixed_embedding_bag: metadata tensors must be int64");
@@ -486,7 +496,7 @@ int64_t mixed_embedding_bag(const Tensor& values, const Tensor& offsets,
   const int64_t B = out.size(0), W = out.size(1), num_keys = key_feature.numel();
   TORCH_CHECK(offsets.numel() == num_keys * B + 1, "offsets must be [keys * B + 1]");
   TORCH_CHECK(0 <= b0 && b0 <= b1 && b1 <= B, "bag range out of bounds");
-  TORCH_CHECK(feature_meta.dim() == 2 && feature_meta.size(1) == 5, "feature_meta must be [features, 5]");
+  TORCH_CHECK(feature_meta.dim() == 2 && feature_meta.size(1) == 6, "feature_meta must be [features, 6]");
   TORCH_CHECK(K <= kMaxTiers, "mixed_embedding_bag: at most ", kMaxTiers, " tiers");
   TORCH_CHECK(sub_meta.size(0) == F && sub_meta.size(1) == K && sub_meta.size(2) == 3,
               "sub_meta must be [features, tiers, 3]");
@@ -496,23 +506,27 @@ int64_t mixed_embedding_bag(const Tensor& values, const Tensor& offsets,
                 "weights must be float, one per id");
     w = weights->data_ptr<float>();
   }
-  // feature_meta [F, 5]: map base, rows, dim, output column, mean.
+  // feature_meta [F, 6]: map byte offset, rows, dim, output column, mean, bytes per map entry.
   // sub_meta [F, K, 3]: byte offset in weight_buffer, row bytes, FBGEMM SparseType (-1: none).
   const int64_t* fm = feature_meta.data_ptr<int64_t>();
   const int64_t* sm = sub_meta.data_ptr<int64_t>();
   const int64_t* ts = tier_start.data_ptr<int64_t>();
   const uint8_t* buffer = weight_buffer.data_ptr<uint8_t>();
-  const int32_t* map = row_map.data_ptr<int32_t>();
+  const uint8_t* map = row_map.data_ptr<uint8_t>();
   std::vector<Feature> features(F);
   for (int64_t f = 0; f < F; ++f) {
-    const int64_t* m = fm + 5 * f;
+    const int64_t* m = fm + 6 * f;
     const int64_t* start = ts + f * (K + 1);
     TORCH_CHECK(m[3] + m[2] <= W, "feature columns outside out");
     // (the renumbered rows: the table's rows, less its SHARED rows, plus their centroids)
     TORCH_CHECK(start[K] >= 0 && start[K] <= INT32_MAX && m[1] <= INT32_MAX,
                 "tier starts and table rows must lie below 2^31");
+    TORCH_CHECK(m[5] >= 2 && m[5] <= 4, "id-map entries take 2, 3 or 4 bytes, not ", m[5]);
+    TORCH_CHECK(m[0] >= 0 && m[0] + m[1] * m[5] + 4 <= row_map.numel(), "a feature's id map lies outside row_map");
     Feature& ft = features[f];
     ft.map = map + m[0];
+    ft.width = m[5];
+    ft.mask = m[5] == 4 ? 0xffffffffu : (1u << (8 * m[5])) - 1;
     ft.rows = (uint64_t)m[1];
     ft.K = (int32_t)K;
     for (int t = 0; t < kMaxTiers; ++t)

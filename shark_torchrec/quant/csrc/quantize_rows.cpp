@@ -20,10 +20,15 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <climits>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "id-map entries are written little-endian"
+#endif
 
 #if defined(__AVX2__) && defined(__F16C__)
 #include <immintrin.h>
@@ -146,15 +151,15 @@ bool store_row(const float* x, int64_t D, int32_t ty, uint8_t* dst) {
   return true;
 }
 
-// Writes every row of `weights` into its tier's sub-table in `buffer` and its id into
-// `row_map`; returns the first row holding a NaN or an infinity (then nothing is promised
+// Writes every row of `weights` into its tier's sub-table in `buffer` and its renumbered row
+// into `row_map` (uint8, `width` bytes per entry, little-endian); returns the first row holding a NaN or an infinity (then nothing is promised
 // about what was written), else -1.
 //   tiers [n] int8: TIER_ORDER index of each row.
 //   sub_meta [7, 3] int64: per TIER_ORDER tier, byte offset of the table's sub-table in
 //     buffer, bytes per stored row, FBGEMM SparseType (-1: no sub-table, e.g. DROP).
 //   tier_start [7] int64: the first id of each tier's rows.
 int64_t quantize_into(const Tensor& weights, const Tensor& tiers, const Tensor& sub_meta, const Tensor& tier_start,
-                      Tensor buffer, Tensor row_map) {
+                      Tensor buffer, Tensor row_map, int64_t width) {
   TORCH_CHECK(weights.device().is_cpu() && weights.scalar_type() == at::kFloat && weights.dim() == 2 &&
                   weights.stride(1) == 1,
               "quantize_into: weights must be float32 [rows, dim] with contiguous rows");
@@ -165,14 +170,15 @@ int64_t quantize_into(const Tensor& weights, const Tensor& tiers, const Tensor& 
                   tier_start.scalar_type() == at::kLong && tier_start.numel() == kTiers,
               "quantize_into: sub_meta int64 [7, 3] and tier_start int64 [7]");
   TORCH_CHECK(buffer.scalar_type() == at::kByte && buffer.is_contiguous(), "quantize_into: buffer must be uint8");
-  TORCH_CHECK(row_map.scalar_type() == at::kInt && row_map.is_contiguous() && row_map.numel() == n,
-              "quantize_into: row_map must be int32, one per row");
+  TORCH_CHECK(width >= 2 && width <= 4, "quantize_into: id-map entries take 2, 3 or 4 bytes");
+  TORCH_CHECK(row_map.scalar_type() == at::kByte && row_map.is_contiguous() && row_map.numel() == n * width,
+              "quantize_into: row_map must be uint8, width bytes per row");
   const float* w = weights.data_ptr<float>();
   const int8_t* t = tiers.data_ptr<int8_t>();
   const int64_t* sm = sub_meta.data_ptr<int64_t>();
   const int64_t* ts = tier_start.data_ptr<int64_t>();
   uint8_t* buf = buffer.data_ptr<uint8_t>();
-  int32_t* map = row_map.data_ptr<int32_t>();
+  uint8_t* map = row_map.data_ptr<uint8_t>();
   for (int64_t i = 0; i < n; ++i)
     TORCH_CHECK(t[i] >= 0 && t[i] < kTiers, "quantize_into: tier ", (int)t[i], " of row ", i);
   // Rows per tier in each range, so that ranges can be written in parallel.
@@ -190,7 +196,10 @@ int64_t quantize_into(const Tensor& weights, const Tensor& tiers, const Tensor& 
       first[c * kTiers + k] = running[k];
       running[k] += count;
     }
+  const int64_t most = width == 4 ? INT32_MAX : (int64_t)1 << (8 * width);
   for (int k = 0; k < kTiers; ++k) {
+    TORCH_CHECK(running[k] == 0 || ts[k] + running[k] <= most, "quantize_into: renumbered rows do not fit ",
+                width, "-byte id-map entries");
     if (running[k] == 0 || sm[3 * k + 2] == NO_TABLE) continue;
     TORCH_CHECK(sm[3 * k] >= 0 && sm[3 * k] + running[k] * sm[3 * k + 1] <= buffer.numel(),
                 "quantize_into: tier ", k, "'s sub-table lies outside the buffer");
@@ -203,7 +212,8 @@ int64_t quantize_into(const Tensor& weights, const Tensor& tiers, const Tensor& 
       for (int64_t i = c * chunk; i < std::min(n, (c + 1) * chunk); ++i) {
         const int k = t[i];
         const int64_t local = next[k]++;
-        map[i] = (int32_t)(ts[k] + local);
+        const uint32_t entry = (uint32_t)(ts[k] + local);
+        std::memcpy(map + i * width, &entry, width);  // little-endian: the low `width` bytes
         const int32_t ty = (int32_t)sm[3 * k + 2];
         if (ty == NO_TABLE) {  // DROP: no stored row, but the row must still be finite
           for (int64_t d = 0; d < D; ++d)
@@ -226,7 +236,7 @@ int64_t quantize_into(const Tensor& weights, const Tensor& tiers, const Tensor& 
 
 TORCH_LIBRARY_FRAGMENT(shark_torchrec, m) {
   m.def("quantize_into(Tensor weights, Tensor tiers, Tensor sub_meta, Tensor tier_start, Tensor(a!) buffer, "
-        "Tensor(b!) row_map) -> int");
+        "Tensor(b!) row_map, int width) -> int");
 }
 
 TORCH_LIBRARY_IMPL(shark_torchrec, CPU, m) {
