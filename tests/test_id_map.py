@@ -134,9 +134,11 @@ def test_a_state_saved_with_an_int32_map_still_loads() -> None:
     m = RowwiseMixedEmbeddingBagCollection.from_weights(configs, weights, tiers, row_alignment=1, shared=shared,
                                                         map_bytes={"a": 4, "b": 4})
     state = m.state_dict()
-    old = {k: (v[:-id_map.TAIL_BYTES].clone().view(torch.int32) if k.endswith("row_map") else v)
-           for k, v in state.items()}
-    old["_extra_state"] = {k: v for k, v in state["_extra_state"].items() if k != "map_bytes"}
+    # the old form: internal names, one int32 map per group (twice), the layout as a dict
+    old = {f"groups.0.qebc.{k}": v for k, v in state.items() if k.endswith(".weight")}
+    maps = torch.cat([id_map.decode(state[f"embedding_bags.{t}.id_map"], 4) for t in ("a", "b")]).to(torch.int32)
+    old["groups.0.input_transform.row_map"] = old["input_transform.parts.0.row_map"] = maps
+    old["_extra_state"] = {k: v for k, v in m.layout.to_dict().items() if k != "map_bytes"}
     loaded = RowwiseMixedEmbeddingBagCollection.from_state_dict(old)
     assert loaded.layout.map_bytes == {"a": 4, "b": 4}
     kjt = _batch(configs)

@@ -57,12 +57,16 @@ from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEBC
 from shark_torchrec.data import SyntheticClickDataset, SyntheticConfig, SyntheticField
 from shark_torchrec.quant import RowwiseMixedEmbeddingBagCollection, assign_by_fractions, quantize_rows
 from shark_torchrec.quant.cpu_kernel import cpu_kernel_available
-from shark_torchrec.quant.tiers import Tier
+from shark_torchrec.quant.shared_rows import cluster_rows
+from shark_torchrec.quant.tiers import TIER_ORDER, Tier
 
 MIXES = {
     "mixed 10/30/60 fp16/int8/int4": {"fp16": 0.1, "int8": 0.3, "int4": 0.6},
     "mixed 20/80 fp16/int8": {"fp16": 0.2, "int8": 0.8},
 }
+#: A mix with SHARED rows (issue 21): the least-used 30% of each table's rows read as one of its
+#: K centroids (a k-means of the rows weighted by their id counts), storing only the id map.
+SHARED_MIX = ("mixed 10/30/30/30 fp16/int8/int4/shared", {"fp16": 0.1, "int8": 0.3, "int4": 0.3, "int2": 0.3}, 256)
 FP32 = "torchrec fp32 EmbeddingBagCollection"
 INT8 = "fbgemm uniform int8"
 
@@ -73,6 +77,21 @@ def _with_kernel(m: RowwiseMixedEmbeddingBagCollection, on: bool) -> Callable:
             m.use_cpu_kernel = on
         return m(kjt).values()
     return call
+
+
+def _shared_mix(fp32: EmbeddingBagCollection, tables, counts, fractions, k: int, row_alignment: int
+                ) -> RowwiseMixedEmbeddingBagCollection:
+    """The tiers of ``fractions`` by id counts, the INT2 share's rows then SHARED: ``k``
+    centroids per table, weighted by the counts."""
+    a = assign_by_fractions(counts, {t.name: t.embedding_dim for t in tables}, fractions, row_alignment)
+    tiers, shared = {}, {}
+    for t in tables:
+        tiers[t.name] = a.tiers[t.name].clone()
+        tiers[t.name][tiers[t.name] == TIER_ORDER.index(Tier.INT2)] = TIER_ORDER.index(Tier.SHARED)
+        shared[t.name] = cluster_rows(fp32.embedding_bags[t.name].weight.detach(), counts[t.name], k)
+    return RowwiseMixedEmbeddingBagCollection.from_weights(
+        tables, {t.name: fp32.embedding_bags[t.name].weight for t in tables}, tiers, row_alignment=row_alignment,
+        shared=shared)
 
 
 def build_case(name: str, cfg: SyntheticConfig, dim: int, batch_size: int, iters: int, args, device) -> Dict:
@@ -121,11 +140,20 @@ def build_case(name: str, cfg: SyntheticConfig, dim: int, batch_size: int, iters
         mixes["mixed 10/30/40/20 fp16/int8/int4/int2"] = {"fp16": 0.1, "int8": 0.3, "int4": 0.4, "int2": 0.2}
     groups = max(1, min(torch.get_num_threads(), len(tables)))
     first_mixed = None
+    if device.type == "cpu":
+        mixes[SHARED_MIX[0]] = SHARED_MIX[1]
     for label, fractions in mixes.items():
-        a = assign_by_fractions(counts, {t.name: dim for t in tables}, fractions, args.row_alignment)
-        m = RowwiseMixedEmbeddingBagCollection.from_float(fp32, a, check_ids=True)
+        if label == SHARED_MIX[0]:
+            m = _shared_mix(fp32, tables, counts, fractions, SHARED_MIX[2], args.row_alignment)
+        else:
+            a = assign_by_fractions(counts, {t.name: dim for t in tables}, fractions, args.row_alignment)
+            m = RowwiseMixedEmbeddingBagCollection.from_float(fp32, a, check_ids=True)
         first_mixed = first_mixed or m
         size = m.memory_report()["total_bytes"]
+        if device.type == "cpu" and label == SHARED_MIX[0]:  # the fused kernel only
+            variants[f"{label}, fused CPU kernel"] = _with_kernel(m, True)
+            bytes_of[f"{label}, fused CPU kernel"] = size
+            continue
         if device.type == "cpu":
             variants[f"{label}, fused CPU kernel"] = _with_kernel(m, True)
             bytes_of[f"{label}, fused CPU kernel"] = size

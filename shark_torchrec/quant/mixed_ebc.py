@@ -227,6 +227,10 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
         self.groups = nn.ModuleList([_MixedGroup(layout.subset(g), device=device, check_ids=check_ids,
                                                  strict=strict) for g in layout.groups])
         self.input_transform = MixedInputTransform([g.input_transform for g in self.groups], strict=strict)
+        # State-dict names (quant/serialization.py): TorchRec's, each id map once.
+        self._register_state_dict_hook(RowwiseMixedEmbeddingBagCollection._public_state_hook)
+        self._register_load_state_dict_pre_hook(RowwiseMixedEmbeddingBagCollection._internal_state_hook,
+                                                with_module=True)
         self._configs = layout.configs()
         # Output keys (TorchRec's embedding names: "<feature>@<table>" for a feature several
         # tables read) and the input feature each one reads.
@@ -338,11 +342,19 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
         return module
 
     # ------------------------------------------------------------------ state
-    def get_extra_state(self) -> Dict:
-        return self.layout.to_dict()
+    def get_extra_state(self) -> torch.Tensor:
+        return serialization.encode_layout(self.layout)
 
-    def set_extra_state(self, state: Dict) -> None:
+    def set_extra_state(self, state) -> None:
         serialization.check_extra_state(self.layout, state)
+
+    @staticmethod
+    def _public_state_hook(module, state_dict, prefix, local_metadata) -> None:
+        serialization.public_names(module.groups, state_dict, prefix)
+
+    @staticmethod
+    def _internal_state_hook(module, state_dict, prefix, *args) -> None:
+        serialization.internal_names(module.groups, state_dict, prefix)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """``nn.Module.load_state_dict``, copying into the tensors the lookups read.
