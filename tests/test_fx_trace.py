@@ -79,3 +79,37 @@ def test_traced_collection_keeps_keys_dtype_and_errors() -> None:
     short = KeyedJaggedTensor(keys=FEATURES, values=torch.tensor([1, 2]), lengths=torch.tensor([1, 1, 1]))
     with pytest.raises(ValueError, match="lengths add up to 3 ids, but 2 ids were given"):
         gm(short)
+
+
+@pytest.mark.parametrize("kind", ["dot", "dcn"])
+def test_scripted_dlrm_gives_the_eager_output(kind: str, tmp_path) -> None:
+    """TorchRec's inference path at the pinned version (``torchrec/inference/dlrm_predict.py``):
+    fx-trace the model, then ``torch.jit.script`` the graph; saved and loaded with torch.jit."""
+    model = _model(kind)
+    scripted = torch.jit.script(torchrec.fx.symbolic_trace(model))
+    torch.jit.save(scripted, str(tmp_path / "m.pt"))
+    loaded = torch.jit.load(str(tmp_path / "m.pt"))
+    with torch.no_grad():
+        for seed in (1, 2):
+            dense, kjt = _batch(seed)
+            want = model(dense, kjt)
+            assert torch.equal(scripted(dense, kjt), want)
+            assert torch.equal(loaded(dense, kjt), want)
+            assert torch.equal(scripted(dense, kjt.permute([2, 0, 1])), want)
+        bad = KeyedJaggedTensor(keys=FEATURES, values=torch.tensor([1, 2, 60]), lengths=torch.tensor([1] * 3))
+        with pytest.raises(torch.jit.Error, match="feature 'f2': id 60 is outside table 't2' \\(50 rows\\)"):
+            loaded(torch.randn(1, 4), bad)
+
+
+def test_scripted_collection_keeps_keys_and_dtype() -> None:
+    torch.manual_seed(0)
+    ebc = quantize_(EmbeddingBagCollection(tables=_tables(shared=True)),
+                    RowwiseQuantConfig(**CONFIG, output_dtype="fp16"))
+    scripted = torch.jit.script(torchrec.fx.symbolic_trace(ebc))
+    _, kjt = _batch(4)
+    want, got = ebc(kjt), scripted(kjt)
+    assert got.keys() == want.keys() == ["f0@t0", "f1", "f2", "f0@t_shared"]
+    assert got.values().dtype == torch.float16 and torch.equal(got.values(), want.values())
+    short = KeyedJaggedTensor(keys=FEATURES, values=torch.tensor([1, 2]), lengths=torch.tensor([1, 1, 1]))
+    with pytest.raises(torch.jit.Error, match="lengths add up to 3 ids, but 2 ids were given"):
+        scripted(short)

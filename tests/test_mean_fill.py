@@ -158,8 +158,10 @@ def test_pruning_twice_keeps_the_first_constants_and_rebuilds_from_its_config(tm
     assert torch.equal(_logits(loaded, batch), _logits(second, batch))
     # ... and traces with torch.fx (as TorchRec's inference path serves a model), predicting the same
     gm = torch.fx.symbolic_trace(loaded.model)
+    scripted = torch.jit.script(gm)  # then TorchScript, as TorchRec's inference path serves it
     with torch.no_grad():
         assert torch.equal(gm(batch.dense_features, batch.sparse_features).squeeze(-1), _logits(loaded, batch))
+        assert torch.equal(scripted(batch.dense_features, batch.sparse_features).squeeze(-1), _logits(loaded, batch))
 
 
 def test_bad_means_are_refused() -> None:

@@ -144,16 +144,19 @@ def _place_centroids(name: str, tiers: torch.Tensor, counts: torch.Tensor, physi
 
 
 @torch.fx.wrap
-def _fused_lookup(features: KeyedJaggedTensor, order: List[str], calls: List[tuple], width: int, check: bool,
-                  weighted: bool, strict: bool, tables: Dict[str, List[Tuple[str, int]]], output_dtype: str
-                  ) -> torch.Tensor:
+def _fused_lookup(features: KeyedJaggedTensor, order: List[str],
+                  calls: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
+                  width: int, check: bool, weighted: bool, strict: bool, tables: Dict[str, List[Tuple[str, int]]],
+                  output_dtype: str) -> torch.Tensor:
     """The mixed collection's CPU forward as one function of its input and tensors: a leaf of
     ``torch.fx`` graphs (registered with ``torch.fx.wrap``), so a traced model calls it as the
     eager forward runs it: the input checks (:func:`~shark_torchrec.quant.remap.jagged_error`),
     per-id weights ignored by an unweighted collection, the input's features put in ``order``
     (others ignored, or a ``KeyError`` with ``strict``), then ``calls`` of the fused kernel
-    (built for that order) over every bag, ids checked with ``check`` (``tables``: each
-    feature's tables and rows, for the error)."""
+    (built for that order: key slots, id map, feature, tier and sub-table metadata, weight
+    buffer) over every bag, ids checked with ``check`` (``tables``: each feature's tables and
+    rows, for the error).  Written in TorchScript's subset: a traced model scripts with
+    ``torch.jit.script``, as TorchRec's inference path serves one."""
     message = jagged_error(features, weighted)
     if message is not None:
         raise ValueError(f"RowwiseMixedEmbeddingBagCollection: {message}")
@@ -161,22 +164,29 @@ def _fused_lookup(features: KeyedJaggedTensor, order: List[str], calls: List[tup
         features = without_weights(features)
     features = select_features(features, order, strict)
     B = features.stride()
-    out = torch.empty(B, width)
-    if B:
+    out = torch.empty([B, width])
+    if B > 0:
         values, offsets = features.values(), features.offsets()
         weights = features.weights_or_none()
         if weights is not None and weights.dtype != torch.float32:
             weights = weights.float()
-        op = torch.ops.shark_torchrec.mixed_embedding_bag
-        bad = max(op(values, offsets, weights, *c, out, 0, B, check) for c in calls)
+        bad = -1
+        for c in calls:
+            bad = max(bad, torch.ops.shark_torchrec.mixed_embedding_bag(
+                values, offsets, weights, c[0], c[1], c[2], c[3], c[4], c[5], out, 0, B, check))
         if bad >= 0:
             ends = torch.cumsum(torch.tensor(features.length_per_key()), 0)
-            f = order[int(torch.searchsorted(ends, bad, right=True))]
+            f = order[int(torch.searchsorted(ends, torch.tensor(bad), right=True))]
             i = int(values[bad])
-            table, rows = next(((t, n) for t, n in tables[f] if not 0 <= i < n), tables[f][0])
-            raise ValueError(f"feature {f!r}: id {i} is outside table {table!r} ({rows} rows)")
-    dtype = OUTPUT_DTYPES[output_dtype]
-    return out if dtype == torch.float32 else out.to(dtype)
+            table, rows = tables[f][0]
+            for t, n in tables[f]:
+                if i < 0 or i >= n:
+                    table, rows = t, n
+                    break
+            raise ValueError(f"feature '{f}': id {i} is outside table '{table}' ({rows} rows)")
+    if output_dtype == "fp16":
+        return out.half()
+    return out
 
 
 class RowwiseMixedEmbeddingBagCollection(nn.Module):
@@ -574,3 +584,10 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
             g.input_transform.raise_if_outside(f, ids)
         raise RuntimeError(f"internal: the CPU kernel flagged id {int(ids)} of feature {f!r}, "
                            f"which is inside every table that reads it")
+
+
+# torch.fx writes a traced module's forward signature from these annotations: the classes
+# themselves, not the strings `from __future__ import annotations` leaves, so that a traced
+# collection scripts with torch.jit.script.
+RowwiseMixedEmbeddingBagCollection.forward.__annotations__.update({"features": KeyedJaggedTensor,
+                                                                   "return": KeyedTensor})

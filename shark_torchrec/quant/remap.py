@@ -25,13 +25,24 @@ from shark_torchrec.quant.layout import MixedLayout
 from shark_torchrec.quant.tiers import Tier
 
 
-def check_features(keys: Sequence[str], features: Sequence[str], strict: bool) -> None:
+# The functions below run in the collection's forward and in its fx leaf (mixed_ebc._fused_lookup),
+# so they are written in TorchScript's subset (no sets, no !r, no generators): a traced model
+# holding the collection scripts with torch.jit.script, as TorchRec's inference path does.
+
+
+def check_features(keys: List[str], features: List[str], strict: bool) -> None:
     """Raise ``KeyError`` when ``keys`` (an input's) lack one of ``features`` (a collection's),
     or, with ``strict``, hold one it does not serve — naming them."""
-    have = set(keys)
-    missing = [f for f in features if f not in have]
-    unknown = sorted(have - set(features))
-    if missing or (strict and unknown):
+    missing: List[str] = []
+    for f in features:
+        if f not in keys:
+            missing.append(f)
+    unknown: List[str] = []
+    for k in keys:
+        if k not in features and k not in unknown:
+            unknown.append(k)
+    unknown.sort()
+    if len(missing) > 0 or (strict and len(unknown) > 0):
         raise KeyError(f"input features do not match the collection: unknown {unknown}, "
                        f"missing {missing}")
 
@@ -44,27 +55,30 @@ def jagged_error(features: KeyedJaggedTensor, weighted: bool = False) -> Optiona
     them first.  One reduction over the lengths (the offsets, which the lookup needs anyway,
     give their total)."""
     values, lengths = features.values(), features.lengths()
-    if values.dtype not in (torch.int32, torch.int64):
-        return f"ids must be int32 or int64, got {values.dtype} (features {features.keys()})"
-    if lengths.dtype not in (torch.int32, torch.int64):
-        return f"lengths must be int32 or int64, got {lengths.dtype} (features {features.keys()})"
+    keys = features.keys()
+    if values.dtype != torch.int32 and values.dtype != torch.int64:
+        return f"ids must be int32 or int64, got {values.dtype} (features {keys})"
+    if lengths.dtype != torch.int32 and lengths.dtype != torch.int64:
+        return f"lengths must be int32 or int64, got {lengths.dtype} (features {keys})"
     n = values.numel()
-    if lengths.numel():
+    if lengths.numel() > 0:
         B = features.stride()
         if int(lengths.min()) < 0:
             i = int((lengths < 0).nonzero()[0])
-            key = features.keys()[i // B] if B else "?"
-            return f"feature {key!r}: negative length {int(lengths[i])} at sample {i % B if B else i}"
+            key = keys[i // B] if B > 0 else "?"
+            sample = i % B if B > 0 else i
+            return f"feature '{key}': negative length {int(lengths[i])} at sample {sample}"
         total = int(features.offsets()[-1])
         if total != n:
-            return f"lengths add up to {total} ids, but {n} ids were given (features {features.keys()})"
-    elif n:
-        return f"{n} ids given with no lengths (features {features.keys()})"
+            return f"lengths add up to {total} ids, but {n} ids were given (features {keys})"
+    elif n > 0:
+        return f"{n} ids given with no lengths (features {keys})"
     weights = features.weights_or_none()
-    if weighted and weights is None:
-        return f"the collection is weighted, but the input has no per-id weights (features {features.keys()})"
-    if weighted and weights.numel() != n:
-        return f"{weights.numel()} per-id weights for {n} ids (features {features.keys()})"
+    if weighted:
+        if weights is None:
+            return f"the collection is weighted, but the input has no per-id weights (features {keys})"
+        if weights.numel() != n:
+            return f"{weights.numel()} per-id weights for {n} ids (features {keys})"
     return None
 
 
