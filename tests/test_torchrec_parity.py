@@ -8,9 +8,13 @@ Ported so far: ``test_ebc`` (data types, weight dtypes, output dtypes, permuted 
 MEAN table between SUM ones, per-table weight dtypes), ``test_shared_tables``,
 ``test_shared_features``, ``test_multiple_features``,
 ``test_create_on_meta_device_without_providing_weights``, ``test_save_load_state_dict`` (its
-round trip) and per-table ``data_type`` reporting.  Not yet: the state-dict key names of
-``test_ebc``/``test_composability`` and ``test_trace_and_script`` (issue 19, items 2 and 5).
-The ``EmbeddingCollection`` cases do not apply (the mixed collection is a bag collection).
+round trip), ``test_composability``, ``test_trace_and_script`` and per-table ``data_type``
+reporting.  What does not apply, and why: ``test_multiple_kernels_per_ebc_table`` (virtual
+tables in FBGEMM's DRAM key-value store, a library the CPU build lacks: TorchRec's own test
+skips too); in ``test_trace_and_script``, that the graph's first node is TorchRec's
+``_get_kjt_keys`` (the mixed collection's graph is one leaf, ``_fused_lookup``, which reads the
+keys itself), and tracing FBGEMM's path (the traced forward is the fused kernel's, on CPU); the
+``EmbeddingCollection`` cases (the mixed collection is a bag collection).
 """
 
 import copy
@@ -22,7 +26,8 @@ from torch.ao.quantization import PlaceholderObserver
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType, QuantConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.sparse.jagged_tensor import ComputeKJTToJTDict, KeyedJaggedTensor
+from torchrec.tensor_types import UIntXTensor
 
 from shark_torchrec.quant import RowwiseQuantConfig, quantize_
 from shark_torchrec.quant.cpu_kernel import cpu_kernel_available
@@ -68,11 +73,22 @@ def _assert_same(got, want) -> None:
 
 
 def _check(tables, features, weight=torch.qint8, output=torch.float, per_table=None) -> None:
+    """TorchRec's ``_test_ebc``: the outputs, then the state dict (the float collection's keys
+    a subset of the quantized one's; here also TorchRec's quantized keys a subset of ours, with
+    the same tensors)."""
     torch.manual_seed(0)
     ebc = EmbeddingBagCollection(tables=tables)
-    want = _torchrec(ebc, weight, output, per_table)(features)
+    theirs = _torchrec(ebc, weight, output, per_table)
+    want = theirs(features)
     for path in PATHS:
-        _assert_same(_mixed(ebc, weight, output, per_table, path)(features), want)
+        ours = _mixed(ebc, weight, output, per_table, path)
+        _assert_same(ours(features), want)
+        state = ours.state_dict()
+        assert set(ebc.state_dict()) <= set(state)
+        for key, value in theirs.state_dict().items():
+            if isinstance(value, UIntXTensor):
+                value = value.view(torch.uint8)
+            assert torch.equal(state[key], value), key
 
 
 @pytest.mark.parametrize("data_type", [DataType.FP32, DataType.FP16])
@@ -155,3 +171,53 @@ def test_save_load_state_dict(weight, output) -> None:
             torch.testing.assert_close(second.state_dict()[key], value, rtol=0, atol=0)
     _assert_same(second(features), first(features))
     assert second(features).values().dtype == output
+
+
+@pytest.mark.parametrize("data_type", [DataType.FP32, DataType.FP16])
+@pytest.mark.parametrize("weight", [torch.half, torch.qint8])
+@pytest.mark.parametrize("output", [torch.half, torch.float])
+def test_composability(data_type, weight, output) -> None:
+    """A model holding the collection: the float model's state-dict keys are a subset of the
+    quantized model's, and the quantized model loads its own state."""
+
+    class TestModel(torch.nn.Module):
+        def __init__(self, ebc) -> None:
+            super().__init__()
+            self.ebc = ebc
+            self.over_arch = torch.nn.Linear(16, 1)
+
+        def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
+            out = self.ebc.forward(kjt).to_dict()
+            return self.over_arch(torch.cat([out[k] for k in kjt.keys()], dim=0).float())
+
+    tables = [EmbeddingBagConfig(name=n, embedding_dim=16, num_embeddings=10, feature_names=[f], data_type=data_type)
+              for n, f in (("t1", "f1"), ("t2", "f2"))]
+    ebc = EmbeddingBagCollection(tables=tables)
+    model = TestModel(ebc)
+    before = model.state_dict()
+    model.ebc = _mixed(ebc, weight, output)
+    state = model.state_dict()
+    assert set(before) <= set(state)
+    model.load_state_dict(state)
+    features = KeyedJaggedTensor(keys=["f1", "f2"], values=torch.as_tensor([0, 1]), lengths=torch.as_tensor([1, 1]))
+    assert model(features).shape == (2, 1)
+
+
+def test_trace_and_script() -> None:
+    """Traced with ``torchrec.fx`` (ComputeKJTToJTDict a leaf, as TorchRec's test traces) and
+    scripted: the same keys, values and offsets per key as the eager collection."""
+    if not cpu_kernel_available():
+        pytest.skip("the fused CPU kernel is not built")
+    from torchrec.fx import symbolic_trace
+
+    tables = [EmbeddingBagConfig(name=n, embedding_dim=16, num_embeddings=10, feature_names=["f1"],
+                                 data_type=DataType.FP16) for n in ("t1", "t2")]
+    m = _mixed(EmbeddingBagCollection(tables=tables), torch.half, torch.half)
+    gm = symbolic_trace(m, leaf_modules=[ComputeKJTToJTDict.__name__])
+    assert any(n.op == "call_function" for n in gm.graph.nodes)
+    features = KeyedJaggedTensor(keys=["f1", "f2"], values=torch.as_tensor([0, 1]), lengths=torch.as_tensor([1, 1]))
+    original, traced, scripted = m(features), gm(features), torch.jit.script(gm)(features)
+    for out in (traced, scripted):
+        assert out.keys() == original.keys() == ["f1@t1", "f1@t2"]
+        torch.testing.assert_close(out.values(), original.values(), rtol=0, atol=0)
+        assert out.offset_per_key() == original.offset_per_key()

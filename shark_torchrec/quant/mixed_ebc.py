@@ -360,11 +360,11 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
 
     @staticmethod
     def _public_state_hook(module, state_dict, prefix, local_metadata) -> None:
-        serialization.public_names(module.groups, state_dict, prefix)
+        serialization.public_names(module.groups, module.layout, state_dict, prefix)
 
     @staticmethod
     def _internal_state_hook(module, state_dict, prefix, *args) -> None:
-        serialization.internal_names(module.groups, state_dict, prefix)
+        serialization.internal_names(module.groups, module.layout, state_dict, prefix)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """``nn.Module.load_state_dict``, copying into the tensors the lookups read.

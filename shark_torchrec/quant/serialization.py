@@ -6,9 +6,12 @@ types.
 The state dict holds tensors only, under names close to TorchRec's quantized collection
 (``embedding_bags.<table>.weight``), one entry per stored sub-table and one id map per table:
 
-* ``embedding_bags.<table>@<tier>.weight``: the table's rows in ``<tier>`` (uint8, FBGEMM's
-  stored rows: for integer tiers the fp16 scale and bias first), as TorchRec's quantized
-  collection names a table of that data type — as plain uint8 tensors also for INT4/INT2,
+* ``embedding_bags.<table>.weight`` for a table whose rows are all in one stored tier (DROP
+  rows aside) — exactly TorchRec's quantized collection's name and content for a table of that
+  data type, so a float collection's keys are a subset of the mixed one's, as TorchRec's tests
+  require of its own — and ``embedding_bags.<table>@<tier>.weight`` per tier for a mixed table:
+  the rows in ``<tier>`` (uint8, FBGEMM's stored rows: for integer tiers the fp16 scale and bias
+  first) — as plain uint8 tensors also for INT4/INT2,
   where TorchRec's holds its packed ``UInt4Tensor``/``UInt2Tensor`` types, which most tensor
   operations (``assert_close``, checkpoint tooling) do not support;
 * ``embedding_bags.<table>.id_map``: the table's id map (uint8, ``map_bytes[table]`` bytes per
@@ -29,6 +32,7 @@ import torch
 from torchrec.tensor_types import UInt2Tensor, UInt4Tensor, UIntXTensor
 
 from shark_torchrec.quant.layout import MixedLayout
+from shark_torchrec.quant.tiers import Tier
 
 #: Where the collection's tables live in its state dict.
 TABLES = "embedding_bags."
@@ -80,8 +84,20 @@ def check_extra_state(layout: MixedLayout, state: Union[torch.Tensor, Mapping]) 
         raise ValueError("the saved state is of a differently laid out mixed collection")
 
 
-def public_names(groups, state: Dict[str, torch.Tensor], prefix: str) -> None:
+def single_tier(layout: MixedLayout) -> Dict[str, str]:
+    """``{table: sub-table}`` for the tables stored in one sub-table (named as TorchRec names
+    them, above)."""
+    out = {}
+    for t in layout.tables:
+        subs = [tier for tier in layout.stored_tiers(t["name"]) if tier is not Tier.DROP]
+        if len(subs) == 1:
+            out[t["name"]] = f"{t['name']}@{subs[0].value}"
+    return out
+
+
+def public_names(groups, layout: MixedLayout, state: Dict[str, torch.Tensor], prefix: str) -> None:
     """State-dict hook of the collection: its groups' entries under the names above (in place)."""
+    single = {sub: table for table, sub in single_tier(layout).items()}
     for g, group in enumerate(groups):
         internal = f"{prefix}groups.{g}."
         for key in [k for k in state if k.startswith(internal)]:
@@ -90,7 +106,8 @@ def public_names(groups, state: Dict[str, torch.Tensor], prefix: str) -> None:
             if rest.startswith("qebc." + TABLES):
                 if isinstance(value, UIntXTensor):
                     value = value.view(torch.uint8)  # its bytes (TorchRec's packed type: see above)
-                state[prefix + rest[len("qebc."):]] = value
+                sub, _, attr = rest[len("qebc." + TABLES):].partition(".")
+                state[f"{prefix}{TABLES}{single.get(sub, sub)}.{attr}"] = value
             elif rest == "input_transform.row_map":
                 t = group.input_transform
                 for table in t.table_base:
@@ -102,27 +119,32 @@ def public_names(groups, state: Dict[str, torch.Tensor], prefix: str) -> None:
         del state[key]  # the groups' id maps again (the collection's transform is theirs)
 
 
-def internal_names(groups, state: Dict[str, torch.Tensor], prefix: str) -> None:
+def internal_names(groups, layout: MixedLayout, state: Dict[str, torch.Tensor], prefix: str) -> None:
     """Load pre-hook of the collection: the names above back to where the groups hold them (in
     place); states saved with the internal names pass unchanged.  A table's id map of the wrong
     size raises naming the table."""
     group_of = {table: g for g, group in enumerate(groups) for table in group.input_transform.table_base}
+    single = single_tier(layout)
     for key in [k for k in state if k.startswith(prefix + TABLES)]:
         name = key[len(prefix + TABLES):]
-        table = name.split(".", 1)[0].split("@", 1)[0]
+        sub, _, attr = name.partition(".")
+        table = sub.split("@", 1)[0]
         if table not in group_of:
             continue  # not this collection's: reported as unexpected
         g = group_of[table]
-        if name.endswith(ID_MAP) and "@" not in name.split(".", 1)[0]:
+        if attr == ID_MAP[1:] and "@" not in sub:
             continue  # id maps: below, per group
-        value = state.pop(key)
-        sub, _, attr = name.partition(".")
-        bag = groups[g].qebc.embedding_bags[sub] if groups[g].qebc is not None and sub in \
-            groups[g].qebc.embedding_bags else None
-        target = getattr(bag, attr, None) if bag is not None else None
-        if isinstance(target, UIntXTensor) and not isinstance(value, UIntXTensor):
-            value = type(target)(value)  # the packed type the TBE's view is (from its bytes)
-        state[f"{prefix}groups.{g}.qebc.{TABLES}{name}"] = value
+        sub = single.get(sub, sub)  # a one-tier table's TorchRec name
+        state[f"{prefix}groups.{g}.qebc.{TABLES}{sub}.{attr}"] = state.pop(key)
+    for g, group in enumerate(groups):  # INT4/INT2 bytes back into TorchRec's packed types
+        internal = f"{prefix}groups.{g}.qebc.{TABLES}"
+        for key in [k for k in state if k.startswith(internal)]:
+            sub, _, attr = key[len(internal):].partition(".")
+            bag = group.qebc.embedding_bags[sub] if group.qebc is not None and sub in group.qebc.embedding_bags \
+                else None
+            target = getattr(bag, attr, None) if bag is not None else None
+            if isinstance(target, UIntXTensor) and not isinstance(state[key], UIntXTensor):
+                state[key] = type(target)(state[key])
     for g, group in enumerate(groups):
         t = group.input_transform
         maps = {table: state.pop(f"{prefix}{TABLES}{table}{ID_MAP}", None) for table in t.table_base}
