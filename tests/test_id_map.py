@@ -8,9 +8,10 @@ from torchrec import EmbeddingBagConfig
 from torchrec.modules.embedding_configs import PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from shark_torchrec.quant import TIER_ORDER, RowwiseMixedEmbeddingBagCollection, Tier, dequantize_rows
+from shark_torchrec.quant import TIER_ORDER, RowwiseMixedEmbeddingBagCollection, Tier
 from shark_torchrec.quant import id_map
 from shark_torchrec.quant.shared_rows import K_CANDIDATES, cluster_rows
+from test_shared_rows import _reference  # each row as the collection stores it
 
 SHARED = TIER_ORDER.index(Tier.SHARED)
 
@@ -49,16 +50,6 @@ def test_a_width_too_small_for_the_table_is_refused() -> None:
         id_map.check_width("t", 70_000, 2, 70_000)
     with pytest.raises(ValueError, match="table 't'.*one of"):
         id_map.check_width("t", 10, 1, 10)
-
-
-def _reference(weights, tiers, shared):
-    out = torch.zeros_like(weights)
-    for i, tier in enumerate(TIER_ORDER):
-        rows = tiers == i
-        if bool(rows.any()):
-            out[rows] = shared.centroids[shared.index[rows].long()] if tier is Tier.SHARED else \
-                dequantize_rows(weights[rows], tier)
-    return out
 
 
 def _tables(rows_a: int = 400):

@@ -147,7 +147,7 @@ def _place_centroids(name: str, tiers: torch.Tensor, counts: torch.Tensor, physi
 def _fused_lookup(features: KeyedJaggedTensor, order: List[str],
                   calls: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
                   width: int, check: bool, weighted: bool, strict: bool, tables: Dict[str, List[Tuple[str, int]]],
-                  output_dtype: str) -> torch.Tensor:
+                  out_dtype: torch.dtype) -> torch.Tensor:
     """The mixed collection's CPU forward as one function of its input and tensors: a leaf of
     ``torch.fx`` graphs (registered with ``torch.fx.wrap``), so a traced model calls it as the
     eager forward runs it: the input checks (:func:`~shark_torchrec.quant.remap.jagged_error`),
@@ -184,9 +184,7 @@ def _fused_lookup(features: KeyedJaggedTensor, order: List[str],
                     table, rows = t, n
                     break
             raise ValueError(f"feature '{f}': id {i} is outside table '{table}' ({rows} rows)")
-    if output_dtype == "fp16":
-        return out.half()
-    return out
+    return out if out_dtype == torch.float32 else out.to(out_dtype)
 
 
 class RowwiseMixedEmbeddingBagCollection(nn.Module):
@@ -524,7 +522,7 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
                                "(a CPU collection whose kernel builds); the FBGEMM path does not trace yet")
         tables = {f: [(c.name, c.num_embeddings) for _, g, c in self.layout.slots() if g == f] for f in order}
         values = _fused_lookup(features, order, calls, self._width, self.check_ids, self.layout.is_weighted,
-                               self.strict, tables, self.layout.output_dtype)
+                               self.strict, tables, self._out_dtype)
         return KeyedTensor(keys=list(self._features), length_per_key=list(self._dims), values=values)
 
     def _thread_pool(self, workers: int) -> ThreadPoolExecutor:

@@ -197,11 +197,6 @@ class RowwiseInputTransform(nn.Module):
         base = self.table_base[table]
         return self.row_map[base : base + self.table_width[table] * self._table_rows[table]]
 
-    def map_entries(self, table: str, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The renumbered rows of ``rows`` (all when None) of ``table``: int64."""
-        m = id_map.decode(self.table_map(table), self.table_width[table])
-        return m if rows is None else m[rows.to(m.device)]
-
     def set_map_entries(self, table: str, rows: Optional[torch.Tensor], values: torch.Tensor) -> None:
         """Point ``rows`` (all when None) of ``table`` at renumbered rows ``values``."""
         width = self.table_width[table]
