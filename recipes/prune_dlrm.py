@@ -15,11 +15,13 @@ OUT/metrics.json (AUC and log loss before/after, fields, tables and bytes) and O
 
 import json
 
+from shark_torchrec.cli_run import parse_prune
 from shark_torchrec.pruning.recipe import run
 from shark_torchrec.training.distributed import exit_worker, run_or_exit
 
 if __name__ == "__main__":
-    m = run_or_exit(run)
+    config = run_or_exit(parse_prune)
+    m = run_or_exit(lambda: run(config))
     if m["rank"] == 0:
         print(json.dumps({"auc_before": m["before"]["auc"], "auc_after": m["after"]["auc"],
                           "fields": f"{m['plan']['fields_before']} -> {m['plan']['fields_after']}",

@@ -12,11 +12,13 @@ import json
 import time
 
 from shark_torchrec.training.distributed import exit_worker, run_or_exit
+from shark_torchrec.cli_run import parse_train
 from shark_torchrec.training.train_dlrm import run
 
 if __name__ == "__main__":
     t0 = time.perf_counter()
-    metrics = run_or_exit(run)
+    config = run_or_exit(parse_train)
+    metrics = run_or_exit(lambda: run(config))
     if metrics["rank"] == 0:
         print(json.dumps({k: metrics[k] for k in ("test_auc", "test_log_loss", "steps",
                                                    "examples_per_second")}),

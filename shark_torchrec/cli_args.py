@@ -12,7 +12,7 @@ import argparse
 import logging
 import math
 import os
-from typing import List
+from typing import Dict, List
 
 __all__ = [
     "DEBUG_HELP",
@@ -137,9 +137,9 @@ def tier_list(text: str) -> str:
     return text
 
 
-def tier_fractions(text: str) -> str:
-    """``tier=fraction,...`` with known tiers, fractions >= 0 summing to 1.  Returns the text
-    unchanged (the job parses it); only its validity is checked here."""
+def tier_fractions(text: str) -> Dict[str, float]:
+    """``tier=fraction,...`` with known tiers, fractions >= 0 summing to 1, as
+    ``{tier: fraction}`` (the tiers as written)."""
     from shark_torchrec.quant.tiers import Tier  # imports FBGEMM: only when the flag is used
 
     fractions = {}
@@ -155,7 +155,7 @@ def tier_fractions(text: str) -> str:
         fractions[name.strip()] = _float(value, f"a fraction for tier {name.strip()!r}")
     if min(fractions.values()) < 0 or not math.isclose(sum(fractions.values()), 1.0, abs_tol=1e-6):
         raise argparse.ArgumentTypeError(f"fractions must be >= 0 and sum to 1, got {text!r}")
-    return text
+    return fractions
 
 
 def log_level(text: str) -> str:

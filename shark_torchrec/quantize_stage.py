@@ -34,7 +34,7 @@ from shark_torchrec.quant.id_map import map_bytes
 from shark_torchrec.quant.tiers import CENTROID_TIER, TIER_ORDER, Tier, sub_table_bytes
 from shark_torchrec.sharded import Comm, ShardedLayout, build_sharded_collection, quantize_sharded_dlrm
 from shark_torchrec.sharded.collection import ShardedRowwiseMixedEmbeddingBagCollection
-from shark_torchrec.sharded.layout import REPLICATED, collection_layout
+from shark_torchrec.sharded.layout import collection_layout
 from shark_torchrec.training.trainer import DLRMTrainer, evaluate_model
 
 logger = logging.getLogger(__name__)

@@ -19,7 +19,8 @@ import hashlib
 import json
 import logging
 import os
-from typing import Any, Dict, Mapping, Optional, Sequence
+import shutil
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch.distributed as dist
 
@@ -125,6 +126,105 @@ class StageStore:
         if dist.is_initialized():
             dist.barrier()
         return key
+
+
+class StageRunner:
+    """The stages of one job, in order, and their records under ``out`` (a
+    :class:`StageStore`): every job (the pipeline's three stages, ``train_dlrm.py``'s and
+    ``prune_dlrm.py``'s one) runs its stages through one.
+
+    A stage's key is a hash of its declared inputs and of the key of the stage before it.
+    :meth:`finished` gives the record of a stage finished with the same key, so the job skips
+    it; else ``None`` (logged, naming the inputs that changed), and the job runs it and every
+    stage after it (their records are stale even where their own inputs match).
+
+    Args:
+        out: the job's output directory.
+        inputs: ``{stage: its inputs}`` in the order the stages run.
+        is_main: whether this process writes the records.
+    """
+
+    def __init__(self, out: str, inputs: Mapping[str, Mapping[str, Any]], is_main: bool = True) -> None:
+        self.store = StageStore(out, is_main)
+        self.stages = list(inputs)
+        self.inputs = dict(inputs)
+        self.keys = chain_keys(inputs)
+        self.upstream = {s: ([self.keys[self.stages[i - 1]]] if i else []) for i, s in enumerate(self.stages)}
+        self._records = {s: self.store.load(s, self.inputs[s], self.upstream[s]) for s in self.stages}
+        self._ran: List[str] = []  # stages this process ran: the stages after them run too
+
+    def finished(self, stage: str) -> Optional[Dict[str, Any]]:
+        """The stage's result if it finished with these inputs and no stage before it ran now;
+        else ``None``, and the stage counts as run from here on."""
+        i = self.stages.index(stage)
+        record = None if any(self.stages.index(r) < i for r in self._ran) else self._records[stage]
+        if record is None:
+            self._ran.append(stage)
+        return record
+
+    def all_finished(self) -> bool:
+        """Whether every stage finished with these inputs before this run started."""
+        return all(r is not None for r in self._records.values())
+
+    def save(self, stage: str, result: Mapping[str, Any]) -> None:
+        """Record ``stage`` as finished with ``result`` (paths in it relative to ``out``:
+        :meth:`StageStore.rel`)."""
+        self.store.save(stage, self.inputs[stage], self.upstream[stage], result)
+
+
+def chain_keys(inputs: Mapping[str, Mapping[str, Any]]) -> Dict[str, str]:
+    """``{stage: key}`` of stages run in the order of ``inputs``, each keyed by its inputs and
+    the key of the stage before it."""
+    keys: Dict[str, str] = {}
+    upstream: List[str] = []
+    for stage, stage_inputs in inputs.items():
+        keys[stage] = StageStore.key(stage_inputs, upstream)
+        upstream = [keys[stage]]
+    return keys
+
+
+class StageSharing:
+    """Finished stages shared between the runs of one job that a tool starts (a sweep, a
+    frontier): before a run starts, every stage another run finished *with the same key* (the
+    same inputs after the same upstream stages) is hard-linked into its directory, so a grid of
+    runs computes each distinct stage once.  Which stages can be shared follows from the keys
+    alone, not from lists of flags; and the job still checks every linked record's key, so a
+    shared stage is never a stale one.
+
+    Args:
+        stages: the job's stages, in order.
+    """
+
+    def __init__(self, stages: Sequence[str]) -> None:
+        self.stages = list(stages)
+        self._where: Dict[str, str] = {}  # stage key -> a run directory holding that stage finished
+
+    def link(self, run_dir: str, keys: Mapping[str, str]) -> List[str]:
+        """Link into ``run_dir`` the finished stages of earlier runs whose keys are ``keys[stage]``
+        (a stage ``run_dir`` already finished with its key is kept); returns the stages linked."""
+        store, linked = StageStore(run_dir), []
+        for stage in self.stages:
+            src = self._where.get(keys[stage])
+            if src is None or os.path.abspath(src) == os.path.abspath(run_dir) or self._holds(store, stage, keys[stage]):
+                continue
+            shutil.rmtree(os.path.join(run_dir, stage), ignore_errors=True)
+            os.makedirs(run_dir, exist_ok=True)
+            shutil.copytree(os.path.join(src, stage), os.path.join(run_dir, stage), copy_function=os.link)
+            linked.append(stage)
+        return linked
+
+    def finished(self, run_dir: str, keys: Mapping[str, str]) -> None:
+        """Note the stages ``run_dir`` holds finished with ``keys`` (after its run), for the runs
+        after it."""
+        store = StageStore(run_dir)
+        for stage in self.stages:
+            if self._holds(store, stage, keys[stage]):
+                self._where.setdefault(keys[stage], run_dir)
+
+    @staticmethod
+    def _holds(store: StageStore, stage: str, key: str) -> bool:
+        record = store.read(stage)
+        return record is not None and record["key"] == key
 
 
 def _jsonable(inputs: Mapping[str, Any]) -> Dict[str, Any]:

@@ -15,9 +15,8 @@ from conftest import ROOT, run_torchrun
 from shark_torchrec import cli
 from shark_torchrec.data.click_log import MalformedLineError
 from shark_torchrec.errors import SharkInputError, one_line
-from shark_torchrec.pipeline import build_parser as pipeline_parser
-from shark_torchrec.pruning.recipe import build_parser as prune_parser
-from shark_torchrec.training.train_dlrm import build_parser as train_parser
+from shark_torchrec.cli_run import parse_pipeline, parse_prune, parse_train
+from shark_torchrec.run_config import flat
 
 TRAIN = ROOT / "recipes" / "train_dlrm.py"
 
@@ -55,12 +54,28 @@ BAD_FLAGS = [
     ("shark", ["--quant_tiers", "int8,int8"], "--quant_tiers: 'int8,int8': a tier named twice"),
     ("shark", ["--init_from", "MISSING"], "argument --init_from: MISSING: no such directory"),
     ("shark", ["--out", "FILE"], "argument --out: FILE: is an existing file"),
+    ("shark", ["--drop_rows", "unused"], "--drop_rows unused: drop is not among --quant_tiers fp16,int8,int4,int2,shared"),
+    ("shark", ["--quant_fractions", "int8=1", "--quant_tiers", "int8,shared"],
+     "--quant_tiers is for a byte budget; --quant_fractions names its tiers itself"),
+    ("shark", ["--prune_rounds", "2"], "--prune_rounds needs --keep_fields"),
+    ("shark", ["--sharding_type", "row_wise", "--planner_overrides", "FILE"],
+     "--sharding_type and --planner_overrides both set sharding: use one"),
+    ("shark", ["--max_steps", "5"], "--max_steps is not used by the SHARK pipeline (recipes/shark_dlrm.py); "
+                                    "recipes/train_dlrm.py takes it"),
+    ("shark", ["--resume"], "--resume is not used by the SHARK pipeline"),
+    ("shark", ["--score_fields", "mean"], "--score_fields is not used by the SHARK pipeline"),
     ("prune", ["--keep_fields", "0"], "argument --keep_fields: expected an integer >= 1"),
     ("prune", ["--drop_fraction", "1.5"], "argument --drop_fraction: expected a fraction in [0, 1), got 1.5"),
     ("prune", ["--byte_target", "-1"], "argument --byte_target: expected an integer >= 0"),
     ("prune", ["--rounds", "-1"], "argument --rounds: expected an integer >= 0"),
     ("prune", ["--plan", "MISSING"], "argument --plan: MISSING: no such file"),
     ("prune", ["--from_run", "MISSING"], "argument --from_run: MISSING: no such directory"),
+    ("prune", ["--rounds", "2"], "--rounds needs --keep_fields"),
+    ("prune", ["--epochs", "2"], "--epochs is not used by recipes/prune_dlrm.py; recipes/train_dlrm.py takes it"),
+    ("prune", ["--checkpoint_every", "5"], "--checkpoint_every is not used by recipes/prune_dlrm.py"),
+    ("prune", ["--max_steps", "5"], "--max_steps is not used by recipes/prune_dlrm.py"),
+    ("train", ["--sharding_type", "row_wise", "--planner_overrides", "FILE"],
+     "--sharding_type and --planner_overrides both set sharding: use one"),
     ("cli", ["--world_size", "0"], "argument --world_size: expected an integer >= 1, got 0"),
     ("cli", ["--batch_size", "0"], "argument --batch_size: expected an integer >= 1, got 0"),
     ("cli", ["--hbm_gb", "-1"], "argument --hbm_gb: expected a number > 0, got -1"),
@@ -80,15 +95,15 @@ def _parse(kind: str, args, tmp_path: Path):
     paths = _paths(tmp_path)
     args = [paths.get(a, a) for a in args]
     if kind == "train":
-        return train_parser().parse_args(args)
+        return parse_train(args)
     if kind == "shark":
-        return pipeline_parser().parse_args(args)
+        return parse_pipeline(args)
     if kind == "prune":
-        return prune_parser().parse_args(["--from_run", str(tmp_path), *args])
+        return parse_prune(["--from_run", str(tmp_path), *args])
     return cli.build_parser().parse_args(["plan", "--preset", "criteo1tb", *args])
 
 
-@pytest.mark.parametrize("kind,args,message", BAD_FLAGS, ids=[f"{k}{a[0]}={a[1]}" for k, a, _ in BAD_FLAGS])
+@pytest.mark.parametrize("kind,args,message", BAD_FLAGS, ids=[f"{k}{'='.join(a[:2])}" for k, a, _ in BAD_FLAGS])
 def test_out_of_range_flags_fail_when_parsed(tmp_path: Path, capsys, kind, args, message) -> None:
     with pytest.raises(SystemExit) as exit_info:
         _parse(kind, args, tmp_path)
@@ -106,22 +121,23 @@ def test_out_of_range_flags_fail_when_parsed(tmp_path: Path, capsys, kind, args,
 ])
 def test_table_sizes_synthetic_data_would_ignore_are_refused(tmp_path: Path, args, message) -> None:
     from shark_torchrec.errors import FlagError
-    from shark_torchrec.training.train_dlrm import data_spec_from_args
+    from shark_torchrec.training.train_dlrm import data_spec_from
 
-    for parser in (train_parser(), pipeline_parser()):
+    for parse in (parse_train, parse_pipeline):
         with pytest.raises(FlagError, match=re.escape(message)):
-            data_spec_from_args(parser.parse_args(args))
+            data_spec_from(parse(args).data)
 
 
 def test_boundary_values_are_accepted(tmp_path: Path) -> None:
-    a = _parse("train", ["--checkpoint_every", "0", "--out", "DIR", "--log_level", "debug", "--debug"],
-               tmp_path)
-    assert (a.checkpoint_every, a.log_level, a.debug) == (0, "DEBUG", True)
-    a = _parse("shark", ["--drop_fraction", "0", "--finetune_epochs", "0", "--finetune_fraction", "0",
-                         "--prune_rounds", "0", "--quant_fractions", "fp16=0.1,int8=0.3,int4=0.6"], tmp_path)
-    assert (a.drop_fraction, a.finetune_epochs, a.quant_fractions) == (0.0, 0, "fp16=0.1,int8=0.3,int4=0.6")
-    a = _parse("prune", ["--byte_target", "0", "--rounds", "0", "--debug"], tmp_path)
-    assert (a.byte_target, a.rounds, a.debug) == (0, 0, True)
+    a = flat(_parse("train", ["--checkpoint_every", "0", "--out", "DIR", "--log_level", "debug", "--debug"],
+                    tmp_path))
+    assert (a["checkpoint_every"], a["log_level"], a["debug"]) == (0, "DEBUG", True)
+    a = flat(_parse("shark", ["--drop_fraction", "0", "--finetune_epochs", "0", "--finetune_fraction", "0",
+                              "--prune_rounds", "0", "--quant_fractions", "fp16=0.1,int8=0.3,int4=0.6"], tmp_path))
+    assert (a["drop_fraction"], a["finetune_epochs"], a["quant_fractions"]) == (
+        0.0, 0, {"fp16": 0.1, "int8": 0.3, "int4": 0.6})
+    a = flat(_parse("prune", ["--byte_target", "0", "--rounds", "0", "--debug"], tmp_path))
+    assert (a["byte_target"], a["rounds"], a["debug"]) == (0, 0, True)
     a = _parse("cli", ["--zipf", "0", "--debug"], tmp_path)
     assert (a.zipf, a.debug) == (0.0, True)
     assert cli.build_parser().parse_args(["--debug", "plan", "--preset", "criteo1tb"]).debug

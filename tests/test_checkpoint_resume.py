@@ -53,6 +53,16 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path: Path) -> Non
     for f, v in sa_scores["scores"].items():
         assert sb_scores["scores"][f] == pytest.approx(v, rel=1e-9)
 
+    # The run is finished with these settings (OUT/train/done.json): running it again trains
+    # nothing, and --resume with other settings is refused, naming them.
+    latest = part / "checkpoints" / (part / "checkpoints" / "latest").read_text().strip()
+    stamp, metrics = latest.stat().st_mtime_ns, (part / "metrics.json").read_text()
+    run_torchrun(RECIPE, [*SMALL, "--out", part], nproc=2)
+    assert latest.stat().st_mtime_ns == stamp and (part / "metrics.json").read_text() == metrics
+    with pytest.raises(AssertionError, match=r"--resume: .* was written with other settings "
+                                             r"\(--learning_rate 0.05 -> 0.1\)"):
+        run_torchrun(RECIPE, [*SMALL, "--out", part, "--resume", "--learning_rate", 0.1], nproc=2)
+
     sa = _flatten("", _final_state(full), {})
     sb = _flatten("", _final_state(part), {})
     assert sa.keys() == sb.keys()

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from shark_torchrec.cli_run import parse_pipeline, parse_prune, parse_train
 from shark_torchrec import pipeline
 from shark_torchrec.data import LineSplit
 from shark_torchrec.training import train_dlrm
@@ -27,8 +28,10 @@ def _criteo_dir(tmp_path: Path, train_lines: int, test_lines: int) -> Path:
 
 def _fails_with(job, argv, capsys) -> str:
     """Run a recipe's job in this process; it must stop with status 1 and one error line."""
+    parse = {train_dlrm.run: parse_train, pipeline.run: parse_pipeline, prune_dlrm.run: parse_prune}[job]
+    config = parse(argv)
     with pytest.raises(SystemExit) as e:
-        job(argv)
+        job(config)
     assert e.value.code == 1
     return capsys.readouterr().err
 
@@ -59,7 +62,7 @@ def test_train_recipe_refuses_an_empty_test_file(tmp_path: Path, capsys) -> None
 def test_limits_of_zero_are_refused_when_parsed(capsys) -> None:
     for flag in ("--limit_train_batches", "--limit_test_batches"):
         with pytest.raises(SystemExit) as e:
-            train_dlrm.build_parser().parse_args([flag, "0"])
+            parse_train([flag, "0"])
         assert e.value.code == 2
         assert f"argument {flag}: expected an integer >= 1, got 0" in capsys.readouterr().err
 
@@ -92,17 +95,16 @@ def test_a_split_that_leaves_no_test_rows(tmp_path: Path) -> None:
     split = LineSplit(test_fraction=0.02, seed=0)
     # Reference: none of the 12 lines falls in the test part (checked with the split's own rule).
     assert all(split.split_of(str(log), n) == "train" for n in range(1, 13))
-    args = train_dlrm.build_parser().parse_args(["--data", "criteo", "--train_files", str(log),
-                                                 "--test_fraction", "0.02", "--batch_size", "4"])
-    spec = train_dlrm.data_spec_from_args(args)
+    run = parse_train(["--data", "criteo", "--train_files", str(log), "--test_fraction", "0.02",
+                       "--batch_size", "4"])
+    spec = train_dlrm.data_spec_from(run.data)
     with pytest.raises(NoRowsError, match=rf"no test rows to evaluate on in {log} \(the test part of a seeded "
                                           rf"line split \(seed 0\).*\): no data lines"):
-        require_rows(spec, args, world_size=1)
-    require_rows(spec, args, world_size=1, test=False)  # training alone would be fine: 3 steps
+        require_rows(spec, 4, world_size=1)
+    require_rows(spec, 4, world_size=1, test=False)  # training alone would be fine: 3 steps
     # One test row per process at least: 2 rows for 3 processes are too few.
-    args = train_dlrm.build_parser().parse_args(["--data", "criteo", "--train_files", str(log),
-                                                 "--test_files", str(log), "--batch_size", "1"])
     (tmp_path / "two.tsv").write_text(GOOD + "\n" + GOOD + "\n")
-    args.test_files = [str(tmp_path / "two.tsv")]
+    run = parse_train(["--data", "criteo", "--train_files", str(log), "--test_files", str(tmp_path / "two.tsv"),
+                       "--batch_size", "1"])
     with pytest.raises(NoRowsError, match="too few test rows .*two.tsv: 2 data line"):
-        require_rows(train_dlrm.data_spec_from_args(args), args, world_size=3)
+        require_rows(train_dlrm.data_spec_from(run.data), 1, world_size=3)

@@ -87,14 +87,14 @@ def test_pipeline_runs_resumes_and_exports(tmp_path: Path, full: Path) -> None:
         assert torch.equal(model_a(batch)[1][1], model_b(batch)[1][1])
     # The quantized stage was evaluated sharded over 2 processes (AUC and log loss reduced over
     # ranks); this one process, reading the same test rows whole, gets the same figures.
-    from shark_torchrec.pipeline import build_parser
+    from shark_torchrec.cli_run import parse_pipeline
     from shark_torchrec.training.distributed import DistEnv
-    from shark_torchrec.training.train_dlrm import data_spec_from_args
+    from shark_torchrec.training.train_dlrm import data_spec_from
     from shark_torchrec.training.trainer import evaluate_model
 
-    args = build_parser().parse_args([str(a) for a in ARGS])
-    spec = data_spec_from_args(args)
-    rows = spec.batches(spec.dataset("test", 2 * args.batch_size, 0, 1), 0)  # 2 ranks' global batches
+    run = parse_pipeline(ARGS)
+    spec = data_spec_from(run.data, run.training.seed)
+    rows = spec.batches(spec.dataset("test", 2 * run.training.batch_size, 0, 1), 0)  # 2 ranks' global batches
     one = evaluate_model(model_a, rows, DistEnv(0, 1, 0, torch.device("cpu"), "gloo"))
     assert one["examples"] == q["examples"]
     assert one["auc"] == pytest.approx(q["auc"], abs=1e-6)
@@ -232,7 +232,8 @@ def test_other_scorers_priorities_and_the_dev_split(tmp_path: Path) -> None:
     assert r["paired"]["compressed vs uncompressed"]["bootstrap"] == 50
     # Row counters vs a direct count over the train part (75% of 12 batches of 32 = 9).
     from shark_torchrec.importance import RowPriority
-    from shark_torchrec.pipeline import _row_counters, build_parser
+    from shark_torchrec.cli_run import parse_pipeline
+    from shark_torchrec.pipeline import _row_counters
     from shark_torchrec.training.model import DLRMConfig
 
     cfg = SyntheticConfig.default(num_fields=8, num_informative=3, cardinality=500, seed=0)
@@ -247,7 +248,7 @@ def test_other_scorers_priorities_and_the_dev_split(tmp_path: Path) -> None:
             np.add.at(neg[f], jt.values().numpy(), 1 - y)
     tables = DLRMConfig(feature_names=cfg.feature_names, num_embeddings_per_feature=[500] * 8,
                         embedding_dim=8, dense_arch_layer_sizes=(16, 8)).tables()
-    counts = RowPriority(tables, channels=_row_counters(build_parser().parse_args([])))
+    counts = RowPriority(tables, channels=_row_counters(parse_pipeline([]).quant))
     counts.load(str(tmp_path / "random" / "train" / "row_counts"))
     for f in cfg.feature_names:
         np.testing.assert_allclose(counts.priorities("positive_plain")[f"t_{f}"].numpy(), pos[f], rtol=1e-6)
@@ -281,14 +282,16 @@ def test_changed_flags_rerun_the_stages_they_reach(tmp_path: Path, full: Path) -
 
 
 def test_bad_run_directories_and_unused_flags_are_refused(tmp_path: Path) -> None:
-    """One line naming the file or flag, before anything trains."""
+    """One line naming the file or flag, before anything trains (flags the pipeline does not
+    take, and flags that contradict each other, are usage errors: status 2; tests/test_bad_input.py
+    has each message)."""
     import subprocess
     import sys
 
-    def run(*extra):
+    def run(*extra, status=1):
         proc = subprocess.run([sys.executable, str(RECIPE), *map(str, SMALL), *map(str, extra)], cwd=ROOT,
                               capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 1, proc.stderr[-3000:]
+        assert proc.returncode == status, proc.stderr[-3000:]
         assert "Traceback" not in proc.stderr
         return proc.stderr
 
@@ -299,14 +302,6 @@ def test_bad_run_directories_and_unused_flags_are_refused(tmp_path: Path) -> Non
     (tmp_path / "file").write_text("")
     assert "--out" in run("--out", tmp_path / "file" / "sub") and "cannot be a directory" in run(
         "--out", tmp_path / "file" / "sub")
-    for flag, value in (("--max_steps", 5), ("--score_fields", "mean"),
-                        ("--sharding_type", "row_wise")):
-        assert f"{flag} is not used by the SHARK pipeline" in run(flag, value, "--out", tmp_path / "x")
-    assert "--resume is not used" in run("--resume", "--out", tmp_path / "x")
-    assert "--drop_rows unused: drop is not among --quant_tiers fp16,int8,int4,int2,shared" in run(
-        "--drop_rows", "unused", "--out", tmp_path / "x")
-    no_budget = [str(a) for a in SMALL if a not in ("--quant_budget_fraction", 0.5)]
-    proc = subprocess.run([sys.executable, str(RECIPE), *no_budget, "--quant_tiers", "int8,shared",
-                           "--quant_fractions", "int8=1", "--out", str(tmp_path / "x")], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1 and "--quant_tiers is for a byte budget" in proc.stderr
+    assert "--max_steps is not used by the SHARK pipeline" in run("--max_steps", 5, "--out", tmp_path / "x", status=2)
+    assert "--drop_rows unused: drop is not among --quant_tiers" in run(
+        "--drop_rows", "unused", "--out", tmp_path / "x", status=2)

@@ -17,7 +17,8 @@ from conftest import ROOT
 from shark_torchrec.data import ClickLogDataset, LineSplit, SchemaFileError, load_schema_file
 from shark_torchrec.errors import FlagError, SharkInputError
 from shark_torchrec.training.datasets import require_rows
-from shark_torchrec.training.train_dlrm import build_parser, data_spec_from_args
+from shark_torchrec.cli_run import parse_train
+from shark_torchrec.training.train_dlrm import data_spec_from
 
 EXAMPLE_SCHEMA = ROOT / "examples" / "click_log_schema.yaml"
 EXAMPLE_LOG = ROOT / "examples" / "click_log.csv"
@@ -161,10 +162,10 @@ def _write_log(path: Path, rows: int, seed: int = 0) -> None:
 def test_csv_flags_give_disjoint_splits_of_one_file(tmp_path: Path) -> None:
     log = tmp_path / "all.csv"
     _write_log(log, 400)
-    args = build_parser().parse_args(["--data", "csv", "--schema", str(EXAMPLE_SCHEMA), "--train_files", str(log),
+    run = parse_train(["--data", "csv", "--schema", str(EXAMPLE_SCHEMA), "--train_files", str(log),
                                       "--valid_fraction", "0.1", "--test_fraction", "0.2", "--num_embeddings", "9",
                                       "--batch_size", "64"])
-    spec = data_spec_from_args(args)
+    spec = data_spec_from(run.data)
     assert spec.feature_names == ["user", "item", "country", "tags"]
     assert spec.num_embeddings_per_feature == [1000, 50000, 4, 100] and spec.num_dense == 1
     assert spec.files("test") == spec.files("dev") == [str(log)]
@@ -180,7 +181,7 @@ def test_csv_flags_give_disjoint_splits_of_one_file(tmp_path: Path) -> None:
             for s in ("train", "dev", "test")}
     assert {s: len(p) for s, p in parts.items()} == want
     assert spec.train_batches(50) == want["train"] // 50
-    require_rows(spec, args, world_size=2)
+    require_rows(spec, run.training.batch_size, world_size=2)
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -198,7 +199,7 @@ def test_csv_flags_give_disjoint_splits_of_one_file(tmp_path: Path) -> None:
 ])
 def test_csv_flag_errors(argv, message) -> None:
     with pytest.raises(FlagError) as e:
-        data_spec_from_args(build_parser().parse_args(argv))
+        data_spec_from(parse_train(argv).data)
     assert message in str(e.value)
 
 
@@ -241,8 +242,8 @@ def test_bad_schema_stops_the_recipe_naming_the_key_path(tmp_path: Path) -> None
 def test_hashed_tables_take_each_id_modulo_their_rows(argv) -> None:
     """--hash_rows_fraction: the smaller hashed tables of the frontier's baseline, for generated
     data and click logs (vocabulary features included)."""
-    plain = data_spec_from_args(build_parser().parse_args(argv))
-    hashed = data_spec_from_args(build_parser().parse_args([*argv, "--hash_rows_fraction", "0.1"]))
+    plain = data_spec_from(parse_train(argv).data)
+    hashed = data_spec_from(parse_train([*argv, "--hash_rows_fraction", "0.1"]).data)
     assert hashed.model_rows == [max(1, math.ceil(0.1 * n)) for n in plain.num_embeddings_per_feature]
     assert plain.model_rows == plain.num_embeddings_per_feature
     a = list(plain.batches(plain.dataset("test", 4, 0, 1)))

@@ -61,3 +61,38 @@ def test_paths_in_records_are_relative_so_a_copied_run_reads_its_own_files(tmp_p
     assert Path(path).read_text() == "weights of b"
     with pytest.raises(ValueError, match="outside the run directory"):
         a.rel(str(tmp_path / "elsewhere"))
+
+
+def test_runs_share_the_stages_whose_keys_agree_and_only_those(tmp_path: Path) -> None:
+    """StageSharing links a finished stage into another run only where the keys say the same
+    stage would be computed; which stages those are follows from the keys, not from flags."""
+    from shark_torchrec.stages import StageSharing
+
+    def finish(out: Path, stage: str, inputs: dict, upstream: list) -> str:
+        (out / stage).mkdir(parents=True, exist_ok=True)
+        (out / stage / "model.pt").write_text(f"{stage} of {out.name}")
+        return StageStore(str(out)).save(stage, inputs, upstream, {"checkpoint": f"{stage}/model.pt"})
+
+    sharing = StageSharing(["train", "prune"])
+    a = tmp_path / "a"
+    ka = {"train": finish(a, "train", {"lr": 0.1}, [])}
+    ka["prune"] = finish(a, "prune", {"keep": 3}, [ka["train"]])
+    sharing.finished(str(a), ka)
+    # b: the same training, another pruning -> only the train stage is linked
+    kb = {"train": StageStore.key({"lr": 0.1}), "prune": StageStore.key({"keep": 2}, [StageStore.key({"lr": 0.1})])}
+    b = tmp_path / "b"
+    assert sharing.link(str(b), kb) == ["train"]
+    assert StageStore(str(b)).load("train", {"lr": 0.1}) == {"checkpoint": "train/model.pt"}
+    assert (b / "train" / "model.pt").read_text() == "train of a"
+    assert not (b / "prune").exists()
+    assert sharing.link(str(b), kb) == []  # already there, with its key
+    # c: another training -> nothing shared (its prune stage would build on another model too)
+    kc = {"train": StageStore.key({"lr": 0.2}), "prune": StageStore.key({"keep": 3}, [StageStore.key({"lr": 0.2})])}
+    assert sharing.link(str(tmp_path / "c"), kc) == []
+    # d: everything the same as a -> both stages
+    assert sharing.link(str(tmp_path / "d"), ka) == ["train", "prune"]
+    # a stale stage in the target (other inputs) is replaced by the shared one
+    e = tmp_path / "e"
+    finish(e, "train", {"lr": 0.3}, [])
+    assert sharing.link(str(e), ka) == ["train", "prune"]
+    assert StageStore(str(e)).read("train")["key"] == ka["train"]

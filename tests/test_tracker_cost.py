@@ -14,7 +14,8 @@ from torchrec.models.dlrm import DLRM, DLRMTrain
 
 from shark_torchrec.data import SyntheticClickDataset, SyntheticConfig
 from shark_torchrec.importance import RowPriority, TaylorFieldImportance
-from shark_torchrec.pipeline import _row_counters, build_parser
+from shark_torchrec.cli_run import parse_pipeline
+from shark_torchrec.pipeline import _row_counters
 from shark_torchrec.quant.cpu_kernel import cpu_kernel_available
 from shark_torchrec.training.model import DLRMConfig
 
@@ -57,7 +58,7 @@ def test_the_trackers_add_few_operators_and_no_big_allocation(baseline) -> None:
     ops0, bytes0 = _per_step(model, batches, [])
     # what recipes/shark_dlrm.py attaches, run inline so the profiler sees every operator
     taylor = TaylorFieldImportance(model, baseline=baseline, background=False)
-    counters = RowPriority(config.tables(), channels=_row_counters(build_parser().parse_args([])), background=False)
+    counters = RowPriority(config.tables(), channels=_row_counters(parse_pipeline([]).quant), background=False)
     ops1, bytes1 = _per_step(model, batches, [taylor, counters])
     gradients_in_float64 = B * FIELDS * DIM * 8
     assert ops1 - ops0 <= 120, (ops0, ops1)

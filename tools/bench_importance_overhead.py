@@ -32,7 +32,8 @@ import torch.distributed as dist
 
 from shark_torchrec.data import SyntheticClickDataset, SyntheticConfig
 from shark_torchrec.importance import BASELINES, RowPriority, TaylorFieldImportance
-from shark_torchrec.pipeline import _row_counters, build_parser
+from shark_torchrec.cli_run import parse_pipeline
+from shark_torchrec.pipeline import _row_counters
 from shark_torchrec.training import DLRMConfig, DLRMTrainer, OptimConfig, init_distributed
 from shark_torchrec.training.distributed import destroy_distributed, exit_worker
 
@@ -63,7 +64,7 @@ def main() -> None:
     data = SyntheticClickDataset(cfg, local, 8, rank=env.rank, world_size=env.world_size)
     batches = [b.to(env.device) for b in data]
 
-    channels = _row_counters(build_parser().parse_args([]))  # the pipeline's defaults
+    channels = _row_counters(parse_pipeline([]).quant)  # the pipeline's defaults
     counters = RowPriority(config.tables(), channels=channels)
     taylor = {b: TaylorFieldImportance(trainer.model, baseline=b) for b in BASELINES}
     variants = {

@@ -81,7 +81,7 @@ def worker(args) -> None:
     from torchrec.distributed.types import ShardingEnv, ShardingPlan
 
     from shark_torchrec.quant import RowwiseQuantConfig
-    from shark_torchrec.sharded import Comm, quantize_sharded
+    from shark_torchrec.sharded import Comm
     from shark_torchrec.sharded.layout import collection_layout
     from shark_torchrec.quant.cpu_kernel import cpu_kernel_available
 

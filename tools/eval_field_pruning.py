@@ -50,18 +50,18 @@ from shark_torchrec.importance import (
 from shark_torchrec.pruning import choose_plan
 from shark_torchrec.pruning.sharded import prune_trainer
 from shark_torchrec.training import CheckpointManager, DLRMTrainer, init_distributed
+from shark_torchrec.cli_run import train_parser, train_run
 from shark_torchrec.training.datasets import require_rows
 from shark_torchrec.training.train_dlrm import (
-    build_parser,
-    data_spec_from_args,
-    model_config_from_args,
-    optim_config_from_args,
+    data_spec_from,
+    model_config_from,
+    optim_config_from,
     test_batches,
 )
 
 
 def main() -> None:
-    p = build_parser()
+    p = train_parser()
     p.description = __doc__.splitlines()[0]
     p.add_argument("--keep", default="", help="comma-separated numbers of fields to keep "
                    "(default: about 8 points from all fields down to 2)")
@@ -83,10 +83,12 @@ def main() -> None:
     env = init_distributed(args.device)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.world_size))
     methods = [m for m in args.methods.split(",") if m]
-    spec = data_spec_from_args(args)
-    require_rows(spec, args, env.world_size)  # an empty split is an error naming its files
-    config = model_config_from_args(args, spec)
-    optim = optim_config_from_args(args)
+    run = train_run(args)
+    spec = data_spec_from(run.data, run.training.seed)
+    # an empty split is an error naming its files
+    require_rows(spec, args.batch_size, env.world_size, args.limit_train_batches, args.limit_test_batches)
+    config = model_config_from(run.model, spec)
+    optim = optim_config_from(run.training)
     F = len(config.feature_names)
     keep = sorted({int(k) for k in args.keep.split(",") if k} or
                   {max(1, round(F * x)) for x in (1, 0.8, 0.6, 0.45, 0.3, 0.2, 0.12)} | {2}, reverse=True)
@@ -118,10 +120,10 @@ def main() -> None:
         return time.perf_counter() - t0
 
     def test_eval(trainer: DLRMTrainer) -> Dict:
-        return trainer.evaluate(test_batches(args, spec, env), desc="test", return_predictions=True)
+        return trainer.evaluate(test_batches(run.data, run.training, spec, env), desc="test", return_predictions=True)
 
     def test_auc(trainer: DLRMTrainer) -> float:
-        return trainer.evaluate(test_batches(args, spec, env), desc="test")["auc"]
+        return trainer.evaluate(test_batches(run.data, run.training, spec, env), desc="test")["auc"]
 
     def paired(reference: Dict, new: Dict, seed: int) -> Dict:
         """ΔAUC of ``new`` vs ``reference`` on the same test rows, with its bootstrap CI."""

@@ -31,12 +31,12 @@ from shark_torchrec.importance import RowPriority
 from shark_torchrec.quant import RowwiseQuantConfig, quantize_
 from shark_torchrec.training import DLRMTrainer, build_dlrm_train, init_distributed
 from shark_torchrec.training.gather import full_state_dict
+from shark_torchrec.cli_run import train_parser, train_run
 from shark_torchrec.training.datasets import require_rows
 from shark_torchrec.training.train_dlrm import (
-    build_parser,
-    data_spec_from_args,
-    model_config_from_args,
-    optim_config_from_args,
+    data_spec_from,
+    model_config_from,
+    optim_config_from,
 )
 
 POLICIES = {
@@ -73,7 +73,7 @@ def paired(reference: Dict, new: Dict, bootstrap: int, seed: int) -> Dict:
 
 
 def main() -> None:
-    p = build_parser()
+    p = train_parser()
     p.description = __doc__.splitlines()[0]
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--bootstrap", type=int, default=1000,
@@ -84,13 +84,15 @@ def main() -> None:
     env = init_distributed("cpu")
     if env.world_size != 1:
         raise SystemExit("run this tool as one process")
-    spec = data_spec_from_args(args)
-    require_rows(spec, args, env.world_size)  # an empty split is an error naming its files
-    config = model_config_from_args(args, spec)
+    run = train_run(args)
+    spec = data_spec_from(run.data, run.training.seed)
+    # an empty split is an error naming its files
+    require_rows(spec, args.batch_size, env.world_size, args.limit_train_batches, args.limit_test_batches)
+    config = model_config_from(run.model, spec)
     test = list(spec.batches(spec.dataset("test", args.test_batch_size or args.batch_size, 0, 1)))
     results = {"args": vars(args), "seeds": {}}
     for seed in [int(s) for s in args.seeds.split(",") if s]:
-        trainer = DLRMTrainer(config, optim_config_from_args(args), env, args.batch_size, seed=seed)
+        trainer = DLRMTrainer(config, optim_config_from(run.training), env, args.batch_size, seed=seed)
         trackers = {name: RowPriority(config.tables(), **kw).attach(trainer.model)
                     for name, kw in PRIORITIES.items()}
         for epoch in range(args.epochs):

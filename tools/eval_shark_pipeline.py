@@ -30,19 +30,18 @@ Everything after ``--`` goes to the recipe (``--seed``, ``--out``, ``--field_sco
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 from typing import Dict, List
 
 import numpy as np
-import torch
 
-from report_io import save_results, split_recipe_args
+from report_io import pipeline_stage_keys, save_results, split_recipe_args
 from shark_torchrec.evaluation import bottom_k, recall_at_k, spearman, summarize_seeds
 from shark_torchrec.quant import TIER_ORDER
-from shark_torchrec.stages import StageStore
+from shark_torchrec.pipeline import STAGES
+from shark_torchrec.stages import StageSharing, StageStore
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(ROOT, "recipes", "shark_dlrm.py")
@@ -61,17 +60,17 @@ def log(*a) -> None:
 
 
 def run_variant(out: str, seed: int, variant: str, recipe_args: List[str], nproc: int,
-                shared_train: str) -> Dict:
-    """One pipeline run (or its finished report); its train stage copied from ``shared_train``."""
+                sharing: StageSharing) -> Dict:
+    """One pipeline run (or its finished report), with the finished stages of the seed's
+    earlier variants whose keys it shares linked in (the trained model, for variants that
+    differ only in later stages)."""
+    argv = [*recipe_args, *VARIANTS[variant], "--seed", str(seed)]
+    keys = pipeline_stage_keys(argv, world_size=nproc)
     if not os.path.isfile(os.path.join(out, "report.json")):
-        if shared_train and not os.path.isfile(os.path.join(out, "train", "done.json")):
-            shutil.rmtree(os.path.join(out, "train"), ignore_errors=True)
-            os.makedirs(out, exist_ok=True)
-            shutil.copytree(shared_train, os.path.join(out, "train"), copy_function=os.link)
+        sharing.link(out, keys)
         launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
                      f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable])
-        cmd = [*launcher, RECIPE, *recipe_args, *VARIANTS[variant], "--seed", str(seed), "--out", out,
-               "--log_level", "WARNING"]
+        cmd = [*launcher, RECIPE, *argv, "--out", out, "--log_level", "WARNING"]
         log(f"== seed {seed} {variant}: {' '.join(cmd[len(launcher):])}")
         t0 = time.perf_counter()
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1" if nproc > 1 else "2"))
@@ -131,13 +130,14 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",") if s]
 
     # The data the recipe will read (for the ground truth of synthetic data).
-    from shark_torchrec.pipeline import build_parser
-    from shark_torchrec.training.train_dlrm import data_spec_from_args
+    from shark_torchrec.cli_run import parse_pipeline
+    from shark_torchrec.training.train_dlrm import data_spec_from
 
     t_start = time.perf_counter()
     results = {"recipe_args": recipe_args, "seeds": seeds, "variants": variants, "runs": {}}
     for seed in seeds:
-        spec = data_spec_from_args(build_parser().parse_args([*recipe_args, "--seed", str(seed)]))
+        run = parse_pipeline([*recipe_args, "--seed", str(seed)])
+        spec = data_spec_from(run.data, run.training.seed)
         cfg = spec.synthetic
         truth = None
         if cfg is not None:
@@ -145,11 +145,10 @@ def main() -> None:
 
             truth = true_field_importance(cfg)
             constant = [f.name for f in cfg.fields if f.mode_probability >= 1.0 or f.cardinality == 1]
-        shared = ""
+        sharing = StageSharing(STAGES)
         for variant in variants:
             run_dir = os.path.join(args.out, f"seed_{seed}", variant)
-            r = run_variant(run_dir, seed, variant, recipe_args, args.nproc, shared)
-            shared = shared or os.path.join(run_dir, "train")
+            r = run_variant(run_dir, seed, variant, recipe_args, args.nproc, sharing)
             entry = {"bytes_saved": r["stages"]["quantized"]["bytes_saved_fraction"],
                      "paired": {k: r["paired"][k] for k in COMPARISONS},
                      "auc": {k: v["auc"] for k, v in r["stages"].items()},

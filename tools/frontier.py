@@ -31,20 +31,21 @@ Writes ``OUT/results.json``, ``OUT/summary.md`` (one row per method and point) a
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
-from report_io import save_results, split_recipe_args
+from report_io import pipeline_stage_keys, save_results, split_recipe_args
 
 from shark_torchrec.evaluation import PairedBootstrap, summarize_seeds
-from shark_torchrec.pipeline import build_parser
+from shark_torchrec.cli_run import parse_pipeline
 from shark_torchrec.quant.tiers import Tier, row_bytes
+from shark_torchrec.pipeline import STAGES
 from shark_torchrec.quantize_stage import PREDICTIONS_FILE
-from shark_torchrec.training.train_dlrm import data_spec_from_args, model_config_from_args
+from shark_torchrec.stages import StageSharing
+from shark_torchrec.training.train_dlrm import data_spec_from, model_config_from
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(ROOT, "recipes", "shark_dlrm.py")
@@ -67,25 +68,21 @@ def fractions(text: str) -> List[float]:
     return values
 
 
-def run_pipeline(run_dir: str, recipe_args: List[str], flags: List[str], share_from: Optional[str]) -> Dict:
-    """One pipeline run (or its finished report); train and prune stages linked from
-    ``share_from`` when given (the pipeline reruns a linked stage whose key differs)."""
+def run_pipeline(run_dir: str, recipe_args: List[str], flags: List[str], sharing: StageSharing) -> Dict:
+    """One pipeline run (or its finished report), with the finished stages of earlier runs
+    whose keys it shares linked in (the trained model of a seed, for every method but hashed)."""
+    argv = [*recipe_args, *flags, "--drop_fraction", "0"]
+    keys = pipeline_stage_keys(argv)
     if not os.path.isfile(os.path.join(run_dir, "report.json")):
-        if share_from:
-            for stage in ("train", "prune"):
-                if not os.path.isfile(os.path.join(run_dir, stage, "done.json")):
-                    shutil.rmtree(os.path.join(run_dir, stage), ignore_errors=True)
-                    os.makedirs(run_dir, exist_ok=True)
-                    shutil.copytree(os.path.join(share_from, stage), os.path.join(run_dir, stage),
-                                    copy_function=os.link)
-        cmd = [sys.executable, RECIPE, *recipe_args, *flags, "--drop_fraction", "0", "--out", run_dir,
-               "--log_level", "WARNING"]
+        sharing.link(run_dir, keys)
+        cmd = [sys.executable, RECIPE, *argv, "--out", run_dir, "--log_level", "WARNING"]
         log(f"== {os.path.relpath(run_dir, ROOT)}: {' '.join(flags)}")
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"{run_dir} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
         log(f"   {time.perf_counter() - t0:.0f} s")
+    sharing.finished(run_dir, keys)
     with open(os.path.join(run_dir, "report.json")) as f:
         return json.load(f)
 
@@ -96,8 +93,8 @@ def predictions(run_dir: str) -> Dict[str, torch.Tensor]:
 
 def tables_of(recipe_args: List[str]):
     """(rows, dim) of every table of the uncompressed model, as the pipeline builds it."""
-    args = build_parser().parse_args(recipe_args)
-    config = model_config_from_args(args, data_spec_from_args(args))
+    run = parse_pipeline(recipe_args)
+    config = model_config_from(run.model, data_spec_from(run.data, run.training.seed))
     return [(t.num_embeddings, t.embedding_dim) for t in config.tables()]
 
 
@@ -124,7 +121,7 @@ def main() -> None:
         raise SystemExit(f"{', '.join(clash)} are set by this tool; remove them after --")
     seeds = [int(s) for s in args.seeds.split(",") if s]
     tables = tables_of(recipe_args)
-    alignment = build_parser().parse_args(recipe_args).row_alignment
+    alignment = parse_pipeline(recipe_args).quant.row_alignment
     alignment = 1 if alignment in ("auto", "1") else 16  # (the tool runs on CPU: auto is 1)
     fp32 = sum(rows * dim * 4 for rows, dim in tables)
 
@@ -135,7 +132,8 @@ def main() -> None:
     for seed in seeds:
         base = os.path.join(args.out, f"seed{seed}")
         runs: Dict[tuple, tuple] = {}  # (method, point) -> (run dir, which model, bytes saved)
-        first = None
+        first = None  # the run whose reference (the uncompressed model, fine-tuned) the others are paired with
+        sharing = StageSharing(STAGES)
         todo = []
         for saved in args.saved:
             budget = f"{1 - saved:.4g}"
@@ -158,7 +156,7 @@ def main() -> None:
                              ["--hash_rows_fraction", frac, "--quant_fractions", "fp32=1"], False))
         for method, point, name, flags, shares in todo:
             run_dir = os.path.join(base, name)
-            report = run_pipeline(run_dir, recipe_args, [*flags, "--seed", str(seed)], first if shares else None)
+            report = run_pipeline(run_dir, recipe_args, [*flags, "--seed", str(seed)], sharing)
             if shares and first is None:
                 first = run_dir
             if method.startswith("uniform"):

@@ -14,6 +14,16 @@ def split_recipe_args(argv: List[str]) -> Tuple[List[str], List[str]]:
     return argv[:i], argv[i + 1:]
 
 
+def pipeline_stage_keys(argv: List[str], world_size: int = 1) -> Dict[str, str]:
+    """The stage keys of ``recipes/shark_dlrm.py ARGV`` on ``world_size`` processes: what a
+    tool's runs may share (:class:`shark_torchrec.stages.StageSharing`)."""
+    from shark_torchrec.cli_run import parse_pipeline
+    from shark_torchrec.pipeline import resolved_device, stage_keys
+
+    run = parse_pipeline([str(a) for a in argv])
+    return stage_keys(run, resolved_device(run.training.device), world_size)
+
+
 def save_results(results: Dict, out: str):
     """Write ``OUT/results.json`` and return ``matplotlib.pyplot`` set up for files only."""
     import matplotlib

@@ -2,8 +2,10 @@
 """A grid of SHARK pipeline settings on one trained model: bytes saved against the paired ΔAUC.
 
 Every grid point is one run of ``recipes/shark_dlrm.py``; points share every finished stage
-they can (one trained model for all; one pruned and fine-tuned model for all points that
-differ only in quantization settings), so a grid costs little more than its distinct stages.
+whose key (its inputs and the stages before it) another point's has: one trained model for
+all points that vary only prune or quantize settings, one pruned and fine-tuned model for all
+points that differ only in quantization settings, so a grid costs little more than its
+distinct stages.
 
     python tools/sweep_shark_pipeline.py --out runs/sweep_syn \\
         --grid drop_fraction=0.25,0.35,0.45 quant_budget_fraction=0.25,0.15 -- \\
@@ -19,25 +21,18 @@ import argparse
 import itertools
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 from typing import Dict, List
 
-from report_io import save_results, split_recipe_args
+from report_io import pipeline_stage_keys, save_results, split_recipe_args
 
-from shark_torchrec.pipeline import PRUNE_INPUTS, QUANTIZE_INPUTS
+from shark_torchrec.pipeline import STAGES
+from shark_torchrec.stages import StageSharing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(ROOT, "recipes", "shark_dlrm.py")
-#: Settings read only by the quantize stage: points differing only in these share the prune
-#: stage.  From the pipeline's own stage inputs; the pipeline checks each linked stage's key
-#: and runs it again if its inputs differ, so a shared stage is never a stale one.
-QUANTIZE_ONLY = set(QUANTIZE_INPUTS)
-#: Settings the prune or quantize stage reads; every other one is the train stage's, which may
-#: not vary (one trained model for the whole grid).
-LATER_STAGES = set(PRUNE_INPUTS) | set(QUANTIZE_INPUTS)
 COMPARISONS = ("compressed vs uncompressed", "pruning step (pruned vs uncompressed)",
                "quantization step (quantized vs pruned)")
 
@@ -52,19 +47,8 @@ def parse_grid(items: List[str]) -> Dict[str, List[str]]:
         key, sep, values = item.partition("=")
         if not sep or not values:
             raise SystemExit(f"--grid {item!r}: expected name=value1,value2,...")
-        if key.lstrip("-") not in LATER_STAGES:
-            raise SystemExit(f"--grid {key}: the train stage reads it, so it cannot vary here "
-                             f"(run the sweep once per value)")
         grid[key.lstrip("-")] = [v for v in values.split(",") if v]
     return grid
-
-
-def link_stage(src: str, dst: str, stage: str) -> None:
-    if os.path.isfile(os.path.join(dst, stage, "done.json")):
-        return
-    shutil.rmtree(os.path.join(dst, stage), ignore_errors=True)
-    os.makedirs(dst, exist_ok=True)
-    shutil.copytree(os.path.join(src, stage), os.path.join(dst, stage), copy_function=os.link)
 
 
 def main() -> None:
@@ -82,28 +66,23 @@ def main() -> None:
     keys = list(grid)
     t0 = time.perf_counter()
     results = {"recipe_args": recipe_args, "grid": grid, "points": []}
-    first = ""
-    prune_dirs: Dict[tuple, str] = {}
+    sharing = StageSharing(STAGES)
     for values in itertools.product(*(grid[k] for k in keys)):
         point = dict(zip(keys, values))
         name = "_".join(f"{k}={v}" for k, v in point.items()).replace("/", "-")
         run_dir = os.path.join(args.out, name)
-        prune_key = tuple((k, v) for k, v in point.items() if k not in QUANTIZE_ONLY)
+        flags = [x for k, v in point.items() for x in (f"--{k}", v)]
+        keys = pipeline_stage_keys([*recipe_args, *flags])
         if not os.path.isfile(os.path.join(run_dir, "report.json")):
-            if first:
-                link_stage(first, run_dir, "train")
-            if prune_key in prune_dirs:
-                link_stage(prune_dirs[prune_key], run_dir, "prune")
-            flags = [x for k, v in point.items() for x in (f"--{k}", v)]
+            linked = sharing.link(run_dir, keys)
             cmd = [sys.executable, RECIPE, *recipe_args, *flags, "--out", run_dir, "--log_level", "WARNING"]
-            log(f"== {name}")
+            log(f"== {name}" + (f" (sharing the finished {', '.join(linked)} stage(s))" if linked else ""))
             start = time.perf_counter()
             proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             if proc.returncode != 0:
                 raise SystemExit(f"{name} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
             log(f"   {time.perf_counter() - start:.0f} s")
-        first = first or run_dir
-        prune_dirs.setdefault(prune_key, run_dir)
+        sharing.finished(run_dir, keys)
         with open(os.path.join(run_dir, "report.json")) as f:
             r = json.load(f)
         results["points"].append({

@@ -316,15 +316,15 @@ class RowPriority:
                             "module called with the Batch (e.g. torchrec's DLRMTrain), or call "
                             "tracker.update(kjt, labels) in the training loop.")
 
-        def hook(mod: nn.Module, args: tuple) -> None:
+        def hook(mod: nn.Module, inputs: tuple) -> None:
             if not mod.training:
                 return
-            if not (args and isinstance(args[0], Batch)):
+            if not (inputs and isinstance(inputs[0], Batch)):
                 raise TypeError(f"RowPriority.attach: {type(mod).__name__} was called with "
-                                f"{tuple(type(a).__name__ for a in args)}, not a TorchRec Batch, so the "
+                                f"{tuple(type(a).__name__ for a in inputs)}, not a TorchRec Batch, so the "
                                 "tracker sees no ids or labels. Attach to the module called with the "
                                 "Batch, or call tracker.update(kjt, labels) in the training loop.")
-            self.update(args[0].sparse_features, args[0].labels)
+            self.update(inputs[0].sparse_features, inputs[0].labels)
 
         self._handle = module.register_forward_pre_hook(hook)
         return self

@@ -39,7 +39,6 @@ def tracker_bytes_per_rank(
     """
     from shark_torchrec.importance.row_priority import RowPriority
 
-    rows = sum(t.num_embeddings for t in tables)
     width = sum(t.embedding_dim * len(t.feature_names) for t in tables)
     # each rank keeps its share of every table's rows (the larger share when they do not divide)
     share = sum(-(-t.num_embeddings // world_size) for t in tables)

@@ -245,7 +245,8 @@ class NoRowsError(SharkInputError, ValueError):
     """A split with nothing to train or evaluate on; the message names its files."""
 
 
-def require_rows(spec: DataSpec, args, world_size: int, train: bool = True, test: bool = True) -> None:
+def require_rows(spec: DataSpec, batch_size: int, world_size: int, limit_train_batches: Optional[int] = None,
+                 limit_test_batches: Optional[int] = None, train: bool = True, test: bool = True) -> None:
     """Raise :class:`NoRowsError` unless the train split gives at least one training step and
     the test split at least one example per process.
 
@@ -256,17 +257,18 @@ def require_rows(spec: DataSpec, args, world_size: int, train: bool = True, test
 
     Args:
         spec: the data.
-        args: the recipe's flags (``batch_size``, ``limit_train_batches``,
-            ``limit_test_batches``).
+        batch_size: per-rank training batch size (``--batch_size``).
         world_size: processes in the job.
+        limit_train_batches, limit_test_batches: ``--limit_train_batches``,
+            ``--limit_test_batches``.
         train, test: which splits to check.
     """
     if train:
-        global_batch = args.batch_size * world_size
-        per = f"--batch_size {args.batch_size} × {world_size} process(es)"
-        if args.limit_train_batches is not None and args.limit_train_batches < 1:
+        global_batch = batch_size * world_size
+        per = f"--batch_size {batch_size} × {world_size} process(es)"
+        if limit_train_batches is not None and limit_train_batches < 1:
             raise NoRowsError(f"no training rows were read: --limit_train_batches "
-                              f"{args.limit_train_batches} leaves none")
+                              f"{limit_train_batches} leaves none")
         if spec.kind == "synthetic":
             if spec.synthetic_train_batches < 1:
                 raise NoRowsError(f"no training rows: --synthetic_train_batches {spec.synthetic_train_batches}")
@@ -281,9 +283,9 @@ def require_rows(spec: DataSpec, args, world_size: int, train: bool = True, test
                     f"fewer than one global batch of {global_batch} ({per}); training takes whole "
                     f"batches only, so it would take 0 steps")
     if test:
-        if args.limit_test_batches is not None and args.limit_test_batches < 1:
+        if limit_test_batches is not None and limit_test_batches < 1:
             raise NoRowsError(f"no test rows to evaluate on: --limit_test_batches "
-                              f"{args.limit_test_batches} leaves none")
+                              f"{limit_test_batches} leaves none")
         if spec.kind == "synthetic":
             if spec.synthetic_test_batches < 1:
                 raise NoRowsError(f"no test rows: --synthetic_test_batches {spec.synthetic_test_batches}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
@@ -103,8 +102,9 @@ def exit_worker(code: int = 0) -> None:
     os._exit(code)
 
 
-def run_job(args: argparse.Namespace, job: Callable[[argparse.Namespace, DistEnv], Any]) -> Any:
-    """Run a recipe's ``job(args, env)`` in a process group (``args.device``, ``args.log_level``):
+def run_job(config: Any, job: Callable[[Any, DistEnv], Any]) -> Any:
+    """Run a recipe's ``job(config, env)`` in a process group: ``config`` is its run config
+    (:mod:`shark_torchrec.run_config`; ``config.training.device``, ``config.output.log_level``),
     logging set up per rank, one intra-op thread share per rank on CPU, and the group torn down
     afterwards (synchronised on success, see :func:`destroy_distributed`).
 
@@ -112,26 +112,26 @@ def run_job(args: argparse.Namespace, job: Callable[[argparse.Namespace, DistEnv
     message) is printed as one line, ``PROG: error: MESSAGE`` (``PROG [rank R]: ...`` under
     ``torchrun`` with more than one rank: every rank that fails says so, since bad data may
     reach one rank only), and ends the job with ``SystemExit(1)`` after the group is torn down;
-    with ``args.debug`` the error propagates with its traceback.  Other exceptions are bugs:
+    with ``config.output.debug`` the error propagates with its traceback.  Other exceptions are bugs:
     they propagate unchanged.  Recipes call this through :func:`run_or_exit`.
     """
     # torchrec 1.8 warns about its own internals (DDP's broadcast_buffers, the planner's
     # default storage reservation) on every run; nothing a user of the recipes can change.
     warnings.filterwarnings("ignore", category=FutureWarning, module="torchrec")
     try:
-        env = init_distributed(args.device)
+        env = init_distributed(config.training.device)
         logging.basicConfig(
             level=logging.WARNING,
             format=f"%(asctime)s [rank {env.rank}] %(name)s: %(message)s",
             force=True,  # torchrec/fbgemm configure the root logger on import
         )
         logging.getLogger("shark_torchrec").setLevel(
-            getattr(logging, args.log_level.upper()) if env.is_main else logging.WARNING
+            getattr(logging, config.output.log_level.upper()) if env.is_main else logging.WARNING
         )
         if env.device.type == "cpu":
             # torchrun puts N ranks on the same cores: give each its share of intra-op threads.
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.world_size))
-        result = job(args, env)
+        result = job(config, env)
     except (SharkInputError, SystemExit) as e:
         # No barrier: the other ranks may have failed too, or be waiting in a collective that
         # will never complete (torchrun ends them once this rank exits non-zero).
@@ -140,7 +140,7 @@ def run_job(args: argparse.Namespace, job: Callable[[argparse.Namespace, DistEnv
         destroy_distributed()
         if isinstance(e, SystemExit) and (e.code is None or isinstance(e.code, int)):
             raise  # a plain exit status: nothing to report
-        if getattr(args, "debug", False):
+        if config.output.debug:
             raise
         error = SharkInputError(str(e.code)) if isinstance(e, SystemExit) else e
         report_input_error(error, rank=rank if world_size > 1 else None)

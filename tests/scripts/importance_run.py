@@ -5,7 +5,6 @@ pipelines, planted fields)."""
 import argparse
 
 import torch
-import torch.distributed as dist
 from torchrec.distributed.train_pipeline import TrainPipelineBase, TrainPipelineSparseDist
 
 from shark_torchrec.data import SyntheticClickDataset, SyntheticConfig, make_dataloader

@@ -16,8 +16,9 @@ def refuse(*args, **kwargs):
 gather.full_state_dict = refuse
 ShardedTensor.gather = refuse
 
-from shark_torchrec.pipeline import run  # noqa: E402  (after the patches)
+from shark_torchrec.cli_run import parse_pipeline  # noqa: E402  (after the patches)
+from shark_torchrec.pipeline import run  # noqa: E402
 from shark_torchrec.training.distributed import exit_worker  # noqa: E402
 
-run(sys.argv[1:])
+run(parse_pipeline(sys.argv[1:]))
 exit_worker(0)

@@ -1,0 +1,81 @@
+"""The typed run configs (``shark_torchrec/run_config.py``) and the command lines that build them
+(``shark_torchrec/cli_run.py``): each recipe's flags are exactly its config's settings, the
+dataclasses' defaults are the flags', and every setting of the pipeline keys a stage."""
+
+import argparse
+import dataclasses
+
+import pytest
+import torch
+
+from shark_torchrec import cli_run
+from shark_torchrec.errors import FlagError
+from shark_torchrec.pipeline import NOT_STAGE_INPUTS, PRUNE_INPUTS, QUANTIZE_INPUTS, stage_inputs
+from shark_torchrec.run_config import (
+    PipelineRun,
+    PruneRun,
+    PruneSection,
+    QuantSection,
+    ShardingSection,
+    TrainRun,
+    flat,
+)
+
+
+def _dests(parser: argparse.ArgumentParser) -> set:
+    return {a.dest for a in parser._actions if a.dest not in ("help", argparse.SUPPRESS)}
+
+
+@pytest.mark.parametrize("parser,parse,argv,direct", [
+    (cli_run.train_parser, cli_run.parse_train, [], TrainRun()),
+    (cli_run.prune_parser, cli_run.parse_prune, ["--from_run", "."], PruneRun(prune=PruneSection(from_run="."))),
+    (cli_run.pipeline_parser, cli_run.parse_pipeline, [], PipelineRun()),
+], ids=["train", "prune", "pipeline"])
+def test_each_flag_is_a_setting_and_the_defaults_agree(parser, parse, argv, direct) -> None:
+    """A run config built in Python means what the same command line means."""
+    parsed = parse(argv)
+    assert set(flat(parsed)) == _dests(parser())  # no flag without a setting, no setting without a flag
+    assert parsed == direct
+
+
+def test_every_pipeline_setting_keys_exactly_one_stage() -> None:
+    run = cli_run.parse_pipeline([])
+    inputs = stage_inputs(run, torch.device("cpu"), 1)
+    for name in flat(run):
+        owners = [stage for stage, keyed in inputs.items() if name in keyed]
+        assert len(owners) == (0 if name in NOT_STAGE_INPUTS else 1), (name, owners)
+    assert PRUNE_INPUTS | QUANTIZE_INPUTS <= set(flat(run))  # no stale name in the declared inputs
+
+
+def test_a_changed_setting_changes_the_keys_of_its_stage_and_the_later_ones_only() -> None:
+    from shark_torchrec.stages import StageStore
+
+    def keys(argv):
+        inputs = stage_inputs(cli_run.parse_pipeline(argv), torch.device("cpu"), 1)
+        train = StageStore.key(inputs["train"])
+        prune = StageStore.key(inputs["prune"], [train])
+        return train, prune, StageStore.key(inputs["quantize"], [prune])
+
+    base = keys([])
+    assert keys(["--out", "elsewhere", "--checkpoint_every", "5"]) == base  # changes nothing computed
+    q = keys(["--quant_budget_fraction", "0.1"])
+    assert q[:2] == base[:2] and q[2] != base[2]
+    p = keys(["--keep_fields", "3"])
+    assert p[0] == base[0] and p[1] != base[1] and p[2] != base[2]
+    t = keys(["--learning_rate", "0.1"])
+    assert all(a != b for a, b in zip(t, base))
+
+
+def test_sections_check_flags_that_do_not_go_together() -> None:
+    with pytest.raises(FlagError, match="--sharding_type and --planner_overrides"):
+        ShardingSection(sharding_type="row_wise", planner_overrides="x.yaml")
+    with pytest.raises(FlagError, match="--quant_fractions and --quant_budget_fraction"):
+        QuantSection(quant_fractions={"int8": 1.0}, quant_budget_fraction=0.2)
+    with pytest.raises(FlagError, match="--rounds needs --keep_fields"):
+        PruneSection(rounds=2)
+    assert cli_run.parse_pipeline(["--quant_fractions", "fp16=0.25,int8=0.75"]).quant.quant_fractions == {
+        "fp16": 0.25, "int8": 0.75}  # parsed once, when the flag is read
+    # frozen: a job cannot change its settings behind the stage keys' back
+    run = cli_run.parse_pipeline([])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        run.training.batch_size = 3
