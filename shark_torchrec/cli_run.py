@@ -43,6 +43,7 @@ from shark_torchrec.importance.taylor import BASELINES
 from shark_torchrec.planning.sharders import CPU_SHARDING_TYPES
 from shark_torchrec.run_config import (
     DEFAULT_QUANT_TIERS,
+    STAGES,
     DataSection,
     EvalSection,
     ModelSection,
@@ -60,8 +61,6 @@ from shark_torchrec.training.datasets import DATASETS
 from shark_torchrec.training.train_dlrm import DEFAULT_NUM_EMBEDDINGS
 from shark_torchrec.training.trainer import DENSE_OPTIMIZERS, EMBEDDING_OPTIMIZERS
 
-#: the pipeline's stages, in order (``--stop_after``)
-STAGES = ("train", "prune", "quantize")
 FIELD_SCORERS = ("shark", "permutation", "random")
 ROW_PRIORITIES = ("shark", "frequency")
 #: flags of ``train_dlrm.py`` that another recipe does not use, refused there by name

@@ -50,7 +50,7 @@ from shark_torchrec.pruning.sharded import iterative_prune, prune_trainer, prune
 from shark_torchrec.quant import RowwiseQuantConfig
 from shark_torchrec.quant.layout import serving_row_alignment
 from shark_torchrec.run_config import PipelineRun, QuantSection, flat
-from shark_torchrec.stages import StageRunner, chain_keys
+from shark_torchrec.stages import StageRunner, chain_keys, file_digests, source_run
 from shark_torchrec.training.checkpoint import CheckpointManager
 from shark_torchrec.training.loop import TrainingLoop, checkpoint_matches, new_progress
 from shark_torchrec.training.distributed import DistEnv, run_job
@@ -66,7 +66,6 @@ from shark_torchrec.training.train_dlrm import (
 from shark_torchrec.training.trainer import DLRMTrainer
 
 logger = logging.getLogger(__name__)
-STAGES = ("train", "prune", "quantize")
 
 
 #: flags that change nothing a stage computes
@@ -90,12 +89,19 @@ def stage_inputs(run: PipelineRun, device: torch.device, world_size: int) -> Dic
     :data:`PRUNE_INPUTS`, and the train stage's every other setting of the run config (a
     setting nobody classified counts as the train stage's: changing it reruns every stage
     rather than being ignored), plus the device the run resolved (``--device auto``,
-    ``--row_alignment auto``) and the world size (``--batch_size`` is per rank)."""
+    ``--row_alignment auto``) and the world size (``--batch_size`` is per rank).  A file a flag
+    names (``--schema``, ``--planner_overrides``) counts by a hash of its contents, and
+    ``--init_from DIR`` by that run's newest checkpoint and training key
+    (:func:`~shark_torchrec.stages.source_run`)."""
     flags = {k: v for k, v in {**flat(run), **REFUSED_FLAGS_IN_KEYS}.items() if k not in NOT_STAGE_INPUTS}
+    # files and runs named by a flag count by their contents, not only their names
+    train = {**file_digests(schema=run.data.schema),
+             **({"init_from_source": source_run(run.init_from)} if run.init_from else {})}
     return {
-        "train": {**{k: v for k, v in flags.items() if k not in PRUNE_INPUTS | QUANTIZE_INPUTS},
+        "train": {**{k: v for k, v in flags.items() if k not in PRUNE_INPUTS | QUANTIZE_INPUTS}, **train,
                   "resolved_device": device.type, "world_size": world_size},
-        "prune": {k: v for k, v in flags.items() if k in PRUNE_INPUTS},
+        "prune": {**{k: v for k, v in flags.items() if k in PRUNE_INPUTS},
+                  **file_digests(planner_overrides=run.sharding.planner_overrides)},
         "quantize": {k: v for k, v in flags.items() if k in QUANTIZE_INPUTS},
     }
 

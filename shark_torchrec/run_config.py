@@ -28,6 +28,8 @@ from shark_torchrec.errors import FlagError
 
 #: Tiers the pipeline's byte budget may use by default.
 DEFAULT_QUANT_TIERS = "fp16,int8,int4,int2,shared"
+#: The pipeline's stages, in the order they run (``--stop_after``).
+STAGES = ("train", "prune", "quantize")
 
 
 @dataclass(frozen=True)

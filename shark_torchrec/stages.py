@@ -128,6 +128,36 @@ class StageStore:
         return key
 
 
+def file_digest(path: str) -> str:
+    """A hash of a file's bytes, for stage inputs that name a file (a schema, an overrides
+    file, a pruning plan): editing the file changes the key, so a stage that read it runs again
+    instead of being reused with the old contents."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def file_digests(**paths: Optional[str]) -> Dict[str, str]:
+    """``{NAME_sha256: digest}`` of the files given (``None``: a flag not set, left out, so a
+    key without the file stays what it was)."""
+    return {f"{name}_sha256": file_digest(path) for name, path in paths.items() if path}
+
+
+def source_run(out: str) -> Dict[str, Any]:
+    """What identifies the model a job starts from in another run's directory (``--from_run``,
+    ``--init_from``): the newest checkpoint's name and, where that run keeps a record of its
+    training stage, that stage's key.  A source trained again (with other settings, or further)
+    changes it, so a stage built on the old model is not reused."""
+    latest, checkpoint = os.path.join(out, "checkpoints", "latest"), None
+    if os.path.isfile(latest):
+        with open(latest) as f:
+            checkpoint = f.read().strip()
+    record = StageStore(out).read("train")
+    return {"checkpoint": checkpoint, "train_key": record["key"] if record else None}
+
+
 class StageRunner:
     """The stages of one job, in order, and their records under ``out`` (a
     :class:`StageStore`): every job (the pipeline's three stages, ``train_dlrm.py``'s and

@@ -79,3 +79,27 @@ def test_sections_check_flags_that_do_not_go_together() -> None:
     run = cli_run.parse_pipeline([])
     with pytest.raises(dataclasses.FrozenInstanceError):
         run.training.batch_size = 3
+
+
+def test_files_and_runs_named_by_flags_key_the_stages_by_their_contents(tmp_path) -> None:
+    """Editing an overrides file or schema, or training the --init_from run further, changes the
+    keys of the stages that read them, so they are not reused with the old contents."""
+    from shark_torchrec.pipeline import stage_keys
+
+    overrides = tmp_path / "overrides.yaml"
+    overrides.write_text("tables: {}\n")
+    source = tmp_path / "trained"
+    (source / "checkpoints").mkdir(parents=True)
+    (source / "checkpoints" / "latest").write_text("step_00000010")
+
+    def keys():
+        run = cli_run.parse_pipeline(["--planner_overrides", str(overrides), "--init_from", str(source)])
+        return stage_keys(run, torch.device("cpu"), 1)
+
+    base = keys()
+    assert keys() == base  # the same contents, the same keys
+    overrides.write_text("tables: {t_cat_0: {never_prune: true}}\n")
+    edited = keys()
+    assert edited["train"] == base["train"] and edited["prune"] != base["prune"]
+    (source / "checkpoints" / "latest").write_text("step_00000020")  # the source trained further
+    assert keys()["train"] != edited["train"]

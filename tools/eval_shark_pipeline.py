@@ -40,7 +40,7 @@ import numpy as np
 from report_io import pipeline_stage_keys, save_results, split_recipe_args
 from shark_torchrec.evaluation import bottom_k, recall_at_k, spearman, summarize_seeds
 from shark_torchrec.quant import TIER_ORDER
-from shark_torchrec.pipeline import STAGES
+from shark_torchrec.run_config import STAGES
 from shark_torchrec.stages import StageSharing, StageStore
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

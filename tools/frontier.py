@@ -42,7 +42,7 @@ from report_io import pipeline_stage_keys, save_results, split_recipe_args
 from shark_torchrec.evaluation import PairedBootstrap, summarize_seeds
 from shark_torchrec.cli_run import parse_pipeline
 from shark_torchrec.quant.tiers import Tier, row_bytes
-from shark_torchrec.pipeline import STAGES
+from shark_torchrec.run_config import STAGES
 from shark_torchrec.quantize_stage import PREDICTIONS_FILE
 from shark_torchrec.stages import StageSharing
 from shark_torchrec.training.train_dlrm import data_spec_from, model_config_from

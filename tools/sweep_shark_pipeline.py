@@ -28,7 +28,7 @@ from typing import Dict, List
 
 from report_io import pipeline_stage_keys, save_results, split_recipe_args
 
-from shark_torchrec.pipeline import STAGES
+from shark_torchrec.run_config import STAGES
 from shark_torchrec.stages import StageSharing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

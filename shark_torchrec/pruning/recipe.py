@@ -21,7 +21,7 @@ from shark_torchrec.run_config import PruneRun, flat
 from shark_torchrec.training.checkpoint import CheckpointManager
 from shark_torchrec.training.distributed import DistEnv, run_job
 from shark_torchrec.training.datasets import require_rows
-from shark_torchrec.stages import StageRunner
+from shark_torchrec.stages import StageRunner, file_digests, source_run
 from shark_torchrec.training.train_dlrm import (
     FIELD_SCORES_FILE,
     METRICS_FILE,
@@ -110,8 +110,13 @@ def _run(run: PruneRun, env: DistEnv) -> Dict:
     data, training, prune, out = run.data, run.training, run.prune, run.output.out
     # One stage, through the runner every job shares: a run finished with these settings is not
     # pruned again (OUT/prune/done.json), one finished with others is (logged).
+    # (the model pruned counts by the source run's newest checkpoint and training key, the files
+    # named by flags by their contents: a source trained again, or an edited plan, prunes again)
     inputs = {k: v for k, v in flat(run).items() if k not in ("out", "log_level", "debug")}
-    stages = StageRunner(out, {"prune": {**inputs, "resolved_device": env.device.type,
+    sources = {"from_run_source": source_run(prune.from_run),
+               **file_digests(schema=data.schema, planner_overrides=run.sharding.planner_overrides,
+                              plan=prune.plan, scores=prune.scores)}
+    stages = StageRunner(out, {"prune": {**inputs, **sources, "resolved_device": env.device.type,
                                          "world_size": env.world_size}}, env.is_main)
     if stages.finished("prune") is not None:
         logger.info("%s: finished with these settings (%s); delete it to prune again", out,

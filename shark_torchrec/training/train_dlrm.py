@@ -3,7 +3,7 @@
 ``recipes/train_dlrm.py`` is the launcher (its flags: :func:`shark_torchrec.cli_run.train_parser`,
 after TorchRec's DLRM example ``torchrec/examples/dlrm``); this module holds the job, which
 takes a :class:`~shark_torchrec.run_config.TrainRun`, and the pieces other jobs reuse
-(:func:`data_spec_from`, :func:`model_config_from`, :func:`planning_options`).
+(:func:`data_spec_from`, :func:`model_config_from`, :func:`build_trainer`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from shark_torchrec.planning import (
     load_overrides,
     tracker_bytes_per_rank,
 )
-from shark_torchrec.stages import StageRecordError, StageRunner, StageStore
+from shark_torchrec.stages import StageRecordError, StageRunner, StageStore, file_digests
 from shark_torchrec.training.checkpoint import CheckpointManager
 from shark_torchrec.run_config import DataSection, ModelSection, ShardingSection, TrainingSection, TrainRun, flat
 from shark_torchrec.training.datasets import (
@@ -285,9 +285,11 @@ METRICS_FILE = "metrics.json"
 def training_inputs(run: TrainRun, env: DistEnv) -> Dict[str, Any]:
     """What a ``train_dlrm.py`` run computes from, keying its stage record: every setting but
     :data:`NOT_TRAINING_INPUTS`, with the device it resolved and the world size
-    (``--batch_size`` is per rank)."""
+    (``--batch_size`` is per rank); the files ``--schema`` and ``--planner_overrides`` name count
+    by their contents."""
     inputs = {k: v for k, v in flat(run).items() if k not in NOT_TRAINING_INPUTS}
-    return {**inputs, "resolved_device": env.device.type, "world_size": env.world_size}
+    files = file_digests(schema=run.data.schema, planner_overrides=run.sharding.planner_overrides)
+    return {**inputs, **files, "resolved_device": env.device.type, "world_size": env.world_size}
 
 
 def _run(run: TrainRun, env: DistEnv) -> Dict:
