@@ -138,3 +138,15 @@ def test_frontier_pairs_every_method_against_the_same_uncompressed_model(tmp_pat
         tmp_path / "seed0" / "shark_0.2" / "train" / "done.json").read_text()
     assert (tmp_path / "frontier.png").stat().st_size > 10_000
     assert "| hashed | 80% | 80.0% |" in (tmp_path / "summary.md").read_text()
+    # A finished run that compressed another model than the one it is paired against (e.g. one
+    # left by other code) is refused by name, never paired: its ΔAUC would mix in the models'
+    # difference.
+    import torch
+
+    path = tmp_path / "seed0" / "uniform_int4" / "quantize" / "predictions.pt"
+    pred = torch.load(path, weights_only=True)
+    torch.save({**pred, "reference": pred["reference"] + 0.5}, path)
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "frontier.py"), "--seeds", "0", "--saved", "0.8",
+                           "--bootstrap", "50", "--out", str(tmp_path), "--", *map(str, recipe)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode != 0 and "uniform_int4: compresses another model than" in proc.stderr, proc.stderr[-3000:]

@@ -177,6 +177,12 @@ def main() -> None:
             pred = predictions(run_dir)
             if not torch.equal(pred["labels"], reference["labels"]):
                 raise SystemExit(f"{run_dir}: evaluated other rows than {first}")
+            if which == "quantized" and not torch.equal(pred["reference"], reference["reference"]):
+                # A compression of another model than the one it is paired against (e.g. a run
+                # left by other code, whose stages were not shared): its ΔAUC would mix the
+                # two models' difference into the compression's.
+                raise SystemExit(f"{run_dir}: compresses another model than {first} (their uncompressed "
+                                 f"predictions differ); delete it to run it again on the shared model")
             logits[f"{method}|{point}"] = pred[which].numpy()
         boot = PairedBootstrap(reference["labels"].numpy(), logits, bootstrap=args.bootstrap, seed=seed)
         examples = boot.n

@@ -72,9 +72,9 @@ def main() -> None:
         name = "_".join(f"{k}={v}" for k, v in point.items()).replace("/", "-")
         run_dir = os.path.join(args.out, name)
         flags = [x for k, v in point.items() for x in (f"--{k}", v)]
-        keys = pipeline_stage_keys([*recipe_args, *flags])
+        stage_keys = pipeline_stage_keys([*recipe_args, *flags])
         if not os.path.isfile(os.path.join(run_dir, "report.json")):
-            linked = sharing.link(run_dir, keys)
+            linked = sharing.link(run_dir, stage_keys)
             cmd = [sys.executable, RECIPE, *recipe_args, *flags, "--out", run_dir, "--log_level", "WARNING"]
             log(f"== {name}" + (f" (sharing the finished {', '.join(linked)} stage(s))" if linked else ""))
             start = time.perf_counter()
@@ -82,7 +82,7 @@ def main() -> None:
             if proc.returncode != 0:
                 raise SystemExit(f"{name} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
             log(f"   {time.perf_counter() - start:.0f} s")
-        sharing.finished(run_dir, keys)
+        sharing.finished(run_dir, stage_keys)
         with open(os.path.join(run_dir, "report.json")) as f:
             r = json.load(f)
         results["points"].append({
