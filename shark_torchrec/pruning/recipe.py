@@ -18,18 +18,18 @@ from shark_torchrec.planning import load_overrides
 from shark_torchrec.pruning.plan import PruningPlan, choose_plan, table_bytes
 from shark_torchrec.pruning.sharded import PruningRound, iterative_prune, prune_trainer
 from shark_torchrec.run_config import PruneRun, flat
+from shark_torchrec.stages import StageRunner, file_digests, source_run
 from shark_torchrec.training.checkpoint import CheckpointManager
 from shark_torchrec.training.distributed import DistEnv, run_job
 from shark_torchrec.training.datasets import require_rows
-from shark_torchrec.stages import StageRunner, file_digests, source_run
 from shark_torchrec.training.train_dlrm import (
     FIELD_SCORES_FILE,
     METRICS_FILE,
-    read_metrics,
     build_trainer,
     data_spec_from,
     fingerprint,
     model_config_from,
+    read_metrics,
     test_batches,
 )
 from shark_torchrec.training.sharding import plan_summary

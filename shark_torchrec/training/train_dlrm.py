@@ -29,9 +29,9 @@ from shark_torchrec.planning import (
     load_overrides,
     tracker_bytes_per_rank,
 )
+from shark_torchrec.run_config import DataSection, ModelSection, ShardingSection, TrainingSection, TrainRun, flat
 from shark_torchrec.stages import StageRecordError, StageRunner, StageStore, file_digests
 from shark_torchrec.training.checkpoint import CheckpointManager
-from shark_torchrec.run_config import DataSection, ModelSection, ShardingSection, TrainingSection, TrainRun, flat
 from shark_torchrec.training.datasets import (
     DataSpec,
     SCHEMAS,
