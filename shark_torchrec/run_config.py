@@ -10,7 +10,7 @@ dataclass whose field names are the flags' (``--batch_size`` is ``training.batch
 * :class:`ShardingSection`: how the planner shards the tables;
 * :class:`OutputSection`: where results go and what is logged;
 * the pipeline's :class:`PipelinePruneSection`, :class:`QuantSection` and :class:`EvalSection`,
-  and prune_dlrm.py's :class:`PruneSection`.
+  and prune_dlrm.py's :class:`PruneSection` (both pruning sections extend :class:`FieldPruning`).
 
 The command lines (:mod:`shark_torchrec.cli_run`) are the only place argv becomes these; a
 job, a tool or a test can also build them directly.  Checks that need more than one flag are
@@ -132,26 +132,44 @@ class TrainRun:
 
 
 @dataclass(frozen=True)
-class PruneSection:
-    """``recipes/prune_dlrm.py``'s pruning flags."""
+class FieldPruning:
+    """What both pruning jobs read: the criterion (at most one of ``keep_fields``,
+    ``drop_fraction``, ``drop_score_share``), what a pruned field becomes, the fine-tuning after
+    it, and the iterative rounds' steps."""
+
+    keep_fields: Optional[int] = None
+    drop_fraction: Optional[float] = None
+    drop_score_share: Optional[float] = None
+    prune_baseline: str = "mean"
+    prune_mode: str = "mean"
+    mean_batches: int = 100
+    finetune_epochs: int = 1
+    score_batches: int = 20
+    finetune_steps: int = 20
+
+    def __post_init__(self) -> None:
+        given = [f"--{c}" for c in ("keep_fields", "drop_fraction", "drop_score_share") if getattr(self, c) is not None]
+        if len(given) > 1:
+            raise FlagError(f"{' and '.join(given)} are exclusive pruning criteria: use one")
+
+
+@dataclass(frozen=True)
+class PruneSection(FieldPruning):
+    """``recipes/prune_dlrm.py``'s pruning flags: :class:`FieldPruning`, the run it prunes, a
+    saved plan or scores, a byte target, protected fields and ``--rounds``."""
 
     from_run: str = ""
     scores: Optional[str] = None
     plan: Optional[str] = None
-    keep_fields: Optional[int] = None
-    drop_fraction: Optional[float] = None
     byte_target: Optional[int] = None
-    drop_score_share: Optional[float] = None
     protect: str = ""
-    finetune_epochs: int = 1
     rounds: int = 0
-    score_batches: int = 20
-    finetune_steps: int = 20
-    prune_baseline: str = "mean"
-    prune_mode: str = "mean"
-    mean_batches: int = 100
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.byte_target is not None and any(
+                getattr(self, c) is not None for c in ("keep_fields", "drop_fraction", "drop_score_share")):
+            raise FlagError("--byte_target and another pruning criterion: use one")
         if self.rounds and self.keep_fields is None:
             raise FlagError("--rounds needs --keep_fields (the number of fields at the end)")
 
@@ -174,29 +192,19 @@ class PruneRun:
 
 
 @dataclass(frozen=True)
-class PipelinePruneSection:
-    """The pipeline's field pruning and its fine-tuning.  With no criterion given, a quarter
-    of the fields is pruned (``drop_fraction`` 0.25, filled in by the command line so that the
-    stage key holds it)."""
+class PipelinePruneSection(FieldPruning):
+    """The pipeline's field pruning (:class:`FieldPruning`), the part of the train split kept
+    for fine-tuning, ``--prune_rounds`` and the field scorer compared.  With no criterion given,
+    a quarter of the fields is pruned (``drop_fraction`` 0.25, filled in by the command line so
+    that the stage key holds it)."""
 
-    keep_fields: Optional[int] = None
-    drop_fraction: Optional[float] = None
-    drop_score_share: Optional[float] = None
-    prune_baseline: str = "mean"
-    prune_mode: str = "mean"
-    mean_batches: int = 100
-    finetune_epochs: int = 1
     finetune_fraction: float = 0.25
     prune_rounds: int = 0
-    score_batches: int = 20
-    finetune_steps: int = 20
     field_scorer: str = "shark"
     permutation_batches: Optional[int] = None
 
     def __post_init__(self) -> None:
-        given = [f"--{c}" for c in ("keep_fields", "drop_fraction", "drop_score_share") if getattr(self, c) is not None]
-        if len(given) > 1:
-            raise FlagError(f"{' and '.join(given)} are exclusive pruning criteria: use one")
+        super().__post_init__()
         if self.prune_rounds and self.keep_fields is None:
             raise FlagError("--prune_rounds needs --keep_fields (the number of fields at the end)")
 

@@ -12,6 +12,7 @@ from shark_torchrec import cli_run
 from shark_torchrec.errors import FlagError
 from shark_torchrec.pipeline import NOT_STAGE_INPUTS, PRUNE_INPUTS, QUANTIZE_INPUTS, stage_inputs
 from shark_torchrec.run_config import (
+    PipelinePruneSection,
     PipelineRun,
     PruneRun,
     PruneSection,
@@ -73,6 +74,10 @@ def test_sections_check_flags_that_do_not_go_together() -> None:
         QuantSection(quant_fractions={"int8": 1.0}, quant_budget_fraction=0.2)
     with pytest.raises(FlagError, match="--rounds needs --keep_fields"):
         PruneSection(rounds=2)
+    with pytest.raises(FlagError, match="--keep_fields and --drop_fraction are exclusive"):
+        PipelinePruneSection(keep_fields=3, drop_fraction=0.1)
+    with pytest.raises(FlagError, match="--byte_target and another pruning criterion"):
+        PruneSection(byte_target=1000, drop_score_share=0.005)
     assert cli_run.parse_pipeline(["--quant_fractions", "fp16=0.25,int8=0.75"]).quant.quant_fractions == {
         "fp16": 0.25, "int8": 0.75}  # parsed once, when the flag is read
     # frozen: a job cannot change its settings behind the stage keys' back
