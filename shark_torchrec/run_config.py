@@ -116,14 +116,20 @@ class OutputSection:
 
 
 @dataclass(frozen=True)
-class TrainRun:
-    """``recipes/train_dlrm.py``."""
+class JobRun:
+    """The sections every job reads: its data, model, training, sharding and output."""
 
     data: DataSection = field(default_factory=DataSection)
     model: ModelSection = field(default_factory=ModelSection)
     training: TrainingSection = field(default_factory=TrainingSection)
     sharding: ShardingSection = field(default_factory=ShardingSection)
     output: OutputSection = field(default_factory=OutputSection)
+
+
+@dataclass(frozen=True)
+class TrainRun(JobRun):
+    """``recipes/train_dlrm.py``."""
+
     epochs: int = 1
     checkpoint_every: int = 0
     resume: bool = False
@@ -180,13 +186,9 @@ class PruneSection(FieldPruning):
 
 
 @dataclass(frozen=True)
-class PruneRun:
+class PruneRun(JobRun):
     """``recipes/prune_dlrm.py``."""
 
-    data: DataSection = field(default_factory=DataSection)
-    model: ModelSection = field(default_factory=ModelSection)
-    training: TrainingSection = field(default_factory=TrainingSection)
-    sharding: ShardingSection = field(default_factory=ShardingSection)
     output: OutputSection = field(default_factory=lambda: OutputSection(out="runs/prune_dlrm"))
     prune: PruneSection = field(default_factory=PruneSection)
 
@@ -254,13 +256,9 @@ class EvalSection:
 
 
 @dataclass(frozen=True)
-class PipelineRun:
+class PipelineRun(JobRun):
     """``recipes/shark_dlrm.py``."""
 
-    data: DataSection = field(default_factory=DataSection)
-    model: ModelSection = field(default_factory=ModelSection)
-    training: TrainingSection = field(default_factory=TrainingSection)
-    sharding: ShardingSection = field(default_factory=ShardingSection)
     output: OutputSection = field(default_factory=lambda: OutputSection(out="runs/shark_dlrm"))
     prune: PipelinePruneSection = field(default_factory=lambda: PipelinePruneSection(drop_fraction=0.25))
     quant: QuantSection = field(default_factory=QuantSection)

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from shark_torchrec.errors import SharkInputError, report_input_error
+from shark_torchrec.run_config import JobRun
 
 T = TypeVar("T")
 
@@ -102,9 +103,10 @@ def exit_worker(code: int = 0) -> None:
     os._exit(code)
 
 
-def run_job(config: Any, job: Callable[[Any, DistEnv], Any]) -> Any:
+def run_job(config: JobRun, job: Callable[[Any, DistEnv], Any]) -> Any:
     """Run a recipe's ``job(config, env)`` in a process group: ``config`` is its run config
-    (:mod:`shark_torchrec.run_config`; ``config.training.device``, ``config.output.log_level``),
+    (:class:`~shark_torchrec.run_config.JobRun`; ``config.training.device``,
+    ``config.output.log_level``),
     logging set up per rank, one intra-op thread share per rank on CPU, and the group torn down
     afterwards (synchronised on success, see :func:`destroy_distributed`).
 
