@@ -257,6 +257,10 @@ def pipeline_parser() -> argparse.ArgumentParser:
                    "sharded inference does, 16 when the run uses CUDA, else 1")
     q.add_argument("--quant_fractions", type=tier_fractions,
                    help="row fractions per tier instead of a budget, e.g. fp16=0.1,int8=0.3,int4=0.6")
+    g.add_argument("--quant_row_fit", choices=["minmax", "lsq"], default="minmax",
+                   help="each integer row's fp16 scale and bias: minmax (default, FBGEMM's quantizers) "
+                   "or lsq (fitted to the row by least squares: the same format and kernels, less "
+                   "error; the byte budget measures the fitted errors)")
     g.add_argument("--init_from", metavar="DIR", type=existing_dir,
                    help="start from the newest checkpoint of a recipes/train_dlrm.py run (same "
                    "model flags); the train stage then trains --epochs more with the trackers")

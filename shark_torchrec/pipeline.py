@@ -77,10 +77,13 @@ PRUNE_INPUTS = frozenset({"keep_fields", "drop_fraction", "drop_score_share", "f
 #: flags the quantize stage reads and the stages before it do not
 QUANTIZE_INPUTS = frozenset({"quant_budget_fraction", "quant_fractions", "quant_tiers", "drop_rows", "row_alignment",
                              "row_priority", "priority_alpha", "priority_beta", "tier_weighting", "bootstrap",
-                             "attribute_quant_loss"})
+                             "attribute_quant_loss", "quant_row_fit"})
 #: flags the pipeline does not take (refused by its command line), as every stage key written
 #: before the typed run config held them: keys stay the same, so finished runs stay finished
 REFUSED_FLAGS_IN_KEYS = {"max_steps": None, "score_fields": None, "resume": False}
+#: settings added after stage keys were first written, with the value every run had before:
+#: a run with that value keeps its keys (finished stages stay finished), any other value counts
+ADDED_SETTINGS = {"quant_row_fit": "minmax"}
 
 
 def stage_inputs(run: PipelineRun, device: torch.device, world_size: int) -> Dict[str, Dict[str, Any]]:
@@ -92,8 +95,10 @@ def stage_inputs(run: PipelineRun, device: torch.device, world_size: int) -> Dic
     ``--row_alignment auto``) and the world size (``--batch_size`` is per rank).  A file a flag
     names (``--schema``, ``--planner_overrides``) counts by a hash of its contents, and
     ``--init_from DIR`` by that run's newest checkpoint and training key
-    (:func:`~shark_torchrec.stages.source_run`)."""
-    flags = {k: v for k, v in {**flat(run), **REFUSED_FLAGS_IN_KEYS}.items() if k not in NOT_STAGE_INPUTS}
+    (:func:`~shark_torchrec.stages.source_run`).  A setting added later (:data:`ADDED_SETTINGS`)
+    counts only where it differs from the value every earlier run had."""
+    flags = {k: v for k, v in {**flat(run), **REFUSED_FLAGS_IN_KEYS}.items()
+             if k not in NOT_STAGE_INPUTS and not (k in ADDED_SETTINGS and v == ADDED_SETTINGS[k])}
     # files and runs named by a flag count by their contents, not only their names
     train = {**file_digests(schema=run.data.schema),
              **({"init_from_source": source_run(run.init_from)} if run.init_from else {})}
@@ -397,10 +402,11 @@ def _quant_config(quant: QuantSection, overrides, kept, device: torch.device) ->
 
     align = row_alignment(quant, device)
     if quant.quant_fractions:
-        config = RowwiseQuantConfig(fractions=dict(quant.quant_fractions), row_alignment=align)
+        config = RowwiseQuantConfig(fractions=dict(quant.quant_fractions), row_alignment=align,
+                                    row_fit=quant.quant_row_fit)
     else:
         config = RowwiseQuantConfig(budget_fraction=quant.budget_fraction, tiers=quant.tier_names,
-                                    drop_rows=quant.drop_rows, row_alignment=align)
+                                    drop_rows=quant.drop_rows, row_alignment=align, row_fit=quant.quant_row_fit)
     if overrides is None:
         return config
     merged = overrides.quant_config(config)

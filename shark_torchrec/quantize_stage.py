@@ -161,7 +161,8 @@ def paired(reference: Dict[str, Any], pruned: Dict[str, Any], quantized: Dict[st
 def attribute(model, weights: Dict[str, torch.Tensor], tiers: Dict[str, torch.Tensor], rows_per_tier: Dict[str, List[int]],
               evaluate_logits: Callable[[], torch.Tensor], fp32_logits: torch.Tensor,
               quantized_logits: torch.Tensor, labels: torch.Tensor, row_alignment: int, comm: Comm,
-              bootstrap: int, seed: int, shared: Optional[Dict[str, Any]] = None) -> Dict[str, object]:
+              bootstrap: int, seed: int, shared: Optional[Dict[str, Any]] = None,
+              row_fit: str = "minmax") -> Dict[str, object]:
     """Where the quantization step loses: the AUC each tier's rows and each table's rows give
     back when only they stay fp32, each by converting the sharded model again with those rows
     in FP32 and evaluating it (every variant sharded; the model's collection is restored)."""
@@ -185,7 +186,8 @@ def attribute(model, weights: Dict[str, torch.Tensor], tiers: Dict[str, torch.Te
         for key, change in groups.items():
             variant = {name: change(name, t) for name, t in tiers.items()}
             sparse.embedding_bag_collection = build_sharded_collection(
-                layout, weights, variant, row_alignment, comm, check_ids=original.check_ids, shared=shared)
+                layout, weights, variant, row_alignment, comm, check_ids=original.check_ids, shared=shared,
+                row_fit=row_fit)
             logits[key] = evaluate_logits()
             sparse.embedding_bag_collection = original  # before the next variant is built
             gc.collect()
@@ -306,7 +308,7 @@ def quantize_stage(pruned: DLRMTrainer, reference: DLRMTrainer, config: RowwiseQ
         attribution = attribute(model, weights, assignment.tiers, assignment.rows_per_tier,
                                 lambda: evaluate(model, eval_batches(), env, "eval (attribution)")["logits"],
                                 pruned_eval["logits"], metrics["logits"], metrics["labels"], config.row_alignment,
-                                comm, bootstrap, seed, assignment.shared)
+                                comm, bootstrap, seed, assignment.shared, assignment.row_fit)
     fp32_ebc = reference.model.module.model.sparse_arch.embedding_bag_collection
     speed = lookup_speed(fp32_ebc, model.model.sparse_arch.embedding_bag_collection, speed_batches, comm)
     plot_p, plot_t, unused = sample_priorities(requests, prio, layout, assignment.tiers, comm, seed)

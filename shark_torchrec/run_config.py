@@ -225,6 +225,7 @@ class QuantSection:
     priority_beta: float = 0.2
     priority_gamma: float = 0.9999
     tier_weighting: str = "gradient"
+    quant_row_fit: str = "minmax"
 
     def __post_init__(self) -> None:
         if self.quant_fractions is not None and self.quant_budget_fraction is not None:

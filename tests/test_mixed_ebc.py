@@ -78,7 +78,7 @@ def _reference(tables, ebc, assignment, kjt, device_type="cpu", int2_fp16=False)
             rows = assignment.tiers[c.name].long() == i
             if rows.any():
                 target = deq_int2 if int2_fp16 and tier is Tier.INT2 else deq
-                target[rows] = dequantize_rows(w[rows], tier, device_type)
+                target[rows] = dequantize_rows(w[rows], tier, device_type, assignment.row_fit)
         for f in c.feature_names:
             jt = kjt[f]
 
@@ -112,6 +112,26 @@ def test_equals_embedding_bag_on_dequantized_weights(pooling, ids_dtype, groups,
         assert (kt.to_dict()[f] - r).abs().max() <= 1e-6, f
     # Quantization really happened: the output is not the fp32 one.
     assert (kt.values() - ebc(kjt).values()).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("lookup", LOOKUPS)
+def test_fitted_rows_read_as_their_dequantized_values(lookup) -> None:
+    """Rows stored with the least-squares fit (row_fit="lsq") read, through the kernel and
+    through FBGEMM's TBE, as the torch reference dequantizes them — and differ from min/max rows."""
+    import dataclasses
+
+    tables, ebc, a = _setup(fractions={"int8": 0.2, "int4": 0.3, "int2": 0.5})
+    fitted = dataclasses.replace(a, row_fit="lsq")
+    m = _use(RowwiseMixedEmbeddingBagCollection.from_float(ebc, fitted), lookup)
+    kjt = _batch()
+    kt = m(kjt)
+    for f, r in _reference(tables, ebc, fitted, kjt).items():
+        assert (kt.to_dict()[f] - r).abs().max() <= 1e-6, f
+    plain = _use(RowwiseMixedEmbeddingBagCollection.from_float(ebc, a), lookup)(kjt)
+    assert (kt.values() - plain.values()).abs().max() > 1e-3
+    # and closer to the fp32 lookup
+    exact = ebc(kjt).values()
+    assert (kt.values() - exact).pow(2).sum() < (plain.values() - exact).pow(2).sum()
 
 
 @pytest.mark.gpu
@@ -558,12 +578,16 @@ def test_the_kernel_pools_every_dim_and_bag_length(dim, pooling, weighted) -> No
 
 
 @pytest.mark.parametrize("row_alignment", [1, 16])
-@pytest.mark.parametrize("dim", [8, 16, 24, 64])
-def test_the_conversion_kernel_stores_what_fbgemm_quantizers_store(row_alignment, dim, monkeypatch) -> None:
-    """from_weights' one-pass CPU kernel (csrc/quantize_rows.cpp) against the FBGEMM-op path,
-    byte for byte: every sub-table's rows, scales and biases, and the id map."""
+@pytest.mark.parametrize("dim", [8, 12, 16, 24, 64])
+@pytest.mark.parametrize("row_fit", ["minmax", "lsq"])
+def test_the_conversion_kernel_stores_what_fbgemm_quantizers_store(row_alignment, dim, row_fit, monkeypatch) -> None:
+    """from_weights' one-pass CPU kernel (csrc/quantize_rows.cpp) against the torch path
+    (FBGEMM's quantizer ops for minmax, rows.fit_scale_bias for lsq), byte for byte: every
+    sub-table's rows, scales and biases, and the id map."""
     if not cpu_kernel_available():
         pytest.skip("the CPU kernels could not be built here")
+    if dim % 8 and row_fit == "minmax":  # (dim 12: the kernels' scalar tail, fitted rows only)
+        pytest.skip("FBGEMM's INT2 quantizer op needs packed rows of whole fp16 words (12 x 2 bits = 3 bytes)")
     torch.manual_seed(dim)
     configs = [EmbeddingBagConfig(name=n, embedding_dim=dim, num_embeddings=r, feature_names=[f"f_{n}"])
                for n, r in (("a", 700), ("b", 33))]
@@ -574,10 +598,10 @@ def test_the_conversion_kernel_stores_what_fbgemm_quantizers_store(row_alignment
     tiers = {c.name: torch.randint(0, len(TIER_ORDER), (c.num_embeddings,), dtype=torch.int8) for c in configs}
     shared = {c.name: cluster_rows(weights[c.name], None, 4) for c in configs}  # SHARED rows' centroids
     fast = RowwiseMixedEmbeddingBagCollection.from_weights(configs, weights, tiers, row_alignment=row_alignment,
-                                                           shared=shared)
+                                                           shared=shared, row_fit=row_fit)
     monkeypatch.setattr(mixed_ebc, "cpu_kernel_available", lambda: False)
     ref = RowwiseMixedEmbeddingBagCollection.from_weights(configs, weights, tiers, row_alignment=row_alignment,
-                                                          shared=shared)
+                                                          shared=shared, row_fit=row_fit)
     a, b = fast.state_dict(), ref.state_dict()
     assert a.keys() == b.keys()
     for k in a:

@@ -10,7 +10,7 @@ import torch
 
 from shark_torchrec import cli_run
 from shark_torchrec.errors import FlagError
-from shark_torchrec.pipeline import NOT_STAGE_INPUTS, PRUNE_INPUTS, QUANTIZE_INPUTS, stage_inputs
+from shark_torchrec.pipeline import ADDED_SETTINGS, NOT_STAGE_INPUTS, PRUNE_INPUTS, QUANTIZE_INPUTS, stage_inputs
 from shark_torchrec.run_config import (
     PipelinePruneSection,
     PipelineRun,
@@ -44,8 +44,12 @@ def test_every_pipeline_setting_keys_exactly_one_stage() -> None:
     inputs = stage_inputs(run, torch.device("cpu"), 1)
     for name in flat(run):
         owners = [stage for stage, keyed in inputs.items() if name in keyed]
-        assert len(owners) == (0 if name in NOT_STAGE_INPUTS else 1), (name, owners)
+        assert len(owners) == (0 if name in NOT_STAGE_INPUTS or name in ADDED_SETTINGS else 1), (name, owners)
     assert PRUNE_INPUTS | QUANTIZE_INPUTS <= set(flat(run))  # no stale name in the declared inputs
+    # a setting added later keys its stage only away from the value earlier runs had
+    assert set(ADDED_SETTINGS) <= set(flat(run))
+    changed = stage_inputs(cli_run.parse_pipeline(["--quant_row_fit", "lsq"]), torch.device("cpu"), 1)
+    assert [stage for stage, keyed in changed.items() if "quant_row_fit" in keyed] == ["quantize"]
 
 
 def test_a_changed_setting_changes_the_keys_of_its_stage_and_the_later_ones_only() -> None:
@@ -61,6 +65,8 @@ def test_a_changed_setting_changes_the_keys_of_its_stage_and_the_later_ones_only
     assert keys(["--out", "elsewhere", "--checkpoint_every", "5"]) == base  # changes nothing computed
     q = keys(["--quant_budget_fraction", "0.1"])
     assert q[:2] == base[:2] and q[2] != base[2]
+    f = keys(["--quant_row_fit", "lsq"])
+    assert f[:2] == base[:2] and f[2] not in (base[2], q[2])
     p = keys(["--keep_fields", "3"])
     assert p[0] == base[0] and p[1] != base[1] and p[2] != base[2]
     t = keys(["--learning_rate", "0.1"])

@@ -80,10 +80,10 @@ def test_row_sharded_tables_get_the_tiers_of_the_unsharded_collection(tmp_path: 
                 (name, s.name)
 
 
-def _dequantized_collection(layout: ShardedLayout, weights, tiers, shared) -> EmbeddingBagCollection:
+def _dequantized_collection(layout: ShardedLayout, weights, tiers, shared, row_fit: str) -> EmbeddingBagCollection:
     """TorchRec's float collection holding every row as its shard stores it (each column block
-    quantized apart, DROP rows zero, SHARED rows their shard's centroid): the reference a
-    sharded mixed collection must equal."""
+    quantized apart with ``row_fit``, DROP rows zero, SHARED rows their shard's centroid): the
+    reference a sharded mixed collection must equal."""
     from shark_torchrec.quant import TIER_ORDER, Tier, dequantize_rows
 
     ebc = EmbeddingBagCollection(tables=layout.configs())
@@ -97,7 +97,7 @@ def _dequantized_collection(layout: ShardedLayout, weights, tiers, shared) -> Em
                     centroids, index = shared[s.name]
                     deq[rows] = centroids[index[rows].long()]
                 elif rows.any():
-                    deq[rows] = dequantize_rows(w[rows], tier)
+                    deq[rows] = dequantize_rows(w[rows], tier, row_fit=row_fit)
             ebc.embedding_bags[s.table].weight[s.row_offset:s.row_offset + s.rows,
                                                s.col_offset:s.col_offset + s.cols] = deq
     return ebc
@@ -110,7 +110,9 @@ def test_the_converted_model_serves_sharded_what_the_dequantized_tables_give(tmp
 
     run = _run(tmp_path, "table_wise,row_wise,column_wise,table_row_wise,data_parallel,table_column_wise")
     layout = ShardedLayout.from_dict(run["layout"])
-    ebc = _dequantized_collection(layout, run["weights"], run["served_tiers"], run["served_shared"])
+    row_fit = json.loads(run["policies"])["shared"]["row_fit"]
+    assert row_fit == "lsq"  # the served model's integer rows are fitted (torch reference, kernel conversion)
+    ebc = _dequantized_collection(layout, run["weights"], run["served_tiers"], run["served_shared"], row_fit)
     assert run["served_tiers"].keys() == {s.name for s in layout.shards}
     # SHARED rows in every kind of shard but the column blocks, each shard its own centroids
     from shark_torchrec.quant import TIER_ORDER, Tier

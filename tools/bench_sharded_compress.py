@@ -23,6 +23,7 @@ the cap compressed sharded where the gathering version is killed.
         --out runs/bench_sharded_cap
     python tools/bench_sharded_compress.py --tiers fp16,int8,int4,int2,shared --gathered_sizes_gib "" \\
         --out runs/bench_sharded_shared
+    python tools/bench_sharded_compress.py --row_fit lsq --gathered_sizes_gib "" --out runs/bench_sharded_lsq
 
 Writes ``OUT/results.json``, ``OUT/summary.md`` (the table for BENCHMARKS.md) and
 ``OUT/scale.png`` (time and peak memory per rank against the tables' size).
@@ -128,7 +129,7 @@ def worker(args) -> None:
         return ready[(t, r0)]
 
     config = RowwiseQuantConfig(budget_fraction=args.budget_fraction, row_alignment=1,
-                                tiers=[t for t in args.tiers.split(",") if t])
+                                tiers=[t for t in args.tiers.split(",") if t], row_fit=args.row_fit)
     dist.barrier()
     rss_before = _rss_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
@@ -141,7 +142,8 @@ def worker(args) -> None:
         a = assign_tiers_sharded(layout, weights, config, priorities, comm)
         timings["assign_s"] = time.perf_counter() - t0
         t1 = time.perf_counter()
-        mixed = build_sharded_collection(layout, weights, a.tiers, config.row_alignment, comm, shared=a.shared)
+        mixed = build_sharded_collection(layout, weights, a.tiers, config.row_alignment, comm, shared=a.shared,
+                                         row_fit=a.row_fit)
         timings["convert_s"] = time.perf_counter() - t1
         held = sum(m.memory_report()["total_bytes"] for m in (mixed.routed, mixed.replicated) if m is not None)
     else:
@@ -196,7 +198,7 @@ def run_size(args, size: float, mode: str) -> Dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
            os.path.abspath(__file__), "--worker", "--mode", mode, "--size_gib", str(size), "--tables",
            str(args.tables), "--dim", str(args.dim), "--budget_fraction", str(args.budget_fraction),
-           "--threads", str(args.threads), "--tiers", args.tiers, "--result", result]
+           "--threads", str(args.threads), "--tiers", args.tiers, "--row_fit", args.row_fit, "--result", result]
     if args.mem_cap_gib:
         cmd += ["--mem_cap_gib", str(args.mem_cap_gib)]
     t0 = time.perf_counter()
@@ -292,6 +294,8 @@ def main() -> None:
     p.add_argument("--tiers", default="fp16,int8,int4,int2,drop",
                    help="tiers the budget may use (with shared: the centroids' k-means and "
                    "assignment passes are part of the tier assignment)")
+    p.add_argument("--row_fit", choices=["minmax", "lsq"], default="minmax",
+                   help="integer rows' scale and bias: FBGEMM's (minmax) or least-squares fitted")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--mem_cap_gib", type=float, help="memory cap per process (a cgroup each)")

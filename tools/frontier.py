@@ -9,10 +9,14 @@ with a t-interval):
 * ``shark``: SHARK's row tiers at byte budgets (``--saved``: the fractions of the fp32
   embedding bytes saved, id map included), tiers FP16/INT8/INT4/INT2/SHARED;
 * ``shark-drop``: the same with DROP (rows read as zeros) instead of SHARED;
+* ``shark-lsq``: ``shark`` with integer rows fitted by least squares (``--quant_row_fit lsq``:
+  FBGEMM's format, a scale and bias per row chosen for the least error instead of the row's range);
 * ``frequency``: as ``shark``, tiers by plain use counts (``--row_priority frequency``);
 * ``uniform int8/int4/int2``: every row in one tier — TorchRec's uniform quantized collection
   (computed through the mixed collection, which reads each tier exactly as FBGEMM does; its
   bytes are counted in TorchRec's own layout: rows only, no id map);
+* ``uniform-lsq int4/int2``: the same with fitted rows (what the mixed collection stores with
+  ``--quant_row_fit lsq``; TorchRec's own collection quantizes by the range);
 * ``hashed``: smaller tables trained from scratch (``--hash_rows_fraction``: each table a
   fraction of its rows, ids hashed into them), fine-tuned like the others, at the same
   fractions of the bytes.
@@ -49,11 +53,13 @@ from shark_torchrec.training.train_dlrm import data_spec_from, model_config_from
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(ROOT, "recipes", "shark_dlrm.py")
-METHODS = ("shark", "shark-drop", "frequency", "uniform", "hashed")
+METHODS = ("shark", "shark-drop", "shark-lsq", "frequency", "uniform", "uniform-lsq", "hashed")
 SHARED_TIERS = ["--quant_tiers", "fp16,int8,int4,int2,shared"]
 DROP_TIERS = ["--quant_tiers", "fp16,int8,int4,int2,drop"]
 UNIFORM_TIERS = ("int8", "int4", "int2")
+LSQ = ["--quant_row_fit", "lsq"]
 OWN_FLAGS = ("--out", "--seed", "--quant_budget_fraction", "--quant_fractions", "--quant_tiers", "--row_priority",
+             "--quant_row_fit",
              "--hash_rows_fraction", "--drop_fraction", "--keep_fields", "--drop_score_share")
 
 
@@ -143,12 +149,19 @@ def main() -> None:
             if "shark-drop" in methods:
                 todo.append(("shark-drop", f"{saved:.0%}", f"shark-drop_{budget}",
                              ["--quant_budget_fraction", budget, *DROP_TIERS], True))
+            if "shark-lsq" in methods:
+                todo.append(("shark-lsq", f"{saved:.0%}", f"shark-lsq_{budget}",
+                             ["--quant_budget_fraction", budget, *SHARED_TIERS, *LSQ], True))
             if "frequency" in methods:
                 todo.append(("frequency", f"{saved:.0%}", f"frequency_{budget}",
                              ["--quant_budget_fraction", budget, *SHARED_TIERS, "--row_priority", "frequency"], True))
         if "uniform" in methods:
             for tier in UNIFORM_TIERS:
                 todo.append((f"uniform {tier}", tier, f"uniform_{tier}", ["--quant_fractions", f"{tier}=1"], True))
+        if "uniform-lsq" in methods:
+            for tier in UNIFORM_TIERS[1:]:
+                todo.append((f"uniform-lsq {tier}", tier, f"uniform-lsq_{tier}",
+                             ["--quant_fractions", f"{tier}=1", *LSQ], True))
         if "hashed" in methods:
             for saved in args.saved:
                 frac = f"{1 - saved:.4g}"
@@ -159,7 +172,7 @@ def main() -> None:
             report = run_pipeline(run_dir, recipe_args, [*flags, "--seed", str(seed)], sharing)
             if shares and first is None:
                 first = run_dir
-            if method.startswith("uniform"):
+            if method.startswith("uniform"):  # (TorchRec's layout: no id map)
                 tier = Tier.parse(point)
                 saved = 1 - sum(rows * row_bytes(tier, dim, alignment) for rows, dim in tables) / fp32
                 runs[(method, point)] = (run_dir, "quantized", saved)
@@ -253,11 +266,13 @@ def write_summary(results: Dict, out: str) -> None:
                                      for k in seeds])
                 cells.append(f"{d.mean:+.4f} [{d.ci[0]:+.4f}, {d.ci[1]:+.4f}]")
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    uniform = [(m, pt, r) for m, by in results["methods"].items() if m.startswith("uniform") for pt, r in by.items()]
-    if uniform:
-        lines += ["", "TorchRec's uniform collections (no id map): " + "; ".join(
-            f"{pt.upper()} {r['bytes_saved']:.1%} saved, {r['delta_auc_mean']:+.4f} [{r['delta_auc_ci'][0]:+.4f}, "
-            f"{r['delta_auc_ci'][1]:+.4f}]" for _, pt, r in sorted(uniform, key=lambda x: x[2]["bytes_saved"])) + "."]
+    for prefix, title in (("uniform ", "TorchRec's uniform collections (no id map)"),
+                          ("uniform-lsq ", "Uniform tiers with least-squares-fitted rows (bytes as TorchRec's layout)")):
+        uniform = [(m, pt, r) for m, by in results["methods"].items() if m.startswith(prefix) for pt, r in by.items()]
+        if uniform:
+            lines += ["", f"{title}: " + "; ".join(
+                f"{pt.upper()} {r['bytes_saved']:.1%} saved, {r['delta_auc_mean']:+.4f} [{r['delta_auc_ci'][0]:+.4f}, "
+                f"{r['delta_auc_ci'][1]:+.4f}]" for _, pt, r in sorted(uniform, key=lambda x: x[2]["bytes_saved"])) + "."]
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 

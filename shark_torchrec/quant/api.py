@@ -64,7 +64,7 @@ def assign_tiers(
     tiers = {s.table: a.tiers[s.name] for s in layout.shards}
     shared = {s.table: a.shared[s.name] for s in layout.shards if s.name in a.shared}
     return TierAssignment(tiers, {c.name: c.embedding_dim for c in configs}, config.row_alignment,
-                          method=a.method, details=a.details, shared=shared)
+                          method=a.method, details=a.details, shared=shared, row_fit=config.row_fit)
 
 
 def _default_filter(module: nn.Module, fqn: str) -> bool:

@@ -36,7 +36,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 
 from shark_torchrec.quant.cpu_kernel import cpu_kernel_available
-from shark_torchrec.quant.tiers import TIER_ORDER, Tier, quantization_error, row_bytes
+from shark_torchrec.quant.tiers import TIER_ORDER, Tier, check_row_fit, quantization_error, row_bytes
 
 #: Sums a tensor over the processes that share a budget (identity: one process).
 Reduce = Callable[[torch.Tensor], torch.Tensor]
@@ -51,17 +51,18 @@ def no_reduce(t: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------- errors
-def tier_errors(weights: torch.Tensor, tiers: Sequence[Tier], shared: Optional[torch.Tensor] = None) -> torch.Tensor:
+def tier_errors(weights: torch.Tensor, tiers: Sequence[Tier], shared: Optional[torch.Tensor] = None,
+                row_fit: str = "minmax") -> torch.Tensor:
     """Squared L2 error of every row of ``weights`` [n, d] in each of ``tiers``: float64
-    [n, len(tiers)] (FBGEMM's quantizers; DROP: the squared norm; SHARED: ``shared`` [n], the
-    rows' distances to their centroids, :class:`~shark_torchrec.quant.shared_rows.SharedRows`).
-    A row holding NaN or Inf gets NaN."""
+    [n, len(tiers)] (FBGEMM's row format, integer rows with the row fit ``row_fit``; DROP: the
+    squared norm; SHARED: ``shared`` [n], the rows' distances to their centroids,
+    :class:`~shark_torchrec.quant.shared_rows.SharedRows`).  A row holding NaN or Inf gets NaN."""
     tiers = list(tiers)
     if Tier.SHARED in tiers:
         if shared is None:
             raise ValueError("tier_errors: the SHARED tier needs the rows' distances to their centroids")
         i = tiers.index(Tier.SHARED)
-        rest = tier_errors(weights, tiers[:i] + tiers[i + 1:])
+        rest = tier_errors(weights, tiers[:i] + tiers[i + 1:], row_fit=row_fit)
         col = shared.double().reshape(-1, 1).clone()
         col[torch.isnan(rest).any(1) if rest.shape[1] else torch.zeros(col.shape[0], dtype=torch.bool)] = math.nan
         return torch.cat([rest[:, :i], col, rest[:, i:]], 1)
@@ -69,9 +70,12 @@ def tier_errors(weights: torch.Tensor, tiers: Sequence[Tier], shared: Optional[t
     if w.dtype != torch.float32 or w.device.type != "cpu" or (w.numel() and w.stride(-1) != 1):
         w = w.float().cpu().contiguous()
     if cpu_kernel_available():
-        return torch.ops.shark_torchrec.row_tier_errors(w, [_BITS[t] for t in tiers])
-    err = torch.stack([quantization_error(w, t) for t in tiers], 1) if tiers else torch.zeros(w.shape[0], 0)
+        return torch.ops.shark_torchrec.row_tier_errors(w, [_BITS[t] for t in tiers], check_row_fit(row_fit) == "lsq")
     bad = ~torch.isfinite(w).all(1)
+    # (rows holding NaN or Inf are fitted as zeros, then reported as NaN)
+    finite = torch.where(bad.unsqueeze(1), 0.0, w) if bool(bad.any()) else w
+    err = (torch.stack([quantization_error(finite, t, row_fit) for t in tiers], 1) if tiers
+           else torch.zeros(w.shape[0], 0, dtype=torch.float64))
     err[bad] = math.nan
     return err
 
@@ -169,15 +173,16 @@ def row_choices(err: torch.Tensor, priority: torch.Tensor, tiers: Sequence[Tier]
 
 def measure_choices(weights: torch.Tensor, priority: torch.Tensor, tiers: Sequence[Tier], sizes: torch.Tensor,
                     drop_rows: str = "any", extra_errors: Optional[torch.Tensor] = None,
-                    shared: Optional[torch.Tensor] = None) -> Tuple[RowChoices, int]:
+                    shared: Optional[torch.Tensor] = None, row_fit: str = "minmax") -> Tuple[RowChoices, int]:
     """:func:`row_choices` of rows measured from their weights (a chunk [n, d], any row
     stride) in one fused pass, plus ``extra_errors`` [n, K] (their other column blocks'
     :func:`tier_errors`, added after these); and the first row holding NaN or Inf (-1: none).
     With SHARED among ``tiers``, ``shared`` [n] gives the rows' distances to their centroids
-    (then the errors are measured apart from the choices)."""
+    (then the errors are measured apart from the choices).  Integer rows' errors are those of
+    the row fit ``row_fit``."""
     tiers = list(tiers)
     if Tier.SHARED in tiers:
-        err = tier_errors(weights, tiers, shared)
+        err = tier_errors(weights, tiers, shared, row_fit)
         if extra_errors is not None:
             err = err + extra_errors.double()
         nan = torch.isnan(err).any(1)
@@ -191,9 +196,9 @@ def measure_choices(weights: torch.Tensor, priority: torch.Tensor, tiers: Sequen
     extra = None if extra_errors is None else extra_errors.double().contiguous()
     if cpu_kernel_available():
         bp, seq, totals, bad = torch.ops.shark_torchrec.row_choices(
-            w, [_BITS[t] for t in tiers], p, sizes, extra, drop_index >= 0, drop_index)
+            w, [_BITS[t] for t in tiers], p, sizes, extra, drop_index >= 0, drop_index, check_row_fit(row_fit) == "lsq")
         return RowChoices(tiers, sizes, seq, bp, int(totals[0]), int(totals[1])), int(bad)
-    err = tier_errors(w, tiers)
+    err = tier_errors(w, tiers, row_fit=row_fit)
     if extra is not None:
         err = err + extra
     nan = torch.isnan(err).any(1)

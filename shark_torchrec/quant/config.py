@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Dict, Optional, Sequence
 
 from shark_torchrec.quant.layout import ROW_ALIGNMENTS, output_dtype_name
-from shark_torchrec.quant.tiers import DEFAULT_ROW_ALIGNMENT, Tier
+from shark_torchrec.quant.tiers import DEFAULT_ROW_ALIGNMENT, ROW_FITS, Tier
 
 EXCLUDE = "exclude"
 
@@ -45,6 +45,11 @@ class RowwiseQuantConfig:
         output_dtype: the dtype of the pooled embeddings the converted collections return:
             ``"fp32"`` (default) or ``"fp16"`` (or ``torch.float32`` / ``torch.float16``), as
             TorchRec's quantized collection's ``output_dtype``; sums are taken in fp32 either way.
+        row_fit: how each integer row's fp16 scale and bias are chosen: ``"minmax"`` (default:
+            FBGEMM's quantizers, the row's range) or ``"lsq"`` (fitted to the row by least
+            squares: the same layout and kernels, less error — on trained rows INT2's squared
+            error halves; see :mod:`~shark_torchrec.quant.rows`).  A byte budget measures the
+            errors of the fit it stores.
     """
 
     fractions: Optional[Dict[str, float]] = None
@@ -58,9 +63,12 @@ class RowwiseQuantConfig:
     row_alignment: int = DEFAULT_ROW_ALIGNMENT
     drop_rows: str = "any"
     output_dtype: str = "fp32"
+    row_fit: str = "minmax"
 
     def __post_init__(self) -> None:
         self.output_dtype = output_dtype_name(self.output_dtype)
+        if self.row_fit not in ROW_FITS:
+            raise ValueError(f"RowwiseQuantConfig.row_fit must be one of {ROW_FITS}, got {self.row_fit!r}")
         if self.row_alignment not in ROW_ALIGNMENTS:
             raise ValueError(f"RowwiseQuantConfig.row_alignment must be one of {ROW_ALIGNMENTS}, "
                              f"got {self.row_alignment!r}")

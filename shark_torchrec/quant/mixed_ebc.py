@@ -53,7 +53,7 @@ from shark_torchrec.quant.remap import (
 )
 from shark_torchrec.quant.rows import check_cuda_scale, dequantize_rows, quantize_rows, unpack_rows
 from shark_torchrec.quant.shared_rows import SharedRows
-from shark_torchrec.quant.tiers import TIER_ORDER, Tier, TierAssignment
+from shark_torchrec.quant.tiers import TIER_ORDER, Tier, TierAssignment, check_row_fit
 
 __all__ = [
     "LAYOUT_FORMAT",
@@ -74,9 +74,10 @@ IDS_PER_THREAD = 16_384
 _QUANTIZE_ROWS = 65_536
 
 
-def _quantize_into(c: EmbeddingBagConfig, w: torch.Tensor, tiers: torch.Tensor, counts: torch.Tensor, group) -> None:
-    """Write a table's rows into its sub-tables and its id map with the CPU kernel; raise
-    naming the first row holding NaN/Inf."""
+def _quantize_into(c: EmbeddingBagConfig, w: torch.Tensor, tiers: torch.Tensor, counts: torch.Tensor, group,
+                   row_fit: str = "minmax") -> None:
+    """Write a table's rows into its sub-tables (integer rows with the row fit ``row_fit``)
+    and its id map with the CPU kernel; raise naming the first row holding NaN/Inf."""
     transform = group.input_transform
     tier_start = torch.cumsum(torch.cat([torch.zeros(1, dtype=torch.long), counts[:-1]]), 0)
     weights = w.detach()
@@ -84,7 +85,7 @@ def _quantize_into(c: EmbeddingBagConfig, w: torch.Tensor, tiers: torch.Tensor, 
         weights = weights.float().contiguous()
     bad = torch.ops.shark_torchrec.quantize_into(
         weights, tiers.to(torch.int8).contiguous(), group.table_sub_meta(c.name), tier_start,
-        group.weight_buffer(), transform.table_map(c.name), transform.table_width[c.name])
+        group.weight_buffer(), transform.table_map(c.name), transform.table_width[c.name], row_fit == "lsq")
     if bad >= 0:
         raise ValueError(f"table {c.name!r}: row {bad} has NaN/Inf weights")
 
@@ -105,7 +106,7 @@ _FP16 = TIER_ORDER.index(Tier.FP16)
 _SHARED = TIER_ORDER.index(Tier.SHARED)
 
 
-def _quantize_python(configs, weights, tiers, physical, used, group_of, device) -> None:
+def _quantize_python(configs, weights, tiers, physical, used, group_of, device, row_fit: str = "minmax") -> None:
     """:func:`_quantize_into` in torch and FBGEMM's quantizers (CUDA, or no kernel built)."""
     views = {id(g): g._tbe_views() for g in set(group_of.values())}
     for c in configs:
@@ -125,7 +126,7 @@ def _quantize_python(configs, weights, tiers, physical, used, group_of, device) 
                 for r0 in range(0, n, _QUANTIZE_ROWS):
                     chunk = rows[r0:r0 + _QUANTIZE_ROWS]
                     picked = torch.index_select(w, 0, chunk.to(w.device), out=buf[:chunk.numel()])
-                    data = quantize_rows(picked.cpu(), tier)
+                    data = quantize_rows(picked.cpu(), tier, row_fit)
                     if device.type == "cuda" and data[1] is not None:
                         check_cuda_scale(c.name, data[1], chunk)
                     group._set_weights(f"{c.name}@{tier.value}", data, r0, views[id(group)])
@@ -282,7 +283,7 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
             configs, {c.name: ebc.embedding_bags[c.name].weight for c in configs}, assignment.tiers,
             is_weighted=ebc.is_weighted(), row_alignment=assignment.row_alignment,
             device=next(iter(ebc.parameters())).device, check_ids=check_ids, num_groups=num_groups,
-            strict=strict, shared=assignment.shared, output_dtype=output_dtype)
+            strict=strict, shared=assignment.shared, output_dtype=output_dtype, row_fit=assignment.row_fit)
 
     @staticmethod
     @torch.no_grad()
@@ -291,7 +292,7 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
                      row_alignment: int = 16, device: torch.device = torch.device("cpu"),
                      check_ids: bool = True, num_groups: Optional[int] = None, strict: bool = False,
                      shared: Optional[Mapping[str, SharedRows]] = None, output_dtype="fp32",
-                     map_bytes: Optional[Mapping[str, int]] = None,
+                     map_bytes: Optional[Mapping[str, int]] = None, row_fit: str = "minmax",
                      ) -> "RowwiseMixedEmbeddingBagCollection":
         """Build from tables' float rows and their tiers (:data:`TIER_ORDER` indices per row):
         ``weights[name]`` may be any [rows, dim] view (a sharded model's local shard, a column
@@ -299,8 +300,10 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
         table is made (memory: the quantized tables, the id map, and a chunk).
         ``shared[name]``: the centroids of a table with SHARED rows (and each row's centroid).
         ``map_bytes[name]``: its id-map entries' width (default: what its rows need; a shard
-        takes its whole table's, :attr:`MixedLayout.map_bytes`).
+        takes its whole table's, :attr:`MixedLayout.map_bytes`).  ``row_fit``: how integer rows
+        get their scale and bias (:mod:`~shark_torchrec.quant.rows`).
         NaN/Inf weights raise an error naming the table and row."""
+        check_row_fit(row_fit)
         device = torch.device(device)
         shared = dict(shared or {})
         num_groups = max(1, min(num_groups or 1, len(configs)))
@@ -342,9 +345,9 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
         group_of = {n: g for g in module.groups for n in g.input_transform.table_base}
         if device.type == "cpu" and cpu_kernel_available():
             for c in configs:  # one streaming pass per table (csrc/quantize_rows.cpp)
-                _quantize_into(c, weights[c.name], tiers[c.name], physical[c.name], group_of[c.name])
+                _quantize_into(c, weights[c.name], tiers[c.name], physical[c.name], group_of[c.name], row_fit)
         else:
-            _quantize_python(configs, weights, tiers, physical, used, group_of, device)
+            _quantize_python(configs, weights, tiers, physical, used, group_of, device, row_fit)
         for name in layout.shared:
             _place_centroids(name, tiers[name], counts[name], physical[name], shared[name], group_of[name])
         return module

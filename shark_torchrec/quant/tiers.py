@@ -77,6 +77,18 @@ class BudgetError(SharkInputError, ValueError):
 
 #: Tiers from most to least precise (the order priorities are mapped onto).
 TIER_ORDER: Tuple[Tier, ...] = (Tier.FP32, Tier.FP16, Tier.INT8, Tier.INT4, Tier.INT2, Tier.SHARED, Tier.DROP)
+#: How integer rows get their scale and bias when stored: FBGEMM's min/max, or fitted by least
+#: squares (:mod:`~shark_torchrec.quant.rows`).
+ROW_FITS = ("minmax", "lsq")
+
+
+def check_row_fit(row_fit: str) -> str:
+    """``row_fit`` if it is one of :data:`ROW_FITS`, else a ValueError naming it."""
+    if row_fit not in ROW_FITS:
+        raise ValueError(f"row_fit must be one of {ROW_FITS}, got {row_fit!r}")
+    return row_fit
+
+
 #: Where SHARED rows' centroids are stored (after the table's own FP16 rows).
 CENTROID_TIER = Tier.FP16
 
@@ -100,9 +112,10 @@ def sub_table_bytes(tier: Tier, rows: int, dim: int, row_alignment: int = DEFAUL
     return align_to_cacheline(rows * row_bytes(tier, dim, row_alignment))
 
 
-def quantization_error(weights: torch.Tensor, tier: Tier) -> torch.Tensor:
+def quantization_error(weights: torch.Tensor, tier: Tier, row_fit: str = "minmax") -> torch.Tensor:
     """Squared L2 error per row of ``weights`` [N, D] stored in ``tier`` and read back
-    (FBGEMM's own row-wise quantizers; DROP: the squared norm; SHARED depends on the
+    (FBGEMM's row-wise format, integer rows with the row fit ``row_fit``:
+    :mod:`~shark_torchrec.quant.rows`; DROP: the squared norm; SHARED depends on the
     centroids: :class:`~shark_torchrec.quant.shared_rows.SharedRows`)."""
     if tier is Tier.SHARED:
         raise ValueError("the SHARED tier's error depends on the table's centroids (SharedRows.error)")
@@ -114,8 +127,10 @@ def quantization_error(weights: torch.Tensor, tier: Tier) -> torch.Tensor:
     elif tier is Tier.FP16:
         back = w.half().float()
     else:
+        from shark_torchrec.quant.rows import fused_nbit_rows  # (rows.py builds on this module)
+
         bits = {Tier.INT8: 8, Tier.INT4: 4, Tier.INT2: 2}[tier]
-        q = torch.ops.fbgemm.FloatOrHalfToFusedNBitRowwiseQuantizedSBHalf(w, bits)
+        q = fused_nbit_rows(w, bits, row_fit)
         back = torch.ops.fbgemm.FusedNBitRowwiseQuantizedSBHalfToFloat(q, bits)
     return ((w - back).double() ** 2).sum(1)
 
@@ -131,6 +146,9 @@ class TierAssignment:
         method: how it was chosen (for reports).
         shared: ``{table: SharedRows}`` for tables with SHARED rows: their centroids (stored in
             the table's FP16 sub-table) and each row's centroid.
+        row_fit: how integer rows get their scale and bias when stored (``"minmax"``, FBGEMM's,
+            or ``"lsq"``: :mod:`~shark_torchrec.quant.rows`); the errors the tiers were chosen
+            by are those of this fit.
     """
 
     tiers: Dict[str, torch.Tensor]
@@ -139,6 +157,7 @@ class TierAssignment:
     method: str = ""
     details: Dict[str, float] = field(default_factory=dict)
     shared: Dict[str, object] = field(default_factory=dict)
+    row_fit: str = "minmax"
 
     def rows_per_tier(self, table: str) -> Dict[Tier, int]:
         counts = torch.bincount(self.tiers[table].long(), minlength=len(TIER_ORDER))
@@ -191,10 +210,12 @@ def assign_by_fractions(
     dims: Dict[str, int],
     fractions: Dict["str | Tier", float],
     row_alignment: int = DEFAULT_ROW_ALIGNMENT,
+    row_fit: str = "minmax",
 ) -> TierAssignment:
     """Tiers by fractions of rows, per table: the highest-priority rows get the most precise
     tier named.  ``fractions`` (e.g. ``{"fp16": .1, "int8": .3, "int4": .6}``) must sum to 1;
-    ties are broken by row id (lower first), so the result is deterministic."""
+    ties are broken by row id (lower first), so the result is deterministic.  ``row_fit``: how
+    the rows will be stored (:attr:`TierAssignment.row_fit`)."""
     _check_priorities(priorities, dims)
     fr = {Tier.parse(k): float(v) for k, v in fractions.items()}
     if any(v < 0 for v in fr.values()) or not math.isclose(sum(fr.values()), 1.0, abs_tol=1e-6):
@@ -217,7 +238,8 @@ def assign_by_fractions(
             start = end
         tiers[name] = out
     return TierAssignment(tiers, dict(dims), row_alignment,
-                          method="fractions " + ", ".join(f"{t.value}={fr[t]:g}" for t in order))
+                          method="fractions " + ", ".join(f"{t.value}={fr[t]:g}" for t in order),
+                          row_fit=check_row_fit(row_fit))
 
 
 def lowest_price(bytes_at: Callable[[float], float], budget: float, iterations: int = 60) -> float:
@@ -246,6 +268,7 @@ def assign_by_budget(
     row_alignment: int = DEFAULT_ROW_ALIGNMENT,
     drop_rows: str = "any",
     column_blocks: Optional[Dict[str, Sequence[int]]] = None,
+    row_fit: str = "minmax",
 ) -> TierAssignment:
     """Tiers minimising the priority-weighted quantization error within ``budget_bytes``
     (all tables together), by the exact Lagrangian search of :mod:`~shark_torchrec.quant.budget`
@@ -265,9 +288,12 @@ def assign_by_budget(
         column_blocks: ``{table: [widths]}`` for tables stored in column blocks (column-wise
             sharding): each block is quantized apart (its own scale and bias), so a row's error
             is the sum of its blocks' errors and its bytes those of every block.
+        row_fit: how integer rows will be stored (:attr:`TierAssignment.row_fit`); their errors
+            are measured so.
     """
     from shark_torchrec.quant import budget as B  # (budget.py builds on this module)
 
+    check_row_fit(row_fit)
     if drop_rows not in ("any", "unused"):
         raise ValueError(f"drop_rows must be 'any' or 'unused', got {drop_rows!r}")
     dims = {name: int(w.shape[1]) for name, w in weights.items()}
@@ -288,7 +314,7 @@ def assign_by_budget(
     choices = {}
     for name, w in weights.items():
         sizes = B.tier_sizes(blocks[name], allowed, row_alignment)
-        choices[name] = table_choices(name, w, priorities[name], allowed, sizes, blocks[name], drop_rows)
+        choices[name] = table_choices(name, w, priorities[name], allowed, sizes, blocks[name], drop_rows, row_fit)
     smallest = sum(B.smallest_bytes(c) for c in choices.values())
     if smallest > budget_bytes:
         raise BudgetError(f"budget {budget_bytes} bytes is below the smallest possible size "
@@ -297,15 +323,15 @@ def assign_by_budget(
     out = {name: B.pick(c, price) for name, c in choices.items()}
     total = sum(int(B.tier_sizes(blocks[n], TIER_ORDER, row_alignment)[t.long()].sum()) for n, t in out.items())
     return TierAssignment(out, dims, row_alignment, method=f"budget {budget_bytes} bytes (drop {drop_rows} rows)",
-                          details={"row_bytes": total, "lambda": B.price_value(price)})
+                          details={"row_bytes": total, "lambda": B.price_value(price)}, row_fit=row_fit)
 
 
 def table_choices(name: str, weights: torch.Tensor, priorities: torch.Tensor, allowed: Sequence[Tier],
-                  sizes: torch.Tensor, blocks: Sequence[int], drop_rows: str = "any"):
+                  sizes: torch.Tensor, blocks: Sequence[int], drop_rows: str = "any", row_fit: str = "minmax"):
     """:class:`~shark_torchrec.quant.budget.RowChoices` of a table's rows, read in chunks;
     ``blocks``: the widths of its column blocks in ``weights`` (each measured apart, the later
-    blocks' errors added to the first's).  A non-finite row is an error naming the table and
-    the row."""
+    blocks' errors added to the first's); errors of integer rows stored with ``row_fit``.  A
+    non-finite row is an error naming the table and the row."""
     from shark_torchrec.quant import budget as B
 
     parts = []
@@ -317,10 +343,10 @@ def table_choices(name: str, weights: torch.Tensor, priorities: torch.Tensor, al
         r1 = min(n, r0 + B.CHUNK_ROWS)
         extra = None
         for c0, c1 in zip(edges[1:], edges[2:]):
-            e = B.tier_errors(weights[r0:r1, c0:c1], allowed)
+            e = B.tier_errors(weights[r0:r1, c0:c1], allowed, row_fit=row_fit)
             extra = e if extra is None else extra.add_(e)
         choices, bad = B.measure_choices(weights[r0:r1, edges[0]:edges[1]], priorities[r0:r1], allowed, sizes,
-                                         drop_rows, extra)
+                                         drop_rows, extra, row_fit=row_fit)
         if bad >= 0 or (extra is not None and bool(torch.isnan(extra).any())):
             row = r0 + (bad if bad >= 0 else int(torch.isnan(extra).any(1).nonzero()[0]))
             raise ValueError(f"table {name!r}: row {row} of the weights is not finite")
@@ -333,7 +359,7 @@ def weighted_error(assignment: "TierAssignment", priorities: Dict[str, torch.Ten
     """``Σ_v p[v] · err_tier(v)`` of an assignment (what :func:`assign_by_budget` minimises)."""
     total = 0.0
     for name, t in assignment.tiers.items():
-        err = torch.stack([quantization_error(weights[name], tier) if tier is not Tier.SHARED
+        err = torch.stack([quantization_error(weights[name], tier, assignment.row_fit) if tier is not Tier.SHARED
                            else assignment.shared[name].error if name in assignment.shared
                            else torch.zeros(t.numel(), dtype=torch.float64) for tier in TIER_ORDER], 1)
         total += float((priorities[name].double() * err.gather(1, t.long().unsqueeze(1)).squeeze(1)).sum())

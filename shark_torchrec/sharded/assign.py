@@ -67,6 +67,7 @@ class ShardedTierAssignment:
         shared: ``{shard name: SharedRows}``: the centroids of this rank's shards with SHARED
             rows (each shard its own), and each row's centroid.
         centroids: ``{table: centroids}`` over all ranks (every shard's together).
+        row_fit: how integer rows are to be stored (:attr:`RowwiseQuantConfig.row_fit`).
     """
 
     tiers: Dict[str, torch.Tensor]
@@ -76,6 +77,7 @@ class ShardedTierAssignment:
     details: Dict[str, float] = dataclasses.field(default_factory=dict)
     shared: Dict[str, SharedRows] = dataclasses.field(default_factory=dict)
     centroids: Dict[str, int] = dataclasses.field(default_factory=dict)
+    row_fit: str = "minmax"
 
 
 def table_overhead(rows: int, blocks: int) -> int:
@@ -279,7 +281,7 @@ class _Assigner:
                 p = self.priority(g)
                 for r0 in range(0, g.rows, B.CHUNK_ROWS):
                     r1 = min(g.rows, r0 + B.CHUNK_ROWS)
-                    err = B.tier_errors(self.weights[g.blocks[0].name][r0:r1], rest)
+                    err = B.tier_errors(self.weights[g.blocks[0].name][r0:r1], rest, row_fit=self.config.row_fit)
                     c = p[r0:r1].unsqueeze(1) * err + price * sizes.unsqueeze(0)
                     if drop >= 0:
                         c[:, drop] = torch.where(p[r0:r1] > 0, math.inf, c[:, drop])
@@ -294,6 +296,10 @@ class _Assigner:
         return {t: self.k_candidates(t)[int(torch.argmin(cost[i, :len(self.k_candidates(t))]))]
                 for i, t in enumerate(tables)}
 
+    def errors(self, block, r0: int, r1: int, tiers: List[Tier]) -> torch.Tensor:
+        """Rows ``[r0, r1)`` of a column block held here: their errors in ``tiers``."""
+        return B.tier_errors(self.weights[block.name][r0:r1], tiers, row_fit=self.config.row_fit)
+
     def group_choices(self, g: RowGroup, allowed: List[Tier], sizes: torch.Tensor,
                       shared: Optional[SharedRows] = None) -> List[B.RowChoices]:
         """Choices of a row group whose blocks are all here; [] when some lie elsewhere (they
@@ -306,7 +312,7 @@ class _Assigner:
             r1 = min(g.rows, r0 + B.CHUNK_ROWS)
             extra = None
             for b in g.blocks[1:]:
-                e = B.tier_errors(self.weights[b.name][r0:r1], allowed)
+                e = self.errors(b, r0, r1, allowed)
                 extra = e if extra is None else extra.add_(e)
             out.append(self.checked_choices(g, r0, r1, extra, p[r0:r1], allowed, sizes,
                                             None if shared is None else shared.error[r0:r1]))
@@ -319,7 +325,7 @@ class _Assigner:
         here) plus ``extra``, the errors of its other blocks in column order (``shared``: the
         rows' SHARED-tier errors)."""
         choices, bad = B.measure_choices(self.weights[g.blocks[0].name][r0:r1], p, allowed, sizes,
-                                         self.config.drop_rows, extra, shared)
+                                         self.config.drop_rows, extra, shared, self.config.row_fit)
         if bad < 0 and extra is not None and bool(torch.isnan(extra).any()):
             bad = int(torch.isnan(extra).any(1).nonzero()[0])
         if bad >= 0:
@@ -345,15 +351,14 @@ class _Assigner:
                     sends = [torch.zeros(0, dtype=torch.float64) for _ in range(self.comm.world)]
                     mine = [b for b in g.blocks if b.rank == self.rank and b.rank != g.leader]
                     if mine:
-                        sends[g.leader] = torch.cat([B.tier_errors(self.weights[b.name][r0:r1], allowed).reshape(-1)
-                                                     for b in mine])
+                        sends[g.leader] = torch.cat([self.errors(b, r0, r1, allowed).reshape(-1) for b in mine])
                     got = self.comm.exchange(sends)
                     if not lead:
                         continue
                     received = {r: list(torch.split(got[r], (r1 - r0) * K)) for r in range(self.comm.world)}
                     extra = None
                     for b in g.blocks[1:]:  # column order
-                        e = (B.tier_errors(self.weights[b.name][r0:r1], allowed) if b.rank == self.rank
+                        e = (self.errors(b, r0, r1, allowed) if b.rank == self.rank
                              else received[b.rank].pop(0).view(r1 - r0, K))
                         extra = e.clone() if extra is None else extra.add_(e)
                     choices[(t, g.row_offset)].append(self.checked_choices(g, r0, r1, extra, p[r0:r1], allowed,
@@ -484,4 +489,4 @@ def assign_tiers_sharded(layout: ShardedLayout, weights: Dict[str, torch.Tensor]
     shared, centroids = a.shared_of_shards()
     return ShardedTierAssignment(tiers, a.rows_per_tier(), config.row_alignment,
                                  method=json.dumps(config.to_dict()), details=details, shared=shared,
-                                 centroids=centroids)
+                                 centroids=centroids, row_fit=config.row_fit)

@@ -34,11 +34,12 @@ from shark_torchrec.sharded.layout import REPLICATED, ShardedLayout, collection_
 def build_sharded_collection(layout: ShardedLayout, weights: Dict[str, torch.Tensor], tiers: Dict[str, torch.Tensor],
                              row_alignment: int, comm: Comm, check_ids: bool = True,
                              device: torch.device = torch.device("cpu"),
-                             shared: Optional[Dict[str, SharedRows]] = None,
+                             shared: Optional[Dict[str, SharedRows]] = None, row_fit: str = "minmax",
                              ) -> ShardedRowwiseMixedEmbeddingBagCollection:
     """This rank's part of a sharded mixed collection, from its shards' rows and tiers
     (``{shard name: ...}``; ``shared``: the centroids of shards with SHARED rows,
-    :attr:`ShardedTierAssignment.shared`)."""
+    :attr:`ShardedTierAssignment.shared`; ``row_fit``: how integer rows get their scale and
+    bias, :attr:`RowwiseQuantConfig.row_fit`)."""
     routed = [s for s in layout.local(comm.rank) if s.rank != REPLICATED]
     replicated = [s for s in layout.shards if s.rank == REPLICATED]
 
@@ -52,7 +53,7 @@ def build_sharded_collection(layout: ShardedLayout, weights: Dict[str, torch.Ten
             {s.name: tiers[s.name] for s in shards}, is_weighted=layout.is_weighted,
             row_alignment=row_alignment, device=device, check_ids=False,
             shared={s.name: shared[s.name] for s in shards if s.name in (shared or {})},
-            map_bytes=layout.map_bytes(shards))
+            map_bytes=layout.map_bytes(shards), row_fit=row_fit)
 
     return ShardedRowwiseMixedEmbeddingBagCollection(layout, convert(routed), convert(replicated), comm,
                                                      check_ids=check_ids, row_alignment=row_alignment)
@@ -90,7 +91,7 @@ def quantize_sharded(ebc: nn.Module, config: RowwiseQuantConfig, priorities: Any
     assignment = assign_tiers_sharded(layout, weights, config, priorities, comm)
     device = next(iter(weights.values())).device if weights else torch.device("cpu")
     mixed = build_sharded_collection(layout, weights, assignment.tiers, config.row_alignment, comm,
-                                     check_ids, device, assignment.shared)
+                                     check_ids, device, assignment.shared, config.row_fit)
     mixed.output_dtype = OUTPUT_DTYPES[config.output_dtype]
     return mixed, assignment
 

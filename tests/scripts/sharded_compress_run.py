@@ -30,9 +30,10 @@ POLICIES = {
     "fractions": dict(fractions={"fp16": 0.1, "int8": 0.3, "int4": 0.5, "drop": 0.1}),
     "mixed": dict(budget_fraction=0.4, table_overrides={"t_f0": "int8"},
                   table_fractions={"t_f1": {"fp16": 0.5, "int2": 0.5}}, table_budgets={"t_f3": 3000}),
-    # shard-local centroids (column-wise tables take no SHARED rows); unused rows dropped
+    # shard-local centroids (column-wise tables take no SHARED rows); unused rows dropped;
+    # integer rows fitted by least squares (each column block apart)
     "shared": dict(budget_fraction=0.3, tiers=("fp16", "int8", "int4", "int2", "shared", "drop"),
-                   drop_rows="unused", row_alignment=1),
+                   drop_rows="unused", row_alignment=1, row_fit="lsq"),
 }
 #: The policy of the converted model that is served, exported and loaded.
 SERVED = "shared"

@@ -14,7 +14,9 @@
 // The errors are those of FBGEMM's row-wise quantizers (FloatOrHalfToFusedNBitRowwise-
 // QuantizedSBHalf: bias = the row minimum rounded to fp16, scale = range / (2^bits - 1) rounded
 // to fp16, q = round-to-nearest-even((x - bias) / scale) clamped; read back as scale * q + bias)
-// and of fp16 rounding; DROP's error is the row's squared norm, FP32's is 0.
+// and of fp16 rounding; DROP's error is the row's squared norm, FP32's is 0.  With `fit`, the
+// integer tiers' errors are those of rows fitted by least squares (fit_row, quantize_rows.cpp),
+// as the conversion then stores them.
 //
 // Built with mixed_lookup.cpp by shark_torchrec/quant/cpu_kernel.py; registered as
 // torch.ops.shark_torchrec.{row_tier_errors, tier_hull, hull_histogram, hull_pick}.
@@ -31,6 +33,12 @@
 #include <optional>
 #include <tuple>
 #include <vector>
+
+namespace shark_torchrec_fit {
+// quantize_rows.cpp: a row's least-squares-fitted scale and bias for `bits`-bit codes; returns
+// the squared error.
+double fit_row(const float* x, int64_t D, int bits, float* scale_out, float* bias_out);
+}  // namespace shark_torchrec_fit
 
 namespace {
 
@@ -157,7 +165,7 @@ bool row_errors_vec(const float* x, int64_t D, const int64_t* bits, int K, doubl
 
 // Squared error of one row in every tier; bits: 32 FP32, 16 FP16, 8/4/2 INTn, 0 DROP.
 // Returns false if the row holds a NaN or an infinity.
-bool row_errors(const float* x, int64_t D, const int64_t* bits, int K, double* out) {
+bool row_errors_minmax(const float* x, int64_t D, const int64_t* bits, int K, double* out) {
 #ifdef SHARK_AVX2
   if (D % 8 == 0) return row_errors_vec<Avx2>(x, D, bits, K, out);
 #endif
@@ -200,9 +208,21 @@ bool row_errors(const float* x, int64_t D, const int64_t* bits, int K, double* o
   return true;
 }
 
-// err [n, K] float64: row r's squared error in tier k (bits[k]); a row with a NaN or infinity
-// gets NaN in every column.
-Tensor row_tier_errors(const Tensor& weights, at::IntArrayRef bits) {
+// row_errors_minmax, the integer tiers' errors those of fitted rows with `fit`.
+bool row_errors(const float* x, int64_t D, const int64_t* bits, int K, double* out, bool fit) {
+  if (!row_errors_minmax(x, D, bits, K, out)) return false;
+  if (fit) {
+    float scale, bias;
+    for (int k = 0; k < K; ++k)
+      if (bits[k] == 8 || bits[k] == 4 || bits[k] == 2)
+        out[k] = shark_torchrec_fit::fit_row(x, D, (int)bits[k], &scale, &bias);
+  }
+  return true;
+}
+
+// err [n, K] float64: row r's squared error in tier k (bits[k]; integer rows fitted with `fit`);
+// a row with a NaN or infinity gets NaN in every column.
+Tensor row_tier_errors(const Tensor& weights, at::IntArrayRef bits, bool fit) {
   TORCH_CHECK(weights.device().is_cpu() && weights.scalar_type() == at::kFloat && weights.dim() == 2,
               "row_tier_errors: weights must be a float32 [rows, dim] CPU tensor");
   TORCH_CHECK(weights.stride(1) == 1, "row_tier_errors: rows must be contiguous");
@@ -219,7 +239,7 @@ Tensor row_tier_errors(const Tensor& weights, at::IntArrayRef bits) {
   const std::vector<int64_t> b(bits.begin(), bits.end());
   at::parallel_for(0, n, 2048, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      if (!row_errors(w + r * stride, D, b.data(), K, o + r * K))
+      if (!row_errors(w + r * stride, D, b.data(), K, o + r * K, fit))
         for (int k = 0; k < K; ++k) o[r * K + k] = std::numeric_limits<double>::quiet_NaN();
     }
   });
@@ -317,7 +337,7 @@ std::tuple<Tensor, Tensor, Tensor> tier_hull(const Tensor& err, const Tensor& pr
 std::tuple<Tensor, Tensor, Tensor, int64_t> row_choices(const Tensor& weights, at::IntArrayRef bits,
                                                        const Tensor& priority, const Tensor& sizes,
                                                        const std::optional<Tensor>& extra_err, bool drop_unused,
-                                                       int64_t drop_index) {
+                                                       int64_t drop_index, bool fit) {
   TORCH_CHECK(weights.device().is_cpu() && weights.scalar_type() == at::kFloat && weights.dim() == 2 &&
                   weights.stride(1) == 1,
               "row_choices: weights must be a float32 [rows, dim] CPU tensor with contiguous rows");
@@ -352,7 +372,7 @@ std::tuple<Tensor, Tensor, Tensor, int64_t> row_choices(const Tensor& weights, a
     int64_t top = 0, bottom = 0;
     const int t = at::get_thread_num();
     for (int64_t r = r0; r < r1; ++r) {
-      if (!row_errors(w + r * stride, D, bv.data(), K, e)) {
+      if (!row_errors(w + r * stride, D, bv.data(), K, e, fit)) {
         if (bad[t] < 0 || r < bad[t]) bad[t] = r;
         continue;
       }
@@ -433,10 +453,10 @@ std::tuple<Tensor, Tensor> hull_pick(const Tensor& bp, const Tensor& seq, int64_
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(shark_torchrec, m) {
-  m.def("row_tier_errors(Tensor weights, int[] bits) -> Tensor");
+  m.def("row_tier_errors(Tensor weights, int[] bits, bool fit=False) -> Tensor");
   m.def("tier_hull(Tensor err, Tensor priority, Tensor sizes, bool drop_unused, int drop_index) -> (Tensor, Tensor, Tensor)");
   m.def("row_choices(Tensor weights, int[] bits, Tensor priority, Tensor sizes, Tensor? extra_err, "
-        "bool drop_unused, int drop_index) -> (Tensor, Tensor, Tensor, int)");
+        "bool drop_unused, int drop_index, bool fit=False) -> (Tensor, Tensor, Tensor, int)");
   m.def("hull_histogram(Tensor bp, Tensor seq, Tensor sizes, int prefix) -> Tensor");
   m.def("hull_pick(Tensor bp, Tensor seq, int price) -> (Tensor, Tensor)");
 }
