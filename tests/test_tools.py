@@ -121,11 +121,16 @@ def test_frontier_pairs_every_method_against_the_same_uncompressed_model(tmp_pat
     _run("frontier.py", "--seeds", 0, "--saved", "0.8", "--bootstrap", 50, "--out", tmp_path, "--", *recipe)
     r = json.loads((tmp_path / "results.json").read_text())
     m = r["methods"]
-    assert set(m) == {"shark", "shark-drop", "frequency", "uniform int8", "uniform int4", "uniform int2", "hashed"}
+    assert set(m) == {"shark", "shark-drop", "shark-lsq", "frequency", "uniform int8", "uniform int4", "uniform int2",
+                      "uniform-lsq int4", "uniform-lsq int2", "hashed"}
     # TorchRec's layout, 1-byte rows: dim 32 -> int8 36 bytes, int4 20, int2 12 (fp16 scale and
-    # bias) per 128-byte fp32 row, no id map
+    # bias) per 128-byte fp32 row, no id map; fitted rows take the same bytes
     for tier, row in (("int8", 36), ("int4", 20), ("int2", 12)):
         assert m[f"uniform {tier}"][tier]["bytes_saved"] == pytest.approx(1 - row / 128)
+        if tier != "int8":
+            assert m[f"uniform-lsq {tier}"][tier]["bytes_saved"] == pytest.approx(1 - row / 128)
+    fitted = (tmp_path / "seed0" / "shark-lsq_0.2" / "quantize" / "done.json").read_text()
+    assert '"quant_row_fit": "lsq"' in fitted  # the fit keys its quantize stage
     assert m["hashed"]["80%"]["bytes_saved"] == pytest.approx(1 - 60 / 300)  # 300-row tables -> 60 rows
     # the tool's pairing reproduces the pipeline's own paired comparison (same rows, same model)
     own = json.loads((tmp_path / "seed0" / "uniform_int4" / "report.json").read_text())
