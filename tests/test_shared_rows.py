@@ -214,3 +214,29 @@ def test_row_tiers_saved_before_the_shared_tier_still_read_right(tmp_path) -> No
     torch.save({_ORDER_KEY: [t.value for t in TIER_ORDER], "t@0": torch.tensor([SHARED, 6], dtype=torch.int8)},
                tmp_path / "rank-00000.pt")
     assert read_row_tiers(str(tmp_path))["t"].tolist() == [SHARED, TIER_ORDER.index(Tier.DROP)]
+
+
+def test_kmeans_pp_seeds_are_those_of_the_direct_distances() -> None:
+    """The seeding's distances by matrix-vector products draw exactly the seeds that the plain
+    squared differences draw (the same random stream, the same probabilities to rounding)."""
+    import numpy as np
+
+    from shark_torchrec.quant.shared_rows import _kmeans_pp
+
+    def direct(x, weights, k, g):  # the textbook loop, in float64
+        pts = torch.from_numpy(x).double()
+        w = torch.ones(len(pts), dtype=torch.float64) if weights is None else torch.from_numpy(weights).double()
+        seeds = [int(torch.multinomial(w / w.sum(), 1, generator=g))]
+        nearest = ((pts - pts[seeds[0]]) ** 2).sum(1)
+        for _ in range(1, k):
+            mass = w * nearest
+            seeds.append(int(torch.multinomial(mass / mass.sum(), 1, generator=g)))
+            nearest = torch.minimum(nearest, ((pts - pts[seeds[-1]]) ** 2).sum(1))
+        return x[seeds]
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((3000, 16)) * rng.random((3000, 1)) + 5.0).astype(np.float32)  # offset: cancellation
+    for weights in (None, rng.random(3000).astype(np.float32)):
+        got = _kmeans_pp(x, weights, 64, torch.Generator().manual_seed(1))
+        want = direct(x, weights, 64, torch.Generator().manual_seed(1))
+        assert np.array_equal(got, want)
