@@ -31,6 +31,7 @@ from shark_torchrec.data import SyntheticClickDataset, SyntheticConfig, make_dat
 from shark_torchrec.importance import RowPriority, TaylorFieldImportance
 from shark_torchrec.quant import RowwiseQuantConfig
 from shark_torchrec.sharded import quantize_sharded_dlrm
+from shark_torchrec.training.distributed import exit_worker
 
 
 def auc(predict, batches) -> float:
@@ -136,3 +137,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    # End without Python's finalization: TorchRec objects can hold the gloo group's C++ state
+    # past destroy_process_group, and tearing it down at exit can abort a finished job
+    # ("terminate called without an active exception"; see exit_worker).
+    exit_worker(0)

@@ -463,3 +463,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    if os.environ.get("WORLD_SIZE"):  # under torchrun: skip the finalization that can abort (exit_worker)
+        from shark_torchrec.training.distributed import exit_worker
+
+        exit_worker(0)
