@@ -41,6 +41,7 @@ from shark_torchrec.cli_args import (
 from shark_torchrec.errors import FlagError
 from shark_torchrec.importance.taylor import BASELINES
 from shark_torchrec.planning.sharders import CPU_SHARDING_TYPES
+from shark_torchrec.quant.tiers import ROW_FITS
 from shark_torchrec.run_config import (
     DEFAULT_QUANT_TIERS,
     STAGES,
@@ -257,7 +258,7 @@ def pipeline_parser() -> argparse.ArgumentParser:
                    "sharded inference does, 16 when the run uses CUDA, else 1")
     q.add_argument("--quant_fractions", type=tier_fractions,
                    help="row fractions per tier instead of a budget, e.g. fp16=0.1,int8=0.3,int4=0.6")
-    g.add_argument("--quant_row_fit", choices=["minmax", "lsq"], default="minmax",
+    g.add_argument("--quant_row_fit", choices=ROW_FITS, default="minmax",
                    help="each integer row's fp16 scale and bias: minmax (default, FBGEMM's quantizers) "
                    "or lsq (fitted to the row by least squares: the same format and kernels, less "
                    "error; the byte budget measures the fitted errors)")
