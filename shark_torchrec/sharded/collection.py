@@ -93,6 +93,7 @@ class ShardedRowwiseMixedEmbeddingBagCollection(nn.Module):
         self._rep_slots = [i for i, (_, _, c) in enumerate(self._slots) if c.name in rep_tables]
         self._mean_slots = [i for i, (_, _, c) in enumerate(self._slots) if c.pooling == PoolingType.MEAN]
         self._plan = self._routing_plan()
+        self._scratch_buffers: Dict[str, torch.Tensor] = {}  # see _scratch
 
     # ------------------------------------------------------------------ plan
     def _routing_plan(self) -> Dict[str, object]:
@@ -143,6 +144,7 @@ class ShardedRowwiseMixedEmbeddingBagCollection(nn.Module):
             "permute": torch.tensor(segments, dtype=torch.int32),
             "block_sizes": torch.tensor([max(1, c.num_embeddings) for _, _, c in routed]),
             "rows": torch.tensor([c.num_embeddings for _, _, c in routed]),
+            "wire_dtype": torch.int32 if all(c.num_embeddings < 2**31 for _, _, c in routed) else torch.int64,
             "features": [f for _, f, _ in routed], "tables": [c.name for _, _, c in routed],
             "local_keys": [f"{e}#{s.index}" for s, e in per_rank[rank]],
             "cols": cols, "runs": runs,
@@ -238,6 +240,18 @@ class ShardedRowwiseMixedEmbeddingBagCollection(nn.Module):
             out = out.to(self.output_dtype)
         return KeyedTensor(keys=list(self._keys), length_per_key=list(self._dims), values=out)
 
+    def _scratch(self, name: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A 1-D buffer of ``numel`` elements kept from one forward to the next (grown when a
+        batch needs more): the pooled blocks a rank sends back and the blocks it receives are
+        several MiB per batch on big tables, and a fresh allocation of that size costs its page
+        faults in every call.  Only the forward's own steps use them (a forward is a
+        collective, so two never overlap on one rank); nothing returned aliases them."""
+        buf = self._scratch_buffers.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
+            buf = torch.empty(max(numel, 1), dtype=dtype, device=device)
+            self._scratch_buffers[name] = buf
+        return buf[:numel]
+
     def _forward_routed(self, features: KeyedJaggedTensor, B: int, out: torch.Tensor,
                         malformed: Optional[str]) -> None:
         plan, comm = self._plan, self.comm
@@ -252,8 +266,12 @@ class ShardedRowwiseMixedEmbeddingBagCollection(nn.Module):
         else:
             kjt = select_features(features, plan["features"])
             message = self._first_bad(kjt, plan["rows"], plan["tables"]) if self.check_ids else None
-        # one dtype on every rank: what one sends, another reads
-        values, lengths, weights = kjt.values().long(), kjt.lengths().long(), kjt.weights_or_none()
+        # One dtype on every rank (what one sends, another reads): int32 where every routed
+        # table has fewer than 2**31 rows, so every valid id fits; half the bytes of int64 on
+        # the wire and through bucketize and permute (ids are checked above unless the user
+        # turned the check off and vouched for them).
+        wire = plan["wire_dtype"]
+        values, lengths, weights = kjt.values().to(wire), kjt.lengths().to(wire), kjt.weights_or_none()
         F, R = len(plan["features"]), plan["R"]
         if R > 1 and message is None:
             lengths, values, weights, _, _ = torch.ops.fbgemm.block_bucketize_sparse_features(
@@ -278,16 +296,19 @@ class ShardedRowwiseMixedEmbeddingBagCollection(nn.Module):
         src_values = [int(m[0]) for m in meta]
         src_B = [int(m[1]) for m in meta]
         mine = len(plan["local_keys"])
-        sends = [(lengths.reshape(-1), [c * B for c in counts], [mine * b for b in src_B]),
-                 (values, n_values, src_values)]
+        n_lengths = [mine * b for b in src_B]
+        sends = [(lengths.reshape(-1), [c * B for c in counts], n_lengths,
+                  self._scratch("lengths", sum(n_lengths), lengths.dtype, comm.device)),
+                 (values, n_values, src_values, self._scratch("values", sum(src_values), values.dtype, comm.device))]
         if self.layout.is_weighted:
             w = weights if weights is not None else torch.ones(values.numel(), device=values.device)
-            sends.append((w.float(), n_values, src_values))
+            sends.append((w.float(), n_values, src_values,
+                          self._scratch("weights", sum(src_values), torch.float32, comm.device)))
         got = comm.exchange_flat_many(sends)  # in flight together
         got_lengths, got_values = got[0], got[1]
         got_weights = got[2] if self.layout.is_weighted else None
         width = int(plan["cols"][comm.rank].numel())
-        pooled = torch.empty(sum(src_B), width, device=out.device)
+        pooled = self._scratch("pooled", sum(src_B) * width, torch.float32, out.device).view(sum(src_B), width)
         lo = vo = bo = 0
         for s in range(comm.world):
             if mine and src_B[s]:
@@ -300,7 +321,8 @@ class ShardedRowwiseMixedEmbeddingBagCollection(nn.Module):
             vo += src_values[s]
             bo += src_B[s]
         widths = [int(c.numel()) for c in plan["cols"]]
-        back = comm.exchange_flat(pooled.view(-1), [b * width for b in src_B], [B * w for w in widths])
+        back = comm.exchange_flat(pooled.view(-1), [b * width for b in src_B], [B * w for w in widths],
+                                  self._scratch("back", B * sum(widths), torch.float32, comm.device))
         if not B:
             return
         start = 0

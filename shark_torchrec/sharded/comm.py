@@ -77,25 +77,25 @@ class Comm:
         dist.all_to_all_single(out, inp, list(recv_sizes), send_sizes, group=self.group)
         return list(torch.split(out, list(recv_sizes)))
 
-    def exchange_flat(self, send: torch.Tensor, send_sizes: Sequence[int], recv_sizes: Sequence[int]
-                      ) -> torch.Tensor:
+    def exchange_flat(self, send: torch.Tensor, send_sizes: Sequence[int], recv_sizes: Sequence[int],
+                      out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """All-to-all of one 1-D tensor already laid out rank by rank (``send_sizes[r]``
-        elements for rank ``r``); returns what every rank sent here, rank by rank."""
-        if self.world == 1:
-            return send
-        out = torch.empty(sum(recv_sizes), dtype=send.dtype, device=self.device)
-        dist.all_to_all_single(out, send.reshape(-1).to(self.device), list(recv_sizes), list(send_sizes),
-                               group=self.group)
-        return out
+        elements for rank ``r``); returns what every rank sent here, rank by rank (into
+        ``out`` when given: a 1-D tensor of ``sum(recv_sizes)`` elements on :attr:`device`)."""
+        return self.exchange_flat_many([(send, send_sizes, recv_sizes, out)])[0]
 
     def exchange_flat_many(self, sends: Sequence[tuple]) -> List[torch.Tensor]:
-        """Several :meth:`exchange_flat` (``(send, send_sizes, recv_sizes)`` each) in flight
-        at once (their latencies overlap)."""
+        """Several :meth:`exchange_flat` (``(send, send_sizes, recv_sizes[, out])`` each) in
+        flight at once (their latencies overlap)."""
         if self.world == 1:
             return [s[0] for s in sends]
         outs, works = [], []
-        for send, send_sizes, recv_sizes in sends:
-            out = torch.empty(sum(recv_sizes), dtype=send.dtype, device=self.device)
+        for send, send_sizes, recv_sizes, *given in sends:
+            out = given[0] if given and given[0] is not None else \
+                torch.empty(sum(recv_sizes), dtype=send.dtype, device=self.device)
+            if out.numel() != sum(recv_sizes) or out.dtype != send.dtype:
+                raise ValueError(f"exchange: out holds {out.numel()} {out.dtype}, the exchange brings "
+                                 f"{sum(recv_sizes)} {send.dtype}")
             works.append(dist.all_to_all_single(out, send.reshape(-1).to(self.device), list(recv_sizes),
                                                 list(send_sizes), group=self.group, async_op=True))
             outs.append(out)
