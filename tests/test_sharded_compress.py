@@ -241,3 +241,26 @@ def test_a_missing_truncated_or_foreign_part_is_an_error_naming_it(tmp_path: Pat
     (d / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ExportError, match=r"bad_plan/manifest\.json: field 'pruning_plan' is not valid JSON"):
         load_export(str(d))
+
+
+@pytest.mark.slow
+def test_weighted_bags_are_served_sharded_with_their_weights(tmp_path: Path) -> None:
+    """Per-id weights travel with their ids to the shards (table-, row- and column-wise) and
+    weigh each id's row; a MEAN bag is divided by its length (tests/scripts/sharded_weighted_run.py)."""
+    out = tmp_path / "weighted"
+    run_torchrun(ROOT / "tests" / "scripts" / "sharded_weighted_run.py", ["--out", out], nproc=2)
+    for rank in range(2):
+        saved = torch.load(f"{out}.{rank}", weights_only=False)
+        for r in saved["results"]:
+            lengths, weights = r["lengths"], r["weights"]
+            start = 0
+            for i, (key, rows) in enumerate(r["rows"].items()):
+                n = rows.shape[0]
+                bag = torch.repeat_interleave(torch.arange(lengths.shape[1]), lengths[i])
+                want = torch.zeros(lengths.shape[1], rows.shape[1]).index_add_(
+                    0, bag, rows * weights[start:start + n, None])
+                if key == saved["mean_key"]:
+                    want /= lengths[i].clamp(min=1)[:, None].float()
+                start += n
+                assert (want != 0).any()
+                torch.testing.assert_close(r["pooled"][key], want, rtol=1e-5, atol=1e-6)
