@@ -240,3 +240,60 @@ def test_kmeans_pp_seeds_are_those_of_the_direct_distances() -> None:
         got = _kmeans_pp(x, weights, 64, torch.Generator().manual_seed(1))
         want = direct(x, weights, 64, torch.Generator().manual_seed(1))
         assert np.array_equal(got, want)
+
+
+def test_centroids_fitted_to_some_rows_are_theirs_alone() -> None:
+    """``among``: the centroids come from the marked rows only (their priority-weighted mean
+    for K = 1, equal weights where theirs are all zero); every row is still assigned."""
+    torch.manual_seed(4)
+    w = torch.randn(400, 8)
+    w[:200] += 5.0  # two far-apart halves
+    p = torch.rand(400, dtype=torch.float64)
+    among = torch.zeros(400, dtype=torch.bool)
+    among[250:] = True
+    s = cluster_rows(w, p, 1, among=among)
+    mean = (w[250:].double() * p[250:].unsqueeze(1)).sum(0) / p[250:].sum()
+    assert torch.equal(s.centroids[0], mean.float().half().float())
+    assert s.error.numel() == 400
+    torch.testing.assert_close(s.error.double(), ((w.double() - s.centroids[0].double()) ** 2).sum(1))
+    zero = cluster_rows(w, torch.zeros(400), 1, among=among)
+    torch.testing.assert_close(zero.centroids[0], w[250:].mean(0).half().float())
+    # K > 1: every centroid lies among the marked half (none in the other, 5 away per column)
+    s8 = cluster_rows(w, p, 8, seed=2, among=among)
+    assert s8.k == 8 and float(s8.centroids.mean(1).max()) < 2.5
+    assert cluster_rows(w, p, 8, among=torch.arange(400) < 3).k == 3  # at most as many as marked rows
+    with pytest.raises(ValueError, match="among must mark"):
+        cluster_rows(w, p, 1, among=torch.zeros(400, dtype=torch.bool))
+
+
+def test_the_budget_fits_the_centroids_to_the_rows_that_share(monkeypatch) -> None:
+    """Important rows in one region, unimportant ones in another: the budget shares the
+    unimportant ones, and their centroid (K = 1 here) is refitted to them — their weighted
+    mean, not the mean of all rows, which the important rows drag away; the priority-weighted
+    error is lower than without the refit (RECLUSTER_ROUNDS = 0)."""
+    import shark_torchrec.sharded.assign as assign
+
+    torch.manual_seed(5)
+    rows = 256
+    ebc = EmbeddingBagCollection(tables=[EmbeddingBagConfig(name="t0", embedding_dim=16, num_embeddings=rows,
+                                                            feature_names=["f0"])])
+    w = torch.randn(rows, 16)
+    w[: rows // 4] += 3.0  # the important quarter, away from the rest
+    with torch.no_grad():
+        ebc.embedding_bags["t0"].weight.copy_(w)
+    prio = {"t0": torch.cat([torch.full((rows // 4,), 100.0), torch.rand(rows - rows // 4) * 0.1 + 0.01])}
+    monkeypatch.setattr(assign, "K_CANDIDATES", (1,))
+    config = RowwiseQuantConfig(budget_fraction=0.12, tiers=("fp16", "int8", "int4", "int2", "shared"),
+                                row_alignment=1)
+    m = quantize_(ebc, config, priorities=prio)
+    a = m.assignment
+    shared = a.tiers["t0"] == SHARED
+    assert int(shared.sum()) > rows // 4 and not bool(shared[: rows // 4].any())
+    p = prio["t0"].double()[shared]
+    mean = (w[shared].double() * p.unsqueeze(1)).sum(0) / p.sum()
+    assert torch.equal(a.shared["t0"].centroids[0], mean.float().half().float())
+    refitted = _weighted_error(ebc, m, prio)
+    monkeypatch.setattr(assign, "RECLUSTER_ROUNDS", 0)
+    unfitted = quantize_(ebc, config, priorities=prio)
+    assert not torch.equal(unfitted.assignment.shared["t0"].centroids, a.shared["t0"].centroids)
+    assert refitted < _weighted_error(ebc, unfitted, prio)

@@ -168,6 +168,14 @@ def main() -> None:
                 frac = f"{1 - saved:.4g}"
                 todo.append(("hashed", f"{saved:.0%}", f"hashed_{frac}",
                              ["--hash_rows_fraction", frac, "--quant_fractions", "fp32=1"], False))
+        # Runs already finished in OUT (from an interrupted run, or kept from an earlier round
+        # when only some methods are redone) lend their stages first: whichever run comes first
+        # then finds this seed's trained model instead of training it again.
+        for method, point, name, flags, shares in todo:
+            run_dir = os.path.join(base, name)
+            if shares and os.path.isfile(os.path.join(run_dir, "report.json")):
+                sharing.finished(run_dir, pipeline_stage_keys([*recipe_args, *flags, "--seed", str(seed),
+                                                               "--drop_fraction", "0"]))
         for method, point, name, flags, shares in todo:
             run_dir = os.path.join(base, name)
             report = run_pipeline(run_dir, recipe_args, [*flags, "--seed", str(seed)], sharing)

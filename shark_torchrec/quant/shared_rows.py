@@ -7,7 +7,9 @@ table's priority-weighted mean row.
 
 The centroids are a priority-weighted k-means of the fp32 rows (k-means++ seeds, then faiss's
 Lloyd iterations on all cores), trained on a sample of at most :data:`SAMPLE_PER_CENTROID` rows
-per centroid; then every row is assigned to its nearest centroid *as stored* (fp16), in chunks.
+per centroid — of all the table's rows, or of some (``among``: the byte budget refits them to
+the rows it put in the SHARED tier, the only ones that read them); then every row is assigned
+to its nearest centroid *as stored* (fp16), in chunks.
 Memory: the sample, the centroids and 6 bytes per row (per candidate ``K``).  Which ``K`` a table
 gets is the byte budget's choice (:mod:`~shark_torchrec.sharded.assign`: the ``K`` among
 :data:`K_CANDIDATES` with the least Lagrangian cost at the budget's price, centroids' bytes
@@ -114,17 +116,34 @@ def _kmeans_pp(x: np.ndarray, weights: Optional[np.ndarray], k: int, g: torch.Ge
     return x[seeds].copy()
 
 
-def cluster_rows(weights: torch.Tensor, priority: Optional[torch.Tensor], k: int, seed: int = 0) -> SharedRows:
+def cluster_rows(weights: torch.Tensor, priority: Optional[torch.Tensor], k: int, seed: int = 0,
+                 among: Optional[torch.Tensor] = None) -> SharedRows:
     """``k`` centroids of ``weights`` [rows, dim] (any view; read in chunks), weighted by
-    ``priority`` [rows] (``None`` or all zero: equal weights), stored FP16.
+    ``priority`` [rows] (``None`` or all zero: equal weights), stored FP16; every row is then
+    assigned its nearest.
+
+    ``among`` (bool [rows]): train the centroids on those rows only (by their priorities; equal
+    weights where theirs are all zero), e.g. the rows a budget put in the SHARED tier, which
+    are the only ones that read them; ``k`` is then at most their number.
 
     ``k = 1`` is the weighted mean row (exact); larger ``k`` a faiss k-means on a seeded sample.
     Raises ``ValueError`` on a non-finite row (naming it)."""
     n, dim = weights.shape
     if n == 0:
         return SharedRows(torch.zeros(0, dim), torch.zeros(0, dtype=torch.int16), torch.zeros(0, dtype=torch.float32))
-    k = max(1, min(int(k), n))
     p = None if priority is None else priority.double().reshape(-1)
+    if among is not None:
+        among = among.reshape(-1).bool()
+        if among.numel() != n or not bool(among.any()):
+            raise ValueError(f"cluster_rows: among must mark some of the {n} rows")
+        if p is None or not float(p[among].sum()) > 0:
+            p = among.double()
+        else:
+            p = torch.where(among, p, torch.zeros((), dtype=p.dtype))
+        n_train = int(among.sum())
+    else:
+        n_train = n
+    k = max(1, min(int(k), n_train))
     if p is not None and not float(p.sum()) > 0:
         p = None
     if k == 1:
@@ -139,8 +158,12 @@ def cluster_rows(weights: torch.Tensor, priority: Optional[torch.Tensor], k: int
         import faiss  # (a dependency of the SHARED tier only)
 
         g = torch.Generator().manual_seed(seed)
-        take = min(n, SAMPLE_PER_CENTROID * k)
-        rows = torch.randperm(n, generator=g)[:take].sort().values if take < n else torch.arange(n)
+        take = min(n_train, SAMPLE_PER_CENTROID * k)
+        if among is not None:  # (a sample of those rows only)
+            pool = among.nonzero().reshape(-1)
+            rows = pool[torch.randperm(n_train, generator=g)[:take]].sort().values
+        else:
+            rows = torch.randperm(n, generator=g)[:take].sort().values if take < n else torch.arange(n)
         x = _as_float(weights.index_select(0, rows) if take < n else weights).contiguous().numpy()
         if not np.isfinite(x).all():  # (the first such row of all, not only of the sample)
             for r0 in range(0, n, CHUNK_ROWS):
