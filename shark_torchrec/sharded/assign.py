@@ -225,8 +225,8 @@ class _Assigner:
         rows alone (their priority-weighted k-means, kept where it lowers their weighted error)
         and the budget solved again with them: an alternating minimisation of the same objective
         (the priority-weighted error at the budget), which on ML-100K's dev split moved the
-        93.5%-saved point from -0.0019 to -0.0014 ΔAUC and the 95.6% point from -0.0056 to
-        -0.0044 (BENCHMARKS.md, "Value at the same bytes")."""
+        93.5%-saved point from -0.0019 to -0.0011 ΔAUC and the 95.6% point from -0.0056 to
+        -0.0039 (BENCHMARKS.md, "Value at the same bytes")."""
         allowed = sorted({Tier.parse(t) for t in self.config.tiers}, key=TIER_ORDER.index)
         allowed_of = {t: allowed for t in tables}
         if Tier.SHARED in allowed:
