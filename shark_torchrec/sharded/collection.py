@@ -323,13 +323,17 @@ class ShardedRowwiseMixedEmbeddingBagCollection(nn.Module):
         widths = [int(c.numel()) for c in plan["cols"]]
         back = comm.exchange_flat(pooled.view(-1), [b * width for b in src_B], [B * w for w in widths],
                                   self._scratch("back", B * sum(widths), torch.float32, comm.device))
-        if not B:
-            return
+        if B:
+            self._place_blocks(back, widths, B, out)
+
+    def _place_blocks(self, back: torch.Tensor, widths: List[int], B: int, out: torch.Tensor) -> None:
+        """The pooled blocks every rank sent back (rank by rank, ``B x widths[d]`` each) into
+        their output columns: the first writer of a column copies, row-range partial sums add."""
         start = 0
-        for d in range(comm.world):
+        for d, runs in enumerate(self._plan["runs"]):
             block = back[start:start + B * widths[d]].view(B, widths[d])
             start += B * widths[d]
-            for dst, src, n, add in plan["runs"][d]:
+            for dst, src, n, add in runs:
                 if add:
                     out[:, dst:dst + n] += block[:, src:src + n]
                 else:
