@@ -75,10 +75,15 @@ def fractions(text: str) -> List[float]:
     return values
 
 
+def pipeline_argv(recipe_args: List[str], flags: List[str]) -> List[str]:
+    """The recipe's arguments for one run (the tool compares compressions: no field pruning)."""
+    return [*recipe_args, *flags, "--drop_fraction", "0"]
+
+
 def run_pipeline(run_dir: str, recipe_args: List[str], flags: List[str], sharing: StageSharing) -> Dict:
     """One pipeline run (or its finished report), with the finished stages of earlier runs
     whose keys it shares linked in (the trained model of a seed, for every method but hashed)."""
-    argv = [*recipe_args, *flags, "--drop_fraction", "0"]
+    argv = pipeline_argv(recipe_args, flags)
     keys = pipeline_stage_keys(argv)
     if not os.path.isfile(os.path.join(run_dir, "report.json")):
         sharing.link(run_dir, keys)
@@ -174,8 +179,8 @@ def main() -> None:
         for method, point, name, flags, shares in todo:
             run_dir = os.path.join(base, name)
             if shares and os.path.isfile(os.path.join(run_dir, "report.json")):
-                sharing.finished(run_dir, pipeline_stage_keys([*recipe_args, *flags, "--seed", str(seed),
-                                                               "--drop_fraction", "0"]))
+                sharing.finished(run_dir, pipeline_stage_keys(pipeline_argv(recipe_args,
+                                                                            [*flags, "--seed", str(seed)])))
         for method, point, name, flags, shares in todo:
             run_dir = os.path.join(base, name)
             report = run_pipeline(run_dir, recipe_args, [*flags, "--seed", str(seed)], sharing)

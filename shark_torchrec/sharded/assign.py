@@ -251,20 +251,8 @@ class _Assigner:
                 break
         shared = TIER_ORDER.index(Tier.SHARED)
         for _ in range(RECLUSTER_ROUNDS):
-            refit = 0
-            for t in k_of:
-                for _, g in self.led(t):
-                    mask = self.decided[(t, g.row_offset)] == shared
-                    if not bool(mask.any()):
-                        continue
-                    old_fit = candidates[(t, g.row_offset)][k_of[t]]
-                    new_fit = self.cluster(g, k_of[t], among=mask)
-                    p = self.priority(g)[mask]
-                    if not float(p.sum()) > 0:  # (as cluster_rows weighs them: alike)
-                        p = torch.ones_like(p)
-                    if float((p * new_fit.error[mask].double()).sum()) < float((p * old_fit.error[mask].double()).sum()):
-                        candidates[(t, g.row_offset)][k_of[t]] = new_fit
-                        refit += 1
+            refit = sum(self.refit_shared(g, k_of[t], candidates[(t, g.row_offset)]) for t in k_of
+                        for _, g in self.led(t))
             # (the same on every rank: each solve is a collective)
             if int(self.comm.all_reduce(torch.tensor([refit], dtype=torch.long))[0]) == 0:
                 break
@@ -273,6 +261,22 @@ class _Assigner:
             if bool((self.decided[(t, r0)] == shared).any()):
                 self.shared[(t, r0)] = by_k[k_of[t]]
         return {"price": B.price_value(price), **{f"centroids {t}": k for t, k in k_of.items()}}
+
+    def refit_shared(self, g: RowGroup, k: int, by_k: Dict[int, SharedRows]) -> bool:
+        """Refit the group's ``k`` centroids to the rows :attr:`decided` puts in the SHARED
+        tier (``by_k[k]`` replaced where that lowers their priority-weighted error); whether it
+        was replaced."""
+        shared = self.decided[(g.table, g.row_offset)] == TIER_ORDER.index(Tier.SHARED)
+        if not bool(shared.any()):
+            return False
+        fit = self.cluster(g, k, among=shared)
+        p = self.priority(g)[shared]
+        if not float(p.sum()) > 0:  # (as cluster_rows weighs them: alike)
+            p = torch.ones_like(p)
+        if float((p * fit.error[shared].double()).sum()) < float((p * by_k[k].error[shared].double()).sum()):
+            by_k[k] = fit
+            return True
+        return False
 
     def solve(self, tables: Sequence[str], allowed_of: Dict[str, List[Tier]], k_of: Dict[str, int],
               candidates: Dict[Tuple[str, int], Dict[int, SharedRows]], rows_budget: int, label: str) -> int:
