@@ -297,3 +297,31 @@ def test_the_budget_fits_the_centroids_to_the_rows_that_share(monkeypatch) -> No
     unfitted = quantize_(ebc, config, priorities=prio)
     assert not torch.equal(unfitted.assignment.shared["t0"].centroids, a.shared["t0"].centroids)
     assert refitted < _weighted_error(ebc, unfitted, prio)
+
+
+def test_seeds_are_drawn_from_at_most_seed_rows(monkeypatch) -> None:
+    """k-means++ draws its seeds from at most ``SEED_ROWS`` rows of the training sample (each
+    seed is a pass over them), a random part of a larger sample, and still seeds every one of
+    well-separated clusters; a sample within the cap is seeded whole, as before."""
+    import shark_torchrec.quant.shared_rows as S
+
+    seen = []
+    real = S._kmeans_pp
+
+    def spy(x, weights, k, g):
+        seen.append(x.shape[0])
+        return real(x, weights, k, g)
+
+    monkeypatch.setattr(S, "_kmeans_pp", spy)
+    monkeypatch.setattr(S, "SEED_ROWS", 256)
+    torch.manual_seed(0)
+    centers = torch.randn(16, 8) * 20
+    w = centers.repeat_interleave(100, 0) + torch.randn(1600, 8) * 0.1
+    s = S.cluster_rows(w, torch.rand(1600), 16)  # a sample of min(1600, 64 * 16) = 1024 rows
+    assert seen == [256]
+    # every row read as its own cluster's centroid: the error is the within-cluster spread
+    assert float(s.error.max()) < 1.0
+    assert sorted(set(s.index.tolist())) == list(range(16))
+    seen.clear()
+    S.cluster_rows(w[:200], None, 2)  # a sample of 128 rows: seeded whole
+    assert seen == [128]

@@ -240,7 +240,7 @@ def summarise(runs: List[Dict], args) -> str:
             fixed = r["rss_libs_kib"] / 2**20
             total = r["total_s"]
             if run["mode"] == "sharded":
-                rate = f"{shards / total:.2f}"
+                rate = f"{shards / total:.2f}" if shards / total >= 0.1 else f"{shards / total:.2g}"
                 parts = f"{r['assign_s']:.1f} s | {r['convert_s']:.1f} s"
             else:
                 rate = f"{run['size_gib'] / total:.2f} (rank 0 alone)" if r["rank"] == 0 else "—"
