@@ -64,6 +64,29 @@ def test_a_non_finite_row_is_named() -> None:
             cluster_rows(w, None, k)
 
 
+@pytest.mark.parametrize("use_kernel", [True, False])
+def test_the_assignment_in_chunks_is_the_nearest_centroid_and_its_distance(monkeypatch, use_kernel: bool) -> None:
+    """Every row's centroid is its nearest (the first of equals), its error the float64 distance,
+    in chunks, by the ``nearest_centroid`` kernel and by the plain torch path alike."""
+    from shark_torchrec.quant import cpu_kernel, shared_rows
+
+    if use_kernel and not cpu_kernel.cpu_kernel_available():
+        pytest.skip("the CPU kernels are not built here")
+    monkeypatch.setattr(cpu_kernel, "cpu_kernel_available", lambda: use_kernel)
+    monkeypatch.setattr(shared_rows, "ASSIGN_ROWS", 100)
+    g = torch.Generator().manual_seed(5)
+    c = (torch.randn(37, 24, generator=g) * 3).half().float()  # (37: not a multiple of the vector width)
+    c[30] = c[4]  # a tie: the first of the two is nearest
+    w = c[torch.randint(37, (1037,), generator=g)] + 0.2 * torch.randn(1037, 24, generator=g)
+    index, error = shared_rows._assign(w, c)
+    d = ((w.double().unsqueeze(1) - c.double().unsqueeze(0)) ** 2).sum(2)
+    assert torch.equal(index.long(), d.argmin(1)) and not bool((index == 30).any())
+    torch.testing.assert_close(error, d.min(1).values.float(), rtol=1e-6, atol=0)
+    w[911, 5] = float("inf")
+    with pytest.raises(ValueError, match="row 911 of the weights is not finite"):
+        shared_rows._assign(w, c)
+
+
 def _reference(weights, tiers, shared):
     """Each row as the mixed collection stores it: its tier's dequantized row, its centroid
     (SHARED) or zeros (DROP)."""

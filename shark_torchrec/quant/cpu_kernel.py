@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 _SOURCES = [os.path.join(os.path.dirname(__file__), "csrc", name)
             for name in ("mixed_lookup.cpp", "tier_choice.cpp", "quantize_rows.cpp", "check_ids.cpp",
-                         "taylor_sums.cpp", "row_counts.cpp")]
+                         "taylor_sums.cpp", "row_counts.cpp", "nearest_centroid.cpp")]
 _lock = threading.Lock()
 _state = {"loaded": None}  # None: not tried yet; then True / False
 
@@ -53,7 +53,7 @@ def cpu_kernel_available() -> bool:
 def _registered() -> bool:
     return all(hasattr(torch.ops.shark_torchrec, op) for op in
                ("mixed_embedding_bag", "tier_hull", "quantize_into", "first_id_outside", "taylor_sums",
-                "row_counts_add_batch"))
+                "row_counts_add_batch", "nearest_centroid"))
 
 
 def _load() -> bool:
