@@ -189,11 +189,16 @@ def _weighted_error(ebc, m, prio) -> float:
     return total
 
 
-def test_the_budget_chooses_centroids_per_table_and_holds_its_bytes(monkeypatch) -> None:
+def test_the_budget_chooses_centroids_per_table_and_holds_its_bytes(monkeypatch, caplog) -> None:
     """16 clusters per table: the budget's choice of K per table does as well as the best
     single K forced on every table, the collection holds no more than the budget, reads what
-    the assignment says, and its priority-weighted error is far below dropping the rows."""
+    the assignment says, and its priority-weighted error is far below dropping the rows.  The
+    log says what the k-means and the budget did."""
+    import logging
+
     import shark_torchrec.sharded.assign as assign
+
+    caplog.set_level(logging.INFO, logger=assign.__name__)
 
     ebc = _clustered_collection(16)
     prio = {c.name: torch.rand(c.num_embeddings) ** 3 for c in ebc.embedding_bag_configs()}
@@ -210,6 +215,9 @@ def test_the_budget_chooses_centroids_per_table_and_holds_its_bytes(monkeypatch)
     chosen = {n: s.k for n, s in a.shared.items()}
     assert set(chosen) == {"t0", "t1"} and min(chosen.values()) >= 16  # not the mean row
     assert a.details["centroids t0"] == chosen["t0"] and set(chosen.values()) <= set(K_CANDIDATES)
+    said = caplog.text
+    assert "k-means of 9 candidate centroid sets (K in [1, 4, 16, 64, 256])" in said, said
+    assert f"centroids per table {{'t0': {chosen['t0']}, 't1': {chosen['t1']}}}" in said, said
     assert all(int((t == SHARED).sum()) > 0.5 * t.numel() for t in a.tiers.values())
     kjt = KeyedJaggedTensor.from_lengths_sync(["f0", "f1"], torch.tensor([5, 17, 3]), torch.tensor([2, 1]))
     table = _reference(ebc.embedding_bags["t0"].weight.detach(), a.tiers["t0"], a.shared["t0"])

@@ -250,7 +250,8 @@ def summarise(runs: List[Dict], args) -> str:
     return "\n".join(lines)
 
 
-def plot(runs: List[Dict], path: str) -> None:
+def plot(runs: List[Dict], path: str, title: str = "Compressing a sharded collection: time and memory per rank "
+         "(2 processes)") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -277,7 +278,7 @@ def plot(runs: List[Dict], path: str) -> None:
         ax.set_xscale("log", base=2)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("Compressing a sharded collection: time and memory per rank (2 processes)")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

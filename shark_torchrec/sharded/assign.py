@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+from tqdm import tqdm
 
 from shark_torchrec.quant import budget as B
 from shark_torchrec.quant.config import EXCLUDE, RowwiseQuantConfig
@@ -41,6 +43,8 @@ from shark_torchrec.quant.shared_rows import K_CANDIDATES, SharedRows, cluster_r
 from shark_torchrec.quant.tiers import CENTROID_TIER, TIER_ORDER, BudgetError, Tier, row_bytes
 from shark_torchrec.sharded.comm import Comm
 from shark_torchrec.sharded.layout import REPLICATED, RowGroup, ShardedLayout
+
+logger = logging.getLogger(__name__)
 
 #: ``priorities(table, row_offset, rows)`` → float64 [rows]: the priorities of rows this rank
 #: leads.
@@ -237,8 +241,7 @@ class _Assigner:
             for t in column_wise:
                 allowed_of[t] = [x for x in allowed if x is not Tier.SHARED]
         k_of = {t: self.k_candidates(t)[0] for t in tables if Tier.SHARED in allowed_of[t]}
-        candidates = {(t, g.row_offset): {k: self.cluster(g, k) for k in self.k_candidates(t)}
-                      for t in k_of for _, g in self.led(t)}
+        candidates = self.candidates(list(k_of), label)
         price = self.solve(tables, allowed_of, k_of, candidates, rows_budget, label)
         for _ in range(REFINE_ROUNDS if any(len(self.k_candidates(t)) > 1 for t in k_of) else 0):
             best = self.best_k(k_of, candidates, allowed_of, B.price_value(price))
@@ -254,13 +257,29 @@ class _Assigner:
             refit = sum(self.refit_shared(g, k_of[t], candidates[(t, g.row_offset)]) for t in k_of
                         for _, g in self.led(t))
             # (the same on every rank: each solve is a collective)
-            if int(self.comm.all_reduce(torch.tensor([refit], dtype=torch.long))[0]) == 0:
+            refit = int(self.comm.all_reduce(torch.tensor([refit], dtype=torch.long))[0])
+            if refit == 0:
                 break
+            logger.info("%s: %d row groups' centroids refitted to their shared rows", label, refit)
             price = self.solve(tables, allowed_of, k_of, candidates, rows_budget, label)
         for (t, r0), by_k in candidates.items():
             if bool((self.decided[(t, r0)] == shared).any()):
                 self.shared[(t, r0)] = by_k[k_of[t]]
+        logger.info("%s: price %.3g per byte; centroids per table %s", label, B.price_value(price), k_of)
         return {"price": B.price_value(price), **{f"centroids {t}": k for t, k in k_of.items()}}
+
+    def candidates(self, tables: List[str], label: str) -> Dict[Tuple[str, int], Dict[int, SharedRows]]:
+        """Centroids of every ``K`` each table may take, for each row group this rank leads
+        (a progress bar on rank 0: at scale this is the budget's longest step)."""
+        work = [(t, g, k) for t in tables for _, g in self.led(t) for k in self.k_candidates(t)]
+        if work:
+            logger.info("%s: k-means of %d candidate centroid sets (K in %s) for the SHARED tier", label,
+                        len(work), sorted({k for _, _, k in work}))
+        out: Dict[Tuple[str, int], Dict[int, SharedRows]] = {}
+        for t, g, k in tqdm(work, desc=f"{label}: shared-row centroids", disable=self.rank != 0 or not work,
+                            dynamic_ncols=True):
+            out.setdefault((t, g.row_offset), {})[k] = self.cluster(g, k)
+        return out
 
     def refit_shared(self, g: RowGroup, k: int, by_k: Dict[int, SharedRows]) -> bool:
         """Refit the group's ``k`` centroids to the rows :attr:`decided` puts in the SHARED
