@@ -356,3 +356,34 @@ def test_seeds_are_drawn_from_at_most_seed_rows(monkeypatch) -> None:
     seen.clear()
     S.cluster_rows(w[:200], None, 2)  # a sample of 128 rows: seeded whole
     assert seen == [128]
+
+
+def test_candidates_clustered_concurrently_are_those_clustered_one_after_another() -> None:
+    """With more than one torch thread the candidates' k-means run as concurrent tasks: the
+    tiers, centroids and assignments are those of one thread, the thread count is restored,
+    and a non-finite row is still named."""
+    ebc = _clustered_collection(16)
+    prio = {c.name: torch.rand(c.num_embeddings, generator=torch.Generator().manual_seed(1)) ** 3
+            for c in ebc.embedding_bag_configs()}
+    config = RowwiseQuantConfig(budget_fraction=0.1, tiers=("fp16", "int8", "int4", "int2", "shared"), row_alignment=1)
+    before = torch.get_num_threads()
+    try:
+        results = {}
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            a = quantize_(ebc, config, priorities=prio).assignment
+            assert torch.get_num_threads() == threads
+            results[threads] = a
+        one, many = results[1], results[3]
+        assert set(one.shared) == set(many.shared) == {"t0", "t1"}
+        for t in ("t0", "t1"):
+            assert torch.equal(one.tiers[t], many.tiers[t])
+            for field in ("centroids", "index", "error"):
+                assert torch.equal(getattr(one.shared[t], field), getattr(many.shared[t], field))
+        with torch.no_grad():
+            ebc.embedding_bags["t1"].weight[123, 2] = float("nan")
+        with pytest.raises(ValueError, match="table 't1', rows from 0: row 123 of the weights is not finite"):
+            quantize_(ebc, config, priorities=prio)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
