@@ -278,22 +278,25 @@ class _Assigner:
         if work:
             logger.info("%s: k-means of %d candidate centroid sets (K in %s) for the SHARED tier", label,
                         len(work), sorted({k for _, _, k in work}))
+        # (read once per group, here: not once per K, nor in the concurrent tasks)
+        priorities = {(g.table, g.row_offset): self.priority(g) for _, g, _ in work}
         threads = torch.get_num_threads()
         with tqdm(total=len(work), desc=f"{label}: shared-row centroids", disable=self.rank != 0 or not work,
                   dynamic_ncols=True) as bar:
             if threads > 1 and len(work) > 1:
-                done = self._cluster_concurrently(work, threads, bar)
+                done = self._cluster_concurrently(work, priorities, threads, bar)
             else:
                 done = []
                 for _, g, k in work:
-                    done.append(self.cluster(g, k))
+                    done.append(self.cluster(g, k, priority=priorities[(g.table, g.row_offset)]))
                     bar.update()
         out: Dict[Tuple[str, int], Dict[int, SharedRows]] = {}
         for (t, g, k), fit in zip(work, done):
             out.setdefault((t, g.row_offset), {})[k] = fit
         return out
 
-    def _cluster_concurrently(self, work: List[Tuple[str, RowGroup, int]], threads: int, bar) -> List[SharedRows]:
+    def _cluster_concurrently(self, work: List[Tuple[str, RowGroup, int]],
+                              priorities: Dict[Tuple[str, int], torch.Tensor], threads: int, bar) -> List[SharedRows]:
         """The clusterings of ``work`` as ``threads`` tasks at a time, with one OpenMP/MKL
         thread each (torch's and faiss's thread counts are set to 1 for the while, and restored
         after).  Each clustering is independent and seeded, so the results are those of one
@@ -305,8 +308,6 @@ class _Assigner:
         from concurrent.futures import ThreadPoolExecutor
 
         import faiss  # (the SHARED tier's k-means)
-
-        priorities = {(g.table, g.row_offset): self.priority(g) for _, g, _ in work}  # (read here, not in the tasks)
 
         def one(item):
             _, g, k = item
@@ -320,15 +321,16 @@ class _Assigner:
         try:
             with ThreadPoolExecutor(min(threads, len(work))) as pool:
                 futures = [pool.submit(one, item) for item in work]
+                done = []
                 try:
                     for f in futures:  # (in order: the first error raised is the first group's)
-                        f.result()
+                        done.append(f.result())
                         bar.update()
                 except BaseException:
                     for f in futures:  # (those not started yet)
                         f.cancel()
                     raise
-                return [f.result() for f in futures]
+                return done
         finally:
             torch.set_num_threads(threads)
             faiss.omp_set_num_threads(faiss_threads)
