@@ -71,7 +71,7 @@ def bytes_per_table(layout: ShardedLayout, counts: Dict[str, List[int]], row_ali
     """``{table: {tier: bytes, "id map": bytes}}``: what the sharded collection holds (every
     shard's sub-tables, cache-line aligned as FBGEMM allocates them, and id maps)."""
     out: Dict[str, Dict[str, int]] = {}
-    widths = layout.map_bytes(layout.shards)
+    widths = layout.map_bits(layout.shards)
     for s in layout.shards:
         table = out.setdefault(s.table, {})
         for tier, n in zip(TIER_ORDER, counts[s.name]):

@@ -69,10 +69,12 @@ def test_zipf_buckets_and_bytes() -> None:
     assert sum(counts) == 1_000_000 and abs(sum(mass) - 1) < 1e-9
     assert mass[0] > mass[-1] and counts[0] < counts[-1]  # few popular rows, long tail
     assert compressed_bytes({Tier.FP32: 10}, 64) == 10 * 256  # one tier: no id map
-    # mixed: plus the id map, 2 bytes per row up to 64,512 rows (rounded up to 4), 3 beyond
-    assert compressed_bytes({Tier.FP16: 5, Tier.INT8: 5}, 64) == 5 * 128 + 5 * 80 + 10 * 2
-    assert compressed_bytes({Tier.FP16: 5, Tier.INT8: 6}, 64) == 5 * 128 + 6 * 80 + 24
-    assert compressed_bytes({Tier.FP16: 5, Tier.INT8: 70_000}, 64) == 5 * 128 + 70_000 * 80 + 70_005 * 3 + 1
+    # mixed: plus the id map, bit-packed in the bits its rows and most centroids need (rounded
+    # up to 4 bytes): 10 rows (12 renumbered) 4 bits, 5 bytes; 11 rows 4 bits, 5.5 bytes;
+    # 70,005 rows (71,029) 17 bits, 148,760.6 bytes
+    assert compressed_bytes({Tier.FP16: 5, Tier.INT8: 5}, 64) == 5 * 128 + 5 * 80 + 8
+    assert compressed_bytes({Tier.FP16: 5, Tier.INT8: 6}, 64) == 5 * 128 + 6 * 80 + 8
+    assert compressed_bytes({Tier.FP16: 5, Tier.INT8: 70_000}, 64) == 5 * 128 + 70_000 * 80 + 148_764
 
 
 def test_plan_command_line(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from shark_torchrec.data import SyntheticClickDataset, SyntheticConfig
 from shark_torchrec.quant import TIER_ORDER, Tier, assign_by_fractions
 from shark_torchrec.quant import mixed_ebc
+from shark_torchrec.quant import id_map
 from shark_torchrec.quant.cpu_kernel import cpu_kernel_available
 from shark_torchrec.quant.mixed_ebc import RowwiseMixedEmbeddingBagCollection, dequantize_rows
 from shark_torchrec.quant.shared_rows import cluster_rows
@@ -290,8 +291,9 @@ def test_memory_report_equals_the_buffers_held() -> None:
                for g in m.groups for tbe in g.qebc._emb_modules)
     assert r["weights_bytes"] == held
     assert sum(sum(t.values()) for t in r["tables"].values()) == held
-    # 2-byte id-map entries (tables under 64,512 rows), 4 bytes of tail per group
-    assert r["id_map_bytes"] == 2 * 200 + 2 * 300 + 4
+    # bit-packed id-map entries: 8 bits for 200 rows (up to 250 renumbered: 200 + 50
+    # centroids), 9 for 300 (375): 200 and 337.5 bytes, each table's rounded up to 4; the tail
+    assert r["id_map_bytes"] == 200 + 340 + id_map.TAIL_BYTES
     assert r["total_bytes"] == held + sum(g.input_transform.row_map.numel() for g in m.groups)
     assert sum(a.table_bytes(t) for t in a.tiers) == held  # the assignment predicted it
 
@@ -408,8 +410,9 @@ def test_a_module_that_has_served_reads_its_tensors_as_they_are_now() -> None:
         transform = m.groups[0].input_transform
         row_map = transform.row_map.clone()
         for c in tables:
-            base, width = transform.table_base[c.name], transform.table_width[c.name]
-            row_map[base : base + width * c.num_embeddings] = row_map[base : base + width].repeat(c.num_embeddings)
+            base, bits = transform.table_base[c.name], transform.table_bits[c.name]
+            first = id_map.gather(row_map, base, torch.zeros(1, dtype=torch.long), bits)
+            id_map.write(row_map, base, None, first.repeat(c.num_embeddings), bits)
         transform.row_map = row_map
         assert torch.equal(m(kjt).values(), expected)
 

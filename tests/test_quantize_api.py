@@ -76,7 +76,9 @@ def test_budget_below_the_id_map_names_the_smallest_fraction_that_fits() -> None
     from shark_torchrec.errors import SharkInputError
     from shark_torchrec.quant.api import BudgetError
 
-    fixed = 3 * (2 * 300 + 128 * 6)  # id map (2 bytes per row) and padding per sub-table (SHARED has none)
+    # id map (9 bits per row: 300 rows and up to 75 centroids; 337.5 bytes, to 4) and padding
+    # per sub-table (SHARED has none)
+    fixed = 3 * (340 + 128 * 6)
     fraction = fixed / (3 * 300 * 32)
     with pytest.raises(BudgetError, match=rf"\({fixed} bytes, a budget fraction of {fraction:.3f} .*--quant_budget_fraction") as e:
         quantize_(_dlrm(), RowwiseQuantConfig(budget_fraction=0.9 * fraction), priorities=None)

@@ -33,11 +33,12 @@ def test_names_are_torchrecs_and_every_entry_a_tensor_held_once() -> None:
             for tier, n in zip(m.layout.tiers, rows) if n > 0 and tier != "drop"}
     maps = {f"embedding_bags.{t}.id_map" for t in ("t1", "t2", "t3")}
     assert set(state) == subs | maps | {"_extra_state"}
-    # each id map: its table's entries, in its width (t2 has 70,000 rows: 3 bytes)
-    assert m.layout.map_bytes == {"t1": 2, "t2": 3, "t3": 2}
+    # each id map: its table's entries, bit-packed in its width (the bits its rows and most
+    # centroids need: 100 + 25, 70,000 + 1,024, 50 + 12 renumbered rows)
+    assert m.layout.map_bits == {"t1": 7, "t2": 17, "t3": 6}
     for t, rows in (("t1", 100), ("t2", 70_000), ("t3", 50)):
         entry = state[f"embedding_bags.{t}.id_map"]
-        assert entry.dtype == torch.uint8 and entry.numel() == rows * m.layout.map_bytes[t]
+        assert entry.dtype == torch.uint8 and entry.numel() == (rows * m.layout.map_bits[t] + 7) // 8
     # the sub-tables as TorchRec's quantized collection stores a table of that data type
     group = next(g for g in m.groups if "t2" in g.input_transform.table_base)
     assert torch.equal(state["embedding_bags.t2@int8.weight"], group.qebc.embedding_bags["t2@int8"].weight)
@@ -73,7 +74,7 @@ def test_a_wrong_id_map_is_named() -> None:
     m, _ = _collection()
     state = m.state_dict()
     state["embedding_bags.t2.id_map"] = state["embedding_bags.t2.id_map"][:-3]
-    with pytest.raises(ValueError, match=r"table 't2': id map embedding_bags.t2.id_map must be uint8 of 1400 bytes"):
+    with pytest.raises(ValueError, match=r"table 't2': id map embedding_bags.t2.id_map must be uint8 of 875 bytes \(10 bits per row\)"):
         RowwiseMixedEmbeddingBagCollection(m.layout).load_state_dict(state)
     del state["embedding_bags.t2.id_map"]
     with pytest.raises(ValueError, match=r"table 't2'.*got missing"):

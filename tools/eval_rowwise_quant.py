@@ -5,7 +5,7 @@ self, over several tier policies and row-priority variants.
 For every seed: train a DLRM (sharded with DMP, ``--epochs``) with a :class:`RowPriority` tracker
 attached; gather it into an unsharded model; evaluate fp32; then for every policy, quantize a
 copy with ``quantize_`` and evaluate it.  Bytes are what the converted collection holds
-(weights as FBGEMM allocates them + the 4-byte-per-row id map) over the fp32 tables' bytes.
+(weights as FBGEMM allocates them + the bit-packed id map) over the fp32 tables' bytes.
 
 Priority variants: ``shark`` (label-aware with decay: α = 1, β = 0.2, γ = 0.9999), ``frequency``
 (α = β = 1, γ = 1: plain counts) and ``uniform`` (every row equal: precision by row id).

@@ -10,7 +10,7 @@ Zipf law of exponent ``zipf`` (popular rows first), integrated over ``buckets`` 
 that 40M-row tables cost nothing to plan.  The mix of all tables is chosen together by
 Lagrangian relaxation over a price per byte (the same rule as
 :func:`~shark_torchrec.quant.assign_by_budget`), and the resulting bytes — FBGEMM's row sizes,
-16-byte alignment, the id map (2 to 4 bytes per row).  The compressed model is then planned as what it
+16-byte alignment, the id map (the bits a table's rows need, packed).  The compressed model is then planned as what it
 serves with: TorchRec's quantized collection holding one table per (table, tier) in that tier's
 data type, with TorchRec's quant sharder and its own storage estimates (so the planner places
 the compressed tables by their real bytes), and the id maps reserved on every device.
@@ -34,7 +34,7 @@ from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
 from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
 
 from shark_torchrec.planning.storage import TrackerStorageReservation
-from shark_torchrec.quant.id_map import entry_bytes, table_map_bytes
+from shark_torchrec.quant.id_map import entry_bits, table_map_bytes
 
 from shark_torchrec.quant.tiers import (
     DEFAULT_ROW_ALIGNMENT,
@@ -219,7 +219,7 @@ def choose_compression(
             continue
         counts, mass = zipf_bucket_mass(t.num_embeddings, zipf, buckets)
         err = [tier_error(tier, t.embedding_dim) for tier in allowed]
-        per_row = [row_bytes(tier, t.embedding_dim, row_alignment) + entry_bytes(t.num_embeddings)
+        per_row = [row_bytes(tier, t.embedding_dim, row_alignment) + entry_bits(t.num_embeddings) / 8
                    for tier in allowed]
         items.append((t, counts, mass, err, per_row, fp32))
     smallest = sum(sum(c) * min(p) for _, c, _, _, p, _ in items)
@@ -274,7 +274,7 @@ def plan_inference(
     row_alignment: int = DEFAULT_ROW_ALIGNMENT,
 ) -> Tuple[ShardingPlan, EmbeddingShardingPlanner]:
     """Plan the inference model with TorchRec's planner and quant sharder (no devices needed).
-    A compressed model's id maps (2 to 4 bytes per row, on every rank) are reserved up front.
+    A compressed model's id maps (bit-packed, on every rank) are reserved up front.
     ``device_only``: tables must sit in device memory (the ``quant`` kernel), not in host memory
     through UVM.  Raises TorchRec's ``PlannerError`` when it does not fit."""
     id_map = 0 if compression is None else sum(

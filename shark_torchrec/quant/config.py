@@ -24,7 +24,7 @@ class RowwiseQuantConfig:
         fractions: ``{tier: fraction of rows}`` per table, summing to 1 (highest priorities get
             the most precise tier).
         budget_bytes: bytes for all converted tables together: rows in FBGEMM's layout, the
-            4-byte-per-row id map and sub-table padding (pinned tables count against it).
+            bit-packed id map and sub-table padding (pinned tables count against it).
         budget_fraction: the budget as a fraction of the converted tables' fp32 bytes.
         tiers: tiers a budget may use (with ``"shared"``, rows may read as one of their table's
             centroids, whose count the budget chooses: :mod:`~shark_torchrec.quant.shared_rows`).

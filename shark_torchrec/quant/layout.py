@@ -15,11 +15,14 @@ import torch
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import get_embedding_names_by_table
 
-from shark_torchrec.quant.id_map import check_width, entry_bytes
+from shark_torchrec.quant.id_map import check_width, entry_bits
 from shark_torchrec.quant.rows import DATA_TYPE
 from shark_torchrec.quant.tiers import TIER_ORDER, Tier
 
-LAYOUT_FORMAT = "shark-torchrec/rowwise-mixed-ebc/v1"
+#: v2: bit-packed id maps (``map_bits``).  Code that reads only v1 would take a v2 layout's
+#: maps for 4-byte entries and read wrong rows, so v2 is a new name; v1 layouts still load.
+LAYOUT_FORMAT = "shark-torchrec/rowwise-mixed-ebc/v2"
+_READABLE_FORMATS = (LAYOUT_FORMAT, "shark-torchrec/rowwise-mixed-ebc/v1")
 #: Row alignments a layout may use (powers of two FBGEMM's TBE accepts; CUDA needs 16).
 ROW_ALIGNMENTS = (1, 2, 4, 8, 16)
 
@@ -57,6 +60,15 @@ def reported_data_type(stored: List[Tier]) -> DataType:
     return DataType.INT2
 
 
+def _saved_map_bits(d: Dict) -> Dict[str, int]:
+    """A saved layout's id-map widths in bits: ``map_bits``; or, written before entries were
+    bit-packed, ``map_bytes`` (whole-byte entries: the same bytes as 8x bits); or, before the
+    width was stored, 4-byte entries."""
+    if d.get("map_bits"):
+        return dict(d["map_bits"])
+    return {name: 8 * int(w) for name, w in (d.get("map_bytes") or {t["name"]: 4 for t in d["tables"]}).items()}
+
+
 @dataclasses.dataclass
 class MixedLayout:
     """What a mixed collection holds, without weights (serialisable; enough to rebuild it).
@@ -69,10 +81,11 @@ class MixedLayout:
             tier, plus, in FP16, its centroids (:attr:`shared`).
         shared: ``{table: [SHARED rows, centroids]}`` for tables with SHARED rows: their id-map
             entries point at the centroids, stored after the table's own FP16 rows.
-        map_bytes: ``{table: bytes per id-map entry}`` (:mod:`~shark_torchrec.quant.id_map`):
+        map_bits: ``{table: bits per id-map entry}`` (:mod:`~shark_torchrec.quant.id_map`):
             by default what the table's rows need; a shard keeps its whole table's width, so
-            the bytes do not depend on the placement.  Layouts written before it was stored
-            had 4-byte entries.
+            the bytes do not depend on the placement.  Layouts written before entries were
+            bit-packed give ``map_bytes`` (read as 8x bits: the same bytes), and before that
+            nothing (4-byte entries).
         is_weighted: whether inputs carry per-id weights.
         groups: tables split into groups, each its own TBE.
         row_alignment: bytes each stored row is padded to (FBGEMM's layout): 16, which FBGEMM's
@@ -95,15 +108,14 @@ class MixedLayout:
     embedding_names: Dict[str, List[str]] = dataclasses.field(default_factory=dict)
     shared: Dict[str, List[int]] = dataclasses.field(default_factory=dict)
     output_dtype: str = "fp32"
-    map_bytes: Dict[str, int] = dataclasses.field(default_factory=dict)
+    map_bits: Dict[str, int] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.groups:  # one group of every table
             self.groups = [[t["name"] for t in self.tables]]
-        self.map_bytes = {t["name"]: int(self.map_bytes.get(t["name"], entry_bytes(t["rows"])))
-                          for t in self.tables}
+        self.map_bits = {t["name"]: self.map_bits.get(t["name"], entry_bits(t["rows"])) for t in self.tables}
         for t in self.tables:
-            check_width(t["name"], t["rows"], self.map_bytes[t["name"]], sum(self.rows.get(t["name"], [])))
+            check_width(t["name"], t["rows"], self.map_bits[t["name"]], sum(self.rows.get(t["name"], [])))
         if not self.embedding_names:
             names = get_embedding_names_by_table(self.configs())
             self.embedding_names = {t["name"]: n for t, n in zip(self.tables, names)}
@@ -117,7 +129,7 @@ class MixedLayout:
 
     @staticmethod
     def from_dict(d: Dict) -> "MixedLayout":
-        if not isinstance(d, dict) or d.get("format") != LAYOUT_FORMAT:
+        if not isinstance(d, dict) or d.get("format") not in _READABLE_FORMATS:
             raise ValueError(f"not a row-wise mixed collection layout (format {LAYOUT_FORMAT!r})")
         return MixedLayout(tables=d["tables"], tiers=d["tiers"], rows=d["rows"],
                            is_weighted=d["is_weighted"], groups=d.get("groups") or [],
@@ -125,8 +137,7 @@ class MixedLayout:
                            embedding_names=d.get("embedding_names") or {},
                            shared={k: list(v) for k, v in (d.get("shared") or {}).items()},
                            output_dtype=d.get("output_dtype", "fp32"),
-                           # (4-byte entries before the width was stored)
-                           map_bytes=d.get("map_bytes") or {t["name"]: 4 for t in d["tables"]})
+                           map_bits=_saved_map_bits(d))
 
     def stored_tiers(self, table: str) -> List[Tier]:
         """The tiers holding rows of ``table`` (FP16 also when it holds only the centroids of
@@ -191,4 +202,4 @@ class MixedLayout:
                            embedding_names={n: e for n, e in self.embedding_names.items() if n in keep},
                            shared={n: s for n, s in self.shared.items() if n in keep},
                            output_dtype=self.output_dtype,
-                           map_bytes={n: w for n, w in self.map_bytes.items() if n in keep})
+                           map_bits={n: w for n, w in self.map_bits.items() if n in keep})

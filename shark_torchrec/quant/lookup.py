@@ -122,7 +122,7 @@ class _MixedGroup(nn.Module):
     def kernel_tensors(self, column: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """What ``torch.ops.shark_torchrec.mixed_embedding_bag`` needs to read this group's
         features into output columns from ``column`` on: ``feature_meta`` [F, 6] (id-map byte
-        offset, rows, dim, output column, MEAN, bytes per id-map entry), ``tier_start`` [F, K + 1] (renumbered row where each
+        offset, rows, dim, output column, MEAN, bits per id-map entry), ``tier_start`` [F, K + 1] (renumbered row where each
         tier starts) and ``sub_meta`` [F, K, 3] (byte offset of each (feature, tier) sub-table
         in the TBE's weight buffer, bytes per row as FBGEMM pads them, FBGEMM ``SparseType``;
         -1 for DROP and tiers the table has no rows in).  Built once."""
@@ -148,7 +148,7 @@ class _MixedGroup(nn.Module):
                 c = self._feature_config[f]
                 feature_meta[i] = torch.tensor([t.table_base[c.name], c.num_embeddings, c.embedding_dim,
                                                 column + self._out_offsets[i],
-                                                int(c.pooling == PoolingType.MEAN), t.table_width[c.name]])
+                                                int(c.pooling == PoolingType.MEAN), t.table_bits[c.name]])
                 tier_start[i] = torch.cumsum(torch.tensor([0] + self._rows[c.name]), 0)
                 for k, tier in enumerate(self._tiers):
                     name = f"{c.name}@{tier.value}"

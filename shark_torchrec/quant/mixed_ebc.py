@@ -4,8 +4,8 @@ Each logical table is stored as one physical TorchRec table per tier it uses
 (``"<table>@<tier>"``, with that tier's ``data_type``) inside a TorchRec quantized
 ``EmbeddingBagCollection`` — one FBGEMM ``IntNBitTableBatchedEmbeddingBagsCodegen`` holds all
 tiers of a group of tables (:mod:`~shark_torchrec.quant.layout`).  Rows are renumbered so that
-each tier's rows are contiguous (``perm = argsort(tier, stable)``), and an id map of 2 to 4 bytes
-per row (:mod:`~shark_torchrec.quant.id_map`) gives every id its renumbered row.
+each tier's rows are contiguous (``perm = argsort(tier, stable)``), and a bit-packed id map (the
+bits a table's rows need, :mod:`~shark_torchrec.quant.id_map`) gives every id its renumbered row.
 
 A forward on CPU is one call of a fused kernel (:mod:`~shark_torchrec.quant.cpu_kernel`): id
 map, tier, lookup in the TBE's own buffer and pooling in one pass over the ids, each bag
@@ -85,7 +85,7 @@ def _quantize_into(c: EmbeddingBagConfig, w: torch.Tensor, tiers: torch.Tensor, 
         weights = weights.float().contiguous()
     bad = torch.ops.shark_torchrec.quantize_into(
         weights, tiers.to(torch.int8).contiguous(), group.table_sub_meta(c.name), tier_start,
-        group.weight_buffer(), transform.table_map(c.name), transform.table_width[c.name], row_fit == "lsq")
+        group.weight_buffer(), transform.table_map(c.name), transform.table_bits[c.name], row_fit == "lsq")
     if bad >= 0:
         raise ValueError(f"table {c.name!r}: row {bad} has NaN/Inf weights")
 
@@ -292,15 +292,15 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
                      row_alignment: int = 16, device: torch.device = torch.device("cpu"),
                      check_ids: bool = True, num_groups: Optional[int] = None, strict: bool = False,
                      shared: Optional[Mapping[str, SharedRows]] = None, output_dtype="fp32",
-                     map_bytes: Optional[Mapping[str, int]] = None, row_fit: str = "minmax",
+                     map_bits: Optional[Mapping[str, int]] = None, row_fit: str = "minmax",
                      ) -> "RowwiseMixedEmbeddingBagCollection":
         """Build from tables' float rows and their tiers (:data:`TIER_ORDER` indices per row):
         ``weights[name]`` may be any [rows, dim] view (a sharded model's local shard, a column
         block).  Rows are quantized in chunks straight into FBGEMM's buffers, so no copy of a
         table is made (memory: the quantized tables, the id map, and a chunk).
         ``shared[name]``: the centroids of a table with SHARED rows (and each row's centroid).
-        ``map_bytes[name]``: its id-map entries' width (default: what its rows need; a shard
-        takes its whole table's, :attr:`MixedLayout.map_bytes`).  ``row_fit``: how integer rows
+        ``map_bits[name]``: its id-map entries' width in bits (default: what its rows need; a
+        shard takes its whole table's, :attr:`MixedLayout.map_bits`).  ``row_fit``: how integer rows
         get their scale and bias (:mod:`~shark_torchrec.quant.rows`).
         NaN/Inf weights raise an error naming the table and row."""
         check_row_fit(row_fit)
@@ -338,7 +338,7 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
             row_alignment=row_alignment,
             shared={c.name: [int(counts[c.name][_SHARED]), shared[c.name].k] for c in configs
                     if int(counts[c.name][_SHARED]) > 0},
-            output_dtype=output_dtype_name(output_dtype), map_bytes=dict(map_bytes or {}))
+            output_dtype=output_dtype_name(output_dtype), map_bits=dict(map_bits or {}))
         module = RowwiseMixedEmbeddingBagCollection(layout, device=device, check_ids=check_ids, strict=strict)
         if device.type == "meta":  # the structure only, as TorchRec converts a meta collection
             return module

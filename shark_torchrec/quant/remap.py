@@ -107,8 +107,8 @@ class RowwiseInputTransform(nn.Module):
     becomes one with features ``"<name>@<tier>"`` (``<name>`` the output key: the feature, or
     ``"<feature>@<table>"`` for a feature several tables read; tier-major, only the buckets
     that have a sub-table; all of them when MEAN pooling needs the DROP lengths) holding local
-    rows of each tier's sub-table.  It holds only the id map (2 to 4 bytes per row,
-    :mod:`~shark_torchrec.quant.id_map`).
+    rows of each tier's sub-table.  It holds only the id map (bit-packed, the bits a table's
+    rows need, :mod:`~shark_torchrec.quant.id_map`).
 
     Every id is renumbered with one gather (per feature on CPU, one over all features on CUDA),
     then split by tier with one ``block_bucketize_sparse_features`` call.  Ids outside their
@@ -154,21 +154,21 @@ class RowwiseInputTransform(nn.Module):
             self.output_keys = [self.bucket_keys[i] for i in keep]
             self._keep = torch.tensor(keep, dtype=torch.long, device=device)
         # Renumbered row of every row of every table (tables concatenated, each from a byte
-        # offset that is a multiple of 4), in entries of the table's width.
-        self.table_base, self.table_width, base = {}, {}, 0
+        # offset that is a multiple of 4), in entries of the table's width in bits.
+        self.table_base, self.table_bits, base = {}, {}, 0
         self._table_rows = {c.name: c.num_embeddings for c in configs}
         for c in configs:
             self.table_base[c.name] = base
-            self.table_width[c.name] = layout.map_bytes[c.name]
-            base += id_map.map_bytes(c.num_embeddings, layout.map_bytes[c.name])
+            self.table_bits[c.name] = layout.map_bits[c.name]
+            base += id_map.map_bytes(c.num_embeddings, layout.map_bits[c.name])
         self.register_buffer("row_map", torch.zeros(base + id_map.TAIL_BYTES, dtype=torch.uint8, device=device))
-        self._register_load_state_dict_pre_hook(_old_int32_map)
+        self._register_load_state_dict_pre_hook(_old_int32_map, with_module=True)
         self.register_buffer("block_sizes", torch.tensor(
             [max(1, c.num_embeddings) for c in self._slot_config], device=device), persistent=False)
         self.register_buffer("feature_base", torch.tensor(
             [self.table_base[c.name] for c in self._slot_config], device=device), persistent=False)
-        self.register_buffer("feature_width", torch.tensor(
-            [self.table_width[c.name] for c in self._slot_config], device=device), persistent=False)
+        self.register_buffer("feature_bits", torch.tensor(
+            [self.table_bits[c.name] for c in self._slot_config], device=device), persistent=False)
         self.register_buffer("feature_rows", torch.tensor(
             [c.num_embeddings for c in self._slot_config], device=device), persistent=False)
         self._bucket_pos = [torch.cumsum(torch.tensor([0] + layout.rows[c.name]), 0).to(device)
@@ -187,25 +187,22 @@ class RowwiseInputTransform(nn.Module):
                 lo, hi = torch.aminmax(ids)
                 if int(lo) < 0 or int(hi) >= c.num_embeddings:
                     self._raise_bad_id(s, ids)
-            renumbered[start : start + n] = id_map.gather(self.table_map(c.name), ids, self.table_width[c.name])
+            renumbered[start : start + n] = id_map.gather(self.row_map, self.table_base[c.name], ids,
+                                                          self.table_bits[c.name])
             start += n
         return renumbered
 
     def table_map(self, table: str) -> torch.Tensor:
         """``table``'s id map: its slice of :attr:`row_map` (uint8, entries of
-        ``table_width[table]`` bytes)."""
+        ``table_bits[table]`` bits, :func:`~shark_torchrec.quant.id_map.entry_span` bytes)."""
         base = self.table_base[table]
-        return self.row_map[base : base + self.table_width[table] * self._table_rows[table]]
+        return self.row_map[base : base + id_map.entry_span(self._table_rows[table], self.table_bits[table])]
 
     def set_map_entries(self, table: str, rows: Optional[torch.Tensor], values: torch.Tensor) -> None:
-        """Point ``rows`` (all when None) of ``table`` at renumbered rows ``values``."""
-        width = self.table_width[table]
-        entries = self.table_map(table).view(-1, width)
-        encoded = id_map.encode(values, width).view(-1, width).to(entries.device)
-        if rows is None:
-            entries.copy_(encoded)
-        else:
-            entries[rows.to(entries.device)] = encoded
+        """Point ``rows`` (distinct; all when None) of ``table`` at renumbered rows ``values``."""
+        if rows is None and values.numel() != self._table_rows[table]:
+            raise ValueError(f"table {table!r}: {values.numel()} id-map entries for {self._table_rows[table]} rows")
+        id_map.write(self.row_map, self.table_base[table], rows, values, self.table_bits[table])
 
     def _renumber_vectorised(self, values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """CUDA: one check and one gather over all features.  The feature of every id comes
@@ -220,8 +217,9 @@ class RowwiseInputTransform(nn.Module):
             if bool(bad.any()):
                 i = int(bad.nonzero()[0])
                 self._raise_bad_id(int(feature_of_id[i]), values[i : i + 1])
-        start = values.long() * self.feature_width[feature_of_id] + self.feature_base[feature_of_id]
-        return id_map.gather_bytes(self.row_map, start, self.feature_width[feature_of_id])
+        bits = self.feature_bits[feature_of_id]
+        start = values.long() * bits + self.feature_base[feature_of_id] * 8
+        return id_map.gather_bits(self.row_map, start, bits)
 
     def _raise_bad_id(self, slot: int, ids: torch.Tensor) -> None:
         """Raise naming the feature, the first id of ``ids`` outside the table of ``slot``, and
@@ -269,13 +267,19 @@ class RowwiseInputTransform(nn.Module):
                                  weights=new_weights, stride=B)
 
 
-def _old_int32_map(state_dict, prefix, *args) -> None:
+def _old_int32_map(module: "RowwiseInputTransform", state_dict, prefix, *args) -> None:
     """Load hook: an id map saved as int32 (before entries had a width; its layout's entries are
-    4 bytes) is the same bytes, less the tail."""
+    4 bytes) is the same bytes, less the tail; a uint8 map saved when the tail was 4 bytes is
+    the same bytes, less 4 bytes of the tail (:data:`~shark_torchrec.quant.id_map.TAIL_BYTES`)."""
     old = state_dict.get(prefix + "row_map")
-    if old is not None and old.dtype == torch.int32:
-        tail = torch.zeros(id_map.TAIL_BYTES, dtype=torch.uint8, device=old.device)
-        state_dict[prefix + "row_map"] = torch.cat([old.contiguous().view(torch.uint8), tail])
+    if old is None:
+        return
+    if old.dtype == torch.int32:
+        old = old.contiguous().view(torch.uint8)
+    short = module.row_map.numel() - old.numel()
+    if old.dtype == torch.uint8 and old.dim() == 1 and 0 < short <= id_map.TAIL_BYTES:
+        tail = torch.zeros(short, dtype=torch.uint8, device=old.device)
+        state_dict[prefix + "row_map"] = torch.cat([old, tail])
 
 
 class MixedInputTransform(nn.Module):

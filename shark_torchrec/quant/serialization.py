@@ -14,8 +14,8 @@ The state dict holds tensors only, under names close to TorchRec's quantized col
   first) — as plain uint8 tensors also for INT4/INT2,
   where TorchRec's holds its packed ``UInt4Tensor``/``UInt2Tensor`` types, which most tensor
   operations (``assert_close``, checkpoint tooling) do not support;
-* ``embedding_bags.<table>.id_map``: the table's id map (uint8, ``map_bytes[table]`` bytes per
-  row, :mod:`~shark_torchrec.quant.id_map`);
+* ``embedding_bags.<table>.id_map``: the table's id map (uint8, ``map_bits[table]`` bits per
+  row, packed, :mod:`~shark_torchrec.quant.id_map`);
 * ``_extra_state``: the layout, as the uint8 bytes of its JSON text (so state-dict tooling
   that expects tensors — ``torch.distributed.checkpoint``, ``assert_close`` loops — takes it).
 
@@ -156,7 +156,7 @@ def internal_names(groups, layout: MixedLayout, state: Dict[str, torch.Tensor], 
             if m is None or m.dtype != torch.uint8 or m.numel() != size:
                 got = "missing" if m is None else f"{m.dtype} of {m.numel()} bytes"
                 raise ValueError(f"table {table!r}: id map {prefix}{TABLES}{table}{ID_MAP} must be uint8 of "
-                                 f"{size} bytes ({t.table_width[table]} per row), got {got}")
+                                 f"{size} bytes ({t.table_bits[table]} bits per row), got {got}")
             row_map[t.table_base[table]:t.table_base[table] + size] = m.reshape(-1).to(row_map.device)
         state[f"{prefix}groups.{g}.input_transform.row_map"] = row_map
     for g, group in enumerate(groups):  # the collection's transform is the groups': the same map

@@ -13,8 +13,8 @@ group's leader (:mod:`.layout`) from the rows it holds, with:
 * **row fractions**: each table's boundary priorities by exact selection over the ranks
   (:func:`~shark_torchrec.quant.budget.fraction_tiers`).
 
-The byte accounting does not depend on the placement: per table, an id map of 2 to 4 bytes per
-row (the width its rows need, :mod:`~shark_torchrec.quant.id_map`, which each of its shards
+The byte accounting does not depend on the placement: per table, a bit-packed id map (the
+bits its rows need, :mod:`~shark_torchrec.quant.id_map`, which each of its shards
 keeps) and up to 128 bytes of padding per tier, once per column block.  (A table split into
 ``S`` row shards holds up to ``(128 · tiers + 3) · (S-1)`` bytes of padding more.)  So the tiers equal
 those of one process holding the same tables, whatever the number of ranks (tested); a

@@ -53,7 +53,7 @@ def build_sharded_collection(layout: ShardedLayout, weights: Dict[str, torch.Ten
             {s.name: tiers[s.name] for s in shards}, is_weighted=layout.is_weighted,
             row_alignment=row_alignment, device=device, check_ids=False,
             shared={s.name: shared[s.name] for s in shards if s.name in (shared or {})},
-            map_bytes=layout.map_bytes(shards), row_fit=row_fit)
+            map_bits=layout.map_bits(shards), row_fit=row_fit)
 
     return ShardedRowwiseMixedEmbeddingBagCollection(layout, convert(routed), convert(replicated), comm,
                                                      check_ids=check_ids, row_alignment=row_alignment)

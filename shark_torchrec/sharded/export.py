@@ -76,7 +76,7 @@ def _shard_state(collection: RowwiseMixedEmbeddingBagCollection, shard: TableSha
         if key in views:
             w, sb = views[key]
             rows[tier] = [w.contiguous().clone(), None if sb is None else sb.contiguous().clone()]
-    return {"row_map": transform.table_map(name).clone(), "map_bytes": transform.table_width[name], "rows": rows}
+    return {"row_map": transform.table_map(name).clone(), "map_bits": transform.table_bits[name], "rows": rows}
 
 
 def _shard_counts(collection: RowwiseMixedEmbeddingBagCollection, shard: TableShard) -> List[int]:
@@ -98,10 +98,13 @@ def _logical_counts(counts: List[int], shared: List[int]) -> List[int]:
     return out
 
 
-def _saved_map_bytes(state: Dict[str, Any]) -> int:
-    """Bytes per id-map entry of a saved shard (4 in exports written before the width was
-    saved, whose maps are int32)."""
-    return 4 if state["row_map"].dtype == torch.int32 else int(state["map_bytes"])
+def _saved_map_bits(state: Dict[str, Any]) -> int:
+    """Bits per id-map entry of a saved shard: ``map_bits``; 8x ``map_bytes`` in exports
+    written before entries were bit-packed (the same bytes); 32 in those written before the
+    width was saved, whose maps are int32."""
+    if "map_bits" in state:
+        return int(state["map_bits"])
+    return 32 if state["row_map"].dtype == torch.int32 else 8 * int(state["map_bytes"])
 
 
 def _build_local(layout: ShardedLayout, shards: List[TableShard], counts: Dict[str, List[int]],
@@ -118,7 +121,7 @@ def _build_local(layout: ShardedLayout, shards: List[TableShard], counts: Dict[s
         tiers=[TIER_ORDER[i].value for i in used], rows={s.name: [counts[s.name][i] for i in used] for s in shards},
         is_weighted=layout.is_weighted, row_alignment=row_alignment,
         shared={s.name: list(shared[s.name]) for s in shards if s.name in shared},
-        map_bytes={s.name: _saved_map_bytes(states[s.name]) for s in shards})
+        map_bits={s.name: _saved_map_bits(states[s.name]) for s in shards})
     module = RowwiseMixedEmbeddingBagCollection(mixed, check_ids=False)
     group = module.groups[0]
     views = group._tbe_views()
@@ -238,7 +241,7 @@ def placement(layout: ShardedLayout, world: int, rows_per_tier: Dict[str, List[i
     if world == layout.world_size:
         return layout
 
-    widths = layout.map_bytes(layout.shards)
+    widths = layout.map_bits(layout.shards)
 
     def size(s: TableShard) -> int:
         return map_bytes(s.rows, widths[s.name]) + sum(

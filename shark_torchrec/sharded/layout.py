@@ -23,7 +23,7 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import get_embedding_names_by_table
 
-from shark_torchrec.quant.id_map import entry_bytes
+from shark_torchrec.quant.id_map import entry_bits
 
 LAYOUT_FORMAT = "shark-torchrec/sharded-layout/v1"
 #: ``TableShard.rank`` of a table held whole by every rank (data parallel).
@@ -102,12 +102,12 @@ class ShardedLayout:
         feature several tables read)."""
         return {t["name"]: n for t, n in zip(self.tables, get_embedding_names_by_table(self.configs()))}
 
-    def map_bytes(self, shards: List[TableShard]) -> Dict[str, int]:
-        """``{shard name: bytes per id-map entry}``: each shard takes its whole table's width
-        (:func:`~shark_torchrec.quant.id_map.entry_bytes`), so a table's bytes do not depend on
+    def map_bits(self, shards: List[TableShard]) -> Dict[str, int]:
+        """``{shard name: bits per id-map entry}``: each shard takes its whole table's width
+        (:func:`~shark_torchrec.quant.id_map.entry_bits`), so a table's bytes do not depend on
         how it is split."""
         rows = {t["name"]: t["rows"] for t in self.tables}
-        return {s.name: entry_bytes(rows[s.table]) for s in shards}
+        return {s.name: entry_bits(rows[s.table]) for s in shards}
 
     def shards_of(self, table: str) -> List[TableShard]:
         return [s for s in self.shards if s.table == table]

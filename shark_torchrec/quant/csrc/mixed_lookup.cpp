@@ -1,7 +1,8 @@
 // Row-wise mixed-precision embedding-bag lookup on CPU, in one pass over the ids.
 //
-// For every bag of every served feature: each id goes through the table's id map (2, 3 or 4
-// bytes per row, little-endian, read as one 4-byte load and masked; tier = which of the table's tier ranges the renumbered row falls in, local row =
+// For every bag of every served feature: each id goes through the table's id map (bit-packed,
+// the bits the table's rows need, little-endian, read as one 8-byte load from the byte the
+// entry starts in, shifted and masked; tier = which of the table's tier ranges the renumbered row falls in, local row =
 // renumbered row - tier start), the row is read from its sub-table inside the FBGEMM TBE's own
 // weight buffer (rows as FBGEMM stores them: FP32, FP16, or INT8/INT4/INT2 with an fp16
 // scale and bias first), dequantized and added into the bag's sum, which is written once into
@@ -231,8 +232,8 @@ struct TierRows {
 
 struct Feature {
   const uint8_t* map;    // the table's slice of the id map
-  int64_t width;         // bytes per entry (2, 3 or 4)
-  uint32_t mask;         // the entry's bits of a 4-byte load
+  int64_t bits;          // bits per entry (1 to 32)
+  uint64_t mask;         // the entry's bits, once shifted down
   uint64_t rows;
   int32_t K;
   int32_t last_tier_start[kMaxTiers];  // tier t starts at renumbered row last_tier_start[t-1]+1;
@@ -296,7 +297,7 @@ struct Locator {
   Locator(const Feature& f_, const V* values_, int64_t first, int64_t last_, bool check_)
       : f(f_), values(values_), last(last_), next(first), check(check_) {
     for (int64_t i = first; i < std::min(first + kPrefetch, last); ++i)
-      __builtin_prefetch(f.map + (int64_t)values[i] * f.width);
+      __builtin_prefetch(f.map + (((int64_t)values[i] * f.bits) >> 3));
   }
 
   // Locates ids up to `upto` (exclusive); false at an id outside the table (its position is
@@ -306,14 +307,16 @@ struct Locator {
   __attribute__((always_inline)) inline bool locate_to(int64_t upto) {
     for (; next < upto; ++next) {
       const int64_t i = next;
-      if (i + kPrefetch < last) __builtin_prefetch(f.map + (int64_t)values[i + kPrefetch] * f.width);
+      if (i + kPrefetch < last) __builtin_prefetch(f.map + (((int64_t)values[i + kPrefetch] * f.bits) >> 3));
       const int64_t v = (int64_t)values[i];
       if (check && (uint64_t)v >= f.rows) return false;  // negative ids wrap to huge
-      // One 4-byte load whatever the width (the map's tail keeps the last entry's inside the
-      // buffer): no branch on the width per id.
-      uint32_t entry;
-      std::memcpy(&entry, f.map + v * f.width, 4);
-      const int32_t r = (int32_t)(entry & f.mask);
+      // One 8-byte load from the entry's first byte whatever the width (an entry of up to 32
+      // bits starting at any bit of that byte lies within it; the map's tail keeps the last
+      // entry's load inside the buffer): no branch on the width per id.
+      const uint64_t bit = (uint64_t)v * (uint64_t)f.bits;
+      uint64_t word;
+      std::memcpy(&word, f.map + (bit >> 3), 8);
+      const int32_t r = (int32_t)((word >> (bit & 7)) & f.mask);
       const TierRows& t = f.tier[tier_of(f, r)];
       const uintptr_t row = t.origin + (uintptr_t)((int64_t)r * t.row_bytes);
       Located& slot = ring[i & (kRing - 1)];
@@ -506,7 +509,7 @@ int64_t mixed_embedding_bag(const Tensor& values, const Tensor& offsets,
                 "weights must be float, one per id");
     w = weights->data_ptr<float>();
   }
-  // feature_meta [F, 6]: map byte offset, rows, dim, output column, mean, bytes per map entry.
+  // feature_meta [F, 6]: map byte offset, rows, dim, output column, mean, bits per map entry.
   // sub_meta [F, K, 3]: byte offset in weight_buffer, row bytes, FBGEMM SparseType (-1: none).
   const int64_t* fm = feature_meta.data_ptr<int64_t>();
   const int64_t* sm = sub_meta.data_ptr<int64_t>();
@@ -521,12 +524,14 @@ int64_t mixed_embedding_bag(const Tensor& values, const Tensor& offsets,
     // (the renumbered rows: the table's rows, less its SHARED rows, plus their centroids)
     TORCH_CHECK(start[K] >= 0 && start[K] <= INT32_MAX && m[1] <= INT32_MAX,
                 "tier starts and table rows must lie below 2^31");
-    TORCH_CHECK(m[5] >= 2 && m[5] <= 4, "id-map entries take 2, 3 or 4 bytes, not ", m[5]);
-    TORCH_CHECK(m[0] >= 0 && m[0] + m[1] * m[5] + 4 <= row_map.numel(), "a feature's id map lies outside row_map");
+    TORCH_CHECK(m[5] >= 1 && m[5] <= 32, "id-map entries take 1 to 32 bits, not ", m[5]);
+    // (every entry's 8-byte load, from its first byte, inside row_map: the map's bytes and 7)
+    TORCH_CHECK(m[0] >= 0 && m[1] >= 0 && m[0] + (m[1] * m[5] + 7) / 8 + 7 <= row_map.numel(),
+                "a feature's id map lies outside row_map");
     Feature& ft = features[f];
     ft.map = map + m[0];
-    ft.width = m[5];
-    ft.mask = m[5] == 4 ? 0xffffffffu : (1u << (8 * m[5])) - 1;
+    ft.bits = m[5];
+    ft.mask = ((uint64_t)1 << m[5]) - 1;
     ft.rows = (uint64_t)m[1];
     ft.K = (int32_t)K;
     for (int t = 0; t < kMaxTiers; ++t)

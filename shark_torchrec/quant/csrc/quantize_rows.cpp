@@ -310,15 +310,30 @@ bool store_row(const float* x, int64_t D, int32_t ty, uint8_t* dst, bool fit) {
   return true;
 }
 
+// Sets entry i of a bit-packed map to `value`: only the bytes the entry spans are touched, and
+// only its bits in them, so ranges of entries that start and end on byte boundaries (a multiple
+// of 8 entries) can be written by different threads.
+inline void put_entry(uint8_t* map, int64_t i, int64_t bits, uint64_t value) {
+  const uint64_t bit = (uint64_t)i * (uint64_t)bits;
+  const uint64_t mask = (((uint64_t)1 << bits) - 1) << (bit & 7);
+  const uint64_t v = value << (bit & 7);
+  uint8_t* at = map + (bit >> 3);
+  const int64_t span = (int64_t)(((bit & 7) + bits + 7) / 8);
+  for (int64_t j = 0; j < span; ++j) {
+    const uint8_t m = (uint8_t)(mask >> (8 * j));
+    at[j] = (uint8_t)((at[j] & ~m) | ((uint8_t)(v >> (8 * j)) & m));
+  }
+}
+
 // Writes every row of `weights` (integer rows fitted with `fit`) into its tier's sub-table in `buffer` and its renumbered row
-// into `row_map` (uint8, `width` bytes per entry, little-endian); returns the first row holding a NaN or an infinity (then nothing is promised
+// into `row_map` (uint8, `bits` bits per entry, packed little-endian: entry i is bits i*bits.. of the map); returns the first row holding a NaN or an infinity (then nothing is promised
 // about what was written), else -1.
 //   tiers [n] int8: TIER_ORDER index of each row.
 //   sub_meta [7, 3] int64: per TIER_ORDER tier, byte offset of the table's sub-table in
 //     buffer, bytes per stored row, FBGEMM SparseType (-1: no sub-table, e.g. DROP).
 //   tier_start [7] int64: the first id of each tier's rows.
 int64_t quantize_into(const Tensor& weights, const Tensor& tiers, const Tensor& sub_meta, const Tensor& tier_start,
-                      Tensor buffer, Tensor row_map, int64_t width, bool fit) {
+                      Tensor buffer, Tensor row_map, int64_t bits, bool fit) {
   TORCH_CHECK(weights.device().is_cpu() && weights.scalar_type() == at::kFloat && weights.dim() == 2 &&
                   weights.stride(1) == 1,
               "quantize_into: weights must be float32 [rows, dim] with contiguous rows");
@@ -329,9 +344,9 @@ int64_t quantize_into(const Tensor& weights, const Tensor& tiers, const Tensor& 
                   tier_start.scalar_type() == at::kLong && tier_start.numel() == kTiers,
               "quantize_into: sub_meta int64 [7, 3] and tier_start int64 [7]");
   TORCH_CHECK(buffer.scalar_type() == at::kByte && buffer.is_contiguous(), "quantize_into: buffer must be uint8");
-  TORCH_CHECK(width >= 2 && width <= 4, "quantize_into: id-map entries take 2, 3 or 4 bytes");
-  TORCH_CHECK(row_map.scalar_type() == at::kByte && row_map.is_contiguous() && row_map.numel() == n * width,
-              "quantize_into: row_map must be uint8, width bytes per row");
+  TORCH_CHECK(bits >= 1 && bits <= 32, "quantize_into: id-map entries take 1 to 32 bits");
+  TORCH_CHECK(row_map.scalar_type() == at::kByte && row_map.is_contiguous() && row_map.numel() == (n * bits + 7) / 8,
+              "quantize_into: row_map must be uint8, bits bits per row");
   const float* w = weights.data_ptr<float>();
   const int8_t* t = tiers.data_ptr<int8_t>();
   const int64_t* sm = sub_meta.data_ptr<int64_t>();
@@ -341,6 +356,8 @@ int64_t quantize_into(const Tensor& weights, const Tensor& tiers, const Tensor& 
   for (int64_t i = 0; i < n; ++i)
     TORCH_CHECK(t[i] >= 0 && t[i] < kTiers, "quantize_into: tier ", (int)t[i], " of row ", i);
   // Rows per tier in each range, so that ranges can be written in parallel.
+  // (a multiple of 8 rows: each range's map entries start and end on byte boundaries, so the
+  // ranges write their map bytes in parallel, put_entry)
   const int64_t chunk = 16384;
   const int64_t chunks = (n + chunk - 1) / chunk;
   std::vector<int64_t> first(std::max<int64_t>(chunks, 1) * kTiers, 0);
@@ -355,10 +372,10 @@ int64_t quantize_into(const Tensor& weights, const Tensor& tiers, const Tensor& 
       first[c * kTiers + k] = running[k];
       running[k] += count;
     }
-  const int64_t most = width == 4 ? INT32_MAX : (int64_t)1 << (8 * width);
+  const int64_t most = bits == 32 ? INT32_MAX : (int64_t)1 << bits;
   for (int k = 0; k < kTiers; ++k) {
     TORCH_CHECK(running[k] == 0 || ts[k] + running[k] <= most, "quantize_into: renumbered rows do not fit ",
-                width, "-byte id-map entries");
+                bits, "-bit id-map entries");
     if (running[k] == 0 || sm[3 * k + 2] == NO_TABLE) continue;
     TORCH_CHECK(sm[3 * k] >= 0 && sm[3 * k] + running[k] * sm[3 * k + 1] <= buffer.numel(),
                 "quantize_into: tier ", k, "'s sub-table lies outside the buffer");
@@ -371,8 +388,7 @@ int64_t quantize_into(const Tensor& weights, const Tensor& tiers, const Tensor& 
       for (int64_t i = c * chunk; i < std::min(n, (c + 1) * chunk); ++i) {
         const int k = t[i];
         const int64_t local = next[k]++;
-        const uint32_t entry = (uint32_t)(ts[k] + local);
-        std::memcpy(map + i * width, &entry, width);  // little-endian: the low `width` bytes
+        put_entry(map, i, bits, (uint64_t)(ts[k] + local));
         const int32_t ty = (int32_t)sm[3 * k + 2];
         if (ty == NO_TABLE) {  // DROP: no stored row, but the row must still be finite
           for (int64_t d = 0; d < D; ++d)
@@ -396,7 +412,7 @@ int64_t quantize_into(const Tensor& weights, const Tensor& tiers, const Tensor& 
 
 TORCH_LIBRARY_FRAGMENT(shark_torchrec, m) {
   m.def("quantize_into(Tensor weights, Tensor tiers, Tensor sub_meta, Tensor tier_start, Tensor(a!) buffer, "
-        "Tensor(b!) row_map, int width, bool fit=False) -> int");
+        "Tensor(b!) row_map, int bits, bool fit=False) -> int");
 }
 
 TORCH_LIBRARY_IMPL(shark_torchrec, CPU, m) {
