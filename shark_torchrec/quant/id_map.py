@@ -97,17 +97,9 @@ def _read_at(buffer: torch.Tensor, bit: torch.Tensor, bits: int) -> torch.Tensor
     return _span_word(buffer, bit) & ((1 << bits) - 1)
 
 
-def encode(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """``values`` (non-negative integers below ``2**bits``) packed as ``bits``-bit entries:
-    uint8 [:func:`entry_span` (n, bits)]."""
-    raw = torch.zeros(entry_span(values.numel(), bits) + _SPAN, dtype=torch.uint8, device=values.device)
-    write(raw, 0, None, values.reshape(-1), bits)
-    return raw[:entry_span(values.numel(), bits)]
-
-
 def decode(raw: torch.Tensor, bits: int, n: Optional[int] = None) -> torch.Tensor:
-    """The ``n`` entries of ``raw`` (uint8, as :func:`encode` writes them; by default as many as
-    it holds): int64 [n]."""
+    """The ``n`` entries of ``raw`` (uint8, a table's map as :func:`write` packs it; by default
+    as many as it holds): int64 [n]."""
     n = raw.numel() * 8 // bits if n is None else int(n)
     padded = torch.cat([raw.reshape(-1), torch.zeros(_SPAN, dtype=torch.uint8, device=raw.device)])
     return _read_at(padded, torch.arange(n, device=raw.device, dtype=torch.int64) * bits, bits)

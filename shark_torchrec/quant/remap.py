@@ -162,7 +162,7 @@ class RowwiseInputTransform(nn.Module):
             self.table_bits[c.name] = layout.map_bits[c.name]
             base += id_map.map_bytes(c.num_embeddings, layout.map_bits[c.name])
         self.register_buffer("row_map", torch.zeros(base + id_map.TAIL_BYTES, dtype=torch.uint8, device=device))
-        self._register_load_state_dict_pre_hook(_old_int32_map, with_module=True)
+        self._register_load_state_dict_pre_hook(_old_row_map, with_module=True)
         self.register_buffer("block_sizes", torch.tensor(
             [max(1, c.num_embeddings) for c in self._slot_config], device=device), persistent=False)
         self.register_buffer("feature_base", torch.tensor(
@@ -267,7 +267,7 @@ class RowwiseInputTransform(nn.Module):
                                  weights=new_weights, stride=B)
 
 
-def _old_int32_map(module: "RowwiseInputTransform", state_dict, prefix, *args) -> None:
+def _old_row_map(module: "RowwiseInputTransform", state_dict, prefix, *args) -> None:
     """Load hook: an id map saved as int32 (before entries had a width; its layout's entries are
     4 bytes) is the same bytes, less the tail; a uint8 map saved when the tail was 4 bytes is
     the same bytes, less 4 bytes of the tail (:data:`~shark_torchrec.quant.id_map.TAIL_BYTES`)."""
