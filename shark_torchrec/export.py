@@ -150,11 +150,7 @@ def _check_description(path: str, desc: Dict[str, Any]) -> MixedLayout:
         layout.configs()  # every table entry complete and well-typed
         for tier in layout.tiers:
             Tier.parse(tier)
-        for t in layout.tables:
-            counts = layout.rows[t["name"]]
-            if len(counts) != len(layout.tiers) or sum(counts) != t["rows"]:
-                raise ValueError(f"table {t['name']!r}: rows per tier {counts} do not match "
-                                 f"tiers {layout.tiers} and {t['rows']} rows")
+        layout.check()  # rows per tier add up (SHARED rows replaced by their centroids)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ExportError(f"{path}: field 'model': embedding is not a valid row-wise mixed "
                           f"collection layout ({type(e).__name__}: {e})") from e

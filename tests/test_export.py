@@ -18,7 +18,10 @@ CFG = SyntheticConfig.default(num_fields=4, num_informative=2, cardinality=400, 
                               max_hot=3, seed=2)
 
 
-def _model(kind="dot", seed=0):
+MIX = {"fp16": .2, "int8": .3, "int4": .3, "drop": .2}
+
+
+def _model(kind="dot", seed=0, fractions=MIX):
     torch.manual_seed(seed)
     tables = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=8, num_embeddings=400, feature_names=[f])
               for i, f in enumerate(CFG.feature_names)]
@@ -26,7 +29,7 @@ def _model(kind="dot", seed=0):
               dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1])
     m = DLRM_DCN(dcn_num_layers=2, dcn_low_rank_dim=4, **kw) if kind == "dcn" else DLRM(**kw)
     model = DLRMTrain(m)
-    quantize_(model, RowwiseQuantConfig(fractions={"fp16": .2, "int8": .3, "int4": .3, "drop": .2}),
+    quantize_(model, RowwiseQuantConfig(fractions=fractions),
               priorities={f"t{i}": torch.rand(400) for i in range(4)})
     model.eval()
     return model, tables
@@ -44,6 +47,20 @@ def test_round_trip_gives_identical_predictions(tmp_path: Path, kind: str) -> No
         assert torch.equal(loaded(batch)[1][1], model(batch)[1][1])
     assert info["metadata"] == {"test_auc": 0.75} and '"dropped_features": []' in info["pruning_plan"]
     assert info["model"]["kind"] == ("dlrm_dcn" if kind == "dcn" else "dlrm")
+
+
+def test_a_model_with_shared_rows_round_trips(tmp_path: Path) -> None:
+    """SHARED rows (their table's rows per tier add up to its rows less the shared ones plus its
+    centroids): the export loads and predicts identically (the load check once counted the
+    rows per tier against the table's rows and refused every such export)."""
+    model, _ = _model(fractions={"fp16": .3, "int8": .3, "shared": .4})
+    assert model.model.sparse_arch.embedding_bag_collection.layout.shared
+    path = str(tmp_path / "model.pt")
+    export_model(model, path)
+    loaded, _ = load_export(path)
+    batch = SyntheticClickDataset(CFG, 64, 1).global_batch(0)
+    with torch.no_grad():
+        assert torch.equal(loaded(batch)[1][1], model(batch)[1][1])
 
 
 def test_bad_exports_are_refused(tmp_path: Path) -> None:

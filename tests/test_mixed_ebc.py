@@ -369,6 +369,69 @@ def test_weights_are_read_as_torchrec_reads_them(lookup) -> None:
         w(short)
 
 
+@pytest.mark.parametrize("lookup", LOOKUPS + ["fx"])
+def test_strided_ids_weights_and_offsets_are_read_as_their_values(lookup) -> None:
+    """Ids, per-id weights or offsets given as strided views (a column of a wider tensor) are
+    read as the values they hold, as TorchRec's own collection reads them: both lookups read
+    these tensors by their data pointer and once read a view as if it were packed (other ids,
+    other weights, no error)."""
+    tables, ebc, a = _setup(weighted=True, fractions={"fp32": 1.0})  # fp32 rows: exactly TorchRec's
+    m = _use(RowwiseMixedEmbeddingBagCollection.from_float(ebc, a), "fbgemm" if lookup == "fbgemm" else "kernel")
+    f = torch.fx.symbolic_trace(m) if lookup == "fx" else m
+    kjt = _batch(weighted=True)
+    keys, n = kjt.keys(), kjt.values().numel()
+    wide_ids = torch.stack([kjt.values(), torch.randint(0, 200, (n,))], 1)  # the ids in column 0
+    wide_w = torch.stack([kjt.weights(), torch.full((n,), 9.0)], 1)
+    offsets = kjt.offsets()
+    wide_offsets = torch.stack([offsets, offsets + 1000], 1)
+    want = ebc(kjt).values()
+    for strided in (KeyedJaggedTensor(keys=keys, values=wide_ids[:, 0], lengths=kjt.lengths(), weights=kjt.weights()),
+                    KeyedJaggedTensor(keys=keys, values=kjt.values(), lengths=kjt.lengths(), weights=wide_w[:, 0]),
+                    KeyedJaggedTensor(keys=keys, values=kjt.values(), offsets=wide_offsets[:, 0],
+                                      weights=kjt.weights())):
+        torch.testing.assert_close(f(strided).values(), want, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("lookup", LOOKUPS)
+def test_inputs_no_lookup_can_read_whole_are_refused(lookup) -> None:
+    """A batch size per feature (a variable-batch input) and a feature given twice are refused
+    by both lookups (the FBGEMM path used to drop a feature's extra bags, or read one of the
+    two copies, without an error)."""
+    tables, ebc, a = _setup()
+    m = _use(RowwiseMixedEmbeddingBagCollection.from_float(ebc, a), lookup)
+    keys = ["cat_0", "cat_1", "cat_2"]
+    vbe = KeyedJaggedTensor(keys=keys, values=torch.tensor([1, 2, 3, 4, 5, 6, 7]),
+                            lengths=torch.tensor([1, 1, 1, 1, 1, 1, 1]),
+                            stride_per_key_per_rank=[[2], [3], [2]])
+    with pytest.raises(ValueError, match="a batch size per feature"):
+        m(vbe)
+    twice = KeyedJaggedTensor(keys=["cat_0", "cat_1", "cat_2", "cat_1"], values=torch.tensor([1, 2, 3, 4]),
+                              lengths=torch.tensor([1, 1, 1, 1]))
+    with pytest.raises(KeyError, match="input feature 'cat_1' appears more than once"):
+        m(twice)
+
+
+@pytest.mark.parametrize("lookup", LOOKUPS)
+def test_empty_mean_batches_and_other_weight_dtypes(lookup) -> None:
+    """An empty batch with MEAN pooling gives an empty output on both lookups (the FBGEMM path
+    used to fail on it), and per-id weights in float64 or bfloat16 are read as float32 by both,
+    as TorchRec's collection reads them."""
+    tables, ebc, a = _setup(pooling=PoolingType.MEAN, fractions={"fp32": 1.0})
+    m = _use(RowwiseMixedEmbeddingBagCollection.from_float(ebc, a), lookup)
+    empty = KeyedJaggedTensor(keys=["cat_0", "cat_1", "cat_2"], values=torch.zeros(0, dtype=torch.long),
+                              lengths=torch.zeros(0, dtype=torch.long), stride=0)
+    assert m(empty).values().shape == (0, 32)
+    tables, ebc, a = _setup(weighted=True, fractions={"fp32": 1.0})  # (TorchRec weighs SUM bags only)
+    m = _use(RowwiseMixedEmbeddingBagCollection.from_float(ebc, a), lookup)
+    kjt = _batch(weighted=True)
+    for dtype in (torch.float64, torch.bfloat16):
+        other = KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values(), lengths=kjt.lengths(),
+                                  weights=kjt.weights().to(dtype))
+        exact = KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values(), lengths=kjt.lengths(),
+                                  weights=kjt.weights().to(dtype).float())
+        torch.testing.assert_close(m(other).values(), ebc(exact).values(), atol=1e-6, rtol=1e-6)
+
+
 def test_state_dict_round_trip_without_the_float_model(tmp_path) -> None:
     tables, ebc, a = _setup()
     m = RowwiseMixedEmbeddingBagCollection.from_float(ebc, a)

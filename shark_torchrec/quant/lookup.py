@@ -315,6 +315,8 @@ class _MixedGroup(nn.Module):
     def _mean(self, out: torch.Tensor, lengths: torch.Tensor, keys: List[str], B: int) -> torch.Tensor:
         """Divide MEAN features' columns by each bag's full length: the sum of its buckets'
         lengths, DROP included (dropped rows read as zeros, and count)."""
+        if B == 0:  # (no bags: nothing to divide; view(-1, 0) would fail)
+            return out
         lengths = lengths.view(-1, B)
         full = torch.zeros(len(self._features), B, dtype=lengths.dtype, device=lengths.device)
         full.index_add_(0, self._bucket_feature(keys, lengths.device), lengths)

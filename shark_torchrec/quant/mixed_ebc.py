@@ -46,6 +46,7 @@ from shark_torchrec.quant.remap import (
     MixedInputTransform,
     RowwiseInputTransform,
     check_features,
+    contiguous_jagged,
     jagged_error,
     select_features,
     split_features,
@@ -161,6 +162,7 @@ def _fused_lookup(features: KeyedJaggedTensor, order: List[str],
     message = jagged_error(features, weighted)
     if message is not None:
         raise ValueError(f"RowwiseMixedEmbeddingBagCollection: {message}")
+    features = contiguous_jagged(features)
     if not weighted:
         features = without_weights(features)
     features = select_features(features, order, strict)
@@ -464,6 +466,7 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
         message = jagged_error(features, self.layout.is_weighted)
         if message is not None:
             raise ValueError(f"{type(self).__name__}: {message}")
+        features = contiguous_jagged(features)
         return features if self.layout.is_weighted else without_weights(features)
 
     def _kernel_calls(self, features: KeyedJaggedTensor) -> Optional[List[tuple]]:

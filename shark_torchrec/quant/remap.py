@@ -33,6 +33,9 @@ from shark_torchrec.quant.tiers import Tier
 def check_features(keys: List[str], features: List[str], strict: bool) -> None:
     """Raise ``KeyError`` when ``keys`` (an input's) lack one of ``features`` (a collection's),
     or, with ``strict``, hold one it does not serve — naming them."""
+    for i in range(len(keys)):
+        if keys[i] in keys[:i]:  # (which copy a lookup would read is arbitrary)
+            raise KeyError(f"input feature '{keys[i]}' appears more than once in the input's keys {keys}")
     missing: List[str] = []
     for f in features:
         if f not in keys:
@@ -54,8 +57,13 @@ def jagged_error(features: KeyedJaggedTensor, weighted: bool = False) -> Optiona
     some of these and silently read past or around the ids on others; a collection checks
     them first.  One reduction over the lengths (the offsets, which the lookup needs anyway,
     give their total)."""
-    values, lengths = features.values(), features.lengths()
     keys = features.keys()
+    if features.variable_stride_per_key():
+        return f"a batch size per feature (a variable-batch input) is not supported (features {keys})"
+    values, lengths = features.values(), features.lengths()
+    if lengths.numel() != len(keys) * features.stride():
+        return (f"{lengths.numel()} bag lengths for {len(keys)} features of batch size {features.stride()} "
+                f"(features {keys})")
     if values.dtype != torch.int32 and values.dtype != torch.int64:
         return f"ids must be int32 or int64, got {values.dtype} (features {keys})"
     if lengths.dtype != torch.int32 and lengths.dtype != torch.int64:
@@ -80,6 +88,22 @@ def jagged_error(features: KeyedJaggedTensor, weighted: bool = False) -> Optiona
         if weights.numel() != n:
             return f"{weights.numel()} per-id weights for {n} ids (features {keys})"
     return None
+
+
+def contiguous_jagged(features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+    """``features`` with contiguous ids, lengths, offsets and weights: the input itself where
+    they are (the usual case: a few flag reads), else a copy.  The fused kernel and FBGEMM's
+    ops read these tensors by their data pointer: a strided view (one column of a wider id
+    tensor, a slice with a step) would be read as if it were packed — other ids, other weights,
+    no error."""
+    values, weights = features.values(), features.weights_or_none()
+    lengths, offsets = features.lengths_or_none(), features.offsets_or_none()
+    if (values.is_contiguous() and (weights is None or weights.is_contiguous())
+            and (lengths is None or lengths.is_contiguous()) and (offsets is None or offsets.is_contiguous())):
+        return features
+    return KeyedJaggedTensor(keys=features.keys(), values=values.contiguous(),
+                             weights=None if weights is None else weights.contiguous(),
+                             lengths=features.lengths().contiguous(), stride=features.stride())
 
 
 def without_weights(features: KeyedJaggedTensor) -> KeyedJaggedTensor:
@@ -241,8 +265,11 @@ class RowwiseInputTransform(nn.Module):
         """``(local rows, lengths, weights, batch size)`` of every bucket in
         :attr:`bucket_keys` order: the ids of bucket ``i`` are ``lengths[i*B:(i+1)*B]`` long and
         follow each other; DROP ids are last.  No ids are cut, so no host synchronisation."""
-        features = select_features(features, self.features, self.strict)
+        features = contiguous_jagged(select_features(features, self.features, self.strict))
         values, lengths = features.values(), features.lengths()
+        weights = features.weights_or_none()
+        if weights is not None and weights.dtype != torch.float32:  # (the TBE reads float32, as the kernel)
+            weights = weights.float()
         if values.is_cuda:
             renumbered = self._renumber_vectorised(values, lengths)
         else:
@@ -250,12 +277,12 @@ class RowwiseInputTransform(nn.Module):
         renumbered = renumbered.to(values.dtype)
         new_lengths, local_ids, new_weights, _, _ = torch.ops.fbgemm.block_bucketize_sparse_features(
             lengths, renumbered, False, False, self.block_sizes.to(values.dtype), self.num_tiers,
-            features.weights_or_none(), None, -1, [p.to(values.dtype) for p in self._bucket_pos])
+            weights, None, -1, [p.to(values.dtype) for p in self._bucket_pos])
         return local_ids, new_lengths, new_weights, lengths.numel() // len(self.features)
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         local_ids, new_lengths, new_weights, B = self.bucketize(features)
-        if self._keep is not None:
+        if self._keep is not None and B > 0:
             # Only the buckets the quantized collection reads: DROP (always last) and tiers a
             # table does not use have no sub-table.  Their ids sit after the kept ones
             # (bucket-major order), so the values are a prefix.

@@ -34,7 +34,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from shark_torchrec.quant.cpu_kernel import cpu_kernel_available
 from shark_torchrec.quant.layout import reported_data_type
 from shark_torchrec.quant.mixed_ebc import RowwiseMixedEmbeddingBagCollection
-from shark_torchrec.quant.remap import jagged_error, select_features, without_weights
+from shark_torchrec.quant.remap import contiguous_jagged, jagged_error, select_features, without_weights
 from shark_torchrec.quant.tiers import Tier
 from shark_torchrec.sharded.comm import Comm
 from shark_torchrec.sharded.layout import REPLICATED, ShardedLayout, TableShard
@@ -215,8 +215,10 @@ class ShardedRowwiseMixedEmbeddingBagCollection(nn.Module):
         plan = self._plan
         # a malformed batch is found before anything is sent (every rank learns of it below)
         malformed = jagged_error(features, self.layout.is_weighted)
-        if malformed is None and not self.layout.is_weighted:
-            features = without_weights(features)  # ignored, as TorchRec's collections do
+        if malformed is None:
+            features = contiguous_jagged(features)  # (ops below read them by data pointer)
+            if not self.layout.is_weighted:
+                features = without_weights(features)  # ignored, as TorchRec's collections do
         if self._routed_slots:
             self._forward_routed(features, B, out, malformed)
         elif malformed is not None:

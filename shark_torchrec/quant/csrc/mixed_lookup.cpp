@@ -490,6 +490,11 @@ int64_t mixed_embedding_bag(const Tensor& values, const Tensor& offsets,
               "mixed_embedding_bag: CPU tensors only");
   TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.scalar_type() == at::kFloat,
               "mixed_embedding_bag: out must be a contiguous float [B, W] tensor");
+  // (every tensor is read through its data pointer: a strided view would be read as if packed)
+  TORCH_CHECK(values.is_contiguous() && offsets.is_contiguous(), "mixed_embedding_bag: values and offsets must be contiguous");
+  TORCH_CHECK(key_feature.is_contiguous() && feature_meta.is_contiguous() && tier_start.is_contiguous() &&
+                  sub_meta.is_contiguous() && weight_buffer.is_contiguous(),
+              "mixed_embedding_bag: metadata tensors and the weight buffer must be contiguous");
   TORCH_CHECK(row_map.scalar_type() == at::kByte && row_map.is_contiguous(), "row_map must be uint8");
   TORCH_CHECK(key_feature.scalar_type() == at::kLong && feature_meta.scalar_type() == at::kLong &&
                   tier_start.scalar_type() == at::kLong && sub_meta.scalar_type() == at::kLong,
@@ -505,8 +510,8 @@ int64_t mixed_embedding_bag(const Tensor& values, const Tensor& offsets,
               "sub_meta must be [features, tiers, 3]");
   const float* w = nullptr;
   if (weights.has_value() && weights->defined()) {
-    TORCH_CHECK(weights->scalar_type() == at::kFloat && weights->numel() == values.numel(),
-                "weights must be float, one per id");
+    TORCH_CHECK(weights->scalar_type() == at::kFloat && weights->numel() == values.numel() && weights->is_contiguous(),
+                "weights must be contiguous float, one per id");
     w = weights->data_ptr<float>();
   }
   // feature_meta [F, 6]: map byte offset, rows, dim, output column, mean, bits per map entry.
