@@ -27,11 +27,12 @@ priority (8 bytes) and its choices (``5 · K - 4`` bytes for ``K`` tiers).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
 import warnings
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 from tqdm import tqdm
@@ -43,6 +44,8 @@ from shark_torchrec.quant.shared_rows import K_CANDIDATES, SharedRows, cluster_r
 from shark_torchrec.quant.tiers import CENTROID_TIER, TIER_ORDER, BudgetError, Tier, row_bytes
 from shark_torchrec.sharded.comm import Comm
 from shark_torchrec.sharded.layout import REPLICATED, RowGroup, ShardedLayout
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -257,8 +260,7 @@ class _Assigner:
                 break
         shared = TIER_ORDER.index(Tier.SHARED)
         for _ in range(RECLUSTER_ROUNDS):
-            refit = sum(self.refit_shared(g, k_of[t], candidates[(t, g.row_offset)]) for t in k_of
-                        for _, g in self.led(t))
+            refit = self.refit_shared(k_of, candidates)
             # (the same on every rank: each solve is a collective)
             refit = int(self.comm.all_reduce(torch.tensor([refit], dtype=torch.long))[0])
             if refit == 0:
@@ -280,38 +282,41 @@ class _Assigner:
                         len(work), sorted({k for _, _, k in work}))
         # (read once per group, here: not once per K, nor in the concurrent tasks)
         priorities = {(g.table, g.row_offset): self.priority(g) for _, g, _ in work}
-        threads = torch.get_num_threads()
         with tqdm(total=len(work), desc=f"{label}: shared-row centroids", disable=self.rank != 0 or not work,
                   dynamic_ncols=True) as bar:
-            if threads > 1 and len(work) > 1:
-                done = self._cluster_concurrently(work, priorities, threads, bar)
-            else:
-                done = []
-                for _, g, k in work:
-                    done.append(self.cluster(g, k, priority=priorities[(g.table, g.row_offset)]))
-                    bar.update()
+            done = self._run_tasks([functools.partial(self.cluster, g, k, priority=priorities[(g.table, g.row_offset)])
+                                    for _, g, k in work], bar)
         out: Dict[Tuple[str, int], Dict[int, SharedRows]] = {}
         for (t, g, k), fit in zip(work, done):
             out.setdefault((t, g.row_offset), {})[k] = fit
         return out
 
-    def _cluster_concurrently(self, work: List[Tuple[str, RowGroup, int]],
-                              priorities: Dict[Tuple[str, int], torch.Tensor], threads: int, bar) -> List[SharedRows]:
-        """The clusterings of ``work`` as ``threads`` tasks at a time, with one OpenMP/MKL
-        thread each (torch's and faiss's thread counts are set to 1 for the while, and restored
-        after).  Each clustering is independent and seeded, so the results are those of one
-        after another (tested); but much of each is serial (the k-means++ draws, one seed after
-        the other) or small (a K = 4 Lloyd step), which more threads inside one speed little:
-        on 2 cores, four 262,144-row groups' six candidates took 21.6 s this way against 30.1 s
-        one at a time on 2 threads.  Memory: each running task holds its training sample (at
-        most 64 rows per centroid) and a 4,096-row block of scores."""
+    def _run_tasks(self, tasks: List[Callable[[], T]], bar=None) -> List[T]:
+        """The results of ``tasks`` (each a clustering, or a few), in order: as concurrent tasks
+        where torch has more than one thread (:meth:`_run_concurrently`), else one after another."""
+        threads = torch.get_num_threads()
+        if threads > 1 and len(tasks) > 1:
+            return self._run_concurrently(tasks, threads, bar)
+        done = []
+        for task in tasks:
+            done.append(task())
+            if bar is not None:
+                bar.update()
+        return done
+
+    @staticmethod
+    def _run_concurrently(tasks: List[Callable[[], T]], threads: int, bar=None) -> List[T]:
+        """``tasks`` as ``threads`` concurrent tasks at a time, with one OpenMP/MKL thread each
+        (torch's and faiss's thread counts are set to 1 for the while, and restored after).
+        Each clustering is independent and seeded, so the results are those of one after
+        another (tested); but much of each is serial (the k-means++ draws, one seed after the
+        other) or small (a K = 4 Lloyd step), which more threads inside one speed little: on 2
+        cores, four 262,144-row groups' six candidates took 21.6 s this way against 30.1 s one
+        at a time on 2 threads.  Memory: each running task holds its training sample (at most 64
+        rows per centroid) and a 4,096-row block of scores."""
         from concurrent.futures import ThreadPoolExecutor
 
         import faiss  # (the SHARED tier's k-means)
-
-        def one(item):
-            _, g, k = item
-            return self.cluster(g, k, priority=priorities[(g.table, g.row_offset)])
 
         # (process-wide settings, which the tasks' threads read; faiss may share torch's OpenMP
         # runtime or have its own copy)
@@ -319,13 +324,14 @@ class _Assigner:
         torch.set_num_threads(1)
         faiss.omp_set_num_threads(1)
         try:
-            with ThreadPoolExecutor(min(threads, len(work))) as pool:
-                futures = [pool.submit(one, item) for item in work]
+            with ThreadPoolExecutor(min(threads, len(tasks))) as pool:
+                futures = [pool.submit(task) for task in tasks]
                 done = []
                 try:
                     for f in futures:  # (in order: the first error raised is the first group's)
                         done.append(f.result())
-                        bar.update()
+                        if bar is not None:
+                            bar.update()
                 except BaseException:
                     for f in futures:  # (those not started yet)
                         f.cancel()
@@ -335,21 +341,39 @@ class _Assigner:
             torch.set_num_threads(threads)
             faiss.omp_set_num_threads(faiss_threads)
 
-    def refit_shared(self, g: RowGroup, k: int, by_k: Dict[int, SharedRows]) -> bool:
-        """Refit the group's ``k`` centroids to the rows :attr:`decided` puts in the SHARED
-        tier (``by_k[k]`` replaced where that lowers their priority-weighted error); whether it
-        was replaced."""
+    def refit_shared(self, k_of: Dict[str, int], candidates: Dict[Tuple[str, int], Dict[int, SharedRows]]) -> int:
+        """Refit each led group's ``k_of`` centroids to the rows :attr:`decided` puts in the
+        SHARED tier (its candidate replaced where that lowers their priority-weighted error);
+        how many were replaced.  The groups' refits run as concurrent tasks where torch has
+        more than one thread (:meth:`_run_tasks`), as the candidates' k-means do."""
+        groups = [(g, k_of[t]) for t in k_of for _, g in self.led(t)]
+        # (priorities are read on this thread, as for the candidates: the callable need not be
+        # thread-safe; one at a time, inside each refit, where the refits run one at a time)
+        concurrent = torch.get_num_threads() > 1 and len(groups) > 1
+        fits = self._run_tasks([functools.partial(self._refit_group, g, k, candidates[(g.table, g.row_offset)][k],
+                                                  self.priority(g) if concurrent else None)
+                                for g, k in groups])
+        for (g, k), fit in zip(groups, fits):
+            if fit is not None:
+                candidates[(g.table, g.row_offset)][k] = fit
+        return sum(fit is not None for fit in fits)
+
+    def _refit_group(self, g: RowGroup, k: int, current: SharedRows,
+                     priority: Optional[torch.Tensor] = None) -> Optional[SharedRows]:
+        """``k`` centroids fitted to the group's SHARED rows, where they lower those rows'
+        priority-weighted error against ``current``; else None.  ``priority``: the group's
+        priorities, if already read."""
         shared = self.decided[(g.table, g.row_offset)] == TIER_ORDER.index(Tier.SHARED)
         if not bool(shared.any()):
-            return False
-        fit = self.cluster(g, k, among=shared)
-        p = self.priority(g)[shared]
+            return None
+        priority = self.priority(g) if priority is None else priority
+        fit = self.cluster(g, k, among=shared, priority=priority)
+        p = priority[shared]
         if not float(p.sum()) > 0:  # (as cluster_rows weighs them: alike)
             p = torch.ones_like(p)
-        if float((p * fit.error[shared].double()).sum()) < float((p * by_k[k].error[shared].double()).sum()):
-            by_k[k] = fit
-            return True
-        return False
+        if float((p * fit.error[shared].double()).sum()) < float((p * current.error[shared].double()).sum()):
+            return fit
+        return None
 
     def solve(self, tables: Sequence[str], allowed_of: Dict[str, List[Tier]], k_of: Dict[str, int],
               candidates: Dict[Tuple[str, int], Dict[int, SharedRows]], rows_budget: int, label: str) -> int:
