@@ -65,6 +65,10 @@ def _load_tables(path: str):
         missing = [k for k in ("name", "rows", "dim") if k not in t]
         if missing:
             raise TablesFileError(f"{path}: tables[{i}] lacks {missing}")
+        unknown = sorted(str(k) for k in t if k not in ("name", "rows", "dim", "features"))
+        if unknown:  # (a misspelt 'features' would leave the table serving one feature of its name)
+            raise TablesFileError(f"{path}: tables[{i}]: unknown keys {unknown} (a table takes name, rows, "
+                                  "dim and features)")
         for key in ("rows", "dim"):
             if isinstance(t[key], bool) or not isinstance(t[key], int) or t[key] < 1:
                 raise TablesFileError(f"{path}: tables[{i}].{key}: expected an integer >= 1, got {t[key]!r}")

@@ -50,7 +50,7 @@ from shark_torchrec.pruning.sharded import iterative_prune, prune_trainer, prune
 from shark_torchrec.quant import RowwiseQuantConfig
 from shark_torchrec.quant.layout import serving_row_alignment
 from shark_torchrec.run_config import PipelineRun, QuantSection, flat
-from shark_torchrec.stages import StageRunner, chain_keys, file_digests, source_run
+from shark_torchrec.stages import StageRecordError, StageRunner, chain_keys, data_files, file_digests, source_run
 from shark_torchrec.training.checkpoint import CheckpointManager
 from shark_torchrec.training.loop import TrainingLoop, checkpoint_matches, new_progress
 from shark_torchrec.training.distributed import DistEnv, run_job
@@ -86,21 +86,24 @@ REFUSED_FLAGS_IN_KEYS = {"max_steps": None, "score_fields": None, "resume": Fals
 ADDED_SETTINGS = {"quant_row_fit": "minmax"}
 
 
-def stage_inputs(run: PipelineRun, device: torch.device, world_size: int) -> Dict[str, Dict[str, Any]]:
+def stage_inputs(run: PipelineRun, device: torch.device, world_size: int, spec=None) -> Dict[str, Dict[str, Any]]:
     """Each stage's inputs, keying its ``done.json`` (:mod:`shark_torchrec.stages`), by flag
     name: the quantize stage's are :data:`QUANTIZE_INPUTS`, the prune stage's
     :data:`PRUNE_INPUTS`, and the train stage's every other setting of the run config (a
     setting nobody classified counts as the train stage's: changing it reruns every stage
     rather than being ignored), plus the device the run resolved (``--device auto``,
     ``--row_alignment auto``) and the world size (``--batch_size`` is per rank).  A file a flag
-    names (``--schema``, ``--planner_overrides``) counts by a hash of its contents, and
+    names (``--schema``, ``--planner_overrides``) counts by a hash of its contents, the data's
+    files by their sizes and modification times (:func:`~shark_torchrec.stages.data_files`;
+    ``spec``: the run's data, built from its flags when not given), and
     ``--init_from DIR`` by that run's newest checkpoint and training key
     (:func:`~shark_torchrec.stages.source_run`).  A setting added later (:data:`ADDED_SETTINGS`)
     counts only where it differs from the value every earlier run had."""
     flags = {k: v for k, v in {**flat(run), **REFUSED_FLAGS_IN_KEYS}.items()
              if k not in NOT_STAGE_INPUTS and not (k in ADDED_SETTINGS and v == ADDED_SETTINGS[k])}
     # files and runs named by a flag count by their contents, not only their names
-    train = {**file_digests(schema=run.data.schema),
+    spec = data_spec_from(run.data, run.training.seed) if spec is None else spec
+    train = {**file_digests(schema=run.data.schema), **data_files(spec),
              **({"init_from_source": source_run(run.init_from)} if run.init_from else {})}
     return {
         "train": {**{k: v for k, v in flags.items() if k not in PRUNE_INPUTS | QUANTIZE_INPUTS}, **train,
@@ -182,7 +185,7 @@ class _Job:
         self.config = model_config_from(run.model, self.spec)
         self.optim = optim_config_from(run.training)
         self.parts = _parts(self.spec, run, env)
-        self.stages = StageRunner(self.out, stage_inputs(run, env.device, env.world_size), env.is_main)
+        self.stages = StageRunner(self.out, stage_inputs(run, env.device, env.world_size, self.spec), env.is_main)
         self.store, self.keys = self.stages.store, self.stages.keys
 
     def finished(self, stage: str) -> Optional[Dict[str, Any]]:
@@ -244,7 +247,7 @@ def _train_stage(job: _Job) -> Tuple[DLRMTrainer, Dict[str, Any]]:
     ckpt = CheckpointManager(os.path.join(job.out, "train", "checkpoints"), fingerprint(run.data.data, config))
     done = job.finished("train")
     if done is not None:
-        _load(trainer, ckpt, job.store.resolve(done["checkpoint"]))
+        _load_recorded(job, "train", trainer, ckpt, done["checkpoint"])
         return trainer, done
     if run.epochs < 1:
         raise SystemExit("--epochs must be >= 1: field scores and row priorities are collected while training")
@@ -274,6 +277,19 @@ def _load(trainer: DLRMTrainer, ckpt: CheckpointManager, path: str) -> None:
     trainer.load_state_dict(state)
 
 
+def _load_recorded(job: _Job, stage: str, trainer: DLRMTrainer, ckpt: CheckpointManager, rel: str) -> None:
+    """Load the checkpoint a finished ``stage``'s record names, after checking that the stage
+    with this key wrote it (its progress holds the key): a checkpoint rewritten by a run with
+    other settings that stopped half-way is refused, naming it, never read as this one."""
+    path = job.store.resolve(rel)
+    if not checkpoint_matches(path, {"stage_key": job.keys[stage]}):
+        raise StageRecordError(f"{path}: not the checkpoint the {stage!r} stage's record "
+                               f"({job.store.record_path(stage)}) was written with (a run with other "
+                               f"settings rewrote it?); delete {os.path.dirname(job.store.record_path(stage))} "
+                               f"to run the stage again")
+    _load(trainer, ckpt, path)
+
+
 def _init_from(trainer: DLRMTrainer, run: PipelineRun, config) -> None:
     """``--init_from``: the newest checkpoint of a ``recipes/train_dlrm.py`` run."""
     source = CheckpointManager(os.path.join(run.init_from, "checkpoints"), fingerprint(run.data.data, config))
@@ -300,8 +316,8 @@ def _prune_stage(job: _Job, trainer: DLRMTrainer, done: Dict[str, Any], override
         small = pruned_config(config, plan, mean_filled=by_mean)
         pruned = DLRMTrainer(small, job.optim, env, run.training.batch_size, seed=run.training.seed,
                              **trainer.planning_options([t.name for t in small.tables()]))
-        _load(pruned, _pruned_ckpt(job, small), job.store.resolve(pdone["checkpoint"]))
-        _load(trainer, reference_ckpt, job.store.resolve(pdone["reference_checkpoint"]))
+        _load_recorded(job, "prune", pruned, _pruned_ckpt(job, small), pdone["checkpoint"])
+        _load_recorded(job, "prune", trainer, reference_ckpt, pdone["reference_checkpoint"])
         return pruned, small, pdone
     field_scores, scorer = _field_scores(run, done, trainer, job.spec, env, config)
     plan = choose_plan(field_scores, config.tables(), keep=run.prune.keep_fields,

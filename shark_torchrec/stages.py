@@ -145,6 +145,23 @@ def file_digests(**paths: Optional[str]) -> Dict[str, str]:
     return {f"{name}_sha256": file_digest(path) for name, path in paths.items() if path}
 
 
+def data_files(spec: Any) -> Dict[str, Any]:
+    """``{"data_files": [[path, bytes, mtime_ns], ...]}`` of the click-log files a
+    :class:`~shark_torchrec.training.datasets.DataSpec` reads (its train, dev and test files,
+    each once; ``{}`` for generated data, so such keys stay what they were): a file replaced,
+    edited, truncated or added to ``--data_path`` changes the key of the stage that trained on
+    it, so its stale result is not reused.  Size and modification time, not a hash of the
+    contents: the logs of an industrial model are terabytes, read once per run at most."""
+    paths = sorted({*spec.train_files, *spec.test_files, *spec.dev_files})
+    if not paths:
+        return {}
+    stats = []
+    for path in paths:
+        st = os.stat(path)
+        stats.append([path, st.st_size, st.st_mtime_ns])
+    return {"data_files": stats}
+
+
 def source_run(out: str) -> Dict[str, Any]:
     """What identifies the model a job starts from in another run's directory (``--from_run``,
     ``--init_from``): the newest checkpoint's name and, where that run keeps a record of its
@@ -189,8 +206,24 @@ class StageRunner:
         i = self.stages.index(stage)
         record = None if any(self.stages.index(r) < i for r in self._ran) else self._records[stage]
         if record is None:
+            if not self._ran:
+                self._invalidate(self.stages[i:])
             self._ran.append(stage)
         return record
+
+    def _invalidate(self, stages: Sequence[str]) -> None:
+        """Remove the records of ``stages`` (a stage about to run and those after it) before the
+        stage writes anything: it rewrites its files in place (checkpoints, row counts, plans,
+        the export), so a run killed half-way must not leave an old record that a run with the
+        old settings would then trust over the new files.  Collective (every process waits)."""
+        if self.store.is_main:
+            for stage in stages:
+                path = self.store.record_path(stage)
+                if os.path.isfile(path):
+                    os.remove(path)
+                    logger.info("removed %s: the %r stage runs now", path, stage)
+        if dist.is_initialized():
+            dist.barrier()
 
     def all_finished(self) -> bool:
         """Whether every stage finished with these inputs before this run started."""

@@ -199,6 +199,15 @@ def test_plan_debug_raises_with_traceback(tmp_path: Path, plan_command_side_effe
         cli.main(["plan", "--tables", str(tables), "--debug"])
 
 
+def test_a_tables_file_with_an_unknown_key_is_refused(tmp_path: Path) -> None:
+    """``feature_names`` (TorchRec's spelling) or a typo is named, not ignored (ignored, the
+    table served one feature named after itself)."""
+    tables = tmp_path / "tables.yaml"
+    tables.write_text("tables:\n  - {name: t_user, rows: 1000, dim: 16, feature_names: [user, friend]}\n")
+    with pytest.raises(cli.TablesFileError, match=r"tables\[0\]: unknown keys \['feature_names'\]"):
+        cli._load_tables(str(tables))
+
+
 def test_error_from_a_data_loader_worker_is_one_line() -> None:
     """DataLoader re-raises a worker's error with the worker's traceback as its message."""
     from torch._utils import ExceptionWrapper

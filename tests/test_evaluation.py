@@ -82,3 +82,19 @@ def test_rank_agreement() -> None:
     assert spearman({"a": 30, "b": 20, "c": 10, "d": 0}, truth) == pytest.approx(1.0)
     assert spearman({"a": 0, "b": 1, "c": 2, "d": 3}, truth) == pytest.approx(-1.0)
     assert recall_at_k({"a": 5, "b": 0, "c": 4, "d": 1}, ["a", "b"]) == 0.5
+
+
+def test_stage_auc_ranks_large_logits_as_the_paired_comparison_does() -> None:
+    """evaluate_model's AUC reads the logits' order: logits above ~16.6, equal after a float32
+    sigmoid, are not ties (they were: the stage AUC disagreed with the paired comparison's)."""
+    from shark_torchrec.evaluation import auc
+    from shark_torchrec.training.distributed import DistEnv
+    from shark_torchrec.training.trainer import evaluate_model
+
+    logits = torch.tensor([17.0, 18.0, 20.0, 25.0, -1.0, 19.0])
+    labels = torch.tensor([0.0, 1.0, 0.0, 1.0, 0.0, 1.0])
+    assert float(torch.sigmoid(logits[:4]).unique().numel()) == 1  # all 1.0 in float32
+    out = evaluate_model(lambda b: (None, (None, logits, labels)), [0], DistEnv(0, 1, 0, torch.device("cpu"), "gloo"))
+    # (torchmetrics returns float32)
+    assert out["auc"] == pytest.approx(auc(logits.numpy(), labels.numpy()), abs=1e-6)
+    assert out["auc"] == pytest.approx(_pairs_auc(logits.numpy(), labels.numpy()), abs=1e-6)

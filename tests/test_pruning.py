@@ -52,6 +52,15 @@ def test_drop_fraction_and_protected() -> None:
         choose_plan(SCORES, _tables(), keep=1, protected=["cat_0", "cat_2", "cat_4"])
 
 
+def test_drop_fraction_is_floored_exactly() -> None:
+    """floor(0.58 * 50) is 29 (in floating point 0.58 * 50 is 28.999999999999996: one field
+    too few was dropped)."""
+    tables = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=4, num_embeddings=10, feature_names=[f"f{i}"])
+              for i in range(50)]
+    plan = choose_plan({f"f{i}": float(i) for i in range(50)}, tables, drop_fraction=0.58)
+    assert len(plan.dropped_features) == 29
+
+
 def test_byte_target() -> None:
     tables = _tables()
     target = (400 + 500) * 16

@@ -177,6 +177,25 @@ def test_killed_mid_stage_resumes_from_its_checkpoint(tmp_path: Path, uninterrup
 
 
 @pytest.mark.slow
+def test_a_recorded_checkpoint_another_run_rewrote_is_refused(tmp_path: Path, uninterrupted: Path) -> None:
+    """A finished stage's record names a checkpoint that the stage with its key wrote; one
+    rewritten by a run with other settings (which stopped before its own record) is refused,
+    naming it, instead of being loaded as the stage's result."""
+    import shutil
+
+    part = tmp_path / "copy"
+    shutil.copytree(uninterrupted, part)
+    record = json.loads((part / "train" / "done.json").read_text())
+    meta_file = part / record["result"]["checkpoint"] / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta["progress"]["stage_key"] = "0123456789abcdef"  # as a run with other settings leaves it
+    meta_file.write_text(json.dumps(meta))
+    proc = _run_killable(part, 0)
+    assert proc.returncode != 0
+    assert "not the checkpoint the 'train' stage's record" in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
 def test_init_from_iterative_pruning_fractions_and_overrides(tmp_path: Path) -> None:
     base = tmp_path / "base"
     run_torchrun(ROOT / "recipes" / "train_dlrm.py", [*SMALL[:-8], "--out", base], nproc=2)

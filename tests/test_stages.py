@@ -96,3 +96,64 @@ def test_runs_share_the_stages_whose_keys_agree_and_only_those(tmp_path: Path) -
     finish(e, "train", {"lr": 0.3}, [])
     assert sharing.link(str(e), ka) == ["train", "prune"]
     assert StageStore(str(e)).read("train")["key"] == ka["train"]
+
+
+def test_a_stage_that_runs_drops_its_record_and_the_later_ones_first(tmp_path: Path) -> None:
+    """A stage about to run (its inputs changed) removes its own record and those of the stages
+    after it before it writes anything: a run killed half-way must not leave the old record,
+    which a run with the old settings would trust over the files the killed run rewrote."""
+    from shark_torchrec.stages import StageRunner
+
+    old = {"train": {"lr": 0.05}, "prune": {"keep": 3}, "quantize": {"budget": 0.5}}
+    runner = StageRunner(str(tmp_path), old)
+    for stage in old:
+        assert runner.finished(stage) is None
+        runner.save(stage, {"done": stage})
+    new = StageRunner(str(tmp_path), {**old, "prune": {"keep": 2}})
+    assert new.finished("train") == {"done": "train"}
+    assert (tmp_path / "prune" / "done.json").exists()
+    assert new.finished("prune") is None  # runs now: from here on no record of the old settings
+    assert not (tmp_path / "prune" / "done.json").exists()
+    assert not (tmp_path / "quantize" / "done.json").exists()
+    assert (tmp_path / "train" / "done.json").exists()
+    # killed here; the old settings run the stages again instead of reading the new files
+    again = StageRunner(str(tmp_path), old)
+    assert again.finished("train") == {"done": "train"} and again.finished("prune") is None
+
+
+def test_the_data_files_count_by_size_and_modification_time(tmp_path: Path) -> None:
+    """A data file edited, truncated or added changes the key of the stage that reads it (the
+    key once held only --data_path as text: a finished stage came back with the old metrics)."""
+    import torch
+
+    from shark_torchrec.cli_run import parse_pipeline
+    from shark_torchrec.pipeline import stage_keys
+
+    line = "\t".join(["1"] + ["1"] * 13 + ["a"] * 26) + "\n"
+    for name in ("train.tsv", "test.tsv"):
+        (tmp_path / name).write_text(line * 20)
+    run = parse_pipeline(["--data", "criteo", "--data_path", str(tmp_path)])
+    keys = stage_keys(run, torch.device("cpu"), 1)
+    assert stage_keys(run, torch.device("cpu"), 1) == keys
+    (tmp_path / "test.tsv").write_text(line * 10)
+    truncated = stage_keys(run, torch.device("cpu"), 1)
+    assert truncated["train"] != keys["train"]
+    (tmp_path / "day_1.tsv").write_text(line)  # not a split file of --data_path's (train.* is)
+    assert stage_keys(run, torch.device("cpu"), 1) == truncated
+    (tmp_path / "dev.tsv").write_text(line * 5)  # a dev split appears
+    assert stage_keys(run, torch.device("cpu"), 1)["train"] != truncated["train"]
+
+
+def test_split_files_are_click_logs_once_each(tmp_path: Path) -> None:
+    """A split's pattern takes click-log files only (not ``train.tsv.bak``), and a file beside
+    its ``.gz`` twin is an error (both would be read: every row twice)."""
+    from shark_torchrec.errors import SharkInputError
+    from shark_torchrec.training.datasets import find_split_files
+
+    (tmp_path / "train.tsv").write_text("x\n")
+    (tmp_path / "train.tsv.bak").write_text("x\n")
+    (tmp_path / "train.tsv~").write_text("x\n")
+    assert find_split_files(str(tmp_path), "train") == [str(tmp_path / "train.tsv")]
+    (tmp_path / "train.tsv.gz").write_bytes(b"")
+    with pytest.raises(SharkInputError, match=r"train\.tsv and train\.tsv\.gz are both train files"):
+        find_split_files(str(tmp_path), "train")

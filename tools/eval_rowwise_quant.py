@@ -23,10 +23,9 @@ from typing import Dict
 
 import torch
 import torch.nn.functional as F
-from torchmetrics.functional.classification import binary_auroc
 
 from report_io import save_results
-from shark_torchrec.evaluation import paired_compare
+from shark_torchrec.evaluation import auc, paired_compare
 from shark_torchrec.importance import RowPriority
 from shark_torchrec.quant import RowwiseQuantConfig, quantize_
 from shark_torchrec.training import DLRMTrainer, build_dlrm_train, init_distributed
@@ -60,7 +59,8 @@ def evaluate(model, batches) -> Dict[str, float]:
         logits.append(lg.float())
         labels.append(lb.float())
     lg, lb = torch.cat(logits), torch.cat(labels)
-    return {"auc": float(binary_auroc(torch.sigmoid(lg), lb.long())),
+    # (ranks the logits, as the paired comparison does: a float32 sigmoid ties those above ~16.6)
+    return {"auc": auc(lg.double().numpy(), lb.numpy()),
             "log_loss": float(F.binary_cross_entropy_with_logits(lg, lb)),
             "logits": lg, "labels": lb}
 

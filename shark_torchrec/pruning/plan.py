@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
+from fractions import Fraction
 from typing import Dict, List, Optional, Sequence
 
 from torchrec.modules.embedding_configs import DATA_TYPE_NUM_BITS, EmbeddingBagConfig
@@ -290,7 +291,8 @@ def choose_plan(
     elif drop_fraction is not None:
         if not 0 <= drop_fraction < 1:
             raise PlanError(f"drop_fraction must be in [0, 1), got {drop_fraction}")
-        dropped = candidates[: min(int(math.floor(drop_fraction * F)), len(candidates))]
+        # (floor of x·F taken exactly: 0.58 * 50 is 28.999999999999996 in floating point)
+        dropped = candidates[: min(math.floor(Fraction(drop_fraction) * F + Fraction(1, 10**9)), len(candidates))]
     elif score_share is not None:
         dropped = _by_score_per_byte(scores, tables, candidates, score_share)
     else:

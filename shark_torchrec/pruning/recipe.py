@@ -18,7 +18,7 @@ from shark_torchrec.planning import load_overrides
 from shark_torchrec.pruning.plan import PruningPlan, choose_plan, table_bytes
 from shark_torchrec.pruning.sharded import PruningRound, iterative_prune, prune_trainer
 from shark_torchrec.run_config import PruneRun, flat
-from shark_torchrec.stages import StageRunner, file_digests, source_run
+from shark_torchrec.stages import StageRunner, data_files, file_digests, source_run
 from shark_torchrec.training.checkpoint import CheckpointManager
 from shark_torchrec.training.distributed import DistEnv, run_job
 from shark_torchrec.training.datasets import require_rows
@@ -115,7 +115,8 @@ def _run(run: PruneRun, env: DistEnv) -> Dict:
     inputs = {k: v for k, v in flat(run).items() if k not in ("out", "log_level", "debug")}
     sources = {"from_run_source": source_run(prune.from_run),
                **file_digests(schema=data.schema, planner_overrides=run.sharding.planner_overrides,
-                              plan=prune.plan, scores=prune.scores)}
+                              plan=prune.plan, scores=prune.scores),
+               **data_files(data_spec_from(data, training.seed))}
     stages = StageRunner(out, {"prune": {**inputs, **sources, "resolved_device": env.device.type,
                                          "world_size": env.world_size}}, env.is_main)
     if stages.finished("prune") is not None:

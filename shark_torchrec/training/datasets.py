@@ -45,15 +45,34 @@ _SPLIT_PATTERNS = {
 SYNTHETIC_OFFSETS = {"train": 0, "test": 10_000_000, "dev": 20_000_000}
 
 
+#: What a split file's name may end in (after its pattern's stem), ``.gz`` aside.
+_SPLIT_EXTENSIONS = ("", ".tsv", ".txt", ".csv")
+
+
+def _is_split_file(path: str) -> bool:
+    """Whether ``path`` is a click-log file by its name (``.tsv``, ``.txt``, ``.csv`` or no
+    extension, optionally ``.gz``): not a backup (``train.tsv.bak``, ``train.tsv~``) or other
+    file a split's pattern also matches."""
+    name = os.path.basename(path)
+    if name.endswith(".gz"):
+        name = name[:-3]
+    return os.path.isfile(path) and os.path.splitext(name)[1] in _SPLIT_EXTENSIONS
+
+
 def find_split_files(data_path: str, split: str) -> List[str]:
     """Files of a split in ``data_path``: ``train.*``/``test.*`` (``.tsv``, ``.txt``,
-    ``.csv``, optionally ``.gz``).  Criteo 1TB ``day_N`` files count as train files."""
+    ``.csv``, optionally ``.gz``).  Criteo 1TB ``day_N`` files count as train files.  A file
+    next to its ``.gz`` twin (``train.tsv`` and ``train.tsv.gz``) is an error: read both, every
+    row would count twice."""
     if not os.path.isdir(data_path):
         raise InputFileNotFoundError(f"--data_path {data_path}: not a directory")
     for pattern in _SPLIT_PATTERNS[split]:
-        files = sorted(
-            p for p in glob.glob(os.path.join(data_path, pattern)) if os.path.isfile(p)
-        )
+        files = sorted(p for p in glob.glob(os.path.join(data_path, pattern)) if _is_split_file(p))
+        twins = [p for p in files if p + ".gz" in files]
+        if twins:
+            raise SharkInputError(f"--data_path {data_path}: {os.path.basename(twins[0])} and "
+                                  f"{os.path.basename(twins[0])}.gz are both {split} files (the same rows "
+                                  f"twice?): remove one, or name the {split} files with --{split}_files")
         if files:
             return files
     raise InputFileNotFoundError(

@@ -30,7 +30,7 @@ from shark_torchrec.planning import (
     tracker_bytes_per_rank,
 )
 from shark_torchrec.run_config import DataSection, ModelSection, ShardingSection, TrainingSection, TrainRun, flat
-from shark_torchrec.stages import StageRecordError, StageRunner, StageStore, file_digests
+from shark_torchrec.stages import StageRecordError, StageRunner, StageStore, data_files, file_digests
 from shark_torchrec.training.checkpoint import CheckpointManager
 from shark_torchrec.training.datasets import (
     DataSpec,
@@ -286,9 +286,10 @@ def training_inputs(run: TrainRun, env: DistEnv) -> Dict[str, Any]:
     """What a ``train_dlrm.py`` run computes from, keying its stage record: every setting but
     :data:`NOT_TRAINING_INPUTS`, with the device it resolved and the world size
     (``--batch_size`` is per rank); the files ``--schema`` and ``--planner_overrides`` name count
-    by their contents."""
+    by their contents, the data's files by their sizes and modification times."""
     inputs = {k: v for k, v in flat(run).items() if k not in NOT_TRAINING_INPUTS}
-    files = file_digests(schema=run.data.schema, planner_overrides=run.sharding.planner_overrides)
+    files = {**file_digests(schema=run.data.schema, planner_overrides=run.sharding.planner_overrides),
+             **data_files(data_spec_from(run.data, run.training.seed))}
     return {**inputs, **files, "resolved_device": env.device.type, "world_size": env.world_size}
 
 

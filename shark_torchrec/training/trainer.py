@@ -14,6 +14,7 @@ all-to-all backward (``torchrec-cpu-facts.md`` section 3.1).
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
@@ -262,6 +263,14 @@ class DLRMTrainer:
 
 
 @torch.no_grad()
+def _ranking_probability(logits: torch.Tensor) -> torch.Tensor:
+    """Logits mapped into [0, 1] keeping their order, for the AUC (which reads only the order):
+    ``0.5 + atan(x) / pi`` in float64.  A float32 ``sigmoid`` rounds every logit above ~16.6 to
+    1.0 (and torchmetrics applies one itself to values outside [0, 1]), so such rows would tie
+    and the AUC differ from the paired comparison's, which ranks the logits."""
+    return 0.5 + torch.atan(logits.detach().double()) / math.pi
+
+
 def evaluate_model(
     forward: Callable[[Batch], Any], batches: Iterable[Batch], env: DistEnv, desc: str = "eval",
     return_predictions: bool = False,
@@ -280,7 +289,7 @@ def evaluate_model(
     local_logits, local_labels = [], []
     for batch in tqdm(batches, desc=desc, disable=not env.is_main, dynamic_ncols=True):
         _, (_, logits, labels) = forward(batch)
-        auroc.update(torch.sigmoid(logits), labels.long())
+        auroc.update(_ranking_probability(logits), labels.long())
         loss_sum[0] += torch.nn.functional.binary_cross_entropy_with_logits(
             logits.double(), labels.double(), reduction="sum"
         )
