@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from torchrec.distributed.planner import Topology
 from torchrec.distributed.planner.types import PlannerError
 
@@ -68,13 +69,37 @@ def test_zipf_buckets_and_bytes() -> None:
     counts, mass = zipf_bucket_mass(1_000_000, 1.05, 32)
     assert sum(counts) == 1_000_000 and abs(sum(mass) - 1) < 1e-9
     assert mass[0] > mass[-1] and counts[0] < counts[-1]  # few popular rows, long tail
-    assert compressed_bytes({Tier.FP32: 10}, 64) == 10 * 256  # one tier: no id map
-    # mixed: plus the id map, bit-packed in the bits its rows and most centroids need (rounded
-    # up to 4 bytes): 10 rows (12 renumbered) 4 bits, 5 bytes; 11 rows 4 bits, 5.5 bytes;
-    # 70,005 rows (71,029) 17 bits, 148,760.6 bytes
-    assert compressed_bytes({Tier.FP16: 5, Tier.INT8: 5}, 64) == 5 * 128 + 5 * 80 + 8
-    assert compressed_bytes({Tier.FP16: 5, Tier.INT8: 6}, 64) == 5 * 128 + 6 * 80 + 8
+    # Each tier's sub-table aligned to 128 bytes (as FBGEMM allocates it), plus the id map, which
+    # every converted table has (one tier too), bit-packed in the bits its rows and most
+    # centroids need (rounded up to 4 bytes): 10 rows (12 renumbered) 4 bits, 5 bytes; 11 rows 4
+    # bits, 5.5 bytes; 70,005 rows (71,029) 17 bits, 148,760.6 bytes
+    assert compressed_bytes({Tier.FP32: 10}, 64) == 10 * 256 + 8
+    assert compressed_bytes({Tier.FP16: 5, Tier.INT8: 5}, 64) == 5 * 128 + 512 + 8  # 400 -> 512
+    assert compressed_bytes({Tier.FP16: 5, Tier.INT8: 6}, 64) == 5 * 128 + 512 + 8  # 480 -> 512
     assert compressed_bytes({Tier.FP16: 5, Tier.INT8: 70_000}, 64) == 5 * 128 + 70_000 * 80 + 148_764
+
+
+@pytest.mark.parametrize("row_alignment", [1, 16])
+@pytest.mark.parametrize("mix", [{Tier.FP16: 100, Tier.INT8: 300, Tier.INT4: 600}, {Tier.INT8: 1000},
+                                 {Tier.FP16: 10, Tier.INT2: 890, Tier.DROP: 100}])
+def test_planned_bytes_are_the_bytes_the_collection_holds(mix, row_alignment) -> None:
+    """The planner's bytes for a table are what the converted collection holds for it (its
+    sub-tables and id map; the group's map tail aside): a table in one tier has an id map too,
+    and sub-tables are cache-line aligned (the planner once counted neither)."""
+    from torchrec import EmbeddingBagConfig
+
+    from shark_torchrec.quant.id_map import TAIL_BYTES
+    from shark_torchrec.quant.mixed_ebc import RowwiseMixedEmbeddingBagCollection
+    from shark_torchrec.quant.tiers import TIER_ORDER
+
+    tiers = torch.cat([torch.full((n,), TIER_ORDER.index(t), dtype=torch.int8) for t, n in mix.items()])
+    cfg = [EmbeddingBagConfig(name="t", num_embeddings=1000, embedding_dim=16, feature_names=["f"])]
+    m = RowwiseMixedEmbeddingBagCollection.from_weights(cfg, {"t": torch.randn(1000, 16)}, {"t": tiers},
+                                                        row_alignment=row_alignment)
+    g = m.groups[0]
+    held = sum(int(getattr(t, a).numel()) for t in g._tbes() for a in ("weights_host", "weights_dev", "weights_uvm"))
+    held += g.input_transform.row_map.numel()
+    assert compressed_bytes(mix, 16, row_alignment) + TAIL_BYTES == held
 
 
 def test_plan_command_line(tmp_path: Path) -> None:
@@ -108,6 +133,9 @@ def test_cpu_rows_unpadded_are_planned_by_their_real_bytes() -> None:
     tier choice and TorchRec's planner both see that."""
     from torchrec import EmbeddingBagConfig
 
+    from shark_torchrec.quant.id_map import table_map_bytes
+    from shark_torchrec.quant.tiers import align_to_cacheline
+
     tables = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=64, num_embeddings=50_000,
                                  feature_names=[f"f{i}"]) for i in range(2)]
     rows = 2 * 50_000
@@ -116,8 +144,9 @@ def test_cpu_rows_unpadded_are_planned_by_their_real_bytes() -> None:
     for align in (1, 16):
         c = choose_compression(tables, 10 * GiB, tiers=["int4"], row_alignment=align)
         assert all(x.rows == {"int4": 50_000} for x in c.values())
-        # (one tier per table: no id map needed)
-        assert sum(x.bytes for x in c.values()) == rows * row_bytes(Tier.INT4, 64, align)
+        # (a table in one tier: its sub-table, aligned to 128 bytes, and its 16-bit id map)
+        assert sum(x.bytes for x in c.values()) == 2 * (align_to_cacheline(50_000 * row_bytes(Tier.INT4, 64, align))
+                                                       + table_map_bytes(50_000))
         topology = Topology(world_size=1, compute_device="cpu", local_world_size=1, ddr_cap=GiB)
         _, planner = plan_inference(tables, topology, c, row_alignment=align)
         stored[align] = device_storage(planner, 1)[0]["ddr"]

@@ -72,7 +72,7 @@ def _column_stats(e: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Te
         C = e.shape[1]
         return (torch.zeros(C, dtype=torch.float64, device=e.device),
                 torch.full((C,), float("inf"), device=e.device), torch.full((C,), float("-inf"), device=e.device))
-    return e.sum(0).double(), e.amin(0), e.amax(0)
+    return e.sum(0, dtype=torch.float64), e.amin(0), e.amax(0)
 
 
 class _Accumulator:

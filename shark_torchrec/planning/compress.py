@@ -34,8 +34,7 @@ from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
 from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
 
 from shark_torchrec.planning.storage import TrackerStorageReservation
-from shark_torchrec.quant.id_map import entry_bits, table_map_bytes
-
+from shark_torchrec.quant.id_map import TAIL_BYTES, entry_bits, table_map_bytes
 from shark_torchrec.quant.tiers import (
     DEFAULT_ROW_ALIGNMENT,
     BudgetError,
@@ -44,6 +43,7 @@ from shark_torchrec.quant.tiers import (
     lowest_price,
     quantization_error,
     row_bytes,
+    sub_table_bytes,
 )
 
 _DATA_TYPES = {Tier.FP32: DataType.FP32, Tier.FP16: DataType.FP16, Tier.INT8: DataType.INT8,
@@ -91,6 +91,8 @@ class TableCompression:
     bytes: int
     fp32_bytes: int
     predicted_loss: float
+    #: False for a table left as it is (pinned ``"exclude"``): no id map, no sub-tables
+    converted: bool = True
 
     @property
     def fractions(self) -> Dict[str, float]:
@@ -99,18 +101,15 @@ class TableCompression:
 
 
 def compressed_bytes(rows_per_tier: Dict[Tier, int], dim: int, row_alignment: int = DEFAULT_ROW_ALIGNMENT) -> int:
-    """Bytes of a table stored with these tiers: its rows in FBGEMM's layout plus, for a mixed
-    table, the id map."""
+    """Bytes a table converted with these tiers holds: each tier's rows as an FBGEMM sub-table
+    (its rows in FBGEMM's layout, cache-line aligned, as FBGEMM allocates it) and the table's
+    id map (every converted table has one, a table in a single tier too) — what the collection
+    holds for it, its group's :data:`~shark_torchrec.quant.id_map.TAIL_BYTES` aside (tested
+    against the module's buffers)."""
     total_rows = sum(rows_per_tier.values())
-    id_map = table_map_bytes(total_rows) if needs_id_map(rows_per_tier) else 0
-    return sum(n * row_bytes(t, dim, row_alignment) for t, n in rows_per_tier.items()) + id_map
-
-
-def needs_id_map(rows_per_tier: Dict) -> bool:
-    """A table in one stored tier is a plain quantized table: only mixed tables (or ones with
-    dropped rows) renumber their ids."""
-    used = [Tier(t) if isinstance(t, str) else t for t, n in rows_per_tier.items() if n]
-    return len(used) > 1 or Tier.DROP in used
+    rows = sum(sub_table_bytes(Tier(t) if isinstance(t, str) else t, n, dim, row_alignment)
+               for t, n in rows_per_tier.items())
+    return rows + table_map_bytes(total_rows)
 
 
 def _fixed_mix(t: EmbeddingBagConfig, fractions: Dict[str, float], zipf: float, buckets: int,
@@ -214,7 +213,7 @@ def choose_compression(
             tier = Tier.FP32 if pins[t.name] == "exclude" else Tier.parse(pins[t.name])
             b = fp32 if pins[t.name] == "exclude" else compressed_bytes({tier: t.num_embeddings}, t.embedding_dim, row_alignment)
             out[t.name] = TableCompression(t.name, {tier.value: t.num_embeddings}, b, fp32,
-                                           tier_error(tier, t.embedding_dim))
+                                           tier_error(tier, t.embedding_dim), converted=pins[t.name] != "exclude")
             fixed_bytes += b
             continue
         counts, mass = zipf_bucket_mass(t.num_embeddings, zipf, buckets)
@@ -277,8 +276,9 @@ def plan_inference(
     A compressed model's id maps (bit-packed, on every rank) are reserved up front.
     ``device_only``: tables must sit in device memory (the ``quant`` kernel), not in host memory
     through UVM.  Raises TorchRec's ``PlannerError`` when it does not fit."""
-    id_map = 0 if compression is None else sum(
-        table_map_bytes(sum(c.rows.values())) for c in compression.values() if needs_id_map(c.rows))
+    # (every converted table's map, and the slack after its group's map: one group by default)
+    id_map = 0 if compression is None else TAIL_BYTES + sum(
+        table_map_bytes(sum(c.rows.values())) for c in compression.values() if c.converted)
     key = "ddr" if topology.compute_device == "cpu" else "hbm"
     model = InferenceModel(tables, compression, row_alignment)
     constraints = None

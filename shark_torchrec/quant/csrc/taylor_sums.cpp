@@ -98,7 +98,9 @@ std::tuple<Tensor, Tensor, Tensor> taylor_sums(const Tensor& g, const Tensor& e,
 }
 
 // Per column of a step's pooled embeddings e [B, C], in one pass: the sum (accumulated in
-// float32 like torch's sum, returned as float64; for the batch-mean baseline), the minimum and
+// float64: for the batch-mean baseline, whose gap to a near-constant field's rows is tiny — a
+// float32 running sum over 2^18 rows put that field's mean off by more than the gap, and its
+// score off by up to 3x), the minimum and
 // the maximum (a column whose minimum equals its maximum
 // holds a constant field: its score is 0).
 std::tuple<Tensor, Tensor, Tensor> column_stats(const Tensor& e) {
@@ -116,12 +118,12 @@ std::tuple<Tensor, Tensor, Tensor> column_stats(const Tensor& e) {
   // L1/L2), combined at the end.  (Walking down columns instead strides a row apart per load:
   // 4x slower here.)
   const int64_t T = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (B + 255) / 256));
-  std::vector<float> S(T * C, 0.f);
+  std::vector<double> S(T * C, 0.0);
   std::vector<float> L(T * C, std::numeric_limits<float>::infinity());
   std::vector<float> H(T * C, -std::numeric_limits<float>::infinity());
   at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      float* st = S.data() + t * C;
+      double* st = S.data() + t * C;
       float* lt = L.data() + t * C;
       float* ht = H.data() + t * C;
       for (int64_t n = B * t / T; n < B * (t + 1) / T; ++n) {
@@ -130,14 +132,15 @@ std::tuple<Tensor, Tensor, Tensor> column_stats(const Tensor& e) {
 #if defined(__AVX2__)
         for (; c + 8 <= C; c += 8) {
           const __m256 v = _mm256_loadu_ps(row + c);
-          _mm256_storeu_ps(st + c, _mm256_add_ps(_mm256_loadu_ps(st + c), v));
+          _mm256_storeu_pd(st + c, _mm256_add_pd(_mm256_loadu_pd(st + c), _mm256_cvtps_pd(_mm256_castps256_ps128(v))));
+          _mm256_storeu_pd(st + c + 4, _mm256_add_pd(_mm256_loadu_pd(st + c + 4), _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1))));
           _mm256_storeu_ps(lt + c, _mm256_min_ps(_mm256_loadu_ps(lt + c), v));
           _mm256_storeu_ps(ht + c, _mm256_max_ps(_mm256_loadu_ps(ht + c), v));
         }
 #endif
         for (; c < C; ++c) {
           const float v = row[c];
-          st[c] += v;
+          st[c] += (double)v;
           lt[c] = v < lt[c] ? v : lt[c];
           ht[c] = v > ht[c] ? v : ht[c];
         }
