@@ -84,3 +84,21 @@ def test_attribution_reports_the_recovered_auc_of_each_tier_and_table() -> None:
 
 def pytest_approx(x):
     return pytest.approx(x, abs=1e-9)
+
+
+def test_simulated_rows_are_fitted_as_the_assignment_stored_them() -> None:
+    """With least-squares-fitted rows the simulation reads each row as the collection built with
+    that fit does (it used to dequantize with min/max whatever the assignment's fit)."""
+    from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+
+    torch.manual_seed(0)
+    ebc = EmbeddingBagCollection(tables=[EmbeddingBagConfig(name="t", embedding_dim=8, num_embeddings=20,
+                                                            feature_names=["f"])])
+    kjt = KeyedJaggedTensor.from_lengths_sync(["f"], torch.arange(20), torch.ones(20, dtype=torch.long))
+    q = quantize_(copy.deepcopy(ebc), RowwiseQuantConfig(fractions={"int2": 1.0}, row_fit="lsq"))
+    with torch.no_grad():
+        real = q(kjt)["f"]
+        with simulated_tiers(ebc, q.assignment.tiers, row_fit=q.assignment.row_fit) as m:
+            torch.testing.assert_close(m(kjt)["f"], real, rtol=1e-6, atol=1e-6)
+        with simulated_tiers(ebc, q.assignment.tiers) as m:  # min/max rows: another model
+            assert not torch.allclose(m(kjt)["f"], real, atol=1e-3)

@@ -14,6 +14,7 @@ from shark_torchrec.quant import (
     RowwiseMixedEmbeddingBagCollection,
     RowwiseQuantConfig,
     Tier,
+    assign_tiers,
     dequantize_rows,
     quantize_,
 )
@@ -116,3 +117,41 @@ def test_config_validation_and_serialisation() -> None:
     with pytest.raises(ValueError, match=r"unknown tables \['t9'\]"):
         quantize_(model, RowwiseQuantConfig(fractions={"int8": 1.0}, table_overrides={"t9": "fp16"}))
     assert isinstance(model.model.sparse_arch.embedding_bag_collection, EmbeddingBagCollection)  # untouched
+
+
+def test_a_collection_used_twice_is_swapped_everywhere_and_one_budget_is_not_shared_out() -> None:
+    """A collection reachable by two names (tied towers) is converted once and swapped at both
+    (the second name kept the fp32 collection); a ``budget_bytes`` with several collections
+    matched is refused (each used to get the whole budget: together up to N times it)."""
+    from torch import nn
+
+    def ebc(name):
+        return EmbeddingBagCollection(tables=[EmbeddingBagConfig(name=name, embedding_dim=16, num_embeddings=400,
+                                                                 feature_names=[f"f_{name}"])])
+
+    class Towers(nn.Module):
+        def __init__(self, a, b):
+            super().__init__()
+            self.user, self.item = a, b
+
+    shared = ebc("a")
+    tied = quantize_(Towers(shared, shared), RowwiseQuantConfig(fractions={"int8": 1.0}))
+    assert tied.user is tied.item and type(tied.user).__name__ == "RowwiseMixedEmbeddingBagCollection"
+    with pytest.raises(ValueError, match=r"budget_bytes is one budget .* 2 collections matched \(\['item', 'user'\]\)"):
+        quantize_(Towers(ebc("a"), ebc("b")), RowwiseQuantConfig(budget_bytes=15360))
+
+
+def test_priorities_of_another_length_and_negative_zero() -> None:
+    """A priority tensor longer than its table is refused (its first rows were used), and a
+    -0.0 priority ranks as the zero it is (its sign bit ranked it highest: the row with the
+    least priority took FP16 and the tiers' row counts missed their fractions)."""
+    table = EmbeddingBagCollection(tables=[EmbeddingBagConfig(name="t", embedding_dim=8, num_embeddings=10,
+                                                              feature_names=["f"])])
+    fractions = RowwiseQuantConfig(fractions={"fp16": 0.2, "int8": 0.3, "int4": 0.5})
+    with pytest.raises(ValueError, match=r"table 't': 25 priorities for its 10 rows"):
+        assign_tiers(table, fractions, {"t": torch.arange(25.0)})
+    p = torch.arange(10.0)
+    p[0] = -0.0
+    tiers = assign_tiers(table, fractions, {"t": p}).tiers["t"]
+    assert tiers.tolist() == assign_tiers(table, fractions, {"t": torch.arange(10.0)}).tiers["t"].tolist()
+    assert [int((tiers == TIER_ORDER.index(Tier.parse(t))).sum()) for t in ("fp16", "int8", "int4")] == [2, 3, 5]

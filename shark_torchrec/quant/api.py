@@ -50,6 +50,11 @@ def assign_tiers(
         missing = [n for n in names if n not in priorities]
         if missing:
             raise ValueError(f"no priorities for tables {missing}")
+        rows_of = {c.name: c.num_embeddings for c in configs}
+        for n in names:  # (a longer tensor, of an older or unpruned table, would be cut silently)
+            count = torch.as_tensor(priorities[n]).numel()
+            if count != rows_of[n]:
+                raise ValueError(f"table {n!r}: {count} priorities for its {rows_of[n]} rows")
     layout, weights = collection_layout(ebc, rank=0, world_size=1)
     weights = {k: v.detach() for k, v in weights.items()}
     on_meta = sorted(s.table for s in layout.shards if weights[s.name].device.type == "meta")
@@ -92,17 +97,31 @@ def quantize_(
     :class:`TierAssignment` as ``.assignment``.
     """
     filter_fn = filter_fn or _default_filter
-    targets = [(fqn, m) for fqn, m in model.named_modules()
+    # (every name a collection is reachable by: one used in two places, tied towers, is
+    # converted once and swapped at each)
+    targets = [(fqn, m) for fqn, m in model.named_modules(remove_duplicate=False)
                if isinstance(m, EmbeddingBagCollection) and filter_fn(m, fqn)]
     if not targets:
         raise ValueError("quantize_: no EmbeddingBagCollection matched")
+    distinct = list({id(m): m for _, m in targets}.values())
+    if config.budget_bytes is not None and len(distinct) > 1:
+        names = sorted({fqn for fqn, _ in targets})
+        raise ValueError(f"quantize_: budget_bytes is one budget for the tables of one collection, and "
+                         f"{len(distinct)} collections matched ({names}): convert them one at a time "
+                         "(filter_fn), each with its own budget_bytes, or use budget_fraction")
     all_tables = {c.name for _, m in targets for c in m.embedding_bag_configs()}
     unknown = sorted((set(config.table_overrides) | set(config.table_fractions)
                       | set(config.table_budgets)) - all_tables)
     if unknown:  # checked before anything is swapped
         raise ValueError(f"table_overrides/table_fractions name unknown tables {unknown} "
                          f"(tables: {sorted(all_tables)})")
+    converted: Dict[int, nn.Module] = {}
     for fqn, ebc in targets:
+        if id(ebc) in converted:
+            mixed = converted[id(ebc)]
+            parent_name, _, attr = fqn.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, attr, mixed)
+            continue
         table_names = {c.name for c in ebc.embedding_bag_configs()}
         own = None if priorities is None else {k: v for k, v in priorities.items() if k in table_names}
         local = dataclasses.replace(
@@ -114,6 +133,7 @@ def quantize_(
         mixed = RowwiseMixedEmbeddingBagCollection.from_float(ebc, assignment, check_ids=config.check_ids,
                                                               output_dtype=config.output_dtype)
         mixed.assignment = assignment
+        converted[id(ebc)] = mixed
         if fqn == "":
             return mixed
         parent_name, _, attr = fqn.rpartition(".")

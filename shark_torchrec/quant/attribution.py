@@ -24,7 +24,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from shark_torchrec.evaluation import PairedBootstrap
 from shark_torchrec.quant.rows import dequantize_rows
-from shark_torchrec.quant.tiers import TIER_ORDER, Tier
+from shark_torchrec.quant.tiers import TIER_ORDER, Tier, check_row_fit
 
 __all__ = ["attribute_quantization_loss", "attribution_report", "simulated_tiers"]
 
@@ -36,8 +36,10 @@ def _collection(model: nn.Module) -> EmbeddingBagCollection:
     return found[0]
 
 
-def _read_as_stored(ebc: EmbeddingBagCollection, tiers: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Per table, its weights as every row reads in its tier (FP32 rows unchanged)."""
+def _read_as_stored(ebc: EmbeddingBagCollection, tiers: Dict[str, torch.Tensor],
+                    row_fit: str = "minmax") -> Dict[str, torch.Tensor]:
+    """Per table, its weights as every row reads in its tier (FP32 rows unchanged), integer
+    rows stored with ``row_fit`` (the assignment's: :attr:`TierAssignment.row_fit`)."""
     unknown = sorted(set(tiers) - set(ebc.embedding_bags))
     if unknown:
         raise KeyError(f"tiers given for tables the model does not have: {unknown}")
@@ -51,7 +53,7 @@ def _read_as_stored(ebc: EmbeddingBagCollection, tiers: Dict[str, torch.Tensor])
         for i, tier in enumerate(TIER_ORDER):
             rows = t == i
             if tier is not Tier.FP32 and bool(rows.any()):
-                sim[rows] = dequantize_rows(w[rows], tier).to(sim.dtype)
+                sim[rows] = dequantize_rows(w[rows], tier, "cpu", row_fit).to(sim.dtype)
         out[name] = sim
     return out
 
@@ -79,12 +81,14 @@ def _substituted(ebc: EmbeddingBagCollection, stored: Dict[str, torch.Tensor],
 
 @contextlib.contextmanager
 def simulated_tiers(model: nn.Module, tiers: Dict[str, torch.Tensor],
-                    keep_fp32: Optional[Dict[str, torch.Tensor]] = None) -> Iterator[nn.Module]:
+                    keep_fp32: Optional[Dict[str, torch.Tensor]] = None, row_fit: str = "minmax") -> Iterator[nn.Module]:
     """Within the block, every row of the float ``model``'s collection reads as it would in
-    its tier (``tiers[table][row]``, a :data:`TIER_ORDER` index), except the rows that
-    ``keep_fp32[table]`` (a boolean mask) marks; the fp32 weights come back afterwards."""
+    its tier (``tiers[table][row]``, a :data:`TIER_ORDER` index; integer rows stored with
+    ``row_fit``, the assignment's), except the rows that ``keep_fp32[table]`` (a boolean mask)
+    marks; the fp32 weights come back afterwards."""
+    check_row_fit(row_fit)
     ebc = _collection(model)
-    with _substituted(ebc, _read_as_stored(ebc, tiers), keep_fp32):
+    with _substituted(ebc, _read_as_stored(ebc, tiers, row_fit), keep_fp32):
         yield model
 
 
@@ -96,8 +100,10 @@ def attribute_quantization_loss(
     tables: Optional[Sequence[str]] = None,
     bootstrap: int = 1000,
     seed: int = 0,
+    row_fit: str = "minmax",
 ) -> Dict[str, object]:
-    """The AUC each group of rows gives back when it alone stays in fp32.
+    """The AUC each group of rows gives back when it alone stays in fp32 (integer rows stored
+    with ``row_fit``: pass the assignment's, :attr:`TierAssignment.row_fit`).
 
     ``model`` is the float model before quantization (its weights are restored on return),
     ``tiers`` the assignment (:attr:`TierAssignment.tiers`), ``evaluate(model)`` the logits on
@@ -108,9 +114,10 @@ def attribute_quantization_loss(
     A tier's entry covers its rows in every table; ``tables`` (default all) each keep all
     their rows in fp32.
     """
+    check_row_fit(row_fit)
     ebc = _collection(model)
     with torch.no_grad():
-        stored = _read_as_stored(ebc, tiers)  # dequantized once, reused by every group
+        stored = _read_as_stored(ebc, tiers, row_fit)  # dequantized once, reused by every group
         logits = {"fp32": evaluate(model)}
         with _substituted(ebc, stored, None):
             logits["quantized"] = evaluate(model)

@@ -305,7 +305,9 @@ def _select(keys: Sequence[torch.Tensor], target: int, reduce: Reduce, key_bits:
 
 def _descending_key(p: torch.Tensor) -> torch.Tensor:
     """int64 keys ordering priorities (finite, >= 0) from highest to lowest."""
-    return 0x7FEFFFFFFFFFFFFF - p.double().contiguous().view(torch.int64)
+    # (+ 0.0 turns -0.0, which passes the >= 0 checks, into +0.0: its sign bit would make the
+    # key overflow and put the lowest priority first)
+    return 0x7FEFFFFFFFFFFFFF - (p.double() + 0.0).contiguous().view(torch.int64)
 
 
 def fraction_counts(rows: int, fractions: Sequence[float]) -> List[int]:

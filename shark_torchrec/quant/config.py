@@ -23,8 +23,10 @@ class RowwiseQuantConfig:
     Attributes:
         fractions: ``{tier: fraction of rows}`` per table, summing to 1 (highest priorities get
             the most precise tier).
-        budget_bytes: bytes for all converted tables together: rows in FBGEMM's layout, the
-            bit-packed id map and sub-table padding (pinned tables count against it).
+        budget_bytes: bytes for all converted tables of a collection together: rows in FBGEMM's
+            layout, the bit-packed id map and sub-table padding (pinned tables count against
+            it); :func:`~shark_torchrec.quant.quantize_` refuses it when several collections
+            match (convert them one at a time, or use ``budget_fraction``).
         budget_fraction: the budget as a fraction of the converted tables' fp32 bytes.
         tiers: tiers a budget may use (with ``"shared"``, rows may read as one of their table's
             centroids, whose count the budget chooses: :mod:`~shark_torchrec.quant.shared_rows`).
