@@ -223,13 +223,13 @@ def write_outputs(results: Dict, out: str) -> None:
         for m in methods:
             vals = [[s[key][m][k] for s in seeds] for k in keep]
             ax.errorbar(keep, [statistics.fmean(v) for v in vals],
-                        yerr=[statistics.pstdev(v) if len(v) > 1 else 0.0 for v in vals],
+                        yerr=[statistics.stdev(v) if len(v) > 1 else 0.0 for v in vals],
                         marker="o", capsize=3, label=m)
         for k in keep:
             cells = []
             for m in methods:
                 v = [s[key][m][k] for s in seeds]
-                cells.append(f"{statistics.fmean(v):.4f} ± {statistics.pstdev(v) if len(v) > 1 else 0.0:.4f}")
+                cells.append(f"{statistics.fmean(v):.4f} ± {statistics.stdev(v) if len(v) > 1 else 0.0:.4f}")
             lines.append(f"| {k} | " + " | ".join(cells) + " |")
         lines.append("")
         ax.set_xlabel("fields kept")

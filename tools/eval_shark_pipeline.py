@@ -37,7 +37,7 @@ from typing import Dict, List
 
 import numpy as np
 
-from report_io import pipeline_stage_keys, save_results, split_recipe_args
+from report_io import distinct, finished_report, pipeline_stage_keys, save_results, split_recipe_args
 from shark_torchrec.evaluation import bottom_k, recall_at_k, spearman, summarize_seeds
 from shark_torchrec.quant import TIER_ORDER
 from shark_torchrec.run_config import STAGES
@@ -66,7 +66,7 @@ def run_variant(out: str, seed: int, variant: str, recipe_args: List[str], nproc
     differ only in later stages)."""
     argv = [*recipe_args, *VARIANTS[variant], "--seed", str(seed)]
     keys = pipeline_stage_keys(argv, world_size=nproc)
-    if not os.path.isfile(os.path.join(out, "report.json")):
+    if not finished_report(out, keys):
         sharing.link(out, keys)
         launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
                      f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable])
@@ -78,6 +78,7 @@ def run_variant(out: str, seed: int, variant: str, recipe_args: List[str], nproc
         if proc.returncode != 0:
             raise SystemExit(f"seed {seed} {variant} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
         log(f"   {time.perf_counter() - t0:.0f} s")
+    sharing.finished(out, keys)  # (its trained model, for the seed's next variants)
     with open(os.path.join(out, "report.json")) as f:
         report = json.load(f)
     report["field_scores"] = StageStore(out).read("prune")["result"].get("scores", {})
@@ -127,7 +128,7 @@ def main() -> None:
     for flag in ("--seed", "--out", "--field_scorer", "--row_priority"):
         if flag in recipe_args:
             raise SystemExit(f"{flag} is set by this tool; remove it after --")
-    seeds = [int(s) for s in args.seeds.split(",") if s]
+    seeds = distinct([int(s) for s in args.seeds.split(",") if s], "--seeds")
 
     # The data the recipe will read (for the ground truth of synthetic data).
     from shark_torchrec.cli_run import parse_pipeline

@@ -41,7 +41,7 @@ import time
 from typing import Dict, List
 
 import torch
-from report_io import pipeline_stage_keys, save_results, split_recipe_args
+from report_io import distinct, finished_report, pipeline_stage_keys, save_results, split_recipe_args
 
 from shark_torchrec.evaluation import PairedBootstrap, summarize_seeds
 from shark_torchrec.cli_run import parse_pipeline
@@ -85,7 +85,7 @@ def run_pipeline(run_dir: str, recipe_args: List[str], flags: List[str], sharing
     whose keys it shares linked in (the trained model of a seed, for every method but hashed)."""
     argv = pipeline_argv(recipe_args, flags)
     keys = pipeline_stage_keys(argv)
-    if not os.path.isfile(os.path.join(run_dir, "report.json")):
+    if not finished_report(run_dir, keys):
         sharing.link(run_dir, keys)
         cmd = [sys.executable, RECIPE, *argv, "--out", run_dir, "--log_level", "WARNING"]
         log(f"== {os.path.relpath(run_dir, ROOT)}: {' '.join(flags)}")
@@ -131,7 +131,9 @@ def main() -> None:
     clash = [f for f in OWN_FLAGS if f in recipe_args]
     if clash:
         raise SystemExit(f"{', '.join(clash)} are set by this tool; remove them after --")
-    seeds = [int(s) for s in args.seeds.split(",") if s]
+    seeds = distinct([int(s) for s in args.seeds.split(",") if s], "--seeds")
+    # (a point is labelled by its percent: two budgets of one label would overwrite each other)
+    distinct([f"{saved:.0%}" for saved in args.saved], "--saved (as whole percents)")
     tables = tables_of(recipe_args)
     alignment = parse_pipeline(recipe_args).quant.row_alignment
     alignment = 1 if alignment in ("auto", "1") else 16  # (the tool runs on CPU: auto is 1)
@@ -178,9 +180,9 @@ def main() -> None:
         # then finds this seed's trained model instead of training it again.
         for method, point, name, flags, shares in todo:
             run_dir = os.path.join(base, name)
-            if shares and os.path.isfile(os.path.join(run_dir, "report.json")):
-                sharing.finished(run_dir, pipeline_stage_keys(pipeline_argv(recipe_args,
-                                                                            [*flags, "--seed", str(seed)])))
+            keys = pipeline_stage_keys(pipeline_argv(recipe_args, [*flags, "--seed", str(seed)]))
+            if shares and finished_report(run_dir, keys):
+                sharing.finished(run_dir, keys)
         for method, point, name, flags, shares in todo:
             run_dir = os.path.join(base, name)
             report = run_pipeline(run_dir, recipe_args, [*flags, "--seed", str(seed)], sharing)

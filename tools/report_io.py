@@ -3,6 +3,7 @@ headless."""
 
 import json
 import os
+import sys
 from typing import Dict, List, Tuple
 
 
@@ -22,6 +23,34 @@ def pipeline_stage_keys(argv: List[str], world_size: int = 1) -> Dict[str, str]:
 
     run = parse_pipeline([str(a) for a in argv])
     return stage_keys(run, resolved_device(run.training.device), world_size)
+
+
+def finished_report(run_dir: str, keys: Dict[str, str]) -> bool:
+    """Whether ``run_dir`` holds a pipeline run finished with these stage ``keys`` (its
+    ``report.json``, and every stage's record of the same key).  A report left by a run with
+    other flags (or data) is removed, so that the run is made again — the recipe then reruns
+    the stages whose keys changed — instead of being read under the new flags."""
+    from shark_torchrec.stages import StageStore
+
+    report = os.path.join(run_dir, "report.json")
+    if not os.path.isfile(report):
+        return False
+    store = StageStore(run_dir)
+    stale = [s for s, key in keys.items() if (store.read(s) or {}).get("key") != key]
+    if stale:
+        print(f"{run_dir}: finished with other inputs (stages {stale}): running it again", file=sys.stderr, flush=True)
+        os.remove(report)
+        return False
+    return True
+
+
+def distinct(values: List, flag: str) -> List:
+    """``values`` if none repeats, else an error naming ``flag`` (a repeated seed would count one
+    run twice: a zero-width interval)."""
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:
+        raise SystemExit(f"{flag}: {repeated} given more than once")
+    return values
 
 
 def save_results(results: Dict, out: str):

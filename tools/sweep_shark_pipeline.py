@@ -26,7 +26,7 @@ import sys
 import time
 from typing import Dict, List
 
-from report_io import pipeline_stage_keys, save_results, split_recipe_args
+from report_io import finished_report, pipeline_stage_keys, save_results, split_recipe_args
 
 from shark_torchrec.run_config import STAGES
 from shark_torchrec.stages import StageSharing
@@ -73,7 +73,7 @@ def main() -> None:
         run_dir = os.path.join(args.out, name)
         flags = [x for k, v in point.items() for x in (f"--{k}", v)]
         stage_keys = pipeline_stage_keys([*recipe_args, *flags])
-        if not os.path.isfile(os.path.join(run_dir, "report.json")):
+        if not finished_report(run_dir, stage_keys):
             linked = sharing.link(run_dir, stage_keys)
             cmd = [sys.executable, RECIPE, *recipe_args, *flags, "--out", run_dir, "--log_level", "WARNING"]
             log(f"== {name}" + (f" (sharing the finished {', '.join(linked)} stage(s))" if linked else ""))
