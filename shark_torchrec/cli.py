@@ -111,16 +111,23 @@ def plan_command(args: argparse.Namespace) -> int:
                         hbm_cap=int(args.hbm_gb * GB) if args.device == "cuda" else None,
                         ddr_cap=int(args.ddr_gb * GB) if args.ddr_gb else None)
     overrides = load_overrides(args.planner_overrides, tables) if args.planner_overrides else None
+    if overrides is not None and overrides.constraints:
+        # (this command plans the compressed inference model; sharding types, kernels and
+        # pooling estimates in the file are for the training planner)
+        print(f"warning: {args.planner_overrides}: planner settings of tables {sorted(overrides.constraints)} "
+              "are not applied by this command (only never_prune and compression settings are)", file=sys.stderr)
     total_fp32 = sum(t.num_embeddings * t.embedding_dim * 4 for t in tables)
+    # (what the planner plans against: without --ddr_gb, TorchRec's default host memory)
+    hbm_gb = topology.devices[0].storage.hbm / GB if args.device == "cuda" else None
+    ddr_gb = topology.devices[0].storage.ddr / GB
     report: Dict[str, object] = {
-        "topology": {"world_size": args.world_size, "device": args.device, "hbm_gb": args.hbm_gb,
-                     "ddr_gb": args.ddr_gb},
+        "topology": {"world_size": args.world_size, "device": args.device, "hbm_gb": hbm_gb, "ddr_gb": ddr_gb},
         "tables": len(tables), "rows": sum(t.num_embeddings for t in tables),
         "fp32_bytes": total_fp32,
     }
     print(f"model: {len(tables)} tables, {report['rows']:,} rows, {total_fp32 / GB:.1f} GiB in fp32")
-    memory = args.hbm_gb if args.device == "cuda" else args.ddr_gb
-    print(f"topology: {args.world_size} × {args.device}, {memory} GiB per device")
+    memory = hbm_gb if args.device == "cuda" else ddr_gb
+    print(f"topology: {args.world_size} × {args.device}, {memory:g} GiB per device")
     t0 = time.perf_counter()
     try:
         _, planner = plan_inference(tables, topology, batch_size=args.batch_size)

@@ -418,8 +418,10 @@ def _quant_config(quant: QuantSection, overrides, kept, device: torch.device) ->
 
     align = row_alignment(quant, device)
     if quant.quant_fractions:
-        config = RowwiseQuantConfig(fractions=dict(quant.quant_fractions), row_alignment=align,
-                                    row_fit=quant.quant_row_fit)
+        # (the tiers a table's own budget from the overrides file may use: the run's, as without
+        # --quant_fractions; the config's default would let it drop rows)
+        config = RowwiseQuantConfig(fractions=dict(quant.quant_fractions), tiers=quant.tier_names,
+                                    drop_rows=quant.drop_rows, row_alignment=align, row_fit=quant.quant_row_fit)
     else:
         config = RowwiseQuantConfig(budget_fraction=quant.budget_fraction, tiers=quant.tier_names,
                                     drop_rows=quant.drop_rows, row_alignment=align, row_fit=quant.quant_row_fit)

@@ -178,11 +178,18 @@ class PruneSection(FieldPruning):
             raise FlagError("--byte_target and another pruning criterion: use one")
         if self.rounds and self.keep_fields is None:
             raise FlagError("--rounds needs --keep_fields (the number of fields at the end)")
+        if self.plan:  # (a saved plan says which fields go: any other way to choose would be ignored)
+            others = [flag for flag, value in (
+                ("--scores", self.scores), ("--rounds", self.rounds), ("--byte_target", self.byte_target),
+                ("--keep_fields", self.keep_fields), ("--drop_fraction", self.drop_fraction),
+                ("--drop_score_share", self.drop_score_share)) if value]
+            if others:
+                raise FlagError(f"--plan gives the fields to drop; {', '.join(others)} would be ignored: use one")
 
     @property
     def protected(self) -> List[str]:
-        """``--protect`` as a list."""
-        return [p for p in self.protect.split(",") if p]
+        """``--protect`` as a list (names stripped: ``"cat_0, cat_1"`` is two fields)."""
+        return [p.strip() for p in self.protect.split(",") if p.strip()]
 
 
 @dataclass(frozen=True)

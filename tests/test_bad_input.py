@@ -265,3 +265,24 @@ def test_recipe_under_torchrun_reports_per_rank(tmp_path: Path) -> None:
         assert line.endswith(f"{overrides}: tables.nosuch_table: matches no table (tables: "
                              "['t_cat_0', 't_cat_1', 't_cat_2', 't_cat_3'])"), line
     assert "[rank0]: Traceback" not in report and "[rank1]: Traceback" not in report
+
+
+def test_plan_says_what_it_plans_against_and_what_it_does_not_apply(tmp_path: Path, capsys,
+                                                                   plan_command_side_effects) -> None:
+    """On CPU without --ddr_gb the command printed "None GiB" and wrote null while TorchRec
+    planned against its default host memory; planner settings in an overrides file, which this
+    command does not apply, were ignored without a word."""
+    import json
+
+    tables = tmp_path / "tables.yaml"
+    tables.write_text("tables:\n  - {name: t0, rows: 1000, dim: 8}\n")
+    overrides = tmp_path / "overrides.yaml"
+    overrides.write_text("tables:\n  t0: {sharding_types: [table_wise]}\n")
+    out = tmp_path / "plan.json"
+    assert cli.main(["plan", "--tables", str(tables), "--device", "cpu", "--json", str(out),
+                     "--planner_overrides", str(overrides)]) == 0
+    captured = capsys.readouterr()
+    topology = json.loads(out.read_text())["topology"]
+    assert topology["hbm_gb"] is None and topology["ddr_gb"] > 0
+    assert f"1 × cpu, {topology['ddr_gb']:g} GiB per device" in captured.out
+    assert "planner settings of tables ['t0'] are not applied by this command" in captured.err

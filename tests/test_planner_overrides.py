@@ -94,3 +94,18 @@ def test_compression_settings_feed_quantize(tmp_path: Path) -> None:
     # t_cat_2's own budget: its rows, id map and padding within 30,000 bytes (fp32: 32,000).
     assert mixed.memory_report()["tables"]["t_cat_2"] and \
         sum(mixed.memory_report()["tables"]["t_cat_2"].values()) + 4 * 1000 <= 30_000
+
+
+def test_per_feature_lists_fit_the_table_and_exclude_false_clears_nothing(tmp_path: Path) -> None:
+    """A per-feature planner list (pooling_factors, num_poolings, batch_sizes) must have one
+    value (every feature's) or one per feature (TorchRec zipped a wrong length with the features
+    and estimated from it); ``exclude: false`` no longer clears an earlier entry's pin."""
+    two = [EmbeddingBagConfig(name="t2", embedding_dim=8, num_embeddings=100, feature_names=["a", "b"]),
+           *TABLES[:2]]
+    ok = load_overrides(_write(tmp_path, "tables:\n  t2: {pooling_factors: [3.0]}\n"), two)
+    assert ok.constraints["t2"].pooling_factors == [3.0, 3.0]
+    with pytest.raises(OverridesError, match=r"pooling_factors: 4 values for table 't_cat_0', which has 1 feature"):
+        load_overrides(_write(tmp_path, "tables:\n  t_cat_0: {pooling_factors: [4, 4, 4, 4]}\n"), two)
+    o = load_overrides(_write(tmp_path, "tables:\n  't_cat_*': {compression: {pin: int8}}\n"
+                                        "  t_cat_1: {compression: {exclude: false, never_prune: true}}\n"), TABLES[:3])
+    assert o.pins == {"t_cat_0": "int8", "t_cat_1": "int8", "t_cat_2": "int8"} and o.never_prune == ["t_cat_1"]

@@ -114,3 +114,16 @@ def test_files_and_runs_named_by_flags_key_the_stages_by_their_contents(tmp_path
     assert edited["train"] == base["train"] and edited["prune"] != base["prune"]
     (source / "checkpoints" / "latest").write_text("step_00000020")  # the source trained further
     assert keys()["train"] != edited["train"]
+
+
+def test_fractions_runs_give_a_tables_own_budget_the_runs_tiers() -> None:
+    """With --quant_fractions a table's own budget from the overrides file could use the
+    config's default tiers, which drop rows, where the same file without --quant_fractions
+    shares them instead (the run's --quant_tiers)."""
+    from shark_torchrec.pipeline import _quant_config
+
+    run = cli_run.parse_pipeline(["--quant_fractions", "fp16=0.5,int8=0.5"])
+    config = _quant_config(run.quant, None, set(), torch.device("cpu"))
+    default = _quant_config(cli_run.parse_pipeline([]).quant, None, set(), torch.device("cpu"))
+    assert list(config.tiers) == list(default.tiers) and "drop" not in config.tiers
+    assert config.drop_rows == default.drop_rows

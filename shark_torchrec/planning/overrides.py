@@ -137,10 +137,12 @@ def parse_overrides(doc: Any, tables: Sequence[EmbeddingBagConfig], source: str 
             _fail(source, where, f"unknown keys {unknown} (known: {sorted(_CONSTRAINT_KEYS)} and 'compression')")
         planner = {k: _check_constraint(source, f"{where}.{k}", k, v) for k, v in settings.items() if k != "compression"}
         comp = _check_compression(source, f"{where}.compression", settings.get("compression"))
+        features = {t.name: len(t.feature_names) for t in tables}
         for n in matched:
-            per_table.setdefault(n, {}).update(planner)
+            per_table.setdefault(n, {}).update(_per_feature(source, where, n, features[n], planner))
             acc = compression.setdefault(n, {})
-            if set(_EXCLUSIVE) & set(comp):
+            # (exclude: false sets nothing, so it does not clear an earlier pin, tiers or budget)
+            if set(_EXCLUSIVE) & {k for k in comp if k != "exclude" or comp[k]}:
                 # pin, exclude, tiers and budget_bytes exclude each other: a later one replaces
                 # an earlier one
                 for k in _EXCLUSIVE:
@@ -161,6 +163,26 @@ def parse_overrides(doc: Any, tables: Sequence[EmbeddingBagConfig], source: str 
             out.tier_fractions[n] = comp["tiers"]
         if "budget_bytes" in comp:
             out.budgets[n] = comp["budget_bytes"]
+    return out
+
+
+#: Planner settings TorchRec reads as one value per feature of the table (zipped with them).
+_PER_FEATURE = ("pooling_factors", "num_poolings", "batch_sizes")
+
+
+def _per_feature(source: str, where: str, table: str, n_features: int, planner: Dict[str, Any]) -> Dict[str, Any]:
+    """``planner`` with its per-feature lists fitted to a table of ``n_features`` features: one
+    value is every feature's; any other length than the features' is an error naming the table
+    (TorchRec would zip the list with the features and estimate from a wrong or partial list)."""
+    out = dict(planner)
+    for key in _PER_FEATURE:
+        if key in out:
+            value = out[key]
+            if len(value) == 1:
+                out[key] = value * n_features
+            elif len(value) != n_features:
+                _fail(source, f"{where}.{key}", f"{len(value)} values for table {table!r}, which has "
+                      f"{n_features} feature(s): give one value, or one per feature")
     return out
 
 

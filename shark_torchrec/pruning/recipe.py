@@ -15,7 +15,7 @@ import os
 from typing import Dict, List
 
 from shark_torchrec.planning import load_overrides
-from shark_torchrec.pruning.plan import PruningPlan, choose_plan, table_bytes
+from shark_torchrec.pruning.plan import PlanError, PruningPlan, choose_plan, table_bytes
 from shark_torchrec.pruning.sharded import PruningRound, iterative_prune, prune_trainer
 from shark_torchrec.run_config import PruneRun, flat
 from shark_torchrec.stages import StageRunner, data_files, file_digests, source_run
@@ -50,6 +50,9 @@ def _load_plan_or_scores(run: PruneRun, trainer: DLRMTrainer) -> PruningPlan:
     if prune.plan:
         plan = PruningPlan.load(prune.plan)
         plan.validate(tables, source=f"model of {prune.from_run}")
+        dropped = sorted(set(protected) & set(plan.dropped_features))
+        if dropped:
+            raise PlanError(f"{prune.plan}: drops protected fields {dropped} (--protect / never_prune)")
         return plan
     path = prune.scores or os.path.join(prune.from_run, FIELD_SCORES_FILE)
     if not os.path.isfile(path):

@@ -28,7 +28,7 @@ from torchrec.datasets.utils import Batch
 
 from shark_torchrec.importance import TaylorFieldImportance
 from shark_torchrec.pruning.apply import prune_dlrm
-from shark_torchrec.pruning.plan import PruningPlan, choose_plan
+from shark_torchrec.pruning.plan import PlanError, PruningPlan, choose_plan
 from shark_torchrec.training.model import DLRMConfig, build_dlrm_train
 from shark_torchrec.training.trainer import DLRMTrainer
 
@@ -178,6 +178,9 @@ def iterative_prune(
 
     if rounds < 1:
         raise ValueError("rounds must be >= 1")
+    unknown = [p for p in protected if p not in trainer.features]
+    if unknown:  # (checked once: a misspelt name would leave its field unprotected)
+        raise PlanError(f"protected names unknown fields {unknown} (fields: {list(trainer.features)})")
     start = len(trainer.features)
     if not 1 <= keep_fields <= start:
         raise ValueError(f"keep_fields must be in [1, {start}], got {keep_fields}")
@@ -192,7 +195,7 @@ def iterative_prune(
         scores = tracker.scores()
         scoring_seconds = time.perf_counter() - t0
         plan = choose_plan(scores, trainer.model_config.tables(), keep=target,
-                           protected=[p for p in protected if p in scores], method=tracker.name)
+                           protected=list(protected), method=tracker.name)
         ckpt = CheckpointManager(os.path.join(work_dir, f"round_{r}"), {"round": r})
         path = ckpt.save(trainer.state_dict(), {"global_step": r})
         logger.info("round %d: keeping %d fields, dropping %s", r, target, plan.dropped_features)
