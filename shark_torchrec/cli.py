@@ -17,7 +17,7 @@ import logging
 import sys
 import time
 import warnings
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
@@ -94,6 +94,23 @@ def _placement(planner, world_size: int) -> Dict[str, object]:
     return {"devices": device_storage(planner, world_size), "tables": tables}
 
 
+def _plan_header(args: argparse.Namespace, tables, topology) -> Tuple[Dict[str, object], float]:
+    """The report's model and topology (printed too) and the GiB per device planned against:
+    the flag's, or, without ``--ddr_gb`` on CPU, TorchRec's default host memory."""
+    total_fp32 = sum(t.num_embeddings * t.embedding_dim * 4 for t in tables)
+    hbm_gb = args.hbm_gb if args.device == "cuda" else None
+    ddr_gb = args.ddr_gb or topology.devices[0].storage.ddr / GB
+    report: Dict[str, object] = {
+        "topology": {"world_size": args.world_size, "device": args.device, "hbm_gb": hbm_gb, "ddr_gb": ddr_gb},
+        "tables": len(tables), "rows": sum(t.num_embeddings for t in tables),
+        "fp32_bytes": total_fp32,
+    }
+    print(f"model: {len(tables)} tables, {report['rows']:,} rows, {total_fp32 / GB:.1f} GiB in fp32")
+    memory = hbm_gb if args.device == "cuda" else ddr_gb
+    print(f"topology: {args.world_size} × {args.device}, {memory:g} GiB per device")
+    return report, memory
+
+
 def plan_command(args: argparse.Namespace) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)
     logging.disable(logging.WARNING)  # the planner's own chatter; results are printed below
@@ -116,18 +133,7 @@ def plan_command(args: argparse.Namespace) -> int:
         # pooling estimates in the file are for the training planner)
         print(f"warning: {args.planner_overrides}: planner settings of tables {sorted(overrides.constraints)} "
               "are not applied by this command (only never_prune and compression settings are)", file=sys.stderr)
-    total_fp32 = sum(t.num_embeddings * t.embedding_dim * 4 for t in tables)
-    # (what the planner plans against: without --ddr_gb, TorchRec's default host memory)
-    hbm_gb = topology.devices[0].storage.hbm / GB if args.device == "cuda" else None
-    ddr_gb = topology.devices[0].storage.ddr / GB
-    report: Dict[str, object] = {
-        "topology": {"world_size": args.world_size, "device": args.device, "hbm_gb": hbm_gb, "ddr_gb": ddr_gb},
-        "tables": len(tables), "rows": sum(t.num_embeddings for t in tables),
-        "fp32_bytes": total_fp32,
-    }
-    print(f"model: {len(tables)} tables, {report['rows']:,} rows, {total_fp32 / GB:.1f} GiB in fp32")
-    memory = hbm_gb if args.device == "cuda" else ddr_gb
-    print(f"topology: {args.world_size} × {args.device}, {memory:g} GiB per device")
+    report, memory = _plan_header(args, tables, topology)
     t0 = time.perf_counter()
     try:
         _, planner = plan_inference(tables, topology, batch_size=args.batch_size)
@@ -171,6 +177,7 @@ def plan_command(args: argparse.Namespace) -> int:
         fr = ", ".join(f"{k} {v:.2f}" for k, v in c.fractions.items())
         print(f"| {n} | {sum(c.rows.values()):,} | {c.fp32_bytes / GB:.3f} | {c.bytes / GB:.3f} | {fr} |")
     saved = sum(c.bytes for c in compression.values())
+    total_fp32 = report["fp32_bytes"]
     print(f"\nembedding bytes: {total_fp32 / GB:.1f} → {saved / GB:.1f} GiB "
           f"({saved / total_fp32:.1%}); planned in {report['planning_seconds']:.1f} s")
     if args.json:
