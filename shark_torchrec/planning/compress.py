@@ -107,8 +107,7 @@ def compressed_bytes(rows_per_tier: Dict[Tier, int], dim: int, row_alignment: in
     holds for it, its group's :data:`~shark_torchrec.quant.id_map.TAIL_BYTES` aside (tested
     against the module's buffers)."""
     total_rows = sum(rows_per_tier.values())
-    rows = sum(sub_table_bytes(Tier(t) if isinstance(t, str) else t, n, dim, row_alignment)
-               for t, n in rows_per_tier.items())
+    rows = sum(sub_table_bytes(t, n, dim, row_alignment) for t, n in rows_per_tier.items())
     return rows + table_map_bytes(total_rows)
 
 

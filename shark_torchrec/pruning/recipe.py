@@ -115,18 +115,18 @@ def _run(run: PruneRun, env: DistEnv) -> Dict:
     # pruned again (OUT/prune/done.json), one finished with others is (logged).
     # (the model pruned counts by the source run's newest checkpoint and training key, the files
     # named by flags by their contents: a source trained again, or an edited plan, prunes again)
+    spec = data_spec_from(data, training.seed)
     inputs = {k: v for k, v in flat(run).items() if k not in ("out", "log_level", "debug")}
     sources = {"from_run_source": source_run(prune.from_run),
                **file_digests(schema=data.schema, planner_overrides=run.sharding.planner_overrides,
                               plan=prune.plan, scores=prune.scores),
-               **data_files(data_spec_from(data, training.seed))}
+               **data_files(spec)}
     stages = StageRunner(out, {"prune": {**inputs, **sources, "resolved_device": env.device.type,
                                          "world_size": env.world_size}}, env.is_main)
     if stages.finished("prune") is not None:
         logger.info("%s: finished with these settings (%s); delete it to prune again", out,
                     stages.store.record_path("prune"))
         return {**read_metrics(out, "prune"), "rank": env.rank}
-    spec = data_spec_from(data, training.seed)
     require_rows(spec, training.batch_size, env.world_size, data.limit_train_batches, data.limit_test_batches,
                  train=prune.finetune_epochs > 0 or prune.rounds > 0)
     config = model_config_from(run.model, spec)

@@ -117,25 +117,28 @@ def quantize_(
                          f"(tables: {sorted(all_tables)})")
     converted: Dict[int, nn.Module] = {}
     for fqn, ebc in targets:
-        if id(ebc) in converted:
-            mixed = converted[id(ebc)]
-            parent_name, _, attr = fqn.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, attr, mixed)
-            continue
-        table_names = {c.name for c in ebc.embedding_bag_configs()}
-        own = None if priorities is None else {k: v for k, v in priorities.items() if k in table_names}
-        local = dataclasses.replace(
-            config,
-            table_overrides={k: v for k, v in config.table_overrides.items() if k in table_names},
-            table_fractions={k: v for k, v in config.table_fractions.items() if k in table_names},
-            table_budgets={k: v for k, v in config.table_budgets.items() if k in table_names})
-        assignment = assign_tiers(ebc, local, own)
-        mixed = RowwiseMixedEmbeddingBagCollection.from_float(ebc, assignment, check_ids=config.check_ids,
-                                                              output_dtype=config.output_dtype)
-        mixed.assignment = assignment
-        converted[id(ebc)] = mixed
+        if id(ebc) not in converted:  # (a collection reachable by two names: converted once)
+            converted[id(ebc)] = _converted(ebc, config, priorities)
+        mixed = converted[id(ebc)]
         if fqn == "":
             return mixed
         parent_name, _, attr = fqn.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, mixed)
     return model
+
+
+def _converted(ebc: EmbeddingBagCollection, config: RowwiseQuantConfig,
+               priorities: Optional[Dict[str, torch.Tensor]]) -> nn.Module:
+    """``ebc`` converted under the settings of ``config`` that name its tables."""
+    table_names = {c.name for c in ebc.embedding_bag_configs()}
+    own = None if priorities is None else {k: v for k, v in priorities.items() if k in table_names}
+    local = dataclasses.replace(
+        config,
+        table_overrides={k: v for k, v in config.table_overrides.items() if k in table_names},
+        table_fractions={k: v for k, v in config.table_fractions.items() if k in table_names},
+        table_budgets={k: v for k, v in config.table_budgets.items() if k in table_names})
+    assignment = assign_tiers(ebc, local, own)
+    mixed = RowwiseMixedEmbeddingBagCollection.from_float(ebc, assignment, check_ids=config.check_ids,
+                                                          output_dtype=config.output_dtype)
+    mixed.assignment = assignment
+    return mixed

@@ -282,14 +282,14 @@ NOT_TRAINING_INPUTS = frozenset({"out", "log_level", "debug", "resume", "max_ste
 METRICS_FILE = "metrics.json"
 
 
-def training_inputs(run: TrainRun, env: DistEnv) -> Dict[str, Any]:
+def training_inputs(run: TrainRun, env: DistEnv, spec: DataSpec) -> Dict[str, Any]:
     """What a ``train_dlrm.py`` run computes from, keying its stage record: every setting but
     :data:`NOT_TRAINING_INPUTS`, with the device it resolved and the world size
     (``--batch_size`` is per rank); the files ``--schema`` and ``--planner_overrides`` name count
     by their contents, the data's files by their sizes and modification times."""
     inputs = {k: v for k, v in flat(run).items() if k not in NOT_TRAINING_INPUTS}
     files = {**file_digests(schema=run.data.schema, planner_overrides=run.sharding.planner_overrides),
-             **data_files(data_spec_from(run.data, run.training.seed))}
+             **data_files(spec)}
     return {**inputs, **files, "resolved_device": env.device.type, "world_size": env.world_size}
 
 
@@ -297,12 +297,12 @@ def _run(run: TrainRun, env: DistEnv) -> Dict:
     data, training, out = run.data, run.training, run.output.out
     # One stage, run through the runner every job shares: a run finished with these settings
     # is not trained again (OUT/train/done.json), one finished with others is (logged).
-    stages = StageRunner(out, {"train": training_inputs(run, env)}, env.is_main)
+    spec = data_spec_from(data, training.seed)
+    stages = StageRunner(out, {"train": training_inputs(run, env, spec)}, env.is_main)
     if stages.finished("train") is not None:
         logger.info("%s: finished with these settings (%s); delete it to train again", out,
                     stages.store.record_path("train"))
         return {**read_metrics(out, "train"), "rank": env.rank}
-    spec = data_spec_from(data, training.seed)
     require_rows(spec, training.batch_size, env.world_size, data.limit_train_batches, data.limit_test_batches)
     model_config = model_config_from(run.model, spec)
     trainer = build_trainer(model_config, training, run.sharding, env, field_importance=run.score_fields)
