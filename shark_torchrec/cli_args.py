@@ -12,7 +12,7 @@ import argparse
 import logging
 import math
 import os
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 __all__ = [
     "DEBUG_HELP",
@@ -59,6 +59,11 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
     return value
+
+
+def row_count_or_all(text: str) -> Optional[int]:
+    """An integer >= 1, or ``all`` (None: no limit)."""
+    return None if text.strip().lower() == "all" else positive_int(text)
 
 
 def nonnegative_int(text: str) -> int:

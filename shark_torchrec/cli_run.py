@@ -34,6 +34,7 @@ from shark_torchrec.cli_args import (
     positive_float,
     positive_int,
     positive_int_list,
+    row_count_or_all,
     tier_fractions,
     tier_list,
     unit_fraction,
@@ -41,6 +42,7 @@ from shark_torchrec.cli_args import (
 from shark_torchrec.errors import FlagError
 from shark_torchrec.importance.taylor import BASELINES
 from shark_torchrec.planning.sharders import CPU_SHARDING_TYPES
+from shark_torchrec.quant.config import SHARED_SAMPLE_ROWS
 from shark_torchrec.quant.tiers import ROW_FITS
 from shark_torchrec.run_config import (
     DEFAULT_QUANT_TIERS,
@@ -262,6 +264,11 @@ def pipeline_parser() -> argparse.ArgumentParser:
                    help="each integer row's fp16 scale and bias: minmax (default, FBGEMM's quantizers) "
                    "or lsq (fitted to the row by least squares: the same format and kernels, less "
                    "error; the byte budget measures the fitted errors)")
+    g.add_argument("--quant_shared_sample_rows", type=row_count_or_all, default=SHARED_SAMPLE_ROWS,
+                   help="with the shared tier: rows of a table (of a shard) on which its centroid "
+                   "count is chosen; a larger one is measured on a seeded random sample of that "
+                   f"many rows (default {SHARED_SAMPLE_ROWS:,}), 'all' measures every candidate on "
+                   "every row (exact, one pass over the rows per candidate)")
     g.add_argument("--init_from", metavar="DIR", type=existing_dir,
                    help="start from the newest checkpoint of a recipes/train_dlrm.py run (same "
                    "model flags); the train stage then trains --epochs more with the trackers")

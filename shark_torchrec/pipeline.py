@@ -48,6 +48,7 @@ from shark_torchrec.pruning import PruningPlan, choose_plan
 from shark_torchrec.planning.overrides import load_overrides
 from shark_torchrec.pruning.sharded import iterative_prune, prune_trainer, pruned_config
 from shark_torchrec.quant import RowwiseQuantConfig
+from shark_torchrec.quant.config import SHARED_SAMPLE_ROWS
 from shark_torchrec.quant.layout import serving_row_alignment
 from shark_torchrec.run_config import PipelineRun, QuantSection, flat
 from shark_torchrec.stages import StageRecordError, StageRunner, chain_keys, data_files, file_digests, source_run
@@ -77,13 +78,13 @@ PRUNE_INPUTS = frozenset({"keep_fields", "drop_fraction", "drop_score_share", "f
 #: flags the quantize stage reads and the stages before it do not
 QUANTIZE_INPUTS = frozenset({"quant_budget_fraction", "quant_fractions", "quant_tiers", "drop_rows", "row_alignment",
                              "row_priority", "priority_alpha", "priority_beta", "tier_weighting", "bootstrap",
-                             "attribute_quant_loss", "quant_row_fit"})
+                             "attribute_quant_loss", "quant_row_fit", "quant_shared_sample_rows"})
 #: flags the pipeline does not take (refused by its command line), as every stage key written
 #: before the typed run config held them: keys stay the same, so finished runs stay finished
 REFUSED_FLAGS_IN_KEYS = {"max_steps": None, "score_fields": None, "resume": False}
 #: settings added after stage keys were first written, with the value every run had before:
 #: a run with that value keeps its keys (finished stages stay finished), any other value counts
-ADDED_SETTINGS = {"quant_row_fit": "minmax"}
+ADDED_SETTINGS = {"quant_row_fit": "minmax", "quant_shared_sample_rows": SHARED_SAMPLE_ROWS}
 
 
 def stage_inputs(run: PipelineRun, device: torch.device, world_size: int, spec=None) -> Dict[str, Dict[str, Any]]:
@@ -421,10 +422,12 @@ def _quant_config(quant: QuantSection, overrides, kept, device: torch.device) ->
         # (the tiers a table's own budget from the overrides file may use: the run's, as without
         # --quant_fractions; the config's default would let it drop rows)
         config = RowwiseQuantConfig(fractions=dict(quant.quant_fractions), tiers=quant.tier_names,
-                                    drop_rows=quant.drop_rows, row_alignment=align, row_fit=quant.quant_row_fit)
+                                    drop_rows=quant.drop_rows, row_alignment=align, row_fit=quant.quant_row_fit,
+                                    shared_sample_rows=quant.quant_shared_sample_rows)
     else:
         config = RowwiseQuantConfig(budget_fraction=quant.budget_fraction, tiers=quant.tier_names,
-                                    drop_rows=quant.drop_rows, row_alignment=align, row_fit=quant.quant_row_fit)
+                                    drop_rows=quant.drop_rows, row_alignment=align, row_fit=quant.quant_row_fit,
+                                    shared_sample_rows=quant.quant_shared_sample_rows)
     if overrides is None:
         return config
     merged = overrides.quant_config(config)

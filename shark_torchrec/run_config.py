@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from shark_torchrec.errors import FlagError
+from shark_torchrec.quant.config import SHARED_SAMPLE_ROWS
 
 #: Tiers the pipeline's byte budget may use by default.
 DEFAULT_QUANT_TIERS = "fp16,int8,int4,int2,shared"
@@ -233,6 +234,7 @@ class QuantSection:
     priority_gamma: float = 0.9999
     tier_weighting: str = "gradient"
     quant_row_fit: str = "minmax"
+    quant_shared_sample_rows: Optional[int] = SHARED_SAMPLE_ROWS
 
     def __post_init__(self) -> None:
         if self.quant_fractions is not None and self.quant_budget_fraction is not None:

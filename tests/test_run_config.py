@@ -50,6 +50,11 @@ def test_every_pipeline_setting_keys_exactly_one_stage() -> None:
     assert set(ADDED_SETTINGS) <= set(flat(run))
     changed = stage_inputs(cli_run.parse_pipeline(["--quant_row_fit", "lsq"]), torch.device("cpu"), 1)
     assert [stage for stage, keyed in changed.items() if "quant_row_fit" in keyed] == ["quantize"]
+    for flag in ("all", "5000"):
+        run = cli_run.parse_pipeline(["--quant_shared_sample_rows", flag])
+        assert run.quant.quant_shared_sample_rows == (None if flag == "all" else 5000)
+        changed = stage_inputs(run, torch.device("cpu"), 1)
+        assert [stage for stage, keyed in changed.items() if "quant_shared_sample_rows" in keyed] == ["quantize"]
 
 
 def test_a_changed_setting_changes_the_keys_of_its_stage_and_the_later_ones_only() -> None:

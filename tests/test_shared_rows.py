@@ -387,3 +387,58 @@ def test_candidates_clustered_concurrently_are_those_clustered_one_after_another
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_large_group_chooses_its_centroid_count_on_a_sample(monkeypatch) -> None:
+    """``shared_sample_rows``: a group with more rows measures every candidate ``K`` on a
+    seeded sample of that many rows and assigns only the ``K`` it takes (and its refits) to
+    every row: the same ``K`` as measuring every row on these well-clustered tables, every row
+    read as its nearest centroid, the budget held, the weighted error as low; a non-finite
+    row outside the sample is still named."""
+    from shark_torchrec.quant import shared_rows as S
+
+    ebc = _clustered_collection(16)  # t0: 4,000 rows (sampled below), t1: 600 (whole)
+    prio = {c.name: torch.rand(c.num_embeddings, generator=torch.Generator().manual_seed(2)) ** 3
+            for c in ebc.embedding_bag_configs()}
+    fp32 = sum(c.num_embeddings * 64 for c in ebc.embedding_bag_configs())
+    assigned = []
+    real = S._assign
+    monkeypatch.setattr(S, "_assign", lambda w, c: (assigned.append((w.shape[0], c.shape[0])), real(w, c))[1])
+
+    def compress(sample_rows):
+        assigned.clear()
+        config = RowwiseQuantConfig(budget_fraction=0.1, tiers=("fp16", "int8", "int4", "int2", "shared"),
+                                    row_alignment=1, shared_sample_rows=sample_rows)
+        m = quantize_(ebc, config, priorities=prio)
+        assert m.memory_report()["total_bytes"] <= int(0.1 * fp32)
+        return m, list(assigned)
+
+    exact, every = compress(None)
+    sampled, some = compress(1000)
+    k0 = sampled.assignment.shared["t0"].k
+    assert k0 == exact.assignment.shared["t0"].k and k0 >= 16
+
+    # exact: each of t0's five candidates assigned to all 4,000 rows; sampled: to 1,000 of them,
+    # and all 4,000 rows only at the K it takes (then at its refits)
+    assert {k for n, k in every if n == 4000} == {1, 4, 16, 64, 256}
+    assert sorted(k for n, k in some if n == 1000) == [1, 4, 16, 64, 256]
+    # (sampled: all 4,000 rows at K = 1 for the first solve, at each K a refining round took,
+    # and at the refits: not at the candidates no round took)
+    full = [k for n, k in some if n == 4000]
+    assert len(set(full)) < 5 and k0 in full and len(full) < sum(n == 4000 for n, _ in every)
+    s = sampled.assignment.shared["t0"]
+    assert s.rows is None and s.index.numel() == 4000
+    w = ebc.embedding_bags["t0"].weight.detach()
+    d = ((w.double().unsqueeze(1) - s.centroids.double().unsqueeze(0)) ** 2).sum(2)
+    assert torch.equal(s.index.long(), d.argmin(1))
+    torch.testing.assert_close(s.error, d.min(1).values.float(), rtol=1e-6, atol=0)
+    kjt = KeyedJaggedTensor.from_lengths_sync(["f0", "f1"], torch.tensor([5, 3999, 3]), torch.tensor([2, 1]))
+    table = _reference(w, sampled.assignment.tiers["t0"], s)
+    torch.testing.assert_close(sampled(kjt)["f0"][0], table[5] + table[3999])
+    assert _weighted_error(ebc, sampled, prio) <= 1.05 * _weighted_error(ebc, exact, prio)
+    with torch.no_grad():
+        ebc.embedding_bags["t0"].weight[3999, 2] = float("nan")
+    with pytest.raises(ValueError, match="row 3999 of the weights is not finite"):
+        compress(1000)
+    with pytest.raises(ValueError, match="shared_sample_rows must be a row count"):
+        RowwiseQuantConfig(budget_fraction=0.1, shared_sample_rows=0)

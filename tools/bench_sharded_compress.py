@@ -44,6 +44,15 @@ GIB = 2 ** 30
 
 
 # ------------------------------------------------------------------------------ worker
+def _sample_rows(text: str):
+    """``--shared_sample_rows``: a row count, ``none`` (every row) or ``default``."""
+    from shark_torchrec.quant import RowwiseQuantConfig
+
+    if text == "default":
+        return RowwiseQuantConfig.shared_sample_rows
+    return None if text == "none" else int(text)
+
+
 def _rss_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -114,8 +123,16 @@ def worker(args) -> None:
     with torch.no_grad():  # random rows, each rank its own
         g = torch.Generator().manual_seed(rank)
         for w in weights.values():
+            # --rows clustered: drawn around 2,000 centres per shard (the budget then takes
+            # K = 1,024 centroids, where uniform rows take 1: the SHARED tier's costliest case)
+            centres = torch.empty(2000, w.shape[1]).uniform_(-0.05, 0.05, generator=g)
             for r0 in range(0, w.shape[0], 1 << 20):
-                w[r0:r0 + (1 << 20)].uniform_(-0.05, 0.05, generator=g)
+                part = w[r0:r0 + (1 << 20)]
+                if args.rows == "clustered":
+                    part.copy_(centres[torch.randint(2000, (part.shape[0],), generator=g)])
+                    part.add_(torch.empty_like(part).normal_(0.0, 0.002, generator=g))
+                else:
+                    part.uniform_(-0.05, 0.05, generator=g)
     build_seconds = time.perf_counter() - t0
     shard_bytes = sum(w.numel() * w.element_size() for w in weights.values())
     comm = Comm()
@@ -129,7 +146,8 @@ def worker(args) -> None:
         return ready[(t, r0)]
 
     config = RowwiseQuantConfig(budget_fraction=args.budget_fraction, row_alignment=1,
-                                tiers=[t for t in args.tiers.split(",") if t], row_fit=args.row_fit)
+                                tiers=[t for t in args.tiers.split(",") if t], row_fit=args.row_fit,
+                                shared_sample_rows=_sample_rows(args.shared_sample_rows))
     dist.barrier()
     rss_before = _rss_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
@@ -198,7 +216,8 @@ def run_size(args, size: float, mode: str) -> Dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
            os.path.abspath(__file__), "--worker", "--mode", mode, "--size_gib", str(size), "--tables",
            str(args.tables), "--dim", str(args.dim), "--budget_fraction", str(args.budget_fraction),
-           "--threads", str(args.threads), "--tiers", args.tiers, "--row_fit", args.row_fit, "--result", result]
+           "--threads", str(args.threads), "--tiers", args.tiers, "--row_fit", args.row_fit, "--result", result,
+           "--rows", args.rows, "--shared_sample_rows", args.shared_sample_rows]
     if args.mem_cap_gib:
         cmd += ["--mem_cap_gib", str(args.mem_cap_gib)]
     t0 = time.perf_counter()
@@ -297,6 +316,11 @@ def main() -> None:
                    "assignment passes are part of the tier assignment)")
     p.add_argument("--row_fit", choices=["minmax", "lsq"], default="minmax",
                    help="integer rows' scale and bias: FBGEMM's (minmax) or least-squares fitted")
+    p.add_argument("--rows", choices=["random", "clustered"], default="random",
+                   help="the tables' rows: uniform random, or drawn around 2,000 centres per shard")
+    p.add_argument("--shared_sample_rows", default="default",
+                   help="RowwiseQuantConfig.shared_sample_rows: rows per group on which the SHARED "
+                   "tier's centroid count is chosen (a count, 'none': every row, or 'default')")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--mem_cap_gib", type=float, help="memory cap per process (a cgroup each)")

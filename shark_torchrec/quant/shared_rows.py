@@ -59,6 +59,11 @@ class SharedRows:
     centroids: torch.Tensor
     index: torch.Tensor
     error: torch.Tensor
+    #: The rows ``index`` and ``error`` cover (sorted), where only a sample of the rows was
+    #: assigned (a candidate ``K`` measured on a sample: see
+    #: :class:`~shark_torchrec.quant.config.RowwiseQuantConfig`'s ``shared_sample_rows``);
+    #: ``None``: every row.  Only centroids whose rows are all assigned are stored.
+    rows: Optional[torch.Tensor] = None
 
     @property
     def k(self) -> int:
@@ -72,10 +77,13 @@ def _as_float(weights: torch.Tensor) -> torch.Tensor:
     return w
 
 
-def _check_finite(w: torch.Tensor, r0: int) -> None:
+def _check_finite(w: torch.Tensor, r0: int, rows: Optional[torch.Tensor] = None) -> None:
+    """Raise naming the first non-finite row of ``w``: row ``r0 + i``, or ``rows[i]`` where
+    ``w`` holds those rows."""
     bad = ~torch.isfinite(w).all(1)
     if bool(bad.any()):
-        raise ValueError(f"row {r0 + int(bad.nonzero()[0])} of the weights is not finite")
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"row {r0 + i if rows is None else int(rows[i])} of the weights is not finite")
 
 
 def _assign(weights: torch.Tensor, centroids: torch.Tensor) -> tuple:
@@ -146,8 +154,21 @@ def _seeds(x: np.ndarray, weights: Optional[np.ndarray], k: int, g: torch.Genera
     return _kmeans_pp(x, weights, k, g)
 
 
+def assign_rows(weights: torch.Tensor, centroids: torch.Tensor, rows: Optional[torch.Tensor] = None) -> SharedRows:
+    """Every row of ``weights`` (of ``rows`` only, sorted indices, when given) assigned its
+    nearest of ``centroids``, in chunks.  Raises ``ValueError`` naming the first non-finite row."""
+    if rows is None:
+        return SharedRows(centroids, *_assign(weights, centroids))
+    try:
+        index, error = _assign(weights.index_select(0, rows), centroids)
+    except ValueError:  # (named by its place among the rows given: name its own)
+        _check_finite(_as_float(weights.index_select(0, rows)), 0, rows)
+        raise
+    return SharedRows(centroids, index, error, rows)
+
+
 def cluster_rows(weights: torch.Tensor, priority: Optional[torch.Tensor], k: int, seed: int = 0,
-                 among: Optional[torch.Tensor] = None) -> SharedRows:
+                 among: Optional[torch.Tensor] = None, assign_only: Optional[torch.Tensor] = None) -> SharedRows:
     """``k`` centroids of ``weights`` [rows, dim] (any view; read in chunks), weighted by
     ``priority`` [rows] (``None`` or all zero: equal weights), stored FP16; every row is then
     assigned its nearest.
@@ -155,6 +176,9 @@ def cluster_rows(weights: torch.Tensor, priority: Optional[torch.Tensor], k: int
     ``among`` (bool [rows]): train the centroids on those rows only (by their priorities; equal
     weights where theirs are all zero), e.g. the rows a budget put in the SHARED tier, which
     are the only ones that read them; ``k`` is then at most their number.
+
+    ``assign_only`` (sorted row indices): assign those rows only (the result's ``rows``), e.g.
+    to measure a candidate ``K`` on a sample of a large table.
 
     ``k = 1`` is the weighted mean row (exact); larger ``k`` a faiss k-means on a seeded sample.
     Raises ``ValueError`` on a non-finite row (naming it)."""
@@ -210,5 +234,4 @@ def cluster_rows(weights: torch.Tensor, priority: Optional[torch.Tensor], k: int
         km.train(x, weights=w, init_centroids=_seeds(x, w, k, g))
         centroids = torch.from_numpy(km.centroids.copy())
     centroids = centroids.half().float()  # as stored: FP16
-    index, error = _assign(weights, centroids)
-    return SharedRows(centroids, index, error)
+    return assign_rows(weights, centroids, assign_only)

@@ -40,7 +40,7 @@ from tqdm import tqdm
 from shark_torchrec.quant import budget as B
 from shark_torchrec.quant.config import EXCLUDE, RowwiseQuantConfig
 from shark_torchrec.quant.id_map import table_map_bytes
-from shark_torchrec.quant.shared_rows import K_CANDIDATES, SharedRows, cluster_rows
+from shark_torchrec.quant.shared_rows import K_CANDIDATES, SharedRows, assign_rows, cluster_rows
 from shark_torchrec.quant.tiers import CENTROID_TIER, TIER_ORDER, BudgetError, Tier, row_bytes
 from shark_torchrec.sharded.comm import Comm
 from shark_torchrec.sharded.layout import REPLICATED, RowGroup, ShardedLayout
@@ -113,6 +113,7 @@ class _Assigner:
         # (table, row_offset) -> the centroids of a group led here (SHARED rows' reads)
         self.shared: Dict[Tuple[str, int], SharedRows] = {}
         self.seed = 0
+        self._samples: Dict[Tuple[str, int], Optional[torch.Tensor]] = {}
 
     def check_seen(self, tables: Sequence[str]) -> None:
         """Collective: refuse priorities that are zero in every one of ``tables`` (no training
@@ -185,14 +186,39 @@ class _Assigner:
         return [k for k in K_CANDIDATES if k == 1 or k <= rows // 4] or [min(K_CANDIDATES)]
 
     def cluster(self, g: RowGroup, k: int, among: Optional[torch.Tensor] = None,
-                priority: Optional[torch.Tensor] = None) -> SharedRows:
+                priority: Optional[torch.Tensor] = None, sample: Optional[torch.Tensor] = None) -> SharedRows:
         """``k`` centroids of the group's rows (of the rows ``among`` marks, when given);
-        ``priority``: the group's priorities, if already read."""
+        ``priority``: the group's priorities, if already read; ``sample``: assign only those
+        rows (:meth:`sample_rows`)."""
         try:
             p = self.priority(g) if priority is None else priority
-            return cluster_rows(self.weights[g.blocks[0].name], p, k, self.seed, among)
+            return cluster_rows(self.weights[g.blocks[0].name], p, k, self.seed, among, sample)
         except ValueError as e:
             raise ValueError(f"table {g.table!r}, rows from {g.row_offset}: {e}") from None
+
+    def sample_rows(self, g: RowGroup) -> Optional[torch.Tensor]:
+        """The rows on which the group's candidate ``K`` are measured: a seeded random
+        ``config.shared_sample_rows`` of them (sorted; the same whatever the ranks), or None
+        (all) where the group has no more."""
+        n = self.config.shared_sample_rows
+        if n is None or g.rows <= n:
+            return None
+        key = (g.table, g.row_offset)
+        if key not in self._samples:
+            gen = torch.Generator().manual_seed(self.seed)
+            self._samples[key] = torch.randperm(g.rows, generator=gen)[:n].sort().values
+        return self._samples[key]
+
+    def complete(self, candidates: Dict[Tuple[str, int], Dict[int, SharedRows]], g: RowGroup, k: int) -> SharedRows:
+        """The group's ``k`` candidate with every row assigned (assigned now, once, where only
+        its sample was)."""
+        by_k = candidates[(g.table, g.row_offset)]
+        if by_k[k].rows is not None:
+            try:
+                by_k[k] = assign_rows(self.weights[g.blocks[0].name], by_k[k].centroids)
+            except ValueError as e:
+                raise ValueError(f"table {g.table!r}, rows from {g.row_offset}: {e}") from None
+        return by_k[k]
 
     def share_decided(self, tables: Sequence[str]) -> None:
         """Centroids (the largest ``K``) for groups given SHARED rows by a pin or fractions."""
@@ -269,13 +295,15 @@ class _Assigner:
             price = self.solve(tables, allowed_of, k_of, candidates, rows_budget, label)
         for (t, r0), by_k in candidates.items():
             if bool((self.decided[(t, r0)] == shared).any()):
-                self.shared[(t, r0)] = by_k[k_of[t]]
+                self.shared[(t, r0)] = self.complete(candidates, self.groups_by_offset[(t, r0)], k_of[t])
         logger.info("%s: price %.3g per byte; centroids per table %s", label, B.price_value(price), k_of)
         return {"price": B.price_value(price), **{f"centroids {t}": k for t, k in k_of.items()}}
 
     def candidates(self, tables: List[str], label: str) -> Dict[Tuple[str, int], Dict[int, SharedRows]]:
-        """Centroids of every ``K`` each table may take, for each row group this rank leads
-        (a progress bar on rank 0: at scale this is the budget's longest step)."""
+        """Centroids of every ``K`` each table may take, for each row group this rank leads,
+        assigned to the group's :meth:`sample_rows` (all its rows where it has few; the ``K``
+        it takes is assigned to all by :meth:`complete`).  A progress bar on rank 0: at scale
+        this is the budget's longest step."""
         work = [(t, g, k) for t in tables for _, g in self.led(t) for k in self.k_candidates(t)]
         if work:
             logger.info("%s: k-means of %d candidate centroid sets (K in %s) for the SHARED tier", label,
@@ -284,7 +312,8 @@ class _Assigner:
         priorities = {(g.table, g.row_offset): self.priority(g) for _, g, _ in work}
         with tqdm(total=len(work), desc=f"{label}: shared-row centroids", disable=self.rank != 0 or not work,
                   dynamic_ncols=True) as bar:
-            done = self._run_tasks([functools.partial(self.cluster, g, k, priority=priorities[(g.table, g.row_offset)])
+            done = self._run_tasks([functools.partial(self.cluster, g, k, priority=priorities[(g.table, g.row_offset)],
+                                                      sample=self.sample_rows(g))
                                     for _, g, k in work], bar)
         out: Dict[Tuple[str, int], Dict[int, SharedRows]] = {}
         for (t, g, k), fit in zip(work, done):
@@ -383,7 +412,7 @@ class _Assigner:
         for t in tables:
             sizes = self.sizes(t, allowed_of[t])
             for _, g in self.led(t):
-                shared = candidates[(t, g.row_offset)][k_of[t]] if t in k_of else None
+                shared = self.complete(candidates, g, k_of[t]) if t in k_of else None
                 choices[(t, g.row_offset)] = self.group_choices(g, allowed_of[t], sizes, shared)
         self.exchange_column_errors(tables, allowed_of, choices)
         rows_budget -= sum(self.centroid_bytes(t, k) * len(self.groups[t]) for t, k in k_of.items())
@@ -401,33 +430,44 @@ class _Assigner:
 
     def best_k(self, k_of: Dict[str, int], candidates: Dict[Tuple[str, int], Dict[int, SharedRows]],
                allowed_of: Dict[str, List[Tier]], price: float) -> Dict[str, int]:
-        """Collective: each table's ``K`` of least Lagrangian cost at ``price`` per byte."""
+        """Collective: each table's ``K`` of least Lagrangian cost at ``price`` per byte (each
+        group's cost measured on its :meth:`sample_rows`, scaled to its rows)."""
         tables = list(k_of)
         width = len(K_CANDIDATES)
         cost = torch.zeros(len(tables), width, dtype=torch.float64)
         for i, t in enumerate(tables):
             ks = self.k_candidates(t)
             rest = [x for x in allowed_of[t] if x is not Tier.SHARED]
-            sizes = self.sizes(t, rest).double()
-            drop = rest.index(Tier.DROP) if (Tier.DROP in rest and self.config.drop_rows == "unused") else -1
             for _, g in self.led(t):
-                p = self.priority(g)
-                for r0 in range(0, g.rows, B.CHUNK_ROWS):
-                    r1 = min(g.rows, r0 + B.CHUNK_ROWS)
-                    err = B.tier_errors(self.weights[g.blocks[0].name][r0:r1], rest, row_fit=self.config.row_fit)
-                    c = p[r0:r1].unsqueeze(1) * err + price * sizes.unsqueeze(0)
-                    if drop >= 0:
-                        c[:, drop] = torch.where(p[r0:r1] > 0, math.inf, c[:, drop])
-                    best_rest = c.min(1).values if c.shape[1] else torch.full((r1 - r0,), math.inf, dtype=torch.float64)
-                    for j, k in enumerate(ks):
-                        shared = p[r0:r1] * candidates[(t, g.row_offset)][k].error[r0:r1]
-                        cost[i, j] += float(torch.minimum(best_rest, shared).sum())
+                self._add_k_costs(cost[i], g, ks, rest, candidates[(t, g.row_offset)], price)
                 for j, k in enumerate(ks):
                     cost[i, j] += price * self.centroid_bytes(t, k)
             cost[i, len(ks):] = math.inf
         cost = self.comm.all_reduce(cost)
         return {t: self.k_candidates(t)[int(torch.argmin(cost[i, :len(self.k_candidates(t))]))]
                 for i, t in enumerate(tables)}
+
+    def _add_k_costs(self, cost: torch.Tensor, g: RowGroup, ks: List[int], rest: List[Tier],
+                     by_k: Dict[int, SharedRows], price: float) -> None:
+        """Add to ``cost[j]`` the group's ``Σ_rows min(min_tier(p·err + λ·bytes), p·err_shared(K_j))``
+        over its sample rows (all where it has no sample), scaled to its rows."""
+        sizes = self.sizes(g.table, rest).double()
+        drop = rest.index(Tier.DROP) if (Tier.DROP in rest and self.config.drop_rows == "unused") else -1
+        weights, p = self.weights[g.blocks[0].name], self.priority(g)
+        sample, scale = self.sample_rows(g), 1.0
+        errors = [by_k[k].error for k in ks]
+        if sample is not None:  # (every K on the same rows: the choice between them is paired)
+            weights, p, scale = weights.index_select(0, sample), p[sample], g.rows / sample.numel()
+            errors = [e if by_k[k].rows is not None else e[sample] for k, e in zip(ks, errors)]
+        for r0 in range(0, p.numel(), B.CHUNK_ROWS):
+            r1 = min(p.numel(), r0 + B.CHUNK_ROWS)
+            err = B.tier_errors(weights[r0:r1], rest, row_fit=self.config.row_fit)
+            c = p[r0:r1].unsqueeze(1) * err + price * sizes.unsqueeze(0)
+            if drop >= 0:
+                c[:, drop] = torch.where(p[r0:r1] > 0, math.inf, c[:, drop])
+            best_rest = c.min(1).values if c.shape[1] else torch.full((r1 - r0,), math.inf, dtype=torch.float64)
+            for j, e in enumerate(errors):
+                cost[j] += scale * float(torch.minimum(best_rest, p[r0:r1] * e[r0:r1]).sum())
 
     def errors(self, block, r0: int, r1: int, tiers: List[Tier]) -> torch.Tensor:
         """Rows ``[r0, r1)`` of a column block held here: their errors in ``tiers``."""

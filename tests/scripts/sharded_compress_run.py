@@ -34,6 +34,9 @@ POLICIES = {
     # integer rows fitted by least squares (each column block apart)
     "shared": dict(budget_fraction=0.3, tiers=("fp16", "int8", "int4", "int2", "shared", "drop"),
                    drop_rows="unused", row_alignment=1, row_fit="lsq"),
+    # each shard's centroid count chosen on a sample of 40 of its rows (the same on any ranks)
+    "shared_sampled": dict(budget_fraction=0.25, tiers=("fp16", "int8", "int4", "int2", "shared"),
+                           row_alignment=1, shared_sample_rows=40),
 }
 #: The policy of the converted model that is served, exported and loaded.
 SERVED = "shared"
