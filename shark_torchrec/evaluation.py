@@ -10,11 +10,14 @@ Over seeds, :func:`summarize_seeds` gives the mean, the spread and a t-interval 
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 # Two-sided 97.5% quantiles of Student's t for 1..30 degrees of freedom (95% intervals).
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
@@ -29,8 +32,9 @@ class _SortedScores:
     def __init__(self, scores: np.ndarray, labels: np.ndarray) -> None:
         self.order = np.argsort(scores, kind="stable")
         s = scores[self.order]
-        # float32: the weights are resample counts (exact in float32), and half the traffic
-        self.y = labels[self.order].astype(np.float32)
+        # float64: the products with the (float32) weights, their sums within tie groups and the
+        # running count of negatives go past 2^24 on large test sets, where float32 stops counting
+        self.y = labels[self.order].astype(np.float64)
         new = np.ones(len(s), dtype=bool)
         new[1:] = s[1:] != s[:-1]
         self.starts = np.flatnonzero(new)
@@ -139,12 +143,13 @@ class PairedBootstrap:
         done = 0
         while done < bootstrap:
             r = min(chunk, bootstrap - done)
-            # Multinomial resample counts; float32 holds them exactly and halves the traffic.
+            # Multinomial resample counts; float32 holds each exactly and halves the traffic (every
+            # sum of them is taken in float64).
             w = np.stack([np.bincount(rng.integers(0, self.n, self.n), minlength=self.n)
                           for _ in range(r)]).astype(np.float32)
             for name, s in sorted_.items():
                 aucs[name].append(s.auc(w))
-                losses[name].append(w @ self.loss[name].astype(np.float32))
+                losses[name].append(w @ self.loss[name])
             sums.append(w.sum(1, dtype=np.float64))
             done += r
         self._aucs = {name: np.concatenate(v) for name, v in aucs.items()}
@@ -157,12 +162,19 @@ class PairedBootstrap:
             raise ValueError(f"level must be in (0, 1), got {level}")
         q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
         d_auc = self._aucs[model] - self._aucs[reference]
+        # A resample holding one class only has no AUC: the interval is of the others (none
+        # left: NaN, which verdict() calls undetermined).
+        undefined = int(np.isnan(d_auc).sum())
+        if undefined:
+            logger.warning("%d of %d bootstrap resamples hold one class only (no AUC): the AUC interval "
+                           "is of the other %d", undefined, d_auc.size, d_auc.size - undefined)
+            d_auc = d_auc[~np.isnan(d_auc)]
         d_ll = self._losses[model] - self._losses[reference]
         la, lb = self.loss[reference], self.loss[model]
         return PairedComparison(
             examples=self.n, auc_reference=self.auc[reference], auc=self.auc[model],
             delta_auc=self.auc[model] - self.auc[reference],
-            delta_auc_ci=[float(x) for x in np.percentile(d_auc, q)],
+            delta_auc_ci=[float(x) for x in np.percentile(d_auc, q)] if d_auc.size else [math.nan, math.nan],
             log_loss_reference=float(la.mean()), log_loss=float(lb.mean()),
             delta_log_loss=float(lb.mean() - la.mean()),
             delta_log_loss_ci=[float(x) for x in np.percentile(d_ll, q)],
@@ -190,6 +202,9 @@ def verdict(delta: float, ci: Sequence[float], tolerance: float = 0.002) -> str:
     """In words: is an AUC change within noise, a loss or a gain, and does its interval exclude
     losses larger than ``tolerance``?"""
     lo, hi = ci
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return (f"ΔAUC {delta:+.4f} [{lo:+.4f}, {hi:+.4f}]: undetermined (no interval: the rows, or every "
+                "resample of them, hold one class only)")
     if lo <= 0 <= hi:
         kind = "within noise (the interval includes 0)"
     elif hi < 0:

@@ -41,6 +41,33 @@ def test_auc_with_ties_and_weights_equals_pair_enumeration() -> None:
     assert _SortedScores(s, y).auc(w[None])[0] == pytest.approx(_pairs_auc(s, y, w), abs=1e-12)
 
 
+def test_auc_counts_exactly_past_float32s_integers() -> None:
+    """Weights whose running sums pass 2^24 (a test set of more than 16.8M rows: the bootstrap's
+    resample counts over it) are counted exactly: float32 sums stopped counting there."""
+    from shark_torchrec.evaluation import _SortedScores
+
+    rng = np.random.default_rng(1)
+    s = rng.integers(0, 50, 300).astype(float)
+    y = (rng.random(300) < 0.4).astype(float)
+    w = (rng.integers(50_000, 150_000, 300) * 2 + 1).astype(np.float32)  # odd: exact in float32
+    assert _SortedScores(s, y).auc(w[None])[0] == pytest.approx(_pairs_auc(s, y, w.astype(float)), abs=1e-12)
+
+
+def test_resamples_of_one_class_are_left_out_and_no_interval_is_no_verdict() -> None:
+    """On 40 rows with 2 positives, about one resample in eight holds no positive: those have no
+    AUC and are left out of the interval (they made it NaN, which the verdict called a gain); a
+    NaN interval is called undetermined."""
+    rng = np.random.default_rng(3)
+    y = np.zeros(40)
+    y[[5, 30]] = 1
+    good = rng.normal(size=40) + 3 * y
+    worse = good - 4 * y  # the positives ranked low
+    c = paired_compare(y, good, worse, bootstrap=200, seed=0)
+    assert all(np.isfinite(c.delta_auc_ci)) and c.delta_auc_ci[1] < 0
+    assert "a loss" in verdict(c.delta_auc, c.delta_auc_ci)
+    assert "undetermined" in verdict(-0.2, [float("nan"), float("nan")])
+
+
 def test_paired_interval_covers_and_is_narrower_than_unpaired() -> None:
     rng = np.random.default_rng(1)
     n = 20_000
