@@ -208,11 +208,17 @@ def test_rank_slices_reassemble_the_global_batches(tmp_path: Path) -> None:
         assert _rows([p[g] for p in per_rank]) == _rows([ref])
     # The final partial global batch (3 lines) is split as evenly as possible...
     assert [p[-1].labels.numel() for p in per_rank] == [1, 2]
-    # ...unless it has fewer lines than ranks: then every rank drops it (ranks stay in step).
+    # ...and final lines fewer than the ranks (3 for 4) ride with the batch before them: every
+    # line is read once (ranks stay in step: 5 batches each, the last 43 lines split 10/11/11/11)
     four = [list(criteo_dataset(path, 50, 10, rank=r, world_size=4)) for r in range(4)]
     assert [len(p) for p in four] == [5, 5, 5, 5]
     assert _rows([p[0] for p in four]) == _rows([whole[0]])
+    assert [p[-1].labels.numel() for p in four] == [10, 11, 11, 11]
+    assert _rows([b for g in range(5) for b in (p[g] for p in four)]) == _rows(whole)
     assert len(list(criteo_dataset(path, 50, 20, rank=1, world_size=2, drop_last=True))) == 5
+    # (resumed or cut at a batch, the same batches)
+    assert _rows(criteo_dataset(path, 50, 10, rank=3, world_size=4, start_batch=4)) == _rows([four[3][-1]])
+    assert [len(list(criteo_dataset(path, 50, 10, rank=r, world_size=4, max_batches=5))) for r in range(4)] == [5] * 4
 
 
 def test_workers_preserve_batch_order_and_resume_skips(tmp_path: Path) -> None:
@@ -227,6 +233,8 @@ def test_workers_preserve_batch_order_and_resume_skips(tmp_path: Path) -> None:
 
 def test_int32_ids(tmp_path: Path) -> None:
     path = _kaggle_or_tmp(tmp_path)
+    with pytest.raises(ValueError, match=r"feature 'cat_0' has ids up to 4294967295, past int32's"):
+        criteo_dataset(path, 2 ** 32, 16, id_dtype=torch.int32)  # (they would wrap to negative ids)
     b32 = next(iter(criteo_dataset(path, 50, 16, id_dtype=torch.int32)))
     b64 = next(iter(criteo_dataset(path, 50, 16)))
     assert b32.sparse_features.values().dtype == torch.int32
@@ -277,6 +285,14 @@ def test_int_encoding_rejects_non_integers_and_small_vocabulary_tables(tmp_path:
     path.write_text("click,user\n1,7\n0,7.5\n")
     schema = ClickLogSchema(label="click", dense=[], categorical=["user"], categorical_encoding="int")
     with pytest.raises(MalformedLineError, match=r"log\.csv:3: column 'user' is not a decimal integer: '7\.5'"):
+        list(ClickLogDataset(path, schema, 10, 4))
+    # a negative id would wrap onto a real one (-1 -> row 9 of 10, the row of id 9)
+    path.write_text("click,user\n1,9\n0,-1\n1,-0\n")
+    with pytest.raises(MalformedLineError, match=r"log\.csv:3: column 'user' holds a negative id '-1'"):
+        list(ClickLogDataset(path, schema, 10, 4))
+    # a column named twice in the header: which one was meant?
+    path.write_text("click,user,user\n1,7,8\n")
+    with pytest.raises(MalformedLineError, match=r"log\.csv:1 \(the header line\): column 'user' appears more than once"):
         list(ClickLogDataset(path, schema, 10, 4))
     vocab = ClickLogSchema(label="click", dense=[], categorical=["user"], vocabularies={"user": ["7", "8"]})
     with pytest.raises(ValueError, match="vocabulary of 2 values, so it needs num_embeddings >= 3"):

@@ -157,3 +157,22 @@ def test_split_files_are_click_logs_once_each(tmp_path: Path) -> None:
     (tmp_path / "train.tsv.gz").write_bytes(b"")
     with pytest.raises(SharkInputError, match=r"train\.tsv and train\.tsv\.gz are both train files"):
         find_split_files(str(tmp_path), "train")
+
+
+def test_criteo_days_are_read_in_order_and_a_held_out_day_is_not_trained_on(tmp_path: Path) -> None:
+    """``day_N`` files come in the order of their days (``day_2`` before ``day_10``), and a test
+    file that is also one of the train files found in ``--data_path`` (the Criteo 1TB layout
+    with ``--test_files DIR/day_23``) is refused: its rows would be trained on."""
+    from shark_torchrec.errors import FlagError
+    from shark_torchrec.run_config import DataSection
+    from shark_torchrec.training.datasets import find_split_files
+    from shark_torchrec.training.train_dlrm import data_spec_from
+
+    for day in (0, 1, 10, 2, 23):
+        (tmp_path / f"day_{day}").write_text("1\t" + "\t" * 12 + "\t".join(["a"] * 26) + "\n")
+    assert find_split_files(str(tmp_path), "train") == [str(tmp_path / f"day_{d}") for d in (0, 1, 2, 10, 23)]
+    with pytest.raises(FlagError, match=r"day_23 is a test file and a train file too"):
+        data_spec_from(DataSection(data="criteo", data_path=str(tmp_path), test_files=[str(tmp_path / "day_23")]))
+    spec = data_spec_from(DataSection(data="criteo", train_files=[str(tmp_path / "day_[0-9]")],
+                                      test_files=[str(tmp_path / "day_23")]))
+    assert str(tmp_path / "day_23") not in spec.train_files and len(spec.train_files) == 3

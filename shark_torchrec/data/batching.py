@@ -28,6 +28,18 @@ def worker_shard() -> Tuple[int, int]:
     return (0, 1) if info is None else (info.id, info.num_workers)
 
 
+def check_id_dtype(id_dtype: torch.dtype, rows: Sequence[int], features: Sequence[str], who: str) -> None:
+    """Refuse int32 ids for a feature whose ids reach past 2^31 - 1 (they would wrap to
+    negative ids, silently)."""
+    if id_dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{who}: id_dtype must be int64 or int32, got {id_dtype}")
+    if id_dtype == torch.int32:
+        for name, n in zip(features, rows):
+            if n - 1 > torch.iinfo(torch.int32).max:
+                raise ValueError(f"{who}: feature {name!r} has ids up to {n - 1}, past int32's "
+                                 f"{torch.iinfo(torch.int32).max}: use int64 ids")
+
+
 def local_slice(n: int, rank: int, world_size: int) -> Tuple[int, int]:
     """Bounds ``[start, end)`` of rank ``rank``'s contiguous part of ``n`` examples.
 

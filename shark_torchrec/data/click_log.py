@@ -25,6 +25,7 @@ from torch.utils.data import IterableDataset
 from torchrec.datasets.utils import Batch
 
 from shark_torchrec.data.batching import (
+    check_id_dtype,
     check_rank,
     local_slice,
     make_batch,
@@ -97,6 +98,10 @@ class _FileLayout:
             raise MalformedLineError(str(e)) from None
         self.has_header = has_header
         pos = {c: i for i, c in enumerate(columns)}
+        used = [schema.label, *schema.dense, *schema.categorical, *schema.multi_valued]
+        twice = sorted({c for c in used if list(columns).count(c) > 1})
+        if twice:  # (the last of them would be read, silently)
+            raise MalformedLineError(f"{source}:1 (the header line): column {twice[0]!r} appears more than once")
         self.num_columns = len(columns)
         self.label = pos[schema.label]
         self.dense = [pos[c] for c in schema.dense]
@@ -116,8 +121,9 @@ class ClickLogDataset(IterableDataset):
             ``batch_size * world_size`` consecutive lines.
         rank, world_size: this process's slice of every global batch.
         drop_last: drop a final global batch with fewer than ``batch_size * world_size``
-            lines.  Without it, the final batch is split as evenly as possible between ranks
-            (and dropped, with a log message, if it has fewer lines than ranks).
+            lines.  Without it, the final batch is split as evenly as possible between ranks;
+            final lines fewer than the ranks are read with the batch before them (every line
+            is read once: a data set of fewer lines than ranks alone is not read, with a warning).
         skip_malformed: skip (and count) malformed lines instead of raising
             :class:`MalformedLineError`.  Skipped lines leave their batch smaller.
         start_batch: skip the first global batches without parsing them (resuming).
@@ -163,11 +169,10 @@ class ClickLogDataset(IterableDataset):
         if batch_size < 1:
             raise ValueError(f"ClickLogDataset: batch_size must be >= 1, got {batch_size}")
         check_rank(rank, world_size)
-        if id_dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"ClickLogDataset: id_dtype must be int64 or int32, got {id_dtype}")
         self.schema = schema
         self.keys = schema.sparse_feature_names
         self.num_embeddings = per_feature_sizes(num_embeddings, self.keys, "ClickLogDataset")
+        check_id_dtype(id_dtype, self.num_embeddings, self.keys, "ClickLogDataset")
         self.batch_size = batch_size
         self.rank = rank
         self.world_size = world_size
@@ -278,6 +283,13 @@ class ClickLogDataset(IterableDataset):
                     f"{path}:{lineno}: column {self.schema.sparse_columns[feature]!r} is not "
                     f"a decimal integer: {value!r}"
                 )
+            if value[:1] == "-" and digits.strip("0"):
+                # (-1 modulo n is n - 1: it would share the row of the real id n - 1)
+                raise MalformedLineError(
+                    f"{path}:{lineno}: column {self.schema.sparse_columns[feature]!r} holds a negative "
+                    f"id {value!r}: the int encoding gives ids below num_embeddings rows of their own; "
+                    f"use the hash encoding for a column with signed values"
+                )
             raw = int(value)
         return raw % self.num_embeddings[feature]
 
@@ -345,10 +357,14 @@ class ClickLogDataset(IterableDataset):
         stats = MalformedLineStats()
         lines = self._lines(stats)
         g = 0
-        while self.max_batches is None or g < self.max_batches:
-            chunk = list(itertools.islice(lines, global_size))
-            if not chunk:
-                break
+        chunk = list(itertools.islice(lines, global_size))
+        while chunk and (self.max_batches is None or g < self.max_batches):
+            following = list(itertools.islice(lines, global_size)) if len(chunk) == global_size else []
+            if (not self.drop_last and 0 < len(following) < self.world_size
+                    and (self.max_batches is None or g + 1 < self.max_batches)):
+                # The last lines are fewer than the ranks: they ride with this batch (each rank
+                # then gets at most one line more) rather than being dropped.
+                chunk, following = chunk + following, []
             n = len(chunk)
             # Counted from start_batch: the DataLoader asks worker 0 first.
             mine = g >= self.start_batch and (g - self.start_batch) % num_workers == worker
@@ -356,12 +372,13 @@ class ClickLogDataset(IterableDataset):
             if n < global_size:
                 if self.drop_last:
                     break
-                if n < self.world_size:
-                    logger.info(
-                        "dropping the final batch: %d lines for %d ranks", n, self.world_size
+                if n < self.world_size:  # (only where every line read is fewer than the ranks)
+                    logger.warning(
+                        "not read: the only %d lines, fewer than the %d ranks", n, self.world_size
                     )
                     break
             if not mine:
+                chunk = following
                 continue
             start, end = local_slice(n, self.rank, self.world_size)
             rows = []
@@ -372,6 +389,7 @@ class ClickLogDataset(IterableDataset):
                     if not self.skip_malformed:
                         raise
                     stats.add(str(e))
+            chunk = following
             if rows:
                 yield self._to_batch(rows)
         if stats.count:

@@ -50,7 +50,7 @@ import torch
 from torch.utils.data import IterableDataset
 from torchrec.datasets.utils import Batch
 
-from shark_torchrec.data.batching import check_rank, local_slice, make_batch, worker_shard
+from shark_torchrec.data.batching import check_id_dtype, check_rank, local_slice, make_batch, worker_shard
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
@@ -469,6 +469,8 @@ class SyntheticClickDataset(IterableDataset):
         check_rank(rank, world_size)
         if batch_size < 1 or num_batches < 0:
             raise ValueError("SyntheticClickDataset: batch_size >= 1 and num_batches >= 0 needed")
+        check_id_dtype(id_dtype, [f.cardinality for f in config.fields], config.feature_names,
+                       "SyntheticClickDataset")
         self.config = config
         self.batch_size = batch_size
         self.num_batches = num_batches

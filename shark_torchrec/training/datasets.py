@@ -14,6 +14,7 @@ import dataclasses
 import glob
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence
 
@@ -59,15 +60,22 @@ def _is_split_file(path: str) -> bool:
     return os.path.isfile(path) and os.path.splitext(name)[1] in _SPLIT_EXTENSIONS
 
 
+def _by_number(path: str):
+    """Sort key reading runs of digits as numbers: ``day_2`` before ``day_10`` (days in order)."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", path)]
+
+
 def find_split_files(data_path: str, split: str) -> List[str]:
     """Files of a split in ``data_path``: ``train.*``/``test.*`` (``.tsv``, ``.txt``,
-    ``.csv``, optionally ``.gz``).  Criteo 1TB ``day_N`` files count as train files.  A file
+    ``.csv``, optionally ``.gz``).  Criteo 1TB ``day_N`` files count as train files (in the
+    order of their days).  A file
     next to its ``.gz`` twin (``train.tsv`` and ``train.tsv.gz``) is an error: read both, every
     row would count twice."""
     if not os.path.isdir(data_path):
         raise InputFileNotFoundError(f"--data_path {data_path}: not a directory")
     for pattern in _SPLIT_PATTERNS[split]:
-        files = sorted(p for p in glob.glob(os.path.join(data_path, pattern)) if _is_split_file(p))
+        files = sorted((p for p in glob.glob(os.path.join(data_path, pattern)) if _is_split_file(p)),
+                       key=_by_number)
         twins = [p for p in files if p + ".gz" in files]
         if twins:
             raise SharkInputError(f"--data_path {data_path}: {os.path.basename(twins[0])} and "

@@ -139,6 +139,8 @@ def _data_spec(data: DataSection, seed: int) -> DataSpec:
             dev = find_split_files(data_path, "dev")
         except FileNotFoundError:
             pass  # a dev split is optional
+    if line_split is None:
+        _check_disjoint(train, {"test": test, "dev": dev}, given=bool(data.train_files))
     features = schema.sparse_feature_names
     if data.num_embeddings_per_feature:
         sizes = list(data.num_embeddings_per_feature)
@@ -162,6 +164,24 @@ def _data_spec(data: DataSection, seed: int) -> DataSpec:
         skip_malformed=data.skip_malformed, id_dtype=id_dtype,
         click_schema=schema_file.schema if schema_file else None, line_split=line_split,
     )
+
+
+def _check_disjoint(train: List[str], held_out: Dict[str, List[str]], given: bool) -> None:
+    """Refuse a file that is a train file found in ``--data_path`` and a test or dev file too
+    (e.g. the Criteo 1TB days, whose ``day_*`` are all train files, with ``--test_files
+    DIR/day_23``): its rows would be trained on and then scored as held out.  Where the train
+    files are ``given`` by name (``--train_files``), the overlap was asked for: a warning."""
+    seen = {os.path.realpath(p): p for p in train}
+    for split, files in held_out.items():
+        both = [p for p in files if os.path.realpath(p) in seen]
+        if both and given:
+            logger.warning("%s is a %s file and one of --train_files too: its scores are not held out",
+                           both[0], split)
+        elif both:
+            flag = "--test_files" if split == "test" else "--valid_files"
+            raise FlagError(f"{both[0]} is a {split} file and a train file too (its rows would be trained on "
+                            f"and scored as held out): name the train files with --train_files, or move "
+                            f"the {split} file out of the train files' directory ({flag})")
 
 
 def _split_files(data: DataSection, split: str, data_path: Optional[str] = None) -> List[str]:
