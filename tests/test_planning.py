@@ -48,8 +48,8 @@ def test_row_wise_on_cpu_needs_the_shark_sharder() -> None:
 def test_tracker_bytes() -> None:
     b = tracker_bytes_per_rank(TABLES, local_batch_size=512, world_size=2, field_importance="shuffle")
     width = 4 * 64
-    assert b["ddr"] == 4 * 400_000 // 2  # sharded: each of the 2 ranks keeps half the rows
-    assert tracker_bytes_per_rank(TABLES, 512, 2, row_priority=4)["ddr"] == 4 * 4 * 400_000 // 2
+    assert b["ddr"] == 8 * 400_000 // 2  # sharded: each of the 2 ranks keeps half the rows
+    assert tracker_bytes_per_rank(TABLES, 512, 2, row_priority=4)["ddr"] == 4 * 8 * 400_000 // 2
     assert b["hbm"] == 4 * 512 * width * 2 + 4 * 1024 * width
     assert tracker_bytes_per_rank(TABLES, 512, 2, row_priority=False)["ddr"] == 0
 

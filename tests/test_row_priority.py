@@ -51,9 +51,33 @@ def test_priorities_equal_naive_reference(shared: bool, gamma: float) -> None:
     ref = _naive(tables, batches, 1.0, 0.25, gamma)
     for name in ref:
         torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-12)
-    assert rp.memory_bytes == 4 * 40 * len(tables)
+    assert rp.memory_bytes == 8 * 40 * len(tables)
     if gamma == 0.3:
         assert rp._log_scale["priority"] < 80 * -math.log(0.3)  # it did renormalise
+
+
+@pytest.mark.parametrize("use_kernel", [True, False])
+def test_a_hot_row_counts_every_occurrence_past_float32s_integers(monkeypatch, use_kernel: bool) -> None:
+    """Every occurrence adds its own increment: a row already counted 2^24 times (a hot row of
+    a long run) still counts each one more (float32 counts stopped at 2^24), by the kernel and
+    by the plain torch path."""
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    import shark_torchrec.importance.row_priority as R
+
+    if use_kernel and not R.cpu_kernel_available():
+        pytest.skip("the CPU kernels are not built here")
+    monkeypatch.setattr(R, "cpu_kernel_available", lambda: use_kernel)
+    tables = _tables()
+    rp = RowPriority(tables, alpha=1.0, beta=0.25, gamma=1.0)
+    state = rp.state_dict()
+    state["values"]["priority"]["t0"][0] = 2.0 ** 24
+    rp.load_state_dict(state)
+    kjt = KeyedJaggedTensor.from_lengths_sync(["cat_0", "cat_1", "cat_2"], torch.tensor([0, 0, 0, 0, 5]),
+                                              torch.tensor([2, 1, 0, 0, 1, 1]))
+    for _ in range(3):
+        rp.update(kjt, torch.tensor([1.0, 0.0]))
+    assert float(rp.priorities()["t0"][0]) == 2.0 ** 24 + 3 * (2 * 1.0 + 0.25)
 
 
 def test_bad_id_names_feature_and_id() -> None:

@@ -14,7 +14,7 @@ stored multiplied by ``γ^-t`` and read back multiplied by ``γ^T``.  When that 
 ``e^60`` every stored value is renormalised once (with ``γ = 0.9999``: every 600,000 steps).
 
 **Sharded.**  Each table's rows are split evenly over the ranks of the process group, and a
-rank keeps only its own rows: 4 bytes per row and channel, divided by the world size.  Every
+rank keeps only its own rows: 8 bytes per row and channel (float64), divided by the world size.  Every
 rank buffers the ids of its own batches and, every ``flush_every`` steps, sends them (with
 their increments) to the ranks that own their rows (one ``all_to_all``).  After a flush the
 priorities equal a single-process run on the same global batches.  :meth:`rows` answers any
@@ -78,8 +78,10 @@ class RowPriority:
     receives the ``Batch`` (TorchRec's ``DLRMTrain``, or the DMP model wrapping it).
     """
 
-    #: bytes per row and channel, over all ranks (each keeps its share)
-    bytes_per_row = 4
+    #: bytes per row and channel, over all ranks (each keeps its share): float64 counts, as each
+    #: occurrence adds one increment (float32 stopped counting a hot row at 2^24 occurrences,
+    #: and rounded each decayed increment to its count's spacing well before)
+    bytes_per_row = 8
 
     def __init__(
         self,
@@ -135,7 +137,7 @@ class RowPriority:
         self._bounds = torch.tensor(bounds, dtype=torch.long)
         self._local_offset = torch.tensor(local_offset, dtype=torch.long)
         # this rank's rows × channels, a row's channels side by side (one cache line per update)
-        self._counts = torch.zeros(offset, len(self._names), dtype=torch.float32)
+        self._counts = torch.zeros(offset, len(self._names), dtype=torch.float64)
         self._log_scale = {c: 0.0 for c in self._names}
         self.step = 0
         # buffered (global rows, labels, step in the buffer) of this rank's batches
@@ -219,10 +221,10 @@ class RowPriority:
                 self._log_scale[c] = 0.0
 
     def _increments(self, scales: List[List[float]]) -> torch.Tensor:
-        """float32 [steps, 2, channels]: (α, then β) × the stored scale of each step."""
+        """float64 [steps, 2, channels]: (α, then β) × the stored scale of each step."""
         ab = torch.tensor([[a, b] for a, b, _ in self.channels.values()], dtype=torch.float64)  # [C, 2]
         return (torch.exp(torch.tensor(scales, dtype=torch.float64)).unsqueeze(1)
-                * ab.t().unsqueeze(0)).float().contiguous()
+                * ab.t().unsqueeze(0)).contiguous()
 
     def _add(self, local: torch.Tensor, positive: torch.Tensor, step: torch.Tensor, scales: List[List[float]]) -> None:
         """counts[local[i]] += (α | β) × the stored scale of step[i], every channel."""
@@ -437,7 +439,7 @@ class RowPriority:
         for c, ch in state["values"].items():
             views = self._values[c]
             for t, v in ch.items():
-                views[t].copy_(v.float())
+                views[t].copy_(v.double())
         self.step = int(state["step"])
         self._log_scale = {c: float(v) for c, v in state["log_scale"].items()}
 
@@ -465,7 +467,7 @@ class RowPriority:
         for c in self._names:
             for t in self.tables:
                 s, e = self._own[t.name]
-                out = torch.zeros(e - s, dtype=torch.float32)
+                out = torch.zeros(e - s, dtype=torch.float64)
                 for r in range(W0):
                     s0, e0 = owned_rows(t.num_embeddings, W0, r)
                     lo, hi = max(s, s0), min(e, e0)

@@ -1,6 +1,6 @@
 // Adding training steps' row increments into RowPriority's counts in one pass.
 //
-// counts [R, C] float32 (a row's C channels side by side: one cache line serves them all);
+// counts [R, C] float64 (a row's C channels side by side: one cache line serves them all);
 // for every occurrence i: counts[row[i], c] += w[step[i], positive[i], c], where w [S, 2, C]
 // holds each buffered step's increment per label and channel ((alpha | beta) times the step's
 // stored scale).  Replaces, per channel, a where, a gather, a multiply, a cast and an
@@ -21,24 +21,24 @@ using at::Tensor;
 
 void row_counts_add(Tensor counts, const Tensor& rows, const Tensor& positive, const Tensor& step,
                     const Tensor& w) {
-  TORCH_CHECK(counts.device().is_cpu() && counts.scalar_type() == at::kFloat && counts.dim() == 2 &&
+  TORCH_CHECK(counts.device().is_cpu() && counts.scalar_type() == at::kDouble && counts.dim() == 2 &&
                   counts.is_contiguous(),
-              "row_counts_add: counts must be a contiguous float32 [rows, channels] CPU tensor");
+              "row_counts_add: counts must be a contiguous float64 [rows, channels] CPU tensor");
   const int64_t R = counts.size(0), C = counts.size(1), n = rows.numel();
   TORCH_CHECK(rows.scalar_type() == at::kLong && rows.is_contiguous(), "row_counts_add: rows must be int64");
   TORCH_CHECK(positive.scalar_type() == at::kBool && positive.is_contiguous() && positive.numel() == n,
               "row_counts_add: positive must be bool, one per row");
   TORCH_CHECK(step.scalar_type() == at::kLong && step.is_contiguous() && step.numel() == n,
               "row_counts_add: step must be int64, one per row");
-  TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.dim() == 3 && w.size(1) == 2 &&
+  TORCH_CHECK(w.scalar_type() == at::kDouble && w.is_contiguous() && w.dim() == 3 && w.size(1) == 2 &&
                   w.size(2) == C,
-              "row_counts_add: w must be float32 [steps, 2, channels]");
+              "row_counts_add: w must be float64 [steps, 2, channels]");
   const int64_t S = w.size(0);
-  float* out = counts.data_ptr<float>();
+  double* out = counts.data_ptr<double>();
   const int64_t* r = rows.data_ptr<int64_t>();
   const bool* p = positive.data_ptr<bool>();
   const int64_t* s = step.data_ptr<int64_t>();
-  const float* wp = w.data_ptr<float>();
+  const double* wp = w.data_ptr<double>();
   for (int64_t i = 0; i < n; ++i)
     TORCH_CHECK(r[i] >= 0 && r[i] < R && s[i] >= 0 && s[i] < S, "row_counts_add: row ", r[i], " or step ",
                 s[i], " out of range");
@@ -46,8 +46,8 @@ void row_counts_add(Tensor counts, const Tensor& rows, const Tensor& positive, c
   constexpr int64_t kAhead = 16;
   for (int64_t i = 0; i < n; ++i) {
     if (i + kAhead < n) __builtin_prefetch(out + r[i + kAhead] * C, 1, 3);
-    const float* inc = wp + (s[i] * 2 + (p[i] ? 0 : 1)) * C;
-    float* dst = out + r[i] * C;
+    const double* inc = wp + (s[i] * 2 + (p[i] ? 0 : 1)) * C;
+    double* dst = out + r[i] * C;
     for (int64_t c = 0; c < C; ++c) dst[c] += inc[c];
   }
 }
@@ -58,17 +58,17 @@ void row_counts_add(Tensor counts, const Tensor& rows, const Tensor& positive, c
 // inside their tables (checked before).
 void row_counts_add_batch(Tensor counts, const Tensor& values, const Tensor& lengths, const Tensor& key_base,
                           const Tensor& positive, const Tensor& w) {
-  TORCH_CHECK(counts.scalar_type() == at::kFloat && counts.dim() == 2 && counts.is_contiguous(),
-              "row_counts_add_batch: counts must be a contiguous float32 [rows, channels] tensor");
+  TORCH_CHECK(counts.scalar_type() == at::kDouble && counts.dim() == 2 && counts.is_contiguous(),
+              "row_counts_add_batch: counts must be a contiguous float64 [rows, channels] tensor");
   const int64_t C = counts.size(1), F = key_base.numel(), B = positive.numel();
   TORCH_CHECK(lengths.numel() == F * B && lengths.is_contiguous() && values.is_contiguous() &&
                   key_base.scalar_type() == at::kLong && positive.scalar_type() == at::kBool &&
-                  positive.is_contiguous() && w.scalar_type() == at::kFloat && w.numel() == 2 * C,
+                  positive.is_contiguous() && w.scalar_type() == at::kDouble && w.numel() == 2 * C,
               "row_counts_add_batch: lengths [F * B], key_base int64 [F], positive bool [B], w [1, 2, C]");
-  float* out = counts.data_ptr<float>();
+  double* out = counts.data_ptr<double>();
   const int64_t* kb = key_base.data_ptr<int64_t>();
   const bool* p = positive.data_ptr<bool>();
-  const float* wp = w.data_ptr<float>();
+  const double* wp = w.data_ptr<double>();
   constexpr int64_t kAhead = 16;
   AT_DISPATCH_INDEX_TYPES(values.scalar_type(), "row_counts_add_batch_values", [&] {
     using value_t = index_t;
@@ -86,10 +86,10 @@ void row_counts_add_batch(Tensor counts, const Tensor& values, const Tensor& len
           for (int64_t k = 0; k < len[f * B + b]; ++k, ++j) row[j] = kb[f] + (int64_t)v[j];
       for (int64_t f = 0; f < F; ++f) {
         for (int64_t b = 0; b < B; ++b) {
-          const float* inc = wp + (p[b] ? 0 : 1) * C;
+          const double* inc = wp + (p[b] ? 0 : 1) * C;
           for (int64_t k = 0; k < len[f * B + b]; ++k, ++i) {
             if (i + kAhead < n) __builtin_prefetch(out + row[i + kAhead] * C, 1, 3);
-            float* dst = out + row[i] * C;
+            double* dst = out + row[i] * C;
             for (int64_t c = 0; c < C; ++c) dst[c] += inc[c];
           }
         }
