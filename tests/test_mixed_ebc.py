@@ -687,3 +687,18 @@ def test_the_conversion_kernel_names_a_non_finite_row() -> None:
         t = torch.full((50,), TIER_ORDER.index(tier), dtype=torch.int8)
         with pytest.raises(ValueError, match=r"table 't': row 31 has NaN/Inf weights"):
             RowwiseMixedEmbeddingBagCollection.from_weights([c], {"t": w}, {"t": t})
+
+
+def test_stored_rows_of_another_shape_are_refused_not_broadcast() -> None:
+    """Rows written into a sub-table must have its row width: a one-column source was
+    broadcast over every column (copy_), silently."""
+    c = EmbeddingBagConfig(name="t", num_embeddings=6, embedding_dim=8, feature_names=["f"])
+    tiers = {"t": torch.tensor([0, 0, 0, 1, 1, 1], dtype=torch.int8)}  # fp16 and int8 rows
+    m = RowwiseMixedEmbeddingBagCollection.from_weights([c], {"t": torch.randn(6, 8)}, tiers)
+    group = m.groups[0]
+    w, sb = group._tbe_views()["t@fp16"]
+    group._set_weights("t@fp16", (w[:2].clone(), None), 1)  # a partial write that fits
+    with pytest.raises(ValueError, match=r"sub-table 't@fp16': rows of shape \(2, 1\) from row 0 do not fit"):
+        group._set_weights("t@fp16", (w[:2, :1].clone(), None), 0)
+    with pytest.raises(ValueError, match=r"sub-table 't@fp16': rows of shape \(3, 16\) from row 1 do not fit"):
+        group._set_weights("t@fp16", (torch.zeros(3, w.shape[1], dtype=w.dtype), None), 1)

@@ -102,6 +102,11 @@ class _MixedGroup(nn.Module):
         ``name`` from its row ``start`` on (``views``: :meth:`_tbe_views`, when already read)."""
         w, sb = (views or self._tbe_views())[name]
         n = data[0].shape[0]
+        # (copy_ would broadcast a short or one-row source, or leave rows unwritten, silently)
+        if start + n > w.shape[0] or tuple(data[0].shape[1:]) != tuple(w.shape[1:]) or \
+                (sb is not None and (data[1] is None or tuple(data[1].shape) != (n, *sb.shape[1:]))):
+            raise ValueError(f"sub-table {name!r}: rows of shape {tuple(data[0].shape)} from row {start} do not "
+                             f"fit its {tuple(w.shape)} stored rows")
         w[start:start + n].copy_(data[0].to(w.device))
         if sb is not None:
             sb[start:start + n].copy_(data[1].to(sb.device))

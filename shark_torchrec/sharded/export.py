@@ -127,8 +127,16 @@ def _build_local(layout: ShardedLayout, shards: List[TableShard], counts: Dict[s
     views = group._tbe_views()
     for s in shards:
         state = states[s.name]
-        group.input_transform.table_map(s.name).copy_(state["row_map"].contiguous().view(torch.uint8))
+        table_map = group.input_transform.table_map(s.name)
+        saved = state["row_map"].contiguous().view(torch.uint8)
+        if saved.shape != table_map.shape:
+            raise ExportError(f"shard {s.name!r}: its saved id map holds {saved.numel()} bytes, its layout "
+                              f"{table_map.numel()}")
+        table_map.copy_(saved)
         for tier, (w, sb) in state["rows"].items():
+            held = views[f"{s.name}@{tier}"][0].shape[0]
+            if w.shape[0] != held:
+                raise ExportError(f"shard {s.name!r}: {w.shape[0]} saved {tier} rows, its layout {held}")
             group._set_weights(f"{s.name}@{tier}", (w, sb), 0, views)
     return module
 
