@@ -11,10 +11,10 @@ on a sample of at most :data:`SAMPLE_PER_CENTROID` rows per centroid — of all 
 or of some (``among``: the byte budget refits them to the rows it put in the SHARED tier, the
 only ones that read them); then every row is assigned to its nearest centroid *as stored*
 (fp16), in chunks.
-Memory: the sample, the centroids and 6 bytes per row (per candidate ``K``).  Which ``K`` a table
-gets is the byte budget's choice (:mod:`~shark_torchrec.sharded.assign`: the ``K`` among
+Memory: the sample, the centroids and 6 bytes per row assigned.  Which ``K`` a table gets is the
+byte budget's choice (:mod:`~shark_torchrec.sharded.assign`: the ``K`` among
 :data:`K_CANDIDATES` with the least Lagrangian cost at the budget's price, centroids' bytes
-included).
+included, measured on a sample of the rows of a large table: ``assign_only``).
 """
 
 from __future__ import annotations

@@ -254,7 +254,9 @@ class _Assigner:
         take; the budget is solved with the smallest (the centroids' bytes taken off it), then each
         table takes the ``K`` of least Lagrangian cost at that price
         (``Σ_rows min_tier(p·err + λ·bytes) + λ·centroid bytes``, over all ranks) and the budget
-        is solved again with them, up to :data:`REFINE_ROUNDS` times while some ``K`` changes.
+        is solved again with them, up to :data:`REFINE_ROUNDS` times while some ``K`` changes (a
+        group of more than ``config.shared_sample_rows`` rows has its candidates measured on that
+        many of its rows, and each ``K`` a round takes then assigned to all: :meth:`complete`).
         The candidates are fitted to all of a group's rows; but only the rows the budget puts in
         the SHARED tier read the centroids (the least important), so then, up to
         :data:`RECLUSTER_ROUNDS` times, each group's centroids are fitted again to its SHARED

@@ -199,6 +199,11 @@ def collection_layout(module: nn.Module, rank: int, world_size: int
         value = state[key]
         if isinstance(value, ShardedTensor):
             metas = sorted(value.metadata().shards_metadata, key=lambda m: (m.shard_offsets[0], m.shard_offsets[1]))
+            empty = [m for m in metas if m.shard_sizes[0] == 0 or m.shard_sizes[1] == 0]
+            if empty:  # (raised alike on every rank: the layout is the same everywhere)
+                raise ValueError(f"table {c.name!r} ({c.num_embeddings} rows) is sharded over more ranks than it "
+                                 f"has rows or columns (a shard of {list(empty[0].shard_sizes)}): shard it "
+                                 "table-wise, or over fewer ranks")
             index = {}
             for i, m in enumerate(metas):
                 s = TableShard(c.name, i, _rank_of(m.placement), m.shard_offsets[0], m.shard_sizes[0],

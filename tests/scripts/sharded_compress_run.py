@@ -72,6 +72,31 @@ def rank_slice(features, batch, rank: int, world: int):
     return dense[lo:hi], kjt
 
 
+def zero_row_shard_error() -> str:
+    """What reading the layout of a 1-row table sharded row-wise over 2 ranks says (a shard of 0
+    rows: TorchRec's config for it failed with a ZeroDivisionError on one rank, and the other
+    waited for it forever)."""
+    import torch.distributed as dist
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType
+    from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec.distributed.sharding_plan import construct_module_sharding_plan, row_wise
+    from torchrec.distributed.types import ShardingEnv, ShardingPlan
+
+    ebc = EmbeddingBagCollection(tables=[EmbeddingBagConfig(name="one", embedding_dim=8, num_embeddings=1,
+                                                            feature_names=["f"])], device=torch.device("meta"))
+    plan = construct_module_sharding_plan(ebc, {"one": row_wise()}, world_size=2, device_type="cpu")
+    dmp = DistributedModelParallel(
+        ebc, device=torch.device("cpu"), plan=ShardingPlan({"": plan}), env=ShardingEnv.from_process_group(dist.group.WORLD),
+        sharders=[EmbeddingBagCollectionSharder(fused_params={"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": 0.1})])
+    try:
+        collection_layout(dmp._dmp_wrapped_module, dist.get_rank(), 2)
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
@@ -194,6 +219,9 @@ def main() -> None:
         result["weights"] = {k.split(".")[-2]: v for k, v in full.items() if ".embedding_bags." in k}
         result["priorities"] = prio
         result["policies"] = json.dumps(POLICIES)
+    zero_rows = zero_row_shard_error()  # (a collective: every rank)
+    if env.rank == 0:
+        result["zero_row_error"] = zero_rows
         torch.save(result, args.out)
     destroy_distributed(synchronize=True)
     exit_worker(0)
