@@ -109,3 +109,14 @@ def test_per_feature_lists_fit_the_table_and_exclude_false_clears_nothing(tmp_pa
     o = load_overrides(_write(tmp_path, "tables:\n  't_cat_*': {compression: {pin: int8}}\n"
                                         "  t_cat_1: {compression: {exclude: false, never_prune: true}}\n"), TABLES[:3])
     assert o.pins == {"t_cat_0": "int8", "t_cat_1": "int8", "t_cat_2": "int8"} and o.never_prune == ["t_cat_1"]
+
+
+def test_a_table_named_with_glob_characters_is_itself(tmp_path: Path) -> None:
+    """A key that is a table's own name means that table, even where it reads as a glob
+    (``user[1]`` matched ``user1`` only, audit); other keys are still patterns."""
+    tables = [EmbeddingBagConfig(name=n, embedding_dim=8, num_embeddings=100, feature_names=[f"f_{i}"])
+              for i, n in enumerate(["user[1]", "user1"])]
+    o = load_overrides(_write(tmp_path, "tables:\n  'user[1]': {compression: {pin: int4}}\n"), tables)
+    assert o.quant_config(RowwiseQuantConfig(fractions={"int8": 1.0})).table_overrides == {"user[1]": "int4"}
+    o = load_overrides(_write(tmp_path, "tables:\n  'user[0-9]': {compression: {pin: int4}}\n"), tables)
+    assert o.quant_config(RowwiseQuantConfig(fractions={"int8": 1.0})).table_overrides == {"user1": "int4"}

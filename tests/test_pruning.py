@@ -264,3 +264,36 @@ def test_pruned_and_quantized_dlrm_takes_the_unfiltered_batches() -> None:
         _, (_, unfiltered, _) = pruned(batch)
         _, (_, filtered, _) = pruned(plan.filter_batch(batch))
     torch.testing.assert_close(unfiltered, filtered, rtol=0, atol=0)
+
+
+def test_byte_criteria_drop_only_what_frees_bytes() -> None:
+    """A field whose shared table stays (a protected table-mate) frees nothing: the byte
+    criteria drop tables whole (found by audit: score_share dropped such a field, using up the
+    score allowance, and byte_target dropped one for nothing)."""
+    def t(name, rows, feats):
+        return EmbeddingBagConfig(name=name, embedding_dim=4, num_embeddings=rows, feature_names=feats)
+
+    tables = [t("shared", 2000, ["a", "b"]), t("small1", 200, ["c"]), t("small2", 200, ["d"])]
+    scores = {"a": 5.0, "b": 1.0, "c": 1.0, "d": 1.0}  # total 8
+    plan = choose_plan(scores, tables, score_share=0.3, protected=["a"])  # allowance 2.4
+    assert plan.dropped_features == ["c", "d"] and plan.bytes_after == 2000 * 16
+    # unprotected: the shared table goes whole (a + b: 6 > 2.4, so not here) or not at all
+    assert choose_plan(scores, tables, score_share=0.3).dropped_features == ["c", "d"]
+    assert choose_plan(scores, tables, score_share=0.8).dropped_features == ["a", "b"]  # 6 of 6.4
+    # byte_target: b cannot free its table while a is protected, so it stays
+    plan = choose_plan({"a": 5.0, "b": 0.1, "c": 1.0, "d": 2.0}, tables, byte_target=2200 * 16, protected=["a"])
+    assert plan.dropped_features == ["c"] and plan.bytes_after == 2200 * 16
+    # a shared table goes by its best field's score (a: 5, after c, before d)
+    plan = choose_plan({"a": 5.0, "b": 0.1, "c": 1.0, "d": 6.0}, tables, byte_target=200 * 16)
+    assert plan.dropped_features == ["a", "b", "c"]
+    with pytest.raises(ValueError, match=r"drop_fraction=0.8 needs dropping 3 of 4 fields but only 2"):
+        choose_plan(scores, tables, drop_fraction=0.8, protected=["a", "b"])
+
+
+def test_a_plan_for_another_size_of_the_tables_is_refused() -> None:
+    plan = choose_plan(SCORES, _tables(), keep=3)
+    bigger = [EmbeddingBagConfig(name=c.name, embedding_dim=64, num_embeddings=c.num_embeddings,
+                                 feature_names=list(c.feature_names)) for c in _tables()]
+    with pytest.raises(ValueError, match=r"table 't0' holds 25600 bytes, the plan's 1600"):
+        plan.validate(bigger)
+    plan.validate(_tables())

@@ -127,7 +127,8 @@ def parse_overrides(doc: Any, tables: Sequence[EmbeddingBagConfig], source: str 
     compression: Dict[str, Dict[str, Any]] = {}
     for pattern, settings in entries.items():
         where = f"tables.{pattern}"
-        matched = [n for n in names if fnmatch.fnmatchcase(n, str(pattern))]
+        # (a table's own name is itself, even where it holds glob characters: "user[1]")
+        matched = [str(pattern)] if str(pattern) in names else [n for n in names if fnmatch.fnmatchcase(n, str(pattern))]
         if not matched:
             _fail(source, where, f"matches no table (tables: {names})")
         if not isinstance(settings, dict):

@@ -4,12 +4,17 @@ A plan is chosen by exactly one criterion:
 
 * ``keep=k``: keep the ``k`` highest-scoring fields;
 * ``drop_fraction=x``: drop ``floor(x · F)`` of the ``F`` fields, lowest scores first;
-* ``byte_target=b``: drop fields, lowest scores first, until the tables still needed take at
-  most ``b`` bytes;
-* ``score_share=s``: drop the fields that save the most bytes for their score: least score
-  per byte saved first, each field dropped if the dropped fields' scores still add up to at
-  most ``s`` of all fields' scores (a field whose score is 0, such as a constant field, is
-  always dropped).
+* ``byte_target=b``: drop tables with all their fields, lowest score first (a shared table's
+  is its best field's), until the tables still needed take at most ``b`` bytes;
+* ``score_share=s``: drop the tables that save the most bytes for their fields' scores: least
+  score per byte saved first, each dropped with all its fields if the dropped fields' scores
+  still add up to at most ``s`` of all fields' scores (a field whose score is 0, such as a
+  constant field, is always dropped where its table can go).
+
+The byte criteria drop only what frees bytes: a table serving a protected field stays, and so
+do its other fields (dropping them would lose their information and free nothing); ``keep``
+and ``drop_fraction`` count fields, whatever their tables.  ``drop_fraction`` asking for more
+fields than are not protected is an error, as ``keep`` is.
 
 Protected fields are never dropped.  A table is removed only when every feature it serves is
 dropped (a shared table with one surviving feature stays whole).  Plans are JSON files and are
@@ -136,6 +141,11 @@ class PruningPlan:
         """Check that the plan was made for a model with exactly these tables and features."""
         theirs = {t.name: list(t.feature_names) for t in tables}
         if theirs == self.tables:
+            for t in tables:  # (the bytes it reports and was chosen by are the model's)
+                if int(self.table_bytes.get(t.name, -1)) != table_bytes(t):
+                    raise PlanError(f"pruning plan does not match the {source}: table {t.name!r} holds "
+                                    f"{table_bytes(t)} bytes, the plan's {self.table_bytes.get(t.name)} "
+                                    f"(another size of it?)")
             return
         plan_feats, model_feats = set(self.features), {f for fs in theirs.values() for f in fs}
         problems = []
@@ -200,10 +210,19 @@ def _check_scores(scores: Dict[str, float], features: List[str], protected: Sequ
         raise PlanError(f"protected names unknown fields {unknown_protected}")
 
 
-def _to_byte_target(table_map: Dict[str, List[str]], sizes: Dict[str, int], candidates: List[str],
-                    byte_target: int) -> List[str]:
-    """The ``byte_target`` criterion: candidates dropped in order until the tables still
-    needed fit; at least one field is kept."""
+def _freeable_tables(table_map: Dict[str, List[str]], candidates: List[str]) -> Dict[str, List[str]]:
+    """The tables whose bytes dropping can free: those every field of which may be dropped (a
+    table goes only with all the fields it serves; one serving a protected field stays)."""
+    allowed = set(candidates)
+    return {t: fs for t, fs in table_map.items() if fs and all(f in allowed for f in fs)}
+
+
+def _to_byte_target(table_map: Dict[str, List[str]], sizes: Dict[str, int], scores: Dict[str, float],
+                    candidates: List[str], byte_target: int) -> List[str]:
+    """The ``byte_target`` criterion: tables dropped whole, with all their fields, lowest score
+    first (a table's score is its best field's), until the tables still needed fit; at least one
+    field is kept.  A field whose table stays (it serves a protected field) frees no bytes and is
+    not dropped."""
     if byte_target < 0:
         raise PlanError(f"byte_target must be >= 0, got {byte_target}")
     F = sum(len(fs) for fs in table_map.values())
@@ -213,35 +232,40 @@ def _to_byte_target(table_map: Dict[str, List[str]], sizes: Dict[str, int], cand
         gone = set(drop)
         return sum(sizes[t] for t, fs in table_map.items() if not all(f in gone for f in fs))
 
-    for f in candidates:
-        if needed(dropped) <= byte_target or len(dropped) + 1 == F:
+    units = sorted(_freeable_tables(table_map, candidates).values(),
+                   key=lambda fs: (max(scores[f] for f in fs), min(fs)))
+    for fs in units:
+        if needed(dropped) <= byte_target:
             break
-        dropped.append(f)
+        if len(dropped) + len(fs) < F:
+            dropped.extend(fs)
     if needed(dropped) > byte_target:
         raise PlanError(f"byte_target {byte_target} cannot be reached: {needed(dropped)} bytes remain "
-                        f"after dropping every unprotected field but one")
+                        f"after dropping every table that may go but one field (tables serving a "
+                        f"protected field stay)")
     return dropped
 
 
 def _by_score_per_byte(scores: Dict[str, float], tables: Sequence[EmbeddingBagConfig], candidates: List[str],
                        share: float) -> List[str]:
-    """The ``score_share`` criterion: fields by least score per byte saved (a table's bytes
-    split evenly over the features it serves), each dropped while the dropped scores stay
-    within ``share`` of the total; at least one field is kept."""
+    """The ``score_share`` criterion: tables by least score per byte saved (a table's score is
+    the sum of its fields', dropped whole with all of them: a field whose table stays frees no
+    bytes), each dropped while the dropped scores stay within ``share`` of the total; at least
+    one field is kept."""
     if not 0 <= share < 1:
         raise PlanError(f"score_share must be in [0, 1), got {share}")
-    field_bytes = {f: table_bytes(t) / len(t.feature_names) for t in tables for f in t.feature_names}
-    value = {f: max(scores[f], 0.0) for f in field_bytes}  # (a negative score: dropping helps)
+    value = {f: max(scores[f], 0.0) for t in tables for f in t.feature_names}  # (a negative score: dropping helps)
     allowed = share * sum(value.values())
-    order = sorted(candidates, key=lambda f: (value[f] / max(field_bytes[f], 1.0), value[f], f))
+    sizes = {t.name: table_bytes(t) for t in tables}
+    units = [(t, fs, sum(value[f] for f in fs))
+             for t, fs in _freeable_tables({t.name: list(t.feature_names) for t in tables}, candidates).items()]
+    units.sort(key=lambda u: (u[2] / max(sizes[u[0]], 1.0), u[2], min(u[1])))
     dropped: List[str] = []
     spent = 0.0
-    for f in order:
-        if len(dropped) + 1 == len(field_bytes):
-            break
-        if spent + value[f] <= allowed:
-            dropped.append(f)
-            spent += value[f]
+    for _, fs, v in units:
+        if len(dropped) + len(fs) < len(value) and spent + v <= allowed:
+            dropped.extend(fs)
+            spent += v
     return dropped
 
 
@@ -292,11 +316,15 @@ def choose_plan(
         if not 0 <= drop_fraction < 1:
             raise PlanError(f"drop_fraction must be in [0, 1), got {drop_fraction}")
         # (floor of x·F taken exactly: 0.58 * 50 is 28.999999999999996 in floating point)
-        dropped = candidates[: min(math.floor(Fraction(drop_fraction) * F + Fraction(1, 10**9)), len(candidates))]
+        n_drop = math.floor(Fraction(drop_fraction) * F + Fraction(1, 10**9))
+        if n_drop > len(candidates):
+            raise PlanError(f"drop_fraction={drop_fraction} needs dropping {n_drop} of {F} fields but only "
+                            f"{len(candidates)} are not protected")
+        dropped = candidates[:n_drop]
     elif score_share is not None:
         dropped = _by_score_per_byte(scores, tables, candidates, score_share)
     else:
-        dropped = _to_byte_target(table_map, sizes, candidates, byte_target)
+        dropped = _to_byte_target(table_map, sizes, scores, candidates, byte_target)
     return PruningPlan(
         tables=table_map,
         table_bytes=sizes,
