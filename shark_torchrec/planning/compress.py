@@ -138,6 +138,10 @@ def _fixed_mix(t: EmbeddingBagConfig, fractions: Dict[str, float], zipf: float, 
                             loss)
 
 
+#: Rounds of solving again for a budget less what padding took over it (see ``_solved``).
+_FIT_ROUNDS = 8
+
+
 def _solved(items, allowed: List[Tier], budget: int, row_alignment: int) -> Dict[str, TableCompression]:
     """Each popularity bucket of each table in the tier of least ``mass · error + λ · bytes``,
     at the lowest price ``λ`` whose bytes fit ``budget``."""
@@ -153,17 +157,27 @@ def _solved(items, allowed: List[Tier], budget: int, row_alignment: int) -> Dict
             picks.append(choice)
         return picks, total
 
-    picks, _ = solve(lowest_price(lambda lam: solve(lam)[1], budget, iterations=80))
-    out: Dict[str, TableCompression] = {}
-    for (t, counts, mass, err, per_row, fp32), choice in zip(items, picks):
-        rows: Dict[str, int] = {}
-        loss = 0.0
-        for n, m, k in zip(counts, mass, choice):
-            rows[allowed[k].value] = rows.get(allowed[k].value, 0) + n
-            loss += m * err[k]
-        b = compressed_bytes({Tier(k): n for k, n in rows.items()}, t.embedding_dim, row_alignment)
-        out[t.name] = TableCompression(t.name, rows, b, fp32, loss)
-    return out
+    # The price counts rows and id-map entries; the tables as stored also pad each tier's
+    # sub-table to a cache line and the id map to a word: where that takes them over the budget,
+    # solve again for the budget less the excess (a few rounds at most).
+    target = budget
+    for _ in range(_FIT_ROUNDS):
+        picks, _ = solve(lowest_price(lambda lam: solve(lam)[1], target, iterations=80))
+        out: Dict[str, TableCompression] = {}
+        for (t, counts, mass, err, per_row, fp32), choice in zip(items, picks):
+            rows: Dict[str, int] = {}
+            loss = 0.0
+            for n, m, k in zip(counts, mass, choice):
+                rows[allowed[k].value] = rows.get(allowed[k].value, 0) + n
+                loss += m * err[k]
+            b = compressed_bytes({Tier(k): n for k, n in rows.items()}, t.embedding_dim, row_alignment)
+            out[t.name] = TableCompression(t.name, rows, b, fp32, loss)
+        excess = sum(c.bytes for c in out.values()) - budget
+        if excess <= 0:
+            return out
+        target -= excess
+    raise BudgetError(f"the tables cannot fit {budget} bytes once their sub-tables and id maps are padded "
+                      f"({excess} bytes over after {_FIT_ROUNDS} rounds)")
 
 
 def choose_compression(
