@@ -176,10 +176,10 @@ def plan_command(args: argparse.Namespace) -> int:
     for n, c in compression.items():
         fr = ", ".join(f"{k} {v:.2f}" for k, v in c.fractions.items())
         print(f"| {n} | {sum(c.rows.values()):,} | {c.fp32_bytes / GB:.3f} | {c.bytes / GB:.3f} | {fr} |")
-    saved = sum(c.bytes for c in compression.values())
+    compressed = sum(c.bytes for c in compression.values())
     total_fp32 = report["fp32_bytes"]
-    print(f"\nembedding bytes: {total_fp32 / GB:.1f} → {saved / GB:.1f} GiB "
-          f"({saved / total_fp32:.1%}); planned in {report['planning_seconds']:.1f} s")
+    print(f"\nembedding bytes: {total_fp32 / GB:.1f} → {compressed / GB:.1f} GiB "
+          f"({compressed / total_fp32:.1%} of fp32 kept); planned in {report['planning_seconds']:.1f} s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
