@@ -273,7 +273,7 @@ def _train_stage(job: _Job) -> Tuple[DLRMTrainer, Dict[str, Any]]:
 
 def _load(trainer: DLRMTrainer, ckpt: CheckpointManager, path: str) -> None:
     """Load the checkpoint at ``path`` (of ``ckpt``'s model) into ``trainer``."""
-    state = trainer.state_dict()
+    state = trainer.state_dict_to_load()
     ckpt.load(state, path)
     trainer.load_state_dict(state)
 

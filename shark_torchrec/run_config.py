@@ -64,6 +64,10 @@ class DataSection:
     synthetic_max_rows: int = 1_000_000
 
 
+#: The DLRM's interactions: TorchRec's dot product ("original") or DCN.
+INTERACTION_TYPES = ("original", "dcn")
+
+
 @dataclass(frozen=True)
 class ModelSection:
     """The DLRM's shape (group "model")."""
@@ -74,6 +78,10 @@ class ModelSection:
     interaction_type: str = "original"
     dcn_num_layers: int = 3
     dcn_low_rank_dim: int = 16
+
+    def __post_init__(self) -> None:
+        if self.interaction_type not in INTERACTION_TYPES:  # (any other built the dot DLRM)
+            raise FlagError(f"--interaction_type must be one of {list(INTERACTION_TYPES)}, got {self.interaction_type!r}")
 
 
 @dataclass(frozen=True)

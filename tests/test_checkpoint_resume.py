@@ -85,3 +85,16 @@ def test_checkpoint_of_another_model_is_refused(tmp_path: Path) -> None:
     mgr = CheckpointManager(str(root), {"embedding_dim": 16, "data": "synthetic"})
     with pytest.raises(CheckpointError, match=r"embedding_dim: checkpoint 8 vs run 16"):
         mgr.load({})
+
+
+def test_optimizer_states_resume_and_data_parallel_tables_take_the_embedding_optimizer(tmp_path: Path) -> None:
+    """Found by audit, both silent: a resumed Adam restarted from zero moments (a fresh Adam has
+    no state for the checkpoint to load into), and data-parallel tables were stepped by the dense
+    optimizer at the dense learning rate."""
+    out = tmp_path / "optim.json"
+    run_torchrun(ROOT / "tests" / "scripts" / "optimizer_state_run.py", ["--out", out], nproc=1)
+    r = json.loads(out.read_text())
+    assert r["adam"]["adam_keys"] > 0 and r["adam"]["keys_differ"] == []
+    assert r["adam"]["max_diff"] == 0.0
+    for kind in ("table_wise", "data_parallel"):
+        assert r["data_parallel"][kind]["embedding_lr"] < 1e-6 < r["data_parallel"][kind]["dense_lr"], r

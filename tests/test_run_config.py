@@ -132,3 +132,16 @@ def test_fractions_runs_give_a_tables_own_budget_the_runs_tiers() -> None:
     default = _quant_config(cli_run.parse_pipeline([]).quant, None, set(), torch.device("cpu"))
     assert list(config.tiers) == list(default.tiers) and "drop" not in config.tiers
     assert config.drop_rows == default.drop_rows
+
+
+def test_settings_the_command_line_refuses_are_refused_in_python_too() -> None:
+    """An unknown interaction built the dot DLRM, and an embedding learning rate of 0 trained at
+    the dense one (audit): both refused where the sections and configs are built."""
+    from shark_torchrec.run_config import ModelSection
+    from shark_torchrec.training import OptimConfig
+
+    with pytest.raises(FlagError, match="--interaction_type must be one of"):
+        ModelSection(interaction_type="DCN")
+    with pytest.raises(ValueError, match="embedding_learning_rate must be > 0, got 0.0"):
+        OptimConfig(embedding_learning_rate=0.0)
+    assert OptimConfig(learning_rate=0.05, embedding_learning_rate=0.5).embedding_kwargs()["lr"] == 0.5

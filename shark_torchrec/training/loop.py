@@ -79,8 +79,8 @@ class TrainingLoop:
         self.last_checkpoint: Optional[str] = None
 
     # ------------------------------------------------------------------ state
-    def _state(self) -> Dict[str, Any]:
-        state = self.trainer.state_dict()
+    def _state(self, to_load: bool = False) -> Dict[str, Any]:
+        state = self.trainer.state_dict_to_load() if to_load else self.trainer.state_dict()
         if self.importance is not None:
             state["importance"] = self.importance.state_dict()
         return state
@@ -111,7 +111,7 @@ class TrainingLoop:
             if dist.is_initialized():
                 dist.barrier()
             return False
-        state = self._state()
+        state = self._state(to_load=True)
         self.progress = self.ckpt.load(state, path)  # DCP loads in place, into these tensors
         self.trainer.load_state_dict(state)
         if self.importance is not None:

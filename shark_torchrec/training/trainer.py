@@ -80,14 +80,16 @@ class OptimConfig:
                 f"dense_optimizer must be one of {sorted(DENSE_OPTIMIZERS)}, "
                 f"got {self.dense_optimizer!r}"
             )
-        if self.learning_rate <= 0:
-            raise ValueError("learning_rate must be > 0")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.embedding_learning_rate is not None and not self.embedding_learning_rate > 0:
+            raise ValueError(f"embedding_learning_rate must be > 0, got {self.embedding_learning_rate}")
 
     def _kwargs(self, name: str, lr: float) -> dict:
         return {"lr": lr} if name == "sgd" else {"lr": lr, "eps": self.eps}
 
     def embedding_kwargs(self) -> dict:
-        lr = self.embedding_learning_rate or self.learning_rate
+        lr = self.learning_rate if self.embedding_learning_rate is None else self.embedding_learning_rate
         return self._kwargs(self.embedding_optimizer, lr)
 
     def dense_kwargs(self) -> dict:
@@ -145,13 +147,25 @@ class DLRMTrainer:
         self.plan = plan_sharding(model, env, batch_size, constraints, sharders, storage_reservation)
         self.model: DistributedModelParallel = shard_model(model, env, self.plan, sharders)
         init_embedding_shards(self.model, EBC_FQN, model_config.tables(), seed)
+        self._optimizers = self._unfused_optimizers(optim_config)
+        self.optimizer = CombinedOptimizer([self.model.fused_optimizer, *self._optimizers])
+
+    def _unfused_optimizers(self, optim_config: OptimConfig) -> List[KeyedOptimizerWrapper]:
+        """The optimizers of the parameters the fused TBE optimizer does not step: the dense
+        layers (the dense optimizer), and the tables DMP shards data-parallel (plain replicated
+        parameters, which the optimizer declared in backward does not reach: the embedding
+        optimizer at the embedding learning rate, as the other tables)."""
+        params = dict(in_backward_optimizer_filter(self.model.named_parameters()))
+        tables = {k: v for k, v in params.items() if k.startswith(EBC_FQN + ".") or f".{EBC_FQN}." in k}
+        dense = {k: v for k, v in params.items() if k not in tables}
         dense_cls = DENSE_OPTIMIZERS[optim_config.dense_optimizer]
         dense_kwargs = optim_config.dense_kwargs()
-        dense_opt = KeyedOptimizerWrapper(
-            dict(in_backward_optimizer_filter(self.model.named_parameters())),
-            lambda params: dense_cls(params, **dense_kwargs),
-        )
-        self.optimizer = CombinedOptimizer([self.model.fused_optimizer, dense_opt])
+        out = [KeyedOptimizerWrapper(dense, lambda ps: dense_cls(ps, **dense_kwargs))]
+        if tables:
+            table_cls = EMBEDDING_OPTIMIZERS[optim_config.embedding_optimizer]
+            table_kwargs = optim_config.embedding_kwargs()
+            out.append(KeyedOptimizerWrapper(tables, lambda ps: table_cls(ps, **table_kwargs)))
+        return out
 
     def planning_options(self, tables: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         """The planner options this trainer was built with (``constraints``, ``sharders``,
@@ -169,6 +183,18 @@ class DLRMTrainer:
         """``{"model", "optim"}``: the sharded model's and the combined optimizer's state
         (``ShardedTensor`` shards for the embedding tables and the fused optimizer)."""
         return {"model": self.model.state_dict(), "optim": self.optimizer.state_dict()}
+
+    def state_dict_to_load(self) -> Dict[str, Dict]:
+        """The target of a checkpoint load: :meth:`state_dict` with every optimizer's state made.
+        Adam makes its moments and step count at its first step, and DCP loads only the keys its
+        target holds: a resumed Adam restarted from zero moments, silently.  Its state is made by
+        a step of zero gradients (the parameters do not move), then overwritten by the load."""
+        for opt in self._optimizers:
+            if any(p.requires_grad and p not in opt.state for p in opt.params.values()):
+                opt.init_state()
+                for p in opt.params.values():
+                    p.grad = None
+        return self.state_dict()
 
     def load_state_dict(self, state: Dict[str, Dict]) -> None:
         self.model.load_state_dict(state["model"])
