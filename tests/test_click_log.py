@@ -256,7 +256,7 @@ def test_reader_streams_with_bounded_memory(tmp_path: Path) -> None:
         tracemalloc.stop()
         return p
 
-    small, big = peak(2_000), peak(20_000)
+    small, big = peak(1_000), peak(10_000)
     assert big < 1.5 * small  # 10x the lines, not 10x the memory
 
 

@@ -110,6 +110,39 @@ def tables_of(recipe_args: List[str]):
     return [(t.num_embeddings, t.embedding_dim) for t in config.tables()]
 
 
+def planned_runs(methods: List[str], saved_fractions: List[float]) -> List[tuple]:
+    """The pipeline runs of one seed: ``(method, point label, run name, its flags, whether it
+    shares the seed's trained model)`` for each method and point."""
+    todo = []
+    for saved in saved_fractions:
+        budget = f"{1 - saved:.4g}"
+        if "shark" in methods:
+            todo.append(("shark", f"{saved:.0%}", f"shark_{budget}",
+                         ["--quant_budget_fraction", budget, *SHARED_TIERS], True))
+        if "shark-drop" in methods:
+            todo.append(("shark-drop", f"{saved:.0%}", f"shark-drop_{budget}",
+                         ["--quant_budget_fraction", budget, *DROP_TIERS], True))
+        if "shark-lsq" in methods:
+            todo.append(("shark-lsq", f"{saved:.0%}", f"shark-lsq_{budget}",
+                         ["--quant_budget_fraction", budget, *SHARED_TIERS, *LSQ], True))
+        if "frequency" in methods:
+            todo.append(("frequency", f"{saved:.0%}", f"frequency_{budget}",
+                         ["--quant_budget_fraction", budget, *SHARED_TIERS, "--row_priority", "frequency"], True))
+    if "uniform" in methods:
+        for tier in UNIFORM_TIERS:
+            todo.append((f"uniform {tier}", tier, f"uniform_{tier}", ["--quant_fractions", f"{tier}=1"], True))
+    if "uniform-lsq" in methods:
+        for tier in LSQ_UNIFORM_TIERS:
+            todo.append((f"uniform-lsq {tier}", tier, f"uniform-lsq_{tier}",
+                         ["--quant_fractions", f"{tier}=1", *LSQ], True))
+    if "hashed" in methods:
+        for saved in saved_fractions:
+            frac = f"{1 - saved:.4g}"
+            todo.append(("hashed", f"{saved:.0%}", f"hashed_{frac}",
+                         ["--hash_rows_fraction", frac, "--quant_fractions", "fp32=1"], False))
+    return todo
+
+
 def main() -> None:
     own, recipe_args = split_recipe_args(sys.argv[1:])
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -148,33 +181,7 @@ def main() -> None:
         runs: Dict[tuple, tuple] = {}  # (method, point) -> (run dir, which model, bytes saved)
         first = None  # the run whose reference (the uncompressed model, fine-tuned) the others are paired with
         sharing = StageSharing(STAGES)
-        todo = []
-        for saved in args.saved:
-            budget = f"{1 - saved:.4g}"
-            if "shark" in methods:
-                todo.append(("shark", f"{saved:.0%}", f"shark_{budget}",
-                             ["--quant_budget_fraction", budget, *SHARED_TIERS], True))
-            if "shark-drop" in methods:
-                todo.append(("shark-drop", f"{saved:.0%}", f"shark-drop_{budget}",
-                             ["--quant_budget_fraction", budget, *DROP_TIERS], True))
-            if "shark-lsq" in methods:
-                todo.append(("shark-lsq", f"{saved:.0%}", f"shark-lsq_{budget}",
-                             ["--quant_budget_fraction", budget, *SHARED_TIERS, *LSQ], True))
-            if "frequency" in methods:
-                todo.append(("frequency", f"{saved:.0%}", f"frequency_{budget}",
-                             ["--quant_budget_fraction", budget, *SHARED_TIERS, "--row_priority", "frequency"], True))
-        if "uniform" in methods:
-            for tier in UNIFORM_TIERS:
-                todo.append((f"uniform {tier}", tier, f"uniform_{tier}", ["--quant_fractions", f"{tier}=1"], True))
-        if "uniform-lsq" in methods:
-            for tier in LSQ_UNIFORM_TIERS:
-                todo.append((f"uniform-lsq {tier}", tier, f"uniform-lsq_{tier}",
-                             ["--quant_fractions", f"{tier}=1", *LSQ], True))
-        if "hashed" in methods:
-            for saved in args.saved:
-                frac = f"{1 - saved:.4g}"
-                todo.append(("hashed", f"{saved:.0%}", f"hashed_{frac}",
-                             ["--hash_rows_fraction", frac, "--quant_fractions", "fp32=1"], False))
+        todo = planned_runs(methods, args.saved)
         # Runs already finished in OUT (from an interrupted run, or kept from an earlier round
         # when only some methods are redone) lend their stages first: whichever run comes first
         # then finds this seed's trained model instead of training it again.
