@@ -216,6 +216,16 @@ def verdict(delta: float, ci: Sequence[float], tolerance: float = 0.002) -> str:
     return f"ΔAUC {delta:+.4f} [{lo:+.4f}, {hi:+.4f}]: {kind}; {bound}"
 
 
+def _t975(df: int) -> float:
+    """Student's t 97.5% quantile: the table up to 30 degrees of freedom, then the
+    Cornish-Fisher expansion around the normal's (within 1e-4 from 30 on; t(30) for every larger
+    ``df`` made the intervals of many seeds up to 2% too wide)."""
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959963984540054
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
 @dataclass
 class SeedSummary:
     """Mean, sample standard deviation, range and a t-interval of the mean over seeds."""
@@ -239,7 +249,7 @@ def summarize_seeds(values: Iterable[float], level: float = 0.95) -> SeedSummary
     mean = sum(v) / len(v)
     std = math.sqrt(sum((x - mean) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else float("nan")
     if len(v) > 1 and level == 0.95:
-        half = _T975[min(len(v) - 2, len(_T975) - 1)] * std / math.sqrt(len(v))
+        half = _t975(len(v) - 1) * std / math.sqrt(len(v))
         ci = [mean - half, mean + half]
     else:
         ci = [float("nan"), float("nan")]

@@ -125,3 +125,13 @@ def test_stage_auc_ranks_large_logits_as_the_paired_comparison_does() -> None:
     # (torchmetrics returns float32)
     assert out["auc"] == pytest.approx(auc(logits.numpy(), labels.numpy()), abs=1e-6)
     assert out["auc"] == pytest.approx(_pairs_auc(logits.numpy(), labels.numpy()), abs=1e-6)
+
+
+def test_seed_interval_uses_the_t_quantile_of_its_degrees_of_freedom() -> None:
+    """Beyond 31 seeds the interval used t(30) = 2.042; t(60) is 2.000298 (a table's value)."""
+    values = [float(i % 7) for i in range(61)]
+    s = summarize_seeds(values)
+    half = (s.ci[1] - s.ci[0]) / 2
+    assert half == pytest.approx(2.000298 * s.std / np.sqrt(61), rel=2e-5)
+    few = summarize_seeds([1.0, 2.0, 4.0])
+    assert (few.ci[1] - few.ci[0]) / 2 == pytest.approx(4.303 * few.std / np.sqrt(3), rel=1e-12)
