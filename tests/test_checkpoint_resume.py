@@ -98,3 +98,22 @@ def test_optimizer_states_resume_and_data_parallel_tables_take_the_embedding_opt
     assert r["adam"]["max_diff"] == 0.0
     for kind in ("table_wise", "data_parallel"):
         assert r["data_parallel"][kind]["embedding_lr"] < 1e-6 < r["data_parallel"][kind]["dense_lr"], r
+
+
+def test_a_step_saved_again_gets_its_own_directory(tmp_path: Path) -> None:
+    """Saving the step ``latest`` names again (mid-epoch, then at the epoch's end) rewrote that
+    checkpoint in place (interrupted, it was half-written where ``latest`` points); now each save
+    has its own directory, and ``latest`` moves only once it is complete."""
+    import torch as t
+
+    from shark_torchrec.training.checkpoint import CheckpointManager
+
+    ckpt = CheckpointManager(str(tmp_path), {"model": 1}, keep=3)
+    first = ckpt.save({"w": t.zeros(3)}, {"global_step": 12, "epoch": 0})
+    second = ckpt.save({"w": t.ones(3)}, {"global_step": 12, "epoch": 1})
+    assert first != second and second.endswith("step_00000012.1") and ckpt.latest() == second
+    state = {"w": t.zeros(3)}
+    assert ckpt.load(state)["epoch"] == 1 and t.equal(state["w"], t.ones(3))
+    state = {"w": t.ones(3)}
+    ckpt.load(state, first)
+    assert t.equal(state["w"], t.zeros(3))  # the first save is as it was written

@@ -9,6 +9,7 @@ Layout under ``root``::
 
     step_00000120/        DCP files (one per rank) + .metadata
     step_00000120/meta.json  progress and the config fingerprint (written by rank 0)
+    step_00000120.1/      the same step saved again (an epoch's end right after a save)
     latest                the name of the newest complete checkpoint
 
 ``latest`` is rewritten only after every rank has finished writing, so an interrupted save
@@ -71,15 +72,25 @@ class CheckpointManager:
 
     def save(self, state: Dict[str, Any], progress: Dict[str, Any]) -> str:
         """Write ``state`` (model/optimizer state dicts) and ``progress`` as a new checkpoint."""
-        name = f"step_{int(progress['global_step']):08d}"
+        step = f"step_{int(progress['global_step']):08d}"
+        name, again = step, 0
+        # A step saved before (mid-epoch, then again at the epoch's end) gets a directory of its
+        # own: rewriting the one ``latest`` names in place would leave it half-written if the
+        # save were interrupted.  (Every rank chooses before rank 0 creates it.)
+        while os.path.exists(os.path.join(self.root, name)):
+            again += 1
+            name = f"{step}.{again}"
         path = os.path.join(self.root, name)
+        self._barrier()
         if self._rank0():
             os.makedirs(path, exist_ok=True)
         self._barrier()
         dcp.save(state, checkpoint_id=path)
         if self._rank0():
-            with open(os.path.join(path, "meta.json"), "w") as f:
+            meta = os.path.join(path, "meta.json")
+            with open(meta + ".tmp", "w") as f:
                 json.dump({"progress": progress, "fingerprint": self.fingerprint}, f, indent=1)
+            os.replace(meta + ".tmp", meta)
             tmp = os.path.join(self.root, "latest.tmp")
             with open(tmp, "w") as f:
                 f.write(name)
