@@ -418,16 +418,14 @@ def _quant_config(quant: QuantSection, overrides, kept, device: torch.device) ->
     import dataclasses
 
     align = row_alignment(quant, device)
+    # (with --quant_fractions too, the run's tiers: those a table's own budget from the overrides
+    # file may use; the config's default would let it drop rows)
+    common = dict(tiers=quant.tier_names, drop_rows=quant.drop_rows, row_alignment=align,
+                  row_fit=quant.quant_row_fit, shared_sample_rows=quant.quant_shared_sample_rows)
     if quant.quant_fractions:
-        # (the tiers a table's own budget from the overrides file may use: the run's, as without
-        # --quant_fractions; the config's default would let it drop rows)
-        config = RowwiseQuantConfig(fractions=dict(quant.quant_fractions), tiers=quant.tier_names,
-                                    drop_rows=quant.drop_rows, row_alignment=align, row_fit=quant.quant_row_fit,
-                                    shared_sample_rows=quant.quant_shared_sample_rows)
+        config = RowwiseQuantConfig(fractions=dict(quant.quant_fractions), **common)
     else:
-        config = RowwiseQuantConfig(budget_fraction=quant.budget_fraction, tiers=quant.tier_names,
-                                    drop_rows=quant.drop_rows, row_alignment=align, row_fit=quant.quant_row_fit,
-                                    shared_sample_rows=quant.quant_shared_sample_rows)
+        config = RowwiseQuantConfig(budget_fraction=quant.budget_fraction, **common)
     if overrides is None:
         return config
     merged = overrides.quant_config(config)

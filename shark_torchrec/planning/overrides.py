@@ -125,6 +125,7 @@ def parse_overrides(doc: Any, tables: Sequence[EmbeddingBagConfig], source: str 
     names = [t.name for t in tables]
     per_table: Dict[str, Dict[str, Any]] = {}
     compression: Dict[str, Dict[str, Any]] = {}
+    features = {t.name: len(t.feature_names) for t in tables}
     for pattern, settings in entries.items():
         where = f"tables.{pattern}"
         # (a table's own name is itself, even where it holds glob characters: "user[1]")
@@ -138,7 +139,6 @@ def parse_overrides(doc: Any, tables: Sequence[EmbeddingBagConfig], source: str 
             _fail(source, where, f"unknown keys {unknown} (known: {sorted(_CONSTRAINT_KEYS)} and 'compression')")
         planner = {k: _check_constraint(source, f"{where}.{k}", k, v) for k, v in settings.items() if k != "compression"}
         comp = _check_compression(source, f"{where}.compression", settings.get("compression"))
-        features = {t.name: len(t.feature_names) for t in tables}
         for n in matched:
             per_table.setdefault(n, {}).update(_per_feature(source, where, n, features[n], planner))
             acc = compression.setdefault(n, {})

@@ -113,7 +113,7 @@ class _Assigner:
         # (table, row_offset) -> the centroids of a group led here (SHARED rows' reads)
         self.shared: Dict[Tuple[str, int], SharedRows] = {}
         self.seed = 0
-        self._samples: Dict[Tuple[str, int], Optional[torch.Tensor]] = {}
+        self._samples: Dict[Tuple[str, int], torch.Tensor] = {}  # (table, row_offset) -> sample_rows
 
     def check_seen(self, tables: Sequence[str]) -> None:
         """Collective: refuse priorities that are zero in every one of ``tables`` (no training

@@ -171,7 +171,7 @@ def _check_disjoint(train: List[str], held_out: Dict[str, List[str]], given: boo
     (e.g. the Criteo 1TB days, whose ``day_*`` are all train files, with ``--test_files
     DIR/day_23``): its rows would be trained on and then scored as held out.  Where the train
     files are ``given`` by name (``--train_files``), the overlap was asked for: a warning."""
-    seen = {os.path.realpath(p): p for p in train}
+    seen = {os.path.realpath(p) for p in train}
     for split, files in held_out.items():
         both = [p for p in files if os.path.realpath(p) in seen]
         if both and given:

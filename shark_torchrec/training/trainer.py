@@ -156,7 +156,7 @@ class DLRMTrainer:
         parameters, which the optimizer declared in backward does not reach: the embedding
         optimizer at the embedding learning rate, as the other tables)."""
         params = dict(in_backward_optimizer_filter(self.model.named_parameters()))
-        tables = {k: v for k, v in params.items() if k.startswith(EBC_FQN + ".") or f".{EBC_FQN}." in k}
+        tables = {k: v for k, v in params.items() if f"{EBC_FQN}." in k}  # (under DMP's wrapper too)
         dense = {k: v for k, v in params.items() if k not in tables}
         dense_cls = DENSE_OPTIMIZERS[optim_config.dense_optimizer]
         dense_kwargs = optim_config.dense_kwargs()
