@@ -102,3 +102,29 @@ def test_simulated_rows_are_fitted_as_the_assignment_stored_them() -> None:
             torch.testing.assert_close(m(kjt)["f"], real, rtol=1e-6, atol=1e-6)
         with simulated_tiers(ebc, q.assignment.tiers) as m:  # min/max rows: another model
             assert not torch.allclose(m(kjt)["f"], real, atol=1e-3)
+
+
+def test_shared_rows_read_as_their_centroids_and_bad_tier_indices_are_refused() -> None:
+    """With the SHARED tier (the default policy) the simulation reads each SHARED row as its
+    centroid (``shared=assignment.shared``): the quantized model's logits.  Without the
+    centroids it says so (a KeyError before); a tier index outside TIER_ORDER (read as fp32,
+    silently, before) is an error naming the table and row."""
+    model = _dlrm().eval()
+    mixed = copy.deepcopy(model)
+    priorities = {f"t{i}": torch.rand(300, generator=torch.Generator().manual_seed(i)) ** 3 for i in range(3)}
+    quantize_(mixed, RowwiseQuantConfig(budget_fraction=0.3, tiers=("fp16", "int8", "int4", "int2", "shared"),
+                                        row_alignment=1), priorities=priorities)
+    mixed.eval()
+    a = mixed.model.sparse_arch.embedding_bag_collection.assignment
+    assert any(bool((t == TIER_ORDER.index(Tier.SHARED)).any()) for t in a.tiers.values())
+    batches = [SyntheticClickDataset(CFG, 128, 1).global_batch(i) for i in range(4)]
+    with simulated_tiers(model, a.tiers, shared=a.shared, row_fit=a.row_fit):
+        torch.testing.assert_close(_logits(model, batches), _logits(mixed, batches), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"has SHARED rows: pass the assignment's centroids"):
+        with simulated_tiers(model, a.tiers):
+            pass
+    bad = {n: t.clone() for n, t in a.tiers.items()}
+    bad["t1"][7] = 9
+    with pytest.raises(ValueError, match=r"table 't1': row 7 has tier index 9"):
+        with simulated_tiers(model, bad, shared=a.shared):
+            pass

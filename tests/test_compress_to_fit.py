@@ -185,3 +185,20 @@ def test_the_mix_holds_the_budget_with_its_padding() -> None:
         mix = choose_compression(tables, budget)
         total = sum(c.bytes for c in mix.values())
         assert budget * 0.98 < total <= budget, (fraction, total, budget)
+
+
+def test_a_budget_no_price_meets_is_a_budget_error_not_a_hang() -> None:
+    """lowest_price raised its upper price for ever (to inf) where no price met the budget:
+    reached by choose_compression when the padding's excess takes the rows' target below the
+    least they can take.  Now a BudgetError; a budget a little larger fits."""
+    from torchrec import EmbeddingBagConfig
+
+    from shark_torchrec.quant.tiers import BudgetError, lowest_price
+
+    with pytest.raises(BudgetError, match=r"no price per byte brings the bytes within the budget of 50"):
+        lowest_price(lambda lam: 100.0, 50.0)
+    t = EmbeddingBagConfig(name="t", embedding_dim=64, num_embeddings=1001, feature_names=["f"])
+    for budget in (81460, 81500):
+        with pytest.raises(BudgetError, match=rf"cannot fit {budget} bytes once their sub-tables and id maps"):
+            choose_compression([t], budget, tiers=("fp16", "int8"))
+    assert choose_compression([t], 81520, tiers=("fp16", "int8"))["t"].bytes <= 81520

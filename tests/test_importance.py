@@ -312,3 +312,46 @@ def test_batch_mean_is_summed_in_float64() -> None:
     assert sums.dtype == torch.float64
     torch.testing.assert_close(sums, want, rtol=1e-12, atol=1e-9)
     assert torch.equal(lo, e.amin(0)) and torch.equal(hi, e.amax(0))
+
+
+def test_table_scores_refuse_a_feature_never_scored_whatever_the_order() -> None:
+    """``max`` of a NaN (a feature no batch reached) and a number gave the number or NaN by
+    their order: the table's score depended on its features' order.  Now an error naming it."""
+    from shark_torchrec.importance import table_scores
+
+    for order in (["seen", "unseen"], ["unseen", "seen"]):
+        t = EmbeddingBagConfig(name="t", embedding_dim=4, num_embeddings=10, feature_names=order)
+        with pytest.raises(ValueError, match=r"table 't': no score for features \['unseen'\] \(no data seen\)"):
+            table_scores({"seen": 0.5, "unseen": float("nan")}, [t])
+
+
+def test_collection_paths_are_the_same_sharded_or_not() -> None:
+    """DMP's ``_dmp_wrapped_module.`` prefix is stripped as DDP's ``module.`` is: a state saved
+    unsharded loads into the sharded model and back (its paths differed), and a state saved
+    with the prefix (before) loads."""
+    from shark_torchrec.importance.base import _strip
+
+    assert _strip("_dmp_wrapped_module.module.model.sparse_arch.ebc") == "model.sparse_arch.ebc"
+    assert _strip("module._dmp_wrapped_module.ebc") == "ebc"
+    model = _model()
+    t = TaylorFieldImportance(model, baseline="mean")
+    with t:
+        for b in _batches(2):
+            model(b)[0].backward()
+    state = t.state_dict()
+    state["collections"] = {"_dmp_wrapped_module." + k: v for k, v in state["collections"].items()}
+    again = TaylorFieldImportance(model, baseline="mean")
+    again.load_state_dict(state)
+    assert again.scores() == t.scores()
+
+
+def test_a_global_batch_of_one_sample_is_logged(caplog) -> None:
+    """One sample varies in nothing: such steps score nothing (the gate), and the log says so."""
+    import logging
+
+    model = _model()
+    t = TaylorFieldImportance(model, baseline="mean")
+    with caplog.at_level(logging.WARNING, logger="shark_torchrec.importance.taylor"), t:
+        model(_batches(1, B=1)[0])[0].backward()
+        t.scores()
+    assert "a global batch of 1 sample(s): no field varies within it" in caplog.text

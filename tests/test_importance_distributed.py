@@ -44,3 +44,10 @@ def test_every_baseline_ranks_planted_fields_above_noise(tmp_path: Path) -> None
         lowest_planted = min(scores[f] for f in run["informative"])
         highest_noise = max(scores[f] for f in run["noise"])
         assert lowest_planted > highest_noise, (baseline, scores)
+
+
+def test_a_sharded_feature_processed_collection_is_refused() -> None:
+    """No forward hook sees a batch of a DMP-sharded FeatureProcessedEmbeddingBagCollection
+    (every score was NaN, silently): the tracker refuses it; the unsharded one is scored."""
+    proc = run_torchrun(ROOT / "tests" / "scripts" / "fp_ebc_sharded_run.py", [], nproc=1)
+    assert "refused: the collection at" in proc.stdout

@@ -702,3 +702,64 @@ def test_stored_rows_of_another_shape_are_refused_not_broadcast() -> None:
         group._set_weights("t@fp16", (w[:2, :1].clone(), None), 0)
     with pytest.raises(ValueError, match=r"sub-table 't@fp16': rows of shape \(3, 16\) from row 1 do not fit"):
         group._set_weights("t@fp16", (torch.zeros(3, w.shape[1], dtype=w.dtype), None), 1)
+
+
+@pytest.mark.parametrize("lookup", LOOKUPS)
+def test_rows_beyond_fp16_range_are_refused_where_their_tier_cannot_store_them(lookup, monkeypatch) -> None:
+    """A finite row beyond FP16's range (+-65504) stored FP16 read as inf, and stored INT8 with a
+    minimum below -65504 read as NaN (its fp16 bias overflowed): an error naming the table, row
+    and tier, by the conversion kernel and by the torch path alike; fp32 stores it."""
+    if lookup == "fbgemm":  # (the torch/FBGEMM conversion, where no kernel runs)
+        monkeypatch.setattr(mixed_ebc, "cpu_kernel_available", lambda: False)
+    elif not cpu_kernel_available():
+        pytest.skip("the CPU kernels could not be built here")
+    c = EmbeddingBagConfig(name="t", embedding_dim=8, num_embeddings=6, feature_names=["f"])
+    w = torch.randn(6, 8) * 0.1
+    w[2, 3] = 1e5
+    w[4, 1] = -1e5
+    for tier, row in ((Tier.FP16, 2), (Tier.INT8, 4), (Tier.INT2, 4)):
+        t = torch.full((6,), TIER_ORDER.index(Tier.FP32), dtype=torch.int8)
+        t[row] = TIER_ORDER.index(tier)
+        with pytest.raises(ValueError, match=rf"table 't': row {row} .*beyond FP16's range.*{tier.value}"):
+            RowwiseMixedEmbeddingBagCollection.from_weights([c], {"t": w}, {"t": t})
+    t = torch.full((6,), TIER_ORDER.index(Tier.INT8), dtype=torch.int8)
+    t[[2, 4]] = TIER_ORDER.index(Tier.FP32)
+    m = _use(RowwiseMixedEmbeddingBagCollection.from_weights([c], {"t": w}, {"t": t}), lookup)
+    out = m(KeyedJaggedTensor.from_lengths_sync(["f"], torch.arange(6), torch.ones(6, dtype=torch.long)))["f"]
+    assert torch.equal(out[2], w[2]) and torch.equal(out[4], w[4])
+
+
+def test_tier_indices_and_centroid_indices_outside_their_range_are_refused() -> None:
+    """A tier index outside TIER_ORDER, and a SHARED row's centroid index outside its table's
+    centroids (it read as another tier's row), are errors naming the table."""
+    c = EmbeddingBagConfig(name="t", embedding_dim=8, num_embeddings=8, feature_names=["f"])
+    w = torch.randn(8, 8)
+    bad = torch.zeros(8, dtype=torch.int8)
+    bad[5] = 9
+    with pytest.raises(ValueError, match=r"table 't': row 5 has tier index 9"):
+        RowwiseMixedEmbeddingBagCollection.from_weights([c], {"t": w}, {"t": bad})
+    tiers = torch.full((8,), TIER_ORDER.index(Tier.SHARED), dtype=torch.int8)
+    tiers[:2] = TIER_ORDER.index(Tier.INT8)
+    s = cluster_rows(w, None, 2)
+    for wrong in (2, -1):
+        s.index[4] = wrong
+        with pytest.raises(ValueError, match=rf"table 't': a SHARED row's centroid index {wrong} is outside its 2"):
+            RowwiseMixedEmbeddingBagCollection.from_weights([c], {"t": w}, {"t": tiers}, shared={"t": s})
+
+
+@pytest.mark.parametrize("lookup", LOOKUPS)
+def test_offsets_not_from_zero_and_outputs_of_another_width_are_refused(lookup) -> None:
+    """A KJT whose offsets start past 0 (the fused kernel pooled from there; TorchRec raises),
+    and ``pooled_into`` an output wider than the collection's (the kernel wrote part of it)."""
+    tables, ebc, a = _setup()
+    m = _use(RowwiseMixedEmbeddingBagCollection.from_float(ebc, a), lookup)
+    keys = ["cat_0", "cat_1", "cat_2"]
+    kjt = KeyedJaggedTensor(keys=keys, values=torch.arange(5), offsets=torch.tensor([2, 3, 3, 3, 4, 5, 5]))
+    with pytest.raises(ValueError, match=r"offsets must start at 0, got 2"):
+        m(kjt)
+    good = KeyedJaggedTensor(keys=keys, values=torch.arange(3), lengths=torch.tensor([1, 0, 1, 0, 0, 1]))
+    width = m(good).values().shape[1]
+    with pytest.raises(ValueError, match=rf"out must be \[2, {width}\]"):
+        m.pooled_into(good, torch.zeros(2, width + 5))
+    out = torch.zeros(2, width)
+    assert torch.equal(m.pooled_into(good, out), m(good).values())

@@ -210,3 +210,22 @@ def test_sharded_over_two_processes_equals_one(tmp_path) -> None:
     for c in channels:
         for t, p in one.priorities(c).items():
             torch.testing.assert_close(resumed.priorities(c)[t], p, rtol=1e-6, atol=1e-12)
+
+
+def test_rows_asked_outside_a_table_are_refused_not_clipped() -> None:
+    """``rows`` answered a request reaching past a table with the part inside it (shorter than
+    asked, silently): an error naming the table and rows, as for a table not tracked."""
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    rp = RowPriority(_tables())
+    kjt = KeyedJaggedTensor.from_lengths_sync(["cat_0", "cat_1", "cat_2"], torch.tensor([1, 39, 3]),
+                                              torch.tensor([1, 1, 1]))
+    rp.update(kjt, torch.tensor([1.0]))
+    (inside,) = rp.rows([("t1", 30, 10)])
+    assert inside.numel() == 10 and float(inside[9]) == rp.priorities()["t1"][39]
+    for bad in (("t1", 35, 10), ("t1", -3, 5), ("t1", 41, 1)):
+        with pytest.raises(ValueError, match=rf"rank 0 asked for rows {bad[1]}\.\.{bad[1] + bad[2]} of table 't1', "
+                                             r"which has 40"):
+            rp.rows([bad])
+    with pytest.raises(KeyError, match=r"table 'tx', not tracked"):
+        rp.rows([("tx", 0, 1)])

@@ -90,3 +90,43 @@ def test_inside_a_model_the_names_take_its_prefix() -> None:
     twin = torch.nn.ModuleDict({"ebc": RowwiseMixedEmbeddingBagCollection(m.layout)})
     twin.load_state_dict(state)
     assert torch.equal(twin["ebc"](kjt).values(), m(kjt).values())
+
+
+def test_an_id_map_entry_past_the_stored_rows_is_named() -> None:
+    """A loaded id map (of the right size) whose entry points past the table's stored rows: the
+    fused kernel read outside its sub-tables (garbage, different each run).  An error naming
+    the table and row; the map as saved loads."""
+    from shark_torchrec.quant import id_map
+
+    m, kjt = _collection()
+    state = m.state_dict()
+    key = "embedding_bags.t2.id_map"
+    bits = m.groups[0].input_transform.table_bits.get("t2") or m.groups[1].input_transform.table_bits["t2"]
+    raw = state[key].clone()
+    entries = id_map.decode(raw, bits, 700)
+    assert int(entries.max()) < 700
+    bad = torch.zeros(raw.numel() + 8, dtype=torch.uint8)
+    bad[:raw.numel()] = raw
+    id_map.write(bad, 0, torch.tensor([123]), torch.tensor([(1 << bits) - 1]), bits)
+    state[key] = bad[:raw.numel()].clone()
+    with pytest.raises(ValueError, match=rf"table 't2': the id map's entry of row 123 is {(1 << bits) - 1}, past its "
+                                         r"700 stored rows"):
+        RowwiseMixedEmbeddingBagCollection(m.layout).load_state_dict(state)
+    state[key] = raw
+    fresh = RowwiseMixedEmbeddingBagCollection(m.layout)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh(kjt).values(), m(kjt).values())
+
+
+def test_a_table_named_with_an_at_sign_round_trips() -> None:
+    """Sub-tables are named ``<table>@<tier>``: a table whose own name holds "@" was split at
+    its first "@" on load (missing and unexpected keys)."""
+    torch.manual_seed(0)
+    tables = [EmbeddingBagConfig(name="user@v2", embedding_dim=8, num_embeddings=40, feature_names=["f"])]
+    ebc = EmbeddingBagCollection(tables=tables)
+    a = assign_by_fractions({"user@v2": torch.rand(40)}, {"user@v2": 8}, {"fp16": 0.5, "int8": 0.5})
+    m = RowwiseMixedEmbeddingBagCollection.from_float(ebc, a)
+    kjt = KeyedJaggedTensor.from_lengths_sync(["f"], torch.tensor([1, 39, 7]), torch.tensor([2, 1]))
+    fresh = RowwiseMixedEmbeddingBagCollection(m.layout)
+    fresh.load_state_dict(m.state_dict())
+    assert torch.equal(fresh(kjt).values(), m(kjt).values())

@@ -120,3 +120,67 @@ def test_drop_rows_unused_drops_only_rows_never_read() -> None:
         assign_by_budget(p, w, 300 * int2 - 1, drop_rows="unused")
     with pytest.raises(ValueError, match="drop_rows must be 'any' or 'unused'"):
         assign_by_budget(p, w, budget, drop_rows="used")
+
+
+def test_tiers_do_not_depend_on_the_priorities_scale() -> None:
+    """Scaling every priority by one constant leaves the problem as it was: the same tiers,
+    budget and weighted error (over 1e-44 .. 1e300, where the float32 breakpoints underflowed to
+    0 or overflowed to inf before: every row dropped with room to spare), in assign_by_budget
+    and in the budget of quantize_'s policy alike."""
+    from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+
+    from shark_torchrec.quant import RowwiseQuantConfig, assign_tiers
+
+    torch.manual_seed(0)
+    w = torch.randn(2000, 16) * 0.05
+    p0 = (torch.rand(2000) + 0.01).double()
+    budget = 2000 * row_bytes(Tier.INT4, 16, 16)
+    ref = assign_by_budget({"t": p0}, {"t": w}, budget)
+    ebc = EmbeddingBagCollection(tables=[EmbeddingBagConfig(name="t", embedding_dim=16, num_embeddings=2000,
+                                                            feature_names=["f"])])
+    with torch.no_grad():
+        ebc.embedding_bags["t"].weight.copy_(w)
+    config = RowwiseQuantConfig(budget_fraction=0.3, row_alignment=1, tiers=("fp16", "int8", "int4", "int2", "drop"))
+    ref_policy = assign_tiers(ebc, config, priorities={"t": p0})
+    assert len(set(ref.tiers["t"].tolist())) > 1  # (a mix: what could change)
+    for c in (1e-44, 1e-40, 1e-20, 1e20, 1e40, 1e300):
+        a = assign_by_budget({"t": p0 * c}, {"t": w}, budget)
+        assert torch.equal(a.tiers["t"], ref.tiers["t"]), c
+        assert a.details["lambda"] == pytest.approx(ref.details["lambda"] * c, rel=1e-6)
+        b = assign_tiers(ebc, config, priorities={"t": p0 * c})
+        assert torch.equal(b.tiers["t"], ref_policy.tiers["t"]), c
+
+
+def test_rows_beyond_fp16_range_take_a_tier_that_stores_them_or_are_named() -> None:
+    """A finite row beyond FP16's range cannot be stored FP16 (it reads inf), nor INT with a
+    minimum below -65504 (its fp16 bias overflows): with priority 0 it took FP16 (0 * inf was
+    NaN, which no cost beat); now such tiers are closed to it.  Where none is open, the error
+    names the table and row and says why; a row within range but with DROP closed to it by
+    drop_rows='unused' and no other tier is refused up front."""
+    w = torch.randn(4, 8) * 0.1
+    w[0, 3] = 7e4  # positive: INT rows still store it (bias = its minimum)
+    w[1, 3] = -7e4  # negative: only FP32 or DROP
+    p = torch.tensor([1.0, 1.0, 1.0, 0.0]).double()
+    w[3] = w[0]
+    a = assign_by_budget({"t": p}, {"t": w}, budget_bytes=10 ** 6)
+    got = [TIER_ORDER[i] for i in a.tiers["t"].tolist()]
+    assert got[0] is not Tier.FP16 and got[3] is not Tier.FP16  # (priority 0: FP16 before)
+    assert got[1] in (Tier.DROP, Tier.FP32) and got[2] is Tier.FP16
+    with_fp32 = assign_by_budget({"t": p}, {"t": w}, budget_bytes=10 ** 6, tiers=("fp32", "fp16", "int8"))
+    assert TIER_ORDER[int(with_fp32.tiers["t"][1])] is Tier.FP32
+    with pytest.raises(ValueError, match=r"table 't': row 1 of the weights holds 70000, beyond FP16's range"):
+        assign_by_budget({"t": p}, {"t": w}, budget_bytes=10 ** 6, tiers=("fp16", "int8", "int4"))
+    with pytest.raises(ValueError, match=r"drop_rows='unused' closes DROP to rows in use"):
+        assign_by_budget({"t": p}, {"t": w}, budget_bytes=10 ** 6, tiers=("drop",), drop_rows="unused")
+    from shark_torchrec.quant import RowwiseQuantConfig
+
+    with pytest.raises(ValueError, match=r"drop_rows='unused' closes DROP to rows in use"):
+        RowwiseQuantConfig(budget_fraction=0.5, tiers=("drop",), drop_rows="unused")
+
+
+def test_priorities_of_another_shape_are_refused() -> None:
+    """Priorities [n, 1] were sorted along their last dim: every row ranked first, the tiers
+    garbage (rows left as torch.empty had them)."""
+    p = torch.rand(10)
+    with pytest.raises(ValueError, match=r"table 't': priorities must be one per row \(1-D\), got shape \(10, 1\)"):
+        assign_by_fractions({"t": p.reshape(10, 1)}, {"t": 8}, {"fp16": 0.3, "int4": 0.7})

@@ -42,12 +42,18 @@ class FieldImportance(abc.ABC):
 
 
 def table_scores(scores: Dict[str, float], tables: Sequence[EmbeddingBagConfig]) -> Dict[str, float]:
+    """Score per table: the highest of its features' ``scores``.  A feature with no score, or a
+    NaN one (no data seen), raises naming it (``max`` of a NaN and a number depends on their
+    order)."""
     out = {}
     for t in tables:
         known = [scores[f] for f in t.feature_names if f in scores]
         if len(known) != len(t.feature_names):
             missing = [f for f in t.feature_names if f not in scores]
             raise KeyError(f"table {t.name!r}: no score for features {missing}")
+        nan = [f for f in t.feature_names if math.isnan(scores[f])]
+        if nan:
+            raise ValueError(f"table {t.name!r}: no score for features {nan} (no data seen)")
         out[t.name] = max(known)
     return out
 
@@ -55,9 +61,20 @@ def table_scores(scores: Dict[str, float], tables: Sequence[EmbeddingBagConfig])
 def embedding_collections(model: nn.Module) -> Dict[str, nn.Module]:
     """Every TorchRec ``EmbeddingBagCollection`` in ``model``, plain or sharded, by module path
     (any DMP/DDP ``module.`` prefixes removed)."""
+    from torchrec.distributed.fp_embeddingbag import ShardedFeatureProcessedEmbeddingBagCollection
+
     found = {}
+    feature_processed = []
     for name, module in model.named_modules():
+        if isinstance(module, ShardedFeatureProcessedEmbeddingBagCollection):
+            feature_processed.append(name)
         if isinstance(module, (EmbeddingBagCollection, ShardedEmbeddingBagCollection)):
+            if any(name.startswith(p + ".") for p in feature_processed):
+                # (TorchRec calls its inner collection's input_dist and compute directly, never
+                # through the module: no forward hook would see a batch, every score NaN)
+                raise ValueError(f"the collection at {name!r} is inside a sharded "
+                                 "FeatureProcessedEmbeddingBagCollection, which no hook can track (not "
+                                 "supported yet; an unsharded one is)")
             found[_strip(name)] = module
     if not found:
         raise ValueError("the model holds no EmbeddingBagCollection (plain or sharded)")
@@ -72,9 +89,15 @@ def collection_tables(module: nn.Module) -> List[EmbeddingBagConfig]:
 
 
 def _strip(name: str) -> str:
-    while name.startswith("module."):  # DistributedModelParallel / DDP wrappers
-        name = name[len("module.") :]
-    return name
+    """``name`` without the prefixes of DistributedModelParallel (``_dmp_wrapped_module.``)
+    and DDP (``module.``): the same path sharded or not."""
+    while True:
+        for prefix in ("_dmp_wrapped_module.", "module."):
+            if name.startswith(prefix):
+                name = name[len(prefix):]
+                break
+        else:
+            return name
 
 
 def all_features(tables: Iterable[EmbeddingBagConfig]) -> List[str]:

@@ -372,6 +372,14 @@ class RowPriority:
         self._flush()
         mix = self._mix(mix)
         asked = self.comm.all_gather_object([(t, int(r0), int(n)) for t, r0, n in requests])
+        for rank, reqs in enumerate(asked):  # (checked on every rank alike: all raise, none waits)
+            for t, r0, n in reqs:
+                if t not in self._rows:
+                    raise KeyError(f"RowPriority.rows: rank {rank} asked for table {t!r}, not tracked "
+                                   f"(tables: {sorted(self._rows)})")
+                if r0 < 0 or n < 0 or r0 + n > self._rows[t]:  # (answered in part, silently, before)
+                    raise ValueError(f"RowPriority.rows: rank {rank} asked for rows {r0}..{r0 + n} of table {t!r}, "
+                                     f"which has {self._rows[t]}")
         sends = []
         mine = {t.name: self._mixed(t.name, mix) for t in self.tables}
         for reqs in asked:  # what each rank asked for, answered from the rows kept here

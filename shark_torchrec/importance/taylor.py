@@ -27,7 +27,11 @@ measure a constant offset that the model's biases absorb), so it scores exactly 
 baseline.  Without this gate, ``zero`` scores a constant field by ``|<g, e>|``, which is large
 because every sample's gradient reaches its one row; and a running mean over all past batches
 (this tracker's earlier ``mean`` baseline) drifts away from the constant row as training moves
-it, so ``mean`` scored constant fields above informative ones on real logs.
+it, so ``mean`` scored constant fields above informative ones on real logs.  The gate is per
+global batch: under ``mean`` and ``shuffle`` a field constant within a batch contributes 0
+there anyway (its baseline is its own value), so only ``zero`` depends on it — a field of few
+values, often constant within small batches, scores less with them.  A global batch of one
+sample varies in nothing: such steps score nothing (logged).
 
 Non-finite contributions (NaN/Inf gradients or embeddings) are skipped per (sample, feature)
 and counted in :attr:`TaylorFieldImportance.skipped`; they never enter a score.
@@ -50,6 +54,7 @@ from shark_torchrec.sharded.comm import Comm
 from shark_torchrec.quant.cpu_kernel import cpu_kernel_available
 from shark_torchrec.importance.base import (
     FieldImportance,
+    _strip,
     collection_tables,
     embedding_collections,
 )
@@ -162,6 +167,7 @@ class TaylorFieldImportance(FieldImportance):
         self._generation = 0  # tensor hooks of a detached generation do nothing
         #: wall time spent in this tracker's hooks on this rank (its direct cost)
         self.hook_seconds = 0.0
+        self._warned_single = False  # (a global batch of one sample: logged once)
 
     # ------------------------------------------------------------------ attach / detach
     def attach(self) -> "TaylorFieldImportance":
@@ -239,6 +245,10 @@ class TaylorFieldImportance(FieldImportance):
             if self._generation == generation:
                 t0 = time.perf_counter()
                 sums, count, hi, lo, _ = stats()
+                if count <= 1 and not self._warned_single:
+                    self._warned_single = True
+                    logger.warning("importance: a global batch of %d sample(s): no field varies within it, "
+                                   "so such steps score nothing (train with larger batches)", int(count))
                 varies = self._varies(layout, hi, lo, e.device)
                 base = shuffled if self.baseline == "shuffle" else self._mean(sums, count, e)
                 if g.is_cuda:  # (on the step's own stream)
@@ -476,7 +486,8 @@ class TaylorFieldImportance(FieldImportance):
                 f"importance state was collected with baseline {state.get('baseline')!r}, "
                 f"this tracker uses {self.baseline!r}"
             )
-        saved = state["collections"]
+        # (states saved before DMP's prefix was stripped name it: the same collections)
+        saved = {_strip(k): v for k, v in state["collections"].items()}
         if set(saved) != set(self._acc):
             raise ValueError(
                 f"importance state covers collections {sorted(saved)}, the model has "

@@ -162,7 +162,11 @@ def _solved(items, allowed: List[Tier], budget: int, row_alignment: int) -> Dict
     # solve again for the budget less the excess (a few rounds at most).
     target = budget
     for _ in range(_FIT_ROUNDS):
-        picks, _ = solve(lowest_price(lambda lam: solve(lam)[1], target, iterations=80))
+        try:
+            picks, _ = solve(lowest_price(lambda lam: solve(lam)[1], target, iterations=80))
+        except BudgetError:  # (the budget less the padding's excess is below the least bytes)
+            raise BudgetError(f"the tables cannot fit {budget} bytes once their sub-tables and id maps "
+                              f"are padded (the rows would need to fit {target} bytes)") from None
         out: Dict[str, TableCompression] = {}
         for (t, counts, mass, err, per_row, fp32), choice in zip(items, picks):
             rows: Dict[str, int] = {}

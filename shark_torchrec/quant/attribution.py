@@ -24,6 +24,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from shark_torchrec.evaluation import PairedBootstrap
 from shark_torchrec.quant.rows import dequantize_rows
+from shark_torchrec.quant.shared_rows import SharedRows
 from shark_torchrec.quant.tiers import TIER_ORDER, Tier, check_row_fit
 
 __all__ = ["attribute_quantization_loss", "attribution_report", "simulated_tiers"]
@@ -37,9 +38,10 @@ def _collection(model: nn.Module) -> EmbeddingBagCollection:
 
 
 def _read_as_stored(ebc: EmbeddingBagCollection, tiers: Dict[str, torch.Tensor],
-                    row_fit: str = "minmax") -> Dict[str, torch.Tensor]:
+                    row_fit: str = "minmax", shared: Optional[Dict[str, SharedRows]] = None) -> Dict[str, torch.Tensor]:
     """Per table, its weights as every row reads in its tier (FP32 rows unchanged), integer
-    rows stored with ``row_fit`` (the assignment's: :attr:`TierAssignment.row_fit`)."""
+    rows stored with ``row_fit`` (the assignment's: :attr:`TierAssignment.row_fit`), SHARED
+    rows as their centroid (``shared[table]``: :attr:`TierAssignment.shared`)."""
     unknown = sorted(set(tiers) - set(ebc.embedding_bags))
     if unknown:
         raise KeyError(f"tiers given for tables the model does not have: {unknown}")
@@ -48,14 +50,39 @@ def _read_as_stored(ebc: EmbeddingBagCollection, tiers: Dict[str, torch.Tensor],
         w = ebc.embedding_bags[name].weight.detach()
         if t.numel() != w.shape[0]:
             raise ValueError(f"table {name!r}: {t.numel()} tiers for {w.shape[0]} rows")
+        t = t.long().cpu().reshape(-1)
+        bad = (t < 0) | (t >= len(TIER_ORDER))
+        if bool(bad.any()):  # (such a row matched no tier and read as fp32)
+            row = int(bad.nonzero()[0])
+            raise ValueError(f"table {name!r}: row {row} has tier index {int(t[row])}, not one of TIER_ORDER "
+                             f"(0..{len(TIER_ORDER) - 1})")
         sim = w.clone()
-        t = t.long().cpu()
         for i, tier in enumerate(TIER_ORDER):
             rows = t == i
-            if tier is not Tier.FP32 and bool(rows.any()):
+            if tier is Tier.FP32 or not bool(rows.any()):
+                continue
+            if tier is Tier.SHARED:
+                sim[rows] = _centroid_reads(name, rows, shared, w.shape).to(sim.dtype)
+            else:
                 sim[rows] = dequantize_rows(w[rows], tier, "cpu", row_fit).to(sim.dtype)
         out[name] = sim
     return out
+
+
+def _centroid_reads(name: str, rows: torch.Tensor, shared: Optional[Dict[str, SharedRows]],
+                    shape: torch.Size) -> torch.Tensor:
+    """The centroids the SHARED ``rows`` (a mask) of table ``name`` read."""
+    s = None if shared is None else shared.get(name)
+    if s is None:
+        raise ValueError(f"table {name!r} has SHARED rows: pass the assignment's centroids "
+                         "(shared=assignment.shared)")
+    if s.rows is not None or s.index.numel() != shape[0] or tuple(s.centroids.shape[1:]) != tuple(shape[1:]):
+        raise ValueError(f"table {name!r}: its centroids cover {s.index.numel()} rows of dim "
+                         f"{tuple(s.centroids.shape[1:])}, the table has {shape[0]} of dim {tuple(shape[1:])}")
+    index = s.index.long()[rows]
+    if bool(((index < 0) | (index >= s.k)).any()):
+        raise ValueError(f"table {name!r}: a SHARED row's centroid index is outside 0..{s.k - 1}")
+    return s.centroids[index]
 
 
 @contextlib.contextmanager
@@ -81,14 +108,16 @@ def _substituted(ebc: EmbeddingBagCollection, stored: Dict[str, torch.Tensor],
 
 @contextlib.contextmanager
 def simulated_tiers(model: nn.Module, tiers: Dict[str, torch.Tensor],
-                    keep_fp32: Optional[Dict[str, torch.Tensor]] = None, row_fit: str = "minmax") -> Iterator[nn.Module]:
+                    keep_fp32: Optional[Dict[str, torch.Tensor]] = None, row_fit: str = "minmax",
+                    shared: Optional[Dict[str, SharedRows]] = None) -> Iterator[nn.Module]:
     """Within the block, every row of the float ``model``'s collection reads as it would in
     its tier (``tiers[table][row]``, a :data:`TIER_ORDER` index; integer rows stored with
-    ``row_fit``, the assignment's), except the rows that ``keep_fp32[table]`` (a boolean mask)
-    marks; the fp32 weights come back afterwards."""
+    ``row_fit``, the assignment's; SHARED rows as their centroid in ``shared``, the
+    assignment's), except the rows that ``keep_fp32[table]`` (a boolean mask) marks; the fp32
+    weights come back afterwards."""
     check_row_fit(row_fit)
     ebc = _collection(model)
-    with _substituted(ebc, _read_as_stored(ebc, tiers, row_fit), keep_fp32):
+    with _substituted(ebc, _read_as_stored(ebc, tiers, row_fit, shared), keep_fp32):
         yield model
 
 
@@ -101,9 +130,11 @@ def attribute_quantization_loss(
     bootstrap: int = 1000,
     seed: int = 0,
     row_fit: str = "minmax",
+    shared: Optional[Dict[str, SharedRows]] = None,
 ) -> Dict[str, object]:
     """The AUC each group of rows gives back when it alone stays in fp32 (integer rows stored
-    with ``row_fit``: pass the assignment's, :attr:`TierAssignment.row_fit`).
+    with ``row_fit``: pass the assignment's, :attr:`TierAssignment.row_fit`; SHARED rows read
+    their centroid in ``shared``: pass :attr:`TierAssignment.shared`).
 
     ``model`` is the float model before quantization (its weights are restored on return),
     ``tiers`` the assignment (:attr:`TierAssignment.tiers`), ``evaluate(model)`` the logits on
@@ -117,7 +148,7 @@ def attribute_quantization_loss(
     check_row_fit(row_fit)
     ebc = _collection(model)
     with torch.no_grad():
-        stored = _read_as_stored(ebc, tiers, row_fit)  # dequantized once, reused by every group
+        stored = _read_as_stored(ebc, tiers, row_fit, shared)  # dequantized once, reused by every group
         logits = {"fp32": evaluate(model)}
         with _substituted(ebc, stored, None):
             logits["quantized"] = evaluate(model)

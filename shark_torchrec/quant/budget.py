@@ -56,7 +56,9 @@ def tier_errors(weights: torch.Tensor, tiers: Sequence[Tier], shared: Optional[t
     """Squared L2 error of every row of ``weights`` [n, d] in each of ``tiers``: float64
     [n, len(tiers)] (FBGEMM's row format, integer rows with the row fit ``row_fit``; DROP: the
     squared norm; SHARED: ``shared`` [n], the rows' distances to their centroids,
-    :class:`~shark_torchrec.quant.shared_rows.SharedRows`).  A row holding NaN or Inf gets NaN."""
+    :class:`~shark_torchrec.quant.shared_rows.SharedRows`).  A row holding NaN or Inf gets NaN;
+    a finite row gets +inf in a tier that cannot store it (values beyond FP16's range, ±65504:
+    FP16 rows, or an integer row's fp16 scale or bias, overflow)."""
     tiers = list(tiers)
     if Tier.SHARED in tiers:
         if shared is None:
@@ -76,6 +78,7 @@ def tier_errors(weights: torch.Tensor, tiers: Sequence[Tier], shared: Optional[t
     finite = torch.where(bad.unsqueeze(1), 0.0, w) if bool(bad.any()) else w
     err = (torch.stack([quantization_error(finite, t, row_fit) for t in tiers], 1) if tiers
            else torch.zeros(w.shape[0], 0, dtype=torch.float64))
+    err[~torch.isfinite(err)] = math.inf  # (a tier that cannot store the row: as the kernel says)
     err[bad] = math.nan
     return err
 
@@ -122,7 +125,7 @@ def _hull_torch(err: torch.Tensor, p: torch.Tensor, sizes: torch.Tensor, drop_in
                 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """:func:`row_choices`' hull in plain torch (the kernel's fallback; same rules)."""
     n, K = err.shape
-    cost = p.unsqueeze(1) * err
+    cost = torch.where(torch.isfinite(err), p.unsqueeze(1) * err, math.inf)  # (not 0 * inf = NaN)
     if drop_index >= 0:
         cost[:, drop_index] = torch.where(p > 0, math.inf, cost[:, drop_index])
     seq = torch.full((n, K), -1, dtype=torch.int8)
@@ -179,15 +182,14 @@ def measure_choices(weights: torch.Tensor, priority: torch.Tensor, tiers: Sequen
     :func:`tier_errors`, added after these); and the first row holding NaN or Inf (-1: none).
     With SHARED among ``tiers``, ``shared`` [n] gives the rows' distances to their centroids
     (then the errors are measured apart from the choices).  Integer rows' errors are those of
-    the row fit ``row_fit``."""
+    the row fit ``row_fit``.  A row no tier can store (:func:`tier_errors`' +inf in every tier
+    open to it) is reported as the row holding NaN is (:func:`unstorable_row` says why)."""
     tiers = list(tiers)
     if Tier.SHARED in tiers:
         err = tier_errors(weights, tiers, shared, row_fit)
         if extra_errors is not None:
             err = err + extra_errors.double()
-        nan = torch.isnan(err).any(1)
-        bad = int(nan.nonzero()[0]) if bool(nan.any()) else -1
-        return row_choices(torch.nan_to_num(err), priority, tiers, sizes, drop_rows), bad
+        return _choices_of_errors(err, priority, tiers, sizes, drop_rows)
     drop_index = tiers.index(Tier.DROP) if (drop_rows == "unused" and Tier.DROP in tiers) else -1
     w = weights.detach()
     if w.dtype != torch.float32 or w.device.type != "cpu" or (w.numel() and w.stride(-1) != 1):
@@ -201,9 +203,33 @@ def measure_choices(weights: torch.Tensor, priority: torch.Tensor, tiers: Sequen
     err = tier_errors(w, tiers, row_fit=row_fit)
     if extra is not None:
         err = err + extra
+    return _choices_of_errors(err, p, tiers, sizes, drop_rows)
+
+
+def _choices_of_errors(err: torch.Tensor, priority: torch.Tensor, tiers: List[Tier], sizes: torch.Tensor,
+                       drop_rows: str) -> Tuple[RowChoices, int]:
+    """:func:`row_choices` of measured errors, and the first row that has none: one holding NaN
+    or Inf (NaN errors), or one no tier can store (+inf in every tier open to it)."""
     nan = torch.isnan(err).any(1)
-    bad = int(nan.nonzero()[0]) if bool(nan.any()) else -1
-    return row_choices(torch.nan_to_num(err), p, tiers, sizes, drop_rows), bad
+    open_ = torch.isfinite(err)
+    if drop_rows == "unused" and Tier.DROP in tiers:
+        open_[:, tiers.index(Tier.DROP)] &= priority.reshape(-1) == 0
+    bad_rows = nan | ~open_.any(1)
+    bad = int(bad_rows.nonzero()[0]) if bool(bad_rows.any()) else -1
+    return row_choices(torch.nan_to_num(err, nan=0.0, posinf=math.inf), priority, tiers, sizes, drop_rows), bad
+
+
+def unstorable_row(row: torch.Tensor) -> str:
+    """Why :func:`measure_choices` found no tier for ``row`` (a row of weights): what its error
+    message says after "row N of the weights"."""
+    r = row.detach().float().reshape(-1)
+    if not bool(torch.isfinite(r).all()):
+        return "is not finite"
+    if not float(r.abs().max()) > 65504:
+        return ("has no tier open to it (one of its column blocks beyond FP16's range, +-65504, or "
+                "drop_rows='unused' closing DROP to rows in use)")
+    return (f"holds {float(r.abs().max()):g}, beyond FP16's range (+-65504): no tier allowed can store it "
+            "(FP16 rows, and integer rows' fp16 scale and bias, overflow); allow the fp32 tier, or scale the table")
 
 
 def bytes_at_price_zero(choices: RowChoices) -> int:

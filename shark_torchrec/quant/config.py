@@ -92,6 +92,9 @@ class RowwiseQuantConfig:
                              f"got {self.shared_sample_rows!r}")
         if self.drop_rows not in ("any", "unused"):
             raise ValueError(f"RowwiseQuantConfig.drop_rows must be 'any' or 'unused', got {self.drop_rows!r}")
+        if self.drop_rows == "unused" and {Tier.parse(t) for t in self.tiers} <= {Tier.DROP}:
+            raise ValueError("RowwiseQuantConfig: drop_rows='unused' closes DROP to rows in use, and tiers "
+                             f"{list(self.tiers)} leave them no other: allow another tier")
         chosen = [n for n in ("fractions", "budget_bytes", "budget_fraction") if getattr(self, n) is not None]
         if len(chosen) != 1:
             raise ValueError(f"RowwiseQuantConfig: set exactly one of fractions, budget_bytes, "

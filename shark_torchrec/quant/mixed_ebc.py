@@ -88,7 +88,16 @@ def _quantize_into(c: EmbeddingBagConfig, w: torch.Tensor, tiers: torch.Tensor, 
         weights, tiers.to(torch.int8).contiguous(), group.table_sub_meta(c.name), tier_start,
         group.weight_buffer(), transform.table_map(c.name), transform.table_bits[c.name], row_fit == "lsq")
     if bad >= 0:
-        raise ValueError(f"table {c.name!r}: row {bad} has NaN/Inf weights")
+        raise ValueError(f"table {c.name!r}: row {bad} {_unstorable(w[bad], TIER_ORDER[int(tiers[bad])])}")
+
+
+def _unstorable(row: torch.Tensor, tier: Tier) -> str:
+    """Why ``row`` could not be stored in ``tier``: the end of the error naming it."""
+    r = row.detach().float()
+    if not bool(torch.isfinite(r).all()):
+        return "has NaN/Inf weights"
+    return (f"holds {float(r.abs().max()):g}, beyond FP16's range (+-65504): its tier {tier.value} cannot store it "
+            "(an FP16 row, or an integer row's fp16 scale or bias, would read as inf or NaN); store it fp32")
 
 
 def _check_finite(table: str, w: torch.Tensor) -> None:
@@ -101,6 +110,22 @@ def _check_finite(table: str, w: torch.Tensor) -> None:
         if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
             bad = ~torch.isfinite(chunk).all(1)
             raise ValueError(f"table {table!r}: row {r0 + int(bad.nonzero()[0])} has NaN/Inf weights")
+
+
+def _check_storable(table: str, tier: Tier, rows: torch.Tensor, data) -> None:
+    """Raise naming the first of ``rows`` whose stored form (``quantize_rows``' ``data``) reads
+    back non-finite (a finite row beyond FP16's range)."""
+    q, scale_bias = data
+    if tier is Tier.FP16:
+        bad = ~torch.isfinite(q.view(torch.float16)).all(1)
+    elif scale_bias is not None:
+        bad = ~torch.isfinite(scale_bias.view(torch.float16)).all(1)
+    else:
+        return
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"table {table!r}: row {int(rows[i])} is beyond FP16's range (+-65504): its tier "
+                         f"{tier.value} cannot store it; store it fp32")
 
 
 _FP16 = TIER_ORDER.index(Tier.FP16)
@@ -128,6 +153,7 @@ def _quantize_python(configs, weights, tiers, physical, used, group_of, device, 
                     chunk = rows[r0:r0 + _QUANTIZE_ROWS]
                     picked = torch.index_select(w, 0, chunk.to(w.device), out=buf[:chunk.numel()])
                     data = quantize_rows(picked.cpu(), tier, row_fit)
+                    _check_storable(c.name, tier, chunk, data)
                     if device.type == "cuda" and data[1] is not None:
                         check_cuda_scale(c.name, data[1], chunk)
                     group._set_weights(f"{c.name}@{tier.value}", data, r0, views[id(group)])
@@ -315,6 +341,11 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
             if t.numel() != c.num_embeddings or tuple(w.shape) != (c.num_embeddings, c.embedding_dim):
                 raise ValueError(f"table {c.name!r}: {t.numel()} tiers and weights {tuple(w.shape)} "
                                  f"for {c.num_embeddings} rows of dim {c.embedding_dim}")
+            outside = (t.long() < 0) | (t.long() >= len(TIER_ORDER))
+            if bool(outside.any()):
+                row = int(outside.nonzero()[0])
+                raise ValueError(f"table {c.name!r}: row {row} has tier index {int(t[row])}, not one of "
+                                 f"TIER_ORDER (0..{len(TIER_ORDER) - 1})")
         counts = {c.name: torch.bincount(tiers[c.name].long(), minlength=len(TIER_ORDER)) for c in configs}
         # Renumbered rows per tier: SHARED rows have none, their centroids follow the FP16 rows.
         physical = {}
@@ -325,6 +356,12 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
                 if s is None or s.index.numel() != c.num_embeddings or s.centroids.shape[1:] != (c.embedding_dim,):
                     raise ValueError(f"table {c.name!r}: {int(n[_SHARED])} SHARED rows need its centroids "
                                      f"(SharedRows with an index for each of its {c.num_embeddings} rows)")
+                index = s.index.long()[tiers[c.name].long() == _SHARED]
+                if bool(((index < 0) | (index >= s.k)).any()):  # (it would read another tier's row)
+                    raise ValueError(f"table {c.name!r}: a SHARED row's centroid index "
+                                     f"{int(index[(index < 0) | (index >= s.k)][0])} is outside its {s.k} centroids")
+                if not bool(torch.isfinite(s.centroids).all()):
+                    raise ValueError(f"table {c.name!r}: its centroids are not finite")
                 n[_FP16] += s.k
                 n[_SHARED] = 0
             physical[c.name] = n
@@ -454,6 +491,9 @@ class RowwiseMixedEmbeddingBagCollection(nn.Module):
         """:meth:`forward`'s values written into ``out`` [B, width] (a contiguous float
         tensor, e.g. a slice of a larger buffer; the fused CPU kernel writes it in place)."""
         features = self._checked(features)
+        if tuple(out.shape) != (features.stride(), self._width):  # (the kernel wrote part of a wider one)
+            raise ValueError(f"{type(self).__name__}.pooled_into: out must be [{features.stride()}, {self._width}] "
+                             f"(batch size, width), got {list(out.shape)}")
         calls = self._kernel_calls(features)
         if (calls is not None and out.is_contiguous() and out.dtype == torch.float32
                 and self._out_dtype == torch.float32):

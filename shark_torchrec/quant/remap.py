@@ -76,7 +76,10 @@ def jagged_error(features: KeyedJaggedTensor, weighted: bool = False) -> Optiona
             key = keys[i // B] if B > 0 else "?"
             sample = i % B if B > 0 else i
             return f"feature '{key}': negative length {int(lengths[i])} at sample {sample}"
-        total = int(features.offsets()[-1])
+        offsets = features.offsets()
+        if int(offsets[0]) != 0:  # (the fused lookup read the ids from there, TorchRec's raise)
+            return f"offsets must start at 0, got {int(offsets[0])} (features {keys})"
+        total = int(offsets[-1])
         if total != n:
             return f"lengths add up to {total} ids, but {n} ids were given (features {keys})"
     elif n > 0:

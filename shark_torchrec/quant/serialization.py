@@ -31,6 +31,7 @@ from typing import Dict, Mapping, Union
 import torch
 from torchrec.tensor_types import UInt2Tensor, UInt4Tensor, UIntXTensor
 
+from shark_torchrec.quant import id_map
 from shark_torchrec.quant.layout import MixedLayout
 from shark_torchrec.quant.tiers import Tier
 
@@ -119,6 +120,18 @@ def public_names(groups, layout: MixedLayout, state: Dict[str, torch.Tensor], pr
         del state[key]  # the groups' id maps again (the collection's transform is theirs)
 
 
+def _check_entries(table: str, row_map: torch.Tensor, base: int, bits: int, rows: int, renumbered: int) -> None:
+    """Raise naming the table and row if an entry of its id map (loaded into ``row_map`` at
+    byte ``base``) points past its ``renumbered`` stored rows: the fused kernel would read
+    outside its sub-tables (a corrupt or foreign state).  Read 2^20 entries at a time."""
+    for r0 in range(0, rows, 1 << 20):
+        entries = id_map.gather(row_map, base, torch.arange(r0, min(rows, r0 + (1 << 20))), bits)
+        if entries.numel() and int(entries.max()) >= renumbered:
+            i = int(torch.argmax(entries))
+            raise ValueError(f"table {table!r}: the id map's entry of row {r0 + i} is {int(entries[i])}, past its "
+                             f"{renumbered} stored rows (a corrupt or foreign state)")
+
+
 def internal_names(groups, layout: MixedLayout, state: Dict[str, torch.Tensor], prefix: str) -> None:
     """Load pre-hook of the collection: the names above back to where the groups hold them (in
     place); states saved with the internal names pass unchanged.  A table's id map of the wrong
@@ -128,11 +141,12 @@ def internal_names(groups, layout: MixedLayout, state: Dict[str, torch.Tensor], 
     for key in [k for k in state if k.startswith(prefix + TABLES)]:
         name = key[len(prefix + TABLES):]
         sub, _, attr = name.partition(".")
-        table = sub.split("@", 1)[0]
+        # (a table's own name may hold "@": its sub-tables are "<table>@<tier>")
+        table = sub if sub in group_of else sub.rsplit("@", 1)[0]
         if table not in group_of:
             continue  # not this collection's: reported as unexpected
         g = group_of[table]
-        if attr == ID_MAP[1:] and "@" not in sub:
+        if attr == ID_MAP[1:] and sub == table:
             continue  # id maps: below, per group
         sub = single.get(sub, sub)  # a one-tier table's TorchRec name
         state[f"{prefix}groups.{g}.qebc.{TABLES}{sub}.{attr}"] = state.pop(key)
@@ -158,6 +172,9 @@ def internal_names(groups, layout: MixedLayout, state: Dict[str, torch.Tensor], 
                 raise ValueError(f"table {table!r}: id map {prefix}{TABLES}{table}{ID_MAP} must be uint8 of "
                                  f"{size} bytes ({t.table_bits[table]} bits per row), got {got}")
             row_map[t.table_base[table]:t.table_base[table] + size] = m.reshape(-1).to(row_map.device)
+        for table in maps:
+            _check_entries(table, row_map, t.table_base[table], t.table_bits[table], t._table_rows[table],
+                           sum(layout.rows[table]))
         state[f"{prefix}groups.{g}.input_transform.row_map"] = row_map
     for g, group in enumerate(groups):  # the collection's transform is the groups': the same map
         key = f"{prefix}groups.{g}.input_transform.row_map"

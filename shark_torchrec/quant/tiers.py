@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import enum
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
@@ -198,6 +199,8 @@ def _check_priorities(priorities: Dict[str, torch.Tensor], dims: Dict[str, int])
     if unknown or missing:
         raise ValueError(f"priorities do not match the tables: unknown {unknown}, missing {missing}")
     for name, p in priorities.items():
+        if p.dim() != 1:  # (sorted along a [n, 1] tensor's last dim, every row ranked first)
+            raise ValueError(f"table {name!r}: priorities must be one per row (1-D), got shape {tuple(p.shape)}")
         bad = ~torch.isfinite(p) | (p < 0)
         if bool(bad.any()):
             row = int(bad.nonzero()[0])
@@ -245,12 +248,17 @@ def assign_by_fractions(
 def lowest_price(bytes_at: Callable[[float], float], budget: float, iterations: int = 60) -> float:
     """The (near-)lowest price per byte ``λ >= 0`` at which the Lagrangian choice
     ``bytes_at(λ)`` fits ``budget`` (bisection; bytes fall as the price rises).  The caller
-    checks first that the budget can be met at all."""
+    checks first that the budget can be met at all; where it did not and no price meets it,
+    raises :class:`BudgetError` (the search's upper price grew past any float: it looped for
+    ever)."""
     if bytes_at(0.0) <= budget:
         return 0.0
     lo, hi = 0.0, 1e-12
     while bytes_at(hi) > budget:
         hi *= 4.0
+        if not math.isfinite(hi):
+            raise BudgetError(f"no price per byte brings the bytes within the budget of {budget} bytes "
+                              f"(at the highest: {bytes_at(sys.float_info.max)} bytes)")
     for _ in range(iterations):
         mid = (lo + hi) / 2
         if bytes_at(mid) > budget:
@@ -301,6 +309,9 @@ def assign_by_budget(
     allowed = sorted({Tier.parse(t) for t in tiers}, key=TIER_ORDER.index)
     if not allowed:
         raise ValueError("no tiers allowed")
+    if drop_rows == "unused" and allowed == [Tier.DROP]:
+        raise ValueError("drop_rows='unused' closes DROP to rows in use, and tiers ['drop'] leave them no "
+                         "other: allow another tier")
     if Tier.SHARED in allowed:
         raise ValueError("assign_by_budget: the SHARED tier needs centroids per table; use "
                          "shark_torchrec.quant.assign_tiers (or quantize_) with a RowwiseQuantConfig")
@@ -311,10 +322,16 @@ def assign_by_budget(
                              f"{w.shape[0]} rows")
         if sum(blocks[name]) != dims[name]:
             raise ValueError(f"table {name!r}: column blocks {blocks[name]} do not add up to dim {dims[name]}")
+    # (priorities scaled by the power of 2 bringing the largest into [0.5, 1): the float32
+    # breakpoints are then those of the priorities given, scaled, where those were in range,
+    # and do not underflow to 0 or overflow to inf where all priorities are tiny or huge)
+    top = max([float(p.max()) for p in priorities.values() if p.numel()] or [0.0])
+    scale = math.ldexp(1.0, -math.frexp(top)[1]) if top > 0 else 1.0
     choices = {}
     for name, w in weights.items():
         sizes = B.tier_sizes(blocks[name], allowed, row_alignment)
-        choices[name] = table_choices(name, w, priorities[name], allowed, sizes, blocks[name], drop_rows, row_fit)
+        choices[name] = table_choices(name, w, priorities[name].double() * scale, allowed, sizes, blocks[name],
+                                      drop_rows, row_fit)
     smallest = sum(B.smallest_bytes(c) for c in choices.values())
     if smallest > budget_bytes:
         raise BudgetError(f"budget {budget_bytes} bytes is below the smallest possible size "
@@ -323,7 +340,7 @@ def assign_by_budget(
     out = {name: B.pick(c, price) for name, c in choices.items()}
     total = sum(int(B.tier_sizes(blocks[n], TIER_ORDER, row_alignment)[t.long()].sum()) for n, t in out.items())
     return TierAssignment(out, dims, row_alignment, method=f"budget {budget_bytes} bytes (drop {drop_rows} rows)",
-                          details={"row_bytes": total, "lambda": B.price_value(price)}, row_fit=row_fit)
+                          details={"row_bytes": total, "lambda": B.price_value(price) / scale}, row_fit=row_fit)
 
 
 def table_choices(name: str, weights: torch.Tensor, priorities: torch.Tensor, allowed: Sequence[Tier],
@@ -349,7 +366,7 @@ def table_choices(name: str, weights: torch.Tensor, priorities: torch.Tensor, al
                                          drop_rows, extra, row_fit=row_fit)
         if bad >= 0 or (extra is not None and bool(torch.isnan(extra).any())):
             row = r0 + (bad if bad >= 0 else int(torch.isnan(extra).any(1).nonzero()[0]))
-            raise ValueError(f"table {name!r}: row {row} of the weights is not finite")
+            raise ValueError(f"table {name!r}: row {row} of the weights {B.unstorable_row(weights[row])}")
         parts.append(choices)
     return B.RowChoices.concat(parts)
 

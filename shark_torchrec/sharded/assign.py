@@ -114,6 +114,13 @@ class _Assigner:
         self.shared: Dict[Tuple[str, int], SharedRows] = {}
         self.seed = 0
         self._samples: Dict[Tuple[str, int], torch.Tensor] = {}  # (table, row_offset) -> sample_rows
+        # (table, row_offset) of the groups whose tiers :meth:`solve` decides on their samples
+        # for now (their :attr:`decided` then holds their sample rows' tiers: see :meth:`budget`)
+        self.on_sample: set = set()
+        self.last_price = -1  # (:meth:`refine`'s)
+        # What :meth:`priority` scales priorities by within :meth:`budget` (a power of 2:
+        # :meth:`priority_scale`)
+        self.p_scale = 1.0
 
     def check_seen(self, tables: Sequence[str]) -> None:
         """Collective: refuse priorities that are zero in every one of ``tables`` (no training
@@ -153,7 +160,18 @@ class _Assigner:
             row = int(bad.nonzero()[0])
             raise ValueError(f"table {g.table!r}: priority of row {g.row_offset + row} is {float(p[row])} "
                              f"(must be finite and >= 0)")
-        return p
+        return p * self.p_scale if self.p_scale != 1.0 else p
+
+    def priority_scale(self, tables: Sequence[str]) -> float:
+        """Collective: the power of 2 that brings the largest priority of ``tables`` (over all
+        ranks) into [0.5, 1).  The budget's breakpoints (``p · Δerr / Δbytes``) are float32: with
+        every priority below ~1e-38 they lost their precision, then all became 0 (every row
+        tied, all dropped with room to spare), and above ~1e38 all +inf.  Scaled by a power of 2
+        they are the same float32 numbers, scaled, where they were in range: the same tiers."""
+        self.p_scale = 1.0
+        local = max([float(self.priority(g).max()) for t in tables for _, g in self.led(t) if g.rows] or [0.0])
+        top = max(self.comm.all_gather_object(local))
+        return math.ldexp(1.0, -math.frexp(top)[1]) if top > 0 else 1.0
 
     def sizes(self, table: str, tiers: Sequence[Tier]) -> torch.Tensor:
         return B.tier_sizes(self.blocks[table], tiers, self.config.row_alignment)
@@ -254,9 +272,7 @@ class _Assigner:
         take; the budget is solved with the smallest (the centroids' bytes taken off it), then each
         table takes the ``K`` of least Lagrangian cost at that price
         (``Σ_rows min_tier(p·err + λ·bytes) + λ·centroid bytes``, over all ranks) and the budget
-        is solved again with them, up to :data:`REFINE_ROUNDS` times while some ``K`` changes (a
-        group of more than ``config.shared_sample_rows`` rows has its candidates measured on that
-        many of its rows, and each ``K`` a round takes then assigned to all: :meth:`complete`).
+        is solved again with them, up to :data:`REFINE_ROUNDS` times while some ``K`` changes.
         The candidates are fitted to all of a group's rows; but only the rows the budget puts in
         the SHARED tier read the centroids (the least important), so then, up to
         :data:`RECLUSTER_ROUNDS` times, each group's centroids are fitted again to its SHARED
@@ -264,7 +280,23 @@ class _Assigner:
         and the budget solved again with them: an alternating minimisation of the same objective
         (the priority-weighted error at the budget), which on ML-100K's dev split moved the
         93.5%-saved point from -0.0019 to -0.0011 ΔAUC and the 95.6% point from -0.0056 to
-        -0.0039 (BENCHMARKS.md, "Value at the same bytes")."""
+        -0.0039 (BENCHMARKS.md, "Value at the same bytes").
+
+        A group of more than ``config.shared_sample_rows`` rows goes through these rounds on that
+        many of its rows (:meth:`sample_rows`: its candidates, the ``K`` it takes, its refits and
+        its share of the price are measured there, each sample row standing for its share of the
+        group); then its final centroids are assigned to all its rows (:meth:`complete`) and the
+        budget solved once more on every row, which sets the tiers and the exact price.  Each
+        round on every row was an assignment of all the group's rows to its centroids (at
+        ``K = 1,024``, ~13 s per GiB of rows on one core) and a pass over its errors."""
+        self.p_scale = self.priority_scale(tables)
+        try:
+            return self._budget(tables, rows_budget, label)
+        finally:
+            self.p_scale = 1.0
+
+    def _budget(self, tables: Sequence[str], rows_budget: int, label: str) -> Dict[str, float]:
+        """:meth:`budget` with the priorities scaled (prices are reported unscaled)."""
         allowed = sorted({Tier.parse(t) for t in self.config.tiers}, key=TIER_ORDER.index)
         allowed_of = {t: allowed for t in tables}
         if Tier.SHARED in allowed:
@@ -276,6 +308,41 @@ class _Assigner:
                 allowed_of[t] = [x for x in allowed if x is not Tier.SHARED]
         k_of = {t: self.k_candidates(t)[0] for t in tables if Tier.SHARED in allowed_of[t]}
         candidates = self.candidates(list(k_of), label)
+        large = {(t, g.row_offset) for t in k_of for _, g in self.led(t) if self.sample_rows(g) is not None}
+        # (every rank alike: whether any rank leads a large group)
+        if int(self.comm.all_reduce(torch.tensor([len(large)], dtype=torch.long))[0]):
+            self.on_sample = large
+            try:
+                k_of = self.refine(tables, allowed_of, k_of, candidates, rows_budget, label)
+            except BudgetError:  # (the samples' estimate of the least bytes is above the budget:
+                # every row decides, which is exact, and says whether it truly is)
+                logger.info("%s: the budget is near its least bytes: deciding on every row", label)
+                self.on_sample = set()
+                k_of = {t: self.k_candidates(t)[0] for t in k_of}
+                candidates = self.candidates(list(k_of), label)
+                k_of = self.refine(tables, allowed_of, k_of, candidates, rows_budget, label)
+                price = self.last_price
+            else:
+                self.on_sample = set()
+                price = self.solve(tables, allowed_of, k_of, candidates, rows_budget, label)
+        else:
+            k_of = self.refine(tables, allowed_of, k_of, candidates, rows_budget, label)
+            price = self.last_price
+        shared = TIER_ORDER.index(Tier.SHARED)
+        for (t, r0), by_k in candidates.items():
+            if bool((self.decided[(t, r0)] == shared).any()):
+                self.shared[(t, r0)] = self.complete(candidates, self.groups_by_offset[(t, r0)], k_of[t])
+        value = B.price_value(price) / self.p_scale  # (per byte, in the priorities' own units)
+        logger.info("%s: price %.3g per byte; centroids per table %s", label, value, k_of)
+        return {"price": value, **{f"centroids {t}": k for t, k in k_of.items()}}
+
+    def refine(self, tables: Sequence[str], allowed_of: Dict[str, List[Tier]], k_of: Dict[str, int],
+               candidates: Dict[Tuple[str, int], Dict[int, SharedRows]], rows_budget: int, label: str
+               ) -> Dict[str, int]:
+        """Collective: :meth:`budget`'s rounds (solve; each table's ``K`` at the price; the
+        centroids refitted to the SHARED rows): the ``K`` of each table (the centroids in
+        ``candidates``), the last price in :attr:`last_price`.  Groups in :attr:`on_sample`
+        are decided on their samples throughout."""
         price = self.solve(tables, allowed_of, k_of, candidates, rows_budget, label)
         for _ in range(REFINE_ROUNDS if any(len(self.k_candidates(t)) > 1 for t in k_of) else 0):
             best = self.best_k(k_of, candidates, allowed_of, B.price_value(price))
@@ -286,7 +353,6 @@ class _Assigner:
             except BudgetError:  # the centroids chosen leave too little for the rows
                 price = self.solve(tables, allowed_of, k_of, candidates, rows_budget, label)
                 break
-        shared = TIER_ORDER.index(Tier.SHARED)
         for _ in range(RECLUSTER_ROUNDS):
             refit = self.refit_shared(k_of, candidates)
             # (the same on every rank: each solve is a collective)
@@ -295,11 +361,8 @@ class _Assigner:
                 break
             logger.info("%s: %d row groups' centroids refitted to their shared rows", label, refit)
             price = self.solve(tables, allowed_of, k_of, candidates, rows_budget, label)
-        for (t, r0), by_k in candidates.items():
-            if bool((self.decided[(t, r0)] == shared).any()):
-                self.shared[(t, r0)] = self.complete(candidates, self.groups_by_offset[(t, r0)], k_of[t])
-        logger.info("%s: price %.3g per byte; centroids per table %s", label, B.price_value(price), k_of)
-        return {"price": B.price_value(price), **{f"centroids {t}": k for t, k in k_of.items()}}
+        self.last_price = price
+        return k_of
 
     def candidates(self, tables: List[str], label: str) -> Dict[Tuple[str, int], Dict[int, SharedRows]]:
         """Centroids of every ``K`` each table may take, for each row group this rank leads,
@@ -398,24 +461,44 @@ class _Assigner:
         if not bool(shared.any()):
             return None
         priority = self.priority(g) if priority is None else priority
-        fit = self.cluster(g, k, among=shared, priority=priority)
-        p = priority[shared]
+        if (g.table, g.row_offset) in self.on_sample:
+            # (``shared`` marks its sample rows: the centroids are fitted to half of those, and
+            # judged on the other half, which they did not see: judged on the rows they were
+            # fitted to, few per centroid, they looked better than they were)
+            sample = self.sample_rows(g)
+            fitted = shared.clone()
+            fitted[1::2] = False
+            shared[0::2] = False
+            if not bool(fitted.any()) or not bool(shared.any()):
+                return None
+            among = torch.zeros(g.rows, dtype=torch.bool)
+            among[sample[fitted]] = True
+            fit = self.cluster(g, k, among=among, priority=priority, sample=sample)
+            p, before = priority[sample][shared], current.error if current.rows is not None else current.error[sample]
+        else:
+            fit = self.cluster(g, k, among=shared, priority=priority)
+            p, before = priority[shared], current.error
         if not float(p.sum()) > 0:  # (as cluster_rows weighs them: alike)
             p = torch.ones_like(p)
-        if float((p * fit.error[shared].double()).sum()) < float((p * current.error[shared].double()).sum()):
+        if float((p * fit.error[shared].double()).sum()) < float((p * before[shared].double()).sum()):
             return fit
         return None
 
     def solve(self, tables: Sequence[str], allowed_of: Dict[str, List[Tier]], k_of: Dict[str, int],
               candidates: Dict[Tuple[str, int], Dict[int, SharedRows]], rows_budget: int, label: str) -> int:
         """Collective: the exact price for ``rows_budget`` less the centroids of ``k_of``; every
-        row group's tiers at that price go to :attr:`decided`."""
+        row group's tiers at that price go to :attr:`decided` (an estimate, and the tiers of
+        their sample rows only, for groups in :attr:`on_sample`: :meth:`sample_choices`)."""
         choices: Dict[Tuple[str, int], List[B.RowChoices]] = {}
         for t in tables:
             sizes = self.sizes(t, allowed_of[t])
             for _, g in self.led(t):
+                key = (t, g.row_offset)
+                if key in self.on_sample:
+                    choices[key] = [self.sample_choices(g, allowed_of[t], sizes, candidates[key][k_of[t]])]
+                    continue
                 shared = self.complete(candidates, g, k_of[t]) if t in k_of else None
-                choices[(t, g.row_offset)] = self.group_choices(g, allowed_of[t], sizes, shared)
+                choices[key] = self.group_choices(g, allowed_of[t], sizes, shared)
         self.exchange_column_errors(tables, allowed_of, choices)
         rows_budget -= sum(self.centroid_bytes(t, k) * len(self.groups[t]) for t, k in k_of.items())
         flat = [c for cs in choices.values() for c in cs]
@@ -471,6 +554,24 @@ class _Assigner:
             for j, e in enumerate(errors):
                 cost[j] += scale * float(torch.minimum(best_rest, p[r0:r1] * e[r0:r1]).sum())
 
+    def sample_choices(self, g: RowGroup, allowed: List[Tier], sizes: torch.Tensor, shared: SharedRows
+                       ) -> B.RowChoices:
+        """The choices of the group's :meth:`sample_rows` (a group of one block, SHARED allowed:
+        ``shared``, its centroids, assigned to them at least), each standing for
+        ``rows / samples`` of its rows: priority and bytes scaled by that, so its breakpoints are
+        those of one row and its bytes the group's estimate."""
+        sample = self.sample_rows(g)
+        scale = g.rows / sample.numel()
+        err = shared.error if shared.rows is not None else shared.error[sample]
+        choices, bad = B.measure_choices(self.weights[g.blocks[0].name].index_select(0, sample),
+                                         self.priority(g)[sample] * scale, allowed,
+                                         (sizes.double() * scale).round().long(), self.config.drop_rows, None, err,
+                                         self.config.row_fit)
+        if bad >= 0:
+            raise ValueError(f"table {g.table!r}: row {g.row_offset + int(sample[bad])} of the weights "
+                             f"{B.unstorable_row(self.weights[g.blocks[0].name][int(sample[bad])])}")
+        return choices
+
     def errors(self, block, r0: int, r1: int, tiers: List[Tier]) -> torch.Tensor:
         """Rows ``[r0, r1)`` of a column block held here: their errors in ``tiers``."""
         return B.tier_errors(self.weights[block.name][r0:r1], tiers, row_fit=self.config.row_fit)
@@ -504,7 +605,9 @@ class _Assigner:
         if bad < 0 and extra is not None and bool(torch.isnan(extra).any()):
             bad = int(torch.isnan(extra).any(1).nonzero()[0])
         if bad >= 0:
-            raise ValueError(f"table {g.table!r}: row {g.row_offset + r0 + bad} of the weights is not finite")
+            why = "is not finite" if extra is not None and bool(torch.isnan(extra[bad]).any()) else \
+                B.unstorable_row(self.weights[g.blocks[0].name][r0 + bad])
+            raise ValueError(f"table {g.table!r}: row {g.row_offset + r0 + bad} of the weights {why}")
         return choices
 
     def exchange_column_errors(self, tables: Sequence[str], allowed_of: Dict[str, List[Tier]],

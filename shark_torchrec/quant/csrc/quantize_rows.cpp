@@ -193,6 +193,8 @@ enum Ty : int32_t { FP32 = 0, FP16 = 1, INT8 = 2, INT4 = 3, INT2 = 4, NO_TABLE =
 
 inline uint16_t to_half(float x) { return c10::Half(x).x; }
 inline float from_half(uint16_t h) { return static_cast<float>(c10::Half(h, c10::Half::from_bits())); }
+// Whether x reads back finite from fp16 (|x| below 65520, which rounds to inf).
+inline bool fits_half(float x) { return std::isfinite(from_half(to_half(x))); }
 
 // FBGEMM's row-wise quantization parameters: the fp16 bias and scale, and 1 / scale.
 inline void nbit_params(float lo, float hi, int bits, uint16_t* bias_h, float* bias, float* scale, float* inv) {
@@ -233,12 +235,6 @@ bool store_row_avx2(const float* x, int64_t D, int32_t ty, uint8_t* dst, bool fi
     std::memcpy(dst, x, 4 * D);
     return true;
   }
-  if (ty == FP16) {
-    for (int64_t d = 0; d < D; d += 8)
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 2 * d),
-                       _mm256_cvtps_ph(_mm256_loadu_ps(x + d), _MM_FROUND_TO_NEAREST_INT));
-    return true;
-  }
   float l8[8], h8[8];
   _mm256_storeu_ps(l8, lo_v);
   _mm256_storeu_ps(h8, hi_v);
@@ -247,11 +243,19 @@ bool store_row_avx2(const float* x, int64_t D, int32_t ty, uint8_t* dst, bool fi
     lo = std::min(lo, l8[i]);
     hi = std::max(hi, h8[i]);
   }
+  if (ty == FP16) {
+    if (!fits_half(lo) || !fits_half(hi)) return false;
+    for (int64_t d = 0; d < D; d += 8)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 2 * d),
+                       _mm256_cvtps_ph(_mm256_loadu_ps(x + d), _MM_FROUND_TO_NEAREST_INT));
+    return true;
+  }
   const int bits = ty == INT8 ? 8 : (ty == INT4 ? 4 : 2);
   uint16_t bias_h;
   float bias, scale, inv;
   nbit_row_params(x, D, lo, hi, bits, fit, &bias_h, &bias, &scale, &inv);
   uint16_t sb[2] = {to_half(scale), bias_h};
+  if (!fits_half(scale) || !fits_half(bias)) return false;
   std::memcpy(dst, sb, 4);
   uint8_t* q = dst + 4;
   const __m256 b_v = _mm256_set1_ps(bias), i_v = _mm256_set1_ps(inv);
@@ -273,7 +277,9 @@ bool store_row_avx2(const float* x, int64_t D, int32_t ty, uint8_t* dst, bool fi
 }
 #endif
 
-// One row, stored as FBGEMM stores it, at dst.  Returns false for a NaN or an infinity.
+// One row, stored as FBGEMM stores it, at dst.  Returns false for a NaN or an infinity, and
+// for a finite row its tier cannot store (values beyond FP16's range: an FP16 row, or an
+// integer row's fp16 scale or bias, would read as inf or NaN).
 bool store_row(const float* x, int64_t D, int32_t ty, uint8_t* dst, bool fit) {
 #if defined(__AVX2__) && defined(__F16C__)
   if (D % 8 == 0) return store_row_avx2(x, D, ty, dst, fit);
@@ -283,6 +289,8 @@ bool store_row(const float* x, int64_t D, int32_t ty, uint8_t* dst, bool fit) {
   if (ty == FP32) {
     std::memcpy(dst, x, 4 * D);
   } else if (ty == FP16) {
+    for (int64_t d = 0; d < D; ++d)
+      if (!fits_half(x[d])) return false;
     uint16_t* h = reinterpret_cast<uint16_t*>(dst);
     for (int64_t d = 0; d < D; ++d) h[d] = to_half(x[d]);
   } else {
@@ -296,6 +304,7 @@ bool store_row(const float* x, int64_t D, int32_t ty, uint8_t* dst, bool fit) {
     float bias, scale, inv;
     nbit_row_params(x, D, lo, hi, bits, fit, &bias_h, &bias, &scale, &inv);
     uint16_t sb[2] = {to_half(scale), bias_h};
+    if (!fits_half(scale) || !fits_half(bias)) return false;
     std::memcpy(dst, sb, 4);
     uint8_t* q = dst + 4;
     const int per_byte = 8 / bits;

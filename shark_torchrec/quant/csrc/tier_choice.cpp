@@ -208,15 +208,23 @@ bool row_errors_minmax(const float* x, int64_t D, const int64_t* bits, int K, do
   return true;
 }
 
-// row_errors_minmax, the integer tiers' errors those of fitted rows with `fit`.
+// row_errors_minmax, the integer tiers' errors those of fitted rows with `fit`.  A finite row
+// a tier cannot store (values beyond FP16's range: FP16 rows, or an integer row's fp16 bias or
+// scale, overflow) gets +inf there, whatever the arithmetic gave (inf, or NaN from inf - inf):
+// hull_row closes such tiers.
 bool row_errors(const float* x, int64_t D, const int64_t* bits, int K, double* out, bool fit) {
   if (!row_errors_minmax(x, D, bits, K, out)) return false;
   if (fit) {
     float scale, bias;
     for (int k = 0; k < K; ++k)
-      if (bits[k] == 8 || bits[k] == 4 || bits[k] == 2)
+      if (bits[k] == 8 || bits[k] == 4 || bits[k] == 2) {
         out[k] = shark_torchrec_fit::fit_row(x, D, (int)bits[k], &scale, &bias);
+        if (!std::isfinite(round_to_half(scale)) || !std::isfinite(round_to_half(bias)))
+          out[k] = std::numeric_limits<double>::infinity();
+      }
   }
+  for (int k = 0; k < K; ++k)
+    if (!std::isfinite(out[k])) out[k] = std::numeric_limits<double>::infinity();
   return true;
 }
 
@@ -247,17 +255,20 @@ Tensor row_tier_errors(const Tensor& weights, at::IntArrayRef bits, bool fit) {
 }
 
 // One row's choices (see tier_hull) from its errors e[K]; adds its bytes at price 0 and at
-// its last tier to *top and *bottom.
-inline void hull_row(const double* e, double p, const int64_t* s, int K, bool drop_unused, int64_t drop_index,
+// its last tier to *top and *bottom.  A tier whose error is not finite (one that cannot store
+// the row) is closed to it, whatever its priority (0 * inf made it NaN, which no cost beat:
+// the first tier kept it).  Returns false if every tier is closed to the row.
+inline bool hull_row(const double* e, double p, const int64_t* s, int K, bool drop_unused, int64_t drop_index,
                      int8_t* q, float* b, int64_t* top, int64_t* bottom) {
   double c[kMaxTiers];
   for (int k = 0; k < K; ++k) {
-    c[k] = p * e[k];
+    c[k] = std::isfinite(e[k]) ? p * e[k] : std::numeric_limits<double>::infinity();
     if (drop_unused && k == drop_index && p > 0) c[k] = std::numeric_limits<double>::infinity();
   }
   int cur = 0;
   for (int k = 1; k < K; ++k)
     if (c[k] < c[cur]) cur = k;
+  if (!std::isfinite(c[cur])) return false;
   q[0] = (int8_t)cur;
   float last = 0.f;
   for (int m = 0; m < K - 1; ++m) {
@@ -281,6 +292,7 @@ inline void hull_row(const double* e, double p, const int64_t* s, int K, bool dr
   }
   *top += s[q[0]];
   *bottom += s[cur];
+  return true;
 }
 
 Tensor sum_totals(const std::vector<int64_t>& totals, const at::TensorOptions& options) {
@@ -378,7 +390,8 @@ std::tuple<Tensor, Tensor, Tensor, int64_t> row_choices(const Tensor& weights, a
       }
       if (extra != nullptr)
         for (int k = 0; k < K; ++k) e[k] += extra[r * K + k];
-      hull_row(e, p[r], s, K, drop_unused, drop_index, q + r * K, b + r * W, &top, &bottom);
+      if (!hull_row(e, p[r], s, K, drop_unused, drop_index, q + r * K, b + r * W, &top, &bottom))
+        if (bad[t] < 0 || r < bad[t]) bad[t] = r;
     }
     totals[2 * t] += top;
     totals[2 * t + 1] += bottom;
