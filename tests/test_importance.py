@@ -355,3 +355,38 @@ def test_a_global_batch_of_one_sample_is_logged(caplog) -> None:
         model(_batches(1, B=1)[0])[0].backward()
         t.scores()
     assert "a global batch of 1 sample(s): no field varies within it" in caplog.text
+
+
+def test_a_feature_several_tables_read_is_scored_per_table() -> None:
+    """TorchRec names a feature read by two tables ``<feature>@<table>`` in the collection's
+    output: the tracker raised a KeyError at the first step.  Now each is scored apart, equal
+    to a per-sample reference (zero baseline: mean over samples of |<g_n, e_n>|), and the
+    table scores take TorchRec's names."""
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    torch.manual_seed(0)
+    tables = [EmbeddingBagConfig(name="t1", embedding_dim=4, num_embeddings=10, feature_names=["f1"]),
+              EmbeddingBagConfig(name="t2", embedding_dim=4, num_embeddings=10, feature_names=["f1", "f2"])]
+    ebc = EmbeddingBagCollection(tables=tables)
+    head = torch.nn.Linear(12, 1)
+    B = 6
+    kjt = KeyedJaggedTensor.from_lengths_sync(["f1", "f2"], torch.randint(10, (12,)), torch.ones(12, dtype=torch.long))
+    y = torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0, 0.0])
+    t = TaylorFieldImportance(ebc, baseline="zero", background=False)
+    with t:
+        kt = ebc(kjt)
+        F.binary_cross_entropy_with_logits(head(kt.values()).squeeze(-1), y).backward()
+    assert kt.keys() == ["f1@t1", "f1@t2", "f2"]
+    vals = ebc(kjt).values()
+    logits = head(vals).squeeze(-1)
+    ref = torch.zeros(3, dtype=torch.float64)
+    for n in range(B):
+        (g,) = torch.autograd.grad(F.binary_cross_entropy_with_logits(logits[n], y[n]), vals, retain_graph=True)
+        for i in range(3):
+            c = slice(4 * i, 4 * i + 4)
+            ref[i] += float((g[n, c].double() * vals[n, c].double()).sum().abs()) / B
+    got = t.scores()
+    assert list(got) == ["f1@t1", "f1@t2", "f2"]
+    for i, name in enumerate(got):
+        assert got[name] == pytest.approx(float(ref[i]), rel=1e-5)
+    assert t.table_scores(tables) == {"t1": got["f1@t1"], "t2": max(got["f1@t2"], got["f2"])}

@@ -444,3 +444,31 @@ def test_a_large_group_chooses_its_centroid_count_on_a_sample(monkeypatch) -> No
         compress(1000)
     with pytest.raises(ValueError, match="shared_sample_rows must be a row count"):
         RowwiseQuantConfig(budget_fraction=0.1, shared_sample_rows=0)
+
+
+def test_a_sampled_budget_that_fails_is_decided_on_every_row(monkeypatch) -> None:
+    """Where deciding on the samples hits a BudgetError (their estimate of the least bytes is
+    off near the budget), every row decides: the tiers and centroids of the exact way."""
+    import shark_torchrec.sharded.assign as A
+    from shark_torchrec.quant.tiers import BudgetError
+
+    ebc = _clustered_collection(16)
+    prio = {c.name: torch.rand(c.num_embeddings, generator=torch.Generator().manual_seed(2)) ** 3
+            for c in ebc.embedding_bag_configs()}
+    config = dict(budget_fraction=0.1, tiers=("fp16", "int8", "int4", "int2", "shared"), row_alignment=1)
+    exact = quantize_(ebc, RowwiseQuantConfig(**config, shared_sample_rows=None), priorities=prio).assignment
+    real = A._Assigner.refine
+    failed = []
+
+    def refine(self, *args):
+        if self.on_sample:
+            failed.append(sorted(self.on_sample))
+            raise BudgetError("estimated below its least bytes")
+        return real(self, *args)
+
+    monkeypatch.setattr(A._Assigner, "refine", refine)
+    got = quantize_(ebc, RowwiseQuantConfig(**config, shared_sample_rows=1000), priorities=prio).assignment
+    assert failed == [[("t0", 0)]]
+    for t in ("t0", "t1"):
+        assert torch.equal(got.tiers[t], exact.tiers[t])
+        assert torch.equal(got.shared[t].centroids, exact.shared[t].centroids)

@@ -9,7 +9,7 @@ from typing import Dict, Iterable, List, Sequence
 from torch import nn
 from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, get_embedding_names_by_table
 
 
 class FieldImportance(abc.ABC):
@@ -42,19 +42,19 @@ class FieldImportance(abc.ABC):
 
 
 def table_scores(scores: Dict[str, float], tables: Sequence[EmbeddingBagConfig]) -> Dict[str, float]:
-    """Score per table: the highest of its features' ``scores``.  A feature with no score, or a
-    NaN one (no data seen), raises naming it (``max`` of a NaN and a number depends on their
-    order)."""
+    """Score per table: the highest of its features' ``scores`` (a feature several of
+    ``tables`` read is scored per table, under TorchRec's output name ``<feature>@<table>``).
+    A feature with no score, or a NaN one (no data seen), raises naming it (``max`` of a NaN
+    and a number depends on their order)."""
     out = {}
-    for t in tables:
-        known = [scores[f] for f in t.feature_names if f in scores]
-        if len(known) != len(t.feature_names):
-            missing = [f for f in t.feature_names if f not in scores]
+    for t, names in zip(tables, get_embedding_names_by_table(list(tables))):
+        missing = [f for f in names if f not in scores]
+        if missing:
             raise KeyError(f"table {t.name!r}: no score for features {missing}")
-        nan = [f for f in t.feature_names if math.isnan(scores[f])]
+        nan = [f for f in names if math.isnan(scores[f])]
         if nan:
             raise ValueError(f"table {t.name!r}: no score for features {nan} (no data seen)")
-        out[t.name] = max(known)
+        out[t.name] = max(scores[f] for f in names)
     return out
 
 

@@ -34,7 +34,9 @@ values, often constant within small batches, scores less with them.  A global ba
 sample varies in nothing: such steps score nothing (logged).
 
 Non-finite contributions (NaN/Inf gradients or embeddings) are skipped per (sample, feature)
-and counted in :attr:`TaylorFieldImportance.skipped`; they never enter a score.
+and counted in :attr:`TaylorFieldImportance.skipped` (and logged); they never enter a score.
+Under ``mean`` a non-finite embedding also makes its field's batch mean non-finite, so that
+batch's every contribution of the field is skipped (and counted) with it.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.types import Awaitable
 from torchrec.sparse.jagged_tensor import KeyedTensor
+
+from torchrec.modules.embedding_modules import get_embedding_names_by_table
 
 from shark_torchrec.importance.background import Background
 from shark_torchrec.sharded.comm import Comm
@@ -159,7 +163,9 @@ class TaylorFieldImportance(FieldImportance):
         self._acc: Dict[str, _Accumulator] = {}
         for path, module in self._modules.items():
             tables = collection_tables(module)
-            feats = [f for t in tables for f in t.feature_names]
+            # (TorchRec's output names: a feature several tables read is "<feature>@<table>",
+            # once per table, each scored apart)
+            feats = [n for names in get_embedding_names_by_table(tables) for n in names]
             dims = [t.embedding_dim for t in tables for _ in t.feature_names]
             self._acc[path] = _Accumulator(feats, dims)
         self._handles: List[Any] = []

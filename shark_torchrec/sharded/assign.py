@@ -288,7 +288,7 @@ class _Assigner:
         group); then its final centroids are assigned to all its rows (:meth:`complete`) and the
         budget solved once more on every row, which sets the tiers and the exact price.  Each
         round on every row was an assignment of all the group's rows to its centroids (at
-        ``K = 1,024``, ~13 s per GiB of rows on one core) and a pass over its errors."""
+        ``K = 1,024``, ~15 s per GiB of rows on one core) and a pass over its errors."""
         self.p_scale = self.priority_scale(tables)
         try:
             return self._budget(tables, rows_budget, label)
@@ -313,18 +313,17 @@ class _Assigner:
         if int(self.comm.all_reduce(torch.tensor([len(large)], dtype=torch.long))[0]):
             self.on_sample = large
             try:
-                k_of = self.refine(tables, allowed_of, k_of, candidates, rows_budget, label)
-            except BudgetError:  # (the samples' estimate of the least bytes is above the budget:
-                # every row decides, which is exact, and says whether it truly is)
+                chosen = self.refine(tables, allowed_of, k_of, candidates, rows_budget, label)
+                self.on_sample = set()
+                price = self.solve(tables, allowed_of, chosen, candidates, rows_budget, label)
+                k_of = chosen
+            except BudgetError:  # (the samples' estimate of the least bytes was off, near the
+                # budget: every row decides, which is exact, and says whether it truly fails)
                 logger.info("%s: the budget is near its least bytes: deciding on every row", label)
                 self.on_sample = set()
-                k_of = {t: self.k_candidates(t)[0] for t in k_of}
                 candidates = self.candidates(list(k_of), label)
                 k_of = self.refine(tables, allowed_of, k_of, candidates, rows_budget, label)
                 price = self.last_price
-            else:
-                self.on_sample = set()
-                price = self.solve(tables, allowed_of, k_of, candidates, rows_budget, label)
         else:
             k_of = self.refine(tables, allowed_of, k_of, candidates, rows_budget, label)
             price = self.last_price
