@@ -232,6 +232,15 @@ def unstorable_row(row: torch.Tensor) -> str:
             "(FP16 rows, and integer rows' fp16 scale and bias, overflow); allow the fp32 tier, or scale the table")
 
 
+def priority_scale(top: float) -> float:
+    """The power of 2 that brings ``top`` (the largest priority) into [0.5, 1) (1 for 0).  The
+    breakpoints (``p · Δerr / Δbytes``) are float32: with every priority below ~1e-38 they lost
+    their precision, then all became 0 (every row tied, all dropped with room to spare), and
+    above ~1e38 all +inf.  Scaled by a power of 2 they are the same float32 numbers, scaled,
+    wherever they were in range: the same tiers."""
+    return math.ldexp(1.0, -math.frexp(top)[1]) if top > 0 else 1.0
+
+
 def bytes_at_price_zero(choices: RowChoices) -> int:
     """Bytes of the rows in their least-cost tiers (what a budget with room for it takes)."""
     return choices.top_bytes

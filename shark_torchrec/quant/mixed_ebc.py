@@ -112,9 +112,9 @@ def _check_finite(table: str, w: torch.Tensor) -> None:
             raise ValueError(f"table {table!r}: row {r0 + int(bad.nonzero()[0])} has NaN/Inf weights")
 
 
-def _check_storable(table: str, tier: Tier, rows: torch.Tensor, data) -> None:
-    """Raise naming the first of ``rows`` whose stored form (``quantize_rows``' ``data``) reads
-    back non-finite (a finite row beyond FP16's range)."""
+def _check_storable(table: str, tier: Tier, rows: torch.Tensor, picked: torch.Tensor, data) -> None:
+    """Raise naming the first of ``rows`` (their weights ``picked``) whose stored form
+    (``quantize_rows``' ``data``) reads back non-finite (a finite row beyond FP16's range)."""
     q, scale_bias = data
     if tier is Tier.FP16:
         bad = ~torch.isfinite(q.view(torch.float16)).all(1)
@@ -124,8 +124,7 @@ def _check_storable(table: str, tier: Tier, rows: torch.Tensor, data) -> None:
         return
     if bool(bad.any()):
         i = int(bad.nonzero()[0])
-        raise ValueError(f"table {table!r}: row {int(rows[i])} is beyond FP16's range (+-65504): its tier "
-                         f"{tier.value} cannot store it; store it fp32")
+        raise ValueError(f"table {table!r}: row {int(rows[i])} {_unstorable(picked[i], tier)}")
 
 
 _FP16 = TIER_ORDER.index(Tier.FP16)
@@ -153,7 +152,7 @@ def _quantize_python(configs, weights, tiers, physical, used, group_of, device, 
                     chunk = rows[r0:r0 + _QUANTIZE_ROWS]
                     picked = torch.index_select(w, 0, chunk.to(w.device), out=buf[:chunk.numel()])
                     data = quantize_rows(picked.cpu(), tier, row_fit)
-                    _check_storable(c.name, tier, chunk, data)
+                    _check_storable(c.name, tier, chunk, picked, data)
                     if device.type == "cuda" and data[1] is not None:
                         check_cuda_scale(c.name, data[1], chunk)
                     group._set_weights(f"{c.name}@{tier.value}", data, r0, views[id(group)])

@@ -322,11 +322,7 @@ def assign_by_budget(
                              f"{w.shape[0]} rows")
         if sum(blocks[name]) != dims[name]:
             raise ValueError(f"table {name!r}: column blocks {blocks[name]} do not add up to dim {dims[name]}")
-    # (priorities scaled by the power of 2 bringing the largest into [0.5, 1): the float32
-    # breakpoints are then those of the priorities given, scaled, where those were in range,
-    # and do not underflow to 0 or overflow to inf where all priorities are tiny or huge)
-    top = max([float(p.max()) for p in priorities.values() if p.numel()] or [0.0])
-    scale = math.ldexp(1.0, -math.frexp(top)[1]) if top > 0 else 1.0
+    scale = B.priority_scale(max([float(p.max()) for p in priorities.values() if p.numel()] or [0.0]))
     choices = {}
     for name, w in weights.items():
         sizes = B.tier_sizes(blocks[name], allowed, row_alignment)

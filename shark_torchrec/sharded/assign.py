@@ -163,15 +163,11 @@ class _Assigner:
         return p * self.p_scale if self.p_scale != 1.0 else p
 
     def priority_scale(self, tables: Sequence[str]) -> float:
-        """Collective: the power of 2 that brings the largest priority of ``tables`` (over all
-        ranks) into [0.5, 1).  The budget's breakpoints (``p · Δerr / Δbytes``) are float32: with
-        every priority below ~1e-38 they lost their precision, then all became 0 (every row
-        tied, all dropped with room to spare), and above ~1e38 all +inf.  Scaled by a power of 2
-        they are the same float32 numbers, scaled, where they were in range: the same tiers."""
+        """Collective: :func:`~shark_torchrec.quant.budget.priority_scale` of the largest
+        priority of ``tables`` over all ranks."""
         self.p_scale = 1.0
         local = max([float(self.priority(g).max()) for t in tables for _, g in self.led(t) if g.rows] or [0.0])
-        top = max(self.comm.all_gather_object(local))
-        return math.ldexp(1.0, -math.frexp(top)[1]) if top > 0 else 1.0
+        return B.priority_scale(max(self.comm.all_gather_object(local)))
 
     def sizes(self, table: str, tiers: Sequence[Tier]) -> torch.Tensor:
         return B.tier_sizes(self.blocks[table], tiers, self.config.row_alignment)
