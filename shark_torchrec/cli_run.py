@@ -46,6 +46,8 @@ from shark_torchrec.quant.config import SHARED_SAMPLE_ROWS
 from shark_torchrec.quant.tiers import ROW_FITS
 from shark_torchrec.run_config import (
     DEFAULT_QUANT_TIERS,
+    FIELD_SCORERS,
+    ROW_PRIORITIES,
     STAGES,
     DataSection,
     EvalSection,
@@ -64,8 +66,6 @@ from shark_torchrec.training.datasets import DATASETS
 from shark_torchrec.training.train_dlrm import DEFAULT_NUM_EMBEDDINGS
 from shark_torchrec.training.trainer import DENSE_OPTIMIZERS, EMBEDDING_OPTIMIZERS
 
-FIELD_SCORERS = ("shark", "permutation", "random")
-ROW_PRIORITIES = ("shark", "frequency")
 #: flags of ``train_dlrm.py`` that another recipe does not use, refused there by name
 TRAIN_ONLY_FLAGS = {
     "recipes/shark_dlrm.py": ("--max_steps", "--score_fields", "--resume"),
@@ -105,8 +105,9 @@ class PresetArgumentParser(argparse.ArgumentParser):
         for dest, value in PRESET_DEFAULTS.get(getattr(ns, "data", None), {}).items():
             if not hasattr(ns, dest) or dest in given:
                 continue
-            if dest in PRUNING_CRITERIA and any(getattr(ns, c, None) is not None for c in PRUNING_CRITERIA):
-                continue  # the command line chose the pruning: the criteria are exclusive
+            if dest in PRUNING_CRITERIA and (any(getattr(ns, c, None) is not None for c in PRUNING_CRITERIA)
+                                             or getattr(ns, "plan", None)):
+                continue  # the command line chose the pruning (a criterion, or a saved plan)
             setattr(ns, dest, value)
         return ns, rest
 
@@ -283,7 +284,7 @@ def _add_comparison_flags(p: argparse.ArgumentParser) -> None:
     e.add_argument("--field_scorer", choices=FIELD_SCORERS, default="shark",
                    help="field scores the pruning uses: SHARK's (collected while training, "
                    "--prune_baseline), exact permutation importance on the dev split, or random")
-    e.add_argument("--permutation_batches", type=int,
+    e.add_argument("--permutation_batches", type=positive_int,
                    help="dev batches for --field_scorer permutation (default: all)")
     e.add_argument("--row_priority", choices=ROW_PRIORITIES, default="shark",
                    help="row priorities the tiers follow: SHARK's label-aware decayed counts "
@@ -296,7 +297,7 @@ def _add_comparison_flags(p: argparse.ArgumentParser) -> None:
                    "gradient, so that the byte budget goes where errors move the loss most")
     e.add_argument("--eval_split", choices=["test", "dev"], default="test",
                    help="split every stage is evaluated on (tune on dev, report on test)")
-    e.add_argument("--bootstrap", type=int, default=1000,
+    e.add_argument("--bootstrap", type=positive_int, default=1000,
                    help="bootstrap resamples of the paired AUC comparisons")
     e.add_argument("--attribute_quant_loss", action="store_true",
                    help="also measure, per tier and per table, the AUC recovered when only those "

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import time
 from typing import Any, Dict, Optional, Tuple
@@ -45,7 +46,7 @@ from shark_torchrec.importance import (
     dlrm_per_sample_loss,
 )
 from shark_torchrec.pruning import PruningPlan, choose_plan
-from shark_torchrec.planning.overrides import load_overrides
+from shark_torchrec.planning.overrides import load_overrides, sharding_digest
 from shark_torchrec.pruning.sharded import iterative_prune, prune_trainer, pruned_config
 from shark_torchrec.quant import RowwiseQuantConfig
 from shark_torchrec.quant.config import SHARED_SAMPLE_ROWS
@@ -105,7 +106,10 @@ def stage_inputs(run: PipelineRun, device: torch.device, world_size: int, spec=N
     # files and runs named by a flag count by their contents, not only their names
     spec = data_spec_from(run.data, run.training.seed) if spec is None else spec
     train = {**file_digests(schema=run.data.schema), **data_files(spec),
-             **({"init_from_source": source_run(run.init_from)} if run.init_from else {})}
+             **({"init_from_source": source_run(run.init_from)} if run.init_from else {}),
+             # (the sharding the model trains under: a file without it keeps its keys)
+             **({"planner_overrides_sharding_sha256": sharding_digest(run.sharding.planner_overrides)}
+                if run.sharding.planner_overrides else {})}
     return {
         "train": {**{k: v for k, v in flags.items() if k not in PRUNE_INPUTS | QUANTIZE_INPUTS}, **train,
                   "resolved_device": device.type, "world_size": world_size},
@@ -220,8 +224,16 @@ def _run(run: PipelineRun, env: DistEnv) -> Dict[str, Any]:
     if run.stop_after == "prune":
         return report
     qdone = job.finished("quantize")
+    if qdone is not None and not _export_of(job.out, job.keys["quantize"]):
+        # (the record was linked from another run, or the export and report in OUT were
+        # written by other settings since: they would have been reported as this stage's)
+        logger.info("%s: its export is not the quantize stage's of these settings: quantizing again",
+                    os.path.join(job.out, "model"))
+        job.stages.invalidate("quantize")
+        qdone = None
     if qdone is None:
-        qdone = _quantize(run, env, job.spec, job.config, small, trainer, pruned, done, pdone, overrides, job.out)
+        qdone = _quantize(run, env, job.spec, job.config, small, trainer, pruned, done, pdone, overrides, job.out,
+                          job.keys["quantize"])
         job.save("quantize", qdone)
     report["stages"]["quantized"] = qdone["metrics"]
     report["lookup_speed_vs_fp32"] = qdone["lookup_speed_vs_fp32"]
@@ -336,10 +348,11 @@ def _prune_stage(job: _Job, trainer: DLRMTrainer, done: Dict[str, Any], override
     metrics = pruned.evaluate(job.eval_batches(), desc=f"{run.eval.eval_split} (pruned)")
     # The reference a compressed model is judged against: the uncompressed model given the
     # same fine-tuning (fresh data improves it too); the quantize stage compares row by row.
-    loop = _loop(trainer, reference_ckpt, job.spec, run, env, run.prune.finetune_epochs, job.parts["finetune"],
+    epochs, steps = _reference_steps(run, job.parts["finetune"])
+    loop = _loop(trainer, reference_ckpt, job.spec, run, env, epochs, job.parts["finetune"],
                  {"stage": "prune/reference", "stage_key": job.keys["prune"]}, "fine-tune (reference)")
     with _timed("fine-tuning the uncompressed reference"):
-        loop.run()
+        loop.run(steps)
     reference = trainer.evaluate(job.eval_batches(), desc=f"{run.eval.eval_split} (reference)")
     if env.is_main:
         plan.save(os.path.join(out, "prune", "plan.json"))
@@ -348,6 +361,18 @@ def _prune_stage(job: _Job, trainer: DLRMTrainer, done: Dict[str, Any], override
              "reference_checkpoint": job.store.rel(loop.last_checkpoint)}
     job.save("prune", pdone)
     return pruned, small, pdone
+
+
+def _reference_steps(run: PipelineRun, part: range):
+    """(epochs, steps or None) of the reference's fine-tuning: the pruned model's.  One-shot
+    pruning fine-tunes ``--finetune_epochs`` passes over the held-out part; ``--prune_rounds``
+    trains rounds × (``--score_batches`` + ``--finetune_steps``) steps on that part, cycled,
+    and so must the reference (it got one pass: the paired pruning step compared models
+    trained 3 and 10 steps, reported as fine-tuned the same way)."""
+    if not run.prune.prune_rounds:
+        return run.prune.finetune_epochs, None
+    steps = run.prune.prune_rounds * (run.prune.score_batches + run.prune.finetune_steps)
+    return -(-steps // max(1, len(part))), steps
 
 
 def _pruned_ckpt(job: _Job, small) -> CheckpointManager:
@@ -457,7 +482,11 @@ def _priority_mix(quant: QuantSection, gradient_scales, tables) -> Tuple[Dict[st
     the field tracker while training): the expected loss change from an error ``δ`` in a row is
     about ``uses × ‖g‖² × ‖δ‖² / dim``, so a byte budget shared by all tables goes where errors
     move the loss most, not only where rows are used most.  A table serving several features
-    takes the largest of their scales."""
+    takes the largest of their scales (a feature several tables read is scored per table, as
+    TorchRec names its outputs: ``<feature>@<table>``).  A table none of whose features has a
+    finite scale (a field the tracker never saw) turns the weighting off for every table, with a
+    warning: left unscaled among scaled tables, its rows counted 40-100x too much in the shared
+    budget."""
     channels = _row_counters(quant)
     if quant.row_priority == "frequency":
         plain = "positive_plain" if "positive_plain" in channels else "positive"
@@ -466,10 +495,16 @@ def _priority_mix(quant: QuantSection, gradient_scales, tables) -> Tuple[Dict[st
     scale: Dict[str, float] = {}
     if quant.tier_weighting == "gradient" and gradient_scales:
         for t in tables:
-            values = [gradient_scales.get(f, float("nan")) for f in t.feature_names]
-            s = max((x for x in values if x == x), default=float("nan"))
-            if s == s and s > 0:
-                scale[t.name] = s
+            values = [gradient_scales.get(f"{f}@{t.name}", gradient_scales.get(f, float("nan")))
+                      for f in t.feature_names]
+            finite = [x for x in values if math.isfinite(x) and x >= 0]
+            if finite:
+                scale[t.name] = max(finite)
+        unscaled = [t.name for t in tables if t.name not in scale]
+        if unscaled:
+            logger.warning("tables %s have no gradient scale (their fields were never scored while training): "
+                           "--tier_weighting gradient is off for every table", unscaled)
+            scale = {}
     return mix, scale
 
 
@@ -510,10 +545,25 @@ def _eval_batches(run, spec, env):
     return spec.batches(ds, run.data.num_workers)
 
 
+def _export_of(out: str, key: str) -> bool:
+    """Whether ``OUT/model`` is the export of the quantize stage keyed ``key`` (its manifest
+    says so): the export, ``report.md`` and the figures lie outside ``OUT/quantize``, so a
+    record linked from another run (:class:`~shark_torchrec.stages.StageSharing`) or a run of
+    other settings in between leaves them another stage's."""
+    from shark_torchrec.sharded.export import MANIFEST
+
+    try:
+        with open(os.path.join(out, "model", MANIFEST)) as f:
+            return json.load(f).get("metadata", {}).get("stage_key") == key
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _quantize(run, env, spec, config, small, trainer: DLRMTrainer, pruned: DLRMTrainer, done, pdone,
-              overrides, out: str) -> Dict[str, Any]:
+              overrides, out: str, key: str) -> Dict[str, Any]:
     """The quantize stage on every rank (:mod:`shark_torchrec.quantize_stage`): no table is
-    gathered.  Returns the stage's ``done.json`` content; rank 0 writes the report."""
+    gathered; its export's manifest holds the stage's ``key``.  Returns the stage's
+    ``done.json`` content; rank 0 writes the report."""
     from shark_torchrec.quantize_stage import lookup_batches, quantize_stage
     from shark_torchrec.sharded.export import export_sharded
     from shark_torchrec.training.sharding import plan_summary
@@ -526,7 +576,8 @@ def _quantize(run, env, spec, config, small, trainer: DLRMTrainer, pruned: DLRMT
 
     def export(model, metrics) -> None:
         export_sharded(model, os.path.join(out, "model"), pruning_plan=plan,
-                       metadata={f"{run.eval.eval_split}_auc": metrics["auc"]}, plan=plan_summary(pruned.plan))
+                       metadata={f"{run.eval.eval_split}_auc": metrics["auc"], "stage_key": key},
+                       plan=plan_summary(pruned.plan))
 
     with _timed("row-wise mixed precision, evaluation and export (sharded)"):
         result = quantize_stage(

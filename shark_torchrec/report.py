@@ -122,7 +122,8 @@ def write_markdown(out: str, report: Dict, figures: List[str]) -> str:
              f"({q['auc'] - ref['auc']:+.4f}; both fine-tuned the same way).  "]
     if "lookup_speed_vs_fp32" in report:
         lines.append(f"**Embedding lookup:** {report['lookup_speed_vs_fp32']:.2f}× the fp32 "
-                     f"collection's throughput on the test batches.")
+                     f"collection's throughput on the test batches (the uncompressed model's collection, "
+                     f"every field: pruned fields' lookups count as saved).")
     paired = report.get("paired") or {}
     if paired:
         c = paired["compressed vs uncompressed"]

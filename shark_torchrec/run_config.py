@@ -22,15 +22,32 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from shark_torchrec.errors import FlagError
 from shark_torchrec.quant.config import SHARED_SAMPLE_ROWS
+from shark_torchrec.quant.tiers import ROW_FITS
 
 #: Tiers the pipeline's byte budget may use by default.
 DEFAULT_QUANT_TIERS = "fp16,int8,int4,int2,shared"
 #: The pipeline's stages, in the order they run (``--stop_after``).
 STAGES = ("train", "prune", "quantize")
+#: The field scorers the pipeline compares (``--field_scorer``).
+FIELD_SCORERS = ("shark", "permutation", "random")
+#: Where row priorities come from (``--row_priority``).
+ROW_PRIORITIES = ("shark", "frequency")
+#: The Taylor scores' baselines (``--prune_baseline``, ``--score_fields``; as
+#: :data:`shark_torchrec.importance.taylor.BASELINES`, which tests/test_run_config.py checks).
+BASELINES = ("mean", "shuffle", "zero")
+
+
+def one_of(flag: str, value: Any, choices: Sequence[Any], optional: bool = False) -> None:
+    """Refuse ``value`` outside ``choices`` (``None`` too, unless ``optional``), naming the flag:
+    the jobs branch on these strings, where a typo from Python (``"Mean"``, ``"Test"``) took
+    another branch without a word."""
+    if (value is None and optional) or value in choices:
+        return
+    raise FlagError(f"--{flag} must be one of {list(choices)}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -62,6 +79,11 @@ class DataSection:
     synthetic_train_rows: Optional[int] = None
     synthetic_test_rows: Optional[int] = None
     synthetic_max_rows: int = 1_000_000
+
+    def __post_init__(self) -> None:
+        from shark_torchrec.training.datasets import DATASETS  # (it imports the data modules)
+
+        one_of("data", self.data, DATASETS)
 
 
 #: The DLRM's interactions: TorchRec's dot product ("original") or DCN.
@@ -96,6 +118,9 @@ class TrainingSection:
     dense_optimizer: str = "adagrad"
     seed: int = 0
     device: str = "auto"
+
+    def __post_init__(self) -> None:
+        one_of("device", self.device, ("auto", "cpu", "cuda"))
 
     @property
     def eval_batch_size(self) -> int:
@@ -145,6 +170,9 @@ class TrainRun(JobRun):
     max_steps: Optional[int] = None
     score_fields: Optional[str] = None
 
+    def __post_init__(self) -> None:
+        one_of("score_fields", self.score_fields, BASELINES, optional=True)
+
 
 @dataclass(frozen=True)
 class FieldPruning:
@@ -163,6 +191,8 @@ class FieldPruning:
     finetune_steps: int = 20
 
     def __post_init__(self) -> None:
+        one_of("prune_baseline", self.prune_baseline, BASELINES)
+        one_of("prune_mode", self.prune_mode, ("mean", "remove"))
         given = [f"--{c}" for c in ("keep_fields", "drop_fraction", "drop_score_share") if getattr(self, c) is not None]
         if len(given) > 1:
             raise FlagError(f"{' and '.join(given)} are exclusive pruning criteria: use one")
@@ -223,8 +253,14 @@ class PipelinePruneSection(FieldPruning):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        one_of("field_scorer", self.field_scorer, FIELD_SCORERS)
+        if self.permutation_batches is not None and self.permutation_batches < 1:
+            raise FlagError(f"--permutation_batches must be at least 1, got {self.permutation_batches}")
         if self.prune_rounds and self.keep_fields is None:
             raise FlagError("--prune_rounds needs --keep_fields (the number of fields at the end)")
+        if self.prune_rounds and self.finetune_epochs != 1:  # (1: the default)
+            raise FlagError("--finetune_epochs is for one-shot pruning; with --prune_rounds the pruned model (and "
+                            "the reference) train --prune_rounds x (--score_batches + --finetune_steps) steps")
 
 
 @dataclass(frozen=True)
@@ -245,6 +281,13 @@ class QuantSection:
     quant_shared_sample_rows: Optional[int] = SHARED_SAMPLE_ROWS
 
     def __post_init__(self) -> None:
+        one_of("drop_rows", self.drop_rows, ("any", "unused"))
+        one_of("row_alignment", self.row_alignment, ("auto", "16", "1"))
+        one_of("row_priority", self.row_priority, ROW_PRIORITIES)
+        one_of("tier_weighting", self.tier_weighting, ("gradient", "none"))
+        one_of("quant_row_fit", self.quant_row_fit, ROW_FITS)
+        if self.quant_budget_fraction is not None and not 0 < self.quant_budget_fraction <= 1:
+            raise FlagError(f"--quant_budget_fraction must be in (0, 1], got {self.quant_budget_fraction}")
         if self.quant_fractions is not None and self.quant_budget_fraction is not None:
             raise FlagError("--quant_fractions and --quant_budget_fraction both set the tiers: use one")
         if self.drop_rows != "any" and "drop" not in self.tier_names:
@@ -261,7 +304,7 @@ class QuantSection:
     @property
     def budget_fraction(self) -> float:
         """The byte budget (``--quant_budget_fraction``, default 0.15)."""
-        return self.quant_budget_fraction or 0.15
+        return 0.15 if self.quant_budget_fraction is None else self.quant_budget_fraction
 
 
 @dataclass(frozen=True)
@@ -271,6 +314,11 @@ class EvalSection:
     eval_split: str = "test"
     bootstrap: int = 1000
     attribute_quant_loss: bool = False
+
+    def __post_init__(self) -> None:
+        one_of("eval_split", self.eval_split, ("test", "dev"))
+        if self.bootstrap < 1:
+            raise FlagError(f"--bootstrap must be at least 1, got {self.bootstrap}")
 
 
 @dataclass(frozen=True)
@@ -285,6 +333,13 @@ class PipelineRun(JobRun):
     checkpoint_every: int = 0
     init_from: Optional[str] = None
     stop_after: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        one_of("stop_after", self.stop_after, STAGES, optional=True)
+        if all(getattr(self.prune, c) is None for c in ("keep_fields", "drop_fraction", "drop_score_share")):
+            # (the command line fills in drop_fraction 0.25; from Python the plan failed after training)
+            raise FlagError("the pipeline's pruning needs a criterion: keep_fields, drop_fraction (0 prunes "
+                            "none) or drop_score_share")
 
 
 def flat(run: Any) -> Dict[str, Any]:

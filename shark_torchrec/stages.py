@@ -222,8 +222,16 @@ class StageRunner:
                 if os.path.isfile(path):
                     os.remove(path)
                     logger.info("removed %s: the %r stage runs now", path, stage)
+                _unlink_shared(os.path.dirname(path))
         if dist.is_initialized():
             dist.barrier()
+
+    def invalidate(self, stage: str) -> None:
+        """Run ``stage`` again although its record matched (and the stages after it): its
+        record removed, its files' links to another run broken.  Collective."""
+        i = self.stages.index(stage)
+        self._invalidate(self.stages[i:])
+        self._ran.append(stage)
 
     def all_finished(self) -> bool:
         """Whether every stage finished with these inputs before this run started."""
@@ -233,6 +241,18 @@ class StageRunner:
         """Record ``stage`` as finished with ``result`` (paths in it relative to ``out``:
         :meth:`StageStore.rel`)."""
         self.store.save(stage, self.inputs[stage], self.upstream[stage], result)
+
+
+def _unlink_shared(directory: str) -> None:
+    """Remove the files under ``directory`` that are hard links shared with another run's
+    (:meth:`StageSharing.link`), before a stage of other inputs writes there: it writes some
+    files in place (``torch.save`` to a path, a plan opened for writing, checkpoint shards),
+    which rewrote the other run's finished stage under its unchanged record."""
+    for root, _, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(root, name)
+            if os.stat(path, follow_symlinks=False).st_nlink > 1:
+                os.remove(path)
 
 
 def chain_keys(inputs: Mapping[str, Mapping[str, Any]]) -> Dict[str, str]:

@@ -20,6 +20,7 @@ from shark_torchrec.quant import id_map
 from shark_torchrec.quant.cpu_kernel import cpu_kernel_available
 from shark_torchrec.quant.mixed_ebc import RowwiseMixedEmbeddingBagCollection, dequantize_rows
 from shark_torchrec.quant.shared_rows import cluster_rows
+from shark_torchrec.quant.tiers import quantization_error
 
 # The two CPU lookups every reference test runs through.
 LOOKUPS = ["kernel", "fbgemm"]
@@ -644,16 +645,15 @@ def test_the_kernel_pools_every_dim_and_bag_length(dim, pooling, weighted) -> No
 
 
 @pytest.mark.parametrize("row_alignment", [1, 16])
-@pytest.mark.parametrize("dim", [8, 12, 16, 24, 64])
+@pytest.mark.parametrize("dim", [8, 12, 16, 20, 24, 64])
 @pytest.mark.parametrize("row_fit", ["minmax", "lsq"])
 def test_the_conversion_kernel_stores_what_fbgemm_quantizers_store(row_alignment, dim, row_fit, monkeypatch) -> None:
     """from_weights' one-pass CPU kernel (csrc/quantize_rows.cpp) against the torch path
     (FBGEMM's quantizer ops for minmax, rows.fit_scale_bias for lsq), byte for byte: every
-    sub-table's rows, scales and biases, and the id map."""
+    sub-table's rows, scales and biases, and the id map.  Dims 12 and 20 pack INT2 codes into
+    an odd number of bytes, which FBGEMM's quantizer op refuses as such (padded)."""
     if not cpu_kernel_available():
         pytest.skip("the CPU kernels could not be built here")
-    if dim % 8 and row_fit == "minmax":  # (dim 12: the kernels' scalar tail, fitted rows only)
-        pytest.skip("FBGEMM's INT2 quantizer op needs packed rows of whole fp16 words (12 x 2 bits = 3 bytes)")
     torch.manual_seed(dim)
     configs = [EmbeddingBagConfig(name=n, embedding_dim=dim, num_embeddings=r, feature_names=[f"f_{n}"])
                for n, r in (("a", 700), ("b", 33))]
@@ -675,6 +675,25 @@ def test_the_conversion_kernel_stores_what_fbgemm_quantizers_store(row_alignment
             assert torch.equal(a[k].view(torch.uint8) if a[k].dtype != torch.int32 else a[k],
                                b[k].view(torch.uint8) if b[k].dtype != torch.int32 else b[k]), k
     assert torch.equal(fast.groups[0].weight_buffer(), ref.groups[0].weight_buffer())
+
+
+@pytest.mark.parametrize("dim,tier", [(7, Tier.INT8), (6, Tier.INT4), (4, Tier.INT2), (12, Tier.INT2), (20, Tier.INT2),
+                                      (16, Tier.INT4)])
+def test_rows_of_an_odd_byte_width_read_as_dequantize_rows_says(dim, tier) -> None:
+    """INT8 rows of odd dims, INT4 of dims 2 mod 4, INT2 of dims 4 mod 8 pack into an odd number
+    of bytes: the collection stores and reads them (TBE and fused kernel), while FBGEMM's
+    quantizer and dequantizer ops refused them, so ``dequantize_rows`` and
+    ``quantization_error`` raised.  Each must equal what the collection reads, row by row."""
+    c = EmbeddingBagConfig(name="t", embedding_dim=dim, num_embeddings=40, feature_names=["f"])
+    w = torch.randn(40, dim, generator=torch.Generator().manual_seed(dim)) * torch.linspace(0.01, 3, 40)[:, None]
+    t = torch.full((40,), TIER_ORDER.index(tier), dtype=torch.int8)
+    m = RowwiseMixedEmbeddingBagCollection.from_weights([c], {"t": w}, {"t": t})
+    kjt = KeyedJaggedTensor.from_lengths_sync(["f"], torch.arange(40), torch.ones(40, dtype=torch.long))
+    for kernel in ([True, False] if cpu_kernel_available() else [False]):
+        m.use_cpu_kernel = kernel
+        read = m(kjt).to_dict()["f"]
+        assert torch.equal(read, dequantize_rows(w, tier)), kernel
+        assert torch.equal(quantization_error(w, tier), ((w - read).double() ** 2).sum(1)), kernel
 
 
 def test_the_conversion_kernel_names_a_non_finite_row() -> None:

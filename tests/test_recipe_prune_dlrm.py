@@ -58,6 +58,34 @@ def test_score_while_training_then_prune_and_fine_tune(tmp_path: Path, base: Pat
 
 
 @pytest.mark.slow
+def test_field_scores_of_another_model_are_refused(tmp_path: Path, base: Path, capsys) -> None:
+    """``prune_dlrm.py --from_run`` pruned a model trained again since (another seed, no
+    ``--score_fields``) by the scores of the model before, whose ``field_scores.json`` stayed
+    (audit): scores of another training are refused, and training again removes them."""
+    import importlib
+    import shutil
+
+    from shark_torchrec.cli_run import parse_prune, parse_train
+    from shark_torchrec.training import train_dlrm
+
+    src = tmp_path / "src"
+    shutil.copytree(base, src)
+    doc = json.loads((src / "field_scores.json").read_text())
+    assert doc["train_key"] == json.loads((src / "train" / "done.json").read_text())["key"]
+    (src / "field_scores.json").write_text(json.dumps(dict(doc, train_key="another")))
+    recipe = importlib.import_module("shark_torchrec.pruning.recipe")
+    argv = [*map(str, SMALL), "--from_run", str(src), "--keep_fields", "3", "--out", str(tmp_path / "p")]
+    with pytest.raises(SystemExit):
+        recipe.run(parse_prune(argv))
+    assert "scores the fields of another model than" in capsys.readouterr().err
+    train_dlrm.run(parse_train([*map(str, SMALL), "--synthetic_train_batches", "4", "--seed", "1", "--out", str(src)]))
+    assert not (src / "field_scores.json").exists()
+    with pytest.raises(SystemExit):
+        recipe.run(parse_prune(argv))
+    assert "no field scores (train with --score_fields" in capsys.readouterr().err
+
+
+@pytest.mark.slow
 def test_iterative_pruning_recipe(tmp_path: Path, base: Path) -> None:
     out = tmp_path / "iter"
     run_torchrun(ROOT / "recipes" / "prune_dlrm.py", [*SMALL, "--from_run", base, "--rounds", 2,

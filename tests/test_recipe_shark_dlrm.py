@@ -210,6 +210,12 @@ def test_init_from_iterative_pruning_fractions_and_overrides(tmp_path: Path) -> 
                           "--planner_overrides", overrides, "--out", out], nproc=2)
     r = json.loads((out / "report.json").read_text())
     assert r["plan"]["fields_after"] == 4 and "cat_7" not in r["plan"]["dropped_features"]
+    # the reference trains as many steps as the rounds did, 2 x (3 + 2) (it got one pass over
+    # the held-out part while the report said "both fine-tuned the same way")
+    from shark_torchrec.training.checkpoint import CheckpointManager
+
+    ref = json.loads((out / "prune" / "done.json").read_text())["result"]["reference_checkpoint"]
+    assert CheckpointManager.progress_of(str(out / ref))["global_step"] == 10
     model, info = load_export(str(out / "model"))
     # the file's sharding constraint reached the planner of the (pruned) model the pipeline trained
     placed = {t: p["sharding_type"] for m in info["sharding_plan"].values() for t, p in m.items()}
@@ -326,3 +332,26 @@ def test_bad_run_directories_and_unused_flags_are_refused(tmp_path: Path) -> Non
     assert "--max_steps is not used by the SHARK pipeline" in run("--max_steps", 5, "--out", tmp_path / "x", status=2)
     assert "--drop_rows unused: drop is not among --quant_tiers" in run(
         "--drop_rows", "unused", "--out", tmp_path / "x", status=2)
+
+
+def test_every_table_is_weighted_by_its_gradient_scale_or_none_is(caplog) -> None:
+    """``--tier_weighting gradient``: a table whose fields had no finite scale stayed unscaled
+    (1.0) among tables scaled by ~0.01, its rows 40-100x over-counted in the shared budget
+    (audit); and a feature several tables read is scored per table (``f@t``), which the lookup
+    by plain feature name missed."""
+    from torchrec import EmbeddingBagConfig
+
+    from shark_torchrec.pipeline import _priority_mix
+    from shark_torchrec.run_config import QuantSection
+
+    tables = [EmbeddingBagConfig(name="t0", embedding_dim=4, num_embeddings=10, feature_names=["f0", "s"]),
+              EmbeddingBagConfig(name="t1", embedding_dim=4, num_embeddings=10, feature_names=["s"]),
+              EmbeddingBagConfig(name="t2", embedding_dim=4, num_embeddings=10, feature_names=["f2"])]
+    scales = {"f0": 0.01, "s@t0": 0.03, "s@t1": 0.02, "f2": 0.005}
+    mix, scale = _priority_mix(QuantSection(), scales, tables)
+    assert mix == {"positive": 1.0, "negative": 0.2}
+    assert scale == {"t0": 0.03, "t1": 0.02, "t2": 0.005}
+    with caplog.at_level("WARNING"):
+        _, scale = _priority_mix(QuantSection(), dict(scales, f2=float("nan")), tables)
+    assert scale == {} and "tables ['t2'] have no gradient scale" in caplog.text
+    assert _priority_mix(QuantSection(tier_weighting="none"), scales, tables)[1] == {}

@@ -12,12 +12,15 @@ from shark_torchrec import cli_run
 from shark_torchrec.errors import FlagError
 from shark_torchrec.pipeline import ADDED_SETTINGS, NOT_STAGE_INPUTS, PRUNE_INPUTS, QUANTIZE_INPUTS, stage_inputs
 from shark_torchrec.run_config import (
+    DataSection,
+    EvalSection,
     PipelinePruneSection,
     PipelineRun,
     PruneRun,
     PruneSection,
     QuantSection,
     ShardingSection,
+    TrainingSection,
     TrainRun,
     flat,
 )
@@ -114,9 +117,14 @@ def test_files_and_runs_named_by_flags_key_the_stages_by_their_contents(tmp_path
 
     base = keys()
     assert keys() == base  # the same contents, the same keys
-    overrides.write_text("tables: {t_cat_0: {never_prune: true}}\n")
+    overrides.write_text("tables: {t_cat_0: {compression: {never_prune: true}}}\n")
     edited = keys()
     assert edited["train"] == base["train"] and edited["prune"] != base["prune"]
+    # the sharding the model trains under keys the train stage (a record trained under other
+    # constraints was reused: audit)
+    overrides.write_text("tables: {t_cat_0: {sharding_types: [data_parallel], compression: {never_prune: true}}}\n")
+    assert keys()["train"] != edited["train"]
+    overrides.write_text("tables: {t_cat_0: {compression: {never_prune: true}}}\n")
     (source / "checkpoints" / "latest").write_text("step_00000020")  # the source trained further
     assert keys()["train"] != edited["train"]
 
@@ -145,3 +153,78 @@ def test_settings_the_command_line_refuses_are_refused_in_python_too() -> None:
     with pytest.raises(ValueError, match="embedding_learning_rate must be > 0, got 0.0"):
         OptimConfig(embedding_learning_rate=0.0)
     assert OptimConfig(learning_rate=0.05, embedding_learning_rate=0.5).embedding_kwargs()["lr"] == 0.5
+
+
+@pytest.mark.parametrize("build,flag", [
+    (lambda: PipelinePruneSection(field_scorer="SHARK"), "field_scorer"),  # ran permutation importance
+    (lambda: QuantSection(row_priority="Frequency"), "row_priority"),  # used SHARK's mix
+    (lambda: EvalSection(eval_split="Test"), "eval_split"),  # evaluated on the dev split
+    (lambda: PipelinePruneSection(prune_mode="Mean"), "prune_mode"),  # removed the fields
+    (lambda: QuantSection(tier_weighting="Gradient"), "tier_weighting"),  # turned the weighting off
+    (lambda: PipelineRun(stop_after="quantise"), "stop_after"),  # never stopped
+    (lambda: PruneSection(prune_baseline="Mean"), "prune_baseline"),
+    (lambda: QuantSection(drop_rows="Unused"), "drop_rows"),
+    (lambda: QuantSection(row_alignment="8"), "row_alignment"),
+    (lambda: QuantSection(quant_row_fit="LSQ"), "quant_row_fit"),
+    (lambda: TrainRun(score_fields="Mean"), "score_fields"),
+    (lambda: DataSection(data="Criteo"), "data"),
+    (lambda: TrainingSection(device="gpu"), "device"),
+])
+def test_choices_are_checked_where_sections_are_built(build, flag) -> None:
+    """The jobs branch on these strings with ``==``: from Python a typo took another branch
+    without a word (audit), where the command line's ``choices`` refused it."""
+    with pytest.raises(FlagError, match=rf"--{flag} must be one of"):
+        build()
+
+
+def test_numbers_from_python_are_kept_or_refused_not_replaced() -> None:
+    """A budget of 0.0 became the default 0.15 (``or``), a bootstrap of 0 failed only after
+    training, and --finetune_epochs was ignored with --prune_rounds."""
+    assert QuantSection(quant_budget_fraction=1.0).budget_fraction == 1.0
+    assert QuantSection().budget_fraction == 0.15
+    with pytest.raises(FlagError, match=r"--quant_budget_fraction must be in \(0, 1\], got 0.0"):
+        QuantSection(quant_budget_fraction=0.0)  # (became 0.15)
+    with pytest.raises(FlagError, match="--finetune_epochs is for one-shot pruning"):
+        PipelinePruneSection(prune_rounds=2, keep_fields=3, finetune_epochs=2)
+    with pytest.raises(FlagError, match="--bootstrap must be at least 1"):
+        EvalSection(bootstrap=0)
+    with pytest.raises(FlagError, match="--permutation_batches must be at least 1"):
+        PipelinePruneSection(permutation_batches=0)
+    with pytest.raises(SystemExit):
+        cli_run.parse_pipeline(["--bootstrap", "0"])
+    with pytest.raises(FlagError, match="the pipeline's pruning needs a criterion"):
+        PipelineRun(prune=PipelinePruneSection())  # (failed after training)
+
+
+def test_the_baselines_are_the_trackers() -> None:
+    from shark_torchrec.importance.taylor import BASELINES
+    from shark_torchrec.run_config import BASELINES as CONFIG_BASELINES
+
+    assert CONFIG_BASELINES == BASELINES
+
+
+@pytest.mark.parametrize("argv,refused", [
+    (["--data_path", "mylogs", "--train_files", "mylogs/train.csv"], "--data_path, --train_files"),
+    (["--test_files", "t.csv", "--skip_malformed"], "--test_files, --skip_malformed"),
+    (["--data", "synthetic_criteo", "--synthetic_num_fields", "8"], "--synthetic_num_fields"),
+    (["--synthetic_max_rows", "10"], "--synthetic_max_rows"),
+    (["--data", "ml100k", "--synthetic_cardinality", "50"], "--synthetic_cardinality"),
+])
+def test_data_flags_the_data_does_not_read_are_refused(argv, refused) -> None:
+    """Files named without ``--data`` trained and reported on generated data (the default), and
+    the generator's flags were ignored by the data kinds that do not read them (audit)."""
+    from shark_torchrec.training.train_dlrm import data_spec_from
+
+    run = cli_run.parse_train(argv)
+    with pytest.raises(FlagError, match=refused):
+        data_spec_from(run.data, 0)
+
+
+def test_a_saved_plan_takes_no_preset_criterion(tmp_path) -> None:
+    """``prune_dlrm.py --data ml100k --plan FILE`` was refused: the preset filled in
+    ``--drop_score_share``, which a plan would ignore."""
+    plan = tmp_path / "plan.json"
+    plan.write_text("{}")
+    run = cli_run.parse_prune(["--from_run", ".", "--data", "ml100k", "--plan", str(plan)])
+    assert run.prune.plan == str(plan) and run.prune.drop_score_share is None
+    assert cli_run.parse_prune(["--from_run", ".", "--data", "ml100k"]).prune.drop_score_share == 0.005

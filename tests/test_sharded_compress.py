@@ -56,6 +56,10 @@ def test_every_sharding_type_gets_the_tiers_one_process_gets(tmp_path: Path) -> 
         assert run["centroids"][name] == ref.centroids
         # the blocks of a column-wise row share its tier
         assert torch.equal(got["t_f2#0"], got["t_f2#1"]) and torch.equal(got["t_f5#0"], got["t_f5#1"])
+    # data-parallel copies that differ between ranks: refused on every rank, naming the table
+    assert run["replica_messages"] == ["table 't_f4' is data-parallel, but its copy on rank(s) [1] differs from "
+                                       "rank 0's: the replicas must agree before compression (sync them, e.g. "
+                                       "broadcast rank 0's weights)"] * 2
     # a table of fewer rows than ranks, sharded row-wise: a clear error on every rank, not a hang
     assert run["zero_row_error"].startswith("table 'one' (1 rows) is sharded over more ranks than it has rows")
     # the policies really differ, and a budget does compress

@@ -98,6 +98,54 @@ def test_runs_share_the_stages_whose_keys_agree_and_only_those(tmp_path: Path) -
     assert StageStore(str(e)).read("train")["key"] == ka["train"]
 
 
+def test_a_linked_stage_that_runs_again_leaves_the_run_it_came_from_alone(tmp_path: Path) -> None:
+    """A run directory whose stage was linked from another run (hard links), run again with other
+    inputs, wrote some files in place (``torch.save`` to a path, a plan opened for writing): the
+    other run's finished stage changed under its record (audit).  The links are broken first."""
+    from shark_torchrec.stages import StageRunner, StageSharing
+
+    a = tmp_path / "a"
+    runner = StageRunner(str(a), {"quantize": {"budget": 0.5}})
+    assert runner.finished("quantize") is None
+    (a / "quantize").mkdir(parents=True)
+    (a / "quantize" / "row_tiers.pt").write_text("tiers at 0.5")
+    runner.save("quantize", {"tiers": "quantize/row_tiers.pt"})
+    sharing = StageSharing(["quantize"])
+    sharing.finished(str(a), runner.keys)
+    b = tmp_path / "b"
+    assert sharing.link(str(b), runner.keys) == ["quantize"]
+    again = StageRunner(str(b), {"quantize": {"budget": 0.2}})
+    assert again.finished("quantize") is None
+    assert not (b / "quantize" / "row_tiers.pt").exists()  # (this run's link gone, a's file kept)
+    with open(b / "quantize" / "row_tiers.pt", "w") as f:  # what an in-place write does
+        f.write("tiers at 0.2")
+    assert (a / "quantize" / "row_tiers.pt").read_text() == "tiers at 0.5"
+    # a matching record run again on purpose (its outputs elsewhere are another run's)
+    assert sharing.link(str(tmp_path / "c"), runner.keys) == ["quantize"]
+    c = StageRunner(str(tmp_path / "c"), {"quantize": {"budget": 0.5}})
+    assert c.finished("quantize") is not None
+    c.invalidate("quantize")
+    assert not (tmp_path / "c" / "quantize" / "done.json").exists()
+    assert not (tmp_path / "c" / "quantize" / "row_tiers.pt").exists()
+    assert (a / "quantize" / "done.json").exists() and (a / "quantize" / "row_tiers.pt").exists()
+
+
+def test_the_pipeline_knows_an_export_by_its_quantize_key(tmp_path: Path) -> None:
+    """The export, report and figures lie outside ``OUT/quantize``: with every record linked
+    from another run (or left by a run of other settings since), they were reported as this
+    stage's (``report.json`` at budget 0.5, ``report.md`` and the export at 0.2; audit)."""
+    import json
+
+    from shark_torchrec.pipeline import _export_of
+
+    assert not _export_of(str(tmp_path), "k1")  # no export
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "manifest.json").write_text(json.dumps({"metadata": {"stage_key": "k0"}}))
+    assert not _export_of(str(tmp_path), "k1") and _export_of(str(tmp_path), "k0")
+    (tmp_path / "model" / "manifest.json").write_text("{not json")
+    assert not _export_of(str(tmp_path), "k0")
+
+
 def test_a_stage_that_runs_drops_its_record_and_the_later_ones_first(tmp_path: Path) -> None:
     """A stage about to run (its inputs changed) removes its own record and those of the stages
     after it before it writes anything: a run killed half-way must not leave the old record,

@@ -156,20 +156,31 @@ def test_rows_beyond_fp16_range_take_a_tier_that_stores_them_or_are_named() -> N
     minimum below -65504 (its fp16 bias overflows): with priority 0 it took FP16 (0 * inf was
     NaN, which no cost beat); now such tiers are closed to it.  Where none is open, the error
     names the table and row and says why; a row within range but with DROP closed to it by
-    drop_rows='unused' and no other tier is refused up front."""
+    drop_rows='unused' and no other tier is refused up front.  A row in use that only DROP could
+    take was dropped (read as zeros) for want of a tier: named too; one of priority 0 may be."""
     w = torch.randn(4, 8) * 0.1
     w[0, 3] = 7e4  # positive: INT rows still store it (bias = its minimum)
     w[1, 3] = -7e4  # negative: only FP32 or DROP
-    p = torch.tensor([1.0, 1.0, 1.0, 0.0]).double()
+    p = torch.tensor([1.0, 0.0, 1.0, 0.0]).double()
     w[3] = w[0]
     a = assign_by_budget({"t": p}, {"t": w}, budget_bytes=10 ** 6)
     got = [TIER_ORDER[i] for i in a.tiers["t"].tolist()]
     assert got[0] is not Tier.FP16 and got[3] is not Tier.FP16  # (priority 0: FP16 before)
-    assert got[1] in (Tier.DROP, Tier.FP32) and got[2] is Tier.FP16
-    with_fp32 = assign_by_budget({"t": p}, {"t": w}, budget_bytes=10 ** 6, tiers=("fp32", "fp16", "int8"))
+    assert got[1] is Tier.DROP and got[2] is Tier.FP16  # row 1 unused: DROP may take it
+    used = p.clone()
+    used[1] = 1.0
+    with pytest.raises(ValueError, match=r"table 't': row 1 of the weights holds 70000, beyond FP16's range"):
+        assign_by_budget({"t": used}, {"t": w}, budget_bytes=10 ** 6)  # (it was dropped)
+    with_fp32 = assign_by_budget({"t": used}, {"t": w}, budget_bytes=10 ** 6, tiers=("fp32", "fp16", "int8"))
     assert TIER_ORDER[int(with_fp32.tiers["t"][1])] is Tier.FP32
     with pytest.raises(ValueError, match=r"table 't': row 1 of the weights holds 70000, beyond FP16's range"):
-        assign_by_budget({"t": p}, {"t": w}, budget_bytes=10 ** 6, tiers=("fp16", "int8", "int4"))
+        assign_by_budget({"t": used}, {"t": w}, budget_bytes=10 ** 6, tiers=("fp16", "int8", "int4"))
+    from shark_torchrec.quant import budget as B
+
+    err = B.tier_errors(w, [Tier.FP16, Tier.INT8, Tier.DROP])  # the torch path (SHARED's) too
+    assert B._choices_of_errors(err, used, [Tier.FP16, Tier.INT8, Tier.DROP], torch.tensor([16, 12, 0]),
+                                "any")[1] == 1
+    assert B._choices_of_errors(err, p, [Tier.FP16, Tier.INT8, Tier.DROP], torch.tensor([16, 12, 0]), "any")[1] == -1
     with pytest.raises(ValueError, match=r"drop_rows='unused' closes DROP to rows in use"):
         assign_by_budget({"t": p}, {"t": w}, budget_bytes=10 ** 6, tiers=("drop",), drop_rows="unused")
     from shark_torchrec.quant import RowwiseQuantConfig

@@ -32,6 +32,8 @@ fractions per tier for this table) and ``budget_bytes`` (a byte budget for this 
 from __future__ import annotations
 
 import fnmatch
+import hashlib
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Sequence
@@ -107,6 +109,25 @@ def load_overrides(path: str, tables: Sequence[EmbeddingBagConfig]) -> PlannerOv
     except yaml.YAMLError as e:
         raise OverridesError(f"{path}: not valid YAML ({e})") from e
     return parse_overrides(doc, tables, source=path)
+
+
+def sharding_digest(path: str) -> str:
+    """A SHA-256 of what ``path`` tells the planner (every table's constraints, not its
+    ``compression`` settings): how a model is sharded while it trains (a data-parallel table
+    trains with the dense optimizer), which keys the pipeline's train stage; the compression
+    settings key the stages that read them.  A file that does not parse counts by its bytes
+    (reading it later names the problem)."""
+    try:
+        with open(path) as f:
+            doc = yaml.safe_load(f)
+        entries = doc["tables"]
+        planner = {str(k): {c: v for c, v in settings.items() if c != "compression"} for k, settings in entries.items()}
+        planner = {k: v for k, v in planner.items() if v}  # (a table with compression settings only)
+        text = json.dumps(planner, sort_keys=True, default=str)
+    except Exception:  # (any malformed document: load_overrides says what is wrong)
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _fail(source: str, where: str, problem: str) -> None:

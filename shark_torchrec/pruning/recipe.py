@@ -61,6 +61,10 @@ def _load_plan_or_scores(run: PruneRun, trainer: DLRMTrainer) -> PruningPlan:
         doc = json.load(f)
     if not isinstance(doc, dict) or not isinstance(doc.get("scores"), dict):
         raise SystemExit(f"{path}: not a field-scores file (no 'scores' object)")
+    trained = source_run(prune.from_run)["train_key"]
+    if not prune.scores and trained is not None and doc.get("train_key") != trained:
+        raise SystemExit(f"{path}: scores the fields of another model than {prune.from_run}'s (trained since, "
+                         "or with other settings): train with --score_fields again, or pass --scores/--plan")
     if (prune.keep_fields, prune.drop_fraction, prune.byte_target, prune.drop_score_share) == (None,) * 4:
         raise SystemExit("choose a criterion: --keep_fields, --drop_fraction, --byte_target or --drop_score_share")
     try:

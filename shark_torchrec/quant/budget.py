@@ -215,6 +215,10 @@ def _choices_of_errors(err: torch.Tensor, priority: torch.Tensor, tiers: List[Ti
     if drop_rows == "unused" and Tier.DROP in tiers:
         open_[:, tiers.index(Tier.DROP)] &= priority.reshape(-1) == 0
     bad_rows = nan | ~open_.any(1)
+    if Tier.DROP in tiers:  # a row in use that only DROP takes: dropped for want of a tier (named)
+        storing = open_.clone()
+        storing[:, tiers.index(Tier.DROP)] = False
+        bad_rows |= (priority.reshape(-1) > 0) & ~storing.any(1)
     bad = int(bad_rows.nonzero()[0]) if bool(bad_rows.any()) else -1
     return row_choices(torch.nan_to_num(err, nan=0.0, posinf=math.inf), priority, tiers, sizes, drop_rows), bad
 
@@ -229,7 +233,8 @@ def unstorable_row(row: torch.Tensor) -> str:
         return ("has no tier open to it (one of its column blocks beyond FP16's range, +-65504, or "
                 "drop_rows='unused' closing DROP to rows in use)")
     return (f"holds {float(r.abs().max()):g}, beyond FP16's range (+-65504): no tier allowed can store it "
-            "(FP16 rows, and integer rows' fp16 scale and bias, overflow); allow the fp32 tier, or scale the table")
+            "(FP16 rows, and integer rows' fp16 scale and bias, overflow; a row in use is not dropped for want "
+            "of a tier); allow the fp32 tier, or scale the table")
 
 
 def priority_scale(top: float) -> float:

@@ -101,7 +101,15 @@ def fused_nbit_rows(w: torch.Tensor, bits: int, row_fit: str = "minmax") -> torc
     ``row_fit``."""
     w = w.detach().float().contiguous()
     if check_row_fit(row_fit) == "minmax":
-        return torch.ops.fbgemm.FloatOrHalfToFusedNBitRowwiseQuantizedSBHalf(w, bits)
+        packed = -(-w.shape[1] // (8 // bits))
+        if packed % 2 == 0 or w.shape[0] == 0:
+            return torch.ops.fbgemm.FloatOrHalfToFusedNBitRowwiseQuantizedSBHalf(w, bits)
+        # FBGEMM's op wants an even fused width: one more byte of columns, each the row's minimum
+        # (its range, so its scale and bias, unchanged; their codes 0, as the unused bits of
+        # FBGEMM's and the kernel's own rows), then that byte dropped.
+        pad = w.amin(1, keepdim=True).expand(-1, (packed + 1) * (8 // bits) - w.shape[1])
+        q = torch.ops.fbgemm.FloatOrHalfToFusedNBitRowwiseQuantizedSBHalf(torch.cat([w, pad], 1), bits)
+        return torch.cat([q[:, :packed], q[:, -4:]], 1)
     scale, bias = fit_scale_bias(w, bits)
     q = torch.clamp(torch.round((w - bias[:, None]) * (1.0 / scale)[:, None]), 0, (1 << bits) - 1)
     sb = torch.stack([scale.half(), bias.half()], 1).view(torch.uint8)
@@ -121,6 +129,17 @@ def quantize_rows(w: torch.Tensor, tier: Tier, row_fit: str = "minmax") -> Tuple
     return q[:, :-4].contiguous(), q[:, -4:].contiguous()
 
 
+def read_fused_rows(fused: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """FBGEMM's CPU reading of fused ``bits``-bit rows (packed codes, fp16 scale and bias) as
+    float32 ``[rows, dim]``.  FBGEMM's op wants an even fused width (its fp16 scale and bias
+    aligned); rows whose packed codes take an odd number of bytes (INT8 at an odd dim, INT4 at
+    dims 1 or 2 mod 4, INT2 at dims 1 to 4 mod 8), which the collection stores and reads, get one
+    zero byte of codes more, whose columns are dropped: each element is read as before."""
+    if fused.shape[1] % 2:
+        fused = torch.cat([fused[:, :-4], torch.zeros(fused.shape[0], 1, dtype=torch.uint8), fused[:, -4:]], 1)
+    return torch.ops.fbgemm.FusedNBitRowwiseQuantizedSBHalfToFloat(fused, bits)[:, :dim]
+
+
 def dequantize_rows(w: torch.Tensor, tier: Tier, device_type: str = "cpu", row_fit: str = "minmax") -> torch.Tensor:
     """What a row reads as after storage in ``tier`` (DROP: zeros), in FBGEMM's lookup on
     ``device_type``.
@@ -138,7 +157,7 @@ def dequantize_rows(w: torch.Tensor, tier: Tier, device_type: str = "cpu", row_f
     bits = BITS[tier]
     fused = fused_nbit_rows(w, bits, row_fit)
     if device_type == "cpu":
-        return torch.ops.fbgemm.FusedNBitRowwiseQuantizedSBHalfToFloat(fused, bits)
+        return read_fused_rows(fused, bits, w.shape[1])
     if device_type != "cuda":
         raise ValueError(f"device_type must be 'cpu' or 'cuda', not {device_type!r}")
     q = unpack_rows(fused[:, :-4], bits, w.shape[1]).double()

@@ -128,11 +128,10 @@ def quantization_error(weights: torch.Tensor, tier: Tier, row_fit: str = "minmax
     elif tier is Tier.FP16:
         back = w.half().float()
     else:
-        from shark_torchrec.quant.rows import fused_nbit_rows  # (rows.py builds on this module)
+        from shark_torchrec.quant.rows import fused_nbit_rows, read_fused_rows  # (rows.py builds on this module)
 
         bits = {Tier.INT8: 8, Tier.INT4: 4, Tier.INT2: 2}[tier]
-        q = fused_nbit_rows(w, bits, row_fit)
-        back = torch.ops.fbgemm.FusedNBitRowwiseQuantizedSBHalfToFloat(q, bits)
+        back = read_fused_rows(fused_nbit_rows(w, bits, row_fit), bits, w.shape[1])
     return ((w - back).double() ** 2).sum(1)
 
 

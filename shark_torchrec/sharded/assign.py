@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -104,6 +105,7 @@ class _Assigner:
         self.layout, self.weights, self.config, self.comm = layout, weights, config, comm
         self.rank = comm.rank
         self._priorities = priorities
+        self._checked: Dict[Tuple[str, int], torch.Tensor] = {}  # (table, row_offset) -> priorities
         self.configs = {c.name: c for c in layout.configs()}
         self.order = [t["name"] for t in layout.tables]
         self.groups = {t: layout.row_groups(t) for t in self.order}
@@ -150,16 +152,20 @@ class _Assigner:
     def priority(self, g: RowGroup) -> torch.Tensor:
         if self._priorities is None:
             return torch.ones(g.rows, dtype=torch.float64)
-        p = self._priorities(g.table, g.row_offset, g.rows)
-        p = torch.as_tensor(p).double().reshape(-1)
-        if p.numel() != g.rows:
-            raise ValueError(f"table {g.table!r}: {p.numel()} priorities for rows "
-                             f"{g.row_offset}..{g.row_offset + g.rows}")
-        bad = ~torch.isfinite(p) | (p < 0)
-        if bool(bad.any()):
-            row = int(bad.nonzero()[0])
-            raise ValueError(f"table {g.table!r}: priority of row {g.row_offset + row} is {float(p[row])} "
-                             f"(must be finite and >= 0)")
+        key = (g.table, g.row_offset)
+        p = self._checked.get(key)
+        if p is None:  # (asked for and checked once: the rounds of the budget read them again and again)
+            p = self._priorities(g.table, g.row_offset, g.rows)
+            p = torch.as_tensor(p).double().reshape(-1)
+            if p.numel() != g.rows:
+                raise ValueError(f"table {g.table!r}: {p.numel()} priorities for rows "
+                                 f"{g.row_offset}..{g.row_offset + g.rows}")
+            bad = ~torch.isfinite(p) | (p < 0)
+            if bool(bad.any()):
+                row = int(bad.nonzero()[0])
+                raise ValueError(f"table {g.table!r}: priority of row {g.row_offset + row} is {float(p[row])} "
+                                 f"(must be finite and >= 0)")
+            self._checked[key] = p
         return p * self.p_scale if self.p_scale != 1.0 else p
 
     def priority_scale(self, tables: Sequence[str]) -> float:
@@ -495,14 +501,15 @@ class _Assigner:
                 shared = self.complete(candidates, g, k_of[t]) if t in k_of else None
                 choices[key] = self.group_choices(g, allowed_of[t], sizes, shared)
         self.exchange_column_errors(tables, allowed_of, choices)
-        rows_budget -= sum(self.centroid_bytes(t, k) * len(self.groups[t]) for t, k in k_of.items())
+        centroids = sum(self.centroid_bytes(t, k) * len(self.groups[t]) for t, k in k_of.items())
+        rows_budget -= centroids
         flat = [c for cs in choices.values() for c in cs]
         smallest = int(self.comm.all_reduce(torch.tensor([sum(B.smallest_bytes(c) for c in flat)],
                                                          dtype=torch.long))[0])
         if smallest > rows_budget:
             tiers = sorted({x.value for a in allowed_of.values() for x in a}, key=lambda v: TIER_ORDER.index(Tier(v)))
-            raise BudgetError(f"{label}: budget {rows_budget} bytes for the rows is below the smallest "
-                              f"possible size {smallest} with tiers {tiers}")
+            raise BudgetError(f"{label}: budget {rows_budget} bytes for the rows (after {centroids} bytes of "
+                              f"centroids) is below the smallest possible size {smallest} with tiers {tiers}")
         price = B.price_for_budget(flat, rows_budget, self.comm.all_reduce)
         for key, cs in choices.items():
             self.decided[key] = torch.cat([B.pick(c, price) for c in cs]) if cs else torch.zeros(0, dtype=torch.int8)
@@ -692,6 +699,25 @@ class _Assigner:
         return {t: counts[i].tolist() for i, t in enumerate(self.order)}
 
 
+def check_replicas(layout: ShardedLayout, weights: Dict[str, torch.Tensor], comm: Comm) -> None:
+    """Collective: refuse a data-parallel table whose copies differ between ranks (a SHA-256 of
+    each rank's bytes), naming it and the ranks.  Rank 0 decides such a table's tiers (and
+    centroids) and the export keeps its copy, while each rank converted its own: the same ids
+    read other rows on another rank, silently, and the reloaded export served rank 0's."""
+    names = [s.name for s in layout.local(comm.rank) if s.rank == REPLICATED]
+    if comm.world == 1 or not names:
+        return
+    mine = [hashlib.sha256(weights[n].detach().cpu().contiguous().view(torch.uint8).numpy()).hexdigest()
+            for n in names]
+    every = comm.all_gather_object(mine)
+    for i, n in enumerate(names):
+        other = [r for r, digests in enumerate(every) if digests[i] != every[0][i]]
+        if other:
+            raise ValueError(f"table {n.split('#')[0]!r} is data-parallel, but its copy on rank(s) {other} differs "
+                             "from rank 0's: the replicas must agree before compression (sync them, e.g. "
+                             "broadcast rank 0's weights)")
+
+
 def assign_tiers_sharded(layout: ShardedLayout, weights: Dict[str, torch.Tensor], config: RowwiseQuantConfig,
                          priorities: Optional[PriorityFn] = None, comm: Optional[Comm] = None
                          ) -> ShardedTierAssignment:
@@ -707,6 +733,7 @@ def assign_tiers_sharded(layout: ShardedLayout, weights: Dict[str, torch.Tensor]
         comm: the process group (default: the world).
     """
     comm = comm or Comm()
+    check_replicas(layout, weights, comm)
     a = _Assigner(layout, weights, config, priorities, comm)
     names = a.order
     unknown = sorted((set(config.table_overrides) | set(config.table_fractions) | set(config.table_budgets))

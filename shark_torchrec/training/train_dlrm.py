@@ -8,10 +8,11 @@ takes a :class:`~shark_torchrec.run_config.TrainRun`, and the pieces other jobs 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
@@ -63,12 +64,30 @@ def data_spec_from(data: DataSection, seed: int = 0) -> DataSpec:
     return spec.hashed(data.hash_rows_fraction) if data.hash_rows_fraction is not None else spec
 
 
+_SYNTHETIC_FLAGS = tuple(f.name for f in dataclasses.fields(DataSection) if f.name.startswith("synthetic_"))
+
+
+def _refuse_synthetic_flags(data: DataSection, flags: Sequence[str]) -> None:
+    """Refuse the generator's ``flags`` set to other than their defaults where ``--data`` does
+    not read them (``--synthetic_num_fields 8`` with ``--data synthetic_criteo`` built its 26)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(DataSection)}
+    given = [f"--{flag}" for flag in flags if getattr(data, flag) != defaults[flag]]
+    if given:
+        raise FlagError(f"{', '.join(given)}: not read by --data {data.data}")
+
+
 def _synthetic_spec(data: DataSection, seed: int, id_dtype: torch.dtype) -> DataSpec:
     """``--data synthetic`` / ``synthetic_criteo``: generated splits, tables sized by the generator."""
-    unused = [flag for flag, value in (("--schema", data.schema), ("--test_fraction", data.test_fraction),
-                                       ("--valid_fraction", data.valid_fraction)) if value]
+    # (each of these read only for files: given with generated data, it was silently ignored and
+    # the run trained and reported on generated data)
+    unused = [f"--{flag}" for flag in ("data_path", "train_files", "test_files", "valid_files", "schema",
+                                        "test_fraction", "valid_fraction", "split_seed", "skip_malformed")
+              if getattr(data, flag)]
     if unused:
-        raise FlagError(f"{', '.join(unused)}: for click-log files; --data synthetic generates its splits")
+        raise FlagError(f"{', '.join(unused)}: for click-log files; --data {data.data} generates its data "
+                        "(--data csv/criteo/avazu/ml100k reads files)")
+    _refuse_synthetic_flags(data, ("synthetic_num_fields", "synthetic_informative", "synthetic_cardinality")
+                            if data.data == "synthetic_criteo" else ("synthetic_max_rows",))
     sized = [flag for flag, value in (("--num_embeddings", data.num_embeddings),
                                       ("--num_embeddings_per_feature", data.num_embeddings_per_feature))
              if value]
@@ -105,6 +124,7 @@ def _data_spec(data: DataSection, seed: int) -> DataSpec:
     id_dtype = torch.int32 if data.int32_ids else torch.int64
     if data.data in ("synthetic", "synthetic_criteo"):
         return _synthetic_spec(data, seed, id_dtype)
+    _refuse_synthetic_flags(data, _SYNTHETIC_FLAGS)
     data_path = data.data_path
     schema_file: Optional[SchemaFile] = None
     if data.data == "csv":
@@ -324,6 +344,11 @@ def _run(run: TrainRun, env: DistEnv) -> Dict:
                     stages.store.record_path("train"))
         return {**read_metrics(out, "train"), "rank": env.rank}
     require_rows(spec, training.batch_size, env.world_size, data.limit_train_batches, data.limit_test_batches)
+    scores_path = os.path.join(out, FIELD_SCORES_FILE)
+    if env.is_main and os.path.isfile(scores_path):
+        # (an earlier run's scores: prune_dlrm.py --from_run pruned the model trained now by them)
+        os.remove(scores_path)
+        logger.info("removed %s: it scored the fields of the model trained before", scores_path)
     model_config = model_config_from(run.model, spec)
     trainer = build_trainer(model_config, training, run.sharding, env, field_importance=run.score_fields)
     tracker = None
@@ -351,7 +376,8 @@ def _run(run: TrainRun, env: DistEnv) -> Dict:
     result = _metrics(run, env, loop, trainer, stopped)
     if tracker is not None:
         scores_doc = field_scores_document(tracker, model_config)  # collective
-        result["field_scores_file"] = os.path.join(out, FIELD_SCORES_FILE)
+        scores_doc["train_key"] = stages.keys["train"]  # (the model they score: prune_dlrm.py checks)
+        result["field_scores_file"] = scores_path
         if env.is_main:
             os.makedirs(out, exist_ok=True)
             with open(result["field_scores_file"], "w") as f:

@@ -17,7 +17,7 @@ from shark_torchrec.planning import AllShardingTypesEBCSharder
 from shark_torchrec.quant import RowwiseQuantConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from shark_torchrec.sharded import Comm, assign_tiers_sharded, collection_layout, quantize_sharded_dlrm
+from shark_torchrec.sharded import REPLICATED, Comm, assign_tiers_sharded, collection_layout, quantize_sharded_dlrm
 from shark_torchrec.sharded.convert import dense_state
 from shark_torchrec.training import DLRMConfig, DLRMTrainer, OptimConfig, init_distributed
 from shark_torchrec.training.distributed import destroy_distributed, exit_worker
@@ -197,6 +197,19 @@ def main() -> None:
     except ValueError as e:
         message = str(e)
     result["malformed_messages"] = comm.all_gather_object(message)
+    # A data-parallel table whose copy on rank 1 differs: every rank refuses it, naming it (each
+    # converted its own copy under rank 0's tiers, silently).
+    replicated = [s.name for s in layout.shards if s.rank == REPLICATED]
+    if replicated:
+        drifted = dict(weights)
+        if env.rank == 1:
+            drifted[replicated[0]] = weights[replicated[0]] + 0.05
+        try:
+            assign_tiers_sharded(layout, drifted, RowwiseQuantConfig(budget_fraction=0.3), None, comm)
+            message = None
+        except ValueError as e:
+            message = str(e)
+        result["replica_messages"] = comm.all_gather_object(message)
     if args.export:
         from shark_torchrec.export import load_export
         from shark_torchrec.sharded.export import export_sharded

@@ -295,6 +295,15 @@ inline bool hull_row(const double* e, double p, const int64_t* s, int K, bool dr
   return true;
 }
 
+// Whether a tier that stores rows (any but DROP, bits 0) can store this one (a finite error):
+// a row in use that only DROP takes would read as zeros for want of a tier, not by the budget's
+// choice, so the caller names it (a row of priority 0 may be dropped).
+inline bool stored_somewhere(const double* e, const int64_t* bits, int K) {
+  for (int k = 0; k < K; ++k)
+    if (bits[k] != 0 && std::isfinite(e[k])) return true;
+  return false;
+}
+
 Tensor sum_totals(const std::vector<int64_t>& totals, const at::TensorOptions& options) {
   Tensor bytes = at::zeros({2}, options.dtype(at::kLong));
   for (size_t t = 0; t < totals.size(); t += 2) {
@@ -390,7 +399,8 @@ std::tuple<Tensor, Tensor, Tensor, int64_t> row_choices(const Tensor& weights, a
       }
       if (extra != nullptr)
         for (int k = 0; k < K; ++k) e[k] += extra[r * K + k];
-      if (!hull_row(e, p[r], s, K, drop_unused, drop_index, q + r * K, b + r * W, &top, &bottom))
+      if (!hull_row(e, p[r], s, K, drop_unused, drop_index, q + r * K, b + r * W, &top, &bottom) ||
+          (p[r] > 0 && !stored_somewhere(e, bv.data(), K)))
         if (bad[t] < 0 || r < bad[t]) bad[t] = r;
     }
     totals[2 * t] += top;
