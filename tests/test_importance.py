@@ -390,3 +390,55 @@ def test_a_feature_several_tables_read_is_scored_per_table() -> None:
     for i, name in enumerate(got):
         assert got[name] == pytest.approx(float(ref[i]), rel=1e-5)
     assert t.table_scores(tables) == {"t1": got["f1@t1"], "t2": max(got["f1@t2"], got["f2"])}
+
+
+def test_a_failed_background_step_is_never_read_as_whole_sums(monkeypatch) -> None:
+    """A tracker step that failed on the worker thread was raised once, at the next drain, then
+    forgotten: a caller that caught it read sums missing every step queued between the failure
+    and that drain (4 of 12 steps counted, silently; audit).  The error now stays: every later
+    read and step raises until ``reset()``, after which the sums are whole again (the first
+    raise comes at the next step's hook or read, whichever is first)."""
+    import torch.nn.functional as F
+    from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    import shark_torchrec.importance.taylor as T
+
+    tables = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=8, num_embeddings=50, feature_names=[f"f{i}"])
+              for i in range(2)]
+    torch.manual_seed(0)
+    ebc = EmbeddingBagCollection(tables=tables)
+    w = torch.randn(16)
+    tracker = TaylorFieldImportance(ebc, baseline="mean", background=True).attach()
+    original, calls = T.TaylorFieldImportance._accumulate, [0]
+
+    def failing_once(self, *args):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise RuntimeError("injected failure")
+        return original(self, *args)
+
+    monkeypatch.setattr(T.TaylorFieldImportance, "_accumulate", failing_once)
+
+    def step(s: int) -> None:
+        g = torch.Generator().manual_seed(s)
+        lengths = torch.randint(1, 3, (2 * 16,), generator=g)
+        kjt = KeyedJaggedTensor(keys=["f0", "f1"], values=torch.randint(0, 50, (int(lengths.sum()),), generator=g),
+                                lengths=lengths)
+        F.binary_cross_entropy_with_logits(ebc(kjt).values() @ w, torch.rand(16, generator=g)).backward()
+
+    for s in range(2):
+        step(s)
+    tracker._background.drain()  # (the first two steps' work done)
+    step(2)  # its work fails on the worker thread
+    with pytest.raises(RuntimeError, match="injected failure"):
+        tracker.scores()  # (or the next step's hook, whichever comes first)
+    for read in (tracker.scores, tracker.gradient_scales, tracker.state_dict):
+        with pytest.raises(RuntimeError, match="its sums are incomplete"):
+            read()
+    with pytest.raises(RuntimeError, match="its sums are incomplete"):
+        step(4)  # (the hook refuses to add to incomplete sums)
+    tracker.reset()
+    for s in range(5, 8):
+        step(s)
+    assert all(n == 3 * 16 for n in tracker.samples_seen().values())

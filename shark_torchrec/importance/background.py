@@ -7,7 +7,12 @@ kernels release the GIL — and the step only pays for handing them over.  Colle
 the calling thread: their order must be the same on every rank.
 
 Results are read after :meth:`Background.drain`, which waits for the work handed over so far
-and re-raises the first error one of them met (on the thread that drains).
+and re-raises the first error one of them met (on the thread that drains).  That error stays:
+the work after it was skipped, so the sums miss steps that the step counts include, and every
+later :meth:`~Background.drain` and :meth:`~Background.submit` raises until the tracker replaces
+its sums (:meth:`~Background.discard`: ``reset()``, ``load_state_dict()``).  (It was raised once
+and then cleared: a caller that caught it and trained on read sums missing every step between
+the failure and that drain, without a word.)
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ class Background:
         self._queue: "queue.Queue[Optional[Callable[[], None]]]" = queue.Queue()
         self._thread: Optional[threading.Thread] = None
         self._error: Optional[BaseException] = None
+        self._reported = False  # (the error raised once already: later ones say what it left)
         self._lock = threading.Lock()
 
     def __getstate__(self):  # threads do not pickle or deep-copy
@@ -52,6 +58,8 @@ class Background:
                 self._queue.task_done()
 
     def submit(self, fn: Callable[[], None]) -> None:
+        if self._error is not None:
+            self._raise()
         if not self.enabled:
             fn()
             return
@@ -62,9 +70,24 @@ class Background:
         self._queue.put(fn)
 
     def drain(self) -> None:
-        """Wait for every submitted callable; re-raise the first error one of them raised."""
+        """Wait for every submitted callable; re-raise the first error one of them raised (and,
+        once it has been raised, an error saying the sums miss steps, until :meth:`discard`)."""
         if self._thread is not None:
             self._queue.join()
         if self._error is not None:
-            error, self._error = self._error, None
-            raise error
+            self._raise()
+
+    def discard(self) -> None:
+        """Wait for every submitted callable and forget an error: for a tracker about to replace
+        its sums (a reset, a loaded state), which are whole again after it."""
+        if self._thread is not None:
+            self._queue.join()
+        self._error, self._reported = None, False
+
+    def _raise(self) -> None:
+        if not self._reported:
+            self._reported = True
+            raise self._error
+        raise RuntimeError("a tracker step's work failed earlier (raised then): the steps after it were "
+                           "not counted, so its sums are incomplete; reset() it or load a saved state"
+                           ) from self._error

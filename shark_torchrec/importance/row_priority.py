@@ -438,11 +438,11 @@ class RowPriority:
             raise ValueError(f"row-priority state covers tables {state['rows']}, this tracker {self._rows}")
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self._background.drain()
         self._check_state(state)
         if (state["world_size"], state["rank"]) != (self.comm.world, self.comm.rank):
             raise ValueError(f"row-priority state of rank {state['rank']} of {state['world_size']}, loaded "
                              f"on rank {self.comm.rank} of {self.comm.world}: use save() / load() to reshard")
+        self._background.discard()  # (the sums are replaced: an earlier failed step no longer counts)
         self._buffer, self._buffer_scales = [], []
         for c, ch in state["values"].items():
             views = self._values[c]

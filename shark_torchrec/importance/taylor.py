@@ -462,7 +462,7 @@ class TaylorFieldImportance(FieldImportance):
 
     def reset(self) -> None:
         """Forget every accumulated score (the hooks stay as they are)."""
-        self._background.drain()
+        self._background.discard()
         for path, acc in self._acc.items():
             self._acc[path] = _Accumulator(acc.features, acc.dims)
 
@@ -486,7 +486,6 @@ class TaylorFieldImportance(FieldImportance):
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore totals saved by :meth:`state_dict` (on every rank)."""
-        self._background.drain()
         if state.get("baseline") != self.baseline:
             raise ValueError(
                 f"importance state was collected with baseline {state.get('baseline')!r}, "
@@ -499,14 +498,16 @@ class TaylorFieldImportance(FieldImportance):
                 f"importance state covers collections {sorted(saved)}, the model has "
                 f"{sorted(self._acc)}"
             )
+        for path, acc in self._acc.items():  # (every part checked before any is replaced)
+            if list(saved[path]["features"]) != acc.features:
+                raise ValueError(
+                    f"importance state for {path} has features {list(saved[path]['features'])}, "
+                    f"the model has {acc.features}"
+                )
+        self._background.discard()  # (the sums are replaced: an earlier failed step no longer counts)
         rank0 = not dist.is_initialized() or dist.get_rank(self._pg) == 0
         for path, acc in self._acc.items():
             s = saved[path]
-            if list(s["features"]) != acc.features:
-                raise ValueError(
-                    f"importance state for {path} has features {list(s['features'])}, "
-                    f"the model has {acc.features}"
-                )
             # Totals live on rank 0 only, so that the next reduction counts them once.
             scale = 1.0 if rank0 else 0.0
             acc.score_sum = s["score_sum"].double().cpu() * scale
