@@ -457,10 +457,9 @@ def true_row_importance(cfg: SyntheticConfig, field: str) -> np.ndarray:
     square = c * c
     if pairs:
         h = _interaction_factors(cfg, k, all_ids)
-        first = sum(s * e_f for s, (e_f, _) in pairs)  # E[Σ s f], partners independent
-        second = sum(s * s * e_f2 for s, (_, e_f2) in pairs) + sum(
-            s * t * e_f * e_g for x, (s, (e_f, _)) in enumerate(pairs) for y, (t, (e_g, _)) in enumerate(pairs)
-            if x != y)  # E[(Σ s f)²]
+        first = sum(s * e_f for s, (e_f, _) in pairs)  # E[Σ s f]
+        # E[(Σ s f)²]: the partners are independent, so only each one's own variance adds
+        second = first * first + sum(s * s * (e_f2 - e_f * e_f) for s, (e_f, e_f2) in pairs)
         square = square + 2.0 * c * h * first + h * h * second
     return p * inv_len * square
 

@@ -49,9 +49,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.types import Awaitable
-from torchrec.sparse.jagged_tensor import KeyedTensor
-
 from torchrec.modules.embedding_modules import get_embedding_names_by_table
+from torchrec.sparse.jagged_tensor import KeyedTensor
 
 from shark_torchrec.importance.background import Background
 from shark_torchrec.sharded.comm import Comm

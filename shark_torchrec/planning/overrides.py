@@ -125,9 +125,10 @@ def sharding_digest(path: str) -> str:
         planner = {k: v for k, v in planner.items() if v}  # (a table with compression settings only)
         text = json.dumps(planner, sort_keys=True, default=str)
     except Exception:  # (any malformed document: load_overrides says what is wrong)
-        with open(path, "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()
-    return hashlib.sha256(text.encode()).hexdigest()
+        from shark_torchrec.stages import file_digest
+
+        return file_digest(path)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _fail(source: str, where: str, problem: str) -> None:

@@ -704,16 +704,16 @@ def check_replicas(layout: ShardedLayout, weights: Dict[str, torch.Tensor], comm
     each rank's bytes), naming it and the ranks.  Rank 0 decides such a table's tiers (and
     centroids) and the export keeps its copy, while each rank converted its own: the same ids
     read other rows on another rank, silently, and the reloaded export served rank 0's."""
-    names = [s.name for s in layout.local(comm.rank) if s.rank == REPLICATED]
-    if comm.world == 1 or not names:
+    shards = [s for s in layout.local(comm.rank) if s.rank == REPLICATED]
+    if comm.world == 1 or not shards:
         return
-    mine = [hashlib.sha256(weights[n].detach().cpu().contiguous().view(torch.uint8).numpy()).hexdigest()
-            for n in names]
+    mine = [hashlib.sha256(weights[s.name].detach().cpu().contiguous().view(torch.uint8).numpy()).hexdigest()
+            for s in shards]
     every = comm.all_gather_object(mine)
-    for i, n in enumerate(names):
+    for i, s in enumerate(shards):
         other = [r for r, digests in enumerate(every) if digests[i] != every[0][i]]
         if other:
-            raise ValueError(f"table {n.split('#')[0]!r} is data-parallel, but its copy on rank(s) {other} differs "
+            raise ValueError(f"table {s.table!r} is data-parallel, but its copy on rank(s) {other} differs "
                              "from rank 0's: the replicas must agree before compression (sync them, e.g. "
                              "broadcast rank 0's weights)")
 
