@@ -442,3 +442,38 @@ def test_a_failed_background_step_is_never_read_as_whole_sums(monkeypatch) -> No
     for s in range(5, 8):
         step(s)
     assert all(n == 3 * 16 for n in tracker.samples_seen().values())
+
+
+@pytest.mark.parametrize("baseline", ["mean", "zero", "shuffle"])
+def test_the_worker_thread_scores_exactly_as_inline(baseline: str, monkeypatch) -> None:
+    """With the worker thread on (CPU), ``mean`` and ``zero`` leave a step's whole score to it —
+    the batch statistics' pass over the pooled embeddings included, most of what the hooks cost
+    the training thread — and ``shuffle`` its sums: the same sums, bit for bit, as inline; and
+    the training thread makes no pass over the batch then."""
+    import threading
+
+    import shark_torchrec.importance.taylor as T
+
+    batches = _batches(4)
+    results = {}
+    for background in (False, True):
+        model = _model()
+        tracker = TaylorFieldImportance(model, baseline=baseline, seed=3, background=background)
+        threads = []
+        original = T._column_stats
+
+        def spy(e):
+            threads.append(threading.current_thread() is threading.main_thread())
+            return original(e)
+
+        monkeypatch.setattr(T, "_column_stats", spy)
+        with tracker:
+            for b in batches:
+                loss, _ = model(b)
+                loss.backward()
+        results[background] = (tracker.scores(), tracker.gradient_scales(), tracker.samples_seen())
+        monkeypatch.setattr(T, "_column_stats", original)
+        assert len(threads) == len(batches)
+        on_main = background is False or baseline == "shuffle"  # (shuffle's permutation needs them in the forward)
+        assert all(t == on_main for t in threads), (background, threads)
+    assert results[True] == results[False]  # (dicts of floats: exact equality)

@@ -4,7 +4,8 @@ The trackers' accumulations read a step's tensors (pooled embeddings and their g
 batch's ids and labels) and write only the trackers' own sums, which nothing reads until a
 result is asked for.  So they can run on a worker thread while the step goes on — their
 kernels release the GIL — and the step only pays for handing them over.  Collectives stay on
-the calling thread: their order must be the same on every rank.
+the calling thread (their order must be the same on every rank), except over a process group
+the worker alone uses, in step order (the field tracker's batch statistics: ``TaylorFieldImportance._stats_group``).
 
 Results are read after :meth:`Background.drain`, which waits for the work handed over so far
 and re-raises the first error one of them met (on the thread that drains).  That error stays:

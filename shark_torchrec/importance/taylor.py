@@ -137,7 +137,10 @@ class TaylorFieldImportance(FieldImportance):
             ``torch.distributed`` is initialised).
         background: accumulate each step's sums on a worker thread while the step goes on
             (CPU tensors; :mod:`~shark_torchrec.importance.background`); ``False``: in the
-            gradient hook.  The results are the same.
+            gradient hook.  The results are the same.  With ``mean`` and ``zero`` the worker
+            also makes the step's pass over the pooled embeddings (column sums and ranges) and,
+            distributed, gathers them over a gloo group of the tracker's ranks of its own
+            (created at the first tracked forward).
     """
 
     def __init__(
@@ -173,6 +176,7 @@ class TaylorFieldImportance(FieldImportance):
         #: wall time spent in this tracker's hooks on this rank (its direct cost)
         self.hook_seconds = 0.0
         self._warned_single = False  # (a global batch of one sample: logged once)
+        self._stats_pg: Optional[Any] = None  # (:meth:`_stats_group`)
 
     # ------------------------------------------------------------------ attach / detach
     def attach(self) -> "TaylorFieldImportance":
@@ -239,6 +243,9 @@ class TaylorFieldImportance(FieldImportance):
         if layout is None:  # output order can differ from the config order (sharded)
             layout = acc.layouts[key] = _Layout(acc, kt.keys(), kt.length_per_key())
         e = kt.values().detach()
+        if self._deferred(e):
+            self._defer(acc, e, kt, layout, generation)
+            return
         # One pass over the batch (column sums, minima, maxima) and one collective, started here
         # and waited for in the backward hook (the forward goes on meanwhile).
         stats = self._global_stats(e, _column_stats(e))
@@ -249,25 +256,66 @@ class TaylorFieldImportance(FieldImportance):
         def grad_hook(g: torch.Tensor) -> None:
             if self._generation == generation:
                 t0 = time.perf_counter()
-                sums, count, hi, lo, _ = stats()
-                if count <= 1 and not self._warned_single:
-                    self._warned_single = True
-                    logger.warning("importance: a global batch of %d sample(s): no field varies within it, "
-                                   "so such steps score nothing (train with larger batches)", int(count))
-                varies = self._varies(layout, hi, lo, e.device)
-                base = shuffled if self.baseline == "shuffle" else self._mean(sums, count, e)
+                st = stats()
                 if g.is_cuda:  # (on the step's own stream)
-                    self._accumulate(acc, e, base, varies, g, layout, step)
-                else:  # reads g, e and base only; writes only the tracker's sums
-                    self._background.submit(lambda: self._accumulate(acc, e, base, varies, g, layout, step))
+                    self._score(acc, e, g, layout, step, st, shuffled)
+                else:  # reads g, e and the baseline only; writes only the tracker's sums
+                    self._background.submit(lambda: self._score(acc, e, g, layout, step, st, shuffled))
                 self.hook_seconds += time.perf_counter() - t0
 
         kt.values().register_hook(grad_hook)
 
-    def _global_stats(self, e: torch.Tensor, local: Tuple[torch.Tensor, torch.Tensor, torch.Tensor]):
+    def _deferred(self, e: torch.Tensor) -> bool:
+        """Whether a step's batch statistics are left to the worker thread as well (CPU, the
+        worker on, a baseline that needs nothing before the backward: ``mean`` or ``zero``).
+        Their pass over the pooled embeddings was most of what the hooks cost the training
+        thread (2.4 of 3.4 ms a step in ``tools/bench_importance_overhead.py``)."""
+        return self._background.enabled and e.device.type == "cpu" and self.baseline != "shuffle"
+
+    def _defer(self, acc: _Accumulator, e: torch.Tensor, kt: KeyedTensor, layout: _Layout, generation: int) -> None:
+        """The step's whole score on the worker thread: batch statistics (gathered over the
+        tracker's own process group, :meth:`_stats_group`), baseline and sums.  The same
+        operations on the same tensors as inline: the same sums."""
+        group = self._stats_group() if self._world() > 1 else None
+        step = acc.steps
+        acc.steps += 1
+
+        def grad_hook(g: torch.Tensor) -> None:
+            if self._generation == generation:
+                t0 = time.perf_counter()
+                self._background.submit(
+                    lambda: self._score(acc, e, g, layout, step, self._global_stats(e, _column_stats(e), group)()))
+                self.hook_seconds += time.perf_counter() - t0
+
+        kt.values().register_hook(grad_hook)
+
+    def _stats_group(self) -> Any:
+        """The process group the worker thread gathers each step's batch statistics over: a gloo
+        group of the tracker's ranks, its own (created once, at the first tracked forward, by
+        every rank of the tracker's group), so that those collectives, made on the worker thread
+        in step order, never interleave with the training thread's on other groups."""
+        if self._stats_pg is None:
+            ranks = dist.get_process_group_ranks(self._pg if self._pg is not None else dist.group.WORLD)
+            self._stats_pg = dist.new_group(ranks=ranks, backend="gloo", use_local_synchronization=True)
+        return self._stats_pg
+
+    def _score(self, acc: _Accumulator, e: torch.Tensor, g: torch.Tensor, layout: _Layout, step: int,
+               stats: Tuple, shuffled: Optional[torch.Tensor] = None) -> None:
+        """One step's contribution to the sums, from its batch statistics (:meth:`_global_stats`)."""
+        sums, count, hi, lo, _ = stats
+        if count <= 1 and not self._warned_single:
+            self._warned_single = True
+            logger.warning("importance: a global batch of %d sample(s): no field varies within it, "
+                           "so such steps score nothing (train with larger batches)", int(count))
+        varies = self._varies(layout, hi, lo, e.device)
+        base = shuffled if self.baseline == "shuffle" else self._mean(sums, count, e)
+        self._accumulate(acc, e, base, varies, g, layout, step)
+
+    def _global_stats(self, e: torch.Tensor, local: Tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                      group: Optional[Any] = None):
         """A function returning ``(column sums, samples, column maxima, column minima, samples
-        per rank)`` over the global batch: one ``all_gather`` of this rank's, started now and
-        waited for on the first call."""
+        per rank)`` over the global batch: one ``all_gather`` of this rank's (over ``group``,
+        default the tracker's), started now and waited for on the first call."""
         sums, lo, hi = local
         B = e.shape[0]
         C = sums.numel()
@@ -278,7 +326,7 @@ class TaylorFieldImportance(FieldImportance):
             result = (packed[:C], float(B), packed[C + 1:2 * C + 1], packed[2 * C + 1:], [B])
             return lambda: result
         parts = [torch.empty_like(packed) for _ in range(W)]
-        work = dist.all_gather(parts, packed, group=self._pg, async_op=True)
+        work = dist.all_gather(parts, packed, group=group if group is not None else self._pg, async_op=True)
         done: List[Any] = []
 
         def wait():
