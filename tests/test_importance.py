@@ -477,3 +477,31 @@ def test_the_worker_thread_scores_exactly_as_inline(baseline: str, monkeypatch) 
         on_main = background is False or baseline == "shuffle"  # (shuffle's permutation needs them in the forward)
         assert all(t == on_main for t in threads), (background, threads)
     assert results[True] == results[False]  # (dicts of floats: exact equality)
+
+
+def test_the_worker_thread_holds_at_most_a_few_steps_of_work() -> None:
+    """Each step handed to the worker holds its tensors (tens of MB on a DLRM): a worker slower
+    than the steps piled them up without bound.  A submit beyond ``MAX_PENDING`` waiting ones now
+    waits for the worker; everything submitted still runs, in order."""
+    import threading
+
+    from shark_torchrec.importance.background import Background
+
+    bg, release, done = Background(), threading.Event(), []
+    bg.submit(release.wait)  # (the worker busy until released)
+    submitted = []
+
+    def producer() -> None:
+        for i in range(Background.MAX_PENDING + 3):
+            bg.submit(lambda i=i: done.append(i))
+            submitted.append(i)
+
+    t = threading.Thread(target=producer)
+    t.start()
+    t.join(timeout=2.0)
+    assert t.is_alive() and len(submitted) == Background.MAX_PENDING  # (the next submit waits)
+    release.set()
+    t.join(timeout=10.0)
+    assert not t.is_alive()
+    bg.drain()
+    assert done == list(range(Background.MAX_PENDING + 3))

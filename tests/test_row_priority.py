@@ -92,6 +92,33 @@ def test_bad_id_names_feature_and_id() -> None:
         RowPriority(_tables(), gamma=0.0)
 
 
+def test_a_refused_batch_leaves_the_counts_as_they_were() -> None:
+    """A batch refused for a bad id applied its step's decay first (and counted the step): a
+    caller that caught the error and trained on held counts decayed once more per refusal, by
+    each channel's own factor — the channels' mix shifted, silently (audit).  Now the ids are
+    checked before anything changes."""
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    channels = {"slow": (1.0, 0.5, 0.5), "fast": (1.0, 0.0, 0.9)}
+    good = KeyedJaggedTensor.from_lengths_sync(["cat_0", "cat_1", "cat_2"], torch.tensor([1, 4, 3, 2, 5, 0]),
+                                               torch.tensor([1, 1, 1, 1, 1, 1]))
+    bad = KeyedJaggedTensor.from_lengths_sync(["cat_0", "cat_1", "cat_2"], torch.tensor([1, 40, 3]),
+                                              torch.tensor([1, 1, 1]))
+    ref, rp = RowPriority(_tables(), channels=channels), RowPriority(_tables(), channels=channels)
+    labels = torch.tensor([1.0, 0.0])
+    ref.update(good, labels)
+    rp.update(good, labels)
+    for _ in range(3):
+        with pytest.raises(ValueError, match="outside table"):
+            rp.update(bad, torch.tensor([1.0]))
+    ref.update(good, labels)
+    rp.update(good, labels)
+    assert rp.step == ref.step == 2
+    for c in channels:
+        for t, p in ref.priorities(c).items():
+            assert torch.equal(rp.priorities(c)[t], p), (c, t)
+
+
 def test_attached_to_a_model_counts_training_forwards_only() -> None:
     tables = _tables()
     model = DLRMTrain(DLRM(embedding_bag_collection=EmbeddingBagCollection(tables=tables),

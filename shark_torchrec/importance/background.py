@@ -26,14 +26,20 @@ from typing import Callable, Optional
 class Background:
     """One worker thread, started on first use, running submitted callables in order.
 
+    At most :attr:`MAX_PENDING` callables wait: a submit beyond them waits for the worker.  Each
+    holds its step's tensors (a DLRM step's pooled embeddings and their gradients, tens of MB),
+    so a worker slower than the steps must hold the training back rather than let them pile up.
+
     Args:
         enabled: ``False`` runs every callable at once on the caller's thread (the same
             results, no overlap).
     """
 
+    MAX_PENDING = 8
+
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
-        self._queue: "queue.Queue[Optional[Callable[[], None]]]" = queue.Queue()
+        self._queue: "queue.Queue[Optional[Callable[[], None]]]" = queue.Queue(maxsize=self.MAX_PENDING)
         self._thread: Optional[threading.Thread] = None
         self._error: Optional[BaseException] = None
         self._reported = False  # (the error raised once already: later ones say what it left)

@@ -179,21 +179,22 @@ class RowPriority:
         B = kjt.stride()
         if labels.numel() != B:
             raise ValueError(f"{labels.numel()} labels for a batch of {B}")
+        keys = kjt.keys()
+        tracked = [i for i, k in enumerate(keys) if k in self._feature_table]
+        if tracked and len(tracked) != len(keys):
+            kjt = kjt.permute(tracked)
+        if tracked:  # before anything changes: a refused batch leaves the counts as they were
+            self._check_ids(kjt)
         # This step's decay first (old values × γ), then its increments at full weight: with
         # values stored × γ^-t, that is one more factor γ^-1 on the stored scale.
         for c, (_, _, g) in self.channels.items():
             if g < 1:
                 self._log_scale[c] -= math.log(g)
-        keys = kjt.keys()
-        tracked = [i for i, k in enumerate(keys) if k in self._feature_table]
-        if tracked and len(tracked) != len(keys):
-            kjt = kjt.permute(tracked)
         positive = labels.detach().reshape(-1).cpu() > 0.5
         scales = [self._log_scale[c] for c in self._names]
         self.step += 1
         if self.comm.world == 1 and tracked and cpu_kernel_available():
             # every row is this rank's: added at once from the batch, nothing buffered
-            self._check_ids(kjt)  # at once: the error belongs to this step
             key_base = torch.tensor([self._base[self._feature_table[k]] for k in kjt.keys()], dtype=torch.long)
             # copies: the worker reads them after this step, and a loader may reuse its buffers
             values, lengths = kjt.values().cpu().clone(), kjt.lengths().cpu().clone()
@@ -259,8 +260,7 @@ class RowPriority:
     def _global_rows(self, kjt: KeyedJaggedTensor, positive: torch.Tensor, B: int
                      ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Every id's global row and its sample's label: a few vector ops over all the batch's
-        ids (the ids checked against their tables first, naming a bad one)."""
-        self._check_ids(kjt)
+        ids (checked against their tables by the caller)."""
         keys = kjt.keys()
         values = kjt.values().cpu()
         per_key = torch.tensor(kjt.length_per_key(), dtype=torch.long)
