@@ -243,24 +243,31 @@ class TaylorFieldImportance(FieldImportance):
         if layout is None:  # output order can differ from the config order (sharded)
             layout = acc.layouts[key] = _Layout(acc, kt.keys(), kt.length_per_key())
         e = kt.values().detach()
-        if self._deferred(e):
-            self._defer(acc, e, kt, layout, generation)
-            return
-        # One pass over the batch (column sums, minima, maxima) and one collective, started here
-        # and waited for in the backward hook (the forward goes on meanwhile).
-        stats = self._global_stats(e, _column_stats(e))
         step = acc.steps
         acc.steps += 1
-        shuffled = self._shuffled(step, e, stats()) if self.baseline == "shuffle" else None
+        if self._deferred(e):
+            # The whole step on the worker thread: the batch statistics too, gathered over the
+            # tracker's own process group (:meth:`_stats_group`).  The same operations on the same
+            # tensors as inline: the same sums.
+            group = self._stats_group() if self._world() > 1 else None
+
+            def stats():
+                return self._global_stats(e, _column_stats(e), group)()
+
+            shuffled = None
+        else:
+            # One pass over the batch (column sums, minima, maxima) and one collective, started
+            # here and waited for after the backward (the forward goes on meanwhile).
+            stats = self._global_stats(e, _column_stats(e))
+            shuffled = self._shuffled(step, e, stats()) if self.baseline == "shuffle" else None
 
         def grad_hook(g: torch.Tensor) -> None:
             if self._generation == generation:
                 t0 = time.perf_counter()
-                st = stats()
                 if g.is_cuda:  # (on the step's own stream)
-                    self._score(acc, e, g, layout, step, st, shuffled)
+                    self._score(acc, e, g, layout, step, stats(), shuffled)
                 else:  # reads g, e and the baseline only; writes only the tracker's sums
-                    self._background.submit(lambda: self._score(acc, e, g, layout, step, st, shuffled))
+                    self._background.submit(lambda: self._score(acc, e, g, layout, step, stats(), shuffled))
                 self.hook_seconds += time.perf_counter() - t0
 
         kt.values().register_hook(grad_hook)
@@ -271,23 +278,6 @@ class TaylorFieldImportance(FieldImportance):
         Their pass over the pooled embeddings was most of what the hooks cost the training
         thread (2.4 of 3.4 ms a step in ``tools/bench_importance_overhead.py``)."""
         return self._background.enabled and e.device.type == "cpu" and self.baseline != "shuffle"
-
-    def _defer(self, acc: _Accumulator, e: torch.Tensor, kt: KeyedTensor, layout: _Layout, generation: int) -> None:
-        """The step's whole score on the worker thread: batch statistics (gathered over the
-        tracker's own process group, :meth:`_stats_group`), baseline and sums.  The same
-        operations on the same tensors as inline: the same sums."""
-        group = self._stats_group() if self._world() > 1 else None
-        step = acc.steps
-        acc.steps += 1
-
-        def grad_hook(g: torch.Tensor) -> None:
-            if self._generation == generation:
-                t0 = time.perf_counter()
-                self._background.submit(
-                    lambda: self._score(acc, e, g, layout, step, self._global_stats(e, _column_stats(e), group)()))
-                self.hook_seconds += time.perf_counter() - t0
-
-        kt.values().register_hook(grad_hook)
 
     def _stats_group(self) -> Any:
         """The process group the worker thread gathers each step's batch statistics over: a gloo
