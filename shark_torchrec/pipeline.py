@@ -51,6 +51,7 @@ from shark_torchrec.pruning.sharded import iterative_prune, prune_trainer, prune
 from shark_torchrec.quant import RowwiseQuantConfig
 from shark_torchrec.quant.config import SHARED_SAMPLE_ROWS
 from shark_torchrec.quant.layout import serving_row_alignment
+from shark_torchrec.sharded.assign import TIER_POLICY
 from shark_torchrec.run_config import PipelineRun, QuantSection, flat
 from shark_torchrec.stages import StageRecordError, StageRunner, chain_keys, data_files, file_digests, source_run
 from shark_torchrec.training.checkpoint import CheckpointManager
@@ -90,7 +91,8 @@ ADDED_SETTINGS = {"quant_row_fit": "minmax", "quant_shared_sample_rows": SHARED_
 
 def stage_inputs(run: PipelineRun, device: torch.device, world_size: int, spec=None) -> Dict[str, Dict[str, Any]]:
     """Each stage's inputs, keying its ``done.json`` (:mod:`shark_torchrec.stages`), by flag
-    name: the quantize stage's are :data:`QUANTIZE_INPUTS`, the prune stage's
+    name: the quantize stage's are :data:`QUANTIZE_INPUTS` and the tier policy's version
+    (:data:`~shark_torchrec.sharded.assign.TIER_POLICY`), the prune stage's
     :data:`PRUNE_INPUTS`, and the train stage's every other setting of the run config (a
     setting nobody classified counts as the train stage's: changing it reruns every stage
     rather than being ignored), plus the device the run resolved (``--device auto``,
@@ -115,7 +117,8 @@ def stage_inputs(run: PipelineRun, device: torch.device, world_size: int, spec=N
                   "resolved_device": device.type, "world_size": world_size},
         "prune": {**{k: v for k, v in flags.items() if k in PRUNE_INPUTS},
                   **file_digests(planner_overrides=run.sharding.planner_overrides)},
-        "quantize": {k: v for k, v in flags.items() if k in QUANTIZE_INPUTS},
+        # (the tier policy's version: the same settings under older code chose other tiers)
+        "quantize": {**{k: v for k, v in flags.items() if k in QUANTIZE_INPUTS}, "tier_policy": TIER_POLICY},
     }
 
 
