@@ -129,6 +129,21 @@ def test_files_and_runs_named_by_flags_key_the_stages_by_their_contents(tmp_path
     assert keys()["train"] != edited["train"]
 
 
+def test_the_tier_policys_version_keys_the_quantize_stage_only(monkeypatch) -> None:
+    """A policy that gives other tiers for the same settings (its TIER_POLICY raised) reruns the
+    quantize stage of a finished run, and not its training or pruning."""
+    import shark_torchrec.pipeline as P
+
+    def keys():
+        return P.stage_keys(cli_run.parse_pipeline([]), torch.device("cpu"), 1)
+
+    base = keys()
+    monkeypatch.setattr(P, "TIER_POLICY", P.TIER_POLICY + 1)
+    raised = keys()
+    assert (raised["train"], raised["prune"]) == (base["train"], base["prune"])
+    assert raised["quantize"] != base["quantize"]
+
+
 def test_fractions_runs_give_a_tables_own_budget_the_runs_tiers() -> None:
     """With --quant_fractions a table's own budget from the overrides file could use the
     config's default tiers, which drop rows, where the same file without --quant_fractions
