@@ -51,8 +51,8 @@ from shark_torchrec.pruning.sharded import iterative_prune, prune_trainer, prune
 from shark_torchrec.quant import RowwiseQuantConfig
 from shark_torchrec.quant.config import SHARED_SAMPLE_ROWS
 from shark_torchrec.quant.layout import serving_row_alignment
-from shark_torchrec.sharded.assign import TIER_POLICY
 from shark_torchrec.run_config import PipelineRun, QuantSection, flat
+from shark_torchrec.sharded.assign import TIER_POLICY
 from shark_torchrec.stages import StageRecordError, StageRunner, chain_keys, data_files, file_digests, source_run
 from shark_torchrec.training.checkpoint import CheckpointManager
 from shark_torchrec.training.loop import TrainingLoop, checkpoint_matches, new_progress

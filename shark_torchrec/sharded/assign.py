@@ -71,9 +71,10 @@ RECLUSTER_ROUNDS = 2
 #: tiers of older code (2: budgets filled into the padding the tiers leave, ``_Assigner._fill``).
 TIER_POLICY = 2
 #: Rounds of raising the rows' budget into the unused padding reservation (``_Assigner._fill``),
-#: while what fits and what does not are more than :data:`FILL_SLACK` of the budget apart; taken only where the reservation is
-#: more than :data:`FILL_WORTH` of the budget (each round is a pass over the rows' errors: on
-#: big tables, the synthetic Criteo-shaped ones included, the reservation is 0.03-0.2%).
+#: while what fits and what does not are more than :data:`FILL_SLACK` of the budget apart;
+#: taken only where the reservation is more than :data:`FILL_WORTH` of the budget (each round
+#: is a pass over the rows' errors: on big tables, the synthetic Criteo-shaped ones included,
+#: the reservation is 0.03-0.2%).
 FILL_ROUNDS = 8
 FILL_SLACK = 0.001
 FILL_WORTH = 0.005
@@ -371,22 +372,14 @@ class _Assigner:
         the budget counts them (whatever the placement): per column block, each tier's rows
         of the whole table in one cache-line-aligned sub-table (the FP16 one with the table's
         centroids) and the table's id map (:func:`table_overhead`'s map)."""
-        index = {t: i for i, t in enumerate(self.order)}
-        counts = torch.zeros(len(self.order), len(TIER_ORDER), dtype=torch.long)
-        fp16 = TIER_ORDER.index(CENTROID_TIER)
-        for t in tables:
-            for _, g in self.led(t):
-                counts[index[t]] += torch.bincount(self.decided[(t, g.row_offset)].long(), minlength=len(TIER_ORDER))
-                if (t, g.row_offset) in self.shared:
-                    counts[index[t], fp16] += self.shared[(t, g.row_offset)].k
-        counts = self.comm.all_reduce(counts)
+        counts = self.tier_counts(tables, centroids=True)
         total = 0
         for t in tables:
             rows = self.configs[t].num_embeddings
             for width in self.blocks[t]:
                 total += table_map_bytes(rows) + sum(
-                    sub_table_bytes(tier, int(n), width, self.config.row_alignment)
-                    for tier, n in zip(TIER_ORDER, counts[index[t]].tolist()))
+                    sub_table_bytes(tier, n, width, self.config.row_alignment)
+                    for tier, n in zip(TIER_ORDER, counts[t]))
         return total
 
     def _fill(self, tables: Sequence[str], allowed_of: Dict[str, List[Tier]], k_of: Dict[str, int],
@@ -419,8 +412,8 @@ class _Assigner:
         for _ in range(FILL_ROUNDS):
             if extra - lo <= slack:
                 break
-            before = ({key: self.decided[key] for t in tables for _, g in self.led(t)
-                       for key in [(t, g.row_offset)]}, dict(self.shared))
+            before = ({(t, g.row_offset): self.decided[(t, g.row_offset)] for t in tables for _, g in self.led(t)},
+                      dict(self.shared))
             trial = self.solve(tables, allowed_of, k_of, candidates, rows_budget + extra, label)
             if k_of and recluster:  # (as :meth:`refine` ends: the centroids fitted to the rows that
                 # now share; not where groups were decided on samples, as their last solve is not)
@@ -801,13 +794,22 @@ class _Assigner:
         counts = self.comm.all_reduce(counts)
         return out, {t: int(counts[i]) for i, t in enumerate(self.order) if int(counts[i])}
 
-    def rows_per_tier(self) -> Dict[str, List[int]]:
-        counts = torch.zeros(len(self.order), len(TIER_ORDER), dtype=torch.long)
-        for i, t in enumerate(self.order):
+    def tier_counts(self, tables: Sequence[str], centroids: bool = False) -> Dict[str, List[int]]:
+        """Collective: ``{table: rows in each TIER_ORDER tier}`` over all ranks, at the tiers
+        :attr:`decided` gives; with ``centroids``, each table's centroids counted among its
+        FP16 rows (stored in their sub-table)."""
+        counts = torch.zeros(len(tables), len(TIER_ORDER), dtype=torch.long)
+        fp16 = TIER_ORDER.index(CENTROID_TIER)
+        for i, t in enumerate(tables):
             for _, g in self.led(t):
                 counts[i] += torch.bincount(self.decided[(t, g.row_offset)].long(), minlength=len(TIER_ORDER))
+                if centroids and (t, g.row_offset) in self.shared:
+                    counts[i, fp16] += self.shared[(t, g.row_offset)].k
         counts = self.comm.all_reduce(counts)
-        return {t: counts[i].tolist() for i, t in enumerate(self.order)}
+        return {t: counts[i].tolist() for i, t in enumerate(tables)}
+
+    def rows_per_tier(self) -> Dict[str, List[int]]:
+        return self.tier_counts(self.order)
 
 
 def check_replicas(layout: ShardedLayout, weights: Dict[str, torch.Tensor], comm: Comm) -> None:
